@@ -1,0 +1,229 @@
+//! Map names and the `#[repr(C)]` layouts of their keys and values.
+//!
+//! Rules: explicit padding fields (always written as zero), no bool/Option/enum, byte order in
+//! the field name. IPv4 addresses are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one key
+//! layout serves both families.
+
+use core::mem::size_of;
+
+/// Pin directory used by the daemon unless configured otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tether";
+
+/// Name of the XDP program in the object (and of its pin).
+pub const PROG_XDP: &str = "tether_xdp";
+/// Auxiliary programs in the same object: XDP_PASS for the peer of a veth in native mode,
+/// and the trivial MAC-swap XDP_TX baseline for `cargo xtask bench`.
+pub const PROG_PASS: &str = "tether_pass";
+pub const PROG_SWAP_TX: &str = "tether_swap_tx";
+pub const PROG_DROP: &str = "tether_drop";
+
+/// Virtual services: `ServiceKey` -> `Service`. Hash map, created with `BPF_F_NO_PREALLOC` so a
+/// value update replaces the element atomically (a reader never sees half of a new value).
+pub const MAP_SERVICES: &str = "TETHER_SERVICES";
+/// Backends: array indexed by backend id -> `Backend`.
+pub const MAP_BACKENDS: &str = "TETHER_BACKENDS";
+/// Maglev tables: array of backend ids, `(service.index * 2 + slot) * MAGLEV_TABLE_SIZE + entry`.
+pub const MAP_MAGLEV: &str = "TETHER_MAGLEV";
+/// Source-IP persistence: LRU hash `PersistKey` -> `PersistValue`, shared by all CPUs.
+pub const MAP_PERSIST: &str = "TETHER_PERSIST";
+/// Egress ports for backends behind another interface: devmap-hash keyed by ifindex.
+pub const MAP_TX_PORTS: &str = "TETHER_TX_PORTS";
+/// Per-CPU counters per service (array indexed by `Service::index`) -> `TrafficCounters`.
+pub const MAP_SERVICE_STATS: &str = "TETHER_SVC_STAT";
+/// Per-CPU counters per backend (array indexed by backend id) -> `TrafficCounters`.
+pub const MAP_BACKEND_STATS: &str = "TETHER_BE_STAT";
+/// Per-CPU verdict counters (array indexed by `Reason`) -> u64 packets.
+pub const MAP_REASONS: &str = "TETHER_REASONS";
+
+/// Every map the XDP program owns, for pinning, cleanup and checks.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_PERSIST,
+    MAP_TX_PORTS,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASONS,
+];
+
+/// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
+pub const MAGLEV_TABLE_SIZE: u32 = 65537;
+/// Two table slots per service: the XDP program reads `Service::maglev_slot`, userspace
+/// writes the other slot completely and then flips the index.
+pub const MAGLEV_SLOTS: u32 = 2;
+pub const MAX_SERVICES: u32 = 64;
+pub const MAX_BACKENDS: u32 = 4096;
+pub const MAGLEV_ENTRIES: u32 = MAX_SERVICES * MAGLEV_SLOTS * MAGLEV_TABLE_SIZE;
+/// A Maglev entry for a pool with no usable backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Persistence table capacity unless the config sets `persist_table_entries`.
+pub const PERSIST_DEFAULT_ENTRIES: u32 = 1 << 20;
+/// last-seen is rewritten only once it has aged by this much (a store, not a map update).
+pub const PERSIST_REFRESH_NS: u64 = 1_000_000_000;
+pub const MAX_TX_PORTS: u32 = 64;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `Service::flags`: traffic needs the L7 proxy; XDP passes it to the stack.
+pub const SERVICE_F_L7: u32 = 1 << 0;
+
+/// `Service::down_policy`: what a persistence hit on a backend that is not usable does.
+/// Immediate: choose a new backend now and rewrite the entry.
+pub const DOWN_POLICY_IMMEDIATE: u32 = 0;
+/// Never: keep sending the client to its backend until the entry expires.
+pub const DOWN_POLICY_NEVER: u32 = 1;
+
+/// `Backend::state`. An unused slot is never forwarded to, whatever the policy.
+pub const BACKEND_UNUSED: u32 = 0;
+pub const BACKEND_UP: u32 = 1;
+/// Keeps persisted clients, gets no new ones (not in the Maglev table).
+pub const BACKEND_DRAINING: u32 = 2;
+pub const BACKEND_DOWN: u32 = 3;
+pub const BACKEND_DISABLED: u32 = 4;
+
+/// Key of `TETHER_SERVICES`: the VIP, its port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// IPv6, or IPv4-mapped IPv6, in network byte order.
+    pub addr_be: [u8; 16],
+    pub port_be: u16,
+    /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// Value of `TETHER_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index for per-service counters and Maglev tables, `< MAX_SERVICES`.
+    pub index: u32,
+    /// `SERVICE_F_*`.
+    pub flags: u32,
+    /// Persistence timeout; 0 disables persistence (each flow is hashed on its own).
+    pub timeout_ns: u64,
+    /// Which of the two Maglev slots is live (0 or 1).
+    pub maglev_slot: u32,
+    /// `DOWN_POLICY_*`.
+    pub down_policy: u32,
+    /// Mask applied to an IPv4 client address (the profile's IPv4 prefix).
+    pub v4_mask_be: [u8; 4],
+    pub _pad0: [u8; 4],
+    /// Mask applied to an IPv6 client address (the profile's IPv6 prefix).
+    pub v6_mask_be: [u8; 16],
+}
+const _: () = assert!(size_of::<Service>() == 48);
+
+/// Value of `TETHER_BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr_be: [u8; 16],
+    /// Backend's MAC (destination of the rewritten frame).
+    pub mac_dst: [u8; 6],
+    /// Egress interface's MAC (source of the rewritten frame).
+    pub mac_src: [u8; 6],
+    /// Egress interface; the ingress interface means XDP_TX, another one a devmap redirect.
+    pub ifindex: u32,
+    /// `BACKEND_*`.
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 40);
+
+/// Key of `TETHER_PERSIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PersistKey {
+    pub service: u32,
+    /// Client address masked to the profile's prefix (IPv4-mapped for IPv4).
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<PersistKey>() == 20);
+
+/// Value of `TETHER_PERSIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PersistValue {
+    pub backend: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at most
+    /// every `PERSIST_REFRESH_NS`.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<PersistValue>() == 16);
+
+/// IPv4-mapped IPv6 form of an IPv4 address in network order.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// Network-order mask of `prefix` leading one bits over `N` bytes (prefix clamped to N*8).
+pub const fn prefix_mask<const N: usize>(prefix: u8) -> [u8; N] {
+    let mut m = [0u8; N];
+    let mut bits = prefix as usize;
+    let mut i = 0;
+    while i < N && bits > 0 {
+        m[i] = if bits >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - bits)
+        };
+        bits = bits.saturating_sub(8);
+        i += 1;
+    }
+    m
+}
+
+/// Index of a Maglev entry in `TETHER_MAGLEV`.
+#[inline(always)]
+pub const fn maglev_index(service_index: u32, slot: u32, hash: u32) -> u32 {
+    (service_index * MAGLEV_SLOTS + slot) * MAGLEV_TABLE_SIZE + hash % MAGLEV_TABLE_SIZE
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::PersistKey {}
+    unsafe impl aya::Pod for super::PersistValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(prefix_mask::<4>(32), [0xff; 4]);
+        assert_eq!(prefix_mask::<4>(24), [0xff, 0xff, 0xff, 0]);
+        assert_eq!(prefix_mask::<4>(0), [0; 4]);
+        assert_eq!(prefix_mask::<4>(20), [0xff, 0xff, 0xf0, 0]);
+        assert_eq!(
+            prefix_mask::<16>(64),
+            [
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0
+            ]
+        );
+        assert_eq!(prefix_mask::<16>(128), [0xff; 16]);
+    }
+
+    #[test]
+    fn maglev_slots_do_not_overlap() {
+        assert_eq!(maglev_index(0, 1, 0), MAGLEV_TABLE_SIZE);
+        assert_eq!(
+            maglev_index(MAX_SERVICES - 1, 1, u32::MAX),
+            MAGLEV_ENTRIES - 1 - (MAGLEV_TABLE_SIZE - 1 - u32::MAX % MAGLEV_TABLE_SIZE)
+        );
+        assert!(maglev_index(MAX_SERVICES - 1, 1, MAGLEV_TABLE_SIZE - 1) < MAGLEV_ENTRIES);
+    }
+}
