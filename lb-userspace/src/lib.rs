@@ -1,1 +1,7 @@
-//! tether daemon library.
+//! tether daemon library: configuration, the XDP data plane and (later) health checks,
+//! persistence tables, the L7 proxy and the admin API. The `tether` binary is a thin CLI
+//! over these modules; integration tests use them directly.
+
+pub mod balancer;
+pub mod config;
+pub mod dataplane;

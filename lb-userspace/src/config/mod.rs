@@ -1,0 +1,492 @@
+//! Configuration: JSON parsed strictly (`deny_unknown_fields`) into raw structs, then
+//! validated into typed values. Every error names the field path and the reason, and nothing
+//! is applied until the whole file has validated.
+//!
+//! The model follows Avi's: a virtual service references a pool and, optionally, a
+//! persistence profile.
+
+mod raw;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{
+    DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
+};
+
+pub use raw::RawConfig;
+
+/// A configuration error: where, and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {reason}")]
+pub struct ConfigError {
+    /// Field path, e.g. `virtual_services[0].port`.
+    pub path: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Errors loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownPolicy {
+    /// Move a persisted client to a new backend as soon as its backend is down.
+    Immediate,
+    /// Keep it on its backend until the persistence entry expires.
+    Never,
+}
+
+impl DownPolicy {
+    pub fn to_kernel(self) -> u32 {
+        match self {
+            DownPolicy::Immediate => DOWN_POLICY_IMMEDIATE,
+            DownPolicy::Never => DOWN_POLICY_NEVER,
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+    pub pin_dir: PathBuf,
+    pub persist_table_entries: u32,
+    pub services: Vec<VirtualService>,
+    pub pools: Vec<Pool>,
+    pub profiles: Vec<PersistenceProfile>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualService {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+    /// Index into `Config::profiles`; `None` means no persistence.
+    pub persistence: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// Explicit MAC; otherwise resolved from the neighbour table.
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersistenceProfile {
+    pub name: String,
+    pub kind: PersistenceKind,
+    pub timeout_s: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub down_policy: DownPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersistenceKind {
+    ClientIp,
+}
+
+pub const MAX_WEIGHT: u32 = 1000;
+pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
+pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Config::parse(&text)?)
+    }
+
+    /// Parse and validate JSON text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                "<root>".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(path, e.into_inner().to_string())
+        })?;
+        validate(raw)
+    }
+
+    pub fn profile(&self, svc: &VirtualService) -> Option<&PersistenceProfile> {
+        svc.persistence.map(|i| &self.profiles[i])
+    }
+}
+
+fn parse_ip(path: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| ConfigError::new(path, format!("{s:?} is not an IPv4 or IPv6 address")))
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(ConfigError::new(path, "must not be empty"));
+    }
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(ConfigError::new(
+            path,
+            format!("{name:?}: use 1-64 characters of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    Ok(())
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    if raw.interface.is_empty() || raw.interface.len() > 15 || raw.interface.contains(['/', ' ']) {
+        return Err(ConfigError::new(
+            "interface",
+            format!(
+                "{:?} is not a valid interface name (1-15 characters, no '/' or space)",
+                raw.interface
+            ),
+        ));
+    }
+    let xdp_mode = match raw.xdp_mode.as_deref().unwrap_or("auto") {
+        "auto" => XdpMode::Auto,
+        "native" => XdpMode::Native,
+        "generic" => XdpMode::Generic,
+        other => {
+            return Err(ConfigError::new(
+                "xdp_mode",
+                format!("{other:?}: expected \"auto\", \"native\" or \"generic\""),
+            ));
+        }
+    };
+    let pin_dir = PathBuf::from(raw.pin_dir.as_deref().unwrap_or(lb_common::DEFAULT_PIN_DIR));
+    if !pin_dir.is_absolute()
+        || !pin_dir.starts_with("/sys/fs/bpf")
+        || pin_dir == Path::new("/sys/fs/bpf")
+    {
+        return Err(ConfigError::new(
+            "pin_dir",
+            format!(
+                "{}: must be a directory below /sys/fs/bpf",
+                pin_dir.display()
+            ),
+        ));
+    }
+    let persist_table_entries = raw
+        .persist_table_entries
+        .unwrap_or(lb_common::PERSIST_DEFAULT_ENTRIES);
+    if persist_table_entries == 0 || persist_table_entries > MAX_PERSIST_ENTRIES {
+        return Err(ConfigError::new(
+            "persist_table_entries",
+            format!("{persist_table_entries}: must be 1 to {MAX_PERSIST_ENTRIES}"),
+        ));
+    }
+
+    // Profiles.
+    let mut profiles = Vec::new();
+    let mut profile_idx = HashMap::new();
+    for (i, p) in raw.persistence_profiles.iter().enumerate() {
+        let at = |f: &str| format!("persistence_profiles[{i}].{f}");
+        check_name(&at("name"), &p.name)?;
+        if profile_idx.insert(p.name.clone(), i).is_some() {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("duplicate profile name {:?}", p.name),
+            ));
+        }
+        let kind = match p.kind.as_str() {
+            "client-ip" => PersistenceKind::ClientIp,
+            other => {
+                return Err(ConfigError::new(
+                    at("type"),
+                    format!("{other:?}: expected \"client-ip\""),
+                ));
+            }
+        };
+        let timeout_s = p.timeout_s.unwrap_or(300);
+        if timeout_s > MAX_TIMEOUT_S {
+            return Err(ConfigError::new(
+                at("timeout_s"),
+                format!("{timeout_s}: must be 0 (no persistence) to {MAX_TIMEOUT_S}"),
+            ));
+        }
+        let ipv4_prefix = p.ipv4_prefix.unwrap_or(32);
+        if ipv4_prefix > 32 {
+            return Err(ConfigError::new(
+                at("ipv4_prefix"),
+                format!("{ipv4_prefix}: must be 0 to 32"),
+            ));
+        }
+        let ipv6_prefix = p.ipv6_prefix.unwrap_or(128);
+        if ipv6_prefix > 128 {
+            return Err(ConfigError::new(
+                at("ipv6_prefix"),
+                format!("{ipv6_prefix}: must be 0 to 128"),
+            ));
+        }
+        let down_policy = match p
+            .select_new_server_when_down
+            .as_deref()
+            .unwrap_or("immediate")
+        {
+            "immediate" => DownPolicy::Immediate,
+            "never" => DownPolicy::Never,
+            other => {
+                return Err(ConfigError::new(
+                    at("select_new_server_when_down"),
+                    format!("{other:?}: expected \"immediate\" or \"never\""),
+                ));
+            }
+        };
+        profiles.push(PersistenceProfile {
+            name: p.name.clone(),
+            kind,
+            timeout_s,
+            ipv4_prefix,
+            ipv6_prefix,
+            down_policy,
+        });
+    }
+
+    // Pools.
+    let mut pools = Vec::new();
+    let mut pool_idx = HashMap::new();
+    let mut total_backends = 0usize;
+    for (i, p) in raw.pools.iter().enumerate() {
+        let at = |f: &str| format!("pools[{i}].{f}");
+        check_name(&at("name"), &p.name)?;
+        if pool_idx.insert(p.name.clone(), i).is_some() {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("duplicate pool name {:?}", p.name),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut backends = Vec::new();
+        for (j, b) in p.backends.iter().enumerate() {
+            let at = |f: &str| format!("pools[{i}].backends[{j}].{f}");
+            check_name(&at("name"), &b.name)?;
+            if !names.insert(b.name.as_str()) {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate backend name {:?} in pool {:?}", b.name, p.name),
+                ));
+            }
+            let address = parse_ip(&at("address"), &b.address)?;
+            if address.is_unspecified() || address.is_multicast() {
+                return Err(ConfigError::new(
+                    at("address"),
+                    format!("{address} cannot be a backend"),
+                ));
+            }
+            if !addrs.insert(address) {
+                return Err(ConfigError::new(
+                    at("address"),
+                    format!("{address} appears twice in pool {:?}", p.name),
+                ));
+            }
+            let weight = b.weight.unwrap_or(1);
+            if weight > MAX_WEIGHT {
+                return Err(ConfigError::new(
+                    at("weight"),
+                    format!("{weight}: must be 0 to {MAX_WEIGHT}"),
+                ));
+            }
+            let mac = match &b.mac {
+                None => None,
+                Some(s) => Some(parse_mac(s).ok_or_else(|| {
+                    ConfigError::new(
+                        at("mac"),
+                        format!("{s:?} is not a MAC address like 02:00:00:00:00:01"),
+                    )
+                })?),
+            };
+            backends.push(BackendConfig {
+                name: b.name.clone(),
+                address,
+                weight,
+                mac,
+            });
+        }
+        total_backends += backends.len();
+        pools.push(Pool {
+            name: p.name.clone(),
+            backends,
+        });
+    }
+    if total_backends > MAX_BACKENDS as usize {
+        return Err(ConfigError::new(
+            "pools",
+            format!("{total_backends} backends in all: at most {MAX_BACKENDS}"),
+        ));
+    }
+
+    // Services.
+    if raw.virtual_services.len() > MAX_SERVICES as usize {
+        return Err(ConfigError::new(
+            "virtual_services",
+            format!(
+                "{} services: at most {MAX_SERVICES}",
+                raw.virtual_services.len()
+            ),
+        ));
+    }
+    let mut services = Vec::new();
+    let mut svc_names = HashSet::new();
+    let mut listeners = HashMap::new();
+    for (i, s) in raw.virtual_services.iter().enumerate() {
+        let at = |f: &str| format!("virtual_services[{i}].{f}");
+        check_name(&at("name"), &s.name)?;
+        if !svc_names.insert(s.name.as_str()) {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("duplicate virtual service name {:?}", s.name),
+            ));
+        }
+        let vip = parse_ip(&at("vip"), &s.vip)?;
+        if vip.is_unspecified() || vip.is_multicast() {
+            return Err(ConfigError::new(
+                at("vip"),
+                format!("{vip} cannot be a virtual IP"),
+            ));
+        }
+        if s.port == 0 {
+            return Err(ConfigError::new(at("port"), "must be 1 to 65535"));
+        }
+        let protocol = match s.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(ConfigError::new(
+                    at("protocol"),
+                    format!("{other:?}: expected \"tcp\" or \"udp\""),
+                ));
+            }
+        };
+        if let Some(prev) = listeners.insert((vip, s.port, protocol), &s.name) {
+            return Err(ConfigError::new(
+                at("port"),
+                format!(
+                    "{vip}:{} {:?} is already served by {prev:?}",
+                    s.port, s.protocol
+                ),
+            ));
+        }
+        match s.mode.as_str() {
+            "l4-dsr" => {}
+            other => {
+                return Err(ConfigError::new(
+                    at("mode"),
+                    format!("{other:?}: expected \"l4-dsr\""),
+                ));
+            }
+        }
+        let pool = *pool_idx
+            .get(&s.pool)
+            .ok_or_else(|| ConfigError::new(at("pool"), format!("no pool named {:?}", s.pool)))?;
+        let persistence = match &s.persistence {
+            None => None,
+            Some(p) => Some(*profile_idx.get(p).ok_or_else(|| {
+                ConfigError::new(
+                    at("persistence"),
+                    format!("no persistence profile named {p:?}"),
+                )
+            })?),
+        };
+        services.push(VirtualService {
+            name: s.name.clone(),
+            vip,
+            port: s.port,
+            protocol,
+            pool,
+            persistence,
+        });
+    }
+
+    Ok(Config {
+        interface: raw.interface,
+        xdp_mode,
+        pin_dir,
+        persist_table_entries,
+        services,
+        pools,
+        profiles,
+    })
+}
+
+#[cfg(test)]
+mod tests;

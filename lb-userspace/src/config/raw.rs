@@ -1,0 +1,69 @@
+//! The JSON shape, parsed strictly. Field types are loose where a better message than
+//! serde's comes from validation (enums as strings, addresses as strings).
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: Option<String>,
+    #[serde(default)]
+    pub pin_dir: Option<String>,
+    #[serde(default)]
+    pub persist_table_entries: Option<u32>,
+    #[serde(default)]
+    pub virtual_services: Vec<RawService>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default)]
+    pub persistence_profiles: Vec<RawProfile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: String,
+    pub pool: String,
+    #[serde(default)]
+    pub persistence: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    #[serde(default)]
+    pub ipv4_prefix: Option<u8>,
+    #[serde(default)]
+    pub ipv6_prefix: Option<u8>,
+    #[serde(default)]
+    pub select_new_server_when_down: Option<String>,
+}

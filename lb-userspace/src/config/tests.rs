@@ -1,0 +1,258 @@
+use super::*;
+
+const GOOD: &str = r#"{
+  "interface": "eth0",
+  "virtual_services": [{"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web","persistence":"src-ip"}],
+  "pools": [{"name":"web","backends":[{"name":"b1","address":"10.0.0.11","weight":2},{"name":"b2","address":"10.0.0.12","mac":"02:00:00:00:00:12"}]}],
+  "persistence_profiles": [{"name":"src-ip","type":"client-ip","timeout_s":1800,"ipv4_prefix":24,"ipv6_prefix":64,"select_new_server_when_down":"never"}]
+}"#;
+
+fn err(text: &str) -> ConfigError {
+    Config::parse(text).expect_err("config should have been refused")
+}
+
+/// GOOD with one substring replaced (the replacement must apply).
+fn with(from: &str, to: &str) -> String {
+    assert!(GOOD.contains(from), "test bug: {from:?} not in GOOD");
+    GOOD.replacen(from, to, 1)
+}
+
+#[test]
+fn good_config_validates_into_typed_values() {
+    let c = Config::parse(GOOD).expect("valid");
+    assert_eq!(c.interface, "eth0");
+    assert_eq!(c.xdp_mode, XdpMode::Auto);
+    assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/tether"));
+    assert_eq!(c.persist_table_entries, lb_common::PERSIST_DEFAULT_ENTRIES);
+    let s = &c.services[0];
+    assert_eq!(
+        (s.vip, s.port, s.protocol),
+        ("192.0.2.10".parse().unwrap(), 80, Protocol::Tcp)
+    );
+    assert_eq!(c.pools[s.pool].backends[0].weight, 2);
+    assert_eq!(
+        c.pools[s.pool].backends[1].weight, 1,
+        "weight defaults to 1"
+    );
+    assert_eq!(c.pools[s.pool].backends[1].mac, Some([2, 0, 0, 0, 0, 0x12]));
+    let p = c.profile(s).expect("profile");
+    assert_eq!(
+        (p.timeout_s, p.ipv4_prefix, p.ipv6_prefix, p.down_policy),
+        (1800, 24, 64, DownPolicy::Never)
+    );
+}
+
+#[test]
+fn errors_name_the_field_and_the_reason() {
+    let cases: &[(String, &str, &str)] = &[
+        (
+            with(r#""port":80"#, r#""port":80,"colour":"red""#),
+            "virtual_services[0].colour",
+            "unknown field `colour`",
+        ),
+        (
+            with(
+                r#""interface": "eth0","#,
+                r#""interface": "eth0", "extra": 1,"#,
+            ),
+            "extra",
+            "unknown field `extra`",
+        ),
+        (
+            with(r#""port":80"#, r#""port":70000"#),
+            "virtual_services[0].port",
+            "invalid value",
+        ),
+        (
+            with(r#""port":80"#, r#""port":0"#),
+            "virtual_services[0].port",
+            "1 to 65535",
+        ),
+        (
+            with("192.0.2.10", "192.0.2.300"),
+            "virtual_services[0].vip",
+            "not an IPv4 or IPv6 address",
+        ),
+        (
+            with(r#""protocol":"tcp""#, r#""protocol":"sctp""#),
+            "virtual_services[0].protocol",
+            "expected \"tcp\" or \"udp\"",
+        ),
+        (
+            with(r#""mode":"l4-dsr""#, r#""mode":"nat""#),
+            "virtual_services[0].mode",
+            "expected \"l4-dsr\"",
+        ),
+        (
+            with(
+                r#""pool":"web","persistence""#,
+                r#""pool":"api","persistence""#,
+            ),
+            "virtual_services[0].pool",
+            "no pool named \"api\"",
+        ),
+        (
+            with(r#""persistence":"src-ip""#, r#""persistence":"cookie""#),
+            "virtual_services[0].persistence",
+            "no persistence profile named",
+        ),
+        (
+            with("10.0.0.12", "10.0.0.11"),
+            "pools[0].backends[1].address",
+            "appears twice",
+        ),
+        (
+            with(r#""name":"b2""#, r#""name":"b1""#),
+            "pools[0].backends[1].name",
+            "duplicate backend name",
+        ),
+        (
+            with(r#""weight":2"#, r#""weight":5000"#),
+            "pools[0].backends[0].weight",
+            "0 to 1000",
+        ),
+        (
+            with(r#""weight":2"#, r#""weight":-1"#),
+            "pools[0].backends[0].weight",
+            "invalid value",
+        ),
+        (
+            with("02:00:00:00:00:12", "02:00:00:00:12"),
+            "pools[0].backends[1].mac",
+            "not a MAC address",
+        ),
+        (
+            with(r#""ipv4_prefix":24"#, r#""ipv4_prefix":33"#),
+            "persistence_profiles[0].ipv4_prefix",
+            "0 to 32",
+        ),
+        (
+            with(r#""ipv6_prefix":64"#, r#""ipv6_prefix":129"#),
+            "persistence_profiles[0].ipv6_prefix",
+            "0 to 128",
+        ),
+        (
+            with(r#""timeout_s":1800"#, r#""timeout_s":99999999"#),
+            "persistence_profiles[0].timeout_s",
+            "must be 0",
+        ),
+        (
+            with(r#""type":"client-ip""#, r#""type":"magic""#),
+            "persistence_profiles[0].type",
+            "expected \"client-ip\"",
+        ),
+        (
+            with(r#""never""#, r#""sometimes""#),
+            "persistence_profiles[0].select_new_server_when_down",
+            "\"immediate\" or \"never\"",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "a-very-long-interface-name""#,
+            ),
+            "interface",
+            "not a valid interface name",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "xdp_mode": "turbo""#,
+            ),
+            "xdp_mode",
+            "\"auto\", \"native\" or \"generic\"",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "pin_dir": "/tmp/x""#,
+            ),
+            "pin_dir",
+            "below /sys/fs/bpf",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "persist_table_entries": 0"#,
+            ),
+            "persist_table_entries",
+            "must be 1 to",
+        ),
+        (
+            with(r#""name":"web","vip""#, r#""name":"","vip""#),
+            "virtual_services[0].name",
+            "must not be empty",
+        ),
+        (
+            with(r#""interface": "eth0","#, ""),
+            "<root>",
+            "missing field `interface`",
+        ),
+    ];
+    for (text, path, reason) in cases {
+        let e = err(text);
+        assert_eq!(&e.path, path, "wrong path for {reason:?}: {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{path}: reason {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+}
+
+#[test]
+fn duplicate_listener_is_refused() {
+    let text = with(
+        r#"{"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web","persistence":"src-ip"}"#,
+        r#"{"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web"},{"name":"web2","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web"}"#,
+    );
+    let e = err(&text);
+    assert_eq!(e.path, "virtual_services[1].port");
+    assert!(e.reason.contains("already served by \"web\""), "{e}");
+}
+
+#[test]
+fn same_vip_port_with_other_protocol_is_fine_and_defaults_apply() {
+    let text = with(
+        r#"{"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web","persistence":"src-ip"}"#,
+        r#"{"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web"},{"name":"dns","vip":"2001:db8::10","port":80,"protocol":"udp","mode":"l4-dsr","pool":"web"},{"name":"web-u","vip":"192.0.2.10","port":80,"protocol":"udp","mode":"l4-dsr","pool":"web"}"#,
+    );
+    let c = Config::parse(&text).expect("valid");
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.services[0].persistence, None);
+    let text = with(
+        r#","timeout_s":1800,"ipv4_prefix":24,"ipv6_prefix":64,"select_new_server_when_down":"never""#,
+        "",
+    );
+    let c = Config::parse(&text).expect("valid");
+    let p = &c.profiles[0];
+    assert_eq!(
+        (p.timeout_s, p.ipv4_prefix, p.ipv6_prefix, p.down_policy),
+        (300, 32, 128, DownPolicy::Immediate)
+    );
+}
+
+#[test]
+fn not_json_is_an_error_not_a_panic() {
+    for text in ["", "{", "[]", "null", "{\"interface\": 5}"] {
+        let e = err(text);
+        assert!(!e.reason.is_empty(), "{text:?}");
+    }
+}
+
+#[test]
+fn mac_parser() {
+    assert_eq!(
+        parse_mac("aa:BB:0c:00:00:ff"),
+        Some([0xaa, 0xbb, 0x0c, 0, 0, 0xff])
+    );
+    for bad in [
+        "",
+        "aa:bb:cc:dd:ee",
+        "aa:bb:cc:dd:ee:ff:00",
+        "aa:bb:cc:dd:ee:fg",
+        "a:bb:cc:dd:ee:ff",
+    ] {
+        assert_eq!(parse_mac(bad), None, "{bad:?}");
+    }
+}

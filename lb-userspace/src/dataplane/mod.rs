@@ -1,0 +1,336 @@
+//! Loading, pinning and attaching the XDP program, and writing its maps.
+//!
+//! Maps are pinned by name under the configured directory and reused by the next load, so
+//! a restart keeps the persistence table and counters. Maglev tables are double-buffered:
+//! the slot the program is not reading is written in full before the service entry flips
+//! to it.
+
+pub mod net;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST, MAP_SERVICES,
+    MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
+};
+
+use crate::{balancer::Plan, config};
+
+/// The XDP object built from lb-ebpf by build.rs (aligned for the ELF parser).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("preparing pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("XDP program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Mount bpffs on /sys/fs/bpf when it is not (a fresh mount namespace, a minimal host).
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let err = |source| DataplaneError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(err)?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fs) = (f.next(), f.next(), f.next());
+        at == Some("/sys/fs/bpf") && fs == Some("bpf")
+    });
+    if !mounted {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (src, dst, fs) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+        // SAFETY: valid C strings; no data argument.
+        let rc =
+            unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        log::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(err)
+}
+
+/// The mode an attach ended up in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    link: Option<XdpLinkId>,
+}
+
+impl Dataplane {
+    /// Load the object, reusing maps already pinned under `pin_dir` (persistence survives
+    /// restarts) and pinning the ones it creates.
+    pub fn load(pin_dir: &Path, persist_entries: u32) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        let persist_pin = pin_dir.join(MAP_PERSIST);
+        if persist_pin.exists()
+            && let Ok(existing) = MapData::from_pin(&persist_pin)
+            && let Ok(info) = existing.info()
+            && info.max_entries() != persist_entries
+        {
+            log::warn!(
+                "{} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
+                MAP_PERSIST,
+                info.max_entries(),
+                persist_pin.display()
+            );
+        }
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(MAP_PERSIST, persist_entries)
+            .load(EBPF_OBJECT)?;
+        let mut dp = Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            link: None,
+        };
+        let prog = dp.xdp()?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            name: PROG_XDP,
+            source,
+        })?;
+        Ok(dp)
+    }
+
+    fn xdp(&mut self) -> Result<&mut Xdp> {
+        let p = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .ok_or(DataplaneError::Program {
+                name: PROG_XDP,
+                source: ProgramError::UnexpectedProgramType,
+            })?;
+        p.try_into().map_err(|source| DataplaneError::Program {
+            name: PROG_XDP,
+            source,
+        })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Pin the loaded program as `<pin_dir>/tether_xdp` (replacing an older pin) so bpftool
+    /// and operators can find it.
+    pub fn pin_program(&mut self) -> Result<()> {
+        let path = self.pin_dir.join(PROG_XDP);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        self.xdp()?.pin(&path).map_err(|e| DataplaneError::PinDir {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// Attach to `iface`. `Auto` tries native mode and falls back to generic with a warning.
+    pub fn attach(&mut self, iface: &str, mode: config::XdpMode) -> Result<Attached> {
+        let try_mode = |dp: &mut Self, m: XdpMode, name: &'static str| {
+            dp.xdp()?
+                .attach(iface, m)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.into(),
+                    mode: name,
+                    source,
+                })
+        };
+        let (link, attached) = match mode {
+            config::XdpMode::Native => {
+                (try_mode(self, XdpMode::Driver, "native")?, Attached::Native)
+            }
+            config::XdpMode::Generic => {
+                (try_mode(self, XdpMode::Skb, "generic")?, Attached::Generic)
+            }
+            config::XdpMode::Auto => match try_mode(self, XdpMode::Driver, "native") {
+                Ok(l) => (l, Attached::Native),
+                Err(e) => {
+                    log::warn!("{e:#}; falling back to generic (skb) mode, which is slower");
+                    (try_mode(self, XdpMode::Skb, "generic")?, Attached::Generic)
+                }
+            },
+        };
+        self.link = Some(link);
+        Ok(attached)
+    }
+
+    /// Detach from the interface (maps stay pinned).
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some(link) = self.link.take() {
+            self.xdp()?
+                .detach(link)
+                .map_err(|source| DataplaneError::Program {
+                    name: PROG_XDP,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Make the kernel maps hold exactly `plan`: backends first (a table never names a
+    /// backend whose entry is not written yet), then each service's table into its idle
+    /// slot, then the service entry that flips to it; finally stale services and backends
+    /// (from an earlier config in the pinned maps) are removed.
+    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        {
+            let mut backends: Array<&mut MapData, Backend> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_BACKENDS)
+                    .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+            )
+            .map_err(map_err(MAP_BACKENDS))?;
+            for (id, b) in &plan.backends {
+                backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?;
+            }
+        }
+        let current: Vec<(ServiceKey, Service)> = {
+            let services: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(
+                self.ebpf
+                    .map(MAP_SERVICES)
+                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+            )
+            .map_err(map_err(MAP_SERVICES))?;
+            services.iter().filter_map(|r| r.ok()).collect()
+        };
+        for sp in &plan.services {
+            // Write the slot the program is not reading (if this VIP is live with the same
+            // index), then flip to it with one element update.
+            let live = current
+                .iter()
+                .find(|(k, v)| *k == sp.key && v.index == sp.value.index);
+            let slot = live.map_or(0, |(_, v)| (v.maglev_slot + 1) % MAGLEV_SLOTS);
+            {
+                let mut maglev: Array<&mut MapData, u32> = Array::try_from(
+                    self.ebpf
+                        .map_mut(MAP_MAGLEV)
+                        .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?,
+                )
+                .map_err(map_err(MAP_MAGLEV))?;
+                let base = maglev_index(sp.value.index, slot, 0);
+                for (i, id) in sp.table.iter().enumerate() {
+                    maglev
+                        .set(base + i as u32, id, 0)
+                        .map_err(map_err(MAP_MAGLEV))?;
+                }
+            }
+            let value = Service {
+                maglev_slot: slot,
+                ..sp.value
+            };
+            let mut services: HashMap<&mut MapData, ServiceKey, Service> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(MAP_SERVICES)
+                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+            )
+            .map_err(map_err(MAP_SERVICES))?;
+            services
+                .insert(sp.key, value, 0)
+                .map_err(map_err(MAP_SERVICES))?;
+            log::debug!(
+                "service {} -> index {} slot {slot}",
+                sp.name,
+                sp.value.index
+            );
+        }
+        {
+            let keep: HashSet<ServiceKey> = plan.services.iter().map(|s| s.key).collect();
+            let mut services: HashMap<&mut MapData, ServiceKey, Service> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(MAP_SERVICES)
+                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+            )
+            .map_err(map_err(MAP_SERVICES))?;
+            for (k, _) in current.iter().filter(|(k, _)| !keep.contains(k)) {
+                services.remove(k).map_err(map_err(MAP_SERVICES))?;
+                log::info!("removed stale virtual service entry {k:?}");
+            }
+        }
+        {
+            let used: HashSet<u32> = plan.backends.iter().map(|(id, _)| *id).collect();
+            let mut backends: Array<&mut MapData, Backend> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_BACKENDS)
+                    .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+            )
+            .map_err(map_err(MAP_BACKENDS))?;
+            for id in 0..MAX_BACKENDS {
+                if used.contains(&id) {
+                    continue;
+                }
+                let b = backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))?;
+                if b != Backend::default() {
+                    backends
+                        .set(id, Backend::default(), 0)
+                        .map_err(map_err(MAP_BACKENDS))?;
+                }
+            }
+        }
+        debug_assert_eq!(
+            MAGLEV_TABLE_SIZE as usize,
+            plan.services
+                .first()
+                .map_or(MAGLEV_TABLE_SIZE as usize, |s| s.table.len())
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            log::warn!("detaching XDP: {e:#}");
+        }
+    }
+}

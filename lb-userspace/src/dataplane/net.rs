@@ -1,0 +1,190 @@
+//! Interface and neighbour facts, read through sockets and /proc/self/net so they are correct
+//! in whatever network namespace the daemon runs (sysfs would show the mounting namespace's).
+
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoInterface(String),
+    #[error("reading the MAC address of {iface}: {source}")]
+    Mac { iface: String, source: io::Error },
+    #[error(
+        "no neighbour entry for {addr} after {waited_ms} ms (is the backend up and on the same L2 segment as {iface}?); set \"mac\" for it to skip resolution"
+    )]
+    Unresolved {
+        addr: IpAddr,
+        iface: String,
+        waited_ms: u128,
+    },
+}
+
+pub fn ifindex(iface: &str) -> Result<u32, NetError> {
+    let c = CString::new(iface).map_err(|_| NetError::NoInterface(iface.into()))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(NetError::NoInterface(iface.into()))
+    } else {
+        Ok(idx)
+    }
+}
+
+/// The interface's hardware address (SIOCGIFHWADDR on a datagram socket).
+pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
+    let err = |source| NetError::Mac {
+        iface: iface.into(),
+        source,
+    };
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(err)?;
+    // SAFETY: ifreq is plain data; zeroed is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(NetError::NoInterface(iface.into()));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid socket fd and a properly initialised ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(mac)
+}
+
+/// A complete IPv4 entry from /proc/self/net/arp on `iface`.
+fn arp_lookup(addr: std::net::Ipv4Addr, iface: &str) -> Option<[u8; 6]> {
+    let text = std::fs::read_to_string("/proc/self/net/arp").ok()?;
+    parse_arp(&text, addr, iface)
+}
+
+fn parse_arp(text: &str, addr: std::net::Ipv4Addr, iface: &str) -> Option<[u8; 6]> {
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // IP address, HW type, Flags, HW address, Mask, Device
+        if f.len() < 6 || f[5] != iface || f[0].parse::<std::net::Ipv4Addr>().ok() != Some(addr) {
+            continue;
+        }
+        let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap_or(0);
+        if flags & 0x2 == 0 {
+            continue; // ATF_COM: incomplete
+        }
+        let mac = crate::config::parse_mac(f[3])?;
+        if mac != [0; 6] {
+            return Some(mac);
+        }
+    }
+    None
+}
+
+/// IPv6 neighbours have no /proc file; ask iproute2 (netlink) for the one entry.
+fn ndp_lookup(addr: std::net::Ipv6Addr, iface: &str) -> Option<[u8; 6]> {
+    let out = Command::new("ip")
+        .args(["-6", "neigh", "show", &addr.to_string(), "dev", iface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().and_then(crate::config::parse_mac);
+        }
+    }
+    None
+}
+
+fn lookup(addr: IpAddr, iface: &str) -> Option<[u8; 6]> {
+    match addr {
+        IpAddr::V4(a) => arp_lookup(a, iface),
+        IpAddr::V6(a) => ndp_lookup(a, iface),
+    }
+}
+
+/// Resolve a backend's MAC: the neighbour table, or provoke resolution with a datagram to
+/// the discard port and poll until `wait` has passed.
+pub fn resolve_mac(addr: IpAddr, iface: &str, wait: Duration) -> Result<[u8; 6], NetError> {
+    if let Some(m) = lookup(addr, iface) {
+        return Ok(m);
+    }
+    let start = Instant::now();
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let poke = || {
+        if let Ok(s) = UdpSocket::bind(bind) {
+            let _ = s.send_to(&[], SocketAddr::new(addr, 9));
+        }
+    };
+    poke();
+    let mut tries = 0u32;
+    while start.elapsed() < wait {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(m) = lookup(addr, iface) {
+            return Ok(m);
+        }
+        tries += 1;
+        if tries % 25 == 0 {
+            poke();
+        }
+    }
+    Err(NetError::Unresolved {
+        addr,
+        iface: iface.into(),
+        waited_ms: start.elapsed().as_millis(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arp_table_parsing_takes_complete_entries_on_the_interface() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                    10.0.0.11        0x1         0x2         02:00:00:00:00:0b     *        eth0\n\
+                    10.0.0.12        0x1         0x0         00:00:00:00:00:00     *        eth0\n\
+                    10.0.0.13        0x1         0x2         02:00:00:00:00:0d     *        eth1\n";
+        assert_eq!(
+            parse_arp(text, "10.0.0.11".parse().unwrap(), "eth0"),
+            Some([2, 0, 0, 0, 0, 0x0b])
+        );
+        assert_eq!(
+            parse_arp(text, "10.0.0.12".parse().unwrap(), "eth0"),
+            None,
+            "incomplete entry"
+        );
+        assert_eq!(
+            parse_arp(text, "10.0.0.13".parse().unwrap(), "eth0"),
+            None,
+            "other interface"
+        );
+        assert_eq!(parse_arp(text, "10.0.0.14".parse().unwrap(), "eth0"), None);
+    }
+
+    #[test]
+    fn loopback_exists_and_unknown_interface_is_an_error() {
+        assert_eq!(ifindex("lo").expect("lo"), 1);
+        assert!(matches!(
+            ifindex("no-such-if0"),
+            Err(NetError::NoInterface(_))
+        ));
+        assert_eq!(mac_of("lo").expect("lo has a (zero) MAC"), [0; 6]);
+    }
+}
