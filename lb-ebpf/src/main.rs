@@ -1,11 +1,107 @@
+//! tether's XDP data path: an L4 balancer with source-IP persistence and L2 direct server
+//! return. `tether_xdp` is the balancer; `tether_pass`, `tether_swap_tx` and `tether_drop`
+//! are trivial helpers for veth peers and benchmarks.
+//!
+//! One concern per module: `maps` (definitions), `parse` (headers), `persist` (bindings),
+//! `select` (Maglev), `forward` (MAC rewrite, TX/redirect), `stats` (counters).
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod forward;
+mod maps;
+mod parse;
+mod persist;
+mod select;
+mod stats;
 
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{SERVICE_F_L7, ServiceKey, reason};
+
+/// An XDP action and the reason counted for it.
+pub type Verdict = (u32, u32);
+
+/// Verdict constructors.
+pub mod verdict {
+    use super::{Verdict, reason, xdp_action};
+
+    pub const ABORTED: Verdict = (xdp_action::XDP_ABORTED, reason::ABORTED);
+
+    #[inline(always)]
+    pub const fn pass(reason: u32) -> Verdict {
+        (xdp_action::XDP_PASS, reason)
+    }
+
+    #[inline(always)]
+    pub const fn drop(reason: u32) -> Verdict {
+        (xdp_action::XDP_DROP, reason)
+    }
+}
+
+/// The balancer. Every packet is counted under exactly one reason.
 #[xdp]
-pub fn tether_xdp(_ctx: XdpContext) -> u32 {
+pub fn tether_xdp(ctx: XdpContext) -> u32 {
+    let (action, reason) = match try_tether_xdp(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_reason(reason);
+    action
+}
+
+#[inline(always)]
+fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let flow = parse::parse(ctx).map_err(verdict::pass)?;
+    let mut key = parse::Aligned(ServiceKey {
+        addr_be: [0; 16],
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        _pad: 0,
+    });
+    parse::store_addr(&mut key.0.addr_be, &flow.dst);
+    // By reference: a copy would lose the alignment that makes the stores above cheap.
+    let key = &key.0;
+    // SAFETY: the services map is not preallocated, so an update replaces the element and the
+    // old one stays valid until this run ends.
+    let svc =
+        unsafe { maps::TETHER_SERVICES.get(key) }.ok_or(verdict::pass(reason::PASS_NOT_VIP))?;
+    if svc.flags & SERVICE_F_L7 != 0 {
+        return Err(verdict::pass(reason::PASS_L7));
+    }
+    // SAFETY: the only reference to this service's slot in this run.
+    let svc_stat = unsafe { stats::service(svc.index) }.ok_or(verdict::ABORTED)?;
+    let choice = persist::choose(svc, &flow, svc_stat)?;
+    // SAFETY: the only reference to this backend's slot in this run.
+    let be_stat = unsafe { stats::backend(choice.id) }.ok_or(verdict::ABORTED)?;
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let result = forward::forward(ctx, choice.backend);
+    stats::account(svc_stat, be_stat, choice.event, bytes, result.is_ok());
+    result
+}
+
+/// XDP_PASS, for the peer of a veth in native mode (XDP_TX frames need a native program
+/// on the receiving side).
+#[xdp]
+pub fn tether_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: swap the MAC addresses and send the frame back out.
+#[xdp]
+pub fn tether_swap_tx(ctx: XdpContext) -> u32 {
+    let Some(macs) = parse::ptr_at::<parse::MacPair>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the addresses are inside the frame (checked by `ptr_at`).
+    unsafe {
+        let m = &mut *macs;
+        core::mem::swap(&mut m.dst, &mut m.src);
+    }
+    xdp_action::XDP_TX
+}
+
+/// Benchmark sink: drop everything.
+#[xdp]
+pub fn tether_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[cfg(not(test))]

@@ -1,1 +1,8 @@
-//! Test harness.
+//! Harness for tether's integration tests, the `cargo xtask run` demo and the benchmarks:
+//! packet builders for BPF_PROG_TEST_RUN fixtures and network-namespace topologies.
+
+pub mod daemon;
+pub mod http;
+pub mod netns;
+pub mod packet;
+pub mod pinned;

@@ -54,12 +54,18 @@ fn cmd_ok(cmd: &mut Command) -> bool {
 pub fn cargo_home_bin(name: &str) -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     home.join("bin").join(name)
 }
 
 fn ensure_apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         eprintln!("[xtask] apt packages: all present");
         return Ok(());
@@ -80,12 +86,21 @@ fn ensure_rust_src() -> Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("running rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         eprintln!("[xtask] rust-src (nightly): present");
         return Ok(());
     }
     step("rustup component add rust-src --toolchain nightly", || {
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
     })
 }
 
@@ -98,19 +113,33 @@ fn ensure_bpf_linker() -> Result<()> {
             return Ok(());
         }
     }
-    step(&format!("cargo install bpf-linker {BPF_LINKER_VERSION} for LLVM 22 (3-4 minutes the first time)"), || {
-        run_cmd(
-            Command::new("cargo")
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-                .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
-                .args(["--no-default-features", "--features", "llvm-22"]),
-        )
-    })
+    step(
+        &format!(
+            "cargo install bpf-linker {BPF_LINKER_VERSION} for LLVM 22 (3-4 minutes the first time)"
+        ),
+        || {
+            run_cmd(
+                Command::new("cargo")
+                    .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                    .args([
+                        "install",
+                        "--locked",
+                        "bpf-linker",
+                        "--version",
+                        BPF_LINKER_VERSION,
+                    ])
+                    .args(["--no-default-features", "--features", "llvm-22"]),
+            )
+        },
+    )
 }
 
 fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     step("mount bpffs on /sys/fs/bpf", || {
@@ -128,7 +157,10 @@ pub fn ensure_all() -> Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_bpffs()?;
-    eprintln!("[xtask] bootstrap complete ({:.1}s)", t.elapsed().as_secs_f64());
+    eprintln!(
+        "[xtask] bootstrap complete ({:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -139,21 +171,40 @@ fn nix_is_root() -> bool {
 
 /// Workspace root (xtask's parent directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// Build the daemon (which embeds the XDP program) and return the binary's path.
 pub fn build_tether(release: bool) -> Result<PathBuf> {
     let root = workspace_root();
-    step(&format!("cargo build tether ({})", if release { "release" } else { "debug" }), || {
-        let mut c = Command::new("cargo");
-        c.current_dir(&root).args(["build", "--locked", "-p", "lb-userspace", "--bin", "tether"]);
-        if release {
-            c.arg("--release");
-        }
-        run_cmd(&mut c)
-    })?;
-    let bin = root.join("target").join(if release { "release" } else { "debug" }).join("tether");
+    step(
+        &format!(
+            "cargo build tether ({})",
+            if release { "release" } else { "debug" }
+        ),
+        || {
+            let mut c = Command::new("cargo");
+            c.current_dir(&root).args([
+                "build",
+                "--locked",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "tether",
+            ]);
+            if release {
+                c.arg("--release");
+            }
+            run_cmd(&mut c)
+        },
+    )?;
+    let bin = root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("tether");
     if !bin.exists() {
         bail!("build succeeded but {} is missing", bin.display());
     }

@@ -1,5 +1,6 @@
 //! `cargo xtask run | test | bench`: bootstrap the toolchain, build, run the demo, test.
 
+mod bench;
 mod bootstrap;
 mod run;
 mod test;
@@ -20,6 +21,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Install what is missing, then run every test tier.
     Test(test::TestArgs),
+    /// Benchmarks against a baseline measured in the same run (`l4`).
+    Bench(bench::BenchArgs),
     /// Only install what is missing (apt packages, rust-src, bpf-linker).
     Bootstrap,
 }
@@ -28,6 +31,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Test(a) => test::test(a),
+        Cmd::Bench(a) => bench::bench(a),
         Cmd::Bootstrap => bootstrap::ensure_all(),
     }
 }

@@ -27,16 +27,36 @@ fn cargo(args: &[&str]) -> Command {
 pub fn test(args: TestArgs) -> Result<()> {
     ensure_all()?;
     if !args.no_lint {
-        step("cargo fmt --check", || run_cmd(&mut cargo(&["fmt", "--all", "--check"])))?;
+        step("cargo fmt --check", || {
+            run_cmd(&mut cargo(&["fmt", "--all", "--check"]))
+        })?;
         step("clippy (workspace without lb-ebpf)", || {
             run_cmd(&mut cargo(&[
-                "clippy", "--locked", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--", "-D", "warnings",
+                "clippy",
+                "--locked",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
             ]))
         })?;
         step("clippy (lb-ebpf, nightly, bpfel-unknown-none)", || {
             run_cmd(&mut cargo(&[
-                "+nightly", "clippy", "--locked", "-p", "lb-ebpf", "--target", "bpfel-unknown-none", "-Z",
-                "build-std=core", "--", "-D", "warnings",
+                "+nightly",
+                "clippy",
+                "--locked",
+                "-p",
+                "lb-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
             ]))
         })?;
     }
@@ -50,17 +70,36 @@ pub fn test(args: TestArgs) -> Result<()> {
         cargo(&v)
     };
     step("unit tests (lb-common, lb-userspace)", || {
-        run_cmd(&mut with_filter(&["test", "--locked", "-p", "lb-common", "--features", "user"], &[]))?;
-        run_cmd(&mut with_filter(&["test", "--locked", "-p", "lb-userspace"], &[]))
+        run_cmd(&mut with_filter(
+            &["test", "--locked", "-p", "lb-common", "--features", "user"],
+            &[],
+        ))?;
+        run_cmd(&mut with_filter(
+            &["test", "--locked", "-p", "lb-userspace"],
+            &[],
+        ))
     })?;
     step("XDP packet fixtures (BPF_PROG_TEST_RUN)", || {
-        run_cmd(&mut with_filter(&["test", "--locked", "-p", "tether-tests", "--test", "xdp_fixtures"], &[]))
+        run_cmd(&mut with_filter(
+            &[
+                "test",
+                "--locked",
+                "-p",
+                "tether-tests",
+                "--test",
+                "xdp_fixtures",
+            ],
+            &[],
+        ))
     })?;
     step("end to end in network namespaces", || {
         // One test at a time: each builds its own topology and daemon, and 2 cores are shared.
         run_cmd(
-            with_filter(&["test", "--locked", "-p", "tether-tests", "--test", "e2e_l4"], &["--test-threads=1"])
-                .env("TETHER_BIN", &tether),
+            with_filter(
+                &["test", "--locked", "-p", "tether-tests", "--test", "e2e_l4"],
+                &["--test-threads=1"],
+            )
+            .env("TETHER_BIN", &tether),
         )
     })?;
     if args.filter.is_none() {

@@ -18,8 +18,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST, MAP_SERVICES,
-    MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
+    ALL_MAPS, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
+    MAP_SERVICES, MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
 };
 
 use crate::{balancer::Plan, config};
@@ -121,10 +121,15 @@ impl Dataplane {
                 persist_pin.display()
             );
         }
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .map_max_entries(MAP_PERSIST, persist_entries)
-            .load(EBPF_OBJECT)?;
+        // Every map is pinned by name: an existing pin is opened and reused (the table and
+        // counters survive a restart), a missing one is created and pinned.
+        let pins: Vec<PathBuf> = ALL_MAPS.iter().map(|m| pin_dir.join(m)).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_PERSIST, persist_entries);
+        for (name, path) in ALL_MAPS.iter().zip(&pins) {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),

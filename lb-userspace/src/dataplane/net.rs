@@ -140,7 +140,7 @@ pub fn resolve_mac(addr: IpAddr, iface: &str, wait: Duration) -> Result<[u8; 6],
             return Ok(m);
         }
         tries += 1;
-        if tries % 25 == 0 {
+        if tries.is_multiple_of(25) {
             poke();
         }
     }

@@ -1,0 +1,475 @@
+//! `cargo xtask bench l4`: the XDP fast path against a trivial MAC-swap XDP_TX program, in the
+//! same run, so the figure that matters is the ratio.
+//!
+//! - live frames (BPF_F_TEST_XDP_LIVE_FRAMES) on a veth inside a namespace this bench creates,
+//!   its peer dropping with a native XDP_DROP: the whole transmit path, persistence hit vs
+//!   baseline, packets per second;
+//! - per-packet runs (repeat = 1, so each run sees a fresh frame) over many distinct clients:
+//!   new-client path (Maglev + LRU insert), hit path, baseline;
+//! - the hit path with the persistence table prefilled to 1M and 10M entries, and the
+//!   table's memory as the kernel accounts it.
+//!
+//! Every figure is the median of several rounds. Results go to stdout and target/bench/l4.md.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use lb_common::{
+    MAP_PERSIST, PROG_DROP, PROG_SWAP_TX, PROG_XDP, PersistKey, PersistValue, v4_mapped,
+};
+use tether::{
+    balancer::{self, L2},
+    config::Config,
+    dataplane::{Dataplane, net},
+};
+use tether_tests::{netns::run_in_netns, packet::PacketBuilder, pinned::Pins};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
+const LB_MAC: [u8; 6] = [0x02, 0x7e, 0, 0, 0, 0x01];
+
+struct Opts {
+    rounds: usize,
+    live_packets: u32,
+    clients: usize,
+    big_tables: Vec<u32>,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        rounds: 5,
+        live_packets: 2_000_000,
+        clients: 100_000,
+        big_tables: vec![1 << 20, 10 << 20],
+    };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| panic!("{a} needs a value"))
+                .parse::<u64>()
+                .expect("a number")
+        };
+        match a.as_str() {
+            "--rounds" => o.rounds = val() as usize,
+            "--live-packets" => o.live_packets = val() as u32,
+            "--clients" => o.clients = val() as usize,
+            "--quick" => {
+                o.rounds = 3;
+                o.live_packets = 200_000;
+                o.clients = 10_000;
+                o.big_tables = vec![1 << 20];
+            }
+            other => {
+                panic!("unknown argument {other} (--rounds N --live-packets N --clients N --quick)")
+            }
+        }
+    }
+    o
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace with a veth pair: frames sent out of `a` arrive on `b`.
+struct Bed {
+    ns: String,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let ns = format!("tbench{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&["ip", "netns", "add", &ns]);
+        let bed = Bed { ns };
+        sh(&[
+            "ip", "-n", &bed.ns, "link", "add", "tba", "type", "veth", "peer", "name", "tbb",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &bed.ns,
+            "link",
+            "set",
+            "tba",
+            "address",
+            "02:7e:00:00:00:01",
+            "up",
+        ]);
+        sh(&["ip", "-n", &bed.ns, "link", "set", "tbb", "up"]);
+        bed
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// xdp_md for test_run: data 0, data_end = len, the ingress device (needed for XDP_TX).
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// ns/packet over `packets` live frames (wall clock, the kernel's own figure is similar).
+fn live(prog: &Xdp, frame: &[u8], ifindex: u32, packets: u32) -> f64 {
+    let ctx = xdp_md(frame.len(), ifindex);
+    let t = Instant::now();
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: packets,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..TestRunOptions::new()
+        })
+        .expect("live-frames test_run");
+    let wall = t.elapsed().as_nanos() as f64 / packets as f64;
+    let _ = r;
+    wall
+}
+
+/// Kernel-timed ns per run for each frame run once (repeat = 1: a fresh frame every time).
+fn per_packet(prog: &Xdp, frames: &[Vec<u8>], ifindex: u32, want: u32) -> f64 {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 256];
+    for f in frames {
+        let ctx = xdp_md(f.len(), ifindex);
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(f),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .expect("test_run");
+        assert_eq!(r.return_value, want, "unexpected verdict in benchmark");
+        total += r.duration;
+    }
+    total.as_nanos() as f64 / frames.len() as f64
+}
+
+fn frame(client: Ipv4Addr, sport: u16) -> Vec<u8> {
+    PacketBuilder::tcp4(client, sport, VIP, 80)
+        .macs([0x02, 0xc1, 0, 0, 0, 1], LB_MAC)
+        .bytes()
+}
+
+/// Clients 11.0.0.0 + i: distinct /32s, as the prefill writes them.
+fn client(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0b00_0000u32 + i as u32)
+}
+
+fn config(pin_dir: &Path, entries: u32) -> Config {
+    Config::parse(&format!(
+        r#"{{"interface":"tba","pin_dir":"{}","persist_table_entries":{entries},
+        "virtual_services":[{{"name":"bench","vip":"{VIP}","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"p","persistence":"ip"}}],
+        "pools":[{{"name":"p","backends":[
+            {{"name":"b1","address":"10.99.0.11","mac":"02:be:00:00:00:0b"}},
+            {{"name":"b2","address":"10.99.0.12","mac":"02:be:00:00:00:0c"}},
+            {{"name":"b3","address":"10.99.0.13","mac":"02:be:00:00:00:0d"}}]}}],
+        "persistence_profiles":[{{"name":"ip","type":"client-ip","timeout_s":3600}}]}}"#,
+        pin_dir.display()
+    ))
+    .expect("bench config is valid")
+}
+
+/// Removes a pin directory when dropped, also when a benchmark step panics.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Loaded {
+    dp: Dataplane,
+    // Declared after `dp`: the program and maps are released before the pins go.
+    pin_dir: PinDir,
+    ifindex: u32,
+}
+
+fn load(tag: &str, entries: u32) -> Loaded {
+    let pin_dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/tether-bench-{}-{tag}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&pin_dir.0);
+    let cfg = config(&pin_dir.0, entries);
+    let ifindex = net::ifindex("tba").expect("tba");
+    let mac_src = net::mac_of("tba").expect("mac");
+    let plan = balancer::plan(&cfg, |p, b| {
+        Ok::<_, ()>(L2 {
+            mac_dst: cfg.pools[p].backends[b].mac.expect("mac"),
+            mac_src,
+            ifindex,
+        })
+    })
+    .expect("plan");
+    let mut dp = Dataplane::load(&pin_dir.0, entries).expect("load");
+    dp.apply(&plan).expect("apply");
+    for name in [PROG_SWAP_TX, PROG_DROP] {
+        let p: &mut Xdp = dp
+            .ebpf_mut()
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("xdp");
+        p.load().expect("load aux program");
+    }
+    Loaded {
+        dp,
+        pin_dir,
+        ifindex,
+    }
+}
+
+fn prog<'a>(l: &'a mut Loaded, name: &str) -> &'a Xdp {
+    let p: &mut Xdp =
+        l.dp.ebpf_mut()
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("xdp");
+    p
+}
+
+fn pin_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Fill the persistence table with `n` live entries, spread over the CPUs (the table keeps a
+/// free list per CPU, so inserting everything from one CPU would evict its own entries).
+fn prefill(pin_dir: &Path, n: usize) -> Duration {
+    let t = Instant::now();
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    std::thread::scope(|s| {
+        for cpu in 0..cpus {
+            s.spawn(move || {
+                pin_cpu(cpu);
+                let md = MapData::from_pin(pin_dir.join(MAP_PERSIST)).expect("persist pin");
+                let mut m: BpfHashMap<MapData, PersistKey, PersistValue> =
+                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(md)).expect("lru map");
+                let now = monotonic_ns();
+                for i in (cpu..n).step_by(cpus) {
+                    let key = PersistKey {
+                        service: 0,
+                        addr_be: v4_mapped(client(i).octets()),
+                    };
+                    let v = PersistValue {
+                        backend: (i % 3) as u32,
+                        _pad: 0,
+                        last_seen_ns: now,
+                    };
+                    m.insert(key, v, 0).expect("insert");
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// The kernel's memory accounting for the pinned persistence table.
+fn persist_memory(pin_dir: &Path) -> (u64, u32) {
+    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST)).expect("persist pin");
+    let fd = md.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    let get = |k: &str| {
+        info.lines()
+            .find_map(|l| {
+                l.strip_prefix(k)
+                    .map(|v| v.trim().parse::<u64>().expect("number"))
+            })
+            .unwrap_or_else(|| panic!("{k} missing in fdinfo"))
+    };
+    (get("memlock:"), get("max_entries:") as u32)
+}
+
+fn main() {
+    let o = opts();
+    let bed = Bed::new();
+    // Native XDP_DROP on the peer: XDP_TX frames from `tba` need a native program there.
+    let report = run_in_netns(&bed.ns, move || {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        let mut l = load("main", 1 << 20);
+        let ifindex = l.ifindex;
+        {
+            let drop: &mut Xdp =
+                l.dp.ebpf_mut()
+                    .program_mut(PROG_DROP)
+                    .expect("drop")
+                    .try_into()
+                    .expect("xdp");
+            drop.attach("tbb", XdpMode::Driver)
+                .expect("attach XDP_DROP to the peer");
+        }
+        let hit_frame = frame(Ipv4Addr::new(10, 1, 0, 1), 40000);
+        // Create the binding once, so every live frame below is a persistence hit.
+        per_packet(
+            prog(&mut l, PROG_XDP),
+            std::slice::from_ref(&hit_frame),
+            ifindex,
+            3,
+        );
+
+        let (mut base_live, mut hit_live) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            base_live.push(live(
+                prog(&mut l, PROG_SWAP_TX),
+                &hit_frame,
+                ifindex,
+                o.live_packets,
+            ));
+            hit_live.push(live(
+                prog(&mut l, PROG_XDP),
+                &hit_frame,
+                ifindex,
+                o.live_packets,
+            ));
+        }
+        let (b, h) = (median(base_live), median(hit_live));
+        rows.push((
+            "live frames: trivial MAC-swap XDP_TX (baseline)".into(),
+            format!("{b:.0} ns/pkt, {:.2} Mpps", 1e3 / b),
+        ));
+        rows.push((
+            "live frames: tether, persistence hit".into(),
+            format!(
+                "{h:.0} ns/pkt, {:.2} Mpps, **{:.2}x baseline**",
+                1e3 / h,
+                h / b
+            ),
+        ));
+
+        // Per-packet: new clients, then the same clients again (hits), baseline on the same frames.
+        let (mut base_pp, mut new_pp, mut hit_pp) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..o.rounds {
+            let frames: Vec<Vec<u8>> = (0..o.clients)
+                .map(|i| frame(client(i + (r + 1) * 1_000_000), 1024 + (i % 60000) as u16))
+                .collect();
+            base_pp.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
+            new_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+            hit_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+        }
+        let (b, n, h) = (median(base_pp), median(new_pp), median(hit_pp));
+        rows.push((
+            format!("per packet, {} distinct clients: baseline", o.clients),
+            format!("{b:.0} ns"),
+        ));
+        rows.push((
+            "per packet: tether, new client (Maglev + LRU insert)".into(),
+            format!("{n:.0} ns, **{:.2}x baseline**", n / b),
+        ));
+        rows.push((
+            "per packet: tether, persistence hit".into(),
+            format!("{h:.0} ns, **{:.2}x baseline**", h / b),
+        ));
+        drop(l);
+
+        for &entries in &o.big_tables {
+            let mut l = load(&format!("big{entries}"), entries);
+            let fill = prefill(&l.pin_dir.0, entries as usize);
+            let (mem, max) = persist_memory(&l.pin_dir.0);
+            // Hits on clients spread over the whole table: cache-cold lookups.
+            let step = (entries as usize / o.clients).max(1);
+            let frames: Vec<Vec<u8>> = (0..o.clients)
+                .map(|i| frame(client((i * step) % entries as usize), 2000))
+                .collect();
+            let (mut base, mut hit) = (Vec::new(), Vec::new());
+            let ifindex = l.ifindex;
+            for _ in 0..o.rounds {
+                base.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
+                hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+            }
+            let (b, h) = (median(base), median(hit));
+            let stats = Pins::new(&l.pin_dir.0)
+                .service_counters(0)
+                .expect("counters");
+            assert!(
+                stats.new_assignments < (o.clients as u64),
+                "prefilled clients should hit, {} were new",
+                stats.new_assignments
+            );
+            rows.push((
+                format!(
+                    "table of {}M entries: hit on {} spread clients",
+                    entries >> 20,
+                    o.clients
+                ),
+                format!(
+                    "{h:.0} ns ({:.2}x baseline {b:.0} ns); prefill {:.1}s",
+                    h / b,
+                    fill.as_secs_f64()
+                ),
+            ));
+            rows.push((
+                format!("table of {}M entries: kernel memory", entries >> 20),
+                format!(
+                    "{:.0} MiB, {:.0} bytes/entry",
+                    mem as f64 / (1 << 20) as f64,
+                    mem as f64 / max as f64
+                ),
+            ));
+        }
+        rows
+    })
+    .expect("benchmark namespace");
+    drop(bed);
+
+    let mut md = String::from("| measurement (median) | result |\n| --- | --- |\n");
+    for (k, v) in &report {
+        md.push_str(&format!("| {k} | {v} |\n"));
+    }
+    println!("\n{md}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    std::fs::write(out.join("l4.md"), &md).expect("write l4.md");
+    println!("written to target/bench/l4.md");
+}

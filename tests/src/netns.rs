@@ -1,0 +1,631 @@
+//! Network-namespace topologies for the end-to-end tests and the demo.
+//!
+//! One [`Topology`] is a small L2 segment built only from namespaces it creates itself:
+//!
+//! ```text
+//!            switch namespace: Linux bridge <tag>br
+//!   ports:   <tag>pcl      <tag>plb           <tag>pb1 ... <tag>pbK
+//!               |             |                   |            |
+//!   client ns: <tag>cl    LB ns: <tag>lb     backend ns: <tag>b1 ... <tag>bK
+//!   10.99.0.100..(N)      10.99.0.2/24       10.99.0.11.. /24
+//!                         + VIP 10.99.0.10   + VIP on lo, arp_ignore=1, arp_announce=2
+//! ```
+//!
+//! Only the LB answers ARP for the VIP, so clients send VIP traffic to the LB; tether's XDP
+//! program rewrites the MACs and bounces each frame back out (XDP_TX) to a backend, which
+//! answers the client directly (direct server return).
+//!
+//! Native XDP on the LB's veth needs two things on its peer (the bridge port): a native XDP
+//! program that passes (tether's `tether_pass`, attached here) and TX checksum offload off.
+//!
+//! Names are unique per instance (`tether-<pid>-<n>-<role>` for namespaces, `t<pid>-<n><role>`
+//! for interfaces, at most 15 bytes) and everything is removed on drop, also on panic.
+//! Leftovers of processes that died without cleaning up are removed by the next build.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{Xdp, XdpMode},
+};
+use lb_common::maps::{MAP_MAGLEV, MAP_PERSIST, PROG_PASS};
+
+/// The shared L2 segment.
+pub const SUBNET_PREFIX: u8 = 24;
+/// The LB's own address on its veth.
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The virtual IP: on the LB's veth (it answers ARP) and on every backend's `lo`.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
+/// Backend `i` (0-based) has `10.99.0.(11 + i)`.
+pub const FIRST_BACKEND_OCTET: u8 = 11;
+/// Client address `i` (0-based) is `10.99.0.(100 + i)`.
+pub const FIRST_CLIENT_OCTET: u8 = 100;
+pub const MAX_BACKENDS: usize = (FIRST_CLIENT_OCTET - FIRST_BACKEND_OCTET) as usize;
+pub const MAX_CLIENT_ADDRS: usize = (255 - FIRST_CLIENT_OCTET) as usize;
+
+/// Prefix of every namespace and bpffs directory the harness creates.
+const NAME_PREFIX: &str = "tether-";
+const NETNS_DIR: &str = "/run/netns";
+const BPFFS: &str = "/sys/fs/bpf";
+/// Linux's IFNAMSIZ - 1.
+const MAX_IFNAME: usize = 15;
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// Path of a named network namespace (as created by `ip netns add`).
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+fn enter_netns(file: &File, name: &str) -> Result<()> {
+    // SAFETY: setns on a valid namespace fd; CLONE_NEWNET affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns into network namespace {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn open_netns(name: &str) -> Result<File> {
+    File::open(netns_path(name)).with_context(|| format!("opening {}", netns_path(name).display()))
+}
+
+/// Runs `f` on a new thread that has joined network namespace `ns` and returns its result.
+/// Sockets created by `f` stay in that namespace wherever they are used afterwards. A panic
+/// in `f` is propagated to the caller.
+pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(ns: &str, f: F) -> Result<T> {
+    let file = open_netns(ns)?;
+    std::thread::scope(|s| {
+        let h = s.spawn(move || -> Result<T> {
+            enter_netns(&file, ns)?;
+            Ok(f())
+        });
+        match h.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Spawns a named thread that joins network namespace `ns` and then runs `f`. Returns once
+/// the thread is in the namespace (or with the error if it could not get there).
+pub fn spawn_in_netns<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+    ns: &str,
+    thread_name: &str,
+    f: F,
+) -> Result<JoinHandle<T>> {
+    let file = open_netns(ns)?;
+    let ns_owned = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+    let h = std::thread::Builder::new()
+        .name(thread_name.to_string())
+        .spawn(move || {
+            let entered = enter_netns(&file, &ns_owned);
+            let ok = entered.is_ok();
+            let _ = tx.send(entered);
+            if !ok {
+                // The caller gets the error; this thread has nothing to run.
+                panic!("thread {ns_owned}: could not enter the namespace");
+            }
+            f()
+        })
+        .context("spawning a thread")?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(h),
+        Ok(Err(e)) => {
+            let _ = h.join();
+            Err(e)
+        }
+        Err(_) => bail!("thread for namespace {ns} exited before entering it"),
+    }
+}
+
+/// Runs a command, returning its stdout; fails with its stderr.
+pub fn run_cmd(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip [-n ns] -batch -` with `lines` on stdin.
+fn ip_batch(ns: Option<&str>, lines: &[String]) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .context("spawning ip (is iproute2 installed?)")?;
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        for l in lines {
+            writeln!(stdin, "{l}").context("writing to ip -batch")?;
+        }
+    }
+    let out = child.wait_with_output().context("waiting for ip -batch")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}-batch failed ({}): {}\ncommands:\n{}",
+            ns.map(|n| format!("-n {n} ")).unwrap_or_default(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Runs a program inside namespace `ns` (`ip netns exec`; fine for sysctl and ethtool, which
+/// need neither the host's /sys nor bpffs).
+fn netns_exec(ns: &str, args: &[&str]) -> Result<String> {
+    run_cmd(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is mounted (pins, and the daemon's, live there).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS))
+    {
+        return Ok(());
+    }
+    run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .context("mounting bpffs on /sys/fs/bpf")?;
+    Ok(())
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X")),
+        Err(_) => false,
+    }
+}
+
+/// The pid in a harness name `tether-<pid>-<n>-...`, if it is one.
+fn harness_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(NAME_PREFIX)?;
+    let mut parts = rest.splitn(3, '-');
+    let pid: u32 = parts.next()?.parse().ok()?;
+    let _n: u32 = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(pid)
+}
+
+/// Removes namespaces and bpffs directories left by harness processes that no longer run
+/// (a test killed by a signal, a demo killed with SIGKILL). Never touches a live process's.
+pub fn cleanup_stale() {
+    if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if harness_pid(&name).is_some_and(|p| !pid_alive(p)) {
+                let _ = run_cmd(Command::new("ip").args(["netns", "del", &name]));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(BPFFS) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if harness_pid(&name).is_some_and(|p| !pid_alive(p)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// One namespace with one veth whose peer is a bridge port.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Network namespace name (`/run/netns/<ns>`).
+    pub ns: String,
+    /// The veth inside `ns`.
+    pub ifname: String,
+    /// Its peer, a port of the bridge in the switch namespace.
+    pub port: String,
+    /// The node's main address on its veth.
+    pub addr: Ipv4Addr,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TopologyBuilder {
+    client_addrs: usize,
+    backends: usize,
+    native_ready: bool,
+}
+
+impl Default for TopologyBuilder {
+    fn default() -> Self {
+        TopologyBuilder {
+            client_addrs: 1,
+            backends: 3,
+            native_ready: true,
+        }
+    }
+}
+
+impl TopologyBuilder {
+    /// Number of source addresses on the client's veth (10.99.0.100 ...), 1..=155.
+    pub fn client_addrs(mut self, n: usize) -> Self {
+        self.client_addrs = n;
+        self
+    }
+
+    /// Number of backend namespaces (10.99.0.11 ...), 1..=89.
+    pub fn backends(mut self, n: usize) -> Self {
+        self.backends = n;
+        self
+    }
+
+    /// Prepare the LB's bridge port for native XDP (pass program, tx checksum off). On by
+    /// default; generic mode works either way.
+    pub fn native_ready(mut self, yes: bool) -> Self {
+        self.native_ready = yes;
+        self
+    }
+
+    pub fn build(self) -> Result<Topology> {
+        if !(1..=MAX_CLIENT_ADDRS).contains(&self.client_addrs) {
+            bail!("client_addrs must be 1..={MAX_CLIENT_ADDRS}");
+        }
+        if !(1..=MAX_BACKENDS).contains(&self.backends) {
+            bail!("backends must be 1..={MAX_BACKENDS}");
+        }
+        ensure_bpffs()?;
+        cleanup_stale();
+        let pid = std::process::id();
+        let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let ns_prefix = format!("{NAME_PREFIX}{pid}-{n}");
+        let if_prefix = format!("t{pid}-{n}");
+        let node = |role: &str, addr: Ipv4Addr| Node {
+            ns: format!("{ns_prefix}-{role}"),
+            ifname: format!("{if_prefix}{role}"),
+            port: format!("{if_prefix}p{role}"),
+            addr,
+        };
+        let client = node("cl", Ipv4Addr::new(10, 99, 0, FIRST_CLIENT_OCTET));
+        let lb = node("lb", LB_ADDR);
+        let backends: Vec<Node> = (0..self.backends)
+            .map(|i| {
+                node(
+                    &format!("b{}", i + 1),
+                    Ipv4Addr::new(10, 99, 0, FIRST_BACKEND_OCTET + i as u8),
+                )
+            })
+            .collect();
+        let bridge = format!("{if_prefix}br");
+        for name in backends
+            .iter()
+            .chain([&client, &lb])
+            .flat_map(|n| [&n.ifname, &n.port])
+            .chain([&bridge])
+        {
+            if name.len() > MAX_IFNAME {
+                bail!("interface name {name} is longer than {MAX_IFNAME} bytes");
+            }
+        }
+        let client_addrs = (0..self.client_addrs)
+            .map(|i| Ipv4Addr::new(10, 99, 0, FIRST_CLIENT_OCTET + i as u8))
+            .collect();
+
+        let mut topo = Topology {
+            switch_ns: format!("{ns_prefix}-sw"),
+            pass_pin_dir: Path::new(BPFFS).join(format!("{ns_prefix}-pass")),
+            ns_prefix,
+            bridge,
+            client,
+            client_addrs,
+            lb,
+            backends,
+            vip: VIP,
+            created_ns: Vec::new(),
+            pass_prog: None,
+        };
+        // On error, dropping `topo` removes whatever was created so far.
+        topo.create(self.native_ready)?;
+        Ok(topo)
+    }
+}
+
+/// A client namespace, an LB namespace and backend namespaces on one bridge. Dropping it
+/// removes every namespace (and so every interface) it created.
+pub struct Topology {
+    /// `tether-<pid>-<n>`: every namespace and bpffs directory of this instance starts so.
+    pub ns_prefix: String,
+    pub switch_ns: String,
+    pub bridge: String,
+    /// The client namespace; `client.addr` is the first of `client_addrs`.
+    pub client: Node,
+    /// Every source address on the client's veth.
+    pub client_addrs: Vec<Ipv4Addr>,
+    /// The LB namespace: tether runs here on `lb.ifname`.
+    pub lb: Node,
+    pub backends: Vec<Node>,
+    pub vip: Ipv4Addr,
+    created_ns: Vec<String>,
+    pass_pin_dir: PathBuf,
+    /// tether_pass attached natively on the LB's bridge port (the attachment lives as long
+    /// as this object).
+    pass_prog: Option<Ebpf>,
+}
+
+impl Topology {
+    pub fn builder() -> TopologyBuilder {
+        TopologyBuilder::default()
+    }
+
+    /// Every node (client, LB, backends).
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        [&self.client, &self.lb]
+            .into_iter()
+            .chain(self.backends.iter())
+    }
+
+    /// Backend names as used in configs and as the test servers' response bodies: b1, b2...
+    pub fn backend_name(&self, i: usize) -> String {
+        format!("b{}", i + 1)
+    }
+
+    /// Index of the backend with this name or address.
+    pub fn backend_index_by_name(&self, name: &str) -> Option<usize> {
+        (0..self.backends.len()).find(|&i| self.backend_name(i) == name)
+    }
+
+    pub fn backend_index_by_addr(&self, addr: Ipv4Addr) -> Option<usize> {
+        self.backends.iter().position(|b| b.addr == addr)
+    }
+
+    /// A unique bpffs directory for this topology's daemon pins (`/sys/fs/bpf/tether-<pid>-<n>-<label>`).
+    /// Removed by the daemon runner; stale ones by [`cleanup_stale`].
+    pub fn pin_dir(&self, label: &str) -> PathBuf {
+        Path::new(BPFFS).join(format!("{}-{label}", self.ns_prefix))
+    }
+
+    /// Runs `f` on a thread inside namespace `ns` (see [`run_in_netns`]).
+    pub fn run_in<T: Send, F: FnOnce() -> T + Send>(&self, ns: &str, f: F) -> Result<T> {
+        run_in_netns(ns, f)
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T> {
+        run_in_netns(&self.client.ns, f)
+    }
+
+    /// VIP:port.
+    pub fn vip_addr(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.vip, port)
+    }
+
+    /// XDP attachment on the LB's veth as `ip link` shows it: `Some("xdp")` for native
+    /// (driver) mode, `Some("xdpgeneric")`, or `None` when no program is attached.
+    pub fn lb_xdp_mode(&self) -> Result<Option<String>> {
+        let out = run_cmd(Command::new("ip").args([
+            "-n",
+            &self.lb.ns,
+            "-d",
+            "link",
+            "show",
+            "dev",
+            &self.lb.ifname,
+        ]))?;
+        for word in out.split_whitespace() {
+            if matches!(
+                word,
+                "xdp" | "xdpgeneric" | "xdpdrv" | "xdpoffload" | "xdpmulti"
+            ) {
+                return Ok(Some(word.to_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        if netns_path(name).exists() {
+            // Only possible for a stale namespace of a recycled pid: ours are unique.
+            let _ = run_cmd(Command::new("ip").args(["netns", "del", name]));
+        }
+        run_cmd(Command::new("ip").args(["netns", "add", name]))?;
+        self.created_ns.push(name.to_string());
+        Ok(())
+    }
+
+    fn create(&mut self, native_ready: bool) -> Result<()> {
+        let nodes: Vec<Node> = self.nodes().cloned().collect();
+        let switch_ns = self.switch_ns.clone();
+        self.add_ns(&switch_ns)?;
+        for n in &nodes {
+            self.add_ns(&n.ns)?;
+        }
+
+        // The bridge and one veth pair per node, created in the switch namespace with the
+        // node end moved straight into the node's namespace.
+        let br = &self.bridge;
+        let mut sw = vec![
+            "link set lo up".to_string(),
+            format!("link add {br} type bridge stp_state 0 forward_delay 0"),
+            format!("link set {br} up"),
+        ];
+        for n in &nodes {
+            sw.push(format!(
+                "link add {} type veth peer name {} netns {}",
+                n.port, n.ifname, n.ns
+            ));
+            sw.push(format!("link set {} master {br}", n.port));
+            sw.push(format!("link set {} up", n.port));
+        }
+        ip_batch(Some(&switch_ns), &sw)?;
+
+        // Addresses.
+        let node_cmds = |n: &Node, extra: &[String]| {
+            let mut v = vec![
+                "link set lo up".to_string(),
+                format!("addr add {}/{SUBNET_PREFIX} dev {}", n.addr, n.ifname),
+            ];
+            v.extend_from_slice(extra);
+            v.push(format!("link set {} up", n.ifname));
+            v
+        };
+        let client_extra: Vec<String> = self
+            .client_addrs
+            .iter()
+            .skip(1)
+            .map(|a| format!("addr add {a}/{SUBNET_PREFIX} dev {}", self.client.ifname))
+            .collect();
+        ip_batch(
+            Some(&self.client.ns),
+            &node_cmds(&self.client, &client_extra),
+        )?;
+        ip_batch(
+            Some(&self.lb.ns),
+            &node_cmds(
+                &self.lb,
+                &[format!("addr add {}/32 dev {}", self.vip, self.lb.ifname)],
+            ),
+        )?;
+        for b in &self.backends {
+            ip_batch(
+                Some(&b.ns),
+                &node_cmds(b, &[format!("addr add {}/32 dev lo", self.vip)]),
+            )?;
+            // Only the LB may answer ARP for the VIP; the backends' ARP requests must carry
+            // their own veth address.
+            netns_exec(
+                &b.ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                ],
+            )?;
+        }
+
+        if native_ready {
+            self.prepare_native()?;
+        }
+        Ok(())
+    }
+
+    /// Native XDP on the LB's veth: tether_pass (native) and tx checksum offload off on its
+    /// peer, the bridge port.
+    fn prepare_native(&mut self) -> Result<()> {
+        let port = self.lb.port.clone();
+        netns_exec(&self.switch_ns, &["ethtool", "-K", &port, "tx", "off"])
+            .context("turning tx checksum offload off on the LB's bridge port (is ethtool installed? `cargo xtask bootstrap`)")?;
+
+        std::fs::create_dir_all(&self.pass_pin_dir)
+            .with_context(|| format!("creating {}", self.pass_pin_dir.display()))?;
+        // Loading the object creates all of its maps: keep the big ones tiny, and pin (if the
+        // object pins by name) into a directory of our own.
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&self.pass_pin_dir)
+            .map_max_entries(MAP_PERSIST, 16)
+            .map_max_entries(MAP_MAGLEV, 1)
+            .load(tether::dataplane::EBPF_OBJECT)
+            .context("loading tether's XDP object for the pass program")?;
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROG_PASS)
+                .ok_or_else(|| anyhow!("tether's XDP object has no program {PROG_PASS}"))?
+                .try_into()
+                .with_context(|| format!("{PROG_PASS} is not an XDP program"))?;
+            prog.load()
+                .with_context(|| format!("loading {PROG_PASS}"))?;
+        }
+        // The attach resolves the interface in the calling thread's namespace.
+        let switch_ns = self.switch_ns.clone();
+        let ebpf = run_in_netns(&switch_ns, move || -> Result<Ebpf> {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROG_PASS)
+                .expect("checked above")
+                .try_into()
+                .expect("checked above");
+            prog.attach(&port, XdpMode::Driver)
+                .with_context(|| format!("attaching {PROG_PASS} natively to {port}"))?;
+            Ok(ebpf)
+        })??;
+        self.pass_prog = Some(ebpf);
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Detach the pass program first, then remove the namespaces (which removes every
+        // veth and the bridge with them).
+        drop(self.pass_prog.take());
+        for ns in self.created_ns.drain(..).rev() {
+            if let Err(e) = run_cmd(Command::new("ip").args(["netns", "del", &ns])) {
+                eprintln!("warning: removing namespace {ns}: {e:#}");
+            }
+        }
+        if self.pass_pin_dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.pass_pin_dir)
+        {
+            eprintln!("warning: removing {}: {e}", self.pass_pin_dir.display());
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harness_names() {
+        assert_eq!(harness_pid("tether-123-4-lb"), Some(123));
+        assert_eq!(harness_pid("tether-123-4-pins"), Some(123));
+        assert_eq!(harness_pid("tether-demo"), None);
+        assert_eq!(harness_pid("tether"), None);
+        assert_eq!(harness_pid("tether-12x-4-lb"), None);
+        assert_eq!(harness_pid("tether-123-4"), None);
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX));
+    }
+}

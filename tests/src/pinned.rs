@@ -1,0 +1,180 @@
+//! Reading and writing the daemon's pinned maps from tests and the demo.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{
+    maps::{
+        BACKEND_UNUSED, Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_PERSIST, MAP_REASONS,
+        MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey, v4_mapped,
+    },
+    stats::{TrafficCounters, reason},
+};
+
+/// CLOCK_MONOTONIC_COARSE now, in ns: the clock `bpf_ktime_get_coarse_ns()` reads. (The
+/// coarse clock never runs ahead of the XDP program's reading, so an entry written with it is
+/// never "in the future".)
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The persistence key of an IPv4 client with a /32 profile.
+pub fn persist_key_v4(service: u32, client: Ipv4Addr) -> PersistKey {
+    PersistKey {
+        service,
+        addr_be: v4_mapped(client.octets()),
+    }
+}
+
+/// The IPv4 address in an IPv4-mapped key field, if it is one.
+pub fn mapped_v4(addr_be: &[u8; 16]) -> Option<Ipv4Addr> {
+    (addr_be[..10].iter().all(|&b| b == 0) && addr_be[10..12] == [0xff, 0xff])
+        .then(|| Ipv4Addr::new(addr_be[12], addr_be[13], addr_be[14], addr_be[15]))
+}
+
+/// The maps a daemon pinned in one directory. Each call opens the pin afresh.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: &Path) -> Pins {
+        Pins {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self, map: &str) -> PathBuf {
+        self.dir.join(map)
+    }
+
+    fn open(&self, map: &str) -> Result<Map> {
+        let p = self.path(map);
+        let data =
+            MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+        Map::from_map_data(data).with_context(|| format!("{}: unsupported map type", p.display()))
+    }
+
+    /// `Service` entries.
+    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
+        let m: HashMap<MapData, ServiceKey, Service> = self.open(MAP_SERVICES)?.try_into()?;
+        m.iter().map(|r| r.map_err(Into::into)).collect()
+    }
+
+    /// Index of the service on VIP:port/proto (for the per-service counters and keys).
+    pub fn service_index(&self, vip: Ipv4Addr, port: u16, proto: u8) -> Result<u32> {
+        self.services()?
+            .into_iter()
+            .find(|(k, _)| {
+                k.addr_be == v4_mapped(vip.octets())
+                    && u16::from_be(k.port_be) == port
+                    && k.proto == proto
+            })
+            .map(|(_, s)| s.index)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no service {vip}:{port}/{proto} in {}",
+                    self.path(MAP_SERVICES).display()
+                )
+            })
+    }
+
+    /// Configured backend slots (state not `BACKEND_UNUSED`), by id.
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?.try_into()?;
+        let mut v = Vec::new();
+        for id in 0..m.len() {
+            let b = m.get(&id, 0)?;
+            if b.state != BACKEND_UNUSED {
+                v.push((id, b));
+            }
+        }
+        Ok(v)
+    }
+
+    /// Backend id of the backend with this IPv4 address.
+    pub fn backend_id(&self, addr: Ipv4Addr) -> Result<u32> {
+        self.backends()?
+            .into_iter()
+            .find(|(_, b)| b.addr_be == v4_mapped(addr.octets()))
+            .map(|(id, _)| id)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no backend with address {addr} in {}",
+                    self.path(MAP_BACKENDS).display()
+                )
+            })
+    }
+
+    /// IPv4 address of backend `id`.
+    pub fn backend_addr(&self, id: u32) -> Result<Ipv4Addr> {
+        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?.try_into()?;
+        let b = m.get(&id, 0)?;
+        mapped_v4(&b.addr_be).ok_or_else(|| anyhow!("backend {id} has no IPv4 address: {b:?}"))
+    }
+
+    /// Every persistence entry.
+    pub fn persist_entries(&self) -> Result<Vec<(PersistKey, PersistValue)>> {
+        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?.try_into()?;
+        m.iter().map(|r| r.map_err(Into::into)).collect()
+    }
+
+    /// The entry of an IPv4 client (/32 profile) in service `service`.
+    pub fn persist_get(&self, service: u32, client: Ipv4Addr) -> Result<Option<PersistValue>> {
+        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?.try_into()?;
+        match m.get(&persist_key_v4(service, client), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes (creates or replaces) the entry of an IPv4 client (/32 profile).
+    pub fn persist_set(&self, service: u32, client: Ipv4Addr, value: PersistValue) -> Result<()> {
+        let mut m: HashMap<MapData, PersistKey, PersistValue> =
+            self.open(MAP_PERSIST)?.try_into()?;
+        m.insert(persist_key_v4(service, client), value, 0)?;
+        Ok(())
+    }
+
+    fn counters(&self, map: &str, index: u32) -> Result<TrafficCounters> {
+        let m: PerCpuArray<MapData, TrafficCounters> = self.open(map)?.try_into()?;
+        let v: PerCpuValues<TrafficCounters> = m.get(&index, 0)?;
+        Ok(TrafficCounters::sum(v.iter()))
+    }
+
+    /// Counters of service `index`, summed over CPUs.
+    pub fn service_counters(&self, index: u32) -> Result<TrafficCounters> {
+        self.counters(MAP_SERVICE_STATS, index)
+    }
+
+    /// Counters of backend `id`, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<TrafficCounters> {
+        self.counters(MAP_BACKEND_STATS, id)
+    }
+
+    /// Verdict counters `(name, packets)`, summed over CPUs, in `reason` order.
+    pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>> {
+        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?.try_into()?;
+        (0..reason::COUNT)
+            .map(|i| Ok((reason::NAMES[i as usize], m.get(&i, 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// One verdict counter.
+    pub fn reason(&self, r: u32) -> Result<u64> {
+        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?.try_into()?;
+        Ok(m.get(&r, 0)?.iter().sum())
+    }
+}

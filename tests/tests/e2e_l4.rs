@@ -1,0 +1,606 @@
+//! End to end, L4 DSR with source-IP persistence: real TCP connections from a client namespace
+//! to the VIP, through tether's XDP program attached by the real daemon on the LB's veth, to
+//! HTTP servers in backend namespaces that answer the client directly.
+//!
+//! Needs root and `TETHER_BIN` (the daemon binary): run with `cargo xtask test`, or
+//! `TETHER_BIN=target/debug/tether cargo test -p tether-tests --test e2e_l4 -- --test-threads=1`.
+//! Every test builds its own namespaces (unique names) and removes them, also on failure.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_common::maps::{PROTO_TCP, PersistValue};
+use lb_common::stats::{TrafficCounters, reason};
+use tether_tests::{
+    daemon::{ConfigBuilder, Daemon, tether_bin},
+    http::{BackendServers, Fetch, http_get_from},
+    netns::{Topology, VIP, run_in_netns},
+    pinned::{Pins, monotonic_coarse_ns},
+};
+
+const PORT: u16 = 80;
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything one test runs. Fields drop in order: the daemon first (it detaches XDP), then
+/// the servers, then the namespaces.
+struct Lab {
+    daemon: Option<Daemon>,
+    servers: BackendServers,
+    topo: Topology,
+    pins: Pins,
+    /// Index of the `web` service (VIP:80/tcp) in the daemon's maps.
+    svc: u32,
+    bin: PathBuf,
+    config: serde_json::Value,
+}
+
+fn bin() -> PathBuf {
+    tether_bin().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+impl Lab {
+    /// `clients` source addresses, `backends` backends, service `web` on VIP:80 with
+    /// client-IP persistence timing out after `timeout_s` (None: no persistence).
+    fn new(clients: usize, backends: usize, xdp_mode: &str, timeout_s: Option<u64>) -> Lab {
+        let bin = bin();
+        let topo = Topology::builder()
+            .client_addrs(clients)
+            .backends(backends)
+            .build()
+            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
+        let servers = BackendServers::start(&topo, PORT)
+            .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
+        let config = ConfigBuilder::new(&topo, &topo.pin_dir("pins"))
+            .xdp_mode(xdp_mode)
+            .service("web", PORT, timeout_s)
+            .build();
+        let daemon = Daemon::start(&bin, &topo.lb.ns, &config, false)
+            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
+        let pins = Pins::new(daemon.pin_dir());
+        let mut lab = Lab {
+            daemon: Some(daemon),
+            servers,
+            topo,
+            pins,
+            svc: 0,
+            bin,
+            config,
+        };
+        lab.svc = lab.ok(
+            lab.pins.service_index(VIP, PORT, PROTO_TCP),
+            "finding the web service in TETHER_SERVICES",
+        );
+        lab
+    }
+
+    fn logs(&self) -> String {
+        self.daemon.as_ref().map(|d| d.logs()).unwrap_or_default()
+    }
+
+    /// Panics with `msg` and the daemon's output.
+    fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        panic!("{msg}\n--- tether output ---\n{}", self.logs())
+    }
+
+    fn ok<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
+        r.unwrap_or_else(|e| self.fail(format!("{what}: {e:?}")))
+    }
+
+    fn fetch(&self, src: Ipv4Addr) -> String {
+        self.ok(
+            self.topo.fetch(src, PORT, IO_TIMEOUT),
+            "fetching through the VIP",
+        )
+    }
+
+    /// Runs the plan; every fetch must succeed. Returns the backend names in plan order.
+    fn fetch_all(&self, plan: &[Ipv4Addr]) -> Vec<String> {
+        let fetches: Vec<Fetch> =
+            self.ok(self.topo.fetch_all(plan, PORT, IO_TIMEOUT), "client thread");
+        let failed: Vec<&Fetch> = fetches.iter().filter(|f| f.result.is_err()).collect();
+        if !failed.is_empty() {
+            self.fail(format!(
+                "{} of {} connections to {}:{PORT} failed; first ones: {:?}\nreasons: {:?}",
+                failed.len(),
+                fetches.len(),
+                VIP,
+                &failed[..failed.len().min(5)],
+                self.pins.reasons().ok()
+            ));
+        }
+        fetches
+            .into_iter()
+            .map(|f| f.result.expect("checked"))
+            .collect()
+    }
+
+    fn svc_counters(&self) -> TrafficCounters {
+        self.ok(
+            self.pins.service_counters(self.svc),
+            "reading TETHER_SVC_STAT",
+        )
+    }
+
+    fn backend_name_of_id(&self, id: u32) -> String {
+        let addr = self.ok(self.pins.backend_addr(id), "reading TETHER_BACKENDS");
+        let i = self.topo.backend_index_by_addr(addr).unwrap_or_else(|| {
+            self.fail(format!(
+                "backend id {id} has address {addr}, not a backend of the topology"
+            ))
+        });
+        self.topo.backend_name(i)
+    }
+
+    fn backend_id_of_name(&self, name: &str) -> u32 {
+        let i = self
+            .topo
+            .backend_index_by_name(name)
+            .expect("known backend name");
+        self.ok(
+            self.pins.backend_id(self.topo.backends[i].addr),
+            "reading TETHER_BACKENDS",
+        )
+    }
+
+    /// No drops or aborts in the verdict counters.
+    fn assert_no_drops(&self) {
+        let reasons = self.ok(self.pins.reasons(), "reading TETHER_REASONS");
+        for r in [
+            reason::DROP_NO_BACKEND,
+            reason::DROP_BAD_BACKEND,
+            reason::ABORTED,
+        ] {
+            if reasons[r as usize].1 != 0 {
+                self.fail(format!(
+                    "verdict counter {} is not 0: {reasons:?}",
+                    reasons[r as usize].0
+                ));
+            }
+        }
+    }
+
+    fn assert_xdp_mode(&self, want: &str) {
+        let mode = self.ok(self.topo.lb_xdp_mode(), "ip link show");
+        if mode.as_deref() != Some(want) {
+            self.fail(format!(
+                "XDP on {} is attached as {mode:?}, expected {want}",
+                self.topo.lb.ifname
+            ));
+        }
+    }
+}
+
+/// Groups a plan's results by client: client -> backends seen (with counts).
+fn by_client(plan: &[Ipv4Addr], got: &[String]) -> BTreeMap<Ipv4Addr, BTreeMap<String, usize>> {
+    let mut m: BTreeMap<Ipv4Addr, BTreeMap<String, usize>> = BTreeMap::new();
+    for (src, be) in plan.iter().zip(got) {
+        *m.entry(*src).or_default().entry(be.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// The namespaces alone, no daemon: the L2 segment works (client to a backend's own address
+/// across the bridge), the pass program is native on the LB's bridge port, and without tether
+/// the VIP is the LB's (backends ignore ARP for it), so nothing answers on port 80.
+#[test]
+fn topology_without_daemon() {
+    let topo = Topology::builder()
+        .client_addrs(2)
+        .backends(2)
+        .build()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let servers = BackendServers::start(&topo, PORT).unwrap_or_else(|e| panic!("{e:#}"));
+    for (i, b) in topo.backends.iter().enumerate() {
+        for &src in &topo.client_addrs {
+            let dst = SocketAddrV4::new(b.addr, PORT);
+            let body = run_in_netns(&topo.client.ns, || http_get_from(src, dst, IO_TIMEOUT))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("direct GET {dst} from {src}: {e}"));
+            assert_eq!(body, topo.backend_name(i), "direct GET {dst} from {src}");
+        }
+    }
+    let port_link = tether_tests::netns::run_cmd(std::process::Command::new("ip").args([
+        "-n",
+        &topo.switch_ns,
+        "-d",
+        "link",
+        "show",
+        "dev",
+        &topo.lb.port,
+    ]))
+    .unwrap();
+    assert!(
+        port_link.split_whitespace().any(|w| w == "xdp"),
+        "tether_pass is not attached natively on {}: {port_link}",
+        topo.lb.port
+    );
+    assert_eq!(
+        topo.lb_xdp_mode().unwrap(),
+        None,
+        "nothing is attached on the LB's veth yet"
+    );
+    let r = topo.fetch(topo.client.addr, PORT, IO_TIMEOUT);
+    assert!(
+        r.is_err(),
+        "without tether the VIP must not reach a backend, got {r:?}"
+    );
+    let conns: u64 = servers.connections().iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        conns,
+        (topo.backends.len() * topo.client_addrs.len()) as u64
+    );
+}
+
+/// (a) 200 connections from one client address all reach one backend, which the persistence
+/// table names; the counters add up.
+#[test]
+fn one_client_sticks_to_one_backend() {
+    let lab = Lab::new(1, 3, "native", Some(1800));
+    lab.assert_xdp_mode("xdp");
+    let src = lab.topo.client_addrs[0];
+    const N: usize = 200;
+    let got = lab.fetch_all(&vec![src; N]);
+    let seen: BTreeSet<&String> = got.iter().collect();
+    if seen.len() != 1 {
+        lab.fail(format!(
+            "{N} connections from {src} reached {} backends: {:?}",
+            seen.len(),
+            by_client(&vec![src; N], &got)
+        ));
+    }
+    let backend = got[0].clone();
+
+    let entry = lab
+        .ok(lab.pins.persist_get(lab.svc, src), "reading TETHER_PERSIST")
+        .unwrap_or_else(|| lab.fail(format!("no TETHER_PERSIST entry for {src}")));
+    assert_eq!(
+        lab.backend_name_of_id(entry.backend),
+        backend,
+        "the persistence entry names the backend that answered"
+    );
+
+    // Server side: the chosen backend accepted every connection, the others none.
+    for (name, conns) in lab.servers.connections() {
+        let want = if name == backend { N as u64 } else { 0 };
+        assert_eq!(conns, want, "connections accepted by {name}");
+    }
+
+    let c = lab.svc_counters();
+    assert_eq!(
+        c.new_assignments, 1,
+        "one client, one new assignment: {c:?}"
+    );
+    assert!(
+        c.packets >= 3 * N as u64,
+        "at least 3 client packets per connection: {c:?}"
+    );
+    assert_eq!(
+        c.persist_hits,
+        c.packets - 1,
+        "every packet but the first hits the entry: {c:?}"
+    );
+    assert_eq!(
+        (c.expired, c.no_backend, c.reassigned_down),
+        (0, 0, 0),
+        "{c:?}"
+    );
+    let id = lab.backend_id_of_name(&backend);
+    let bc = lab.ok(lab.pins.backend_counters(id), "reading TETHER_BE_STAT");
+    assert_eq!(
+        bc.packets, c.packets,
+        "all of the service's packets went to {backend}: {bc:?}"
+    );
+    let tx = lab.ok(lab.pins.reason(reason::TX), "reading TETHER_REASONS");
+    assert!(
+        tx >= c.packets,
+        "XDP_TX verdicts ({tx}) cover the forwarded packets ({})",
+        c.packets
+    );
+    lab.assert_no_drops();
+    lab.daemon
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
+/// (b) 50 client addresses spread over all 3 backends, and each client stays on its backend
+/// over repeated connections; one entry and one new assignment per client.
+#[test]
+fn many_clients_spread_and_stick() {
+    const CLIENTS: usize = 50;
+    const ROUNDS: usize = 4;
+    let lab = Lab::new(CLIENTS, 3, "native", Some(1800));
+    let plan: Vec<Ipv4Addr> = (0..ROUNDS)
+        .flat_map(|_| lab.topo.client_addrs.iter().copied())
+        .collect();
+    let got = lab.fetch_all(&plan);
+    let clients = by_client(&plan, &got);
+    assert_eq!(clients.len(), CLIENTS);
+    let moved: Vec<_> = clients.iter().filter(|(_, b)| b.len() != 1).collect();
+    if !moved.is_empty() {
+        lab.fail(format!(
+            "{} clients reached more than one backend: {moved:?}",
+            moved.len()
+        ));
+    }
+    let client_backend: BTreeMap<Ipv4Addr, String> = clients
+        .iter()
+        .map(|(c, b)| (*c, b.keys().next().expect("one").clone()))
+        .collect();
+    let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
+    for b in client_backend.values() {
+        *per_backend.entry(b.clone()).or_default() += 1;
+    }
+    eprintln!("clients per backend: {per_backend:?}");
+    for i in 0..lab.topo.backends.len() {
+        let name = lab.topo.backend_name(i);
+        if per_backend.get(&name).copied().unwrap_or(0) == 0 {
+            lab.fail(format!(
+                "backend {name} got no client of {CLIENTS}: {per_backend:?}"
+            ));
+        }
+    }
+    // Server side agrees with what the clients saw.
+    for (name, conns) in lab.servers.connections() {
+        assert_eq!(
+            conns,
+            (per_backend.get(&name).copied().unwrap_or(0) * ROUNDS) as u64,
+            "connections accepted by {name}"
+        );
+    }
+
+    // The persistence table: one entry per client, naming the backend that answered it.
+    let entries: Vec<_> = lab
+        .ok(lab.pins.persist_entries(), "reading TETHER_PERSIST")
+        .into_iter()
+        .filter(|(k, _)| k.service == lab.svc)
+        .collect();
+    assert_eq!(entries.len(), CLIENTS, "one persistence entry per client");
+    for (k, v) in &entries {
+        let client = tether_tests::pinned::mapped_v4(&k.addr_be)
+            .unwrap_or_else(|| lab.fail(format!("entry key is not an IPv4-mapped address: {k:?}")));
+        let want = client_backend
+            .get(&client)
+            .unwrap_or_else(|| lab.fail(format!("entry for unknown client {client}")));
+        assert_eq!(
+            &lab.backend_name_of_id(v.backend),
+            want,
+            "entry of {client}"
+        );
+    }
+
+    let c = lab.svc_counters();
+    assert_eq!(
+        c.new_assignments, CLIENTS as u64,
+        "one new assignment per distinct client: {c:?}"
+    );
+    assert_eq!(c.persist_hits, c.packets - CLIENTS as u64, "{c:?}");
+    assert_eq!((c.expired, c.no_backend), (0, 0), "{c:?}");
+    let mut sum = 0;
+    for i in 0..lab.topo.backends.len() {
+        let name = lab.topo.backend_name(i);
+        let bc = lab.ok(
+            lab.pins.backend_counters(lab.backend_id_of_name(&name)),
+            "reading TETHER_BE_STAT",
+        );
+        assert!(
+            bc.packets > 0,
+            "backend {name} forwarded no packets: {bc:?}"
+        );
+        sum += bc.packets;
+    }
+    assert_eq!(
+        sum, c.packets,
+        "backend packet counters add up to the service's"
+    );
+    // Direct server return: the replies go from the backends straight to the client, so no
+    // IPv4 packet other than client -> VIP reaches the LB's XDP program.
+    let not_vip = lab.ok(
+        lab.pins.reason(reason::PASS_NOT_VIP),
+        "reading TETHER_REASONS",
+    );
+    assert_eq!(
+        not_vip, 0,
+        "IPv4 packets not for the VIP reached the LB (replies must bypass it)"
+    );
+    lab.assert_no_drops();
+    lab.daemon
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
+/// (c) Expiry: the table is honoured over the hash while fresh, and ignored once older than
+/// the profile's timeout (the client is hashed again and `expired` counts it).
+#[test]
+fn persistence_entry_expires() {
+    const TIMEOUT_S: u64 = 2;
+    let lab = Lab::new(1, 3, "native", Some(TIMEOUT_S));
+    let src = lab.topo.client_addrs[0];
+
+    let x = lab.fetch(src);
+    let entry = lab
+        .ok(lab.pins.persist_get(lab.svc, src), "reading TETHER_PERSIST")
+        .unwrap_or_else(|| {
+            lab.fail(format!(
+                "the first connection from {src} created no TETHER_PERSIST entry"
+            ))
+        });
+    assert_eq!(
+        lab.backend_name_of_id(entry.backend),
+        x,
+        "the new entry names the backend that answered"
+    );
+
+    // Point the client at another backend, freshly.
+    let y = (0..lab.topo.backends.len())
+        .map(|i| lab.topo.backend_name(i))
+        .find(|n| *n != x)
+        .expect("3 backends");
+    let y_id = lab.backend_id_of_name(&y);
+    lab.ok(
+        lab.pins.persist_set(
+            lab.svc,
+            src,
+            PersistValue {
+                backend: y_id,
+                _pad: 0,
+                last_seen_ns: monotonic_coarse_ns(),
+            },
+        ),
+        "writing TETHER_PERSIST",
+    );
+    let got = lab.fetch(src);
+    assert_eq!(got, y, "a fresh entry wins over the hash ({x})");
+    assert_eq!(lab.svc_counters().expired, 0);
+
+    // No traffic for longer than the timeout (plus the 1 s refresh step and a margin).
+    std::thread::sleep(Duration::from_millis(TIMEOUT_S * 1000 + 1500));
+    let got = lab.fetch(src);
+    assert_eq!(
+        got, x,
+        "after {TIMEOUT_S} s without traffic the entry has expired and the client is hashed to {x} again"
+    );
+    let c = lab.svc_counters();
+    assert!(c.expired >= 1, "the expiry is counted: {c:?}");
+    let entry = lab
+        .ok(lab.pins.persist_get(lab.svc, src), "reading TETHER_PERSIST")
+        .unwrap_or_else(|| lab.fail("the re-chosen client has no entry"));
+    assert_eq!(
+        lab.backend_name_of_id(entry.backend),
+        x,
+        "the entry was rewritten to the new choice"
+    );
+    lab.assert_no_drops();
+    lab.daemon
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
+/// The daemon leaves its maps pinned when it stops; a restarted daemon keeps honouring them.
+#[test]
+fn persistence_survives_restart() {
+    let mut lab = Lab::new(1, 3, "native", Some(1800));
+    let src = lab.topo.client_addrs[0];
+    let x = lab.fetch(src);
+    let y = (0..3)
+        .map(|i| lab.topo.backend_name(i))
+        .find(|n| *n != x)
+        .expect("3 backends");
+    let y_id = lab.backend_id_of_name(&y);
+    lab.ok(
+        lab.pins.persist_set(
+            lab.svc,
+            src,
+            PersistValue {
+                backend: y_id,
+                _pad: 0,
+                last_seen_ns: monotonic_coarse_ns(),
+            },
+        ),
+        "writing TETHER_PERSIST",
+    );
+    let svc_before = lab.svc;
+    lab.daemon
+        .take()
+        .expect("running")
+        .stop_keep_pins()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    assert_eq!(
+        lab.topo.lb_xdp_mode().unwrap(),
+        None,
+        "tether detached XDP on stop"
+    );
+    assert!(
+        lab.pins.path(lb_common::maps::MAP_PERSIST).exists(),
+        "the persistence table stays pinned after stop"
+    );
+    lab.daemon = Some(
+        Daemon::start_with_existing_pins(&lab.bin, &lab.topo.lb.ns, &lab.config, false)
+            .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
+    );
+    let svc = lab.ok(
+        lab.pins.service_index(VIP, PORT, PROTO_TCP),
+        "finding the web service",
+    );
+    assert_eq!(
+        svc, svc_before,
+        "the service keeps its index across a restart"
+    );
+    assert_eq!(
+        lab.backend_id_of_name(&y),
+        y_id,
+        "backend ids are stable across a restart"
+    );
+    let got = lab.fetch(src);
+    assert_eq!(
+        got, y,
+        "after a restart the client still follows its (pinned) entry, not the hash ({x})"
+    );
+    lab.daemon
+        .take()
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
+/// Without a persistence profile each connection is hashed on its own: one client's
+/// connections spread, and nothing is written to the table.
+#[test]
+fn no_persistence_hashes_each_flow() {
+    let lab = Lab::new(1, 3, "native", None);
+    let src = lab.topo.client_addrs[0];
+    const N: usize = 60;
+    let got = lab.fetch_all(&vec![src; N]);
+    let seen: BTreeSet<&String> = got.iter().collect();
+    assert!(
+        seen.len() >= 2,
+        "{N} connections (random source ports) should not all hash to one backend: {seen:?}"
+    );
+    let entries = lab.ok(lab.pins.persist_entries(), "reading TETHER_PERSIST");
+    assert!(
+        entries.iter().all(|(k, _)| k.service != lab.svc),
+        "no persistence entries: {entries:?}"
+    );
+    let c = lab.svc_counters();
+    assert_eq!((c.new_assignments, c.persist_hits), (0, 0), "{c:?}");
+    assert!(c.packets >= 3 * N as u64, "{c:?}");
+    lab.assert_no_drops();
+    lab.daemon
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
+/// Generic (skb) mode balances and persists the same way.
+#[test]
+fn generic_mode_spreads_and_sticks() {
+    const CLIENTS: usize = 12;
+    let lab = Lab::new(CLIENTS, 3, "generic", Some(1800));
+    lab.assert_xdp_mode("xdpgeneric");
+    let plan: Vec<Ipv4Addr> = (0..3)
+        .flat_map(|_| lab.topo.client_addrs.iter().copied())
+        .collect();
+    let got = lab.fetch_all(&plan);
+    let clients = by_client(&plan, &got);
+    assert!(
+        clients.values().all(|b| b.len() == 1),
+        "every client stays on one backend: {clients:?}"
+    );
+    let used: BTreeSet<&String> = clients.values().flat_map(|b| b.keys()).collect();
+    assert!(
+        used.len() >= 2,
+        "{CLIENTS} clients spread over more than one backend: {clients:?}"
+    );
+    assert_eq!(lab.svc_counters().new_assignments, CLIENTS as u64);
+    lab.assert_no_drops();
+    lab.daemon
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
