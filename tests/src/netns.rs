@@ -547,8 +547,8 @@ impl Topology {
 
         std::fs::create_dir_all(&self.pass_pin_dir)
             .with_context(|| format!("creating {}", self.pass_pin_dir.display()))?;
-        // Loading the object creates all of its maps: keep the big ones tiny, and pin (if the
-        // object pins by name) into a directory of our own.
+        // Loading the object creates all of its maps: keep the big ones tiny. Nothing is
+        // pinned unless asked for, so this copy never touches a daemon's pins.
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.pass_pin_dir)
             .map_max_entries(MAP_PERSIST, 16)

@@ -146,10 +146,13 @@ impl Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("creating pin dir {}: {e}", dir.display()));
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .map_max_entries(MAP_PERSIST, PERSIST_ENTRIES)
-            .load(EBPF_OBJECT);
+        // Pinned by name as the daemon does, so the map contract can be checked on the pins.
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_PERSIST, PERSIST_ENTRIES);
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let ebpf = loader.load(EBPF_OBJECT);
         let mut ebpf = match ebpf {
             Ok(e) => e,
             Err(e) => {
