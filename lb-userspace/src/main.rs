@@ -57,25 +57,42 @@ fn main() -> Result<()> {
     }
 }
 
-/// Resolve every backend's link-layer facts; neighbour resolution runs in parallel.
+/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
+/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
+/// and the backend's MAC from the neighbour table. Resolution runs in parallel.
 fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
-    let ifindex = net::ifindex(&cfg.interface)?;
-    let mac_src = net::mac_of(&cfg.interface)?;
+    let one = |b: &tether::config::BackendConfig| -> Result<L2> {
+        let egress = match (net::egress_interface(b.address), b.mac) {
+            (Ok(dev), _) => dev,
+            // An explicit MAC says the operator vouches for L2 reachability.
+            (Err(e), Some(_)) => {
+                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
+                cfg.interface.clone()
+            }
+            (Err(e), None) => return Err(e.into()),
+        };
+        let mac_dst = match b.mac {
+            Some(m) => m,
+            None => net::resolve_mac(b.address, &egress, RESOLVE_WAIT)?,
+        };
+        if egress != cfg.interface {
+            log::info!(
+                "backend {} is behind {egress}: forwarded by devmap redirect",
+                b.address
+            );
+        }
+        Ok(L2 {
+            mac_dst,
+            mac_src: net::mac_of(&egress)?,
+            ifindex: net::ifindex(&egress)?,
+        })
+    };
+    net::ifindex(&cfg.interface)?;
     std::thread::scope(|s| {
         let handles: Vec<Vec<_>> = cfg
             .pools
             .iter()
-            .map(|p| {
-                p.backends
-                    .iter()
-                    .map(|b| {
-                        s.spawn(move || match b.mac {
-                            Some(m) => Ok(m),
-                            None => net::resolve_mac(b.address, &cfg.interface, RESOLVE_WAIT),
-                        })
-                    })
-                    .collect()
-            })
+            .map(|p| p.backends.iter().map(|b| s.spawn(move || one(b))).collect())
             .collect();
         handles
             .into_iter()
@@ -84,15 +101,9 @@ fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
                 hs.into_iter()
                     .zip(&p.backends)
                     .map(|(h, b)| {
-                        let mac_dst = h
-                            .join()
+                        h.join()
                             .expect("resolver thread panicked")
-                            .with_context(|| format!("pool {:?} backend {:?}", p.name, b.name))?;
-                        Ok(L2 {
-                            mac_dst,
-                            mac_src,
-                            ifindex,
-                        })
+                            .with_context(|| format!("pool {:?} backend {:?}", p.name, b.name))
                     })
                     .collect()
             })

@@ -26,6 +26,9 @@ pub struct Plan {
     /// (backend id, entry), ids dense from 0.
     pub backends: Vec<(u32, Backend)>,
     pub services: Vec<ServicePlan>,
+    /// Every egress interface of a backend (devmap entries; the attach interface itself is
+    /// served by XDP_TX and never looked up, but listing it is harmless).
+    pub tx_ports: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,7 +133,14 @@ pub fn plan<E>(cfg: &Config, mut l2: impl FnMut(usize, usize) -> Result<L2, E>) 
             }
         })
         .collect();
-    Ok(Plan { backends, services })
+    let mut tx_ports: Vec<u32> = backends.iter().map(|(_, b)| b.ifindex).collect();
+    tx_ports.sort_unstable();
+    tx_ports.dedup();
+    Ok(Plan {
+        backends,
+        services,
+        tx_ports,
+    })
 }
 
 #[cfg(test)]

@@ -14,12 +14,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
     ALL_MAPS, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_SERVICES, MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
+    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
 };
 
 use crate::{balancer::Plan, config};
@@ -46,6 +46,8 @@ pub enum DataplaneError {
         name: &'static str,
         source: MapError,
     },
+    #[error("map TETHER_TX_PORTS: {0}")]
+    TxPort(aya::maps::xdp::XdpMapError),
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("attaching XDP to {iface} in {mode} mode: {source}")]
@@ -300,6 +302,27 @@ impl Dataplane {
             for (k, _) in current.iter().filter(|(k, _)| !keep.contains(k)) {
                 services.remove(k).map_err(map_err(MAP_SERVICES))?;
                 log::info!("removed stale virtual service entry {k:?}");
+            }
+        }
+        {
+            let mut ports: DevMapHash<&mut MapData> = DevMapHash::try_from(
+                self.ebpf
+                    .map_mut(MAP_TX_PORTS)
+                    .ok_or(DataplaneError::MissingMap(MAP_TX_PORTS))?,
+            )
+            .map_err(map_err(MAP_TX_PORTS))?;
+            let stale: Vec<u32> = ports
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !plan.tx_ports.contains(k))
+                .collect();
+            for ifindex in &plan.tx_ports {
+                ports
+                    .insert(*ifindex, *ifindex, None, 0)
+                    .map_err(DataplaneError::TxPort)?;
+            }
+            for k in stale {
+                ports.remove(k).map_err(map_err(MAP_TX_PORTS))?;
             }
         }
         {

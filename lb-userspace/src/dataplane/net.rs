@@ -15,6 +15,12 @@ pub enum NetError {
     NoInterface(String),
     #[error("reading the MAC address of {iface}: {source}")]
     Mac { iface: String, source: io::Error },
+    #[error("no route to backend {addr}: {reason}")]
+    NoRoute { addr: IpAddr, reason: String },
+    #[error(
+        "backend {addr} is reached through gateway {gateway}: L2 direct server return needs backends on a directly connected network"
+    )]
+    NotOnLink { addr: IpAddr, gateway: String },
     #[error(
         "no neighbour entry for {addr} after {waited_ms} ms (is the backend up and on the same L2 segment as {iface}?); set \"mac\" for it to skip resolution"
     )]
@@ -65,6 +71,56 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6], NetError> {
         *d = *s as u8;
     }
     Ok(mac)
+}
+
+/// The interface the kernel would send to `addr` through (`ip -j route get`), which must be
+/// a direct route: L2 DSR rewrites only MACs, so a backend behind a gateway is unreachable.
+pub fn egress_interface(addr: IpAddr) -> Result<String, NetError> {
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &addr.to_string()])
+        .output()
+        .map_err(|e| NetError::NoRoute {
+            addr,
+            reason: format!("running ip: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(NetError::NoRoute {
+            addr,
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    parse_route_get(addr, &out.stdout)
+}
+
+fn parse_route_get(addr: IpAddr, json: &[u8]) -> Result<String, NetError> {
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| NetError::NoRoute {
+            addr,
+            reason: format!("unreadable ip output: {e}"),
+        })?;
+    let r = routes.first().ok_or_else(|| NetError::NoRoute {
+        addr,
+        reason: "empty answer".into(),
+    })?;
+    if let Some(gw) = r.get("gateway").and_then(|g| g.as_str()) {
+        return Err(NetError::NotOnLink {
+            addr,
+            gateway: gw.into(),
+        });
+    }
+    if r.get("type").and_then(|t| t.as_str()) == Some("local") {
+        return Err(NetError::NoRoute {
+            addr,
+            reason: "it is an address of this host".into(),
+        });
+    }
+    r.get("dev")
+        .and_then(|d| d.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| NetError::NoRoute {
+            addr,
+            reason: "no device in the route".into(),
+        })
 }
 
 /// A complete IPv4 entry from /proc/self/net/arp on `iface`.
@@ -176,6 +232,31 @@ mod tests {
             "other interface"
         );
         assert_eq!(parse_arp(text, "10.0.0.14".parse().unwrap(), "eth0"), None);
+    }
+
+    #[test]
+    fn route_answers_give_the_device_or_a_clear_refusal() {
+        let a: IpAddr = "10.0.0.11".parse().unwrap();
+        let direct = br#"[{"dst":"10.0.0.11","dev":"eth1","prefsrc":"10.0.0.2","flags":[],"uid":0,"cache":[]}]"#;
+        assert_eq!(parse_route_get(a, direct).unwrap(), "eth1");
+        let via = br#"[{"dst":"10.0.0.11","gateway":"192.0.2.1","dev":"eth0","flags":[],"uid":0,"cache":[]}]"#;
+        assert!(matches!(
+            parse_route_get(a, via),
+            Err(NetError::NotOnLink { .. })
+        ));
+        let local = br#"[{"type":"local","dst":"10.0.0.11","dev":"lo","flags":[],"uid":0,"cache":["local"]}]"#;
+        assert!(matches!(
+            parse_route_get(a, local),
+            Err(NetError::NoRoute { .. })
+        ));
+        assert!(matches!(
+            parse_route_get(a, b"[]"),
+            Err(NetError::NoRoute { .. })
+        ));
+        assert!(matches!(
+            parse_route_get(a, b"garbage"),
+            Err(NetError::NoRoute { .. })
+        ));
     }
 
     #[test]
