@@ -5,3 +5,4 @@
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod state;

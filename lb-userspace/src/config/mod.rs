@@ -96,6 +96,8 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     pub pin_dir: PathBuf,
     pub persist_table_entries: u32,
+    /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
+    pub admin_listen: std::net::SocketAddr,
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
@@ -117,6 +119,66 @@ pub struct VirtualService {
 pub struct Pool {
     pub name: String,
     pub backends: Vec<BackendConfig>,
+    /// Without a monitor every enabled backend counts as up.
+    pub health_monitor: Option<HealthMonitor>,
+}
+
+/// Active health check run by the daemon against each backend's own address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthMonitor {
+    pub kind: HealthCheckKind,
+    pub port: u16,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthCheckKind {
+    /// The TCP handshake completes.
+    Tcp,
+    /// `GET path` over HTTP/1.1 (TLS without certificate verification when `tls`) answers with
+    /// a status in `expect`.
+    Http {
+        tls: bool,
+        path: String,
+        host: Option<String>,
+        expect: Vec<StatusMatch>,
+    },
+    /// A datagram with `send` gets a reply (containing `expect`, when set).
+    Udp {
+        send: Vec<u8>,
+        expect: Option<Vec<u8>>,
+    },
+}
+
+/// An expected HTTP status: one code, or a class such as `2xx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    Code(u16),
+    Class(u8),
+}
+
+impl StatusMatch {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Code(c) => c == status,
+            StatusMatch::Class(c) => status / 100 == c as u16,
+        }
+    }
+}
+
+/// Operator's intent for a backend, independent of its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    Enabled,
+    /// Keeps its persisted clients until their entries expire, takes no new ones.
+    Draining,
+    /// Takes nothing; persisted clients are moved (policy `immediate`) or kept (`never`).
+    Disabled,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +188,7 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Explicit MAC; otherwise resolved from the neighbour table.
     pub mac: Option<[u8; 6]>,
+    pub admin_state: AdminState,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +209,7 @@ pub enum PersistenceKind {
 pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
 pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, LoadError> {
@@ -254,6 +318,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{persist_table_entries}: must be 1 to {MAX_PERSIST_ENTRIES}"),
         ));
     }
+
+    let admin_listen = raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+    let admin_listen: std::net::SocketAddr = admin_listen.parse().map_err(|_| {
+        ConfigError::new(
+            "admin_listen",
+            format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
+        )
+    })?;
 
     // Profiles.
     let mut profiles = Vec::new();
@@ -375,17 +447,34 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     )
                 })?),
             };
+            let admin_state = match b.admin_state.as_deref().unwrap_or("enabled") {
+                "enabled" => AdminState::Enabled,
+                "draining" => AdminState::Draining,
+                "disabled" => AdminState::Disabled,
+                other => {
+                    return Err(ConfigError::new(
+                        at("admin_state"),
+                        format!("{other:?}: expected \"enabled\", \"draining\" or \"disabled\""),
+                    ));
+                }
+            };
             backends.push(BackendConfig {
                 name: b.name.clone(),
                 address,
                 weight,
                 mac,
+                admin_state,
             });
         }
         total_backends += backends.len();
+        let health_monitor = match &p.health_monitor {
+            None => None,
+            Some(h) => Some(health_monitor(&format!("pools[{i}].health_monitor"), h)?),
+        };
         pools.push(Pool {
             name: p.name.clone(),
             backends,
+            health_monitor,
         });
     }
     if total_backends > MAX_BACKENDS as usize {
@@ -482,10 +571,159 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode,
         pin_dir,
         persist_table_entries,
+        admin_listen,
         services,
         pools,
         profiles,
     })
+}
+
+fn health_monitor(base: &str, h: &raw::RawHealthMonitor) -> Result<HealthMonitor, ConfigError> {
+    let at = |f: &str| format!("{base}.{f}");
+    let ms = |f: &str,
+              v: Option<u32>,
+              default: u32,
+              min: u32,
+              max: u32|
+     -> Result<std::time::Duration, ConfigError> {
+        let v = v.unwrap_or(default);
+        if v < min || v > max {
+            return Err(ConfigError::new(
+                at(f),
+                format!("{v}: must be {min} to {max}"),
+            ));
+        }
+        Ok(std::time::Duration::from_millis(v as u64))
+    };
+    if h.port == 0 {
+        return Err(ConfigError::new(at("port"), "must be 1 to 65535"));
+    }
+    let interval = ms("interval_ms", h.interval_ms, 5000, 100, 3_600_000)?;
+    let timeout = ms("timeout_ms", h.timeout_ms, 2000, 10, 600_000)?;
+    if timeout > interval {
+        return Err(ConfigError::new(
+            at("timeout_ms"),
+            "must not exceed interval_ms",
+        ));
+    }
+    let count = |f: &str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+        let v = v.unwrap_or(default);
+        if !(1..=100).contains(&v) {
+            return Err(ConfigError::new(at(f), format!("{v}: must be 1 to 100")));
+        }
+        Ok(v)
+    };
+    let rise = count("rise", h.rise, 2)?;
+    let fall = count("fall", h.fall, 3)?;
+    let http_only = [
+        ("http_path", h.http_path.is_some()),
+        ("http_host", h.http_host.is_some()),
+        ("expect_status", h.expect_status.is_some()),
+    ];
+    let udp_only = [
+        ("udp_send", h.udp_send.is_some()),
+        ("udp_expect", h.udp_expect.is_some()),
+    ];
+    let refuse = |fields: &[(&str, bool)], kind: &str| -> Result<(), ConfigError> {
+        match fields.iter().find(|(_, set)| *set) {
+            Some((f, _)) => Err(ConfigError::new(
+                at(f),
+                format!("does not apply to a {kind:?} monitor"),
+            )),
+            None => Ok(()),
+        }
+    };
+    let kind = match h.kind.as_str() {
+        "tcp" => {
+            refuse(&http_only, "tcp")?;
+            refuse(&udp_only, "tcp")?;
+            HealthCheckKind::Tcp
+        }
+        "http" | "https" => {
+            refuse(&udp_only, &h.kind)?;
+            let path = h.http_path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ' ') {
+                return Err(ConfigError::new(
+                    at("http_path"),
+                    format!(
+                        "{path:?}: must start with '/' and contain no spaces or control characters"
+                    ),
+                ));
+            }
+            if let Some(host) = &h.http_host
+                && (host.is_empty() || host.chars().any(|c| c.is_ascii_control() || c == ' '))
+            {
+                return Err(ConfigError::new(
+                    at("http_host"),
+                    format!("{host:?} is not a valid Host header value"),
+                ));
+            }
+            let expect = match &h.expect_status {
+                None => vec![StatusMatch::Class(2), StatusMatch::Class(3)],
+                Some(list) if list.is_empty() => {
+                    return Err(ConfigError::new(at("expect_status"), "must not be empty"));
+                }
+                Some(list) => list
+                    .iter()
+                    .map(|s| {
+                        parse_status(s).ok_or_else(|| {
+                            ConfigError::new(
+                                at("expect_status"),
+                                format!("{s:?}: expected a status such as \"200\" or a class such as \"2xx\""),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            HealthCheckKind::Http {
+                tls: h.kind == "https",
+                path,
+                host: h.http_host.clone(),
+                expect,
+            }
+        }
+        "udp" => {
+            refuse(&http_only, "udp")?;
+            let send = h.udp_send.clone().ok_or_else(|| {
+                ConfigError::new(
+                    at("udp_send"),
+                    "required for a \"udp\" monitor (the payload to send)",
+                )
+            })?;
+            if send.is_empty() || send.len() > 1024 {
+                return Err(ConfigError::new(at("udp_send"), "must be 1 to 1024 bytes"));
+            }
+            HealthCheckKind::Udp {
+                send: send.into_bytes(),
+                expect: h.udp_expect.clone().map(String::into_bytes),
+            }
+        }
+        other => {
+            return Err(ConfigError::new(
+                at("type"),
+                format!("{other:?}: expected \"tcp\", \"http\", \"https\" or \"udp\""),
+            ));
+        }
+    };
+    Ok(HealthMonitor {
+        kind,
+        port: h.port,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+fn parse_status(s: &str) -> Option<StatusMatch> {
+    let b = s.as_bytes();
+    if b.len() == 3 && (b'1'..=b'5').contains(&b[0]) && s[1..].eq_ignore_ascii_case("xx") {
+        return Some(StatusMatch::Class(b[0] - b'0'));
+    }
+    match s.parse::<u16>() {
+        Ok(c) if (100..=599).contains(&c) => Some(StatusMatch::Code(c)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub persist_table_entries: Option<u32>,
     #[serde(default)]
+    pub admin_listen: Option<String>,
+    #[serde(default)]
     pub virtual_services: Vec<RawService>,
     #[serde(default)]
     pub pools: Vec<RawPool>,
@@ -39,6 +41,34 @@ pub struct RawService {
 pub struct RawPool {
     pub name: String,
     pub backends: Vec<RawBackend>,
+    #[serde(default)]
+    pub health_monitor: Option<RawHealthMonitor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthMonitor {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub port: u16,
+    #[serde(default)]
+    pub interval_ms: Option<u32>,
+    #[serde(default)]
+    pub timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub rise: Option<u32>,
+    #[serde(default)]
+    pub fall: Option<u32>,
+    #[serde(default)]
+    pub http_path: Option<String>,
+    #[serde(default)]
+    pub http_host: Option<String>,
+    #[serde(default)]
+    pub expect_status: Option<Vec<String>>,
+    #[serde(default)]
+    pub udp_send: Option<String>,
+    #[serde(default)]
+    pub udp_expect: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +80,8 @@ pub struct RawBackend {
     pub weight: Option<u32>,
     #[serde(default)]
     pub mac: Option<String>,
+    #[serde(default)]
+    pub admin_state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -256,3 +256,161 @@ fn mac_parser() {
         assert_eq!(parse_mac(bad), None, "{bad:?}");
     }
 }
+
+/// GOOD with a health monitor on pool "web".
+fn with_monitor(monitor: &str) -> String {
+    with(
+        r#"{"name":"web","backends":["#,
+        &format!(r#"{{"name":"web","health_monitor":{monitor},"backends":["#),
+    )
+}
+
+#[test]
+fn health_monitors_validate_into_typed_checks() {
+    let c = Config::parse(&with_monitor(r#"{"type":"http","port":8080,"interval_ms":500,"timeout_ms":200,"rise":1,"fall":2,"http_path":"/health","expect_status":["200","3xx"]}"#)).expect("valid");
+    let m = c.pools[0].health_monitor.as_ref().expect("monitor");
+    assert_eq!(
+        (
+            m.port,
+            m.interval.as_millis(),
+            m.timeout.as_millis(),
+            m.rise,
+            m.fall
+        ),
+        (8080, 500, 200, 1, 2)
+    );
+    match &m.kind {
+        HealthCheckKind::Http {
+            tls, path, expect, ..
+        } => {
+            assert!(!tls);
+            assert_eq!(path, "/health");
+            assert_eq!(expect, &vec![StatusMatch::Code(200), StatusMatch::Class(3)]);
+            assert!(expect[1].matches(302) && !expect[1].matches(200) && expect[0].matches(200));
+        }
+        k => panic!("expected an HTTP check, got {k:?}"),
+    }
+    let c = Config::parse(&with_monitor(
+        r#"{"type":"udp","port":53,"udp_send":"ping","udp_expect":"pong"}"#,
+    ))
+    .expect("valid");
+    let m = c.pools[0].health_monitor.as_ref().unwrap();
+    assert_eq!(
+        (
+            m.interval.as_millis(),
+            m.timeout.as_millis(),
+            m.rise,
+            m.fall
+        ),
+        (5000, 2000, 2, 3),
+        "defaults"
+    );
+    assert_eq!(
+        m.kind,
+        HealthCheckKind::Udp {
+            send: b"ping".to_vec(),
+            expect: Some(b"pong".to_vec())
+        }
+    );
+    let c = Config::parse(&with_monitor(r#"{"type":"https","port":443}"#)).expect("valid");
+    assert!(
+        matches!(&c.pools[0].health_monitor.as_ref().unwrap().kind, HealthCheckKind::Http { tls: true, expect, .. } if expect.len() == 2)
+    );
+}
+
+#[test]
+fn bad_health_monitors_name_the_field() {
+    let base = "pools[0].health_monitor";
+    let cases = [
+        (r#"{"type":"icmp","port":1}"#, "type", "expected \"tcp\""),
+        (r#"{"type":"tcp","port":0}"#, "port", "1 to 65535"),
+        (r#"{"type":"tcp"}"#, "", "missing field `port`"),
+        (
+            r#"{"type":"tcp","port":80,"interval_ms":50}"#,
+            "interval_ms",
+            "100 to",
+        ),
+        (
+            r#"{"type":"tcp","port":80,"interval_ms":1000,"timeout_ms":2000}"#,
+            "timeout_ms",
+            "must not exceed interval_ms",
+        ),
+        (r#"{"type":"tcp","port":80,"rise":0}"#, "rise", "1 to 100"),
+        (r#"{"type":"tcp","port":80,"fall":101}"#, "fall", "1 to 100"),
+        (
+            r#"{"type":"tcp","port":80,"http_path":"/x"}"#,
+            "http_path",
+            "does not apply",
+        ),
+        (
+            r#"{"type":"http","port":80,"udp_send":"x"}"#,
+            "udp_send",
+            "does not apply",
+        ),
+        (
+            r#"{"type":"http","port":80,"http_path":"health"}"#,
+            "http_path",
+            "must start with '/'",
+        ),
+        (
+            r#"{"type":"http","port":80,"expect_status":["2yy"]}"#,
+            "expect_status",
+            "a class such as",
+        ),
+        (
+            r#"{"type":"http","port":80,"expect_status":["700"]}"#,
+            "expect_status",
+            "a status such as",
+        ),
+        (
+            r#"{"type":"http","port":80,"expect_status":[]}"#,
+            "expect_status",
+            "must not be empty",
+        ),
+        (r#"{"type":"udp","port":53}"#, "udp_send", "required"),
+        (
+            r#"{"type":"tcp","port":80,"colour":1}"#,
+            "colour",
+            "unknown field",
+        ),
+    ];
+    for (monitor, field, reason) in cases {
+        let e = err(&with_monitor(monitor));
+        let want = if field.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}.{field}")
+        };
+        assert_eq!(e.path, want, "{monitor}: {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{monitor}: {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+}
+
+#[test]
+fn admin_state_and_listen() {
+    let c = Config::parse(&with(
+        r#""weight":2"#,
+        r#""weight":2,"admin_state":"draining""#,
+    ))
+    .expect("valid");
+    assert_eq!(c.pools[0].backends[0].admin_state, AdminState::Draining);
+    assert_eq!(c.pools[0].backends[1].admin_state, AdminState::Enabled);
+    assert_eq!(c.admin_listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+    let e = err(&with(r#""weight":2"#, r#""weight":2,"admin_state":"off""#));
+    assert_eq!(e.path, "pools[0].backends[0].admin_state");
+    let e = err(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "admin_listen": "localhost""#,
+    ));
+    assert_eq!(e.path, "admin_listen");
+    let c = Config::parse(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "admin_listen": "[::1]:9999""#,
+    ))
+    .expect("valid");
+    assert_eq!(c.admin_listen.port(), 9999);
+}
