@@ -131,9 +131,21 @@ pub struct Backend {
     pub ifindex: u32,
     /// `BACKEND_*`.
     pub state: u32,
-    pub _pad: u32,
+    /// `backend_identity(pool, name)`: lets a restarted daemon find the id it gave this
+    /// backend before, so persistence entries keep pointing at the same server. Not read by
+    /// the XDP program.
+    pub identity: u32,
 }
 const _: () = assert!(size_of::<Backend>() == 40);
+
+/// Stable identity of a backend for id recovery across restarts and reloads.
+#[cfg(feature = "user")]
+pub fn backend_identity(pool: &str, name: &str) -> u32 {
+    let mut h = crate::hash::hash_bytes(pool.as_bytes(), 0x6964_656e);
+    h = crate::hash::hash_bytes(name.as_bytes(), h);
+    // 0 is the identity of an unused slot.
+    h.max(1)
+}
 
 /// Key of `TETHER_PERSIST`.
 #[repr(C)]

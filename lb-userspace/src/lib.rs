@@ -2,7 +2,11 @@
 //! persistence tables, the L7 proxy and the admin API. The `tether` binary is a thin CLI
 //! over these modules; integration tests use them directly.
 
+pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod health;
+pub mod persist;
 pub mod state;

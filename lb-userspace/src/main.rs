@@ -1,14 +1,14 @@
 //! `tether`: the daemon binary. Parses the CLI and wires the library modules together.
 
-use std::{path::PathBuf, time::Duration};
-
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use tether::{
-    balancer::{self, L2},
-    config::Config,
-    dataplane::{Dataplane, net},
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tether::{admin::cli, config::Config, control, dataplane};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load the XDP program, fill its maps from the config and serve until SIGINT/SIGTERM.
+    /// Load the XDP program, fill its maps from the config and serve until SIGINT/SIGTERM;
+    /// SIGHUP reloads the config (a bad one is refused and changes nothing).
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -33,10 +34,89 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Stop the daemon (SIGTERM; XDP keeps forwarding through its pinned link), and with
+    /// --detach also remove the link, the program and every pinned map.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Detach XDP and remove all pins (the persistence table included).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Per service and backend: state, weight, bound clients, counters, drop reasons.
+    Status {
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
+    /// Read and edit the source-IP persistence table.
+    Persist {
+        #[command(subcommand)]
+        cmd: PersistCmd,
+    },
 }
 
-/// How long to wait for a backend's neighbour entry.
-const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+#[derive(Args)]
+struct Target {
+    /// The daemon's config (for its pin directory).
+    #[arg(long, short, conflicts_with = "pin_dir")]
+    config: Option<PathBuf>,
+    /// The pin directory, when there is no config at hand.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AdminTarget {
+    /// Admin API address (default: the config's admin_listen, else 127.0.0.1:9180).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PersistCmd {
+    /// One line per entry: service, client or prefix, backend, age.
+    List(PersistFilter),
+    /// Delete the matching entries (all with no filter).
+    Flush(PersistFilter),
+}
+
+#[derive(Args)]
+struct PersistFilter {
+    #[command(flatten)]
+    admin: AdminTarget,
+    #[arg(long)]
+    service: Option<String>,
+    #[arg(long)]
+    client: Option<IpAddr>,
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+impl AdminTarget {
+    fn addr(&self) -> Result<SocketAddr> {
+        if let Some(a) = self.admin {
+            return Ok(a);
+        }
+        match &self.config {
+            Some(c) => Ok(Config::load(c)?.admin_listen),
+            None => Ok(tether::config::DEFAULT_ADMIN_LISTEN
+                .parse()
+                .expect("valid default")),
+        }
+    }
+}
+
+impl Target {
+    fn pin_dir(&self) -> Result<PathBuf> {
+        match (&self.config, &self.pin_dir) {
+            (Some(c), _) => Ok(Config::load(c)?.pin_dir),
+            (None, Some(d)) => Ok(d.clone()),
+            (None, None) => Ok(PathBuf::from(lb_common::DEFAULT_PIN_DIR)),
+        }
+    }
+}
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -53,98 +133,99 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config } => run(config),
+        Cmd::Run { config } => {
+            let pin_dir = Config::load(&config).context("refusing to start")?.pin_dir;
+            let pid = pid_file(&pin_dir);
+            std::fs::create_dir_all(pid.parent().expect("has a parent"))?;
+            std::fs::write(&pid, format!("{}\n", std::process::id()))
+                .with_context(|| format!("writing {}", pid.display()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(control::run(&config));
+            let _ = std::fs::remove_file(&pid);
+            r.context("tether")
+        }
+        Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),
+        Cmd::Status { admin } => {
+            print!("{}", cli::status(admin.addr()?)?);
+            Ok(())
+        }
+        Cmd::Persist {
+            cmd: PersistCmd::List(f),
+        } => {
+            print!(
+                "{}",
+                cli::persist_list(
+                    f.admin.addr()?,
+                    f.service.as_deref(),
+                    f.client,
+                    f.backend.as_deref()
+                )?
+            );
+            Ok(())
+        }
+        Cmd::Persist {
+            cmd: PersistCmd::Flush(f),
+        } => {
+            print!(
+                "{}",
+                cli::persist_flush(
+                    f.admin.addr()?,
+                    f.service.as_deref(),
+                    f.client,
+                    f.backend.as_deref()
+                )?
+            );
+            Ok(())
+        }
     }
 }
 
-/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
-/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
-/// and the backend's MAC from the neighbour table. Resolution runs in parallel.
-fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
-    let one = |b: &tether::config::BackendConfig| -> Result<L2> {
-        let egress = match (net::egress_interface(b.address), b.mac) {
-            (Ok(dev), _) => dev,
-            // An explicit MAC says the operator vouches for L2 reachability.
-            (Err(e), Some(_)) => {
-                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
-                cfg.interface.clone()
-            }
-            (Err(e), None) => return Err(e.into()),
-        };
-        let mac_dst = match b.mac {
-            Some(m) => m,
-            None => net::resolve_mac(b.address, &egress, RESOLVE_WAIT)?,
-        };
-        if egress != cfg.interface {
-            log::info!(
-                "backend {} is behind {egress}: forwarded by devmap redirect",
-                b.address
-            );
-        }
-        Ok(L2 {
-            mac_dst,
-            mac_src: net::mac_of(&egress)?,
-            ifindex: net::ifindex(&egress)?,
-        })
-    };
-    net::ifindex(&cfg.interface)?;
-    std::thread::scope(|s| {
-        let handles: Vec<Vec<_>> = cfg
-            .pools
-            .iter()
-            .map(|p| p.backends.iter().map(|b| s.spawn(move || one(b))).collect())
-            .collect();
-        handles
-            .into_iter()
-            .zip(&cfg.pools)
-            .map(|(hs, p)| {
-                hs.into_iter()
-                    .zip(&p.backends)
-                    .map(|(h, b)| {
-                        h.join()
-                            .expect("resolver thread panicked")
-                            .with_context(|| format!("pool {:?} backend {:?}", p.name, b.name))
-                    })
-                    .collect()
-            })
-            .collect()
-    })
+/// Where a daemon using `pin_dir` writes its pid.
+fn pid_file(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or("tether".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/run/tether").join(format!("{name}.pid"))
 }
 
-fn run(config: PathBuf) -> Result<()> {
-    let cfg = Config::load(&config).context("refusing to start")?;
-    let l2 = resolve_l2(&cfg)?;
-    let plan = balancer::plan(&cfg, |p, b| Ok::<_, std::convert::Infallible>(l2[p][b]))?;
-    let mut dp = Dataplane::load(&cfg.pin_dir, cfg.persist_table_entries)
-        .context("loading the XDP program")?;
-    // Fill the maps before attaching, so the first packet already sees complete services.
-    dp.apply(&plan).context("writing the maps")?;
-    dp.pin_program()?;
-    let mode = dp.attach(&cfg.interface, cfg.xdp_mode)?;
-    log::info!(
-        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}",
-        plan.services.len(),
-        plan.backends.len(),
-        cfg.interface,
-        cfg.pin_dir.display()
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let signal = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        anyhow::Ok(tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        })
-    })?;
-    dp.detach()?;
-    log::info!(
-        "tether stopped ({signal}): XDP detached from {}, maps left pinned in {}",
-        cfg.interface,
-        cfg.pin_dir.display()
-    );
+fn stop(pin_dir: &Path, detach: bool) -> Result<()> {
+    let pid_path = pid_file(pin_dir);
+    match std::fs::read_to_string(&pid_path)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        Some(pid) if unsafe { libc::kill(pid, 0) } == 0 => {
+            // SAFETY: plain signal delivery to a pid we read from our own pid file.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let t = Instant::now();
+            // SAFETY: as above.
+            while unsafe { libc::kill(pid, 0) } == 0 {
+                if t.elapsed() > Duration::from_secs(15) {
+                    bail!("tether (pid {pid}) did not exit within 15 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("stopped tether (pid {pid})");
+        }
+        _ => println!("no running tether for {}", pin_dir.display()),
+    }
+    if detach {
+        let removed = dataplane::remove_pins(pin_dir)
+            .with_context(|| format!("removing pins in {}", pin_dir.display()))?;
+        if removed.is_empty() {
+            println!("nothing pinned in {}", pin_dir.display());
+        } else {
+            println!(
+                "detached and removed {} pins from {}: {}",
+                removed.len(),
+                pin_dir.display(),
+                removed.join(", ")
+            );
+        }
+    }
     Ok(())
 }

@@ -511,10 +511,17 @@ fn persistence_survives_restart() {
         .expect("running")
         .stop_keep_pins()
         .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    // The program stays attached through its pinned link and keeps forwarding with the last
+    // tables while no daemon runs.
     assert_eq!(
-        lab.topo.lb_xdp_mode().unwrap(),
-        None,
-        "tether detached XDP on stop"
+        lab.topo.lb_xdp_mode().unwrap().as_deref(),
+        Some("xdp"),
+        "XDP stays attached while the daemon is stopped"
+    );
+    assert_eq!(
+        lab.fetch(src),
+        y,
+        "with the daemon stopped the client still reaches its backend"
     );
     assert!(
         lab.pins.path(lb_common::maps::MAP_PERSIST).exists(),

@@ -386,7 +386,7 @@ fn backend(id: u32, state: u32, ifindex: u32) -> Backend {
         mac_src: be_mac_src(id),
         ifindex,
         state,
-        _pad: 0,
+        identity: 0,
     }
 }
 

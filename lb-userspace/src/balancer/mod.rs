@@ -4,13 +4,15 @@
 
 use std::net::IpAddr;
 
+use std::collections::{HashMap, HashSet};
+
 use lb_common::{
-    BACKEND_UP, Backend, MAGLEV_TABLE_SIZE, Service, ServiceKey,
+    Backend, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey, backend_identity,
     maglev::{MaglevBackend, build_table},
     prefix_mask, v4_mapped,
 };
 
-use crate::config::Config;
+use crate::{config::Config, state::BackendState};
 
 /// Link-layer facts for one backend, resolved by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,55 +50,148 @@ pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Backend ids in config order: pool by pool, backend by backend.
-pub fn backend_ids(cfg: &Config) -> Vec<Vec<u32>> {
-    let mut next = 0u32;
-    cfg.pools
+/// Kernel ids of a config: service indexes (persistence keys and Maglev slots) and backend
+/// ids (persistence values). They must not change for a service or backend that stays, or
+/// persisted clients would be sent elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ids {
+    pub services: Vec<u32>,
+    pub backends: Vec<Vec<u32>>,
+}
+
+/// What the kernel maps held before: services by key, backend ids by identity.
+#[derive(Debug, Clone, Default)]
+pub struct Previous {
+    pub services: Vec<(ServiceKey, u32)>,
+    /// (id, identity) of every used backend slot.
+    pub backends: Vec<(u32, u32)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdError {
+    #[error("no free backend slot (at most {MAX_BACKENDS})")]
+    Backends,
+    #[error("no free service slot (at most {MAX_SERVICES})")]
+    Services,
+}
+
+/// Keep every id `prev` gave to the same service key or backend identity; give new ones the
+/// lowest slot nobody used before, and only when those run out a slot freed now (whose stale
+/// persistence entries the caller flushes).
+pub fn assign_ids(cfg: &Config, prev: &Previous) -> Result<Ids, IdError> {
+    fn pick(taken: &HashSet<u32>, previously: &HashSet<u32>, max: u32) -> Option<u32> {
+        (0..max)
+            .find(|i| !taken.contains(i) && !previously.contains(i))
+            .or_else(|| (0..max).find(|i| !taken.contains(i)))
+    }
+    let keys = service_keys(cfg);
+    let prev_svc: HashMap<ServiceKey, u32> = prev.services.iter().copied().collect();
+    let mut taken: HashSet<u32> = HashSet::new();
+    let mut services: Vec<Option<u32>> = keys
+        .iter()
+        .map(|k| {
+            prev_svc
+                .get(k)
+                .copied()
+                .filter(|i| *i < MAX_SERVICES && taken.insert(*i))
+        })
+        .collect();
+    let previously: HashSet<u32> = prev_svc.values().copied().collect();
+    for s in services.iter_mut().filter(|s| s.is_none()) {
+        let i = pick(&taken, &previously, MAX_SERVICES).ok_or(IdError::Services)?;
+        taken.insert(i);
+        *s = Some(i);
+    }
+
+    let prev_be: HashMap<u32, u32> = prev
+        .backends
+        .iter()
+        .map(|(id, ident)| (*ident, *id))
+        .collect();
+    let mut taken: HashSet<u32> = HashSet::new();
+    let mut backends: Vec<Vec<Option<u32>>> = cfg
+        .pools
         .iter()
         .map(|p| {
             p.backends
                 .iter()
-                .map(|_| {
-                    next += 1;
-                    next - 1
+                .map(|b| {
+                    prev_be
+                        .get(&backend_identity(&p.name, &b.name))
+                        .copied()
+                        .filter(|id| *id < MAX_BACKENDS && taken.insert(*id))
                 })
                 .collect()
+        })
+        .collect();
+    let previously: HashSet<u32> = prev.backends.iter().map(|(id, _)| *id).collect();
+    for id in backends.iter_mut().flatten().filter(|id| id.is_none()) {
+        let i = pick(&taken, &previously, MAX_BACKENDS).ok_or(IdError::Backends)?;
+        taken.insert(i);
+        *id = Some(i);
+    }
+    Ok(Ids {
+        services: services.into_iter().map(|s| s.expect("assigned")).collect(),
+        backends: backends
+            .into_iter()
+            .map(|p| p.into_iter().map(|b| b.expect("assigned")).collect())
+            .collect(),
+    })
+}
+
+/// Kernel key of each service.
+pub fn service_keys(cfg: &Config) -> Vec<ServiceKey> {
+    cfg.services
+        .iter()
+        .map(|s| ServiceKey {
+            addr_be: addr_bytes(s.vip),
+            port_be: s.port.to_be(),
+            proto: s.protocol.number(),
+            _pad: 0,
         })
         .collect()
 }
 
-/// Build the plan. `l2(pool, backend)` gives each backend's link-layer facts.
-pub fn plan<E>(cfg: &Config, mut l2: impl FnMut(usize, usize) -> Result<L2, E>) -> Result<Plan, E> {
-    let ids = backend_ids(cfg);
+/// Build the plan. `states[p][b]` is each backend's effective state: it is written to the
+/// kernel, and only `Up` backends enter the Maglev tables (with their weights).
+/// `l2(pool, backend)` gives each backend's link-layer facts.
+pub fn plan<E>(
+    cfg: &Config,
+    ids: &Ids,
+    states: &[Vec<BackendState>],
+    mut l2: impl FnMut(usize, usize) -> Result<L2, E>,
+) -> Result<Plan, E> {
     let mut backends = Vec::new();
     for (pi, pool) in cfg.pools.iter().enumerate() {
         for (bi, b) in pool.backends.iter().enumerate() {
             let l = l2(pi, bi)?;
             backends.push((
-                ids[pi][bi],
+                ids.backends[pi][bi],
                 Backend {
                     addr_be: addr_bytes(b.address),
                     mac_dst: l.mac_dst,
                     mac_src: l.mac_src,
                     ifindex: l.ifindex,
-                    state: BACKEND_UP,
-                    _pad: 0,
+                    state: states[pi][bi].to_kernel(),
+                    identity: backend_identity(&pool.name, &b.name),
                 },
             ));
         }
     }
+    let keys = service_keys(cfg);
     let services = cfg
         .services
         .iter()
         .enumerate()
-        .map(|(index, s)| {
+        .map(|(si, s)| {
             let pool = &cfg.pools[s.pool];
             let members: Vec<MaglevBackend<'_>> = pool
                 .backends
                 .iter()
                 .enumerate()
+                .filter(|(bi, _)| states[s.pool][*bi].in_table())
                 .map(|(bi, b)| MaglevBackend {
-                    id: ids[s.pool][bi],
+                    id: ids.backends[s.pool][bi],
                     name: &b.name,
                     weight: b.weight,
                 })
@@ -112,14 +207,9 @@ pub fn plan<E>(cfg: &Config, mut l2: impl FnMut(usize, usize) -> Result<L2, E>) 
             };
             ServicePlan {
                 name: s.name.clone(),
-                key: ServiceKey {
-                    addr_be: addr_bytes(s.vip),
-                    port_be: s.port.to_be(),
-                    proto: s.protocol.number(),
-                    _pad: 0,
-                },
+                key: keys[si],
                 value: Service {
-                    index: index as u32,
+                    index: ids.services[si],
                     // L4 services only so far; SERVICE_F_L7 arrives with the proxy.
                     flags: 0,
                     timeout_ns,
@@ -143,23 +233,36 @@ pub fn plan<E>(cfg: &Config, mut l2: impl FnMut(usize, usize) -> Result<L2, E>) 
     })
 }
 
+/// Every backend up (no health information).
+pub fn all_up(cfg: &Config) -> Vec<Vec<BackendState>> {
+    cfg.pools
+        .iter()
+        .map(|p| {
+            p.backends
+                .iter()
+                .map(|b| BackendState::effective(b.admin_state, b.weight, true))
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::NO_BACKEND;
+    use crate::config::AdminState;
+    use lb_common::{BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, NO_BACKEND};
+
+    const CFG: &str = r#"{"interface":"eth0",
+        "virtual_services":[
+          {"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web","persistence":"p"},
+          {"name":"dns","vip":"2001:db8::53","port":53,"protocol":"udp","mode":"l4-dsr","pool":"dns"}],
+        "pools":[
+          {"name":"web","backends":[{"name":"a","address":"10.0.0.1"},{"name":"b","address":"10.0.0.2","weight":0},{"name":"c","address":"10.0.0.3","weight":3}]},
+          {"name":"dns","backends":[{"name":"d","address":"2001:db8::1"}]}],
+        "persistence_profiles":[{"name":"p","type":"client-ip","timeout_s":60,"ipv4_prefix":24,"ipv6_prefix":48}]}"#;
 
     fn cfg() -> Config {
-        Config::parse(
-            r#"{"interface":"eth0",
-            "virtual_services":[
-              {"name":"web","vip":"192.0.2.10","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web","persistence":"p"},
-              {"name":"dns","vip":"2001:db8::53","port":53,"protocol":"udp","mode":"l4-dsr","pool":"dns"}],
-            "pools":[
-              {"name":"web","backends":[{"name":"a","address":"10.0.0.1"},{"name":"b","address":"10.0.0.2","weight":0},{"name":"c","address":"10.0.0.3","weight":3}]},
-              {"name":"dns","backends":[{"name":"d","address":"2001:db8::1"}]}],
-            "persistence_profiles":[{"name":"p","type":"client-ip","timeout_s":60,"ipv4_prefix":24,"ipv6_prefix":48}]}"#,
-        )
-        .expect("valid")
+        Config::parse(CFG).expect("valid")
     }
 
     fn l2(_: usize, bi: usize) -> Result<L2, ()> {
@@ -170,9 +273,18 @@ mod tests {
         })
     }
 
+    fn fresh(c: &Config) -> Ids {
+        assign_ids(c, &Previous::default()).expect("ids")
+    }
+
+    fn plan_of(c: &Config) -> Plan {
+        plan(c, &fresh(c), &all_up(c), l2).unwrap()
+    }
+
     #[test]
-    fn backends_get_dense_ids_and_their_l2() {
-        let p = plan(&cfg(), l2).unwrap();
+    fn backends_carry_l2_identity_and_state() {
+        let c = cfg();
+        let p = plan_of(&c);
         let ids: Vec<u32> = p.backends.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![0, 1, 2, 3]);
         assert_eq!(p.backends[2].1.addr_be, v4_mapped([10, 0, 0, 3]));
@@ -184,16 +296,19 @@ mod tests {
                 .unwrap()
                 .octets()
         );
-        assert!(
-            p.backends
-                .iter()
-                .all(|(_, b)| b.state == BACKEND_UP && b.ifindex == 7)
+        assert_eq!(p.backends[0].1.identity, backend_identity("web", "a"));
+        let states: Vec<u32> = p.backends.iter().map(|(_, b)| b.state).collect();
+        assert_eq!(
+            states,
+            vec![BACKEND_UP, BACKEND_DRAINING, BACKEND_UP, BACKEND_UP],
+            "weight 0 drains"
         );
+        assert_eq!(p.tx_ports, vec![7]);
     }
 
     #[test]
     fn service_entries_carry_profile_and_key_in_network_order() {
-        let p = plan(&cfg(), l2).unwrap();
+        let p = plan_of(&cfg());
         let web = &p.services[0];
         assert_eq!(web.key.addr_be, v4_mapped([192, 0, 2, 10]));
         assert_eq!(web.key.port_be.to_ne_bytes(), [0, 80]);
@@ -214,24 +329,96 @@ mod tests {
     }
 
     #[test]
-    fn tables_hold_only_the_pools_weighted_backends_in_proportion() {
-        let p = plan(&cfg(), l2).unwrap();
+    fn tables_hold_only_up_backends_in_proportion_to_weight() {
+        let c = cfg();
+        let p = plan_of(&c);
         let web = &p.services[0].table;
         assert_eq!(web.len(), MAGLEV_TABLE_SIZE as usize);
-        let count = |id| web.iter().filter(|&&e| e == id).count() as f64;
-        assert_eq!(count(1), 0.0, "weight 0 takes no new clients");
+        let count = |t: &[u32], id| t.iter().filter(|&&e| e == id).count() as f64;
+        assert_eq!(count(web, 1), 0.0, "weight 0 takes no new clients");
         assert!(!web.contains(&NO_BACKEND) && !web.contains(&3));
-        let ratio = count(2) / count(0);
+        let ratio = count(web, 2) / count(web, 0);
         assert!(
             (ratio - 3.0).abs() < 0.05,
             "weight 3 vs 1 gave ratio {ratio}"
         );
         assert!(p.services[1].table.iter().all(|&e| e == 3));
+
+        // Backend c down: out of the table, marked down; a keeps its entries (Maglev).
+        let mut st = all_up(&c);
+        st[0][2] = BackendState::Down;
+        let p2 = plan(&c, &fresh(&c), &st, l2).unwrap();
+        assert_eq!(p2.backends[2].1.state, BACKEND_DOWN);
+        assert!(!p2.services[0].table.contains(&2) && p2.services[0].table.iter().all(|&e| e == 0));
+        // The whole pool down: the table says NO_BACKEND (the XDP program drops and counts).
+        st[1][0] = BackendState::Down;
+        let p3 = plan(&c, &fresh(&c), &st, l2).unwrap();
+        assert!(p3.services[1].table.iter().all(|&e| e == NO_BACKEND));
+    }
+
+    #[test]
+    fn admin_states_reach_the_kernel() {
+        let mut c = cfg();
+        c.pools[0].backends[0].admin_state = AdminState::Disabled;
+        c.pools[0].backends[2].admin_state = AdminState::Draining;
+        let p = plan_of(&c);
+        assert_eq!(p.backends[0].1.state, lb_common::BACKEND_DISABLED);
+        assert_eq!(p.backends[2].1.state, BACKEND_DRAINING);
+        assert!(
+            p.services[0].table.iter().all(|&e| e == NO_BACKEND),
+            "no backend of web takes new clients"
+        );
+    }
+
+    #[test]
+    fn ids_survive_reorder_removal_and_addition() {
+        let c = cfg();
+        let ids = fresh(&c);
+        let p = plan_of(&c);
+        let prev = Previous {
+            services: p.services.iter().map(|s| (s.key, s.value.index)).collect(),
+            backends: p.backends.iter().map(|(id, b)| (*id, b.identity)).collect(),
+        };
+        // Reorder services and backends, drop backend "a", add "e" and a new service.
+        let text = CFG
+            .replace(r#"{"name":"a","address":"10.0.0.1"},"#, "")
+            .replace(r#"{"name":"c","address":"10.0.0.3","weight":3}"#, r#"{"name":"c","address":"10.0.0.3","weight":3},{"name":"e","address":"10.0.0.5"}"#)
+            .replace(
+                r#"{"name":"web","vip":"192.0.2.10""#,
+                r#"{"name":"new","vip":"192.0.2.11","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web"},{"name":"web","vip":"192.0.2.10""#,
+            );
+        let c2 = Config::parse(&text).expect("valid");
+        let ids2 = assign_ids(&c2, &prev).unwrap();
+        assert_eq!(ids2.services[1], ids.services[0], "web keeps its index");
+        assert_eq!(ids2.services[2], ids.services[1], "dns keeps its index");
+        assert_eq!(
+            ids2.services[0], 2,
+            "the new service takes a never-used index"
+        );
+        assert_eq!(ids2.backends[0][0], ids.backends[0][1], "b keeps its id");
+        assert_eq!(ids2.backends[0][1], ids.backends[0][2], "c keeps its id");
+        assert_eq!(ids2.backends[1][0], ids.backends[1][0], "d keeps its id");
+        assert_eq!(
+            ids2.backends[0][2], 4,
+            "e does not inherit a's id 0 (a's clients must not follow)"
+        );
+    }
+
+    #[test]
+    fn freed_ids_are_reused_only_when_nothing_else_is_left() {
+        let c = cfg();
+        let prev = Previous {
+            services: vec![],
+            backends: (0..MAX_BACKENDS).map(|id| (id, 0xdead_0000 + id)).collect(),
+        };
+        let ids = assign_ids(&c, &prev).expect("reuses freed slots");
+        assert_eq!(ids.backends, vec![vec![0, 1, 2], vec![3]]);
     }
 
     #[test]
     fn resolution_errors_propagate() {
-        let r = plan(&cfg(), |_, bi| {
+        let c = cfg();
+        let r = plan(&c, &fresh(&c), &all_up(&c), |_, bi| {
             if bi == 1 {
                 Err("unresolved")
             } else {

@@ -15,11 +15,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, MapError},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     ALL_MAPS, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, Service, ServiceKey, maglev_index,
+    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue, Service,
+    ServiceKey, maglev_index,
 };
 
 use crate::{balancer::Plan, config};
@@ -46,6 +51,8 @@ pub enum DataplaneError {
         name: &'static str,
         source: MapError,
     },
+    #[error("XDP link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
     #[error("map TETHER_TX_PORTS: {0}")]
     TxPort(aya::maps::xdp::XdpMapError),
     #[error("map {0} is missing from the object")]
@@ -102,7 +109,63 @@ pub enum Attached {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    link: Option<XdpLinkId>,
+    /// True once the program is attached through the pinned link.
+    attached: bool,
+    /// The table each service's live slot holds, as this process wrote it: unchanged
+    /// tables are not rewritten (65537 map updates each).
+    live_tables: std::collections::HashMap<ServiceKey, (u32, Vec<u32>)>,
+}
+
+/// What the kernel maps held when the daemon (re)started: lets ids and states carry over.
+#[derive(Debug, Clone, Default)]
+pub struct KernelState {
+    pub previous: crate::balancer::Previous,
+    /// (identity, kernel state) of every used backend slot.
+    pub backend_states: Vec<(u32, u32)>,
+}
+
+/// Pin of the XDP link of `iface`: while it exists the program stays attached, also with no
+/// daemon running, and a new daemon replaces the program on it atomically.
+pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(format!("link_{iface}"))
+}
+
+/// The XDP mode the kernel reports for `iface` (`ip -d -j link`: 1 driver, 2 generic).
+pub fn attached_mode(iface: &str) -> Option<Attached> {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", iface])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    match v.get(0)?.get("xdp")?.get("mode")?.as_u64()? {
+        1 => Some(Attached::Native),
+        2 => Some(Attached::Generic),
+        _ => None,
+    }
+}
+
+/// Remove everything tether left in the kernel under `pin_dir`: link pins (which detaches
+/// XDP from its interfaces), the program pin and every map (the persistence table included).
+/// Returns the names removed.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Links first: traffic stops being balanced before the tables it reads disappear.
+    names.sort_by_key(|n| (!n.starts_with("link_"), n.clone()));
+    for n in names {
+        std::fs::remove_file(pin_dir.join(&n))?;
+        removed.push(n);
+    }
+    std::fs::remove_dir(pin_dir)?;
+    Ok(removed)
 }
 
 impl Dataplane {
@@ -135,7 +198,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-            link: None,
+            attached: false,
+            live_tables: Default::default(),
         };
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
@@ -183,8 +247,34 @@ impl Dataplane {
         })
     }
 
-    /// Attach to `iface`. `Auto` tries native mode and falls back to generic with a warning.
+    /// Attach to `iface` through a pinned link. When a link pin from an earlier run exists,
+    /// the new program replaces the old one on it atomically (every packet sees one program
+    /// or the other, and the mode stays what it was); otherwise a new link is created (`Auto`:
+    /// native, falling back to generic with a warning) and pinned.
     pub fn attach(&mut self, iface: &str, mode: config::XdpMode) -> Result<Attached> {
+        let pin = link_pin(&self.pin_dir, iface);
+        if pin.exists() {
+            match self.replace_on(&pin) {
+                Ok(()) => {
+                    self.attached = true;
+                    let m = attached_mode(iface).unwrap_or(Attached::Native);
+                    log::info!(
+                        "replaced the program on the pinned XDP link of {iface} ({m:?} mode) without detaching"
+                    );
+                    return Ok(m);
+                }
+                Err(e) => {
+                    log::warn!(
+                        "pinned link {} is unusable ({e}); attaching anew",
+                        pin.display()
+                    );
+                    std::fs::remove_file(&pin).map_err(|source| DataplaneError::PinDir {
+                        path: pin.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
         let try_mode = |dp: &mut Self, m: XdpMode, name: &'static str| {
             dp.xdp()?
                 .attach(iface, m)
@@ -194,7 +284,7 @@ impl Dataplane {
                     source,
                 })
         };
-        let (link, attached) = match mode {
+        let (id, attached) = match mode {
             config::XdpMode::Native => {
                 (try_mode(self, XdpMode::Driver, "native")?, Attached::Native)
             }
@@ -209,28 +299,82 @@ impl Dataplane {
                 }
             },
         };
-        self.link = Some(link);
+        let link_err = |reason: String| DataplaneError::Link {
+            path: pin.clone(),
+            reason,
+        };
+        let link = self
+            .xdp()?
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program {
+                name: PROG_XDP,
+                source,
+            })?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
+        // Dropping the PinnedLink closes our fd; the pin keeps the attachment.
+        fd.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+        self.attached = true;
         Ok(attached)
     }
 
-    /// Detach from the interface (maps stay pinned).
-    pub fn detach(&mut self) -> Result<()> {
-        if let Some(link) = self.link.take() {
-            self.xdp()?
-                .detach(link)
-                .map_err(|source| DataplaneError::Program {
-                    name: PROG_XDP,
-                    source,
-                })?;
-        }
+    fn replace_on(&mut self, pin: &Path) -> Result<()> {
+        let err = |reason: String| DataplaneError::Link {
+            path: pin.to_owned(),
+            reason,
+        };
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| err(e.to_string()))?;
+        let link: XdpLink = FdLink::from(pinned)
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        self.xdp()?
+            .attach_to_link(link)
+            .map_err(|e| err(e.to_string()))?;
         Ok(())
+    }
+
+    /// Whether this process attached the program (on a new or an existing link).
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Read what an earlier run left in the pinned maps.
+    pub fn kernel_state(&self) -> Result<KernelState> {
+        let services: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(
+            self.ebpf
+                .map(MAP_SERVICES)
+                .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
+        )
+        .map_err(map_err(MAP_SERVICES))?;
+        let mut st = KernelState::default();
+        st.previous.services = services
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k, v.index))
+            .collect();
+        let backends: Array<&MapData, Backend> = Array::try_from(
+            self.ebpf
+                .map(MAP_BACKENDS)
+                .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
+        )
+        .map_err(map_err(MAP_BACKENDS))?;
+        for id in 0..MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))?;
+            if b.state != lb_common::BACKEND_UNUSED && b.identity != 0 {
+                st.previous.backends.push((id, b.identity));
+                st.backend_states.push((b.identity, b.state));
+            }
+        }
+        Ok(st)
     }
 
     /// Make the kernel maps hold exactly `plan`: backends first (a table never names a
     /// backend whose entry is not written yet), then each service's table into its idle
     /// slot, then the service entry that flips to it; finally stale services and backends
     /// (from an earlier config in the pinned maps) are removed.
-    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+    pub fn apply(&mut self, plan: &Plan) -> Result<Removed> {
+        let mut removed = Removed::default();
         {
             let mut backends: Array<&mut MapData, Backend> = Array::try_from(
                 self.ebpf
@@ -257,6 +401,19 @@ impl Dataplane {
             let live = current
                 .iter()
                 .find(|(k, v)| *k == sp.key && v.index == sp.value.index);
+            // Same table already live and the same service value: nothing to write.
+            if let Some((_, v)) = live
+                && self
+                    .live_tables
+                    .get(&sp.key)
+                    .is_some_and(|(i, t)| *i == sp.value.index && *t == sp.table)
+                && (Service {
+                    maglev_slot: v.maglev_slot,
+                    ..sp.value
+                }) == *v
+            {
+                continue;
+            }
             let slot = live.map_or(0, |(_, v)| (v.maglev_slot + 1) % MAGLEV_SLOTS);
             {
                 let mut maglev: Array<&mut MapData, u32> = Array::try_from(
@@ -285,6 +442,8 @@ impl Dataplane {
             services
                 .insert(sp.key, value, 0)
                 .map_err(map_err(MAP_SERVICES))?;
+            self.live_tables
+                .insert(sp.key, (sp.value.index, sp.table.clone()));
             log::debug!(
                 "service {} -> index {} slot {slot}",
                 sp.name,
@@ -302,6 +461,10 @@ impl Dataplane {
             for (k, _) in current.iter().filter(|(k, _)| !keep.contains(k)) {
                 services.remove(k).map_err(map_err(MAP_SERVICES))?;
                 log::info!("removed stale virtual service entry {k:?}");
+                self.live_tables.remove(k);
+                if let Some((_, v)) = current.iter().find(|(ck, _)| ck == k) {
+                    removed.services.push(v.index);
+                }
             }
         }
         {
@@ -342,6 +505,7 @@ impl Dataplane {
                     backends
                         .set(id, Backend::default(), 0)
                         .map_err(map_err(MAP_BACKENDS))?;
+                    removed.backends.push(id);
                 }
             }
         }
@@ -351,14 +515,43 @@ impl Dataplane {
                 .first()
                 .map_or(MAGLEV_TABLE_SIZE as usize, |s| s.table.len())
         );
-        Ok(())
+        Ok(removed)
+    }
+
+    /// Delete persistence entries of removed services and backends in one walk of the table,
+    /// so a slot reused later never inherits another server's clients. Returns the count.
+    pub fn forget(&mut self, removed: &Removed) -> Result<usize> {
+        if removed.services.is_empty() && removed.backends.is_empty() {
+            return Ok(0);
+        }
+        let mut table: HashMap<&mut MapData, PersistKey, PersistValue> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_PERSIST)
+                .ok_or(DataplaneError::MissingMap(MAP_PERSIST))?,
+        )
+        .map_err(map_err(MAP_PERSIST))?;
+        let doomed: Vec<PersistKey> = table
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| {
+                removed.services.contains(&k.service) || removed.backends.contains(&v.backend)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in &doomed {
+            // An entry the LRU evicted meanwhile is already gone: not an error.
+            if table.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        if let Err(e) = self.detach() {
-            log::warn!("detaching XDP: {e:#}");
-        }
-    }
+/// Service indexes and backend ids an `apply` took out of the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub services: Vec<u32>,
+    pub backends: Vec<u32>,
 }

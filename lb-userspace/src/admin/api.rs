@@ -1,0 +1,127 @@
+//! JSON bodies of the admin API, shared by the server and the CLI client. The schema is
+//! documented in the [`admin`](super) module.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::TrafficCounters;
+use serde::{Deserialize, Serialize};
+
+/// `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub generation: u64,
+    pub xdp_mode: String,
+    pub uptime_s: u64,
+    /// Entries in the persistence table (expired included) at the last census; `null` when
+    /// the table could not be read.
+    pub persist_entries: Option<u64>,
+    pub services: Vec<ServiceStatus>,
+    /// Packets per verdict reason, every reason present.
+    pub reasons: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub pool: String,
+    pub persistence: Option<PersistenceStatus>,
+    pub counters: Counters,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistenceStatus {
+    pub profile: String,
+    pub timeout_s: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// `immediate` or `never`: what a binding to a backend that is down does.
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub name: String,
+    /// Kernel backend id.
+    pub id: u32,
+    pub address: IpAddr,
+    pub weight: u32,
+    /// `enabled`, `draining` or `disabled` (the operator's intent).
+    pub admin_state: String,
+    /// `up`, `down`, `draining` or `disabled` (what the data path does).
+    pub state: String,
+    /// `null` when the pool has no health monitor.
+    pub health: Option<HealthStatus>,
+    /// Live persistence entries of this service bound to this backend; `null` when the
+    /// table could not be read.
+    pub bound_clients: Option<u64>,
+    /// Counters of the backend (shared by every service whose pool holds it).
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    pub up: bool,
+    pub detail: String,
+    pub since_unix: u64,
+}
+
+/// Summed per-CPU traffic counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub persist_hits: u64,
+    pub new_assignments: u64,
+    pub expired: u64,
+    pub reassigned_down: u64,
+    pub no_backend: u64,
+}
+
+impl From<TrafficCounters> for Counters {
+    fn from(c: TrafficCounters) -> Counters {
+        Counters {
+            packets: c.packets,
+            bytes: c.bytes,
+            persist_hits: c.persist_hits,
+            new_assignments: c.new_assignments,
+            expired: c.expired,
+            reassigned_down: c.reassigned_down,
+            no_backend: c.no_backend,
+        }
+    }
+}
+
+/// `GET /persist`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistList {
+    pub entries: Vec<PersistRow>,
+    /// More entries matched than the response holds (`MAX_PERSIST_ROWS`).
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistRow {
+    /// Service name; `null` for an entry of a service no longer configured.
+    pub service: Option<String>,
+    pub service_index: u32,
+    /// The stored (masked) client address.
+    pub client: IpAddr,
+    pub prefix_len: u8,
+    /// Backend name; `null` for a backend id no longer configured.
+    pub backend: Option<String>,
+    pub backend_id: u32,
+    pub backend_address: Option<IpAddr>,
+    pub age_s: u64,
+    pub expired: bool,
+}
+
+/// `POST /persist/flush`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushReply {
+    pub flushed: usize,
+}

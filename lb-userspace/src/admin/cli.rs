@@ -1,0 +1,405 @@
+//! Client side of the admin API for the `tether` CLI: one blocking HTTP/1.1 request per
+//! command over a plain `TcpStream` (no runtime needed), rendered as text.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use lb_common::reason;
+
+use super::{api, query::percent_encode};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A walk of a large persistence table takes seconds.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bigger answers are refused (10 000 persistence rows are about 3 MB).
+const MAX_RESPONSE: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "cannot reach the admin API at {admin}: {source}; is tether running? admin_listen is {admin}"
+    )]
+    Unreachable {
+        admin: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin API at {admin}: {source}")]
+    Io {
+        admin: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("admin API: malformed response: {0}")]
+    Protocol(String),
+    #[error("admin API: unexpected JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A response: status and body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// One request, `Connection: close`, body read to its end.
+pub fn request(admin: SocketAddr, method: &str, path_and_query: &str) -> Result<Reply, CliError> {
+    let io = |source| CliError::Io { admin, source };
+    let mut s = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT)
+        .map_err(|source| CliError::Unreachable { admin, source })?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    let req = format!(
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {admin}\r\nUser-Agent: tether-cli\r\n\
+         Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(io)?;
+    let mut raw = Vec::new();
+    s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+    parse_response(&raw)
+}
+
+/// Parse a whole HTTP/1.1 response (Content-Length, chunked, or up to the close).
+pub fn parse_response(raw: &[u8]) -> Result<Reply, CliError> {
+    let bad = |m: &str| CliError::Protocol(m.into());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers are not UTF-8"))?;
+    let rest = &raw[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (version, code) = (parts.next(), parts.next());
+    if !version.is_some_and(|v| v.starts_with("HTTP/1.")) {
+        return Err(bad(&format!("status line {status_line:?}")));
+    }
+    let status: u16 = code
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(&format!("status line {status_line:?}")))?;
+    let mut length = None;
+    let mut chunked = false;
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            return Err(bad(&format!("header line {l:?}")));
+        };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("content-length") {
+            length = Some(v.parse::<usize>().map_err(|_| bad("Content-Length"))?);
+        } else if k.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = v.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("chunked body"))?
+    } else if let Some(n) = length {
+        rest.get(..n)
+            .ok_or_else(|| bad("body shorter than Content-Length"))?
+            .to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Reply { status, body })
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+/// A successful answer's body, or the server's one-line error.
+fn call(admin: SocketAddr, method: &str, path_and_query: &str) -> Result<Vec<u8>, CliError> {
+    let r = request(admin, method, path_and_query)?;
+    if r.status != 200 {
+        return Err(CliError::Status {
+            status: r.status,
+            body: String::from_utf8_lossy(&r.body).trim().to_string(),
+        });
+    }
+    Ok(r.body)
+}
+
+fn filter_query(service: Option<&str>, client: Option<IpAddr>, backend: Option<&str>) -> String {
+    let client = client.map(|c| c.to_string());
+    let parts: Vec<String> = [
+        ("service", service),
+        ("client", client.as_deref()),
+        ("backend", backend),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| format!("{k}={}", percent_encode(v))))
+    .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+/// `tether status`: services, their backends and the XDP verdicts.
+pub fn status(admin: SocketAddr) -> Result<String, CliError> {
+    let body = call(admin, "GET", "/status")?;
+    Ok(render_status(&serde_json::from_slice(&body)?))
+}
+
+/// `tether persist list`: one line per entry.
+pub fn persist_list(
+    admin: SocketAddr,
+    service: Option<&str>,
+    client: Option<IpAddr>,
+    backend: Option<&str>,
+) -> Result<String, CliError> {
+    let q = filter_query(service, client, backend);
+    let body = call(admin, "GET", &format!("/persist{q}"))?;
+    Ok(render_persist(&serde_json::from_slice(&body)?))
+}
+
+/// `tether persist flush`: deletes the matching entries (all without a filter).
+pub fn persist_flush(
+    admin: SocketAddr,
+    service: Option<&str>,
+    client: Option<IpAddr>,
+    backend: Option<&str>,
+) -> Result<String, CliError> {
+    let q = filter_query(service, client, backend);
+    let body = call(admin, "POST", &format!("/persist/flush{q}"))?;
+    let r: api::FlushReply = serde_json::from_slice(&body)?;
+    Ok(format!(
+        "flushed {} persistence entr{}\n",
+        r.flushed,
+        if r.flushed == 1 { "y" } else { "ies" }
+    ))
+}
+
+/// `1h02m03s`, `4m05s`, `7s`.
+pub fn duration(s: u64) -> String {
+    let (d, h, m, s) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s:02}s"),
+        (0, _, _) => format!("{h}h{m:02}m{s:02}s"),
+        _ => format!("{d}d{h:02}h{m:02}m"),
+    }
+}
+
+/// `512 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Columns padded to their widest cell; the first `left` columns left-aligned, the rest
+/// (numbers) right-aligned.
+fn table(rows: &[Vec<String>], left: usize, indent: &str) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::from(indent);
+        for (c, cell) in r.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if c < left {
+                let _ = write!(line, "{cell:<w$}", w = width[c]);
+            } else {
+                let _ = write!(line, "{cell:>w$}", w = width[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn render_status(s: &api::Status) -> String {
+    let mut out = String::new();
+    let entries = s
+        .persist_entries
+        .map_or("unknown".to_string(), |n| n.to_string());
+    let _ = writeln!(
+        out,
+        "tether: generation {}, {} XDP, up {}, {entries} persistence entries",
+        s.generation,
+        s.xdp_mode,
+        duration(s.uptime_s)
+    );
+    for svc in &s.services {
+        let vip = match svc.vip {
+            IpAddr::V6(a) => format!("[{a}]"),
+            a => a.to_string(),
+        };
+        let persistence = match &svc.persistence {
+            Some(p) => format!(
+                "persistence {} ({}s, /{} /{}, when down: {})",
+                p.profile, p.timeout_s, p.ipv4_prefix, p.ipv6_prefix, p.policy
+            ),
+            None => "no persistence".into(),
+        };
+        let c = &svc.counters;
+        let _ = writeln!(
+            out,
+            "\nservice {}  {vip}:{}/{}  pool {}  {persistence}",
+            svc.name, svc.port, svc.protocol, svc.pool
+        );
+        let _ = writeln!(
+            out,
+            "  packets {}  bytes {}  hits {}  new {}  expired {}  reassigned {}  no backend {}",
+            c.packets,
+            bytes(c.bytes),
+            c.persist_hits,
+            c.new_assignments,
+            c.expired,
+            c.reassigned_down,
+            c.no_backend
+        );
+        let mut rows = vec![
+            [
+                "BACKEND",
+                "ADDRESS",
+                "STATE",
+                "WEIGHT",
+                "BOUND",
+                "PACKETS",
+                "BYTES",
+                "HITS",
+                "NEW",
+                "EXPIRED",
+                "REASSIGNED",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        let mut notes = Vec::new();
+        for b in &svc.backends {
+            let state = if b.admin_state != "enabled" && b.admin_state != b.state {
+                format!("{} ({})", b.state, b.admin_state)
+            } else {
+                b.state.clone()
+            };
+            let c = &b.counters;
+            rows.push(vec![
+                b.name.clone(),
+                b.address.to_string(),
+                state,
+                b.weight.to_string(),
+                b.bound_clients.map_or("-".into(), |n| n.to_string()),
+                c.packets.to_string(),
+                bytes(c.bytes),
+                c.persist_hits.to_string(),
+                c.new_assignments.to_string(),
+                c.expired.to_string(),
+                c.reassigned_down.to_string(),
+            ]);
+            if let Some(h) = &b.health
+                && !h.up
+                && !h.detail.is_empty()
+            {
+                notes.push(format!("  {}: health check failing: {}", b.name, h.detail));
+            }
+        }
+        out.push_str(&table(&rows, 3, "  "));
+        for n in notes {
+            let _ = writeln!(out, "{n}");
+        }
+    }
+    let get = |i: u32| {
+        s.reasons
+            .get(reason::NAMES[i as usize])
+            .copied()
+            .unwrap_or(0)
+    };
+    let _ = writeln!(
+        out,
+        "\nforwarded: {} (tx {}, redirect {})",
+        get(reason::TX) + get(reason::REDIRECT),
+        get(reason::TX),
+        get(reason::REDIRECT)
+    );
+    let others: Vec<Vec<String>> = (0..reason::COUNT)
+        .filter(|&r| r != reason::TX && r != reason::REDIRECT && get(r) > 0)
+        .map(|r| vec![reason::NAMES[r as usize].to_string(), get(r).to_string()])
+        .collect();
+    if others.is_empty() {
+        out.push_str("nothing passed or dropped\n");
+    } else {
+        out.push_str("passed/dropped:\n");
+        out.push_str(&table(&others, 1, "  "));
+    }
+    out
+}
+
+pub fn render_persist(l: &api::PersistList) -> String {
+    let mut rows = vec![
+        ["SERVICE", "CLIENT", "BACKEND", "AGE", ""]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for e in &l.entries {
+        let backend = match (&e.backend, e.backend_address) {
+            (Some(n), Some(a)) => format!("{n} ({a})"),
+            (Some(n), None) => n.clone(),
+            _ => format!("#{} (not configured)", e.backend_id),
+        };
+        rows.push(vec![
+            e.service
+                .clone()
+                .unwrap_or_else(|| format!("#{} (not configured)", e.service_index)),
+            format!("{}/{}", e.client, e.prefix_len),
+            backend,
+            duration(e.age_s),
+            if e.expired {
+                "expired".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    let mut out = table(&rows, 3, "");
+    let n = l.entries.len();
+    let _ = writeln!(
+        out,
+        "{n} entr{}{}",
+        if n == 1 { "y" } else { "ies" },
+        if l.truncated {
+            " shown; more matched (narrow with a service, client or backend)"
+        } else {
+            ""
+        }
+    );
+    out
+}

@@ -1,0 +1,438 @@
+//! The admin HTTP API (HTTP/1.1 on `admin_listen`) and the CLI client for it ([`cli`]).
+//!
+//! # Routes
+//!
+//! | Route | Answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format 0.0.4 (see [`metrics`]) |
+//! | `GET /status` | JSON [`api::Status`], below |
+//! | `GET /persist?service=&client=&backend=` | JSON [`api::PersistList`], at most [`MAX_PERSIST_ROWS`] rows |
+//! | `POST /persist/flush?service=&client=&backend=` | deletes the matching entries: `{"flushed": n}` |
+//!
+//! Query parameters are all optional: `service` is a virtual service name, `client` any
+//! address of the client (it is masked with each service's prefix, so `10.0.0.7` finds the
+//! entry `10.0.0.0/24`), `backend` a backend name (looked up in the service's pool, or in
+//! every pool; `POOL/NAME` when several pools have it). An unknown name, a bad address or an
+//! unknown parameter is a 400 naming the parameter; an unknown path a 404; a wrong method a
+//! 405 with `Allow`; unreadable BPF maps a 503. Error bodies are one line of text.
+//!
+//! # `GET /status`
+//!
+//! ```text
+//! { "generation": u64, "xdp_mode": "native"|"generic", "uptime_s": u64,
+//!   "persist_entries": u64|null,
+//!   "services": [ {
+//!       "name", "vip", "port", "protocol": "tcp"|"udp", "pool",
+//!       "persistence": { "profile", "timeout_s", "ipv4_prefix", "ipv6_prefix",
+//!                        "policy": "immediate"|"never" } | null,
+//!       "counters": COUNTERS,
+//!       "backends": [ { "name", "id", "address", "weight",
+//!                       "admin_state": "enabled"|"draining"|"disabled",
+//!                       "state": "up"|"down"|"draining"|"disabled",
+//!                       "health": { "up", "detail", "since_unix" } | null,
+//!                       "bound_clients": u64|null,   // live entries of this service
+//!                       "counters": COUNTERS } ] } ],   // the backend's, all services
+//!   "reasons": { "<reason>": packets, ... } }
+//! COUNTERS = { "packets", "bytes", "persist_hits", "new_assignments", "expired",
+//!              "reassigned_down", "no_backend" }
+//! ```
+//!
+//! `GET /persist` rows: `{ "service": name|null, "service_index", "client", "prefix_len",
+//! "backend": name|null, "backend_id", "backend_address": addr|null, "age_s", "expired" }`
+//! (`null` names belong to entries of a service or backend no longer configured), plus
+//! `"truncated"`.
+//!
+//! Counting bound clients walks the whole persistence table (about a second per million
+//! entries), so `/metrics` and `/status` read a census cached for [`CENSUS_MAX_AGE`] and
+//! refreshed by one background walk at a time; a flush invalidates it. `/persist` and
+//! flushes walk the table themselves, one at a time.
+
+pub mod api;
+pub mod cli;
+pub mod metrics;
+pub mod query;
+pub mod status;
+
+use std::{
+    convert::Infallible,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ALLOW, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, Semaphore, watch},
+};
+
+use crate::{
+    persist::{self, Census},
+    state::{SharedSnapshot, Snapshot},
+};
+
+/// Rows of `GET /persist` before `truncated` is set.
+pub const MAX_PERSIST_ROWS: usize = 10_000;
+/// A census older than this is refreshed (in the background) on the next read.
+pub const CENSUS_MAX_AGE: Duration = Duration::from_secs(5);
+/// How long a request waits for a census when there is none it can use.
+const CENSUS_WAIT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: usize = 256;
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_HEADERS: usize = 32;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+type Body = Full<Bytes>;
+
+/// One census and what it is valid for.
+#[derive(Debug)]
+struct Taken {
+    /// `None` when the walk failed (logged).
+    census: Option<Census>,
+    at: Instant,
+    epoch: u64,
+    pin_dir: PathBuf,
+}
+
+/// Persistence census shared lock-free with the request path: readers `load` an `Arc`,
+/// at most one walk runs at a time.
+#[derive(Debug, Default)]
+struct CensusCache {
+    current: ArcSwapOption<Taken>,
+    refreshing: AtomicBool,
+    /// Bumped by flushes: a census from an older epoch is not served while a new one can
+    /// be had within `CENSUS_WAIT`.
+    epoch: AtomicU64,
+    done: Notify,
+}
+
+impl CensusCache {
+    async fn get(self: &Arc<Self>, pin_dir: &Path) -> Option<Census> {
+        let deadline = tokio::time::Instant::now() + CENSUS_WAIT;
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a refresh finishing in between still wakes us.
+            notified.as_mut().enable();
+            let cur = self.current.load_full().filter(|t| t.pin_dir == pin_dir);
+            match &cur {
+                Some(t) if t.epoch == self.epoch.load(Ordering::Acquire) => {
+                    if t.at.elapsed() >= CENSUS_MAX_AGE {
+                        self.start_refresh(pin_dir);
+                    }
+                    return t.census.clone();
+                }
+                _ => {
+                    self.start_refresh(pin_dir);
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return cur.and_then(|t| t.census.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_refresh(self: &Arc<Self>, pin_dir: &Path) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        /// Clears the flag and wakes waiters however the walk ends.
+        struct Done(Arc<CensusCache>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.refreshing.store(false, Ordering::Release);
+                self.0.done.notify_waiters();
+            }
+        }
+        let done = Done(Arc::clone(self));
+        let pin_dir = pin_dir.to_owned();
+        let epoch = self.epoch.load(Ordering::Acquire);
+        tokio::task::spawn_blocking(move || {
+            let census = persist::census(&pin_dir)
+                .inspect_err(|e| log::warn!("counting persistence entries: {e}"))
+                .ok();
+            done.0.current.store(Some(Arc::new(Taken {
+                census,
+                at: Instant::now(),
+                epoch,
+                pin_dir,
+            })));
+        });
+    }
+
+    fn invalidate(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+struct Server {
+    snapshot: SharedSnapshot,
+    census: Arc<CensusCache>,
+    /// Operator walks (`/persist`, flushes), one at a time: each may cost a second of CPU.
+    walks: Arc<Semaphore>,
+}
+
+/// Serve the admin API on `listener` until `shutdown` turns true (or its sender is
+/// dropped). Each connection is a task; connection and request errors are logged, never
+/// fatal. Open connections finish their current request on shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    snapshot: SharedSnapshot,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let srv = Arc::new(Server {
+        snapshot,
+        census: Arc::default(),
+        walks: Arc::new(Semaphore::new(1)),
+    });
+    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    if let Ok(addr) = listener.local_addr() {
+        log::info!("admin API listening on http://{addr}");
+    }
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&conns).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("admin API accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let srv = Arc::clone(&srv);
+        let builder = builder.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let srv = Arc::clone(&srv);
+                async move { Ok::<_, Infallible>(handle(&srv, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                log::debug!("admin API connection from {peer}: {e}");
+            }
+        });
+    }
+    log::info!("admin API stopped");
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: nobody can ask us to keep running either.
+    let _ = rx.wait_for(|&stop| stop).await;
+}
+
+async fn handle(srv: &Arc<Server>, req: Request<Incoming>) -> Response<Body> {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let resp = route(srv, &method, uri.path(), uri.query()).await;
+    if resp.status().is_server_error() {
+        log::warn!("admin API {method} {uri}: {}", resp.status());
+    }
+    resp
+}
+
+async fn route(
+    srv: &Arc<Server>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    let allowed: &[Method] = match path {
+        "/metrics" | "/status" | "/persist" => &[Method::GET, Method::HEAD],
+        "/persist/flush" => &[Method::POST],
+        _ => return text(StatusCode::NOT_FOUND, format!("no such path {path}")),
+    };
+    if !allowed.contains(method) {
+        let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} takes {}", allow.join(", ")),
+        );
+        if let Ok(v) = allow.join(", ").parse() {
+            r.headers_mut().insert(ALLOW, v);
+        }
+        return r;
+    }
+    let snap = srv.snapshot.load_full();
+    match path {
+        "/metrics" => {
+            let (census, counters) = tokio::join!(
+                srv.census.get(snap.pin_dir()),
+                read_counters(Arc::clone(&snap))
+            );
+            match counters {
+                Ok(c) => respond(
+                    StatusCode::OK,
+                    metrics::CONTENT_TYPE,
+                    metrics::render(&snap, &c, census.as_ref()),
+                ),
+                Err(r) => r,
+            }
+        }
+        "/status" => {
+            let (census, counters) = tokio::join!(
+                srv.census.get(snap.pin_dir()),
+                read_counters(Arc::clone(&snap))
+            );
+            match counters {
+                Ok(c) => json(&status::build(
+                    &snap,
+                    &c,
+                    census.as_ref(),
+                    SystemTime::now(),
+                )),
+                Err(r) => r,
+            }
+        }
+        "/persist" => {
+            let f = match query::filter(&snap, query) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.0),
+            };
+            let dir = snap.pin_dir().clone();
+            match walk(srv, move || {
+                persist::list_capped(&dir, &f, MAX_PERSIST_ROWS)
+            })
+            .await
+            {
+                Ok((entries, truncated)) => json(&api::PersistList {
+                    entries: entries
+                        .iter()
+                        .map(|e| status::persist_row(&snap, e))
+                        .collect(),
+                    truncated,
+                }),
+                Err(r) => r,
+            }
+        }
+        "/persist/flush" => {
+            let f = match query::filter(&snap, query) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.0),
+            };
+            let dir = snap.pin_dir().clone();
+            let r = walk(srv, move || persist::flush(&dir, &f)).await;
+            srv.census.invalidate();
+            match r {
+                Ok(n) => {
+                    log::info!(
+                        "admin API: flushed {n} persistence entries ({})",
+                        query.unwrap_or("all")
+                    );
+                    json(&api::FlushReply { flushed: n })
+                }
+                Err(r) => r,
+            }
+        }
+        _ => unreachable!("every routed path is matched above"),
+    }
+}
+
+async fn read_counters(snap: Arc<Snapshot>) -> Result<metrics::KernelCounters, Response<Body>> {
+    match tokio::task::spawn_blocking(move || metrics::read(snap.pin_dir(), &snap)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("reading counters: {e}"),
+        )),
+        Err(e) => Err(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading counters: {e}"),
+        )),
+    }
+}
+
+/// Run a table walk on the blocking pool, one at a time (the permit lives as long as the
+/// walk, even when the client goes away).
+async fn walk<T: Send + 'static>(
+    srv: &Server,
+    f: impl FnOnce() -> Result<T, persist::PersistError> + Send + 'static,
+) -> Result<T, Response<Body>> {
+    let Ok(permit) = Arc::clone(&srv.walks).acquire_owned().await else {
+        return Err(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+    };
+    let r = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await;
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(text(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut msg = msg.into();
+    msg.push('\n');
+    respond(status, "text/plain; charset=utf-8", msg)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(mut b) => {
+            b.push(b'\n');
+            respond(StatusCode::OK, "application/json", b)
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding JSON: {e}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,508 @@
+//! The daemon's control loop: start (or take over from an earlier run), then react to health
+//! transitions and SIGHUP reloads by reprogramming the kernel, until SIGINT/SIGTERM.
+//!
+//! Continuity rules (what operators rely on):
+//! - ids carry over: services keep their index (by VIP, port, protocol) and backends their id
+//!   (by pool and name), read back from the pinned maps, so persisted clients keep their server
+//!   across restarts and reloads;
+//! - the XDP program stays attached through a pinned link while the daemon is down, and a new
+//!   daemon replaces the program on that link atomically;
+//! - a reload that fails validation (or resolution) changes nothing that runs.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    balancer::{self, IdError, Ids, L2},
+    config::{BackendConfig, Config, LoadError},
+    dataplane::{Attached, Dataplane, DataplaneError, net},
+    health::{self, HealthEvent, PoolMonitor},
+    state::{BackendState, Health, SharedSnapshot, Snapshot},
+};
+
+/// How long to wait for a backend's neighbour entry.
+const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Config(#[from] LoadError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error(transparent)]
+    Ids(#[from] IdError),
+    #[error("pool {pool:?} backend {backend:?}: {source}")]
+    Backend {
+        pool: String,
+        backend: String,
+        source: net::NetError,
+    },
+    #[error("admin API on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+    #[error(
+        "{field} cannot change while running (it is {old}, the new config says {new}): restart tether to apply it"
+    )]
+    NeedsRestart {
+        field: &'static str,
+        old: String,
+        new: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
+/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
+/// and the backend's MAC from the neighbour table. Resolution runs in parallel threads.
+pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
+    let one = |b: &BackendConfig| -> std::result::Result<L2, net::NetError> {
+        let egress = match (net::egress_interface(b.address), b.mac) {
+            (Ok(dev), _) => dev,
+            // An explicit MAC says the operator vouches for L2 reachability.
+            (Err(e), Some(_)) => {
+                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
+                cfg.interface.clone()
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let mac_dst = match b.mac {
+            Some(m) => m,
+            None => net::resolve_mac(b.address, &egress, RESOLVE_WAIT)?,
+        };
+        if egress != cfg.interface {
+            log::info!(
+                "backend {} is behind {egress}: forwarded by devmap redirect",
+                b.address
+            );
+        }
+        Ok(L2 {
+            mac_dst,
+            mac_src: net::mac_of(&egress)?,
+            ifindex: net::ifindex(&egress)?,
+        })
+    };
+    net::ifindex(&cfg.interface)?;
+    std::thread::scope(|s| {
+        let handles: Vec<Vec<_>> = cfg
+            .pools
+            .iter()
+            .map(|p| p.backends.iter().map(|b| s.spawn(move || one(b))).collect())
+            .collect();
+        handles
+            .into_iter()
+            .zip(&cfg.pools)
+            .map(|(hs, p)| {
+                hs.into_iter()
+                    .zip(&p.backends)
+                    .map(|(h, b)| {
+                        h.join()
+                            .expect("resolver thread panicked")
+                            .map_err(|source| ControlError::Backend {
+                                pool: p.name.clone(),
+                                backend: b.name.clone(),
+                                source,
+                            })
+                    })
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+async fn resolve_l2_async(cfg: Arc<Config>) -> Result<Vec<Vec<L2>>> {
+    tokio::task::spawn_blocking(move || resolve_l2(&cfg))
+        .await
+        .expect("resolver task panicked")
+}
+
+/// Initial health of every backend: carried over from the kernel when the same backend was
+/// there before (a restart must not flap anyone), else one round of checks.
+async fn initial_health(cfg: &Config, previous: &HashMap<u32, u32>) -> Vec<Vec<Option<Health>>> {
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for pool in &cfg.pools {
+        let Some(monitor) = &pool.health_monitor else {
+            out.push(vec![None; pool.backends.len()]);
+            continue;
+        };
+        let known: Vec<Option<bool>> = pool
+            .backends
+            .iter()
+            .map(|b| {
+                previous
+                    .get(&lb_common::backend_identity(&pool.name, &b.name))
+                    .map(|&s| s != lb_common::BACKEND_DOWN)
+            })
+            .collect();
+        let probed = if known.iter().any(Option::is_none) {
+            health::probe_all(pool, monitor).await
+        } else {
+            vec![Ok(()); pool.backends.len()]
+        };
+        out.push(
+            known
+                .iter()
+                .zip(probed)
+                .map(|(k, p)| {
+                    Some(match (k, p) {
+                        (Some(up), _) => Health {
+                            up: *up,
+                            detail: String::new(),
+                            since: now,
+                        },
+                        (None, Ok(())) => Health {
+                            up: true,
+                            detail: String::new(),
+                            since: now,
+                        },
+                        (None, Err(detail)) => Health {
+                            up: false,
+                            detail,
+                            since: now,
+                        },
+                    })
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+fn states(cfg: &Config, health: &[Vec<Option<Health>>]) -> Vec<Vec<BackendState>> {
+    cfg.pools
+        .iter()
+        .zip(health)
+        .map(|(p, hs)| {
+            p.backends
+                .iter()
+                .zip(hs)
+                .map(|(b, h)| {
+                    BackendState::effective(
+                        b.admin_state,
+                        b.weight,
+                        h.as_ref().is_none_or(|h| h.up),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The running daemon's state, owned by the control loop.
+struct Daemon {
+    config_path: PathBuf,
+    cfg: Arc<Config>,
+    dp: Dataplane,
+    ids: Ids,
+    l2: Vec<Vec<L2>>,
+    health: Vec<Vec<Option<Health>>>,
+    monitors: Vec<PoolMonitor>,
+    events: mpsc::UnboundedSender<HealthEvent>,
+    shared: SharedSnapshot,
+    mode: Attached,
+    generation: u64,
+    started: SystemTime,
+}
+
+impl Daemon {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            config: self.cfg.clone(),
+            service_index: self.ids.services.clone(),
+            backend_ids: self.ids.backends.clone(),
+            backend_state: states(&self.cfg, &self.health),
+            health: self.health.clone(),
+            xdp_mode: match self.mode {
+                Attached::Native => "native",
+                Attached::Generic => "generic",
+            },
+            generation: self.generation,
+            started: self.started,
+        }
+    }
+
+    /// Write the current config, ids and health to the kernel and publish the snapshot.
+    fn program(&mut self) -> Result<()> {
+        let st = states(&self.cfg, &self.health);
+        let plan = balancer::plan(&self.cfg, &self.ids, &st, |p, b| {
+            Ok::<_, ControlError>(self.l2[p][b])
+        })?;
+        let removed = self.dp.apply(&plan)?;
+        let forgotten = self.dp.forget(&removed)?;
+        if forgotten > 0 {
+            log::info!(
+                "removed {forgotten} persistence entries of removed services {:?} / backends {:?}",
+                removed.services,
+                removed.backends
+            );
+        }
+        self.generation += 1;
+        self.shared.store(Arc::new(self.snapshot()));
+        Ok(())
+    }
+
+    fn start_monitors(&mut self) {
+        self.monitors = self
+            .cfg
+            .pools
+            .iter()
+            .zip(&self.health)
+            .filter_map(|(p, hs)| {
+                let m = p.health_monitor.as_ref()?;
+                let initial: Vec<bool> =
+                    hs.iter().map(|h| h.as_ref().is_none_or(|h| h.up)).collect();
+                Some(PoolMonitor::start(p, m, &initial, self.events.clone()))
+            })
+            .collect();
+    }
+
+    fn on_health(&mut self, ev: HealthEvent) -> Result<()> {
+        let Some(pi) = self.cfg.pools.iter().position(|p| p.name == ev.pool) else {
+            return Ok(());
+        };
+        let Some(bi) = self.cfg.pools[pi]
+            .backends
+            .iter()
+            .position(|b| b.name == ev.backend)
+        else {
+            return Ok(());
+        };
+        let slot = &mut self.health[pi][bi];
+        if slot.as_ref().is_some_and(|h| h.up == ev.up) {
+            return Ok(());
+        }
+        let b = &self.cfg.pools[pi].backends[bi];
+        if ev.up {
+            log::info!(
+                "backend {} ({}) of pool {} is up",
+                b.name,
+                b.address,
+                ev.pool
+            );
+        } else {
+            log::warn!(
+                "backend {} ({}) of pool {} is down: {}",
+                b.name,
+                b.address,
+                ev.pool,
+                ev.detail
+            );
+        }
+        *slot = Some(Health {
+            up: ev.up,
+            detail: ev.detail,
+            since: SystemTime::now(),
+        });
+        self.program()
+    }
+
+    /// Apply a new config file, or change nothing and say why.
+    async fn reload(&mut self) -> Result<()> {
+        let new = Arc::new(Config::load(&self.config_path)?);
+        let fixed: [(&'static str, String, String); 5] = [
+            (
+                "interface",
+                self.cfg.interface.clone(),
+                new.interface.clone(),
+            ),
+            (
+                "pin_dir",
+                self.cfg.pin_dir.display().to_string(),
+                new.pin_dir.display().to_string(),
+            ),
+            (
+                "persist_table_entries",
+                self.cfg.persist_table_entries.to_string(),
+                new.persist_table_entries.to_string(),
+            ),
+            (
+                "xdp_mode",
+                format!("{:?}", self.cfg.xdp_mode),
+                format!("{:?}", new.xdp_mode),
+            ),
+            (
+                "admin_listen",
+                self.cfg.admin_listen.to_string(),
+                new.admin_listen.to_string(),
+            ),
+        ];
+        if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
+            return Err(ControlError::NeedsRestart { field, old, new });
+        }
+        let l2 = resolve_l2_async(new.clone()).await?;
+        let ks = self.dp.kernel_state()?;
+        let ids = balancer::assign_ids(&new, &ks.previous)?;
+        // Health carries over by (pool, backend) name while the pool keeps a monitor; new
+        // backends are probed once.
+        let mut carried: HashMap<(String, String), Health> = HashMap::new();
+        for (p, hs) in self.cfg.pools.iter().zip(&self.health) {
+            for (b, h) in p.backends.iter().zip(hs) {
+                if let Some(h) = h {
+                    carried.insert((p.name.clone(), b.name.clone()), h.clone());
+                }
+            }
+        }
+        let mut health = Vec::new();
+        for pool in &new.pools {
+            let Some(m) = &pool.health_monitor else {
+                health.push(vec![None; pool.backends.len()]);
+                continue;
+            };
+            let known: Vec<Option<Health>> = pool
+                .backends
+                .iter()
+                .map(|b| carried.get(&(pool.name.clone(), b.name.clone())).cloned())
+                .collect();
+            let probed = if known.iter().any(Option::is_none) {
+                health::probe_all(pool, m).await
+            } else {
+                vec![Ok(()); pool.backends.len()]
+            };
+            health.push(
+                known
+                    .into_iter()
+                    .zip(probed)
+                    .map(|(k, p)| {
+                        Some(k.unwrap_or_else(|| match p {
+                            Ok(()) => Health {
+                                up: true,
+                                detail: String::new(),
+                                since: SystemTime::now(),
+                            },
+                            Err(detail) => Health {
+                                up: false,
+                                detail,
+                                since: SystemTime::now(),
+                            },
+                        }))
+                    })
+                    .collect(),
+            );
+        }
+        // Everything is known: switch over.
+        self.cfg = new;
+        self.ids = ids;
+        self.l2 = l2;
+        self.health = health;
+        self.program()?;
+        self.start_monitors();
+        Ok(())
+    }
+}
+
+/// Run the daemon until SIGINT/SIGTERM.
+pub async fn run(config_path: &Path) -> Result<()> {
+    let cfg = Arc::new(Config::load(config_path)?);
+    let l2 = resolve_l2_async(cfg.clone()).await?;
+    let dp = Dataplane::load(&cfg.pin_dir, cfg.persist_table_entries)?;
+    let ks = dp.kernel_state()?;
+    let ids = balancer::assign_ids(&cfg, &ks.previous)?;
+    if !ks.previous.backends.is_empty() {
+        log::info!(
+            "found {} services and {} backends from an earlier run in {}: ids and persistence carry over",
+            ks.previous.services.len(),
+            ks.previous.backends.len(),
+            cfg.pin_dir.display()
+        );
+    }
+    let previous: HashMap<u32, u32> = ks.backend_states.iter().copied().collect();
+    let health = initial_health(&cfg, &previous).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let started = SystemTime::now();
+    let placeholder = Snapshot {
+        config: cfg.clone(),
+        service_index: ids.services.clone(),
+        backend_ids: ids.backends.clone(),
+        backend_state: states(&cfg, &health),
+        health: health.clone(),
+        xdp_mode: "native",
+        generation: 0,
+        started,
+    };
+    let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(placeholder));
+    let mut d = Daemon {
+        config_path: config_path.to_owned(),
+        cfg: cfg.clone(),
+        dp,
+        ids,
+        l2,
+        health,
+        monitors: Vec::new(),
+        events: tx,
+        shared: shared.clone(),
+        mode: Attached::Native,
+        generation: 0,
+        started,
+    };
+    // Tables before the attach: the first packet the new program sees finds complete services.
+    d.program()?;
+    d.dp.pin_program()?;
+    d.mode = d.dp.attach(&cfg.interface, cfg.xdp_mode)?;
+    shared.store(Arc::new(d.snapshot()));
+    let mode = d.mode;
+
+    let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|source| ControlError::Admin {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let admin = tokio::spawn(crate::admin::serve(listener, shared.clone(), admin_stopped));
+    d.start_monitors();
+
+    let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(ControlError::Signal)?;
+    log::info!(
+        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}, admin API on http://{}",
+        cfg.services.len(),
+        cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
+        cfg.interface,
+        cfg.pin_dir.display(),
+        cfg.admin_listen
+    );
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => match d.reload().await {
+                Ok(()) => log::info!("reloaded {}: generation {}", d.config_path.display(), d.generation),
+                Err(e) => log::error!("reload refused, still serving generation {}: {e}", d.generation),
+            },
+            Some(ev) = rx.recv() => {
+                if let Err(e) = d.on_health(ev) {
+                    log::error!("reprogramming after a health change failed: {e}");
+                }
+            }
+        }
+    };
+    d.monitors.clear();
+    let _ = stop_admin.send(true);
+    let _ = admin.await;
+    log::info!(
+        "tether stopped ({signal}): XDP stays attached to {} through {} and keeps forwarding with the last tables; `tether stop --detach --config {}` removes it",
+        cfg.interface,
+        crate::dataplane::link_pin(&cfg.pin_dir, &cfg.interface).display(),
+        config_path.display()
+    );
+    Ok(())
+}

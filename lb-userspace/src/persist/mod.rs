@@ -1,0 +1,344 @@
+//! The persistence table (`TETHER_PERSIST`) seen from userspace: list, filter and flush
+//! client bindings, and count live bindings per backend.
+//!
+//! Everything here walks the pinned LRU hash with one `get_next_key` and one lookup per entry:
+//! about a second for a million entries. Callers on a hot path (metrics scrapes) must cache
+//! [`census`] results instead of walking per request.
+//!
+//! A walk is bounded to the table's capacity in visits: when the kernel evicts or a flush
+//! deletes the key the walk stands on, `get_next_key` restarts from the first key, so under
+//! heavy churn a walk may see an entry twice (deduplicated where it matters) or miss some.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError};
+use lb_common::{MAP_PERSIST, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("opening pinned map {}: {source}", path.display())]
+    Open { path: PathBuf, source: MapError },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("reading CLOCK_MONOTONIC: {0}")]
+    Clock(std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, PersistError>;
+
+/// One client binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Kernel service index.
+    pub service_index: u32,
+    /// The stored (masked) client address; IPv4 clients as IPv4.
+    pub client: IpAddr,
+    /// Prefix length of the service's mask for this family.
+    pub prefix_len: u8,
+    pub backend_id: u32,
+    /// Since the data path last refreshed the entry (which it does at most every second).
+    pub age: Duration,
+    /// Older than the service's timeout, or its service no longer persists: the next packet
+    /// from this client gets a new choice.
+    pub expired: bool,
+}
+
+/// Which entries an operation applies to; empty matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub service_index: Option<u32>,
+    /// Any address of the client: it is masked with each service's prefix before comparing,
+    /// so `10.0.0.7` finds the entry `10.0.0.0/24`.
+    pub client: Option<IpAddr>,
+    pub backend_id: Option<u32>,
+}
+
+/// What the data path needs to interpret an entry of one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceParams {
+    pub v4_mask: [u8; 4],
+    pub v6_mask: [u8; 16],
+    /// 0: the service does not persist.
+    pub timeout_ns: u64,
+}
+
+impl ServiceParams {
+    /// Parameters for entries whose service is gone: exact addresses, always expired.
+    pub const STALE: ServiceParams = ServiceParams {
+        v4_mask: [0xff; 4],
+        v6_mask: [0xff; 16],
+        timeout_ns: 0,
+    };
+
+    pub fn from_service(s: &Service) -> ServiceParams {
+        ServiceParams {
+            v4_mask: s.v4_mask_be,
+            v6_mask: s.v6_mask_be,
+            timeout_ns: s.timeout_ns,
+        }
+    }
+}
+
+/// Live bindings per (service index, backend id), and the table's size, from one walk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Entries seen, expired included.
+    pub entries: u64,
+    /// Non-expired entries per (service index, backend id).
+    pub live: HashMap<(u32, u32), u64>,
+}
+
+impl Census {
+    /// Live entries per backend id, over all services.
+    pub fn by_backend(&self) -> HashMap<u32, u64> {
+        let mut m = HashMap::new();
+        for (&(_, b), &n) in &self.live {
+            *m.entry(b).or_insert(0) += n;
+        }
+        m
+    }
+}
+
+// ---- Pure logic (unit-tested without BPF) ----
+
+/// The address as the data path stores it for a client of a service with `p`: IPv4-mapped
+/// with the IPv4 mask on the last word, or IPv6 with the IPv6 mask.
+pub fn masked_key_addr(client: IpAddr, p: &ServiceParams) -> [u8; 16] {
+    match client.to_canonical() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            lb_common::v4_mapped(std::array::from_fn(|i| o[i] & p.v4_mask[i]))
+        }
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            std::array::from_fn(|i| o[i] & p.v6_mask[i])
+        }
+    }
+}
+
+/// A stored address for display: IPv4-mapped becomes IPv4.
+pub fn entry_addr(addr_be: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(addr_be).to_canonical()
+}
+
+/// Number of leading one bits of a mask.
+pub fn mask_len(mask: &[u8]) -> u8 {
+    let mut n = 0u32;
+    for b in mask {
+        n += b.leading_ones();
+        if *b != 0xff {
+            break;
+        }
+    }
+    n as u8
+}
+
+/// Prefix length that applies to a stored address under `p`.
+pub fn prefix_len(addr: IpAddr, p: &ServiceParams) -> u8 {
+    match addr {
+        IpAddr::V4(_) => mask_len(&p.v4_mask),
+        IpAddr::V6(_) => mask_len(&p.v6_mask),
+    }
+}
+
+/// Age of an entry; a last-seen from another CPU's coarse clock may be ahead of ours.
+pub fn age(now_ns: u64, last_seen_ns: u64) -> Duration {
+    Duration::from_nanos(now_ns.saturating_sub(last_seen_ns))
+}
+
+/// Expired as the data path decides it (`age > timeout`); an entry of a service without
+/// persistence is never used again, so it counts as expired too.
+pub fn is_expired(age: Duration, p: &ServiceParams) -> bool {
+    p.timeout_ns == 0 || age.as_nanos() > p.timeout_ns as u128
+}
+
+/// Whether an entry matches `f`; `p` are the parameters of the entry's service.
+pub fn matches(f: &Filter, key: &PersistKey, value: &PersistValue, p: &ServiceParams) -> bool {
+    f.service_index.is_none_or(|s| s == key.service)
+        && f.backend_id.is_none_or(|b| b == value.backend)
+        && f.client
+            .is_none_or(|c| masked_key_addr(c, p) == key.addr_be)
+}
+
+/// Build an [`Entry`].
+pub fn to_entry(key: &PersistKey, value: &PersistValue, p: &ServiceParams, now_ns: u64) -> Entry {
+    let client = entry_addr(key.addr_be);
+    let age = age(now_ns, value.last_seen_ns);
+    Entry {
+        service_index: key.service,
+        client,
+        prefix_len: prefix_len(client, p),
+        backend_id: value.backend,
+        age,
+        expired: is_expired(age, p),
+    }
+}
+
+// ---- Map access ----
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.
+pub fn monotonic_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(PersistError::Clock(std::io::Error::last_os_error()));
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|source| PersistError::Open { path, source })
+}
+
+type PersistMap = BpfHashMap<MapData, PersistKey, PersistValue>;
+
+fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
+    let md = open(pin_dir, MAP_PERSIST)?;
+    let map = Map::from_map_data(md).map_err(|source| PersistError::Map {
+        name: MAP_PERSIST,
+        source,
+    })?;
+    BpfHashMap::try_from(map).map_err(|source| PersistError::Map {
+        name: MAP_PERSIST,
+        source,
+    })
+}
+
+/// Parameters of every service in `TETHER_SERVICES`, by kernel index.
+pub fn service_params(pin_dir: &Path) -> Result<HashMap<u32, ServiceParams>> {
+    let md = open(pin_dir, MAP_SERVICES)?;
+    let err = |source| PersistError::Map {
+        name: MAP_SERVICES,
+        source,
+    };
+    let map = Map::from_map_data(md).map_err(err)?;
+    let services: BpfHashMap<MapData, ServiceKey, Service> =
+        BpfHashMap::try_from(map).map_err(err)?;
+    let mut out = HashMap::new();
+    for r in services.iter() {
+        let (_, s) = r.map_err(err)?;
+        out.insert(s.index, ServiceParams::from_service(&s));
+    }
+    Ok(out)
+}
+
+/// Visit every entry once (bounded by the table's capacity), with its service's parameters.
+fn walk(
+    pin_dir: &Path,
+    mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams),
+) -> Result<()> {
+    let params = service_params(pin_dir)?;
+    let map = open_persist(pin_dir)?;
+    let err = |source| PersistError::Map {
+        name: MAP_PERSIST,
+        source,
+    };
+    let capacity = map.map().info().map_err(err)?.max_entries() as usize;
+    for key in map.keys().take(capacity.max(1)) {
+        let key = key.map_err(err)?;
+        let value = match map.get(&key, 0) {
+            Ok(v) => v,
+            // Evicted or flushed since get_next_key returned it.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(err(e)),
+        };
+        let p = params.get(&key.service).unwrap_or(&ServiceParams::STALE);
+        visit(&key, &value, p);
+    }
+    Ok(())
+}
+
+/// Entries matching `f`, sorted by service, client and backend.
+pub fn list(pin_dir: &Path, f: &Filter) -> Result<Vec<Entry>> {
+    list_capped(pin_dir, f, usize::MAX).map(|(v, _)| v)
+}
+
+/// Like [`list`] but keeps at most `max` entries; the flag says whether more matched.
+pub fn list_capped(pin_dir: &Path, f: &Filter, max: usize) -> Result<(Vec<Entry>, bool)> {
+    let now = monotonic_ns()?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut truncated = false;
+    walk(pin_dir, |k, v, p| {
+        if !matches(f, k, v, p) || !seen.insert(*k) {
+            return;
+        }
+        if out.len() < max {
+            out.push(to_entry(k, v, p, now));
+        } else {
+            truncated = true;
+        }
+    })?;
+    out.sort_by(|a, b| {
+        (a.service_index, a.client, a.backend_id).cmp(&(b.service_index, b.client, b.backend_id))
+    });
+    Ok((out, truncated))
+}
+
+/// Delete the entries matching `f` (all of them for an empty filter); returns how many were
+/// deleted. The affected clients get a new choice on their next packet.
+pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
+    // Collect first: deleting the key a walk stands on would restart the walk.
+    let mut keys = HashSet::new();
+    walk(pin_dir, |k, v, p| {
+        if matches(f, k, v, p) {
+            keys.insert(*k);
+        }
+    })?;
+    let mut map = open_persist(pin_dir)?;
+    let mut deleted = 0;
+    for k in &keys {
+        match map.remove(k) {
+            Ok(()) => deleted += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(PersistError::Map {
+                    name: MAP_PERSIST,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// One walk's counts: all entries, and live ones per (service, backend).
+pub fn census(pin_dir: &Path) -> Result<Census> {
+    let now = monotonic_ns()?;
+    let mut c = Census::default();
+    walk(pin_dir, |k, v, p| {
+        c.entries += 1;
+        if !is_expired(age(now, v.last_seen_ns), p) {
+            *c.live.entry((k.service, v.backend)).or_insert(0) += 1;
+        }
+    })?;
+    Ok(c)
+}
+
+/// Live (non-expired) entries per backend id.
+pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
+    Ok(census(pin_dir)?.by_backend())
+}
+
+/// Display helper: `10.0.0.0/24`.
+pub fn client_prefix(e: &Entry) -> String {
+    format!("{}/{}", e.client, e.prefix_len)
+}
+
+#[cfg(test)]
+pub(crate) mod testpins;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! Real kernel maps for tests: the XDP object's maps created (no program loaded) and pinned
+//! in a directory of their own under /sys/fs/bpf, removed on drop. Needs root.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+};
+use lb_common::{
+    MAP_BACKEND_STATS, MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey,
+    PersistValue, Service, ServiceKey, TrafficCounters,
+};
+
+use crate::dataplane::EBPF_OBJECT;
+
+/// The maps the inspection code reads.
+const PINNED: [&str; 5] = [
+    MAP_PERSIST,
+    MAP_SERVICES,
+    MAP_SERVICE_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASONS,
+];
+
+pub(crate) struct TestPins {
+    pub dir: PathBuf,
+    ebpf: Ebpf,
+}
+
+impl TestPins {
+    pub fn new(tag: &str) -> TestPins {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/tether-test-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating {} (bpffs, root?): {e}", dir.display()));
+        let paths: Vec<PathBuf> = PINNED.iter().map(|m| dir.join(m)).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_PERSIST, 1024);
+        for (name, path) in PINNED.iter().zip(&paths) {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("creating the maps in {}: {e}", dir.display()));
+        TestPins { dir, ebpf }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("map {name} missing from the object"))
+    }
+
+    /// A service entry with the given index, prefixes and timeout.
+    pub fn add_service(
+        &mut self,
+        vip: IpAddr,
+        port: u16,
+        index: u32,
+        v4: u8,
+        v6: u8,
+        timeout_s: u64,
+    ) {
+        let mut m: HashMap<&mut MapData, ServiceKey, Service> =
+            HashMap::try_from(self.map_mut(MAP_SERVICES)).expect("services map type");
+        let key = ServiceKey {
+            addr_be: crate::balancer::addr_bytes(vip),
+            port_be: port.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        };
+        let value = Service {
+            index,
+            timeout_ns: timeout_s * 1_000_000_000,
+            v4_mask_be: lb_common::prefix_mask::<4>(v4),
+            v6_mask_be: lb_common::prefix_mask::<16>(v6),
+            ..Service::default()
+        };
+        m.insert(key, value, 0).expect("insert service");
+    }
+
+    /// A binding as the data path writes it: `addr` must already be masked.
+    pub fn bind(&mut self, service: u32, addr: IpAddr, backend: u32, age_s: u64) {
+        let mut m: HashMap<&mut MapData, PersistKey, PersistValue> =
+            HashMap::try_from(self.map_mut(MAP_PERSIST)).expect("persist map type");
+        let now = super::monotonic_ns().expect("clock");
+        let key = PersistKey {
+            service,
+            addr_be: crate::balancer::addr_bytes(addr),
+        };
+        let value = PersistValue {
+            backend,
+            _pad: 0,
+            last_seen_ns: now - age_s * 1_000_000_000,
+        };
+        m.insert(key, value, 0).expect("insert binding");
+    }
+
+    /// Counters on CPU 0 (and `extra` on CPU 1 when there is one) of a service or backend.
+    pub fn set_counters(
+        &mut self,
+        map: &str,
+        index: u32,
+        c: TrafficCounters,
+        extra: TrafficCounters,
+    ) {
+        let ncpu = aya::util::nr_cpus().expect("nr_cpus");
+        let mut m: PerCpuArray<&mut MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_mut(map)).expect("stats map type");
+        let mut v = vec![TrafficCounters::default(); ncpu];
+        v[0] = c;
+        if ncpu > 1 {
+            v[1] = extra;
+        }
+        m.set(index, PerCpuValues::try_from(v).expect("per-cpu values"), 0)
+            .expect("set counters");
+    }
+
+    pub fn set_reason(&mut self, reason: u32, n: u64) {
+        let ncpu = aya::util::nr_cpus().expect("nr_cpus");
+        let mut m: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(self.map_mut(MAP_REASONS)).expect("reasons map type");
+        let mut v = vec![0u64; ncpu];
+        v[0] = n;
+        m.set(
+            reason,
+            PerCpuValues::try_from(v).expect("per-cpu values"),
+            0,
+        )
+        .expect("set reason");
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
