@@ -38,8 +38,9 @@ const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 pub enum ControlError {
     #[error(transparent)]
     Config(#[from] LoadError),
+    /// Boxed: aya's load errors are large, and every `Result` here would carry them.
     #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
+    Dataplane(Box<DataplaneError>),
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
@@ -68,6 +69,12 @@ pub enum ControlError {
 }
 
 type Result<T> = std::result::Result<T, ControlError>;
+
+impl From<DataplaneError> for ControlError {
+    fn from(e: DataplaneError) -> Self {
+        ControlError::Dataplane(Box::new(e))
+    }
+}
 
 /// Resolve every backend's link-layer facts: the egress interface from its route (a backend
 /// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,

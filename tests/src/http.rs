@@ -48,14 +48,21 @@ pub struct ServerStats {
 
 struct Server {
     name: String,
+    /// The backend namespace the server runs in.
+    ns: String,
     stats: Arc<ServerStats>,
+    /// This server's stop flag (each server can be stopped and started on its own).
+    stop: Arc<AtomicBool>,
+    /// `None` while stopped.
     thread: Option<JoinHandle<()>>,
 }
 
-/// One HTTP server per backend namespace of a [`Topology`], on `0.0.0.0:<port>`.
+/// One HTTP server per backend namespace of a [`Topology`], on `0.0.0.0:<port>`. Single
+/// servers can be stopped (the port then refuses connections) and started again
+/// ([`BackendServers::stop_backend`], [`BackendServers::start_backend`]); their counters carry
+/// over.
 pub struct BackendServers {
     pub port: u16,
-    stop: Arc<AtomicBool>,
     servers: Vec<Server>,
 }
 
@@ -63,45 +70,91 @@ impl BackendServers {
     /// Starts a server in every backend namespace; backend `i` answers with
     /// `topo.backend_name(i)`. Returns once all are listening.
     pub fn start(topo: &Topology, port: u16) -> Result<BackendServers> {
-        let stop = Arc::new(AtomicBool::new(false));
         let mut me = BackendServers {
             port,
-            stop: stop.clone(),
             servers: Vec::new(),
         };
         for (i, node) in topo.backends.iter().enumerate() {
-            let name = topo.backend_name(i);
-            let stats = Arc::new(ServerStats::default());
-            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
-            let (n, s, st) = (name.clone(), stats.clone(), stop.clone());
-            let thread = spawn_in_netns(&node.ns, &format!("http-{name}"), move || {
-                let listener =
-                    match TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    {
-                        Ok(l) => {
-                            let _ = ready_tx.send(Ok(()));
-                            l
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                accept_loop(listener, &n, &s, &st);
-            })?;
             me.servers.push(Server {
-                name: name.clone(),
-                stats,
-                thread: Some(thread),
+                name: topo.backend_name(i),
+                ns: node.ns.clone(),
+                stats: Arc::new(ServerStats::default()),
+                stop: Arc::new(AtomicBool::new(false)),
+                thread: None,
             });
-            match ready_rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => bail!("backend {name}: listening on port {port}: {e}"),
-                Err(_) => bail!("backend {name}: server did not start"),
-            }
+            me.launch(i)?;
         }
         Ok(me)
+    }
+
+    /// Starts server `i` (not running) and waits until it listens.
+    fn launch(&mut self, i: usize) -> Result<()> {
+        let port = self.port;
+        let server = &mut self.servers[i];
+        server.stop.store(false, Ordering::Relaxed);
+        let name = server.name.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+        let (n, s, st) = (name.clone(), server.stats.clone(), server.stop.clone());
+        let thread = spawn_in_netns(&server.ns, &format!("http-{name}"), move || {
+            // std's bind sets SO_REUSEADDR: a restarted server gets its port back at once.
+            let listener = match TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            accept_loop(listener, &n, &s, &st);
+        })?;
+        server.thread = Some(thread);
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => bail!("backend {name}: listening on port {port}: {e}"),
+            Err(_) => bail!("backend {name}: server did not start"),
+        }
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.servers
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no backend server named {name}"))
+    }
+
+    /// Stops the server of backend `name`: once this returns its port is closed (new
+    /// connections are refused) and its connections are finished.
+    pub fn stop_backend(&mut self, name: &str) -> Result<()> {
+        let i = self.index_of(name)?;
+        let server = &mut self.servers[i];
+        let Some(t) = server.thread.take() else {
+            bail!("backend server {name} is not running");
+        };
+        server.stop.store(true, Ordering::Relaxed);
+        t.join()
+            .map_err(|_| anyhow::anyhow!("backend server {name} panicked"))?;
+        Ok(())
+    }
+
+    /// Starts the server of backend `name` again (after [`BackendServers::stop_backend`]);
+    /// returns once it listens. Its counters carry over.
+    pub fn start_backend(&mut self, name: &str) -> Result<()> {
+        let i = self.index_of(name)?;
+        if self.servers[i].thread.is_some() {
+            bail!("backend server {name} is already running");
+        }
+        self.launch(i)
+    }
+
+    /// Whether the server of backend `name` runs.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.name == name && s.thread.is_some())
     }
 
     /// `(backend name, connections accepted)` per backend.
@@ -126,7 +179,9 @@ impl BackendServers {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.servers {
+            s.stop.store(true, Ordering::Relaxed);
+        }
         for s in &mut self.servers {
             if let Some(t) = s.thread.take() {
                 let _ = t.join();
@@ -188,6 +243,9 @@ fn accept_loop(
         }
         workers.retain(|h| !h.is_finished());
     }
+    // Close the port first (new connections are refused from here on), then let the
+    // connections in progress finish.
+    drop(listener);
     for h in workers {
         let _ = h.join();
     }

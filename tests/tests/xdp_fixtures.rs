@@ -11,7 +11,7 @@
 use std::{
     cell::Cell,
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     panic::{AssertUnwindSafe, catch_unwind},
     path::PathBuf,
     rc::Rc,
@@ -186,8 +186,8 @@ impl Fixture {
         m.set(id, be, 0).expect("set backend");
     }
 
-    /// Fill a whole Maglev table: entry `i` gets `ids[i % ids.len()]`. One
-    /// BPF_MAP_UPDATE_BATCH call (aya has no batch API); 65537 single updates take ~100 ms.
+    /// Fill a whole Maglev table: entry `i` gets `ids[i % ids.len()]` (one batch update, as
+    /// the daemon writes tables).
     fn fill_table(&mut self, svc: u32, slot: u32, ids: &[u32]) {
         let Some(Map::Array(data)) = self.ebpf.map(MAP_MAGLEV) else {
             panic!("{MAP_MAGLEV} is not an array");
@@ -198,44 +198,8 @@ impl Fixture {
         let values: Vec<u32> = (0..MAGLEV_TABLE_SIZE as usize)
             .map(|h| ids[h % ids.len()])
             .collect();
-        // The `batch` member of union bpf_attr.
-        #[repr(C)]
-        struct BatchAttr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: keys.len() as u32,
-            map_fd: data.fd().as_fd().as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-        // SAFETY: `attr` points at live key and value buffers of `count` u32s each.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        assert_eq!(
-            (rc, attr.count),
-            (0, MAGLEV_TABLE_SIZE),
-            "BPF_MAP_UPDATE_BATCH on {MAP_MAGLEV}: {}",
-            std::io::Error::last_os_error()
-        );
+        tether::dataplane::batch::update_u32(data.fd().as_fd(), &keys, &values)
+            .unwrap_or_else(|e| panic!("batch update of {MAP_MAGLEV}: {e}"));
     }
 
     /// Set the one Maglev entry a hash selects.

@@ -5,6 +5,7 @@
 //! the slot the program is not reading is written in full before the service entry flips
 //! to it.
 
+pub mod batch;
 pub mod net;
 
 use std::{
@@ -416,18 +417,22 @@ impl Dataplane {
             }
             let slot = live.map_or(0, |(_, v)| (v.maglev_slot + 1) % MAGLEV_SLOTS);
             {
-                let mut maglev: Array<&mut MapData, u32> = Array::try_from(
-                    self.ebpf
-                        .map_mut(MAP_MAGLEV)
-                        .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?,
-                )
-                .map_err(map_err(MAP_MAGLEV))?;
+                let maglev = self
+                    .ebpf
+                    .map(MAP_MAGLEV)
+                    .ok_or(DataplaneError::MissingMap(MAP_MAGLEV))?;
+                let aya::maps::Map::Array(data) = maglev else {
+                    return Err(DataplaneError::MissingMap(MAP_MAGLEV));
+                };
                 let base = maglev_index(sp.value.index, slot, 0);
-                for (i, id) in sp.table.iter().enumerate() {
-                    maglev
-                        .set(base + i as u32, id, 0)
-                        .map_err(map_err(MAP_MAGLEV))?;
-                }
+                let keys: Vec<u32> = (base..base + sp.table.len() as u32).collect();
+                use std::os::fd::AsFd;
+                batch::update_u32(data.fd().as_fd(), &keys, &sp.table).map_err(|e| {
+                    DataplaneError::Map {
+                        name: MAP_MAGLEV,
+                        source: MapError::from(e),
+                    }
+                })?;
             }
             let value = Service {
                 maglev_slot: slot,
