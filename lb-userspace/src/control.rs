@@ -434,17 +434,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let health = initial_health(&cfg, &previous).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let started = SystemTime::now();
-    let placeholder = Snapshot {
-        config: cfg.clone(),
-        service_index: ids.services.clone(),
-        backend_ids: ids.backends.clone(),
-        backend_state: states(&cfg, &health),
-        health: health.clone(),
-        xdp_mode: "native",
-        generation: 0,
-        started,
-    };
-    let shared: SharedSnapshot = Arc::new(ArcSwap::from_pointee(placeholder));
     let mut d = Daemon {
         config_path: config_path.to_owned(),
         cfg: cfg.clone(),
@@ -454,11 +443,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         health,
         monitors: Vec::new(),
         events: tx,
-        shared: shared.clone(),
+        // Replaced by the first `program()`; readers start after that.
+        shared: Arc::new(ArcSwap::from_pointee(Snapshot::empty(cfg.clone(), started))),
         mode: Attached::Native,
         generation: 0,
         started,
     };
+    let shared = d.shared.clone();
     // Tables before the attach: the first packet the new program sees finds complete services.
     d.program()?;
     d.dp.pin_program()?;

@@ -97,6 +97,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot with no ids yet (before the first programming of the kernel).
+    pub fn empty(config: Arc<Config>, started: SystemTime) -> Snapshot {
+        Snapshot {
+            config,
+            service_index: Vec::new(),
+            backend_ids: Vec::new(),
+            backend_state: Vec::new(),
+            health: Vec::new(),
+            xdp_mode: "native",
+            generation: 0,
+            started,
+        }
+    }
+
     pub fn pin_dir(&self) -> &PathBuf {
         &self.config.pin_dir
     }

@@ -6,10 +6,11 @@
 //! kills it if still running and removes its config file and pin directory.
 
 use std::{
-    io::{BufRead as _, BufReader, Read},
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -20,9 +21,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::netns::{Topology, netns_path};
+use crate::netns::{Topology, netns_path, run_cmd, run_in_netns};
 
 /// Environment variable with the daemon binary's path (set by `cargo xtask test|run`).
 pub const TETHER_BIN_ENV: &str = "TETHER_BIN";
@@ -30,6 +31,12 @@ pub const TETHER_BIN_ENV: &str = "TETHER_BIN";
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits for the daemon to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`Daemon::reload`] waits for the daemon to log the outcome.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(20);
+/// The daemon's admin API address when the config sets none.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// Timeout of one admin API request made by the harness.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Captured output is capped (the oldest half is dropped past this).
 const MAX_LOG: usize = 4 << 20;
 
@@ -54,7 +61,9 @@ pub fn tether_bin() -> Result<PathBuf> {
 }
 
 /// A tether config for a topology: the LB's veth, one pool `web` with every backend
-/// (`b1`.. at their addresses, weight 1), services added with [`ConfigBuilder::service`].
+/// (`b1`.. at their addresses, weight 1), services added with [`ConfigBuilder::service`] (TCP)
+/// or [`ConfigBuilder::udp_service`]. Optional: a health monitor on the pool, per-backend
+/// fields (`weight`, `admin_state`), the persistence profiles' down policy, `admin_listen`.
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
     interface: String,
@@ -64,6 +73,10 @@ pub struct ConfigBuilder {
     backends: Vec<(String, Ipv4Addr)>,
     services: Vec<Value>,
     profiles: Vec<Value>,
+    down_policy: String,
+    health_monitor: Option<Value>,
+    backend_fields: BTreeMap<String, Map<String, Value>>,
+    admin_listen: Option<String>,
 }
 
 impl ConfigBuilder {
@@ -82,6 +95,10 @@ impl ConfigBuilder {
                 .collect(),
             services: Vec::new(),
             profiles: Vec::new(),
+            down_policy: "immediate".into(),
+            health_monitor: None,
+            backend_fields: BTreeMap::new(),
+            admin_listen: None,
         }
     }
 
@@ -98,12 +115,27 @@ impl ConfigBuilder {
 
     /// A TCP L4 DSR service on VIP:`port` over pool `web`, with client-IP persistence (/32)
     /// timing out after `persistence_timeout_s`, or none.
-    pub fn service(mut self, name: &str, port: u16, persistence_timeout_s: Option<u64>) -> Self {
+    pub fn service(self, name: &str, port: u16, persistence_timeout_s: Option<u64>) -> Self {
+        self.add_service(name, port, "tcp", persistence_timeout_s)
+    }
+
+    /// Like [`ConfigBuilder::service`], for UDP.
+    pub fn udp_service(self, name: &str, port: u16, persistence_timeout_s: Option<u64>) -> Self {
+        self.add_service(name, port, "udp", persistence_timeout_s)
+    }
+
+    fn add_service(
+        mut self,
+        name: &str,
+        port: u16,
+        protocol: &str,
+        persistence_timeout_s: Option<u64>,
+    ) -> Self {
         let mut svc = json!({
             "name": name,
             "vip": crate::netns::VIP.to_string(),
             "port": port,
-            "protocol": "tcp",
+            "protocol": protocol,
             "mode": "l4-dsr",
             "pool": "web",
         });
@@ -123,21 +155,84 @@ impl ConfigBuilder {
         self
     }
 
+    /// `select_new_server_when_down` of every persistence profile: `immediate` (default) or
+    /// `never`.
+    pub fn down_policy(mut self, policy: &str) -> Self {
+        self.down_policy = policy.into();
+        self
+    }
+
+    /// The pool's `health_monitor` object (`{"type": "http", "port": 80, ...}`).
+    pub fn health_monitor(mut self, monitor: Value) -> Self {
+        self.health_monitor = Some(monitor);
+        self
+    }
+
+    /// Sets a field of backend `name` in the pool (`weight`, `admin_state`, ...); `null`
+    /// removes an earlier setting.
+    pub fn backend_field(mut self, name: &str, field: &str, value: Value) -> Self {
+        let fields = self.backend_fields.entry(name.to_string()).or_default();
+        if value.is_null() {
+            fields.remove(field);
+        } else {
+            fields.insert(field.to_string(), value);
+        }
+        self
+    }
+
+    /// Leaves backend `name` out of the pool.
+    pub fn without_backend(mut self, name: &str) -> Self {
+        self.backends.retain(|(n, _)| n != name);
+        self
+    }
+
+    /// Top-level `admin_listen` (the daemon's default is 127.0.0.1:9180, inside the LB
+    /// namespace).
+    pub fn admin_listen(mut self, addr: &str) -> Self {
+        self.admin_listen = Some(addr.into());
+        self
+    }
+
     pub fn build(&self) -> Value {
-        json!({
+        let profiles: Vec<Value> = self
+            .profiles
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p["select_new_server_when_down"] = json!(self.down_policy);
+                p
+            })
+            .collect();
+        let backends: Vec<Value> = self
+            .backends
+            .iter()
+            .map(|(n, a)| {
+                let mut b = json!({ "name": n, "address": a.to_string(), "weight": 1 });
+                if let Some(extra) = self.backend_fields.get(n) {
+                    for (k, v) in extra {
+                        b[k] = v.clone();
+                    }
+                }
+                b
+            })
+            .collect();
+        let mut pool = json!({ "name": "web", "backends": backends });
+        if let Some(m) = &self.health_monitor {
+            pool["health_monitor"] = m.clone();
+        }
+        let mut cfg = json!({
             "interface": self.interface,
             "xdp_mode": self.xdp_mode,
             "pin_dir": self.pin_dir.to_string_lossy(),
             "persist_table_entries": self.persist_table_entries,
             "virtual_services": self.services,
-            "pools": [{
-                "name": "web",
-                "backends": self.backends.iter().map(|(n, a)| json!({
-                    "name": n, "address": a.to_string(), "weight": 1,
-                })).collect::<Vec<_>>(),
-            }],
-            "persistence_profiles": self.profiles,
-        })
+            "pools": [pool],
+            "persistence_profiles": profiles,
+        });
+        if let Some(a) = &self.admin_listen {
+            cfg["admin_listen"] = json!(a);
+        }
+        cfg
     }
 }
 
@@ -162,6 +257,9 @@ impl Log {
 /// A running `tether run` in a namespace.
 pub struct Daemon {
     child: Option<Child>,
+    bin: PathBuf,
+    ns: String,
+    admin: SocketAddr,
     pin_dir: PathBuf,
     config_path: PathBuf,
     log: Arc<Mutex<Log>>,
@@ -207,9 +305,17 @@ impl Daemon {
         std::fs::write(&config_path, serde_json::to_vec_pretty(config)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
 
+        let admin: SocketAddr = config["admin_listen"]
+            .as_str()
+            .unwrap_or(DEFAULT_ADMIN_LISTEN)
+            .parse()
+            .context("the config's admin_listen is not an address:port")?;
         let log = Arc::new(Mutex::new(Log::default()));
         let mut me = Daemon {
             child: None,
+            bin: bin.to_path_buf(),
+            ns: ns.to_string(),
+            admin,
             pin_dir,
             config_path,
             log: log.clone(),
@@ -327,6 +433,156 @@ impl Daemon {
         }
     }
 
+    /// The namespace the daemon runs in.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// The config file the daemon was started with (and rereads on SIGHUP).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The admin API address (inside the daemon's namespace).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// Replaces the config file (atomically: write and rename) without signalling the daemon.
+    pub fn write_config(&self, config: &Value) -> Result<()> {
+        self.write_config_text(&serde_json::to_string_pretty(config)?)
+    }
+
+    /// Replaces the config file with `text` (which need not be valid).
+    pub fn write_config_text(&self, text: &str) -> Result<()> {
+        let tmp = self.config_path.with_extension("json.new");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        Ok(())
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        // SAFETY: kill(2) on our own child's pid (nsenter execs tether, so it is tether).
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Lines of the output so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.logs()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until more than `seen` output lines contain `needle`; returns
+    /// the newest such line.
+    pub fn wait_for_log(&self, needle: &str, seen: usize, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines(needle);
+            if lines.len() > seen {
+                return lines.last().cloned();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGHUP, then waits (up to [`RELOAD_TIMEOUT`]) for the daemon to log the outcome: the
+    /// `reloaded ...` or `reload refused ...` line.
+    pub fn reload(&self) -> Result<Reload> {
+        const APPLIED: &str = "reloaded ";
+        const REFUSED: &str = "reload refused";
+        let (applied, refused) = (self.log_lines(APPLIED).len(), self.log_lines(REFUSED).len());
+        self.signal(libc::SIGHUP)?;
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        loop {
+            let a = self.log_lines(APPLIED);
+            if a.len() > applied {
+                return Ok(Reload::Applied(a.last().cloned().unwrap_or_default()));
+            }
+            let r = self.log_lines(REFUSED);
+            if r.len() > refused {
+                return Ok(Reload::Refused(r.last().cloned().unwrap_or_default()));
+            }
+            if self.pid().is_none() {
+                bail!("tether is gone; output:\n{}", self.logs());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "tether logged neither `reloaded` nor `reload refused` within {}s of SIGHUP; output:\n{}",
+                    RELOAD_TIMEOUT.as_secs(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to `timeout`) for the daemon to exit by itself (someone else signalled
+    /// it, e.g. `tether stop`), reaping it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "tether did not exit within {}s; output:\n{}",
+                    timeout.as_secs(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.child = None;
+        self.join_readers();
+        Ok(status)
+    }
+
+    /// Runs `tether ARGS` (the same binary) in the daemon's namespace; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        tether_cli(&self.bin, &self.ns, args)
+    }
+
+    /// One request to the admin API, made from the daemon's namespace.
+    pub fn admin(&self, method: &str, path: &str) -> Result<AdminReply> {
+        admin_request(&self.ns, self.admin, method, path)
+    }
+
+    /// `GET path` on the admin API; fails unless the answer is 200 with a JSON body.
+    pub fn admin_json(&self, path: &str) -> Result<Value> {
+        let r = self.admin("GET", path)?;
+        if r.status != 200 {
+            bail!("GET {path}: status {}: {}", r.status, r.body);
+        }
+        serde_json::from_str(&r.body).with_context(|| format!("GET {path}: not JSON: {}", r.body))
+    }
+
+    /// `GET /metrics`; fails unless the answer is 200.
+    pub fn metrics(&self) -> Result<String> {
+        let r = self.admin("GET", "/metrics")?;
+        if r.status != 200 {
+            bail!("GET /metrics: status {}: {}", r.status, r.body);
+        }
+        Ok(r.body)
+    }
+
     /// SIGTERM, then wait for exit (up to [`STOP_TIMEOUT`]). Fails unless it exits with 0
     /// after logging `tether stopped`. The pin directory is removed afterwards (on drop).
     pub fn stop(mut self) -> Result<String> {
@@ -401,5 +657,108 @@ impl Drop for Daemon {
         {
             eprintln!("warning: removing {}: {e}", self.pin_dir.display());
         }
+    }
+}
+
+/// Outcome of [`Daemon::reload`], with the line the daemon logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reload {
+    Applied(String),
+    Refused(String),
+}
+
+/// Runs `bin ARGS` in namespace `ns` (nsenter, so bpffs and /run stay the host's); returns
+/// its stdout, or fails with its status and stderr.
+pub fn tether_cli(bin: &Path, ns: &str, args: &[&str]) -> Result<String> {
+    run_cmd(
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns_path(ns).display()))
+            .arg("--")
+            .arg(bin)
+            .args(args)
+            .env("RUST_LOG", "warn"),
+    )
+}
+
+/// An admin API answer.
+#[derive(Clone, Debug)]
+pub struct AdminReply {
+    pub status: u16,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request (`Connection: close`) to `addr` from a thread in namespace `ns`.
+pub fn admin_request(ns: &str, addr: SocketAddr, method: &str, path: &str) -> Result<AdminReply> {
+    let (method, path) = (method.to_string(), path.to_string());
+    let raw = run_in_netns(ns, move || -> Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&addr, ADMIN_TIMEOUT)
+            .with_context(|| format!("connecting to the admin API at {addr}"))?;
+        s.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+        s.set_write_timeout(Some(ADMIN_TIMEOUT))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.take(64 << 20)
+            .read_to_end(&mut raw)
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        Ok(raw)
+    })??;
+    parse_admin_reply(&raw)
+}
+
+fn parse_admin_reply(raw: &[u8]) -> Result<AdminReply> {
+    let text = String::from_utf8_lossy(raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("malformed admin API answer: {text:?}");
+    };
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let head_lc = head.to_ascii_lowercase();
+    let body = if head_lc.contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        loop {
+            let (size, after) = rest
+                .split_once("\r\n")
+                .with_context(|| format!("bad chunked body: {body:?}"))?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("bad chunk size in {body:?}"))?;
+            if size == 0 {
+                break;
+            }
+            out.push_str(after.get(..size).context("short chunk")?);
+            rest = after.get(size + 2..).context("short chunk")?;
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok(AdminReply { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_admin_replies() {
+        let r = parse_admin_reply(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\n{}\n",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "{}\n"));
+        let r = parse_admin_reply(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.body, "abcde");
+        let r = parse_admin_reply(b"HTTP/1.1 404 Not Found\r\n\r\nno such path /x\n").unwrap();
+        assert_eq!(r.status, 404);
+        assert!(parse_admin_reply(b"garbage").is_err());
     }
 }

@@ -8,10 +8,10 @@
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -460,6 +460,292 @@ impl Topology {
     }
 }
 
+/// Datagrams of a sequence stream: these 4 bytes, then the sequence number (u64, big endian).
+pub const SEQ_MAGIC: [u8; 4] = *b"TSEQ";
+/// Receive buffer asked for on each UDP sink (SO_RCVBUFFORCE), so a scheduling hiccup of the
+/// sink thread does not drop datagrams in the sink's own socket.
+const SINK_RCVBUF: libc::c_int = 8 << 20;
+
+/// What one UDP sink received.
+#[derive(Debug, Default)]
+struct SinkLog {
+    /// Sequence numbers in arrival order.
+    seqs: Vec<u64>,
+    /// Datagrams that were not sequence datagrams.
+    other: u64,
+}
+
+struct UdpSink {
+    name: String,
+    log: Arc<Mutex<SinkLog>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One UDP sink per backend namespace of a [`Topology`], on `0.0.0.0:<port>`: records the
+/// sequence numbers of the [`SEQ_MAGIC`] datagrams it receives (see [`spawn_seq_sender`]).
+/// Stopped on drop.
+pub struct UdpSinks {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    sinks: Vec<UdpSink>,
+}
+
+impl UdpSinks {
+    /// Starts a sink in every backend namespace; returns once all are bound.
+    pub fn start(topo: &Topology, port: u16) -> Result<UdpSinks> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut me = UdpSinks {
+            port,
+            stop: stop.clone(),
+            sinks: Vec::new(),
+        };
+        for (i, node) in topo.backends.iter().enumerate() {
+            let name = topo.backend_name(i);
+            let log = Arc::new(Mutex::new(SinkLog::default()));
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+            let (l, st) = (log.clone(), stop.clone());
+            let thread = spawn_in_netns(&node.ns, &format!("udp-{name}"), move || {
+                let sock = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_millis(50)))
+                            .map(|()| s)
+                    }) {
+                    Ok(s) => {
+                        force_rcvbuf(&s, SINK_RCVBUF);
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                sink_loop(&sock, &l, &st);
+            })?;
+            me.sinks.push(UdpSink {
+                name: name.clone(),
+                log,
+                thread: Some(thread),
+            });
+            match ready_rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("backend {name}: binding UDP port {port}: {e}"),
+                Err(_) => bail!("backend {name}: UDP sink did not start"),
+            }
+        }
+        Ok(me)
+    }
+
+    /// `(backend name, sequence numbers received in arrival order)` per backend.
+    pub fn received(&self) -> Vec<(String, Vec<u64>)> {
+        self.sinks
+            .iter()
+            .map(|s| {
+                let log = s.log.lock().unwrap_or_else(|p| p.into_inner());
+                (s.name.clone(), log.seqs.clone())
+            })
+            .collect()
+    }
+
+    /// Sequence datagrams received by all sinks together.
+    pub fn total(&self) -> usize {
+        self.sinks
+            .iter()
+            .map(|s| s.log.lock().unwrap_or_else(|p| p.into_inner()).seqs.len())
+            .sum()
+    }
+
+    /// `(backend name, datagrams that were not sequence datagrams)` per backend.
+    pub fn other(&self) -> Vec<(String, u64)> {
+        self.sinks
+            .iter()
+            .map(|s| {
+                let log = s.log.lock().unwrap_or_else(|p| p.into_inner());
+                (s.name.clone(), log.other)
+            })
+            .collect()
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &mut self.sinks {
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for UdpSinks {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Best effort: SO_RCVBUFFORCE (root), else SO_RCVBUF (capped by rmem_max).
+fn force_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a valid socket with a c_int value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+fn sink_loop(sock: &UdpSocket, log: &Mutex<SinkLog>, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                match parse_seq(&buf[..n]) {
+                    Some(seq) => l.seqs.push(seq),
+                    None => l.other += 1,
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// A sequence datagram.
+pub fn seq_datagram(seq: u64) -> [u8; 12] {
+    let mut d = [0u8; 12];
+    d[..4].copy_from_slice(&SEQ_MAGIC);
+    d[4..].copy_from_slice(&seq.to_be_bytes());
+    d
+}
+
+/// The sequence number of a sequence datagram.
+pub fn parse_seq(d: &[u8]) -> Option<u64> {
+    if d.len() != 12 || d[..4] != SEQ_MAGIC {
+        return None;
+    }
+    Some(u64::from_be_bytes(d[4..].try_into().ok()?))
+}
+
+/// Sends sequence datagrams 0, 1, 2... from `src` (one socket, so one source port) to `dst`
+/// at `rate` per second, on a thread in namespace `ns`, until `stop` is set or `max` have
+/// been sent. A send that fails transiently (ENOBUFS, EAGAIN) is retried (up to 100 times per
+/// datagram), so the numbers sent are exactly `0..n`. The thread returns `n`.
+pub fn spawn_seq_sender(
+    ns: &str,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    rate: u32,
+    max: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<io::Result<u64>>> {
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    spawn_in_netns(ns, "udp-seq-sender", move || -> io::Result<u64> {
+        let sock = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+        let t0 = Instant::now();
+        let mut seq = 0u64;
+        while seq < max && !stop.load(Ordering::Relaxed) {
+            let due = t0 + period.mul_f64(seq as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let d = seq_datagram(seq);
+            let mut tries = 0;
+            loop {
+                match sock.send_to(&d, dst) {
+                    Ok(_) => break,
+                    Err(_) if tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            seq += 1;
+        }
+        Ok(seq)
+    })
+}
+
+/// An HTTP/1.1 keep-alive connection to a backend server (through the VIP): one
+/// `GET /` at a time on the same TCP connection.
+pub struct KeepAlive {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    timeout: Duration,
+}
+
+impl KeepAlive {
+    /// Takes an open connection (see [`connect_from`] / [`Topology::connect_vip`]).
+    pub fn new(stream: TcpStream, timeout: Duration) -> KeepAlive {
+        KeepAlive {
+            stream,
+            buf: Vec::with_capacity(1024),
+            timeout,
+        }
+    }
+
+    /// The connection's local address (the client side).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    /// One `GET /` on this connection; returns the body, trimmed (the backend's name). Fails
+    /// if the server closes the connection or answers anything but 200 with a length.
+    pub fn get(&mut self) -> io::Result<String> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: tether\r\nConnection: keep-alive\r\n\r\n")?;
+        let deadline = Instant::now() + self.timeout;
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = find_head_end(&self.buf) {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let len = head
+                    .split("\r\n")
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("no length: {head:?}"))
+                    })?;
+                if self.buf.len() >= end + len {
+                    let body = parse_response(&self.buf[..end + len]);
+                    self.buf.drain(..end + len);
+                    return body;
+                }
+            }
+            if Instant::now() > deadline || self.buf.len() > 64 * 1024 {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "response did not end in time",
+                ));
+            }
+            match self.stream.read(&mut chunk)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ));
+                }
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,5 +808,39 @@ mod tests {
         t.join().unwrap();
         assert_eq!(stats.connections.load(Ordering::Relaxed), 5);
         assert_eq!(stats.requests.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn seq_datagrams_round_trip() {
+        for seq in [0, 1, 4242, u64::MAX] {
+            assert_eq!(parse_seq(&seq_datagram(seq)), Some(seq));
+        }
+        assert_eq!(parse_seq(b"TSEQ1234"), None, "too short");
+        assert_eq!(parse_seq(b"XSEQ12345678"), None, "wrong magic");
+    }
+
+    /// Several requests on one keep-alive connection, on loopback.
+    #[test]
+    fn keep_alive_client_on_loopback() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = match listener.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        let stats = Arc::new(ServerStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (stats.clone(), stop.clone());
+        let t = std::thread::spawn(move || accept_loop(listener, "b9", &s2, &st2));
+        let c = connect_from(Ipv4Addr::LOCALHOST, addr, Duration::from_secs(2)).unwrap();
+        let mut ka = KeepAlive::new(c, Duration::from_secs(2));
+        for _ in 0..5 {
+            assert_eq!(ka.get().unwrap(), "b9");
+        }
+        drop(ka);
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(stats.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.requests.load(Ordering::Relaxed), 5);
     }
 }

@@ -450,6 +450,23 @@ impl Topology {
         Ok(None)
     }
 
+    /// Id of the XDP program attached to the LB's veth (`ip -j -d link`), `None` when none is.
+    pub fn lb_xdp_prog_id(&self) -> Result<Option<u64>> {
+        let out = run_cmd(Command::new("ip").args([
+            "-j",
+            "-d",
+            "-n",
+            &self.lb.ns,
+            "link",
+            "show",
+            "dev",
+            &self.lb.ifname,
+        ]))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("ip -j link output {out:?}"))?;
+        Ok(v[0]["xdp"]["prog"]["id"].as_u64())
+    }
+
     fn add_ns(&mut self, name: &str) -> Result<()> {
         if netns_path(name).exists() {
             // Only possible for a stale namespace of a recycled pid: ours are unique.

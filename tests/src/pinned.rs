@@ -9,8 +9,9 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     maps::{
-        BACKEND_UNUSED, Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_PERSIST, MAP_REASONS,
-        MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey, v4_mapped,
+        BACKEND_UNUSED, Backend, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
+        MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue,
+        Service, ServiceKey, maglev_index, v4_mapped,
     },
     stats::{TrafficCounters, reason},
 };
@@ -122,6 +123,21 @@ impl Pins {
         let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?.try_into()?;
         let b = m.get(&id, 0)?;
         mapped_v4(&b.addr_be).ok_or_else(|| anyhow!("backend {id} has no IPv4 address: {b:?}"))
+    }
+
+    /// The live Maglev table of service `index` (the slot its `Service` entry names): one
+    /// backend id (or `NO_BACKEND`) per position.
+    pub fn maglev_table(&self, index: u32) -> Result<Vec<u32>> {
+        let slot = self
+            .services()?
+            .into_iter()
+            .find(|(_, s)| s.index == index)
+            .map(|(_, s)| s.maglev_slot)
+            .ok_or_else(|| anyhow!("no service with index {index}"))?;
+        let m: Array<MapData, u32> = self.open(MAP_MAGLEV)?.try_into()?;
+        (0..MAGLEV_TABLE_SIZE)
+            .map(|h| Ok(m.get(&maglev_index(index, slot, h), 0)?))
+            .collect()
     }
 
     /// Every persistence entry.

@@ -22,7 +22,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, DevMapHash, HashMap, Map, MapInfo, MapType, PerCpuArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
@@ -147,12 +147,7 @@ impl Fixture {
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("creating pin dir {}: {e}", dir.display()));
         // Pinned by name as the daemon does, so the map contract can be checked on the pins.
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_PERSIST, PERSIST_ENTRIES);
-        for name in ALL_MAPS {
-            loader.map_pin_path(name, dir.join(name));
-        }
-        let ebpf = loader.load(EBPF_OBJECT);
+        let ebpf = tether::dataplane::pinned_loader(&dir, PERSIST_ENTRIES).load(EBPF_OBJECT);
         let mut ebpf = match ebpf {
             Ok(e) => e,
             Err(e) => {

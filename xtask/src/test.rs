@@ -96,7 +96,16 @@ pub fn test(args: TestArgs) -> Result<()> {
         // One test at a time: each builds its own topology and daemon, and 2 cores are shared.
         run_cmd(
             with_filter(
-                &["test", "--locked", "-p", "tether-tests", "--test", "e2e_l4"],
+                &[
+                    "test",
+                    "--locked",
+                    "-p",
+                    "tether-tests",
+                    "--test",
+                    "e2e_l4",
+                    "--test",
+                    "e2e_ops",
+                ],
                 &["--test-threads=1"],
             )
             .env("TETHER_BIN", &tether),

@@ -125,6 +125,18 @@ pub struct KernelState {
     pub backend_states: Vec<(u32, u32)>,
 }
 
+/// A loader that pins every map by name under `pin_dir`: an existing pin is opened and
+/// reused (the table and counters survive a restart), a missing one is created and pinned.
+/// The persistence table gets `persist_entries` entries when it is created.
+pub fn pinned_loader(pin_dir: &Path, persist_entries: u32) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(MAP_PERSIST, persist_entries);
+    for name in ALL_MAPS {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    loader
+}
+
 /// Pin of the XDP link of `iface`: while it exists the program stays attached, also with no
 /// daemon running, and a new daemon replaces the program on it atomically.
 pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
@@ -187,15 +199,7 @@ impl Dataplane {
                 persist_pin.display()
             );
         }
-        // Every map is pinned by name: an existing pin is opened and reused (the table and
-        // counters survive a restart), a missing one is created and pinned.
-        let pins: Vec<PathBuf> = ALL_MAPS.iter().map(|m| pin_dir.join(m)).collect();
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_PERSIST, persist_entries);
-        for (name, path) in ALL_MAPS.iter().zip(&pins) {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let ebpf = loader.load(EBPF_OBJECT)?;
+        let ebpf = pinned_loader(pin_dir, persist_entries).load(EBPF_OBJECT)?;
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -208,6 +212,31 @@ impl Dataplane {
             source,
         })?;
         Ok(dp)
+    }
+
+    /// A map of the object as aya's typed wrapper (`Array`, `HashMap`, ...).
+    fn typed_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        T::try_from(
+            self.ebpf
+                .map_mut(name)
+                .ok_or(DataplaneError::MissingMap(name))?,
+        )
+        .map_err(map_err(name))
+    }
+
+    fn typed<'a, T>(&'a self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        T::try_from(
+            self.ebpf
+                .map(name)
+                .ok_or(DataplaneError::MissingMap(name))?,
+        )
+        .map_err(map_err(name))
     }
 
     fn xdp(&mut self) -> Result<&mut Xdp> {
@@ -342,24 +371,14 @@ impl Dataplane {
 
     /// Read what an earlier run left in the pinned maps.
     pub fn kernel_state(&self) -> Result<KernelState> {
-        let services: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(
-            self.ebpf
-                .map(MAP_SERVICES)
-                .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
-        )
-        .map_err(map_err(MAP_SERVICES))?;
+        let services: HashMap<&MapData, ServiceKey, Service> = self.typed(MAP_SERVICES)?;
         let mut st = KernelState::default();
         st.previous.services = services
             .iter()
             .filter_map(|r| r.ok())
             .map(|(k, v)| (k, v.index))
             .collect();
-        let backends: Array<&MapData, Backend> = Array::try_from(
-            self.ebpf
-                .map(MAP_BACKENDS)
-                .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
-        )
-        .map_err(map_err(MAP_BACKENDS))?;
+        let backends: Array<&MapData, Backend> = self.typed(MAP_BACKENDS)?;
         for id in 0..MAX_BACKENDS {
             let b = backends.get(&id, 0).map_err(map_err(MAP_BACKENDS))?;
             if b.state != lb_common::BACKEND_UNUSED && b.identity != 0 {
@@ -377,23 +396,13 @@ impl Dataplane {
     pub fn apply(&mut self, plan: &Plan) -> Result<Removed> {
         let mut removed = Removed::default();
         {
-            let mut backends: Array<&mut MapData, Backend> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_BACKENDS)
-                    .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
-            )
-            .map_err(map_err(MAP_BACKENDS))?;
+            let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
             for (id, b) in &plan.backends {
                 backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?;
             }
         }
         let current: Vec<(ServiceKey, Service)> = {
-            let services: HashMap<&MapData, ServiceKey, Service> = HashMap::try_from(
-                self.ebpf
-                    .map(MAP_SERVICES)
-                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
-            )
-            .map_err(map_err(MAP_SERVICES))?;
+            let services: HashMap<&MapData, ServiceKey, Service> = self.typed(MAP_SERVICES)?;
             services.iter().filter_map(|r| r.ok()).collect()
         };
         for sp in &plan.services {
@@ -438,12 +447,8 @@ impl Dataplane {
                 maglev_slot: slot,
                 ..sp.value
             };
-            let mut services: HashMap<&mut MapData, ServiceKey, Service> = HashMap::try_from(
-                self.ebpf
-                    .map_mut(MAP_SERVICES)
-                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
-            )
-            .map_err(map_err(MAP_SERVICES))?;
+            let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+                self.typed_mut(MAP_SERVICES)?;
             services
                 .insert(sp.key, value, 0)
                 .map_err(map_err(MAP_SERVICES))?;
@@ -457,28 +462,17 @@ impl Dataplane {
         }
         {
             let keep: HashSet<ServiceKey> = plan.services.iter().map(|s| s.key).collect();
-            let mut services: HashMap<&mut MapData, ServiceKey, Service> = HashMap::try_from(
-                self.ebpf
-                    .map_mut(MAP_SERVICES)
-                    .ok_or(DataplaneError::MissingMap(MAP_SERVICES))?,
-            )
-            .map_err(map_err(MAP_SERVICES))?;
-            for (k, _) in current.iter().filter(|(k, _)| !keep.contains(k)) {
+            let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+                self.typed_mut(MAP_SERVICES)?;
+            for (k, v) in current.iter().filter(|(k, _)| !keep.contains(k)) {
                 services.remove(k).map_err(map_err(MAP_SERVICES))?;
                 log::info!("removed stale virtual service entry {k:?}");
-                self.live_tables.remove(k);
-                if let Some((_, v)) = current.iter().find(|(ck, _)| ck == k) {
-                    removed.services.push(v.index);
-                }
+                removed.services.push(v.index);
             }
+            self.live_tables.retain(|k, _| keep.contains(k));
         }
         {
-            let mut ports: DevMapHash<&mut MapData> = DevMapHash::try_from(
-                self.ebpf
-                    .map_mut(MAP_TX_PORTS)
-                    .ok_or(DataplaneError::MissingMap(MAP_TX_PORTS))?,
-            )
-            .map_err(map_err(MAP_TX_PORTS))?;
+            let mut ports: DevMapHash<&mut MapData> = self.typed_mut(MAP_TX_PORTS)?;
             let stale: Vec<u32> = ports
                 .keys()
                 .filter_map(|k| k.ok())
@@ -495,12 +489,7 @@ impl Dataplane {
         }
         {
             let used: HashSet<u32> = plan.backends.iter().map(|(id, _)| *id).collect();
-            let mut backends: Array<&mut MapData, Backend> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_BACKENDS)
-                    .ok_or(DataplaneError::MissingMap(MAP_BACKENDS))?,
-            )
-            .map_err(map_err(MAP_BACKENDS))?;
+            let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
             for id in 0..MAX_BACKENDS {
                 if used.contains(&id) {
                     continue;
@@ -529,12 +518,8 @@ impl Dataplane {
         if removed.services.is_empty() && removed.backends.is_empty() {
             return Ok(0);
         }
-        let mut table: HashMap<&mut MapData, PersistKey, PersistValue> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_PERSIST)
-                .ok_or(DataplaneError::MissingMap(MAP_PERSIST))?,
-        )
-        .map_err(map_err(MAP_PERSIST))?;
+        let mut table: HashMap<&mut MapData, PersistKey, PersistValue> =
+            self.typed_mut(MAP_PERSIST)?;
         let doomed: Vec<PersistKey> = table
             .iter()
             .filter_map(|r| r.ok())

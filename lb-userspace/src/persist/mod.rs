@@ -9,6 +9,8 @@
 //! deletes the key the walk stands on, `get_next_key` restarts from the first key, so under
 //! heavy churn a walk may see an entry twice (deduplicated where it matters) or miss some.
 
+pub mod cookie;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},

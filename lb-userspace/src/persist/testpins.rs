@@ -8,24 +8,15 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    MAP_BACKEND_STATS, MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey,
-    PersistValue, Service, ServiceKey, TrafficCounters,
+    MAP_PERSIST, MAP_REASONS, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey,
+    TrafficCounters,
 };
 
 use crate::dataplane::EBPF_OBJECT;
-
-/// The maps the inspection code reads.
-const PINNED: [&str; 5] = [
-    MAP_PERSIST,
-    MAP_SERVICES,
-    MAP_SERVICE_STATS,
-    MAP_BACKEND_STATS,
-    MAP_REASONS,
-];
 
 pub(crate) struct TestPins {
     pub dir: PathBuf,
@@ -43,13 +34,7 @@ impl TestPins {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("creating {} (bpffs, root?): {e}", dir.display()));
-        let paths: Vec<PathBuf> = PINNED.iter().map(|m| dir.join(m)).collect();
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_PERSIST, 1024);
-        for (name, path) in PINNED.iter().zip(&paths) {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let ebpf = loader
+        let ebpf = crate::dataplane::pinned_loader(&dir, 1024)
             .load(EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("creating the maps in {}: {e}", dir.display()));
         TestPins { dir, ebpf }

@@ -252,7 +252,9 @@ with client-IP persistence ({timeout} s) and direct server return. Its config: {
 Try, in another terminal (as root):
   ip netns exec {cl} curl -s --interface {first} http://{VIP}/   # -> a backend's name
   ip netns exec {cl} curl -s --interface {last} http://{VIP}/
-  bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_PERSIST    # client -> backend entries
+  nsenter --net=/run/netns/{lbns} {bin} status        # services, backends, bound clients, counters
+  nsenter --net=/run/netns/{lbns} {bin} persist list  # client -> backend entries with their age
+  bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_PERSIST    # the same table, raw
   bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_SVC_STAT   # per-service counters, per CPU
   ip -n {lbns} -d link show dev {lbif}   # the attached XDP program
   {s}/curl-all.sh   # one request from every client address, tallied per backend
@@ -262,6 +264,9 @@ Namespaces: {cl} (client), {lbns} (LB), {bns} (backends); all names in {ENV_FILE
 
 Press Ctrl-C to stop and remove everything."#,
         nb = topo.backends.len(),
+        bin = tether_bin()
+            .map(|b| b.display().to_string())
+            .unwrap_or_else(|_| "tether".into()),
         timeout = config["persistence_profiles"][0]["timeout_s"],
         lbns = topo.lb.ns,
         lbif = topo.lb.ifname,

@@ -1,0 +1,163 @@
+//! The body type used in both directions: a streamed hyper body with an inactivity timeout,
+//! or a short fixed text; optionally holding an in-flight guard or an end-of-body signal.
+
+use std::{
+    future::Future as _,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::{sync::oneshot, time::Sleep};
+
+use super::io::InFlight;
+
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for {0:?}")]
+pub(super) struct BodyIdle(Duration);
+
+pub(super) struct ProxyBody {
+    inner: Inner,
+    /// Guards dropped with the body (or at its end).
+    on_end: OnEnd,
+}
+
+enum Inner {
+    Text(Option<Bytes>),
+    Stream {
+        body: Incoming,
+        idle: Duration,
+        /// Armed when a poll found no data; reset by each frame.
+        sleep: Option<Pin<Box<Sleep>>>,
+        armed: bool,
+    },
+}
+
+#[derive(Default)]
+struct OnEnd {
+    inflight: Option<InFlight>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl OnEnd {
+    fn fire(&mut self) {
+        self.inflight = None;
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+impl ProxyBody {
+    pub(super) fn text(s: impl Into<Bytes>) -> ProxyBody {
+        let b: Bytes = s.into();
+        ProxyBody {
+            inner: Inner::Text((!b.is_empty()).then_some(b)),
+            on_end: OnEnd::default(),
+        }
+    }
+
+    pub(super) fn empty() -> ProxyBody {
+        ProxyBody::text(Bytes::new())
+    }
+
+    /// `body`, failing when no frame arrives for `idle`.
+    pub(super) fn stream(body: Incoming, idle: Duration) -> ProxyBody {
+        ProxyBody {
+            inner: Inner::Stream {
+                body,
+                idle,
+                sleep: None,
+                armed: false,
+            },
+            on_end: OnEnd::default(),
+        }
+    }
+
+    /// Ends `inflight` when the body is done or dropped.
+    pub(super) fn with_inflight(mut self, inflight: InFlight) -> ProxyBody {
+        self.on_end.inflight = Some(inflight);
+        self
+    }
+
+    /// The receiver fires (or errors) when the body is done or dropped.
+    pub(super) fn signal_end(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.on_end.done = Some(tx);
+        if self.is_end_stream() {
+            self.on_end.fire();
+        }
+        rx
+    }
+
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let res = match &mut this.inner {
+            Inner::Text(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Stream {
+                body,
+                idle,
+                sleep,
+                armed,
+            } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    *armed = false;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + *idle;
+                    let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*idle)));
+                    if !*armed {
+                        sleep.as_mut().reset(deadline);
+                        *armed = true;
+                    }
+                    match sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdle(*idle).into()))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            },
+        };
+        match &res {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.on_end.fire(),
+            Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.on_end.fire(),
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Text(data) => data.is_none(),
+            Inner::Stream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Text(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Stream { body, .. } => body.size_hint(),
+        }
+    }
+}

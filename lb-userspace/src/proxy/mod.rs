@@ -1,0 +1,417 @@
+//! The L7 reverse proxy: HTTP/1.1 (cleartext or TLS) and HTTP/2 (TLS, ALPN) on the client side,
+//! pooled keep-alive HTTP/1.1 on the backend side.
+//!
+//! The proxy knows nothing about persistence: every decision about where a request goes, and
+//! every persistence-related edit of the request or response head, is made by a [`Router`].
+//!
+//! # Behaviour
+//! - **Connections**: one task per client connection. Over [`Limits::max_connections`] a new
+//!   connection is accepted and closed at once (the client sees an immediate EOF rather than a
+//!   hang in the kernel backlog) and counted in [`ProxyStatsSnapshot::connections_rejected`].
+//! - **PROXY protocol** (v1 and v2, when enabled): read before anything else (before TLS) within
+//!   [`Limits::request_header_timeout`]; a missing or malformed header closes the connection.
+//!   [`ConnInfo::client`] and [`ConnInfo::local`] are the addresses it carries (the real
+//!   connection's for `UNKNOWN`/`LOCAL`).
+//! - **Timeouts** on the client side: the first request head (with the TLS handshake and the
+//!   PROXY header) must arrive within `request_header_timeout` of the accept; between requests
+//!   a connection may stay idle for `idle_timeout`, and once the next head has started it must
+//!   complete within `request_header_timeout`. Expiry closes the connection (no 408). HTTP/2
+//!   connections with no stream in flight for `idle_timeout` get a GOAWAY. Bodies in either
+//!   direction and WebSocket tunnels are closed after `idle_timeout` without a byte.
+//! - **Upstream**: `upstream_connect_timeout` per connect; `upstream_response_timeout` from the
+//!   end of the request body to the response head (then 504). A request that never reached a
+//!   backend (connect refused or timed out) is routed once more with the failed backend in
+//!   `tried`; any failure after the request was sent is a 502. An idempotent request without a
+//!   body that fails on a *reused* pooled connection before any response byte (the backend
+//!   closed it as we wrote) is replayed once on a fresh connection to the same backend.
+//! - **Headers**: hop-by-hop headers are removed in both directions; `X-Forwarded-For` gets
+//!   the client appended, `X-Forwarded-Proto` and `X-Forwarded-Host` are set, `Host` is kept
+//!   (from `:authority` for HTTP/2), several `Cookie` fields are merged with `"; "`.
+//!   The router sees the head as it will be sent (origin-form URI, HTTP/1.1, forwarding
+//!   headers added).
+//! - **Errors**: answered by the proxy with a short `text/plain` body and, on HTTP/1.x,
+//!   `Connection: close`. Parse errors (400, 431) are answered by hyper itself (empty body).
+
+mod body;
+mod conn;
+mod handler;
+mod headers;
+mod io;
+mod proxy_protocol;
+mod tls;
+mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    any::Any,
+    fmt,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+
+pub use tls::load_tls;
+
+/// Decides where a request goes and adjusts the response; implemented by persistence methods.
+pub trait Router: Send + Sync + 'static {
+    /// Choose a backend. May edit the request head (e.g. strip a persistence cookie).
+    /// `tried` lists backends that already failed to accept this request (retry).
+    /// `Err(status)` answers the client directly (e.g. 503 when no backend is usable).
+    fn route(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+    ) -> Result<Route, http::StatusCode>;
+
+    /// Adjust the response head before it goes to the client (e.g. add Set-Cookie, learn an
+    /// app cookie). Not called for responses the proxy makes up itself (502, 504, ...).
+    fn on_response(&self, route: &Route, req_conn: &ConnInfo, resp: &mut http::response::Parts) {
+        let _ = (route, req_conn, resp);
+    }
+
+    /// A client connection opened (after the PROXY header and the TLS handshake).
+    fn connection_opened(&self, conn: &ConnInfo) {
+        let _ = conn;
+    }
+
+    /// A client connection closed (for an upgraded connection: when the tunnel ended).
+    /// Called exactly once for each `connection_opened`.
+    fn connection_closed(&self, conn: &ConnInfo) {
+        let _ = conn;
+    }
+}
+
+/// One client connection as the router sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnInfo {
+    /// The client; with the PROXY protocol, the source it carries.
+    pub client: SocketAddr,
+    /// The address the client connected to; with the PROXY protocol, the destination it carries.
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// ALPN chose HTTP/2.
+    pub alpn_h2: bool,
+}
+
+/// A routing decision.
+#[derive(Clone)]
+pub struct Route {
+    pub backend: SocketAddr,
+    /// Opaque data the router needs in `on_response`.
+    pub token: u64,
+    pub tag: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Route {
+    /// A route to `backend` with no router data.
+    pub fn to(backend: SocketAddr) -> Route {
+        Route {
+            backend,
+            token: 0,
+            tag: None,
+        }
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("backend", &self.backend)
+            .field("token", &self.token)
+            .field("tag", &self.tag.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+/// Certificate chain and private key, PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_pem: PathBuf,
+    pub key_pem: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Informational (logs): [`serve`] uses the listener it is given.
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub proxy_protocol: bool,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Concurrent client connections (tunnels included); over it, accept and close.
+    pub max_connections: usize,
+    /// Request line plus headers (HTTP/1.1: 431 over it), HTTP/2 header list size.
+    pub max_header_bytes: usize,
+    /// First request head (with TLS handshake and PROXY header) from accept; later heads from
+    /// their first byte.
+    pub request_header_timeout: Duration,
+    /// Keep-alive idle between requests, body and tunnel inactivity.
+    pub idle_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    /// From the end of the request body to the response head.
+    pub upstream_response_timeout: Duration,
+    /// After shutdown: how long in-flight requests and tunnels may take before being cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    /// HAProxy-like: `maxconn 4096`, 16 KiB of headers (`tune.bufsize`), `timeout http-request
+    /// 10s`, `timeout client 60s`, `timeout connect 5s`, `timeout server 60s`,
+    /// `hard-stop-after 10s`.
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
+            request_header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("proxy configuration: {0}")]
+    Config(String),
+}
+
+/// Counters, readable while the proxy runs ([`ProxyStats::snapshot`]).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    connections_accepted: AtomicU64,
+    connections_rejected: AtomicU64,
+    connections_closed: AtomicU64,
+    /// PROXY header missing or malformed, TLS handshake failed or timed out.
+    handshake_errors: AtomicU64,
+    requests: AtomicU64,
+    responses: [AtomicU64; 5],
+    upstream_connect_errors: AtomicU64,
+    upstream_timeouts: AtomicU64,
+    upstream_errors: AtomicU64,
+    retries: AtomicU64,
+    upgrades: AtomicU64,
+    client_errors: AtomicU64,
+}
+
+/// A copy of [`ProxyStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStatsSnapshot {
+    pub connections_accepted: u64,
+    /// Closed at once because of `max_connections`.
+    pub connections_rejected: u64,
+    pub connections_closed: u64,
+    /// PROXY header missing or malformed, TLS handshake failed or timed out.
+    pub handshake_errors: u64,
+    /// Requests that reached the proxy's handler (hyper's own 400/431 are in `client_errors`).
+    pub requests: u64,
+    /// Responses sent by class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub responses: [u64; 5],
+    /// Connect refused, failed or timed out.
+    pub upstream_connect_errors: u64,
+    /// No response head within `upstream_response_timeout` (504).
+    pub upstream_timeouts: u64,
+    /// The backend failed after the request was sent (502).
+    pub upstream_errors: u64,
+    /// Requests routed a second time after a connect failure.
+    pub retries: u64,
+    /// WebSocket (HTTP/1.1 Upgrade) tunnels established.
+    pub upgrades: u64,
+    /// Client connections that ended on a protocol error (malformed HTTP, oversized headers).
+    pub client_errors: u64,
+}
+
+impl ProxyStatsSnapshot {
+    /// Client connections open now (accepted, not yet closed).
+    pub fn connections_active(&self) -> u64 {
+        self.connections_accepted
+            .saturating_sub(self.connections_closed)
+    }
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl ProxyStats {
+    pub fn snapshot(&self) -> ProxyStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProxyStatsSnapshot {
+            connections_accepted: get(&self.connections_accepted),
+            connections_rejected: get(&self.connections_rejected),
+            connections_closed: get(&self.connections_closed),
+            handshake_errors: get(&self.handshake_errors),
+            requests: get(&self.requests),
+            responses: std::array::from_fn(|i| get(&self.responses[i])),
+            upstream_connect_errors: get(&self.upstream_connect_errors),
+            upstream_timeouts: get(&self.upstream_timeouts),
+            upstream_errors: get(&self.upstream_errors),
+            retries: get(&self.retries),
+            upgrades: get(&self.upgrades),
+            client_errors: get(&self.client_errors),
+        }
+    }
+
+    fn response(&self, status: http::StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        inc(&self.responses[class]);
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    router: Arc<dyn Router>,
+    limits: Limits,
+    stats: Arc<ProxyStats>,
+    pool: upstream::Pool,
+    proxy_protocol: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often idle pooled backend connections are swept.
+const POOL_SWEEP: Duration = Duration::from_secs(5);
+
+/// Serve until `shutdown` turns true (or its sender is dropped), with private counters.
+/// See [`serve_with_stats`].
+pub async fn serve(
+    listener: TcpListener,
+    cfg: ProxyConfig,
+    router: Arc<dyn Router>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    serve_with_stats(listener, cfg, router, shutdown, Arc::new(ProxyStats::default())).await
+}
+
+/// Serve client connections from `listener` until `shutdown` turns true (or its sender is
+/// dropped). Then the listener is closed, idle connections are closed, in-flight requests
+/// and tunnels get [`Limits::shutdown_grace`] to finish, and whatever remains is cut.
+///
+/// Errors only before serving anything (TLS files, invalid limits).
+pub async fn serve_with_stats(
+    listener: TcpListener,
+    cfg: ProxyConfig,
+    router: Arc<dyn Router>,
+    mut shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) -> Result<(), ProxyError> {
+    let limits = cfg.limits;
+    if limits.max_connections == 0 {
+        return Err(ProxyError::Config("max_connections is 0".into()));
+    }
+    if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
+        return Err(ProxyError::Config(format!(
+            "max_header_bytes {} out of range",
+            limits.max_header_bytes
+        )));
+    }
+    let tls = match &cfg.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(load_tls(files)?)),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        router,
+        limits,
+        stats: stats.clone(),
+        pool: upstream::Pool::new(limits),
+        proxy_protocol: cfg.proxy_protocol,
+        tls,
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut tasks = JoinSet::new();
+    let mut sweep = tokio::time::interval(POOL_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    log::info!(
+        "proxy: serving {} ({}{})",
+        listener.local_addr().map_or(cfg.listen, |a| a),
+        if shared.tls.is_some() { "TLS" } else { "cleartext" },
+        if cfg.proxy_protocol { ", PROXY protocol" } else { "" }
+    );
+
+    loop {
+        if *shutdown.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    log::error!("proxy: connection task panicked: {e}");
+                }
+            }
+            _ = sweep.tick() => shared.pool.sweep(),
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        inc(&stats.connections_accepted);
+                        let conn = conn::run(shared.clone(), tcp, peer, shutdown.clone());
+                        tasks.spawn(async move {
+                            conn.await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        inc(&stats.connections_rejected);
+                        log::debug!("proxy: {peer} rejected: {} connections", limits.max_connections);
+                        drop(tcp);
+                    }
+                },
+                Err(e) => {
+                    log::warn!("proxy: accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    log::info!(
+        "proxy: shutting down, {} connection(s) open, grace {:?}",
+        tasks.len(),
+        limits.shutdown_grace
+    );
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        log::warn!(
+            "proxy: {} connection(s) cut after the shutdown grace",
+            tasks.len()
+        );
+        tasks.shutdown().await;
+    }
+    Ok(())
+}
