@@ -25,9 +25,11 @@ use tokio::{
 
 use crate::{
     balancer::{self, IdError, Ids, L2},
-    config::{BackendConfig, Config, LoadError},
+    config::{BackendConfig, Config, L7Options, LoadError, ServiceMode},
     dataplane::{Attached, Dataplane, DataplaneError, net},
     health::{self, HealthEvent, PoolMonitor},
+    persist::router::{PersistRouter, RouterStats},
+    proxy::{self, ProxyStats},
     state::{BackendState, Health, SharedSnapshot, Snapshot},
 };
 
@@ -56,6 +58,10 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("virtual service {service:?}: listening on {addr}: {source}")]
+    Listen { service: String, addr: SocketAddr, source: std::io::Error },
+    #[error("virtual service {service:?}: {reason}")]
+    L7 { service: String, reason: String },
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
     #[error(
@@ -107,11 +113,25 @@ pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
         })
     };
     net::ifindex(&cfg.interface)?;
+    // Only pools behind an L4 service must be on this L2 segment; the proxy reaches the
+    // others through the routing table.
+    let l4_pool: Vec<bool> = (0..cfg.pools.len())
+        .map(|p| cfg.services.iter().any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr))
+        .collect();
     std::thread::scope(|s| {
         let handles: Vec<Vec<_>> = cfg
             .pools
             .iter()
-            .map(|p| p.backends.iter().map(|b| s.spawn(move || one(b))).collect())
+            .enumerate()
+            .map(|(pi, p)| {
+                p.backends
+                    .iter()
+                    .map(|b| {
+                        let l4 = l4_pool[pi];
+                        s.spawn(move || if l4 { one(b) } else { Ok(L2 { mac_dst: [0; 6], mac_src: [0; 6], ifindex: 0 }) })
+                    })
+                    .collect()
+            })
             .collect();
         handles
             .into_iter()
@@ -227,9 +247,85 @@ struct Daemon {
     mode: Attached,
     generation: u64,
     started: SystemTime,
+    /// One proxy per L7 virtual service, by name.
+    proxies: HashMap<String, L7Service>,
+}
+
+/// A running L7 proxy and what it was started with.
+pub struct L7Service {
+    /// Listener settings and persistence profile: a reload that changes them restarts it.
+    spec: String,
+    stop: watch::Sender<bool>,
+    pub router: Arc<PersistRouter>,
+    pub stats: Arc<ProxyStats>,
+    pub router_stats: Arc<RouterStats>,
+}
+
+fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
+    proxy::ProxyConfig {
+        listen,
+        tls: o.tls.as_ref().map(|t| proxy::TlsFiles { cert_pem: t.cert_file.clone(), key_pem: t.key_file.clone() }),
+        proxy_protocol: o.proxy_protocol,
+        limits: proxy::Limits {
+            max_connections: o.limits.max_connections as usize,
+            max_header_bytes: o.limits.max_header_bytes as usize,
+            request_header_timeout: o.limits.request_timeout,
+            idle_timeout: o.limits.idle_timeout,
+            upstream_connect_timeout: o.limits.connect_timeout,
+            upstream_response_timeout: o.limits.response_timeout,
+            ..proxy::Limits::default()
+        },
+    }
 }
 
 impl Daemon {
+    /// Start, keep or restart the proxy of every L7 service; stop those no longer configured.
+    /// Routers read the live snapshot, so pool and health changes need no restart.
+    async fn sync_proxies(&mut self) -> Result<()> {
+        let mut wanted: HashMap<String, ()> = HashMap::new();
+        for svc in &self.cfg.services {
+            let ServiceMode::L7(o) = &svc.mode else { continue };
+            wanted.insert(svc.name.clone(), ());
+            let listen = SocketAddr::new(svc.vip, svc.port);
+            let spec = format!("{listen} {o:?} {:?} {}", self.cfg.profile(svc), self.cfg.pools[svc.pool].name);
+            if self.proxies.get(&svc.name).is_some_and(|p| p.spec == spec) {
+                continue;
+            }
+            if let Some(old) = self.proxies.remove(&svc.name) {
+                // In-flight requests finish; the listener closes before the new one binds.
+                let _ = old.stop.send(true);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let router = Arc::new(
+                PersistRouter::new(&self.cfg, svc, self.shared.clone())
+                    .map_err(|e| ControlError::L7 { service: svc.name.clone(), reason: e.to_string() })?,
+            );
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| ControlError::Listen { service: svc.name.clone(), addr: listen, source })?;
+            let (stop, stopped) = watch::channel(false);
+            let stats = Arc::new(ProxyStats::default());
+            let name = svc.name.clone();
+            let task = proxy::serve_with_stats(listener, proxy_config(listen, o), router.clone(), stopped, stats.clone());
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    log::error!("L7 proxy of {name} stopped: {e}");
+                }
+            });
+            log::info!("L7 proxy of {} listening on {listen}{}", svc.name, if o.tls.is_some() { " (TLS)" } else { "" });
+            let router_stats = router.stats.clone();
+            self.proxies.insert(svc.name.clone(), L7Service { spec, stop, router, stats, router_stats });
+        }
+        let gone: Vec<String> = self.proxies.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
+        for n in gone {
+            if let Some(p) = self.proxies.remove(&n) {
+                let _ = p.stop.send(true);
+                log::info!("L7 proxy of {n} stopped: the service is gone");
+            }
+        }
+        Ok(())
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             config: self.cfg.clone(),
@@ -411,7 +507,7 @@ impl Daemon {
         self.health = health;
         self.program()?;
         self.start_monitors();
-        Ok(())
+        self.sync_proxies().await
     }
 }
 
@@ -448,6 +544,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         mode: Attached::Native,
         generation: 0,
         started,
+        proxies: HashMap::new(),
     };
     let shared = d.shared.clone();
     // Tables before the attach: the first packet the new program sees finds complete services.
@@ -466,6 +563,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let (stop_admin, admin_stopped) = watch::channel(false);
     let admin = tokio::spawn(crate::admin::serve(listener, shared.clone(), admin_stopped));
     d.start_monitors();
+    d.sync_proxies().await?;
 
     let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
@@ -494,6 +592,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     };
     d.monitors.clear();
+    for p in d.proxies.values() {
+        let _ = p.stop.send(true);
+    }
     let _ = stop_admin.send(true);
     let _ = admin.await;
     log::info!(

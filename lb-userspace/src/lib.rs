@@ -9,4 +9,5 @@ pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod persist;
+pub mod proxy;
 pub mod state;

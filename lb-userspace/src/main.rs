@@ -139,10 +139,16 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(pid.parent().expect("has a parent"))?;
             std::fs::write(&pid, format!("{}\n", std::process::id()))
                 .with_context(|| format!("writing {}", pid.display()))?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            // Proxy and control tasks share these; benchmarks match them to HAProxy's threads.
+            let workers = match std::env::var("TETHER_WORKER_THREADS") {
+                Ok(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .context("TETHER_WORKER_THREADS must be a positive number")?,
+                Err(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
             let r = rt.block_on(control::run(&config));
             let _ = std::fs::remove_file(&pid);
             r.context("tether")

@@ -4,15 +4,21 @@
 
 use std::net::IpAddr;
 
+pub mod select;
+
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    Backend, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey, backend_identity,
+    Backend, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_L7, Service, ServiceKey,
+    backend_identity,
     maglev::{MaglevBackend, build_table},
     prefix_mask, v4_mapped,
 };
 
-use crate::{config::Config, state::BackendState};
+use crate::{
+    config::{Config, ServiceMode},
+    state::BackendState,
+};
 
 /// Link-layer facts for one backend, resolved by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +202,8 @@ pub fn plan<E>(
                     weight: b.weight,
                 })
                 .collect();
-            let (timeout_ns, v4, v6, down) = match cfg.profile(s) {
+            let l7 = matches!(s.mode, ServiceMode::L7(_));
+            let (timeout_ns, v4, v6, down) = match cfg.profile(s).filter(|_| !l7) {
                 Some(p) => (
                     p.timeout_s as u64 * 1_000_000_000,
                     p.ipv4_prefix,
@@ -210,8 +217,8 @@ pub fn plan<E>(
                 key: keys[si],
                 value: Service {
                     index: ids.services[si],
-                    // L4 services only so far; SERVICE_F_L7 arrives with the proxy.
-                    flags: 0,
+                    // L7 services are passed to the stack, where the proxy listens.
+                    flags: if l7 { SERVICE_F_L7 } else { 0 },
                     timeout_ns,
                     maglev_slot: 0,
                     down_policy: down,
@@ -223,7 +230,8 @@ pub fn plan<E>(
             }
         })
         .collect();
-    let mut tx_ports: Vec<u32> = backends.iter().map(|(_, b)| b.ifindex).collect();
+    // ifindex 0: a backend only the L7 proxy reaches (no L2 facts, no devmap entry).
+    let mut tx_ports: Vec<u32> = backends.iter().map(|(_, b)| b.ifindex).filter(|i| *i != 0).collect();
     tx_ports.sort_unstable();
     tx_ports.dedup();
     Ok(Plan {

@@ -45,7 +45,7 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] ConfigError),
 }
 
@@ -113,6 +113,49 @@ pub struct VirtualService {
     pub pool: usize,
     /// Index into `Config::profiles`; `None` means no persistence.
     pub persistence: Option<usize>,
+    pub mode: ServiceMode,
+}
+
+/// How a virtual service is served.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceMode {
+    /// XDP forwards with L2 direct server return.
+    L4Dsr,
+    /// XDP passes the traffic to the stack; tether's HTTP proxy serves it.
+    L7(L7Options),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct L7Options {
+    pub tls: Option<TlsFiles>,
+    pub proxy_protocol: bool,
+    pub limits: L7Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Proxy limits (defaults in the spirit of HAProxy's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L7Limits {
+    pub max_connections: u32,
+    pub max_header_bytes: u32,
+    pub request_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub connect_timeout: std::time::Duration,
+    pub response_timeout: std::time::Duration,
+}
+
+/// How the L7 proxy balances clients that no persistence decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Weighted round robin.
+    RoundRobin,
+    /// Fewest open requests, relative to weight.
+    LeastConnections,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +164,7 @@ pub struct Pool {
     pub backends: Vec<BackendConfig>,
     /// Without a monitor every enabled backend counts as up.
     pub health_monitor: Option<HealthMonitor>,
+    pub algorithm: Algorithm,
 }
 
 /// Active health check run by the daemon against each backend's own address.
@@ -189,6 +233,8 @@ pub struct BackendConfig {
     /// Explicit MAC; otherwise resolved from the neighbour table.
     pub mac: Option<[u8; 6]>,
     pub admin_state: AdminState,
+    /// Port the L7 proxy connects to; `None`: the virtual service's port.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,9 +247,63 @@ pub struct PersistenceProfile {
     pub down_policy: DownPolicy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PersistenceKind {
+    /// Source address (masked to the prefixes) -> backend, for `timeout_s`.
     ClientIp,
+    /// Kemp "Active Cookie", Avi "HTTP Cookie": tether issues an encrypted cookie naming the backend.
+    HttpCookie(CookieProfile),
+    /// Kemp "Server Cookie", Avi "App Cookie": learn {cookie value -> backend} from the
+    /// backend's Set-Cookie, kept for `timeout_s`.
+    AppCookie(AppCookieProfile),
+}
+
+impl PersistenceKind {
+    /// Needs the L7 proxy.
+    pub fn is_http(&self) -> bool {
+        !matches!(self, PersistenceKind::ClientIp)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieProfile {
+    pub cookie_name: String,
+    /// `None`: a session cookie (no Max-Age) whose payload never expires.
+    pub max_lifetime: Option<std::time::Duration>,
+    /// Set-Cookie on every response, not only when the cookie was missing or invalid.
+    pub always_send: bool,
+    /// Kemp "add port": mix the client's port into the choice of a new backend.
+    pub add_port: bool,
+    pub http_only: bool,
+    /// `None`: Secure under TLS only.
+    pub secure: Option<bool>,
+    pub same_site: Option<SameSiteMode>,
+    pub path: String,
+    pub domain: Option<String>,
+    /// (key id, secret), newest first; empty: a random key per process.
+    pub keys: Vec<(u8, String)>,
+    pub fallback: Option<ClientIpFallback>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSiteMode {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppCookieProfile {
+    pub cookie_name: String,
+    pub fallback: Option<ClientIpFallback>,
+}
+
+/// Source-IP persistence used when the request carries no cookie of the profile's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIpFallback {
+    pub timeout_s: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
 }
 
 pub const MAX_WEIGHT: u32 = 1000;
@@ -339,15 +439,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("duplicate profile name {:?}", p.name),
             ));
         }
-        let kind = match p.kind.as_str() {
-            "client-ip" => PersistenceKind::ClientIp,
-            other => {
-                return Err(ConfigError::new(
-                    at("type"),
-                    format!("{other:?}: expected \"client-ip\""),
-                ));
-            }
-        };
+        let kind = profile_kind(i, p)?;
         let timeout_s = p.timeout_s.unwrap_or(300);
         if timeout_s > MAX_TIMEOUT_S {
             return Err(ConfigError::new(
@@ -425,10 +517,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     format!("{address} cannot be a backend"),
                 ));
             }
-            if !addrs.insert(address) {
+            // One server per address and port (L7 backends may share an address).
+            if !addrs.insert((address, b.port)) {
                 return Err(ConfigError::new(
                     at("address"),
-                    format!("{address} appears twice in pool {:?}", p.name),
+                    format!("{address} (port {:?}) appears twice in pool {:?}", b.port, p.name),
                 ));
             }
             let weight = b.weight.unwrap_or(1);
@@ -458,12 +551,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     ));
                 }
             };
+            if b.port == Some(0) {
+                return Err(ConfigError::new(at("port"), "must be 1 to 65535"));
+            }
             backends.push(BackendConfig {
                 name: b.name.clone(),
                 address,
                 weight,
                 mac,
                 admin_state,
+                port: b.port,
             });
         }
         total_backends += backends.len();
@@ -471,10 +568,21 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             None => None,
             Some(h) => Some(health_monitor(&format!("pools[{i}].health_monitor"), h)?),
         };
+        let algorithm = match p.algorithm.as_deref().unwrap_or("round-robin") {
+            "round-robin" => Algorithm::RoundRobin,
+            "least-connections" => Algorithm::LeastConnections,
+            other => {
+                return Err(ConfigError::new(
+                    format!("pools[{i}].algorithm"),
+                    format!("{other:?}: expected \"round-robin\" or \"least-connections\""),
+                ));
+            }
+        };
         pools.push(Pool {
             name: p.name.clone(),
             backends,
             health_monitor,
+            algorithm,
         });
     }
     if total_backends > MAX_BACKENDS as usize {
@@ -535,15 +643,32 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ),
             ));
         }
-        match s.mode.as_str() {
-            "l4-dsr" => {}
+        let mode = match s.mode.as_str() {
+            "l4-dsr" => {
+                for (field, set) in [
+                    ("tls", s.tls.is_some()),
+                    ("proxy_protocol", s.proxy_protocol.is_some()),
+                    ("limits", s.limits.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::new(at(field), "applies to mode \"l7\" only"));
+                    }
+                }
+                ServiceMode::L4Dsr
+            }
+            "l7" => {
+                if protocol != Protocol::Tcp {
+                    return Err(ConfigError::new(at("protocol"), "mode \"l7\" serves HTTP over TCP"));
+                }
+                ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
+            }
             other => {
                 return Err(ConfigError::new(
                     at("mode"),
-                    format!("{other:?}: expected \"l4-dsr\""),
+                    format!("{other:?}: expected \"l4-dsr\" or \"l7\""),
                 ));
             }
-        }
+        };
         let pool = *pool_idx
             .get(&s.pool)
             .ok_or_else(|| ConfigError::new(at("pool"), format!("no pool named {:?}", s.pool)))?;
@@ -556,6 +681,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 )
             })?),
         };
+        if let Some(pi) = persistence
+            && profiles[pi].kind.is_http()
+            && mode == ServiceMode::L4Dsr
+        {
+            return Err(ConfigError::new(
+                at("persistence"),
+                format!("profile {:?} inspects HTTP: it needs mode \"l7\"", profiles[pi].name),
+            ));
+        }
         services.push(VirtualService {
             name: s.name.clone(),
             vip,
@@ -563,6 +697,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             protocol,
             pool,
             persistence,
+            mode,
         });
     }
 
@@ -576,6 +711,182 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pools,
         profiles,
     })
+}
+
+fn l7_options(base: &str, s: &raw::RawService) -> Result<L7Options, ConfigError> {
+    let at = |f: &str| format!("{base}.{f}");
+    let tls = match &s.tls {
+        None => None,
+        Some(t) => {
+            for (f, v) in [("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
+                let path = Path::new(v);
+                if !path.is_file() {
+                    return Err(ConfigError::new(at(&format!("tls.{f}")), format!("{v}: no such readable file")));
+                }
+            }
+            Some(TlsFiles { cert_file: PathBuf::from(&t.cert_file), key_file: PathBuf::from(&t.key_file) })
+        }
+    };
+    let l = s.limits.as_ref();
+    let num = |f: &str, v: Option<u32>, default: u32, min: u32, max: u32| -> Result<u32, ConfigError> {
+        let v = v.unwrap_or(default);
+        if v < min || v > max {
+            return Err(ConfigError::new(at(&format!("limits.{f}")), format!("{v}: must be {min} to {max}")));
+        }
+        Ok(v)
+    };
+    let ms = |f: &str, v: Option<u32>, default: u32| -> Result<std::time::Duration, ConfigError> {
+        Ok(std::time::Duration::from_millis(num(f, v, default, 10, 3_600_000)? as u64))
+    };
+    let limits = L7Limits {
+        max_connections: num("max_connections", l.and_then(|l| l.max_connections), 10_000, 1, 1_000_000)?,
+        max_header_bytes: num("max_header_bytes", l.and_then(|l| l.max_header_bytes), 64 * 1024, 1024, 1 << 20)?,
+        request_timeout: ms("request_timeout_ms", l.and_then(|l| l.request_timeout_ms), 10_000)?,
+        idle_timeout: ms("idle_timeout_ms", l.and_then(|l| l.idle_timeout_ms), 60_000)?,
+        connect_timeout: ms("connect_timeout_ms", l.and_then(|l| l.connect_timeout_ms), 3_000)?,
+        response_timeout: ms("response_timeout_ms", l.and_then(|l| l.response_timeout_ms), 60_000)?,
+    };
+    Ok(L7Options { tls, proxy_protocol: s.proxy_protocol.unwrap_or(false), limits })
+}
+
+/// Avi gives a blank cookie name a random 8-character one; tether derives it from the profile
+/// name instead, so it survives restarts and every instance uses the same one.
+fn derived_cookie_name(profile: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut h = lb_common::hash::hash_bytes(profile.as_bytes(), 0x636b_6e6d) as u64;
+    (0..8)
+        .map(|i| {
+            if i == 4 {
+                h = lb_common::hash::hash_bytes(profile.as_bytes(), h as u32) as u64;
+            }
+            let c = ALPHABET[(h % ALPHABET.len() as u64) as usize] as char;
+            h /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
+}
+
+fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, ConfigError> {
+    let at = |f: &str| format!("persistence_profiles[{i}].{f}");
+    let cookie_fields = [
+        ("max_lifetime_min", p.max_lifetime_min.is_some()),
+        ("always_send", p.always_send.is_some()),
+        ("add_port", p.add_port.is_some()),
+        ("http_only", p.http_only.is_some()),
+        ("secure", p.secure.is_some()),
+        ("same_site", p.same_site.is_some()),
+        ("path", p.path.is_some()),
+        ("domain", p.domain.is_some()),
+        ("keys", p.keys.is_some()),
+    ];
+    let refuse = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
+        match fields.iter().find(|(_, set)| *set) {
+            Some((f, _)) => Err(ConfigError::new(at(f), format!("does not apply to a {:?} profile", p.kind))),
+            None => Ok(()),
+        }
+    };
+    let cookie_name = |required: bool| -> Result<String, ConfigError> {
+        match p.cookie_name.as_deref() {
+            None | Some("") if !required => Ok(derived_cookie_name(&p.name)),
+            None | Some("") => Err(ConfigError::new(at("cookie_name"), "required: the name of the server's cookie, e.g. JSESSIONID")),
+            Some(n) if crate::persist::cookie::valid_cookie_name(n) => Ok(n.to_string()),
+            Some(n) => Err(ConfigError::new(at("cookie_name"), format!("{n:?} is not a valid cookie name (an HTTP token)"))),
+        }
+    };
+    let fallback = match &p.fallback {
+        None => None,
+        Some(f) => {
+            if f.kind != "client-ip" {
+                return Err(ConfigError::new(at("fallback.type"), format!("{:?}: expected \"client-ip\"", f.kind)));
+            }
+            let timeout_s = f.timeout_s.unwrap_or(300);
+            if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
+                return Err(ConfigError::new(at("fallback.timeout_s"), format!("{timeout_s}: must be 1 to {MAX_TIMEOUT_S}")));
+            }
+            let ipv4_prefix = f.ipv4_prefix.unwrap_or(32);
+            if ipv4_prefix > 32 {
+                return Err(ConfigError::new(at("fallback.ipv4_prefix"), format!("{ipv4_prefix}: must be 0 to 32")));
+            }
+            let ipv6_prefix = f.ipv6_prefix.unwrap_or(128);
+            if ipv6_prefix > 128 {
+                return Err(ConfigError::new(at("fallback.ipv6_prefix"), format!("{ipv6_prefix}: must be 0 to 128")));
+            }
+            Some(ClientIpFallback { timeout_s, ipv4_prefix, ipv6_prefix })
+        }
+    };
+    match p.kind.as_str() {
+        "client-ip" => {
+            refuse(&cookie_fields)?;
+            refuse(&[("cookie_name", p.cookie_name.is_some()), ("fallback", p.fallback.is_some())])?;
+            Ok(PersistenceKind::ClientIp)
+        }
+        "http-cookie" => {
+            // The cookie carries its own lifetime (max_lifetime_min); nothing is kept locally.
+            refuse(&[
+                ("timeout_s", p.timeout_s.is_some()),
+                ("ipv4_prefix", p.ipv4_prefix.is_some()),
+                ("ipv6_prefix", p.ipv6_prefix.is_some()),
+            ])?;
+            let max_lifetime = match p.max_lifetime_min {
+                None => None,
+                Some(m) if (10..=720).contains(&m) => Some(std::time::Duration::from_secs(m as u64 * 60)),
+                Some(m) => {
+                    return Err(ConfigError::new(
+                        at("max_lifetime_min"),
+                        format!("{m}: must be 10 to 720 minutes (leave it out for a session cookie)"),
+                    ));
+                }
+            };
+            let same_site = match p.same_site.as_deref().unwrap_or("lax") {
+                "lax" => Some(SameSiteMode::Lax),
+                "strict" => Some(SameSiteMode::Strict),
+                "none" => Some(SameSiteMode::None),
+                "omit" => None,
+                other => {
+                    return Err(ConfigError::new(
+                        at("same_site"),
+                        format!("{other:?}: expected \"lax\", \"strict\", \"none\" or \"omit\""),
+                    ));
+                }
+            };
+            let path = p.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ';') {
+                return Err(ConfigError::new(at("path"), format!("{path:?}: must start with '/' and contain no ';' or control characters")));
+            }
+            if let Some(d) = &p.domain
+                && (d.is_empty() || !d.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
+            {
+                return Err(ConfigError::new(at("domain"), format!("{d:?} is not a domain name")));
+            }
+            let keys: Vec<(u8, String)> = p.keys.iter().flatten().map(|k| (k.id, k.secret.clone())).collect();
+            if !keys.is_empty() {
+                crate::persist::cookie::CookieKeys::from_config(&keys)
+                    .map_err(|e| ConfigError::new(at("keys"), e.to_string()))?;
+            }
+            Ok(PersistenceKind::HttpCookie(CookieProfile {
+                cookie_name: cookie_name(false)?,
+                max_lifetime,
+                always_send: p.always_send.unwrap_or(false),
+                add_port: p.add_port.unwrap_or(false),
+                http_only: p.http_only.unwrap_or(true),
+                secure: p.secure,
+                same_site,
+                path,
+                domain: p.domain.clone(),
+                keys,
+                fallback,
+            }))
+        }
+        "app-cookie" => {
+            refuse(&cookie_fields)?;
+            refuse(&[("ipv4_prefix", p.ipv4_prefix.is_some()), ("ipv6_prefix", p.ipv6_prefix.is_some())])?;
+            Ok(PersistenceKind::AppCookie(AppCookieProfile { cookie_name: cookie_name(true)?, fallback }))
+        }
+        other => Err(ConfigError::new(
+            at("type"),
+            format!("{other:?}: expected \"client-ip\", \"http-cookie\" or \"app-cookie\""),
+        )),
+    }
 }
 
 fn health_monitor(base: &str, h: &raw::RawHealthMonitor) -> Result<HealthMonitor, ConfigError> {

@@ -34,6 +34,39 @@ pub struct RawService {
     pub pool: String,
     #[serde(default)]
     pub persistence: Option<String>,
+    /// `l7` only: TLS termination.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// `l7` only: expect a PROXY protocol (v1 or v2) header on each connection.
+    #[serde(default)]
+    pub proxy_protocol: Option<bool>,
+    /// `l7` only.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_header_bytes: Option<u32>,
+    #[serde(default)]
+    pub request_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub response_timeout_ms: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +76,9 @@ pub struct RawPool {
     pub backends: Vec<RawBackend>,
     #[serde(default)]
     pub health_monitor: Option<RawHealthMonitor>,
+    /// How the L7 proxy balances new clients.
+    #[serde(default)]
+    pub algorithm: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +118,9 @@ pub struct RawBackend {
     pub mac: Option<String>,
     #[serde(default)]
     pub admin_state: Option<String>,
+    /// Port the L7 proxy connects to (default: the virtual service's port).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,4 +137,47 @@ pub struct RawProfile {
     pub ipv6_prefix: Option<u8>,
     #[serde(default)]
     pub select_new_server_when_down: Option<String>,
+    #[serde(default)]
+    pub cookie_name: Option<String>,
+    #[serde(default)]
+    pub max_lifetime_min: Option<u32>,
+    #[serde(default)]
+    pub always_send: Option<bool>,
+    #[serde(default)]
+    pub add_port: Option<bool>,
+    #[serde(default)]
+    pub http_only: Option<bool>,
+    #[serde(default)]
+    pub secure: Option<bool>,
+    #[serde(default)]
+    pub same_site: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub keys: Option<Vec<RawKey>>,
+    #[serde(default)]
+    pub fallback: Option<RawFallback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: u8,
+    pub secret: String,
+}
+
+/// Kemp's "... or source IP": source-IP persistence when the request carries no cookie.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    #[serde(default)]
+    pub ipv4_prefix: Option<u8>,
+    #[serde(default)]
+    pub ipv6_prefix: Option<u8>,
 }

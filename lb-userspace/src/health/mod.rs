@@ -352,9 +352,11 @@ mod tests {
                     weight: 1,
                     mac: None,
                     admin_state: AdminState::Enabled,
+                    port: None,
                 })
                 .collect(),
             health_monitor: None,
+            algorithm: crate::config::Algorithm::RoundRobin,
         }
     }
 

@@ -10,6 +10,8 @@
 //! heavy churn a walk may see an entry twice (deduplicated where it matters) or miss some.
 
 pub mod cookie;
+pub mod router;
+pub mod table;
 
 use std::{
     collections::{HashMap, HashSet},

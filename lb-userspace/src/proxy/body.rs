@@ -99,7 +99,6 @@ impl ProxyBody {
         }
         rx
     }
-
 }
 
 impl Body for ProxyBody {

@@ -3,10 +3,9 @@
 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version,
-    header::{
-        CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-    },
-    request, uri::PathAndQuery,
+    header::{CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
+    request,
+    uri::PathAndQuery,
 };
 
 use super::ConnInfo;
@@ -137,8 +136,8 @@ pub(super) fn prepare_request(
     }
     if host.is_none() {
         // HTTP/1.0 without Host: name the address the client connected to.
-        let v = HeaderValue::from_str(&conn.local.to_string())
-            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        let v =
+            HeaderValue::from_str(&conn.local.to_string()).map_err(|_| StatusCode::BAD_REQUEST)?;
         parts.headers.insert(HOST, v);
     }
     parts.version = Version::HTTP_11;
@@ -188,7 +187,10 @@ mod tests {
     }
 
     fn all(h: &HeaderMap, name: impl http::header::AsHeaderName) -> Vec<&str> {
-        h.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
     }
 
     #[test]
@@ -223,8 +225,15 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
-        assert_eq!(all(h, HOST), ["example.com"], "Connection may not name Host");
-        assert_eq!(all(h, X_FORWARDED_FOR), ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.9"]);
+        assert_eq!(
+            all(h, HOST),
+            ["example.com"],
+            "Connection may not name Host"
+        );
+        assert_eq!(
+            all(h, X_FORWARDED_FOR),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.9"]
+        );
         assert_eq!(all(h, X_FORWARDED_PROTO), ["http"]);
         assert_eq!(all(h, X_FORWARDED_HOST), ["example.com"]);
         assert_eq!(p.uri, "/a?b=1");
@@ -268,14 +277,20 @@ mod tests {
     #[test]
     fn missing_or_duplicate_host() {
         let (mut p, ()) = Request::get("/").body(()).unwrap().into_parts();
-        assert_eq!(prepare_request(&mut p, &conn(false), false), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            prepare_request(&mut p, &conn(false), false),
+            Err(StatusCode::BAD_REQUEST)
+        );
         let (mut p, ()) = Request::get("/")
             .header("host", "a")
             .header("host", "b")
             .body(())
             .unwrap()
             .into_parts();
-        assert_eq!(prepare_request(&mut p, &conn(false), false), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            prepare_request(&mut p, &conn(false), false),
+            Err(StatusCode::BAD_REQUEST)
+        );
         let (mut p, ()) = Request::get("/")
             .version(Version::HTTP_10)
             .body(())

@@ -56,12 +56,9 @@ impl Clock {
             && self.head_started.load(Ordering::Relaxed) == NONE
         {
             let now = self.now_ms();
-            let _ = self.head_started.compare_exchange(
-                NONE,
-                now,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.head_started
+                    .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -277,7 +274,10 @@ mod tests {
     fn deadlines_follow_requests() {
         let clock = Arc::new(Clock::new());
         let l = limits();
-        assert_eq!(clock.deadline(false, &l), Some(clock.epoch + l.request_header_timeout));
+        assert_eq!(
+            clock.deadline(false, &l),
+            Some(clock.epoch + l.request_header_timeout)
+        );
         assert_eq!(clock.deadline(true, &l), Some(clock.epoch + l.idle_timeout));
         let a = clock.begin();
         let b = clock.begin();
@@ -286,11 +286,18 @@ mod tests {
         assert_eq!(clock.deadline(false, &l), None, "one still in flight");
         drop(b);
         let idle = clock.deadline(false, &l).unwrap();
-        assert!(idle >= clock.epoch + l.idle_timeout, "idle between requests");
+        assert!(
+            idle >= clock.epoch + l.idle_timeout,
+            "idle between requests"
+        );
         clock.on_read();
         let head = clock.deadline(false, &l).unwrap();
         assert!(head < idle, "a started head gets the header timeout");
-        assert_eq!(clock.deadline(true, &l), Some(idle), "h2 ignores partial reads");
+        assert_eq!(
+            clock.deadline(true, &l),
+            Some(idle),
+            "h2 ignores partial reads"
+        );
         let _c = clock.begin();
         assert_eq!(clock.deadline(false, &l), None);
     }

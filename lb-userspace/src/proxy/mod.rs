@@ -306,7 +306,14 @@ pub async fn serve(
     router: Arc<dyn Router>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProxyError> {
-    serve_with_stats(listener, cfg, router, shutdown, Arc::new(ProxyStats::default())).await
+    serve_with_stats(
+        listener,
+        cfg,
+        router,
+        shutdown,
+        Arc::new(ProxyStats::default()),
+    )
+    .await
 }
 
 /// Serve client connections from `listener` until `shutdown` turns true (or its sender is
@@ -350,8 +357,16 @@ pub async fn serve_with_stats(
     log::info!(
         "proxy: serving {} ({}{})",
         listener.local_addr().map_or(cfg.listen, |a| a),
-        if shared.tls.is_some() { "TLS" } else { "cleartext" },
-        if cfg.proxy_protocol { ", PROXY protocol" } else { "" }
+        if shared.tls.is_some() {
+            "TLS"
+        } else {
+            "cleartext"
+        },
+        if cfg.proxy_protocol {
+            ", PROXY protocol"
+        } else {
+            ""
+        }
     );
 
     loop {

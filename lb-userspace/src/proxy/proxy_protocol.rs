@@ -40,7 +40,9 @@ pub(super) enum Error {
 }
 
 /// Reads one header; returns it with the bytes read past it.
-pub(super) async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Addresses, Bytes), Error> {
+pub(super) async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Addresses, Bytes), Error> {
     let mut buf = BytesMut::with_capacity(256);
     loop {
         match parse(&buf)? {
@@ -102,9 +104,13 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Addresses, usize)>, Error> {
             }
             let ip = |s: &str| -> Result<IpAddr, Error> {
                 if proto == "TCP4" {
-                    s.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| Error::BadV1)
+                    s.parse::<Ipv4Addr>()
+                        .map(IpAddr::V4)
+                        .map_err(|_| Error::BadV1)
                 } else {
-                    s.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| Error::BadV1)
+                    s.parse::<Ipv6Addr>()
+                        .map(IpAddr::V6)
+                        .map_err(|_| Error::BadV1)
                 }
             };
             let src = SocketAddr::new(ip(src)?, port(sport)?);
@@ -118,7 +124,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Addresses, usize)>, Error> {
 
 /// A decimal port: digits only, no sign, no leading zero.
 fn port(s: &str) -> Result<u16, Error> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+    if s.is_empty()
+        || s.len() > 5
+        || !s.bytes().all(|b| b.is_ascii_digit())
+        || (s.len() > 1 && s.starts_with('0'))
+    {
         return Err(Error::BadV1);
     }
     s.parse().map_err(|_| Error::BadV1)
@@ -146,7 +156,10 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Addresses, usize)>, Error> {
                 let a = body.get(..12).ok_or(Error::BadV2)?;
                 let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]));
                 let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
-                Some((SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10))))
+                Some((
+                    SocketAddr::new(ip(0), port(8)),
+                    SocketAddr::new(ip(4), port(10)),
+                ))
             }
             // TCP or UDP over IPv6
             0x21 | 0x22 => {
@@ -157,7 +170,10 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Addresses, usize)>, Error> {
                     IpAddr::V6(Ipv6Addr::from(b))
                 };
                 let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
-                Some((SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34))))
+                Some((
+                    SocketAddr::new(ip(0), port(32)),
+                    SocketAddr::new(ip(16), port(34)),
+                ))
             }
             // UNSPEC, AF_UNIX: no usable address.
             0x00 | 0x31 | 0x32 => None,
@@ -181,10 +197,16 @@ mod tests {
         let h = b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\nGET";
         let (a, n) = parse(h).unwrap().unwrap();
         assert_eq!(n, h.len() - 3);
-        assert_eq!(a.addrs, Some((v4("203.0.113.7:56324"), v4("192.0.2.1:443"))));
+        assert_eq!(
+            a.addrs,
+            Some((v4("203.0.113.7:56324"), v4("192.0.2.1:443")))
+        );
         let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n";
         let (a, _) = parse(h).unwrap().unwrap();
-        assert_eq!(a.addrs, Some((v4("[2001:db8::1]:1"), v4("[2001:db8::2]:65535"))));
+        assert_eq!(
+            a.addrs,
+            Some((v4("[2001:db8::1]:1"), v4("[2001:db8::2]:65535")))
+        );
         let (a, n) = parse(b"PROXY UNKNOWN whatever\r\n").unwrap().unwrap();
         assert_eq!((a.addrs, n), (None, 24));
     }

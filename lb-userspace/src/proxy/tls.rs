@@ -27,9 +27,7 @@ pub fn load_tls(files: &TlsFiles) -> Result<Arc<ServerConfig>, ProxyError> {
     let key_pem = read("private key", &files.key_pem)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            ProxyError::Tls(format!("certificate {}: {e}", files.cert_pem.display()))
-        })?;
+        .map_err(|e| ProxyError::Tls(format!("certificate {}: {e}", files.cert_pem.display())))?;
     if chain.is_empty() {
         return Err(ProxyError::Tls(format!(
             "certificate {}: no CERTIFICATE block",

@@ -1,0 +1,151 @@
+//! Userspace persistence tables of the L7 proxy (app cookie values, client addresses):
+//! sharded, capped, least-recently-used eviction, lazy expiry on lookup.
+//!
+//! Expiry follows Avi's rule for client-IP persistence: an entry does not expire while the
+//! client has a connection open; the timeout counts from its last activity or close.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash},
+    num::NonZeroUsize,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use lru::LruCache;
+
+const SHARDS: usize = 16;
+
+struct Shard<K: Hash + Eq> {
+    entries: LruCache<K, (u32, Instant)>,
+    /// Open client connections per key (only for tables that count them).
+    open: HashMap<K, u32>,
+}
+
+/// key -> backend identity (`lb_common::backend_identity`), stable across reloads.
+pub struct Table<K: Hash + Eq> {
+    shards: Vec<Mutex<Shard<K>>>,
+    timeout: Duration,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<K: Hash + Eq + Clone> Table<K> {
+    /// At most `capacity` entries (rounded up to a multiple of the shard count).
+    pub fn new(capacity: usize, timeout: Duration) -> Self {
+        let per = NonZeroUsize::new(capacity.div_ceil(SHARDS).max(1)).expect("non-zero");
+        Table {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { entries: LruCache::new(per), open: HashMap::new() }))
+                .collect(),
+            timeout,
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, k: &K) -> std::sync::MutexGuard<'_, Shard<K>> {
+        let i = (self.hasher.hash_one(k) as usize) % SHARDS;
+        // A poisoned shard only means a panic elsewhere mid-update of plain data: keep going.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live binding of `k`, refreshing its last use. An entry idle past the timeout
+    /// with no open connection is removed and reported as a miss (`Err(true)`); no entry is
+    /// `Err(false)`.
+    pub fn get(&self, k: &K, now: Instant) -> Result<u32, bool> {
+        let mut s = self.shard(k);
+        let open = s.open.get(k).copied().unwrap_or(0);
+        let Some((backend, seen)) = s.entries.get_mut(k) else { return Err(false) };
+        if open == 0 && now.saturating_duration_since(*seen) > self.timeout {
+            s.entries.pop(k);
+            return Err(true);
+        }
+        *seen = now;
+        Ok(*backend)
+    }
+
+    pub fn insert(&self, k: K, backend: u32, now: Instant) {
+        self.shard(&k).entries.put(k, (backend, now));
+    }
+
+    pub fn remove(&self, k: &K) {
+        self.shard(k).entries.pop(k);
+    }
+
+    /// A client connection opened: the entry cannot expire until it closes.
+    pub fn opened(&self, k: &K) {
+        *self.shard(k).open.entry(k.clone()).or_insert(0) += 1;
+    }
+
+    /// A client connection closed: the timeout counts from now once none is open.
+    pub fn closed(&self, k: &K, now: Instant) {
+        let mut s = self.shard(k);
+        match s.open.get_mut(k) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                s.open.remove(k);
+            }
+        }
+        if let Some((_, seen)) = s.entries.peek_mut(k) {
+            *seen = now;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A bounded key for arbitrary client-supplied strings (cookie values, header values): a
+/// 128-bit digest, so a long value is never stored whole and cannot grow the table's memory.
+pub fn digest(value: &[u8]) -> u128 {
+    let a = lb_common::hash::hash_bytes(value, 0x7461_626c) as u128;
+    let b = lb_common::hash::hash_bytes(value, 0x6b65_7932) as u128;
+    let c = lb_common::hash::hash_bytes(value, 0x3333_7777) as u128;
+    let d = lb_common::hash::hash_bytes(value, 0x5151_a5a5) as u128;
+    a << 96 | b << 64 | c << 32 | d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_expire_after_idle_timeout_unless_a_connection_is_open() {
+        let t: Table<u32> = Table::new(64, Duration::from_secs(10));
+        let t0 = Instant::now();
+        t.insert(1, 7, t0);
+        assert_eq!(t.get(&1, t0 + Duration::from_secs(9)), Ok(7));
+        // Refreshed at 9 s: still live at 18 s.
+        assert_eq!(t.get(&1, t0 + Duration::from_secs(18)), Ok(7));
+        assert_eq!(t.get(&1, t0 + Duration::from_secs(29)), Err(true), "expired and removed");
+        assert_eq!(t.get(&1, t0 + Duration::from_secs(29)), Err(false));
+
+        t.insert(2, 8, t0);
+        t.opened(&2);
+        assert_eq!(t.get(&2, t0 + Duration::from_secs(100)), Ok(8), "an open connection holds it");
+        t.closed(&2, t0 + Duration::from_secs(200));
+        assert_eq!(t.get(&2, t0 + Duration::from_secs(205)), Ok(8), "timeout counts from the close");
+        assert_eq!(t.get(&2, t0 + Duration::from_secs(216)), Err(true));
+    }
+
+    #[test]
+    fn capacity_is_bounded_with_lru_eviction() {
+        let t: Table<u32> = Table::new(160, Duration::from_secs(60));
+        let now = Instant::now();
+        for k in 0..10_000 {
+            t.insert(k, k, now);
+        }
+        assert!(t.len() <= 160, "len {}", t.len());
+        assert!(t.get(&9_999, now).is_ok(), "the newest survives");
+    }
+
+    #[test]
+    fn digest_separates_values_and_bounds_keys() {
+        assert_ne!(digest(b"abc"), digest(b"abd"));
+        assert_eq!(digest(&[b'x'; 100_000]), digest(&[b'x'; 100_000]));
+    }
+}

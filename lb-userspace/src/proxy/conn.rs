@@ -1,0 +1,259 @@
+//! One client connection: PROXY header, TLS handshake, then hyper's HTTP/1.1 or HTTP/2
+//! server under the proxy's idle and header timeouts and graceful shutdown.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::{Pin, pin},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+    time::Instant,
+};
+
+use super::{
+    ConnInfo, Limits, ProxyStats, Router, Shared,
+    handler::{self, ConnCtx},
+    inc,
+    io::{ClientIo, Clock},
+    proxy_protocol,
+    tls::ALPN_H2,
+};
+
+/// hyper's default HTTP/1 read buffer limit; raised only for larger header limits.
+const H1_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
+/// After an idle HTTP/2 connection's GOAWAY, how long the client has to close.
+const H2_GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// Counts the connection closed however its task ends.
+struct Closed(Arc<ProxyStats>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        inc(&self.0.connections_closed);
+    }
+}
+
+/// Tells the router the connection closed, however its task ends.
+struct Opened {
+    router: Arc<dyn Router>,
+    info: ConnInfo,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.router.connection_closed(&self.info);
+    }
+}
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _closed = Closed(shared.stats.clone());
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let limits = shared.limits;
+    let clock = Arc::new(Clock::new());
+    let handshake_deadline = Instant::now() + limits.request_header_timeout;
+
+    let (client, local, rest) = if shared.proxy_protocol {
+        let header =
+            tokio::time::timeout_at(handshake_deadline, proxy_protocol::read_header(&mut tcp))
+                .await;
+        match header {
+            Ok(Ok((header, rest))) => {
+                let (client, local) = header.addrs.unwrap_or((peer, local));
+                (client, local, rest)
+            }
+            Ok(Err(e)) => {
+                inc(&shared.stats.handshake_errors);
+                log::debug!("proxy: {peer}: {e}");
+                return;
+            }
+            Err(_) => {
+                inc(&shared.stats.handshake_errors);
+                log::debug!("proxy: {peer}: no PROXY header in time");
+                return;
+            }
+        }
+    } else {
+        (peer, local, Bytes::new())
+    };
+    let io = ClientIo::new(tcp, rest, clock.clone());
+
+    match &shared.tls {
+        None => {
+            let info = ConnInfo {
+                client,
+                local,
+                tls: false,
+                alpn_h2: false,
+            };
+            serve_http(shared.clone(), info, io, clock, shutdown).await;
+        }
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    inc(&shared.stats.handshake_errors);
+                    log::debug!("proxy: {client}: TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    inc(&shared.stats.handshake_errors);
+                    log::debug!("proxy: {client}: TLS handshake timed out");
+                    return;
+                }
+            };
+            let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+            let info = ConnInfo {
+                client,
+                local,
+                tls: true,
+                alpn_h2,
+            };
+            serve_http(shared.clone(), info, tls, clock, shutdown).await;
+        }
+    }
+}
+
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    io: I,
+    clock: Arc<Clock>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    shared.router.connection_opened(&info);
+    let _opened = Opened {
+        router: shared.router.clone(),
+        info,
+    };
+    let limits = shared.limits;
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        info,
+        clock: clock.clone(),
+        h2: info.alpn_h2,
+        tunnel: Mutex::new(None),
+    });
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handler::handle(ctx.clone(), req))
+    };
+    let io = TokioIo::new(io);
+
+    let result = if info.alpn_h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection(io, service);
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &clock,
+            true,
+            &limits,
+            &mut shutdown,
+        )
+        .await
+    } else {
+        let mut builder = http1::Builder::new();
+        // The proxy's own clock enforces header and idle timeouts (see `Clock::deadline`).
+        builder
+            .max_header_size(limits.max_header_bytes)
+            .header_read_timeout(None)
+            .max_buf_size(H1_DEFAULT_MAX_BUF.max(limits.max_header_bytes + 1024));
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &clock,
+            false,
+            &limits,
+            &mut shutdown,
+        )
+        .await
+    };
+    if let Err(e) = result {
+        if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+            inc(&shared.stats.client_errors);
+        }
+        log::debug!("proxy: {}: {e}", info.client);
+    }
+    let tunnel = ctx.tunnel.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(tunnel) = tunnel {
+        tunnel.await;
+    }
+}
+
+/// Polls `conn` to completion, closing it when the clock's deadline passes (idle, slow head)
+/// and shutting it down gracefully when `shutdown` turns true.
+async fn drive<C>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    clock: &Clock,
+    h2: bool,
+    limits: &Limits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut conn = pin!(conn);
+    // Re-check at least this often: a head may start or a request end between wake-ups.
+    let tick = (limits.request_header_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut stopping = false;
+    loop {
+        let now = Instant::now();
+        let wake = match clock.deadline(h2, limits) {
+            Some(d) => Instant::from_std(d).min(now + tick),
+            None => now + tick,
+        };
+        tokio::select! {
+            res = conn.as_mut() => return res,
+            () = stopped(shutdown), if !stopping => {
+                stopping = true;
+                graceful(conn.as_mut());
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let expired = clock
+                    .deadline(h2, limits)
+                    .is_some_and(|d| std::time::Instant::now() >= d);
+                if expired && !stopping {
+                    if h2 {
+                        graceful(conn.as_mut());
+                        return tokio::time::timeout(H2_GOAWAY_GRACE, conn).await.unwrap_or(Ok(()));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when `rx` turns true or its sender is gone.
+pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it at once.
+    let _ = rx.wait_for(|stop| *stop).await.is_ok();
+}
