@@ -30,7 +30,7 @@ use crate::{
     health::{self, HealthEvent, PoolMonitor},
     persist::router::{PersistRouter, RouterStats},
     proxy::{self, ProxyStats},
-    state::{BackendState, Health, SharedSnapshot, Snapshot},
+    state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
 };
 
 /// How long to wait for a backend's neighbour entry.
@@ -323,6 +323,8 @@ impl Daemon {
                 log::info!("L7 proxy of {n} stopped: the service is gone");
             }
         }
+        // Publish the proxies' counters.
+        self.shared.store(Arc::new(self.snapshot()));
         Ok(())
     }
 
@@ -339,6 +341,11 @@ impl Daemon {
             },
             generation: self.generation,
             started: self.started,
+            l7: self
+                .proxies
+                .iter()
+                .map(|(name, p)| L7Counters { service: name.clone(), router: p.router_stats.clone(), proxy: p.stats.clone() })
+                .collect(),
         }
     }
 

@@ -94,6 +94,16 @@ pub struct Snapshot {
     /// Bumped on every publish (reload, health change).
     pub generation: u64,
     pub started: SystemTime,
+    /// Counters of each running L7 proxy and its persistence router, by service name.
+    pub l7: Vec<L7Counters>,
+}
+
+/// Live counters of one L7 virtual service (shared with its proxy tasks).
+#[derive(Debug, Clone)]
+pub struct L7Counters {
+    pub service: String,
+    pub router: Arc<crate::persist::router::RouterStats>,
+    pub proxy: Arc<crate::proxy::ProxyStats>,
 }
 
 impl Snapshot {
@@ -108,6 +118,7 @@ impl Snapshot {
             xdp_mode: "native",
             generation: 0,
             started,
+            l7: Vec::new(),
         }
     }
 

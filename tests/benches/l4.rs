@@ -230,7 +230,8 @@ fn load(tag: &str, entries: u32) -> Loaded {
     let cfg = config(&pin_dir.0, entries);
     let ifindex = net::ifindex("tba").expect("tba");
     let mac_src = net::mac_of("tba").expect("mac");
-    let plan = balancer::plan(&cfg, |p, b| {
+    let ids = balancer::assign_ids(&cfg, &balancer::Previous::default()).expect("ids");
+    let plan = balancer::plan(&cfg, &ids, &balancer::all_up(&cfg), |p, b| {
         Ok::<_, ()>(L2 {
             mac_dst: cfg.pools[p].backends[b].mac.expect("mac"),
             mac_src,

@@ -433,6 +433,13 @@ fn health_down_immediate_moves_client_and_it_stays() {
         "the move is counted in reassigned_down: {c:?}"
     );
     assert_eq!(ops.fetch(a), y, "{a} sticks to its new backend");
+    // A reload (same config) keeps the health the monitors found: X stays down.
+    ops.reload_ok();
+    assert_eq!(
+        ops.kernel_state(&x),
+        BACKEND_DOWN,
+        "after a reload, {x} (server still stopped) is still DOWN"
+    );
 
     bring_back(&mut ops, &x);
     let again = ops.fetch_all(&[a; 5]);
@@ -466,6 +473,11 @@ fn health_down_never_keeps_client_on_its_backend() {
         b.health_monitor(http_monitor()).down_policy("never")
     });
     let a = ops.client(0);
+    assert_eq!(
+        ops.status()["services"][0]["persistence"]["policy"],
+        "never",
+        "/status shows the service's down policy"
+    );
     let x = bind_and_take_down(&mut ops, a);
 
     for attempt in 0..2 {
@@ -1094,6 +1106,47 @@ fn status_persist_and_metrics_agree_with_the_maps() {
         "and counts a new assignment"
     );
 
+    // tether persist flush --backend B: every entry naming B goes, and /status counts it at
+    // once (a flush invalidates the cached census).
+    let per = ops.entries_per_backend();
+    let (victim, n) = per
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(b, n)| (b.clone(), *n))
+        .expect("some backend");
+    assert!(n > 0, "some backend has clients: {per:?}");
+    let flushed = ops.ok(
+        d.cli(&[
+            "persist",
+            "flush",
+            "--service",
+            "web",
+            "--backend",
+            &victim,
+            "--admin",
+            &admin,
+        ]),
+        "tether persist flush --backend",
+    );
+    let plural = if n == 1 { "entry" } else { "entries" };
+    assert!(
+        flushed.contains(&format!("flushed {n} persistence {plural}")),
+        "flush --backend {victim} removes its {n} entries: {flushed}"
+    );
+    let per_after = ops.entries_per_backend();
+    assert_eq!(per_after[&victim], 0, "no entry names {victim} any more");
+    for (b, k) in &per {
+        if *b != victim {
+            assert_eq!(per_after[b], *k, "the entries of {b} are untouched");
+        }
+    }
+    let st = ops.status();
+    assert_eq!(
+        ops.status_backend(&st, "web", &victim)["bound_clients"],
+        0,
+        "right after the flush /status counts no client bound to {victim}"
+    );
+
     // /metrics
     let before = ops.svc_counters();
     let metrics = ops.ok(d.metrics(), "GET /metrics");
@@ -1219,4 +1272,93 @@ fn stop_detach_removes_xdp_and_pins() {
         r.is_err(),
         "without XDP the VIP is the LB's own address again, no backend answers: {r:?}"
     );
+}
+
+/// (7b) `tether stop --detach` after the daemon already stopped (SIGTERM, XDP left attached
+/// through its pinned link): detaches and removes the pins.
+#[test]
+fn stop_detach_after_sigterm() {
+    let mut ops = Ops::new(1, 2, |b| b);
+    let a = ops.client(0);
+    let x = ops.fetch(a);
+    let pin_dir = ops.d().pin_dir().to_path_buf();
+    let d = ops.daemon.take().expect("running");
+    ops.ok(d.stop_keep_pins(), "stopping tether (SIGTERM)");
+    assert_eq!(
+        ops.ok(ops.topo.lb_xdp_mode(), "ip link show").as_deref(),
+        Some("xdp"),
+        "XDP stays attached after SIGTERM"
+    );
+    assert_eq!(ops.fetch(a), x, "and keeps forwarding");
+    let out = ops.ok(
+        tether_cli(
+            &ops.bin,
+            &ops.topo.lb.ns,
+            &["stop", "--detach", "--pin-dir", &pin_dir.to_string_lossy()],
+        ),
+        "tether stop --detach",
+    );
+    assert!(
+        out.contains("no running tether") && out.contains("detached"),
+        "`tether stop --detach` without a daemon says what it did:\n{out}"
+    );
+    assert_eq!(
+        ops.ok(ops.topo.lb_xdp_mode(), "ip link show"),
+        None,
+        "no XDP program on {} after stop --detach",
+        ops.topo.lb.ifname
+    );
+    assert!(!pin_dir.exists(), "{} is removed", pin_dir.display());
+    let r = ops.topo.fetch(a, PORT, FAIL_TIMEOUT);
+    assert!(r.is_err(), "the VIP no longer reaches a backend: {r:?}");
+}
+
+/// (8) A restart keeps a down backend down (its state is taken from the pinned maps, not
+/// assumed healthy): no new client reaches it, and it comes back through the monitor.
+#[test]
+fn restart_keeps_down_backend_down() {
+    const NEW_CLIENTS: usize = 20;
+    let mut ops = Ops::new(1 + NEW_CLIENTS, 3, |b| b.health_monitor(http_monitor()));
+    let a = ops.client(0);
+    let x = bind_and_take_down(&mut ops, a);
+    let y = ops.fetch(a);
+    assert_ne!(y, x);
+
+    let d = ops.daemon.take().expect("running");
+    ops.ok(d.stop_keep_pins(), "stopping tether (SIGTERM)");
+    let config = ops.builder.build();
+    ops.daemon = Some(ops.ok(
+        Daemon::start_with_existing_pins(&ops.bin, &ops.topo.lb.ns, &config, false),
+        "restarting tether",
+    ));
+    let x_id = ops.backend_id_of_name(&x);
+    // Watch for a while (longer than rise x interval): X must never be UP or in the table.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(RISE * INTERVAL_MS * 3) {
+        let st = ops.kernel_state(&x);
+        assert_eq!(
+            st,
+            BACKEND_DOWN,
+            "{x} (server still stopped) is DOWN after the restart, state {st} after {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !ops.ok(ops.pins.maglev_table(ops.svc), "reading TETHER_MAGLEV")
+            .contains(&x_id),
+        "{x} is not in the live Maglev table after the restart"
+    );
+    let b = ops.status_backend(&ops.status(), "web", &x);
+    assert_eq!(b["state"], "down", "/status after the restart: {b}");
+    let fresh: Vec<Ipv4Addr> = (1..=NEW_CLIENTS).map(|i| ops.client(i)).collect();
+    let got = ops.fetch_all(&fresh);
+    assert!(
+        got.iter().all(|b| *b != x),
+        "no new client reaches down {x} after the restart: {got:?}"
+    );
+    assert_eq!(ops.fetch(a), y, "{a} stays on {y}");
+    bring_back(&mut ops, &x);
+    ops.assert_no_drops();
+    ops.stop();
 }

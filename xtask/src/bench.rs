@@ -1,14 +1,14 @@
-//! `cargo xtask bench [l4] [-- args]`: benchmarks, each measured against a baseline in the
+//! `cargo xtask bench [l4|l7] [-- args]`: benchmarks, each measured against a baseline in the
 //! same run. Not tests: they assert nothing about time, they report medians.
 
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::bootstrap::{ensure_all, run_cmd, step, workspace_root};
+use crate::bootstrap::{build_tether, ensure_all, run_cmd, step, workspace_root};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `l4` (XDP fast path).
+    /// Which benchmark: `l4` (XDP fast path) or `l7` (HTTP proxy vs direct and HAProxy).
     #[arg(default_value = "l4")]
     which: String,
     /// Passed to the benchmark (e.g. `--quick`, `--rounds 7`).
@@ -16,25 +16,37 @@ pub struct BenchArgs {
     extra: Vec<String>,
 }
 
+fn cargo_bench(name: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("cargo");
+    c.current_dir(workspace_root()).args([
+        "bench",
+        "--locked",
+        "-p",
+        "tether-tests",
+        "--bench",
+        name,
+        "--",
+    ]);
+    c
+}
+
 pub fn bench(args: BenchArgs) -> Result<()> {
     ensure_all()?;
     match args.which.as_str() {
         "l4" => step("bench l4 (cargo bench -p tether-tests --bench l4)", || {
-            run_cmd(
-                std::process::Command::new("cargo")
-                    .current_dir(workspace_root())
-                    .args([
-                        "bench",
-                        "--locked",
-                        "-p",
-                        "tether-tests",
-                        "--bench",
-                        "l4",
-                        "--",
-                    ])
-                    .args(&args.extra),
-            )
+            run_cmd(cargo_bench("l4").args(&args.extra))
         }),
-        other => bail!("unknown benchmark {other:?}: available: l4"),
+        "l7" => {
+            // The bench runs the release daemon (the proxy's speed is what it measures).
+            let tether = build_tether(true)?;
+            step("bench l7 (cargo bench -p tether-tests --bench l7)", || {
+                run_cmd(
+                    cargo_bench("l7")
+                        .args(&args.extra)
+                        .env("TETHER_BIN", &tether),
+                )
+            })
+        }
+        other => bail!("unknown benchmark {other:?}: available: l4, l7"),
     }
 }

@@ -21,6 +21,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("iperf3", "/usr/bin/iperf3"),
     ("wrk", "/usr/bin/wrk"),
+    ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
     ("util-linux", "/usr/bin/nsenter"),
 ];

@@ -62,6 +62,7 @@ fn snapshot(pin_dir: PathBuf) -> Snapshot {
         xdp_mode: "native",
         generation: 7,
         started: UNIX_EPOCH + Duration::from_secs(100),
+        l7: Vec::new(),
     }
 }
 

@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
+    ALL_MAPS, BACKEND_UP, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
     MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue, Service,
     ServiceKey, maglev_index,
 };
@@ -395,9 +395,13 @@ impl Dataplane {
     /// (from an earlier config in the pinned maps) are removed.
     pub fn apply(&mut self, plan: &Plan) -> Result<Removed> {
         let mut removed = Removed::default();
+        // Backends that take new clients are written before the tables that name them;
+        // backends that stop taking them (down, draining, disabled) after the tables that no
+        // longer do, so no new client is ever sent to a backend marked out of service.
+        let (taking, leaving): (Vec<_>, Vec<_>) = plan.backends.iter().partition(|(_, b)| b.state == BACKEND_UP);
         {
             let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
-            for (id, b) in &plan.backends {
+            for (id, b) in &taking {
                 backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?;
             }
         }
@@ -459,6 +463,12 @@ impl Dataplane {
                 sp.name,
                 sp.value.index
             );
+        }
+        {
+            let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
+            for (id, b) in &leaving {
+                backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?;
+            }
         }
         {
             let keep: HashSet<ServiceKey> = plan.services.iter().map(|s| s.key).collect();
