@@ -341,7 +341,6 @@ impl Router for PersistRouter {
 
     fn on_response(&self, route: &Route, conn: &ConnInfo, resp: &mut http::response::Parts) {
         let Some(d) = route.tag.as_ref().and_then(|t| t.downcast_ref::<Decision>()) else { return };
-        self.selection.ended(d.index);
         match &self.method {
             Method::HttpCookie { profile, keys, .. } if d.issue_cookie => {
                 let now = unix_now();
@@ -386,6 +385,12 @@ impl Router for PersistRouter {
         }
     }
 
+    fn finished(&self, route: &Route) {
+        if let Some(d) = route.tag.as_ref().and_then(|t| t.downcast_ref::<Decision>()) {
+            self.selection.ended(d.index);
+        }
+    }
+
     fn connection_opened(&self, conn: &ConnInfo) {
         if let Method::ClientIp { table, v4, v6 } = &self.method {
             table.opened(&client_key(conn.client.ip(), *v4, *v6));
@@ -427,13 +432,13 @@ mod tests {
         )
     }
 
-    fn shared(cfg: &Arc<Config>, states: [BackendState; 3]) -> SharedSnapshot {
+    fn shared(cfg: &Arc<Config>, states: &[BackendState]) -> SharedSnapshot {
         let ids = assign_ids(cfg, &Previous::default()).unwrap();
         let mut s = Snapshot::empty(cfg.clone(), SystemTime::now());
         s.service_index = ids.services;
         s.backend_ids = ids.backends;
         s.backend_state = vec![states.to_vec()];
-        s.health = vec![vec![None; 3]];
+        s.health = vec![vec![None; states.len()]];
         Arc::new(ArcSwap::from_pointee(s))
     }
 
@@ -495,7 +500,7 @@ mod tests {
     #[test]
     fn active_cookie_is_issued_then_honoured_and_stripped() {
         let cfg = config(&cookie_profile(""));
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
         let (first, _, set) = exchange(&r, &c, "/", None, None);
@@ -518,7 +523,7 @@ mod tests {
     #[test]
     fn bad_cookies_count_as_absent_by_reason_and_are_reissued() {
         let cfg = config(&cookie_profile(""));
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let other = router(&cfg, &snap, 1);
         let c = conn("192.0.2.1");
@@ -545,7 +550,7 @@ mod tests {
     #[test]
     fn rotated_keys_keep_old_cookies_valid() {
         let cfg = config(&cookie_profile(""));
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let old_keys = CookieKeys::from_config(&[(1u8, KEY_OLD)]).unwrap();
         let id = backend_identity("web", "b3");
@@ -559,7 +564,7 @@ mod tests {
     fn down_backend_moves_with_immediate_and_refuses_with_never() {
         for policy in ["immediate", "never"] {
             let cfg = Arc::new(Config::parse(&policy_config(policy)).expect("valid"));
-            let snap = shared(&cfg, UP);
+            let snap = shared(&cfg, &UP);
             let r = router(&cfg, &snap, 0);
             let c = conn("192.0.2.1");
             let (first, _, set) = exchange(&r, &c, "/", None, None);
@@ -600,7 +605,7 @@ mod tests {
     #[test]
     fn draining_keeps_bound_clients_and_takes_no_new_ones() {
         let cfg = config(&cookie_profile(""));
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
         let bound: Vec<(SocketAddr, String)> = (0..3).map(|_| {
@@ -619,7 +624,7 @@ mod tests {
     #[test]
     fn app_cookie_is_learned_and_found_in_cookie_query_and_path() {
         let cfg = config(r#"{"name":"p","type":"app-cookie","cookie_name":"JSESSIONID","timeout_s":60}"#);
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
         let (b, _, _) = exchange(&r, &c, "/login", None, Some("JSESSIONID=abc123; Path=/; HttpOnly"));
@@ -635,7 +640,7 @@ mod tests {
     #[test]
     fn source_ip_fallback_engages_when_cookies_are_refused() {
         let cfg = config(&cookie_profile(r#","fallback":{"type":"client-ip","timeout_s":60}"#));
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.44");
         let (first, _, _) = exchange(&r, &c, "/", None, None);
@@ -652,7 +657,7 @@ mod tests {
     #[test]
     fn client_ip_sticks_and_a_failed_backend_is_not_retried() {
         let cfg = config(r#"{"name":"p","type":"client-ip","timeout_s":60}"#);
-        let snap = shared(&cfg, UP);
+        let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("203.0.113.5");
         let (first, _, _) = exchange(&r, &c, "/", None, None);
@@ -664,5 +669,28 @@ mod tests {
         assert_ne!(retry.backend, first);
         set_states(&snap, [BackendState::Down; 3]);
         assert_eq!(r.route(&mut request("/", None), &conn("203.0.113.99"), &[]).unwrap_err(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn least_connections_counts_requests_until_they_finish() {
+        let cfg = Arc::new(
+            Config::parse(
+                r#"{"interface":"lo",
+                "virtual_services":[{"name":"web","vip":"127.0.0.1","port":8080,"protocol":"tcp","mode":"l7","pool":"web"}],
+                "pools":[{"name":"web","algorithm":"least-connections","backends":[{"name":"b1","address":"10.0.0.1"},{"name":"b2","address":"10.0.0.2"}]}]}"#,
+            )
+            .unwrap(),
+        );
+        let snap = shared(&cfg, &[BackendState::Up; 2]);
+        let r = PersistRouter::new(&cfg, &cfg.services[0], snap).unwrap();
+        let c = conn("192.0.2.1");
+        // One long request holds a backend.
+        let long = r.route(&mut request("/", None), &c, &[]).unwrap();
+        for i in 0..10 {
+            let short = r.route(&mut request("/", None), &c, &[]).unwrap();
+            assert_ne!(short.backend, long.backend, "request {i} went to the busy backend");
+            r.finished(&short);
+        }
+        r.finished(&long);
     }
 }

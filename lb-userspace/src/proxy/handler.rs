@@ -17,7 +17,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 
 use super::{
-    ConnInfo, Shared,
+    ConnInfo, Route, Router, Shared,
     body::ProxyBody,
     headers, inc,
     io::{Activity, Clock, Touch},
@@ -88,13 +88,15 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
 
     let mut req = Request::from_parts(parts, ProxyBody::stream(body, idle));
     let mut tried = Vec::new();
-    let (route, resp) = loop {
+    let (route, resp, _attempt) = loop {
         let (mut parts, body) = req.into_parts();
         let route = shared.router.route(&mut parts, &ctx.info, &tried)?;
+        // Reports the end of this attempt however the handler leaves (answer, error, retry).
+        let attempt = Attempt { router: shared.router.as_ref(), route: route.clone() };
         req = Request::from_parts(parts, body);
         let backend = route.backend;
         match shared.pool.request(backend, req).await {
-            Ok(resp) => break (route, resp),
+            Ok(resp) => break (route, resp, attempt),
             Err(UpstreamError::NotSent(back, why)) => {
                 inc(&stats.upstream_connect_errors);
                 tried.push(backend);
@@ -180,5 +182,17 @@ async fn tunnel(
             Err(e) => log::debug!("proxy: tunnel to {backend}: {e}"),
         },
         () = activity.idle_for(idle) => log::debug!("proxy: tunnel to {backend} idle for {idle:?}, closed"),
+    }
+}
+
+/// Calls `Router::finished` for one routed attempt when dropped.
+struct Attempt<'a> {
+    router: &'a dyn Router,
+    route: Route,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.router.finished(&self.route);
     }
 }

@@ -82,6 +82,12 @@ pub trait Router: Send + Sync + 'static {
         let _ = (route, req_conn, resp);
     }
 
+    /// The attempt `route` returned is over: answered, failed or retried elsewhere. Called
+    /// exactly once per successful `route` call (least connections counts requests with it).
+    fn finished(&self, route: &Route) {
+        let _ = route;
+    }
+
     /// A client connection opened (after the PROXY header and the TLS handshake).
     fn connection_opened(&self, conn: &ConnInfo) {
         let _ = conn;
