@@ -235,6 +235,8 @@ pub struct BackendConfig {
     pub admin_state: AdminState,
     /// Port the L7 proxy connects to; `None`: the virtual service's port.
     pub port: Option<u16>,
+    /// Static value for `custom-header` persistence.
+    pub header_value: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -256,6 +258,34 @@ pub enum PersistenceKind {
     /// Kemp "Server Cookie", Avi "App Cookie": learn {cookie value -> backend} from the
     /// backend's Set-Cookie, kept for `timeout_s`.
     AppCookie(AppCookieProfile),
+    /// A request key hashed onto the pool's Maglev table (Kemp's hash methods, Avi's
+    /// consistent hash); `sticky` keeps each key's backend for `timeout_s` on top, so a change
+    /// of the backend set does not move a live client.
+    KeyHash { key: KeySource, sticky: bool, fallback: Option<ClientIpFallback> },
+    /// Avi custom HTTP header: the named header's value matched against each backend's
+    /// `header_value`; others are balanced normally.
+    CustomHeader { header: String },
+}
+
+/// Where a key-based method finds its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Kemp "Hash All Cookies": the values of all cookies.
+    AllCookies,
+    /// Kemp "Super HTTP": User-Agent, or Authorization when User-Agent contains "MSRPC"
+    /// (empty when absent); `with_source_ip` appends the source address.
+    SuperHttp { with_source_ip: bool },
+    /// Kemp "URL Hash": path and query.
+    Url,
+    /// Kemp "HTTP Host Header".
+    Host,
+    /// Kemp "Hash of HTTP Query Item".
+    QueryItem(String),
+    /// Kemp "Selected Header".
+    Header(String),
+    /// Avi consistent hash by source address / address and port.
+    SourceIp,
+    SourceIpPort,
 }
 
 impl PersistenceKind {
@@ -554,6 +584,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             if b.port == Some(0) {
                 return Err(ConfigError::new(at("port"), "must be 1 to 65535"));
             }
+            if let Some(v) = &b.header_value
+                && (v.is_empty() || v.bytes().any(|c| c.is_ascii_control()))
+            {
+                return Err(ConfigError::new(at("header_value"), format!("{v:?}: must be a non-empty header value")));
+            }
             backends.push(BackendConfig {
                 name: b.name.clone(),
                 address,
@@ -561,6 +596,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 mac,
                 admin_state,
                 port: b.port,
+                header_value: b.header_value.clone(),
             });
         }
         total_backends += backends.len();
@@ -815,6 +851,13 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
         }
     };
     match p.kind.as_str() {
+        "client-ip" | "http-cookie" | "app-cookie"
+            if let Some((f, _)) = [("item", p.item.is_some()), ("with_source_ip", p.with_source_ip.is_some()), ("hash_key", p.hash_key.is_some())]
+                .into_iter()
+                .find(|(_, set)| *set) =>
+        {
+            Err(ConfigError::new(at(f), format!("does not apply to a {:?} profile", p.kind)))
+        }
         "client-ip" => {
             refuse(&cookie_fields)?;
             refuse(&[("cookie_name", p.cookie_name.is_some()), ("fallback", p.fallback.is_some())])?;
@@ -882,9 +925,74 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
             refuse(&[("ipv4_prefix", p.ipv4_prefix.is_some()), ("ipv6_prefix", p.ipv6_prefix.is_some())])?;
             Ok(PersistenceKind::AppCookie(AppCookieProfile { cookie_name: cookie_name(true)?, fallback }))
         }
+        "all-cookies" | "super-http" | "url-hash" | "host-header" | "query-item" | "header" | "consistent-hash" => {
+            refuse(&cookie_fields)?;
+            refuse(&[("cookie_name", p.cookie_name.is_some()), ("ipv4_prefix", p.ipv4_prefix.is_some()), ("ipv6_prefix", p.ipv6_prefix.is_some())])?;
+            let item = |what: &str| -> Result<String, ConfigError> {
+                match p.item.as_deref() {
+                    Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b'=' && b != b'&') => Ok(n.to_string()),
+                    Some(n) => Err(ConfigError::new(at("item"), format!("{n:?} is not a valid {what} name"))),
+                    None => Err(ConfigError::new(at("item"), format!("required: the {what} to hash"))),
+                }
+            };
+            if p.kind != "query-item" && p.kind != "header" && p.item.is_some() {
+                return Err(ConfigError::new(at("item"), format!("does not apply to a {:?} profile", p.kind)));
+            }
+            if p.kind != "super-http" && p.with_source_ip.is_some() {
+                return Err(ConfigError::new(at("with_source_ip"), format!("does not apply to a {:?} profile", p.kind)));
+            }
+            if p.kind != "consistent-hash" && p.hash_key.is_some() {
+                return Err(ConfigError::new(at("hash_key"), format!("does not apply to a {:?} profile", p.kind)));
+            }
+            let key = match p.kind.as_str() {
+                "all-cookies" => KeySource::AllCookies,
+                "super-http" => KeySource::SuperHttp { with_source_ip: p.with_source_ip.unwrap_or(false) },
+                "url-hash" => KeySource::Url,
+                "host-header" => KeySource::Host,
+                "query-item" => KeySource::QueryItem(item("query item")?),
+                "header" => KeySource::Header(item("header")?.to_ascii_lowercase()),
+                _ => match p.hash_key.as_deref().unwrap_or("source-ip") {
+                    "source-ip" => KeySource::SourceIp,
+                    "source-ip-port" => KeySource::SourceIpPort,
+                    "url" => KeySource::Url,
+                    "host" => KeySource::Host,
+                    "all-cookies" => KeySource::AllCookies,
+                    "super-http" => KeySource::SuperHttp { with_source_ip: false },
+                    other => match (other.split_once(':'), other) {
+                        (Some(("header", h)), _) if !h.is_empty() => KeySource::Header(h.to_ascii_lowercase()),
+                        (Some(("query", q)), _) if !q.is_empty() => KeySource::QueryItem(q.to_string()),
+                        _ => {
+                            return Err(ConfigError::new(
+                                at("hash_key"),
+                                format!("{other:?}: expected source-ip, source-ip-port, url, host, all-cookies, super-http, header:NAME or query:NAME"),
+                            ));
+                        }
+                    },
+                },
+            };
+            // Avi's consistent hash is the hash alone; Kemp's methods keep "the same value on
+            // the same server for a time".
+            let sticky = p.kind != "consistent-hash";
+            if !sticky && p.fallback.is_some() {
+                return Err(ConfigError::new(at("fallback"), "does not apply to a \"consistent-hash\" profile"));
+            }
+            Ok(PersistenceKind::KeyHash { key, sticky, fallback })
+        }
+        "custom-header" => {
+            refuse(&cookie_fields)?;
+            refuse(&[("cookie_name", p.cookie_name.is_some()), ("fallback", p.fallback.is_some()), ("with_source_ip", p.with_source_ip.is_some()), ("hash_key", p.hash_key.is_some())])?;
+            let header = match p.item.as_deref() {
+                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => h.to_ascii_lowercase(),
+                Some(h) => return Err(ConfigError::new(at("item"), format!("{h:?} is not a valid header name"))),
+                None => return Err(ConfigError::new(at("item"), "required: the header whose value selects the backend")),
+            };
+            Ok(PersistenceKind::CustomHeader { header })
+        }
         other => Err(ConfigError::new(
             at("type"),
-            format!("{other:?}: expected \"client-ip\", \"http-cookie\" or \"app-cookie\""),
+            format!(
+                "{other:?}: expected \"client-ip\", \"http-cookie\", \"app-cookie\", \"all-cookies\", \"super-http\", \"url-hash\", \"host-header\", \"query-item\", \"header\", \"custom-header\" or \"consistent-hash\""
+            ),
         )),
     }
 }

@@ -121,6 +121,9 @@ pub struct RawBackend {
     /// Port the L7 proxy connects to (default: the virtual service's port).
     #[serde(default)]
     pub port: Option<u16>,
+    /// Avi custom HTTP header persistence: requests whose header has this value go here.
+    #[serde(default)]
+    pub header_value: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +162,15 @@ pub struct RawProfile {
     pub keys: Option<Vec<RawKey>>,
     #[serde(default)]
     pub fallback: Option<RawFallback>,
+    /// `query-item`: the query parameter; `header` and `custom-header`: the header name.
+    #[serde(default)]
+    pub item: Option<String>,
+    /// `super-http`: append the source address to the key (Kemp "Super HTTP and Source IP").
+    #[serde(default)]
+    pub with_source_ip: Option<bool>,
+    /// `consistent-hash`: the identifier hashed (Avi).
+    #[serde(default)]
+    pub hash_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

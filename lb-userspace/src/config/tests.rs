@@ -491,3 +491,39 @@ fn l7_errors_name_the_field() {
         assert!(e.reason.contains(reason), "{path}: reason {:?} lacks {reason:?}", e.reason);
     }
 }
+
+#[test]
+fn key_based_profiles_validate() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"super-http","with_source_ip":true,"timeout_s":60}"#)).expect("valid");
+    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::SuperHttp { with_source_ip: true }, sticky: true, fallback: None });
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"header","item":"X-Session"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::Header("x-session".into()), sticky: true, fallback: None });
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash","hash_key":"query:sid"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::QueryItem("sid".into()), sticky: false, fallback: None });
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::SourceIp, sticky: false, fallback: None });
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"all-cookies","fallback":{"type":"client-ip"}}"#)).expect("valid");
+    assert!(matches!(&c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::AllCookies, fallback: Some(_), .. }));
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"custom-header","item":"X-Tenant"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].kind, PersistenceKind::CustomHeader { header: "x-tenant".into() });
+
+    let cases = [
+        (r#"{"name":"anon","type":"query-item"}"#, "persistence_profiles[2].item", "required"),
+        (r#"{"name":"anon","type":"header","item":"bad header"}"#, "persistence_profiles[2].item", "not a valid"),
+        (r#"{"name":"anon","type":"url-hash","item":"x"}"#, "persistence_profiles[2].item", "does not apply"),
+        (r#"{"name":"anon","type":"url-hash","with_source_ip":true}"#, "persistence_profiles[2].with_source_ip", "does not apply"),
+        (r#"{"name":"anon","type":"consistent-hash","hash_key":"moon"}"#, "persistence_profiles[2].hash_key", "expected source-ip"),
+        (r#"{"name":"anon","type":"consistent-hash","fallback":{"type":"client-ip"}}"#, "persistence_profiles[2].fallback", "does not apply"),
+        (r#"{"name":"anon","type":"http-cookie","item":"x"}"#, "persistence_profiles[2].item", "does not apply"),
+        (r#"{"name":"anon","type":"custom-header"}"#, "persistence_profiles[2].item", "required"),
+        (r#"{"name":"anon","type":"host-header","cookie_name":"x"}"#, "persistence_profiles[2].cookie_name", "does not apply"),
+    ];
+    for (profile, path, reason) in cases {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, path, "{profile}: {e}");
+        assert!(e.reason.contains(reason), "{profile}: {:?} lacks {reason:?}", e.reason);
+    }
+    let e = err(&l7_with(r#""port":8080"#, r#""port":8080,"header_value":"""#));
+    assert_eq!(e.path, "pools[0].backends[0].header_value");
+}

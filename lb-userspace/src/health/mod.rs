@@ -353,6 +353,7 @@ mod tests {
                     mac: None,
                     admin_state: AdminState::Enabled,
                     port: None,
+                    header_value: None,
                 })
                 .collect(),
             health_monitor: None,

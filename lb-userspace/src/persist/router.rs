@@ -15,13 +15,18 @@ use std::{
 };
 
 use http::{HeaderValue, StatusCode, header};
-use lb_common::{backend_identity, prefix_mask};
+use arc_swap::ArcSwap;
+use lb_common::{
+    MAGLEV_TABLE_SIZE, NO_BACKEND, backend_identity,
+    maglev::{MaglevBackend, build_table},
+    prefix_mask,
+};
 
 use crate::{
     balancer::select::{self, BackendSelection},
     config::{
-        AppCookieProfile, ClientIpFallback, Config, CookieProfile, DownPolicy, PersistenceKind, SameSiteMode,
-        VirtualService,
+        AppCookieProfile, ClientIpFallback, Config, CookieProfile, DownPolicy, KeySource, PersistenceKind,
+        SameSiteMode, VirtualService,
     },
     persist::{
         cookie::{self, CookieKeys, CookiePayload, Reject, SameSite, SetCookie},
@@ -69,6 +74,63 @@ enum Method {
     ClientIp { table: Table<[u8; 16]>, v4: u8, v6: u8 },
     HttpCookie { profile: CookieProfile, keys: CookieKeys, fallback: Option<Fallback> },
     AppCookie { profile: AppCookieProfile, table: Table<u128>, fallback: Option<Fallback> },
+    KeyHash { key: KeySource, table: Option<Table<u128>>, fallback: Option<Fallback>, maglev: ArcSwap<MaglevCache> },
+    CustomHeader { header: String },
+}
+
+/// The pool's Maglev table over its up backends (entries are backend indexes), rebuilt when
+/// the published snapshot changes.
+#[derive(Default)]
+struct MaglevCache {
+    generation: Option<u64>,
+    table: Vec<u32>,
+}
+
+/// The request's key for a key-based method; `None` when the request has none.
+fn request_key(key: &KeySource, req: &http::request::Parts, conn: &ConnInfo) -> Option<Vec<u8>> {
+    let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes().to_vec());
+    let query_item = |name: &str| {
+        req.uri.query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| v.as_bytes().to_vec())
+        })
+    };
+    let ip_bytes = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    match key {
+        KeySource::AllCookies => {
+            let values = req.headers.get_all(header::COOKIE);
+            let mut k = Vec::new();
+            for (_, v) in cookie::cookies(values.iter().map(|v| v.as_bytes())) {
+                k.extend_from_slice(v.as_bytes());
+                k.push(0);
+            }
+            (!k.is_empty()).then_some(k)
+        }
+        KeySource::SuperHttp { with_source_ip } => {
+            let ua = header("user-agent")?;
+            // Kemp: with "MSRPC" in the User-Agent the key is the Authorization value, or
+            // blank (zero length) when there is none.
+            let mut k = if ua.windows(5).any(|w| w == b"MSRPC") { header("authorization").unwrap_or_default() } else { ua };
+            if *with_source_ip {
+                k.push(0);
+                k.extend(ip_bytes(conn.client.ip()));
+            }
+            Some(k)
+        }
+        KeySource::Url => req.uri.path_and_query().map(|pq| pq.as_str().as_bytes().to_vec()),
+        KeySource::Host => header("host").or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes().to_vec())),
+        KeySource::QueryItem(name) => query_item(name),
+        KeySource::Header(name) => header(name),
+        KeySource::SourceIp => Some(ip_bytes(conn.client.ip())),
+        KeySource::SourceIpPort => {
+            let mut k = ip_bytes(conn.client.ip());
+            k.extend_from_slice(&conn.client.port().to_be_bytes());
+            Some(k)
+        }
+    }
 }
 
 struct Fallback {
@@ -159,6 +221,13 @@ impl PersistRouter {
                 fallback: a.fallback.as_ref().map(Fallback::new),
                 profile: a.clone(),
             },
+            Some((PersistenceKind::KeyHash { key, sticky, fallback }, p)) => Method::KeyHash {
+                key: key.clone(),
+                table: sticky.then(|| Table::new(TABLE_CAPACITY, Duration::from_secs(p.timeout_s as u64))),
+                fallback: fallback.as_ref().map(Fallback::new),
+                maglev: ArcSwap::from_pointee(MaglevCache::default()),
+            },
+            Some((PersistenceKind::CustomHeader { header }, _)) => Method::CustomHeader { header: header.clone() },
         };
         Ok(PersistRouter {
             service: svc.name.clone(),
@@ -173,9 +242,44 @@ impl PersistRouter {
 
     fn fallback(&self) -> Option<&Fallback> {
         match &self.method {
-            Method::HttpCookie { fallback, .. } | Method::AppCookie { fallback, .. } => fallback.as_ref(),
+            Method::HttpCookie { fallback, .. } | Method::AppCookie { fallback, .. } | Method::KeyHash { fallback, .. } => {
+                fallback.as_ref()
+            }
             _ => None,
         }
+    }
+
+    /// The Maglev choice for `key` among the pool's up backends (not yet tried): the same
+    /// builder and hash as the kernel tables, so every instance with this pool agrees.
+    fn maglev_pick(
+        &self,
+        cache: &ArcSwap<MaglevCache>,
+        snap: &crate::state::Snapshot,
+        pool_index: usize,
+        key: &[u8],
+        tried: &[SocketAddr],
+        addr_of: &dyn Fn(usize) -> SocketAddr,
+    ) -> Option<usize> {
+        let pool = &snap.config.pools[pool_index];
+        let states = snap.backend_state.get(pool_index)?;
+        let current = cache.load_full();
+        let table = if current.generation == Some(snap.generation) {
+            current
+        } else {
+            let members: Vec<MaglevBackend<'_>> = pool
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| states.get(*i) == Some(&BackendState::Up))
+                .map(|(i, b)| MaglevBackend { id: i as u32, name: &b.name, weight: b.weight })
+                .collect();
+            let fresh = Arc::new(MaglevCache { generation: Some(snap.generation), table: build_table(&members, MAGLEV_TABLE_SIZE) });
+            cache.store(fresh.clone());
+            fresh
+        };
+        let h = lb_common::hash::hash_bytes(key, lb_common::hash::FLOW_SEED);
+        let i = *table.table.get((h % MAGLEV_TABLE_SIZE) as usize)?;
+        (i != NO_BACKEND && !tried.contains(&addr_of(i as usize))).then_some(i as usize)
     }
 
     /// App-cookie key: the cookie, else a query parameter of the same name, else a
@@ -230,6 +334,8 @@ impl Router for PersistRouter {
         // What persistence says, if anything: (backend index, source).
         let mut bound: Option<usize> = None;
         let mut issue_cookie = false;
+        // Key-based methods: the request's key, when it has one.
+        let mut key_material: Option<Vec<u8>> = None;
         match &self.method {
             Method::None => {}
             Method::ClientIp { table, v4, v6 } => {
@@ -262,6 +368,23 @@ impl Router for PersistRouter {
                     req.headers.insert(header::COOKIE, v);
                 }
             }
+            Method::KeyHash { key, table, .. } => {
+                key_material = request_key(key, req, conn);
+                if let (Some(t), Some(k)) = (table, &key_material) {
+                    match t.get(&digest(k), now) {
+                        Ok(id) => bound = by_identity(id),
+                        Err(true) => {
+                            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(false) => {}
+                    }
+                }
+            }
+            Method::CustomHeader { header } => {
+                if let Some(v) = req.headers.get(header.as_str()) {
+                    bound = pool.backends.iter().position(|b| b.header_value.as_deref().map(str::as_bytes) == Some(v.as_bytes()));
+                }
+            }
             Method::AppCookie { profile, table, .. } => {
                 if let Some(v) = Self::app_cookie_value(req, &profile.cookie_name) {
                     match table.get(&digest(v.as_bytes()), now) {
@@ -274,7 +397,11 @@ impl Router for PersistRouter {
                 }
             }
         }
-        let cookie_absent = bound.is_none();
+        // "Absent" for the source-IP fallback: the request carries no key of the method's.
+        let cookie_absent = match &self.method {
+            Method::KeyHash { .. } => key_material.is_none(),
+            _ => bound.is_none(),
+        };
         if bound.is_none()
             && let Some(f) = self.fallback()
             && let Ok(id) = f.table.get(&client_key(conn.client.ip(), f.v4, f.v6), now)
@@ -315,7 +442,16 @@ impl Router for PersistRouter {
                     Method::HttpCookie { profile, .. } if profile.add_port => conn.client.port() as u64,
                     _ => 0,
                 };
-                let i = self.selection.select(&candidates, hint).ok_or(StatusCode::SERVICE_UNAVAILABLE)?;
+                let by_key = match (&self.method, &key_material) {
+                    (Method::KeyHash { maglev, .. }, Some(k)) => {
+                        self.maglev_pick(maglev, &snap, svc.pool, k, tried, &addr_of)
+                    }
+                    _ => None,
+                };
+                let i = match by_key {
+                    Some(i) => i,
+                    None => self.selection.select(&candidates, hint).ok_or(StatusCode::SERVICE_UNAVAILABLE)?,
+                };
                 self.stats.new_assignments.fetch_add(1, Ordering::Relaxed);
                 i
             }
@@ -324,6 +460,14 @@ impl Router for PersistRouter {
         // Record the binding where this method keeps one.
         match &self.method {
             Method::ClientIp { table, v4, v6 } => table.insert(client_key(conn.client.ip(), *v4, *v6), identity, now),
+            Method::KeyHash { table: Some(t), .. } if key_material.is_some() => {
+                t.insert(digest(key_material.as_deref().unwrap_or_default()), identity, now);
+            }
+            Method::KeyHash { .. } if cookie_absent => {
+                if let Some(f) = self.fallback() {
+                    f.table.insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
+                }
+            }
             Method::HttpCookie { .. } | Method::AppCookie { .. } if cookie_absent => {
                 if let Some(f) = self.fallback() {
                     f.table.insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
@@ -442,9 +586,10 @@ mod tests {
         Arc::new(ArcSwap::from_pointee(s))
     }
 
-    fn set_states(snap: &SharedSnapshot, states: [BackendState; 3]) {
+    fn set_states(snap: &SharedSnapshot, states: &[BackendState]) {
         let mut s = (**snap.load()).clone();
         s.backend_state = vec![states.to_vec()];
+        s.generation += 1;
         snap.store(Arc::new(s));
     }
 
@@ -573,7 +718,7 @@ mod tests {
             let i = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"].iter().position(|a| a.parse::<SocketAddr>().unwrap() == first).unwrap();
             let mut states = UP;
             states[i] = BackendState::Down;
-            set_states(&snap, states);
+            set_states(&snap, &states);
             let mut req = request("/", Some(&cookie));
             let got = r.route(&mut req, &c, &[]);
             if policy == "immediate" {
@@ -586,7 +731,7 @@ mod tests {
             } else {
                 assert_eq!(got.unwrap_err(), StatusCode::SERVICE_UNAVAILABLE);
                 assert_eq!(r.stats.refused_down.load(Ordering::Relaxed), 1);
-                set_states(&snap, UP);
+                set_states(&snap, &UP);
                 assert_eq!(exchange(&r, &c, "/", Some(&cookie), None).0, first, "back on its backend once it recovers");
             }
         }
@@ -612,7 +757,7 @@ mod tests {
             let (b, _, set) = exchange(&r, &c, "/", None, None);
             (b, srv(&set))
         }).collect();
-        set_states(&snap, [BackendState::Draining, BackendState::Up, BackendState::Up]);
+        set_states(&snap, &[BackendState::Draining, BackendState::Up, BackendState::Up]);
         let drained: SocketAddr = "10.0.0.1:8080".parse().unwrap();
         let (_, ck) = bound.iter().find(|(b, _)| *b == drained).expect("one client on b1");
         assert_eq!(exchange(&r, &c, "/", Some(ck), None).0, drained, "a bound client stays on a draining backend");
@@ -667,7 +812,7 @@ mod tests {
         let mut req = request("/", None);
         let retry = r.route(&mut req, &c, &[first]).expect("another backend");
         assert_ne!(retry.backend, first);
-        set_states(&snap, [BackendState::Down; 3]);
+        set_states(&snap, &[BackendState::Down; 3]);
         assert_eq!(r.route(&mut request("/", None), &conn("203.0.113.99"), &[]).unwrap_err(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
@@ -692,5 +837,205 @@ mod tests {
             r.finished(&short);
         }
         r.finished(&long);
+    }
+
+    /// A pool of `n` backends behind one l7 service with `profile` (named "p").
+    fn key_config(n: usize, profile: &str) -> Arc<Config> {
+        let backends: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"name":"b{i}","address":"10.0.1.{}","header_value":"tenant-{i}"}}"#, i + 1))
+            .collect();
+        Arc::new(
+            Config::parse(&format!(
+                r#"{{"interface":"lo",
+                "virtual_services":[{{"name":"web","vip":"127.0.0.1","port":8080,"protocol":"tcp","mode":"l7","pool":"web","persistence":"p"}}],
+                "pools":[{{"name":"web","backends":[{}]}}],
+                "persistence_profiles":[{profile}]}}"#,
+                backends.join(",")
+            ))
+            .unwrap_or_else(|e| panic!("test config: {e}")),
+        )
+    }
+
+    fn req_with(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn pick(r: &PersistRouter, c: &ConnInfo, uri: &str, headers: &[(&str, &str)]) -> SocketAddr {
+        let mut req = req_with(uri, headers);
+        let route = r.route(&mut req, c, &[]).expect("routed");
+        r.finished(&route);
+        route.backend
+    }
+
+    /// (profile, request for key i) for every key-based method.
+    /// Builds the request (URI, headers) that carries key number `i`.
+    type KeyedRequest = Box<dyn Fn(usize) -> (String, Vec<(String, String)>)>;
+
+    fn key_methods() -> Vec<(&'static str, KeyedRequest)> {
+        vec![
+            (r#"{"name":"p","type":"all-cookies","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("cookie".into(), format!("a={i}; b=x"))]))),
+            (r#"{"name":"p","type":"super-http","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("user-agent".into(), format!("Browser/{i}"))]))),
+            (r#"{"name":"p","type":"url-hash","timeout_s":60}"#, Box::new(|i| (format!("/page/{i}?x=1"), vec![]))),
+            (r#"{"name":"p","type":"host-header","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("host".into(), format!("site{i}.example"))]))),
+            (r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#, Box::new(|i| (format!("/x?a=1&sid={i}"), vec![]))),
+            (r#"{"name":"p","type":"header","item":"X-Session","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("x-session".into(), format!("s{i}"))]))),
+            (r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#, Box::new(|i| (format!("/c/{i}"), vec![]))),
+        ]
+    }
+
+    fn headers_of(h: &[(String, String)]) -> Vec<(&str, &str)> {
+        h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+
+    #[test]
+    fn every_key_method_sticks_per_key_and_spreads_keys() {
+        for (profile, make) in key_methods() {
+            let cfg = key_config(3, profile);
+            let snap = shared(&cfg, &[BackendState::Up; 3]);
+            let r = router(&cfg, &snap, 0);
+            let (uri, h) = make(7);
+            let first = pick(&r, &conn("192.0.2.1"), &uri, &headers_of(&h));
+            for i in 0..100 {
+                // Other connections and addresses: the key alone decides.
+                let c = conn(&format!("198.51.100.{}", i % 200 + 1));
+                assert_eq!(pick(&r, &c, &uri, &headers_of(&h)), first, "{profile}: request {i}");
+            }
+            let spread: std::collections::HashSet<SocketAddr> = (0..60)
+                .map(|k| {
+                    let (uri, h) = make(1000 + k);
+                    pick(&r, &conn("192.0.2.1"), &uri, &headers_of(&h))
+                })
+                .collect();
+            assert_eq!(spread.len(), 3, "{profile}: 60 keys should reach all 3 backends");
+        }
+    }
+
+    #[test]
+    fn super_http_msrpc_rule_in_both_branches() {
+        let cfg = key_config(5, r#"{"name":"p","type":"super-http","timeout_s":60}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 5]);
+        let r = router(&cfg, &snap, 0);
+        let c = conn("192.0.2.1");
+        // MSRPC with Authorization: the Authorization value is the key, whatever the UA says.
+        let by_auth: std::collections::HashSet<SocketAddr> = (0..20)
+            .map(|i| pick(&r, &c, "/", &[("user-agent", &format!("MSRPC client {i}")), ("authorization", "Basic dXNlcjE=")]))
+            .collect();
+        assert_eq!(by_auth.len(), 1, "same Authorization, one backend");
+        let auths: std::collections::HashSet<SocketAddr> = (0..40)
+            .map(|i| pick(&r, &c, "/", &[("user-agent", "MSRPC"), ("authorization", &format!("Basic {i}"))]))
+            .collect();
+        assert!(auths.len() > 1, "different Authorization values spread");
+        // MSRPC without Authorization: a blank key, so all such clients share one backend.
+        let blank: std::collections::HashSet<SocketAddr> =
+            (0..20).map(|i| pick(&r, &conn(&format!("198.51.100.{}", i + 1)), "/", &[("user-agent", &format!("x MSRPC {i}"))])).collect();
+        assert_eq!(blank.len(), 1);
+        // Without MSRPC the Authorization header is ignored: the UA is the key.
+        let ua: std::collections::HashSet<SocketAddr> =
+            (0..20).map(|i| pick(&r, &c, "/", &[("user-agent", "Mozilla/5.0"), ("authorization", &format!("{i}"))])).collect();
+        assert_eq!(ua.len(), 1);
+        // "Super HTTP and source IP": the same UA from different addresses spreads.
+        let cfg = key_config(5, r#"{"name":"p","type":"super-http","with_source_ip":true,"timeout_s":60}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 5]);
+        let r = router(&cfg, &snap, 0);
+        let per_ip: std::collections::HashSet<SocketAddr> =
+            (0..40).map(|i| pick(&r, &conn(&format!("198.51.100.{}", i + 1)), "/", &[("user-agent", "Mozilla/5.0")])).collect();
+        assert!(per_ip.len() > 1);
+        assert_eq!(pick(&r, &conn("198.51.100.9"), "/", &[("user-agent", "Mozilla/5.0")]), pick(&r, &conn("198.51.100.9"), "/", &[("user-agent", "Mozilla/5.0")]));
+    }
+
+    #[test]
+    fn missing_key_falls_back_to_the_pool_or_the_source_address() {
+        let cfg = key_config(3, r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 3]);
+        let r = router(&cfg, &snap, 0);
+        let c = conn("192.0.2.1");
+        let no_key: std::collections::HashSet<SocketAddr> = (0..9).map(|_| pick(&r, &c, "/x?other=1", &[])).collect();
+        assert_eq!(no_key.len(), 3, "without the item: round robin");
+        let cfg = key_config(3, r#"{"name":"p","type":"all-cookies","timeout_s":60,"fallback":{"type":"client-ip","timeout_s":60}}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 3]);
+        let r = router(&cfg, &snap, 0);
+        let first = pick(&r, &c, "/", &[]);
+        for _ in 0..20 {
+            assert_eq!(pick(&r, &c, "/", &[]), first, "no cookies: the source address decides");
+        }
+        assert_eq!(r.stats.fallback_hits.load(Ordering::Relaxed), 20);
+    }
+
+    #[test]
+    fn two_instances_agree_on_every_key() {
+        let cfg = key_config(7, r#"{"name":"p","type":"header","item":"X-User","timeout_s":60}"#);
+        let a = router(&cfg, &shared(&cfg, &[BackendState::Up; 7]), 0);
+        let b = router(&cfg, &shared(&cfg, &[BackendState::Up; 7]), 0);
+        for k in 0..300 {
+            let v = format!("user-{k}");
+            assert_eq!(pick(&a, &conn("192.0.2.1"), "/", &[("x-user", &v)]), pick(&b, &conn("203.0.113.9"), "/", &[("x-user", &v)]), "key {v}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_ten_moves_about_a_tenth_and_nothing_bound_elsewhere() {
+        for profile in [r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#, r#"{"name":"p","type":"url-hash","timeout_s":600}"#] {
+            let cfg = key_config(10, profile);
+            let snap = shared(&cfg, &[BackendState::Up; 10]);
+            let r = router(&cfg, &snap, 0);
+            let c = conn("192.0.2.1");
+            let keys = 2000;
+            let before: Vec<SocketAddr> = (0..keys).map(|k| pick(&r, &c, &format!("/k/{k}"), &[])).collect();
+            let victim: SocketAddr = "10.0.1.4:8080".parse().unwrap();
+            let mut st = [BackendState::Up; 10];
+            st[3] = BackendState::Down;
+            set_states(&snap, &st);
+            let after: Vec<SocketAddr> = (0..keys).map(|k| pick(&r, &c, &format!("/k/{k}"), &[])).collect();
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+            let on_victim = before.iter().filter(|b| **b == victim).count();
+            let extra = before.iter().zip(&after).filter(|(b, a)| b != a && **b != victim).count();
+            if profile.contains("consistent-hash") {
+                // Maglev alone: besides the victim's keys, a small disruption (< 2% of keys).
+                assert!(extra * 50 < keys, "{profile}: {extra} keys on surviving backends moved");
+            } else {
+                // With the table on top, a key bound to a surviving backend never moves.
+                assert_eq!(extra, 0, "{profile}: a key on a surviving backend moved");
+                assert_eq!(moved, on_victim, "{profile}: exactly the victim's keys move");
+            }
+            let pct = moved as f64 * 100.0 / keys as f64;
+            assert!((5.0..15.0).contains(&pct), "{profile}: {pct:.1}% moved");
+            assert!(after.iter().all(|a| *a != victim));
+        }
+    }
+
+    #[test]
+    fn sticky_entries_survive_a_backend_set_change_until_they_expire() {
+        let cfg = key_config(3, r#"{"name":"p","type":"header","item":"X-User","timeout_s":1}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 3]);
+        let r = router(&cfg, &snap, 0);
+        let c = conn("192.0.2.1");
+        let first = pick(&r, &c, "/", &[("x-user", "alice")]);
+        let i = (first.ip().to_string().rsplit('.').next().unwrap().parse::<usize>().unwrap()) - 1;
+        let mut st = [BackendState::Up; 3];
+        st[i] = BackendState::Draining;
+        set_states(&snap, &st);
+        assert_eq!(pick(&r, &c, "/", &[("x-user", "alice")]), first, "a live key keeps its draining backend");
+        std::thread::sleep(Duration::from_millis(1300));
+        assert_ne!(pick(&r, &c, "/", &[("x-user", "alice")]), first, "after the timeout the key is balanced anew");
+        assert_eq!(r.stats.expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn custom_header_maps_to_the_backend_with_that_value() {
+        let cfg = key_config(4, r#"{"name":"p","type":"custom-header","item":"X-Tenant"}"#);
+        let snap = shared(&cfg, &[BackendState::Up; 4]);
+        let r = router(&cfg, &snap, 0);
+        let c = conn("192.0.2.1");
+        for _ in 0..100 {
+            assert_eq!(pick(&r, &c, "/", &[("x-tenant", "tenant-2")]), "10.0.1.3:8080".parse().unwrap());
+        }
+        let others: std::collections::HashSet<SocketAddr> = (0..8).map(|_| pick(&r, &c, "/", &[("x-tenant", "nobody")])).collect();
+        assert_eq!(others.len(), 4, "unmatched values are balanced normally");
+        let huge = "v".repeat(100_000);
+        pick(&r, &c, "/", &[("x-tenant", &huge)]);
     }
 }
