@@ -483,6 +483,9 @@ struct Sample {
     errors: f64,
     /// Responses other than 2xx/3xx.
     bad_status: f64,
+    requests: f64,
+    /// CPU time (user + system) the proxy process used per request; NaN: no proxy.
+    proxy_cpu_us: f64,
 }
 
 fn wrk(
@@ -529,6 +532,8 @@ fn wrk(
         p99_us: v[3],
         errors: v[4],
         bad_status: v[5],
+        requests: v[0],
+        proxy_cpu_us: f64::NAN,
     })
 }
 
@@ -801,9 +806,11 @@ fn start_tether(scratch: &Scratch, port: u16, backends: &[SocketAddrV4]) -> Resu
 
 // ---------------------------------------------------------------------------------------------
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
+/// The median of the finite values, `None` when there are none.
+fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// One row of the table: where wrk sends requests, and with which cookie.
@@ -816,6 +823,8 @@ struct Row {
     samples: Vec<Sample>,
     /// Requests each backend answered during the measured runs.
     per_backend: Vec<u64>,
+    /// The proxy's process, for its CPU time.
+    pid: Option<u32>,
 }
 
 impl Row {
@@ -831,12 +840,25 @@ impl Row {
             pending,
             samples: Vec::new(),
             per_backend: Vec::new(),
+            pid: None,
         }
     }
 
     fn med(&self, f: impl Fn(&Sample) -> f64) -> Option<f64> {
-        (!self.samples.is_empty()).then(|| median(self.samples.iter().map(f).collect()))
+        median(self.samples.iter().map(f))
     }
+}
+
+/// User + system CPU time of process `pid` so far, in µs.
+fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): state first, utime 12th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 * 1e6 / hz)
 }
 
 fn fmt_us(us: f64) -> String {
@@ -877,9 +899,20 @@ fn main() {
         Ok(None),
     );
     let _ = wrk(&o, &script, b[0], None, o.warmup_secs);
-    for _ in 0..o.rounds {
+    for round in 0..o.rounds {
         match wrk(&o, &script, b[0], None, o.secs) {
-            Ok(s) => before.samples.push(s),
+            Ok(s) => {
+                eprintln!(
+                    "round {}/{}: {}: {:.0} req/s, p50 {}, p99 {}",
+                    round + 1,
+                    o.rounds,
+                    before.label,
+                    s.rps,
+                    fmt_us(s.p50_us),
+                    fmt_us(s.p99_us)
+                );
+                before.samples.push(s);
+            }
             Err(e) => notes.push(format!("direct before tether: {e}")),
         }
     }
@@ -920,7 +953,7 @@ fn main() {
             Err(e) => Err(e.clone()),
         }
     };
-    let mut rows = vec![
+    let mut rows = [
         Row::new("direct (wrk → b1)", b[0], Ok(None)),
         Row::new(
             "tether, cookie miss (Set-Cookie on every response)",
@@ -943,7 +976,12 @@ fn main() {
             pending_or(&haproxy_cookie, true),
         ),
     ];
-    for r in &mut rows {
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.pid = match i {
+            1 | 2 => tether.as_ref().ok().map(|t| t.proc.pid()),
+            3 | 4 => haproxy.as_ref().ok().map(Proc::pid),
+            _ => None,
+        };
         r.per_backend = vec![0; b.len()];
         if r.pending.is_none() {
             // Warm-up: connections (and the proxies' pools to the backends) open.
@@ -951,15 +989,23 @@ fn main() {
         }
     }
 
+    let n = rows.len();
     for round in 0..o.rounds {
-        for k in 0..rows.len() {
-            let r = &mut rows[(k + round) % 5];
+        // The order rotates, so no row always runs right after the same one.
+        for k in 0..n {
+            let r = &mut rows[(k + round) % n];
             if r.pending.is_some() {
                 continue;
             }
             let c0 = backends.counts();
+            let cpu0 = r.pid.and_then(cpu_us);
             match wrk(&o, &script, r.addr, r.cookie.as_deref(), o.secs) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    if let (Some(a), Some(b)) = (cpu0, r.pid.and_then(cpu_us))
+                        && s.requests > 0.0
+                    {
+                        s.proxy_cpu_us = (b - a) / s.requests;
+                    }
                     eprintln!(
                         "round {}/{}: {}: {:.0} req/s, p50 {}, p99 {}",
                         round + 1,
@@ -991,8 +1037,9 @@ fn main() {
     let mut md = format!(
         "wrk -t{} -c{} -d{}s on loopback, median of {} round(s); {} cores; tether with \
          TETHER_WORKER_THREADS=1, HAProxy `nbthread 1`, both `cookie {COOKIE}` insert.\n\n\
-         | path | req/s | p50 | p99 | req/s vs direct | req/s vs HAProxy | p99 vs HAProxy | errors |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | path | req/s | p50 | p99 | req/s vs direct | req/s vs HAProxy | p99 vs HAProxy | \
+         proxy CPU/req | errors |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         o.threads,
         o.connections,
         o.secs,
@@ -1009,14 +1056,14 @@ fn main() {
     for (i, r) in all.iter().enumerate() {
         if let Some(why) = &r.pending {
             let why = why.lines().next().unwrap_or_default().replace('|', "/");
-            let _ = writeln!(md, "| {} | pending: {why} | | | | | | |", r.label);
+            let _ = writeln!(md, "| {} | pending: {why} | | | | | | | |", r.label);
             continue;
         }
         let h = haproxy_of(i).map(|j| &rows[j]);
         let errors: f64 = r.samples.iter().map(|s| s.errors + s.bad_status).sum();
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
             r.med(|s| s.rps).map_or("–".into(), |v| format!("{v:.0}")),
             r.med(|s| s.p50_us).map_or("–".into(), fmt_us),
@@ -1031,6 +1078,8 @@ fn main() {
                 r.med(|s| s.p99_us),
                 h.med(|s| s.p99_us)
             )),
+            r.med(|s| s.proxy_cpu_us)
+                .map_or("–".into(), |v| format!("{v:.1} µs")),
             errors
         );
     }
