@@ -59,7 +59,11 @@ pub enum ControlError {
         source: std::io::Error,
     },
     #[error("virtual service {service:?}: listening on {addr}: {source}")]
-    Listen { service: String, addr: SocketAddr, source: std::io::Error },
+    Listen {
+        service: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("virtual service {service:?}: {reason}")]
     L7 { service: String, reason: String },
     #[error("installing signal handlers: {0}")]
@@ -116,7 +120,11 @@ pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
     // Only pools behind an L4 service must be on this L2 segment; the proxy reaches the
     // others through the routing table.
     let l4_pool: Vec<bool> = (0..cfg.pools.len())
-        .map(|p| cfg.services.iter().any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr))
+        .map(|p| {
+            cfg.services
+                .iter()
+                .any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr)
+        })
         .collect();
     std::thread::scope(|s| {
         let handles: Vec<Vec<_>> = cfg
@@ -128,7 +136,17 @@ pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
                     .iter()
                     .map(|b| {
                         let l4 = l4_pool[pi];
-                        s.spawn(move || if l4 { one(b) } else { Ok(L2 { mac_dst: [0; 6], mac_src: [0; 6], ifindex: 0 }) })
+                        s.spawn(move || {
+                            if l4 {
+                                one(b)
+                            } else {
+                                Ok(L2 {
+                                    mac_dst: [0; 6],
+                                    mac_src: [0; 6],
+                                    ifindex: 0,
+                                })
+                            }
+                        })
                     })
                     .collect()
             })
@@ -253,8 +271,10 @@ struct Daemon {
 
 /// A running L7 proxy and what it was started with.
 pub struct L7Service {
-    /// Listener settings and persistence profile: a reload that changes them restarts it.
-    spec: String,
+    /// Listener settings: a reload that changes them restarts the listener.
+    listener_spec: String,
+    /// Persistence profile and pool: a reload that keeps them keeps the router and its tables.
+    router_spec: String,
     stop: watch::Sender<bool>,
     pub router: Arc<PersistRouter>,
     pub stats: Arc<ProxyStats>,
@@ -264,7 +284,10 @@ pub struct L7Service {
 fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
     proxy::ProxyConfig {
         listen,
-        tls: o.tls.as_ref().map(|t| proxy::TlsFiles { cert_pem: t.cert_file.clone(), key_pem: t.key_file.clone() }),
+        tls: o.tls.as_ref().map(|t| proxy::TlsFiles {
+            cert_pem: t.cert_file.clone(),
+            key_pem: t.key_file.clone(),
+        }),
         proxy_protocol: o.proxy_protocol,
         limits: proxy::Limits {
             max_connections: o.limits.max_connections as usize,
@@ -278,45 +301,109 @@ fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
     }
 }
 
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 impl Daemon {
     /// Start, keep or restart the proxy of every L7 service; stop those no longer configured.
     /// Routers read the live snapshot, so pool and health changes need no restart.
     async fn sync_proxies(&mut self) -> Result<()> {
         let mut wanted: HashMap<String, ()> = HashMap::new();
         for svc in &self.cfg.services {
-            let ServiceMode::L7(o) = &svc.mode else { continue };
+            let ServiceMode::L7(o) = &svc.mode else {
+                continue;
+            };
             wanted.insert(svc.name.clone(), ());
             let listen = SocketAddr::new(svc.vip, svc.port);
-            let spec = format!("{listen} {o:?} {:?} {}", self.cfg.profile(svc), self.cfg.pools[svc.pool].name);
-            if self.proxies.get(&svc.name).is_some_and(|p| p.spec == spec) {
-                continue;
+            let listener_spec = format!("{listen} {o:?}");
+            let router_spec = crate::persist::router::router_spec(&self.cfg, svc);
+            let keep_router = self
+                .proxies
+                .get(&svc.name)
+                .filter(|p| p.router_spec == router_spec);
+            if let Some(p) = keep_router {
+                // Keys rotate in place; tables and counters stay.
+                p.router
+                    .update_keys(&self.cfg, svc)
+                    .map_err(|e| ControlError::L7 {
+                        service: svc.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if p.listener_spec == listener_spec {
+                    continue;
+                }
             }
+            let (router, router_stats, stats) = match keep_router {
+                Some(p) => (p.router.clone(), p.router_stats.clone(), p.stats.clone()),
+                None => {
+                    let r = Arc::new(
+                        PersistRouter::new(&self.cfg, svc, self.shared.clone()).map_err(|e| {
+                            ControlError::L7 {
+                                service: svc.name.clone(),
+                                reason: e.to_string(),
+                            }
+                        })?,
+                    );
+                    let rs = r.stats.clone();
+                    (r, rs, Arc::new(ProxyStats::default()))
+                }
+            };
+            // SO_REUSEPORT: the new listener is bound before the old one stops, so a reload
+            // never refuses a connection; the old one's in-flight requests finish.
+            let listener = reuseport_listener(listen).map_err(|source| ControlError::Listen {
+                service: svc.name.clone(),
+                addr: listen,
+                source,
+            })?;
             if let Some(old) = self.proxies.remove(&svc.name) {
-                // In-flight requests finish; the listener closes before the new one binds.
                 let _ = old.stop.send(true);
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            let router = Arc::new(
-                PersistRouter::new(&self.cfg, svc, self.shared.clone())
-                    .map_err(|e| ControlError::L7 { service: svc.name.clone(), reason: e.to_string() })?,
-            );
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|source| ControlError::Listen { service: svc.name.clone(), addr: listen, source })?;
             let (stop, stopped) = watch::channel(false);
-            let stats = Arc::new(ProxyStats::default());
             let name = svc.name.clone();
-            let task = proxy::serve_with_stats(listener, proxy_config(listen, o), router.clone(), stopped, stats.clone());
+            let task = proxy::serve_with_stats(
+                listener,
+                proxy_config(listen, o),
+                router.clone(),
+                stopped,
+                stats.clone(),
+            );
             tokio::spawn(async move {
                 if let Err(e) = task.await {
                     log::error!("L7 proxy of {name} stopped: {e}");
                 }
             });
-            log::info!("L7 proxy of {} listening on {listen}{}", svc.name, if o.tls.is_some() { " (TLS)" } else { "" });
-            let router_stats = router.stats.clone();
-            self.proxies.insert(svc.name.clone(), L7Service { spec, stop, router, stats, router_stats });
+            log::info!(
+                "L7 proxy of {} listening on {listen}{}",
+                svc.name,
+                if o.tls.is_some() { " (TLS)" } else { "" }
+            );
+            self.proxies.insert(
+                svc.name.clone(),
+                L7Service {
+                    listener_spec,
+                    router_spec,
+                    stop,
+                    router,
+                    stats,
+                    router_stats,
+                },
+            );
         }
-        let gone: Vec<String> = self.proxies.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = self
+            .proxies
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
         for n in gone {
             if let Some(p) = self.proxies.remove(&n) {
                 let _ = p.stop.send(true);
@@ -344,7 +431,11 @@ impl Daemon {
             l7: self
                 .proxies
                 .iter()
-                .map(|(name, p)| L7Counters { service: name.clone(), router: p.router_stats.clone(), proxy: p.stats.clone() })
+                .map(|(name, p)| L7Counters {
+                    service: name.clone(),
+                    router: p.router_stats.clone(),
+                    proxy: p.stats.clone(),
+                })
                 .collect(),
         }
     }

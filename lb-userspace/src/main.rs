@@ -148,7 +148,10 @@ fn main() -> Result<()> {
                     .context("TETHER_WORKER_THREADS must be a positive number")?,
                 Err(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .enable_all()
+                .build()?;
             let r = rt.block_on(control::run(&config));
             let _ = std::fs::remove_file(&pid);
             r.context("tether")

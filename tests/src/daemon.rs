@@ -76,6 +76,7 @@ pub struct ConfigBuilder {
     down_policy: String,
     health_monitor: Option<Value>,
     backend_fields: BTreeMap<String, Map<String, Value>>,
+    pool_fields: Map<String, Value>,
     admin_listen: Option<String>,
 }
 
@@ -98,6 +99,7 @@ impl ConfigBuilder {
             down_policy: "immediate".into(),
             health_monitor: None,
             backend_fields: BTreeMap::new(),
+            pool_fields: Map::new(),
             admin_listen: None,
         }
     }
@@ -152,6 +154,53 @@ impl ConfigBuilder {
             svc["persistence"] = json!(profile);
         }
         self.services.push(svc);
+        self
+    }
+
+    /// An L7 service (`mode` `l7`, served by tether's proxy) on VIP:`port` over pool `web`,
+    /// with persistence profile `persistence` (add it with [`ConfigBuilder::profile`]) and
+    /// the fields of `extra` (an object: `tls`, `limits`, ...) added.
+    pub fn l7_service(
+        mut self,
+        name: &str,
+        port: u16,
+        persistence: Option<&str>,
+        extra: Value,
+    ) -> Self {
+        let mut svc = json!({
+            "name": name,
+            "vip": crate::netns::VIP.to_string(),
+            "port": port,
+            "protocol": "tcp",
+            "mode": "l7",
+            "pool": "web",
+        });
+        if let Some(p) = persistence {
+            svc["persistence"] = json!(p);
+        }
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                svc[k] = v;
+            }
+        }
+        self.services.push(svc);
+        self
+    }
+
+    /// Adds a persistence profile (an object with at least `name` and `type`). Its
+    /// `select_new_server_when_down` is [`ConfigBuilder::down_policy`]'s.
+    pub fn profile(mut self, profile: Value) -> Self {
+        self.profiles.push(profile);
+        self
+    }
+
+    /// Sets a field of pool `web` (`algorithm`, ...); `null` removes an earlier setting.
+    pub fn pool_field(mut self, field: &str, value: Value) -> Self {
+        if value.is_null() {
+            self.pool_fields.remove(field);
+        } else {
+            self.pool_fields.insert(field.to_string(), value);
+        }
         self
     }
 
@@ -219,6 +268,9 @@ impl ConfigBuilder {
         let mut pool = json!({ "name": "web", "backends": backends });
         if let Some(m) = &self.health_monitor {
             pool["health_monitor"] = m.clone();
+        }
+        for (k, v) in &self.pool_fields {
+            pool[k] = v.clone();
         }
         let mut cfg = json!({
             "interface": self.interface,

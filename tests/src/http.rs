@@ -35,6 +35,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_ACTIVE_CONNS: usize = 1024;
 /// Accept loop poll interval (the stop flag is checked this often).
 const ACCEPT_POLL_MS: i32 = 50;
+/// Idle keep-alive connections check the stop flag this often.
+const IDLE_SLICE: Duration = Duration::from_millis(100);
 
 /// Counters of one backend server.
 #[derive(Debug, Default)]
@@ -63,15 +65,34 @@ struct Server {
 /// over.
 pub struct BackendServers {
     pub port: u16,
+    reply: Reply,
     servers: Vec<Server>,
+}
+
+/// How a backend server answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reply {
+    /// `200 OK` with the backend's name as the body.
+    #[default]
+    Name,
+    /// `200 OK` with the backend's name and what the request carried (see [`Echo`]); a
+    /// request for `/login` (also with a query or `;` parameters) gets a new
+    /// `Set-Cookie: JSESSIONID=<name>-<n>` (unique in this process) and `theme=dark`.
+    Echo,
 }
 
 impl BackendServers {
     /// Starts a server in every backend namespace; backend `i` answers with
     /// `topo.backend_name(i)`. Returns once all are listening.
     pub fn start(topo: &Topology, port: u16) -> Result<BackendServers> {
+        Self::start_with(topo, port, Reply::Name)
+    }
+
+    /// Like [`BackendServers::start`], answering as `reply` says.
+    pub fn start_with(topo: &Topology, port: u16, reply: Reply) -> Result<BackendServers> {
         let mut me = BackendServers {
             port,
+            reply,
             servers: Vec::new(),
         };
         for (i, node) in topo.backends.iter().enumerate() {
@@ -89,7 +110,7 @@ impl BackendServers {
 
     /// Starts server `i` (not running) and waits until it listens.
     fn launch(&mut self, i: usize) -> Result<()> {
-        let port = self.port;
+        let (port, reply) = (self.port, self.reply);
         let server = &mut self.servers[i];
         server.stop.store(false, Ordering::Relaxed);
         let name = server.name.clone();
@@ -109,7 +130,7 @@ impl BackendServers {
                     return;
                 }
             };
-            accept_loop(listener, &n, &s, &st);
+            accept_loop(listener, &n, reply, &s, &st);
         })?;
         server.thread = Some(thread);
         match ready_rx.recv_timeout(Duration::from_secs(5)) {
@@ -199,11 +220,12 @@ impl Drop for BackendServers {
 fn accept_loop(
     listener: TcpListener,
     name: &str,
+    reply: Reply,
     stats: &Arc<ServerStats>,
     stop: &Arc<AtomicBool>,
 ) {
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
-    let body = Arc::new(format!("{name}\n"));
+    let name = Arc::new(name.to_string());
     while !stop.load(Ordering::Relaxed) {
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -224,11 +246,11 @@ fn accept_loop(
                         continue; // dropped: closed at once
                     }
                     stats.active.fetch_add(1, Ordering::Relaxed);
-                    let (b, s, st) = (body.clone(), stats.clone(), stop.clone());
+                    let (n, s, st) = (name.clone(), stats.clone(), stop.clone());
                     match std::thread::Builder::new()
                         .name("http-conn".into())
                         .spawn(move || {
-                            serve_conn(conn, &b, &s, &st);
+                            serve_conn(conn, &n, reply, &s, &st);
                             s.active.fetch_sub(1, Ordering::Relaxed);
                         }) {
                         Ok(h) => workers.push(h),
@@ -259,6 +281,97 @@ fn response(body: &str, keep_alive: bool) -> String {
     )
 }
 
+/// Sequence of the `JSESSIONID` values echo servers hand out.
+static SESSION_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// The [`Reply::Echo`] answer to request head `head`.
+fn echo_response(name: &str, head: &[u8], keep_alive: bool) -> String {
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.split("\r\n");
+    let target = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("")
+        .to_string();
+    let (mut cookies, mut xff, mut proto) = (Vec::new(), Vec::new(), Vec::new());
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        let v = v.trim().to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "cookie" => cookies.push(v),
+            "x-forwarded-for" => xff.push(v),
+            "x-forwarded-proto" => proto.push(v),
+            _ => {}
+        }
+    }
+    let field = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(" | ")
+        }
+    };
+    let body = format!(
+        "{name}\ntarget: {target}\ncookie: {}\nx-forwarded-for: {}\nx-forwarded-proto: {}\n",
+        field(&cookies),
+        field(&xff),
+        field(&proto)
+    );
+    let path = target.split(['?', ';']).next().unwrap_or("");
+    let set_cookie = if path == "/login" {
+        let n = SESSION_SEQ.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "Set-Cookie: theme=dark; Path=/\r\nSet-Cookie: JSESSIONID={name}-{n}; Path=/; HttpOnly\r\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n{set_cookie}Content-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    )
+}
+
+/// What a [`Reply::Echo`] backend saw, parsed from its answer's body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Echo {
+    /// The backend's name.
+    pub backend: String,
+    /// The request target as received.
+    pub target: String,
+    /// The `Cookie` fields received (several joined with `" | "`), `None` without any.
+    pub cookie: Option<String>,
+    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+}
+
+impl Echo {
+    /// Parses an echo body; `None` if `body` is not one.
+    pub fn parse(body: &str) -> Option<Echo> {
+        let mut lines = body.lines();
+        let backend = lines.next()?.trim().to_string();
+        let mut e = Echo {
+            backend,
+            ..Echo::default()
+        };
+        let opt = |v: &str| (v != "-").then(|| v.to_string());
+        for l in lines {
+            let (k, v) = l.split_once(": ")?;
+            match k {
+                "target" => e.target = v.to_string(),
+                "cookie" => e.cookie = opt(v),
+                "x-forwarded-for" => e.x_forwarded_for = opt(v),
+                "x-forwarded-proto" => e.x_forwarded_proto = opt(v),
+                _ => {}
+            }
+        }
+        (!e.backend.is_empty() && !e.target.is_empty()).then_some(e)
+    }
+}
+
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
@@ -282,7 +395,8 @@ fn wants_keep_alive(head: &[u8]) -> bool {
     keep
 }
 
-fn serve_conn(mut s: TcpStream, body: &str, stats: &ServerStats, stop: &AtomicBool) {
+fn serve_conn(mut s: TcpStream, name: &str, reply: Reply, stats: &ServerStats, stop: &AtomicBool) {
+    let body = format!("{name}\n");
     let _ = s.set_nodelay(true);
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     let started = Instant::now();
@@ -295,7 +409,9 @@ fn serve_conn(mut s: TcpStream, body: &str, stats: &ServerStats, stop: &AtomicBo
         } else {
             KEEPALIVE_IDLE
         };
-        let _ = s.set_read_timeout(Some(wait));
+        // Waits in slices, so an idle keep-alive connection closes soon after a stop.
+        let waiting = Instant::now();
+        let _ = s.set_read_timeout(Some(IDLE_SLICE.min(wait)));
         // Read one request head.
         let head_end = loop {
             if let Some(end) = find_head_end(&buf) {
@@ -313,26 +429,34 @@ fn serve_conn(mut s: TcpStream, body: &str, stats: &ServerStats, stop: &AtomicBo
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    break None;
+                    if served > 0 && buf.is_empty() && stop.load(Ordering::Relaxed) {
+                        break 'conn;
+                    }
+                    if waiting.elapsed() >= wait {
+                        break None;
+                    }
                 }
                 Err(_) => break 'conn,
             }
         };
-        let keep_alive = match head_end {
+        let (keep_alive, head) = match head_end {
             Some(end) => {
                 let keep = wants_keep_alive(&buf[..end]);
-                buf.drain(..end);
-                keep
+                (keep, buf.drain(..end).collect::<Vec<u8>>())
             }
             // Nothing (complete) within the first wait: a raw reader; answer and close.
-            None if served == 0 => false,
+            None if served == 0 => (false, Vec::new()),
             None => break,
         };
         let keep_alive = keep_alive
             && !stop.load(Ordering::Relaxed)
             && started.elapsed() < MAX_CONN_LIFETIME
             && served + 1 < MAX_REQUESTS_PER_CONN;
-        if s.write_all(response(body, keep_alive).as_bytes()).is_err() {
+        let out = match reply {
+            Reply::Name => response(&body, keep_alive),
+            Reply::Echo => echo_response(name, &head, keep_alive),
+        };
+        if s.write_all(out.as_bytes()).is_err() {
             return;
         }
         served += 1;
@@ -415,6 +539,167 @@ fn parse_response(resp: &[u8]) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&resp[end..]).trim().to_string())
 }
 
+/// A response read by [`request_from`].
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header fields in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first field named `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every field named `name` (lowercase), in order.
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The value of the `Set-Cookie` for cookie `cookie` (up to the first `;`), if any.
+    pub fn set_cookie_value(&self, cookie: &str) -> Option<String> {
+        self.set_cookie(cookie).map(|sc| {
+            let pair = sc.split(';').next().unwrap_or("");
+            pair.split_once('=')
+                .map_or("", |(_, v)| v)
+                .trim()
+                .to_string()
+        })
+    }
+
+    /// The whole `Set-Cookie` field for cookie `cookie`, if any.
+    pub fn set_cookie(&self, cookie: &str) -> Option<&str> {
+        self.headers_named("set-cookie").into_iter().find(|sc| {
+            sc.split(';')
+                .next()
+                .and_then(|p| p.split_once('='))
+                .is_some_and(|(n, _)| n.trim() == cookie)
+        })
+    }
+
+    /// The body as a [`Reply::Echo`] backend wrote it.
+    pub fn echo(&self) -> io::Result<Echo> {
+        Echo::parse(&self.body).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "not an echo answer: status {}, body {:?}",
+                    self.status, self.body
+                ),
+            )
+        })
+    }
+}
+
+/// `GET target` with `Connection: close` and the extra header fields `headers` (in order;
+/// a name may repeat) from `src` to `dst`, in the calling thread's namespace. Reads the
+/// whole response (any status; bodies with a length, chunked or up to EOF).
+pub fn request_from(
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    target: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
+    let mut s = connect_from(src, dst, timeout)?;
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n", dst.ip());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes())?;
+    let deadline = Instant::now() + timeout;
+    let mut raw = Vec::with_capacity(512);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if Instant::now() > deadline || raw.len() > 1 << 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "response did not end in time",
+            ));
+        }
+        match s.read(&mut chunk)? {
+            0 => break,
+            n => raw.extend_from_slice(&chunk[..n]),
+        }
+    }
+    parse_full_response(&raw)
+}
+
+fn parse_full_response(raw: &[u8]) -> io::Result<HttpResponse> {
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{what}: {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(300)])
+            ),
+        )
+    };
+    let end = find_head_end(raw).ok_or_else(|| bad("no complete response head"))?;
+    let head = String::from_utf8_lossy(&raw[..end - 4]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| bad("no status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end..];
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let body: Vec<u8> = if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut out = Vec::new();
+        let mut rest = rest;
+        loop {
+            let line_end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("bad chunked body"))?;
+            let size = std::str::from_utf8(&rest[..line_end])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .ok_or_else(|| bad("bad chunk size"))?;
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size).ok_or_else(|| bad("short chunk"))?);
+            rest = rest.get(size + 2..).ok_or_else(|| bad("short chunk"))?;
+        }
+        out
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len.parse().map_err(|_| bad("bad content-length"))?;
+        rest.get(..len).ok_or_else(|| bad("short body"))?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// Result of one fetch in a batch.
 #[derive(Debug)]
 pub struct Fetch {
@@ -437,6 +722,20 @@ impl Topology {
         let dst = self.vip_addr(port);
         self.in_client(move || http_get_from(src, dst, timeout))?
             .with_context(|| format!("GET http://{dst}/ from {src}"))
+    }
+
+    /// One [`request_from`] client address `src` to VIP:`port`, made in the client namespace.
+    pub fn request(
+        &self,
+        src: Ipv4Addr,
+        port: u16,
+        target: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<HttpResponse> {
+        let dst = self.vip_addr(port);
+        self.in_client(move || request_from(src, dst, target, headers, timeout))?
+            .with_context(|| format!("GET http://{dst}{target} from {src}"))
     }
 
     /// One `GET http://VIP:port/` per entry of `sources`, in order, from one thread in the
@@ -784,7 +1083,7 @@ mod tests {
         let stats = Arc::new(ServerStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (stats.clone(), stop.clone());
-        let t = std::thread::spawn(move || accept_loop(listener, "b7", &s2, &st2));
+        let t = std::thread::spawn(move || accept_loop(listener, "b7", Reply::Name, &s2, &st2));
         for _ in 0..3 {
             let body = http_get_from(Ipv4Addr::LOCALHOST, addr, Duration::from_secs(2)).unwrap();
             assert_eq!(body, "b7");
@@ -811,6 +1110,34 @@ mod tests {
     }
 
     #[test]
+    fn echo_answers_parse() {
+        let head = b"GET /login?x=1 HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\ncookie: b=2\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+        let raw = echo_response("b3", head, false);
+        let r = parse_full_response(raw.as_bytes()).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.set_cookie_value("theme").as_deref(), Some("dark"));
+        let session = r.set_cookie_value("JSESSIONID").unwrap();
+        assert!(session.starts_with("b3-"), "{session}");
+        assert!(r.set_cookie("JSESSIONID").unwrap().contains("HttpOnly"));
+        let e = r.echo().unwrap();
+        assert_eq!(e.backend, "b3");
+        assert_eq!(e.target, "/login?x=1");
+        assert_eq!(e.cookie.as_deref(), Some("a=1 | b=2"));
+        assert_eq!(e.x_forwarded_for.as_deref(), Some("10.0.0.1"));
+        assert_eq!(e.x_forwarded_proto, None);
+        let raw = echo_response("b1", b"GET /x HTTP/1.1\r\n\r\n", true);
+        let r = parse_full_response(raw.as_bytes()).unwrap();
+        assert!(r.headers_named("set-cookie").is_empty());
+        assert_eq!(r.echo().unwrap().cookie, None);
+        let r = parse_full_response(
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (503, "abcd"));
+        assert!(r.echo().is_err());
+    }
+
+    #[test]
     fn seq_datagrams_round_trip() {
         for seq in [0, 1, 4242, u64::MAX] {
             assert_eq!(parse_seq(&seq_datagram(seq)), Some(seq));
@@ -831,7 +1158,7 @@ mod tests {
         let stats = Arc::new(ServerStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (stats.clone(), stop.clone());
-        let t = std::thread::spawn(move || accept_loop(listener, "b9", &s2, &st2));
+        let t = std::thread::spawn(move || accept_loop(listener, "b9", Reply::Name, &s2, &st2));
         let c = connect_from(Ipv4Addr::LOCALHOST, addr, Duration::from_secs(2)).unwrap();
         let mut ka = KeepAlive::new(c, Duration::from_secs(2));
         for _ in 0..5 {

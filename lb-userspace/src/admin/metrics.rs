@@ -364,52 +364,136 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
     }
     type RouterField = fn(&RouterStats) -> u64;
     let router: [(&str, &str, RouterField); 8] = [
-        ("persist_hits", "Requests sent where a cookie, table entry or fallback said.", |r| r.persist_hits.load(Relaxed)),
-        ("new_assignments", "Requests balanced by the pool's algorithm.", |r| r.new_assignments.load(Relaxed)),
-        ("cookies_issued", "Persistence cookies issued (Set-Cookie added).", |r| r.cookies_issued.load(Relaxed)),
-        ("cookies_learned", "Server cookie values learned from backends.", |r| r.cookies_learned.load(Relaxed)),
-        ("fallback_hits", "Requests decided by the source-IP fallback.", |r| r.fallback_hits.load(Relaxed)),
-        ("reassigned_down", "Persisted clients moved off a down backend.", |r| r.reassigned_down.load(Relaxed)),
-        ("refused_down", "Requests answered 503 because the persisted backend is down (policy never).", |r| {
-            r.refused_down.load(Relaxed)
+        (
+            "persist_hits",
+            "Requests sent where a cookie, table entry or fallback said.",
+            |r| r.persist_hits.load(Relaxed),
+        ),
+        (
+            "new_assignments",
+            "Requests balanced by the pool's algorithm.",
+            |r| r.new_assignments.load(Relaxed),
+        ),
+        (
+            "cookies_issued",
+            "Persistence cookies issued (Set-Cookie added).",
+            |r| r.cookies_issued.load(Relaxed),
+        ),
+        (
+            "cookies_learned",
+            "Server cookie values learned from backends.",
+            |r| r.cookies_learned.load(Relaxed),
+        ),
+        (
+            "fallback_hits",
+            "Requests decided by the source-IP fallback.",
+            |r| r.fallback_hits.load(Relaxed),
+        ),
+        (
+            "reassigned_down",
+            "Persisted clients moved off a down backend.",
+            |r| r.reassigned_down.load(Relaxed),
+        ),
+        (
+            "refused_down",
+            "Requests answered 503 because the persisted backend is down (policy never).",
+            |r| r.refused_down.load(Relaxed),
+        ),
+        ("expired", "Persistence table entries found expired.", |r| {
+            r.expired.load(Relaxed)
         }),
-        ("expired", "Persistence table entries found expired.", |r| r.expired.load(Relaxed)),
     ];
     for (name, help, get) in router {
         let metric = format!("tether_l7_{name}_total");
         family(out, &metric, "counter", help);
         for l in &snap.l7 {
-            let _ = writeln!(out, "{metric}{} {}", labels(&[("service", &l.service)]), get(&l.router));
+            let _ = writeln!(
+                out,
+                "{metric}{} {}",
+                labels(&[("service", &l.service)]),
+                get(&l.router)
+            );
         }
     }
-    family(out, "tether_l7_cookie_rejected_total", "counter", "Invalid persistence cookies, treated as absent, by reason.");
+    family(
+        out,
+        "tether_l7_cookie_rejected_total",
+        "counter",
+        "Invalid persistence cookies, treated as absent, by reason.",
+    );
     for l in &snap.l7 {
         for (i, r) in Reject::ALL.iter().enumerate() {
             let n = l.router.rejected[i].load(Relaxed);
-            let _ = writeln!(out, "tether_l7_cookie_rejected_total{} {n}", labels(&[("service", &l.service), ("reason", r.as_str())]));
+            let _ = writeln!(
+                out,
+                "tether_l7_cookie_rejected_total{} {n}",
+                labels(&[("service", &l.service), ("reason", r.as_str())])
+            );
         }
     }
-    family(out, "tether_l7_requests_total", "counter", "HTTP requests received by the proxy.");
+    family(
+        out,
+        "tether_l7_requests_total",
+        "counter",
+        "HTTP requests received by the proxy.",
+    );
     for l in &snap.l7 {
-        let _ = writeln!(out, "tether_l7_requests_total{} {}", labels(&[("service", &l.service)]), l.proxy.snapshot().requests);
+        let _ = writeln!(
+            out,
+            "tether_l7_requests_total{} {}",
+            labels(&[("service", &l.service)]),
+            l.proxy.snapshot().requests
+        );
     }
-    family(out, "tether_l7_responses_total", "counter", "HTTP responses sent by the proxy, by status class.");
+    family(
+        out,
+        "tether_l7_responses_total",
+        "counter",
+        "HTTP responses sent by the proxy, by status class.",
+    );
     for l in &snap.l7 {
         for (i, n) in l.proxy.snapshot().responses.iter().enumerate() {
             let class = format!("{}xx", i + 1);
-            let _ = writeln!(out, "tether_l7_responses_total{} {n}", labels(&[("service", &l.service), ("class", &class)]));
+            let _ = writeln!(
+                out,
+                "tether_l7_responses_total{} {n}",
+                labels(&[("service", &l.service), ("class", &class)])
+            );
         }
     }
-    family(out, "tether_l7_upstream_errors_total", "counter", "Backend failures seen by the proxy, by kind.");
+    family(
+        out,
+        "tether_l7_upstream_errors_total",
+        "counter",
+        "Backend failures seen by the proxy, by kind.",
+    );
     for l in &snap.l7 {
         let s = l.proxy.snapshot();
-        for (kind, n) in [("connect", s.upstream_connect_errors), ("timeout", s.upstream_timeouts), ("other", s.upstream_errors)] {
-            let _ = writeln!(out, "tether_l7_upstream_errors_total{} {n}", labels(&[("service", &l.service), ("kind", kind)]));
+        for (kind, n) in [
+            ("connect", s.upstream_connect_errors),
+            ("timeout", s.upstream_timeouts),
+            ("other", s.upstream_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "tether_l7_upstream_errors_total{} {n}",
+                labels(&[("service", &l.service), ("kind", kind)])
+            );
         }
     }
-    family(out, "tether_l7_retries_total", "counter", "Requests retried on another backend (never sent to the first).");
+    family(
+        out,
+        "tether_l7_retries_total",
+        "counter",
+        "Requests retried on another backend (never sent to the first).",
+    );
     for l in &snap.l7 {
-        let _ = writeln!(out, "tether_l7_retries_total{} {}", labels(&[("service", &l.service)]), l.proxy.snapshot().retries);
+        let _ = writeln!(
+            out,
+            "tether_l7_retries_total{} {}",
+            labels(&[("service", &l.service)]),
+            l.proxy.snapshot().retries
+        );
     }
 }
 

@@ -231,7 +231,11 @@ pub fn plan<E>(
         })
         .collect();
     // ifindex 0: a backend only the L7 proxy reaches (no L2 facts, no devmap entry).
-    let mut tx_ports: Vec<u32> = backends.iter().map(|(_, b)| b.ifindex).filter(|i| *i != 0).collect();
+    let mut tx_ports: Vec<u32> = backends
+        .iter()
+        .map(|(_, b)| b.ifindex)
+        .filter(|i| *i != 0)
+        .collect();
     tx_ports.sort_unstable();
     tx_ports.dedup();
     Ok(Plan {

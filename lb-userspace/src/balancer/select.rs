@@ -22,7 +22,10 @@ pub trait BackendSelection: Send + Sync {
 pub fn for_algorithm(a: Algorithm, pool_size: usize) -> Box<dyn BackendSelection> {
     match a {
         Algorithm::RoundRobin => Box::new(WeightedRoundRobin::default()),
-        Algorithm::LeastConnections => Box::new(LeastConnections::new(pool_size)),
+        // Sized for any pool a reload can bring, so counts never fall off the end.
+        Algorithm::LeastConnections => Box::new(LeastConnections::new(
+            pool_size.max(lb_common::MAX_BACKENDS as usize),
+        )),
     }
 }
 
@@ -58,7 +61,10 @@ pub struct LeastConnections {
 
 impl LeastConnections {
     pub fn new(pool_size: usize) -> Self {
-        LeastConnections { active: (0..pool_size).map(|_| AtomicU32::new(0)).collect(), tie: AtomicU64::new(0) }
+        LeastConnections {
+            active: (0..pool_size).map(|_| AtomicU32::new(0)).collect(),
+            tie: AtomicU64::new(0),
+        }
     }
 
     fn load(&self, i: usize) -> u32 {
@@ -71,11 +77,14 @@ impl BackendSelection for LeastConnections {
         if candidates.is_empty() {
             return None;
         }
-        let start = (self.tie.fetch_add(1, Ordering::Relaxed).wrapping_add(hint) % candidates.len() as u64) as usize;
+        let start = (self.tie.fetch_add(1, Ordering::Relaxed).wrapping_add(hint)
+            % candidates.len() as u64) as usize;
         // Compare active/weight as cross products to stay in integers.
         (0..candidates.len())
             .map(|k| candidates[(start + k) % candidates.len()])
-            .min_by(|(a, wa), (b, wb)| (self.load(*a) as u64 * *wb as u64).cmp(&(self.load(*b) as u64 * *wa as u64)))
+            .min_by(|(a, wa), (b, wb)| {
+                (self.load(*a) as u64 * *wb as u64).cmp(&(self.load(*b) as u64 * *wa as u64))
+            })
             .map(|(i, _)| i)
     }
 

@@ -261,7 +261,11 @@ pub enum PersistenceKind {
     /// A request key hashed onto the pool's Maglev table (Kemp's hash methods, Avi's
     /// consistent hash); `sticky` keeps each key's backend for `timeout_s` on top, so a change
     /// of the backend set does not move a live client.
-    KeyHash { key: KeySource, sticky: bool, fallback: Option<ClientIpFallback> },
+    KeyHash {
+        key: KeySource,
+        sticky: bool,
+        fallback: Option<ClientIpFallback>,
+    },
     /// Avi custom HTTP header: the named header's value matched against each backend's
     /// `header_value`; others are balanced normally.
     CustomHeader { header: String },
@@ -274,7 +278,9 @@ pub enum KeySource {
     AllCookies,
     /// Kemp "Super HTTP": User-Agent, or Authorization when User-Agent contains "MSRPC"
     /// (empty when absent); `with_source_ip` appends the source address.
-    SuperHttp { with_source_ip: bool },
+    SuperHttp {
+        with_source_ip: bool,
+    },
     /// Kemp "URL Hash": path and query.
     Url,
     /// Kemp "HTTP Host Header".
@@ -551,7 +557,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             if !addrs.insert((address, b.port)) {
                 return Err(ConfigError::new(
                     at("address"),
-                    format!("{address} (port {:?}) appears twice in pool {:?}", b.port, p.name),
+                    format!(
+                        "{address} (port {:?}) appears twice in pool {:?}",
+                        b.port, p.name
+                    ),
                 ));
             }
             let weight = b.weight.unwrap_or(1);
@@ -587,7 +596,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             if let Some(v) = &b.header_value
                 && (v.is_empty() || v.bytes().any(|c| c.is_ascii_control()))
             {
-                return Err(ConfigError::new(at("header_value"), format!("{v:?}: must be a non-empty header value")));
+                return Err(ConfigError::new(
+                    at("header_value"),
+                    format!("{v:?}: must be a non-empty header value"),
+                ));
             }
             backends.push(BackendConfig {
                 name: b.name.clone(),
@@ -694,7 +706,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             "l7" => {
                 if protocol != Protocol::Tcp {
-                    return Err(ConfigError::new(at("protocol"), "mode \"l7\" serves HTTP over TCP"));
+                    return Err(ConfigError::new(
+                        at("protocol"),
+                        "mode \"l7\" serves HTTP over TCP",
+                    ));
                 }
                 ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
             }
@@ -723,7 +738,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         {
             return Err(ConfigError::new(
                 at("persistence"),
-                format!("profile {:?} inspects HTTP: it needs mode \"l7\"", profiles[pi].name),
+                format!(
+                    "profile {:?} inspects HTTP: it needs mode \"l7\"",
+                    profiles[pi].name
+                ),
             ));
         }
         services.push(VirtualService {
@@ -757,32 +775,72 @@ fn l7_options(base: &str, s: &raw::RawService) -> Result<L7Options, ConfigError>
             for (f, v) in [("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
                 let path = Path::new(v);
                 if !path.is_file() {
-                    return Err(ConfigError::new(at(&format!("tls.{f}")), format!("{v}: no such readable file")));
+                    return Err(ConfigError::new(
+                        at(&format!("tls.{f}")),
+                        format!("{v}: no such readable file"),
+                    ));
                 }
             }
-            Some(TlsFiles { cert_file: PathBuf::from(&t.cert_file), key_file: PathBuf::from(&t.key_file) })
+            Some(TlsFiles {
+                cert_file: PathBuf::from(&t.cert_file),
+                key_file: PathBuf::from(&t.key_file),
+            })
         }
     };
     let l = s.limits.as_ref();
-    let num = |f: &str, v: Option<u32>, default: u32, min: u32, max: u32| -> Result<u32, ConfigError> {
-        let v = v.unwrap_or(default);
-        if v < min || v > max {
-            return Err(ConfigError::new(at(&format!("limits.{f}")), format!("{v}: must be {min} to {max}")));
-        }
-        Ok(v)
-    };
+    let num =
+        |f: &str, v: Option<u32>, default: u32, min: u32, max: u32| -> Result<u32, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v < min || v > max {
+                return Err(ConfigError::new(
+                    at(&format!("limits.{f}")),
+                    format!("{v}: must be {min} to {max}"),
+                ));
+            }
+            Ok(v)
+        };
     let ms = |f: &str, v: Option<u32>, default: u32| -> Result<std::time::Duration, ConfigError> {
-        Ok(std::time::Duration::from_millis(num(f, v, default, 10, 3_600_000)? as u64))
+        Ok(std::time::Duration::from_millis(
+            num(f, v, default, 10, 3_600_000)? as u64,
+        ))
     };
     let limits = L7Limits {
-        max_connections: num("max_connections", l.and_then(|l| l.max_connections), 10_000, 1, 1_000_000)?,
-        max_header_bytes: num("max_header_bytes", l.and_then(|l| l.max_header_bytes), 64 * 1024, 1024, 1 << 20)?,
-        request_timeout: ms("request_timeout_ms", l.and_then(|l| l.request_timeout_ms), 10_000)?,
+        max_connections: num(
+            "max_connections",
+            l.and_then(|l| l.max_connections),
+            10_000,
+            1,
+            1_000_000,
+        )?,
+        max_header_bytes: num(
+            "max_header_bytes",
+            l.and_then(|l| l.max_header_bytes),
+            64 * 1024,
+            1024,
+            1 << 20,
+        )?,
+        request_timeout: ms(
+            "request_timeout_ms",
+            l.and_then(|l| l.request_timeout_ms),
+            10_000,
+        )?,
         idle_timeout: ms("idle_timeout_ms", l.and_then(|l| l.idle_timeout_ms), 60_000)?,
-        connect_timeout: ms("connect_timeout_ms", l.and_then(|l| l.connect_timeout_ms), 3_000)?,
-        response_timeout: ms("response_timeout_ms", l.and_then(|l| l.response_timeout_ms), 60_000)?,
+        connect_timeout: ms(
+            "connect_timeout_ms",
+            l.and_then(|l| l.connect_timeout_ms),
+            3_000,
+        )?,
+        response_timeout: ms(
+            "response_timeout_ms",
+            l.and_then(|l| l.response_timeout_ms),
+            60_000,
+        )?,
     };
-    Ok(L7Options { tls, proxy_protocol: s.proxy_protocol.unwrap_or(false), limits })
+    Ok(L7Options {
+        tls,
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        limits,
+    })
 }
 
 /// Avi gives a blank cookie name a random 8-character one; tether derives it from the profile
@@ -817,50 +875,85 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
     ];
     let refuse = |fields: &[(&str, bool)]| -> Result<(), ConfigError> {
         match fields.iter().find(|(_, set)| *set) {
-            Some((f, _)) => Err(ConfigError::new(at(f), format!("does not apply to a {:?} profile", p.kind))),
+            Some((f, _)) => Err(ConfigError::new(
+                at(f),
+                format!("does not apply to a {:?} profile", p.kind),
+            )),
             None => Ok(()),
         }
     };
     let cookie_name = |required: bool| -> Result<String, ConfigError> {
         match p.cookie_name.as_deref() {
             None | Some("") if !required => Ok(derived_cookie_name(&p.name)),
-            None | Some("") => Err(ConfigError::new(at("cookie_name"), "required: the name of the server's cookie, e.g. JSESSIONID")),
+            None | Some("") => Err(ConfigError::new(
+                at("cookie_name"),
+                "required: the name of the server's cookie, e.g. JSESSIONID",
+            )),
             Some(n) if crate::persist::cookie::valid_cookie_name(n) => Ok(n.to_string()),
-            Some(n) => Err(ConfigError::new(at("cookie_name"), format!("{n:?} is not a valid cookie name (an HTTP token)"))),
+            Some(n) => Err(ConfigError::new(
+                at("cookie_name"),
+                format!("{n:?} is not a valid cookie name (an HTTP token)"),
+            )),
         }
     };
     let fallback = match &p.fallback {
         None => None,
         Some(f) => {
             if f.kind != "client-ip" {
-                return Err(ConfigError::new(at("fallback.type"), format!("{:?}: expected \"client-ip\"", f.kind)));
+                return Err(ConfigError::new(
+                    at("fallback.type"),
+                    format!("{:?}: expected \"client-ip\"", f.kind),
+                ));
             }
             let timeout_s = f.timeout_s.unwrap_or(300);
             if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
-                return Err(ConfigError::new(at("fallback.timeout_s"), format!("{timeout_s}: must be 1 to {MAX_TIMEOUT_S}")));
+                return Err(ConfigError::new(
+                    at("fallback.timeout_s"),
+                    format!("{timeout_s}: must be 1 to {MAX_TIMEOUT_S}"),
+                ));
             }
             let ipv4_prefix = f.ipv4_prefix.unwrap_or(32);
             if ipv4_prefix > 32 {
-                return Err(ConfigError::new(at("fallback.ipv4_prefix"), format!("{ipv4_prefix}: must be 0 to 32")));
+                return Err(ConfigError::new(
+                    at("fallback.ipv4_prefix"),
+                    format!("{ipv4_prefix}: must be 0 to 32"),
+                ));
             }
             let ipv6_prefix = f.ipv6_prefix.unwrap_or(128);
             if ipv6_prefix > 128 {
-                return Err(ConfigError::new(at("fallback.ipv6_prefix"), format!("{ipv6_prefix}: must be 0 to 128")));
+                return Err(ConfigError::new(
+                    at("fallback.ipv6_prefix"),
+                    format!("{ipv6_prefix}: must be 0 to 128"),
+                ));
             }
-            Some(ClientIpFallback { timeout_s, ipv4_prefix, ipv6_prefix })
+            Some(ClientIpFallback {
+                timeout_s,
+                ipv4_prefix,
+                ipv6_prefix,
+            })
         }
     };
     match p.kind.as_str() {
         "client-ip" | "http-cookie" | "app-cookie"
-            if let Some((f, _)) = [("item", p.item.is_some()), ("with_source_ip", p.with_source_ip.is_some()), ("hash_key", p.hash_key.is_some())]
-                .into_iter()
-                .find(|(_, set)| *set) =>
+            if let Some((f, _)) = [
+                ("item", p.item.is_some()),
+                ("with_source_ip", p.with_source_ip.is_some()),
+                ("hash_key", p.hash_key.is_some()),
+            ]
+            .into_iter()
+            .find(|(_, set)| *set) =>
         {
-            Err(ConfigError::new(at(f), format!("does not apply to a {:?} profile", p.kind)))
+            Err(ConfigError::new(
+                at(f),
+                format!("does not apply to a {:?} profile", p.kind),
+            ))
         }
         "client-ip" => {
             refuse(&cookie_fields)?;
-            refuse(&[("cookie_name", p.cookie_name.is_some()), ("fallback", p.fallback.is_some())])?;
+            refuse(&[
+                ("cookie_name", p.cookie_name.is_some()),
+                ("fallback", p.fallback.is_some()),
+            ])?;
             Ok(PersistenceKind::ClientIp)
         }
         "http-cookie" => {
@@ -872,11 +965,15 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
             ])?;
             let max_lifetime = match p.max_lifetime_min {
                 None => None,
-                Some(m) if (10..=720).contains(&m) => Some(std::time::Duration::from_secs(m as u64 * 60)),
+                Some(m) if (10..=720).contains(&m) => {
+                    Some(std::time::Duration::from_secs(m as u64 * 60))
+                }
                 Some(m) => {
                     return Err(ConfigError::new(
                         at("max_lifetime_min"),
-                        format!("{m}: must be 10 to 720 minutes (leave it out for a session cookie)"),
+                        format!(
+                            "{m}: must be 10 to 720 minutes (leave it out for a session cookie)"
+                        ),
                     ));
                 }
             };
@@ -894,14 +991,30 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
             };
             let path = p.path.clone().unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ';') {
-                return Err(ConfigError::new(at("path"), format!("{path:?}: must start with '/' and contain no ';' or control characters")));
+                return Err(ConfigError::new(
+                    at("path"),
+                    format!(
+                        "{path:?}: must start with '/' and contain no ';' or control characters"
+                    ),
+                ));
             }
             if let Some(d) = &p.domain
-                && (d.is_empty() || !d.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
+                && (d.is_empty()
+                    || !d
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)))
             {
-                return Err(ConfigError::new(at("domain"), format!("{d:?} is not a domain name")));
+                return Err(ConfigError::new(
+                    at("domain"),
+                    format!("{d:?} is not a domain name"),
+                ));
             }
-            let keys: Vec<(u8, String)> = p.keys.iter().flatten().map(|k| (k.id, k.secret.clone())).collect();
+            let keys: Vec<(u8, String)> = p
+                .keys
+                .iter()
+                .flatten()
+                .map(|k| (k.id, k.secret.clone()))
+                .collect();
             if !keys.is_empty() {
                 crate::persist::cookie::CookieKeys::from_config(&keys)
                     .map_err(|e| ConfigError::new(at("keys"), e.to_string()))?;
@@ -922,31 +1035,65 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
         }
         "app-cookie" => {
             refuse(&cookie_fields)?;
-            refuse(&[("ipv4_prefix", p.ipv4_prefix.is_some()), ("ipv6_prefix", p.ipv6_prefix.is_some())])?;
-            Ok(PersistenceKind::AppCookie(AppCookieProfile { cookie_name: cookie_name(true)?, fallback }))
+            refuse(&[
+                ("ipv4_prefix", p.ipv4_prefix.is_some()),
+                ("ipv6_prefix", p.ipv6_prefix.is_some()),
+            ])?;
+            Ok(PersistenceKind::AppCookie(AppCookieProfile {
+                cookie_name: cookie_name(true)?,
+                fallback,
+            }))
         }
-        "all-cookies" | "super-http" | "url-hash" | "host-header" | "query-item" | "header" | "consistent-hash" => {
+        "all-cookies" | "super-http" | "url-hash" | "host-header" | "query-item" | "header"
+        | "consistent-hash" => {
             refuse(&cookie_fields)?;
-            refuse(&[("cookie_name", p.cookie_name.is_some()), ("ipv4_prefix", p.ipv4_prefix.is_some()), ("ipv6_prefix", p.ipv6_prefix.is_some())])?;
+            refuse(&[
+                ("cookie_name", p.cookie_name.is_some()),
+                ("ipv4_prefix", p.ipv4_prefix.is_some()),
+                ("ipv6_prefix", p.ipv6_prefix.is_some()),
+            ])?;
             let item = |what: &str| -> Result<String, ConfigError> {
                 match p.item.as_deref() {
-                    Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b'=' && b != b'&') => Ok(n.to_string()),
-                    Some(n) => Err(ConfigError::new(at("item"), format!("{n:?} is not a valid {what} name"))),
-                    None => Err(ConfigError::new(at("item"), format!("required: the {what} to hash"))),
+                    Some(n)
+                        if !n.is_empty()
+                            && n.bytes()
+                                .all(|b| b.is_ascii_graphic() && b != b'=' && b != b'&') =>
+                    {
+                        Ok(n.to_string())
+                    }
+                    Some(n) => Err(ConfigError::new(
+                        at("item"),
+                        format!("{n:?} is not a valid {what} name"),
+                    )),
+                    None => Err(ConfigError::new(
+                        at("item"),
+                        format!("required: the {what} to hash"),
+                    )),
                 }
             };
             if p.kind != "query-item" && p.kind != "header" && p.item.is_some() {
-                return Err(ConfigError::new(at("item"), format!("does not apply to a {:?} profile", p.kind)));
+                return Err(ConfigError::new(
+                    at("item"),
+                    format!("does not apply to a {:?} profile", p.kind),
+                ));
             }
             if p.kind != "super-http" && p.with_source_ip.is_some() {
-                return Err(ConfigError::new(at("with_source_ip"), format!("does not apply to a {:?} profile", p.kind)));
+                return Err(ConfigError::new(
+                    at("with_source_ip"),
+                    format!("does not apply to a {:?} profile", p.kind),
+                ));
             }
             if p.kind != "consistent-hash" && p.hash_key.is_some() {
-                return Err(ConfigError::new(at("hash_key"), format!("does not apply to a {:?} profile", p.kind)));
+                return Err(ConfigError::new(
+                    at("hash_key"),
+                    format!("does not apply to a {:?} profile", p.kind),
+                ));
             }
             let key = match p.kind.as_str() {
                 "all-cookies" => KeySource::AllCookies,
-                "super-http" => KeySource::SuperHttp { with_source_ip: p.with_source_ip.unwrap_or(false) },
+                "super-http" => KeySource::SuperHttp {
+                    with_source_ip: p.with_source_ip.unwrap_or(false),
+                },
                 "url-hash" => KeySource::Url,
                 "host-header" => KeySource::Host,
                 "query-item" => KeySource::QueryItem(item("query item")?),
@@ -957,14 +1104,22 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
                     "url" => KeySource::Url,
                     "host" => KeySource::Host,
                     "all-cookies" => KeySource::AllCookies,
-                    "super-http" => KeySource::SuperHttp { with_source_ip: false },
+                    "super-http" => KeySource::SuperHttp {
+                        with_source_ip: false,
+                    },
                     other => match (other.split_once(':'), other) {
-                        (Some(("header", h)), _) if !h.is_empty() => KeySource::Header(h.to_ascii_lowercase()),
-                        (Some(("query", q)), _) if !q.is_empty() => KeySource::QueryItem(q.to_string()),
+                        (Some(("header", h)), _) if !h.is_empty() => {
+                            KeySource::Header(h.to_ascii_lowercase())
+                        }
+                        (Some(("query", q)), _) if !q.is_empty() => {
+                            KeySource::QueryItem(q.to_string())
+                        }
                         _ => {
                             return Err(ConfigError::new(
                                 at("hash_key"),
-                                format!("{other:?}: expected source-ip, source-ip-port, url, host, all-cookies, super-http, header:NAME or query:NAME"),
+                                format!(
+                                    "{other:?}: expected source-ip, source-ip-port, url, host, all-cookies, super-http, header:NAME or query:NAME"
+                                ),
                             ));
                         }
                     },
@@ -974,17 +1129,45 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
             // the same server for a time".
             let sticky = p.kind != "consistent-hash";
             if !sticky && p.fallback.is_some() {
-                return Err(ConfigError::new(at("fallback"), "does not apply to a \"consistent-hash\" profile"));
+                return Err(ConfigError::new(
+                    at("fallback"),
+                    "does not apply to a \"consistent-hash\" profile",
+                ));
             }
-            Ok(PersistenceKind::KeyHash { key, sticky, fallback })
+            Ok(PersistenceKind::KeyHash {
+                key,
+                sticky,
+                fallback,
+            })
         }
         "custom-header" => {
             refuse(&cookie_fields)?;
-            refuse(&[("cookie_name", p.cookie_name.is_some()), ("fallback", p.fallback.is_some()), ("with_source_ip", p.with_source_ip.is_some()), ("hash_key", p.hash_key.is_some())])?;
+            refuse(&[
+                ("cookie_name", p.cookie_name.is_some()),
+                ("fallback", p.fallback.is_some()),
+                ("with_source_ip", p.with_source_ip.is_some()),
+                ("hash_key", p.hash_key.is_some()),
+            ])?;
             let header = match p.item.as_deref() {
-                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => h.to_ascii_lowercase(),
-                Some(h) => return Err(ConfigError::new(at("item"), format!("{h:?} is not a valid header name"))),
-                None => return Err(ConfigError::new(at("item"), "required: the header whose value selects the backend")),
+                Some(h)
+                    if !h.is_empty()
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                {
+                    h.to_ascii_lowercase()
+                }
+                Some(h) => {
+                    return Err(ConfigError::new(
+                        at("item"),
+                        format!("{h:?} is not a valid header name"),
+                    ));
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        at("item"),
+                        "required: the header whose value selects the backend",
+                    ));
+                }
             };
             Ok(PersistenceKind::CustomHeader { header })
         }

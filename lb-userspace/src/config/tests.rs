@@ -437,93 +437,316 @@ fn l7_with(from: &str, to: &str) -> String {
 fn l7_services_and_cookie_profiles_validate() {
     let c = Config::parse(L7).expect("valid");
     let s = &c.services[0];
-    let ServiceMode::L7(o) = &s.mode else { panic!("expected l7, got {:?}", s.mode) };
+    let ServiceMode::L7(o) = &s.mode else {
+        panic!("expected l7, got {:?}", s.mode)
+    };
     assert_eq!((o.tls.is_none(), o.proxy_protocol), (true, false));
     assert_eq!(o.limits.max_connections, 100);
     assert_eq!(o.limits.idle_timeout.as_millis(), 5000);
     assert_eq!(o.limits.connect_timeout.as_millis(), 3000, "default");
     assert_eq!(c.pools[0].algorithm, Algorithm::LeastConnections);
     assert_eq!(c.pools[0].backends[0].port, Some(8080));
-    let PersistenceKind::HttpCookie(ck) = &c.profiles[0].kind else { panic!("http-cookie") };
+    let PersistenceKind::HttpCookie(ck) = &c.profiles[0].kind else {
+        panic!("http-cookie")
+    };
     assert_eq!(ck.cookie_name, "SRV");
     assert_eq!(ck.max_lifetime, Some(std::time::Duration::from_secs(1800)));
     assert!(ck.always_send && ck.http_only && !ck.add_port);
-    assert_eq!((ck.secure, ck.same_site, ck.path.as_str()), (None, Some(SameSiteMode::Strict), "/"));
+    assert_eq!(
+        (ck.secure, ck.same_site, ck.path.as_str()),
+        (None, Some(SameSiteMode::Strict), "/")
+    );
     assert_eq!(ck.keys.len(), 1);
-    assert_eq!(ck.fallback, Some(ClientIpFallback { timeout_s: 120, ipv4_prefix: 24, ipv6_prefix: 128 }));
-    let PersistenceKind::AppCookie(js) = &c.profiles[1].kind else { panic!("app-cookie") };
-    assert_eq!((js.cookie_name.as_str(), c.profiles[1].timeout_s), ("JSESSIONID", 1800));
-    let PersistenceKind::HttpCookie(anon) = &c.profiles[2].kind else { panic!("http-cookie") };
+    assert_eq!(
+        ck.fallback,
+        Some(ClientIpFallback {
+            timeout_s: 120,
+            ipv4_prefix: 24,
+            ipv6_prefix: 128
+        })
+    );
+    let PersistenceKind::AppCookie(js) = &c.profiles[1].kind else {
+        panic!("app-cookie")
+    };
+    assert_eq!(
+        (js.cookie_name.as_str(), c.profiles[1].timeout_s),
+        ("JSESSIONID", 1800)
+    );
+    let PersistenceKind::HttpCookie(anon) = &c.profiles[2].kind else {
+        panic!("http-cookie")
+    };
     assert_eq!(anon.cookie_name.len(), 8, "a blank name gets 8 characters");
     assert!(anon.cookie_name.chars().all(|c| c.is_ascii_alphanumeric()));
-    assert_eq!(Config::parse(L7).unwrap().profiles[2].kind, c.profiles[2].kind, "and the same one every time");
-    assert_eq!((anon.max_lifetime, anon.same_site), (None, Some(SameSiteMode::Lax)), "session cookie, Lax by default");
+    assert_eq!(
+        Config::parse(L7).unwrap().profiles[2].kind,
+        c.profiles[2].kind,
+        "and the same one every time"
+    );
+    assert_eq!(
+        (anon.max_lifetime, anon.same_site),
+        (None, Some(SameSiteMode::Lax)),
+        "session cookie, Lax by default"
+    );
 }
 
 #[test]
 fn l7_errors_name_the_field() {
     let cases: &[(String, &str, &str)] = &[
-        (l7_with(r#""protocol":"tcp","mode":"l7""#, r#""protocol":"udp","mode":"l7""#), "virtual_services[0].protocol", "HTTP over TCP"),
-        (l7_with(r#""mode":"l7""#, r#""mode":"l4-dsr""#), "virtual_services[0].limits", "applies to mode \"l7\" only"),
         (
-            l7_with(r#""limits":{"max_connections":100,"idle_timeout_ms":5000},"#, "").replacen(r#""mode":"l7""#, r#""mode":"l4-dsr""#, 1),
+            l7_with(
+                r#""protocol":"tcp","mode":"l7""#,
+                r#""protocol":"udp","mode":"l7""#,
+            ),
+            "virtual_services[0].protocol",
+            "HTTP over TCP",
+        ),
+        (
+            l7_with(r#""mode":"l7""#, r#""mode":"l4-dsr""#),
+            "virtual_services[0].limits",
+            "applies to mode \"l7\" only",
+        ),
+        (
+            l7_with(
+                r#""limits":{"max_connections":100,"idle_timeout_ms":5000},"#,
+                "",
+            )
+            .replacen(r#""mode":"l7""#, r#""mode":"l4-dsr""#, 1),
             "virtual_services[0].persistence",
             "needs mode \"l7\"",
         ),
-        (l7_with(r#""max_connections":100"#, r#""max_connections":0"#), "virtual_services[0].limits.max_connections", "must be 1"),
-        (l7_with(r#""max_connections":100"#, r#""max_connections":1,"tls":{"cert_file":"/nonexistent.pem","key_file":"/x"}"#), "virtual_services[0].limits.tls", "unknown field"),
-        (l7_with(r#""mode":"l7","#, r#""mode":"l7","tls":{"cert_file":"/nonexistent.pem","key_file":"/x"},"#), "virtual_services[0].tls.cert_file", "no such readable file"),
-        (l7_with(r#""algorithm":"least-connections""#, r#""algorithm":"random""#), "pools[0].algorithm", "round-robin"),
-        (l7_with(r#""port":8080"#, r#""port":0"#), "pools[0].backends[0].port", "1 to 65535"),
-        (l7_with(r#""max_lifetime_min":30"#, r#""max_lifetime_min":5"#), "persistence_profiles[0].max_lifetime_min", "10 to 720"),
-        (l7_with(r#""same_site":"strict""#, r#""same_site":"sometimes""#), "persistence_profiles[0].same_site", "\"lax\""),
-        (l7_with(r#""cookie_name":"SRV""#, r#""cookie_name":"S R V""#), "persistence_profiles[0].cookie_name", "not a valid cookie name"),
-        (l7_with(r#""secret":"0000"#, r#""secret":"00"#), "persistence_profiles[0].keys", ""),
-        (l7_with(r#""type":"client-ip","timeout_s":120"#, r#""type":"server-ip","timeout_s":120"#), "persistence_profiles[0].fallback.type", "\"client-ip\""),
-        (l7_with(r#""cookie_name":"JSESSIONID","#, ""), "persistence_profiles[1].cookie_name", "required"),
-        (l7_with(r#""cookie_name":"JSESSIONID","#, r#""cookie_name":"JSESSIONID","always_send":true,"#), "persistence_profiles[1].always_send", "does not apply"),
-        (l7_with(r#""type":"http-cookie"}"#, r#""type":"http-cookie","timeout_s":60}"#), "persistence_profiles[2].timeout_s", "does not apply"),
-        (l7_with(r#""type":"http-cookie"}"#, r#""type":"cookie-jar"}"#), "persistence_profiles[2].type", "\"app-cookie\""),
+        (
+            l7_with(r#""max_connections":100"#, r#""max_connections":0"#),
+            "virtual_services[0].limits.max_connections",
+            "must be 1",
+        ),
+        (
+            l7_with(
+                r#""max_connections":100"#,
+                r#""max_connections":1,"tls":{"cert_file":"/nonexistent.pem","key_file":"/x"}"#,
+            ),
+            "virtual_services[0].limits.tls",
+            "unknown field",
+        ),
+        (
+            l7_with(
+                r#""mode":"l7","#,
+                r#""mode":"l7","tls":{"cert_file":"/nonexistent.pem","key_file":"/x"},"#,
+            ),
+            "virtual_services[0].tls.cert_file",
+            "no such readable file",
+        ),
+        (
+            l7_with(
+                r#""algorithm":"least-connections""#,
+                r#""algorithm":"random""#,
+            ),
+            "pools[0].algorithm",
+            "round-robin",
+        ),
+        (
+            l7_with(r#""port":8080"#, r#""port":0"#),
+            "pools[0].backends[0].port",
+            "1 to 65535",
+        ),
+        (
+            l7_with(r#""max_lifetime_min":30"#, r#""max_lifetime_min":5"#),
+            "persistence_profiles[0].max_lifetime_min",
+            "10 to 720",
+        ),
+        (
+            l7_with(r#""same_site":"strict""#, r#""same_site":"sometimes""#),
+            "persistence_profiles[0].same_site",
+            "\"lax\"",
+        ),
+        (
+            l7_with(r#""cookie_name":"SRV""#, r#""cookie_name":"S R V""#),
+            "persistence_profiles[0].cookie_name",
+            "not a valid cookie name",
+        ),
+        (
+            l7_with(r#""secret":"0000"#, r#""secret":"00"#),
+            "persistence_profiles[0].keys",
+            "",
+        ),
+        (
+            l7_with(
+                r#""type":"client-ip","timeout_s":120"#,
+                r#""type":"server-ip","timeout_s":120"#,
+            ),
+            "persistence_profiles[0].fallback.type",
+            "\"client-ip\"",
+        ),
+        (
+            l7_with(r#""cookie_name":"JSESSIONID","#, ""),
+            "persistence_profiles[1].cookie_name",
+            "required",
+        ),
+        (
+            l7_with(
+                r#""cookie_name":"JSESSIONID","#,
+                r#""cookie_name":"JSESSIONID","always_send":true,"#,
+            ),
+            "persistence_profiles[1].always_send",
+            "does not apply",
+        ),
+        (
+            l7_with(
+                r#""type":"http-cookie"}"#,
+                r#""type":"http-cookie","timeout_s":60}"#,
+            ),
+            "persistence_profiles[2].timeout_s",
+            "does not apply",
+        ),
+        (
+            l7_with(r#""type":"http-cookie"}"#, r#""type":"cookie-jar"}"#),
+            "persistence_profiles[2].type",
+            "\"app-cookie\"",
+        ),
     ];
     for (text, path, reason) in cases {
         let e = err(text);
         assert_eq!(&e.path, path, "wrong path for {reason:?}: {e}");
-        assert!(e.reason.contains(reason), "{path}: reason {:?} lacks {reason:?}", e.reason);
+        assert!(
+            e.reason.contains(reason),
+            "{path}: reason {:?} lacks {reason:?}",
+            e.reason
+        );
     }
 }
 
 #[test]
 fn key_based_profiles_validate() {
     let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"super-http","with_source_ip":true,"timeout_s":60}"#)).expect("valid");
-    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::SuperHttp { with_source_ip: true }, sticky: true, fallback: None });
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"header","item":"X-Session"}"#)).expect("valid");
-    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::Header("x-session".into()), sticky: true, fallback: None });
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash","hash_key":"query:sid"}"#)).expect("valid");
-    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::QueryItem("sid".into()), sticky: false, fallback: None });
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash"}"#)).expect("valid");
-    assert_eq!(c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::SourceIp, sticky: false, fallback: None });
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"all-cookies","fallback":{"type":"client-ip"}}"#)).expect("valid");
-    assert!(matches!(&c.profiles[2].kind, PersistenceKind::KeyHash { key: KeySource::AllCookies, fallback: Some(_), .. }));
-    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"custom-header","item":"X-Tenant"}"#)).expect("valid");
-    assert_eq!(c.profiles[2].kind, PersistenceKind::CustomHeader { header: "x-tenant".into() });
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"super-http","with_source_ip":true,"timeout_s":60}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::SuperHttp {
+                with_source_ip: true
+            },
+            sticky: true,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"header","item":"X-Session"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::Header("x-session".into()),
+            sticky: true,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"consistent-hash","hash_key":"query:sid"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::QueryItem("sid".into()),
+            sticky: false,
+            fallback: None
+        }
+    );
+    let c =
+        Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash"}"#)).expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::SourceIp,
+            sticky: false,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"all-cookies","fallback":{"type":"client-ip"}}"#,
+    ))
+    .expect("valid");
+    assert!(matches!(
+        &c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::AllCookies,
+            fallback: Some(_),
+            ..
+        }
+    ));
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"custom-header","item":"X-Tenant"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::CustomHeader {
+            header: "x-tenant".into()
+        }
+    );
 
     let cases = [
-        (r#"{"name":"anon","type":"query-item"}"#, "persistence_profiles[2].item", "required"),
-        (r#"{"name":"anon","type":"header","item":"bad header"}"#, "persistence_profiles[2].item", "not a valid"),
-        (r#"{"name":"anon","type":"url-hash","item":"x"}"#, "persistence_profiles[2].item", "does not apply"),
-        (r#"{"name":"anon","type":"url-hash","with_source_ip":true}"#, "persistence_profiles[2].with_source_ip", "does not apply"),
-        (r#"{"name":"anon","type":"consistent-hash","hash_key":"moon"}"#, "persistence_profiles[2].hash_key", "expected source-ip"),
-        (r#"{"name":"anon","type":"consistent-hash","fallback":{"type":"client-ip"}}"#, "persistence_profiles[2].fallback", "does not apply"),
-        (r#"{"name":"anon","type":"http-cookie","item":"x"}"#, "persistence_profiles[2].item", "does not apply"),
-        (r#"{"name":"anon","type":"custom-header"}"#, "persistence_profiles[2].item", "required"),
-        (r#"{"name":"anon","type":"host-header","cookie_name":"x"}"#, "persistence_profiles[2].cookie_name", "does not apply"),
+        (
+            r#"{"name":"anon","type":"query-item"}"#,
+            "persistence_profiles[2].item",
+            "required",
+        ),
+        (
+            r#"{"name":"anon","type":"header","item":"bad header"}"#,
+            "persistence_profiles[2].item",
+            "not a valid",
+        ),
+        (
+            r#"{"name":"anon","type":"url-hash","item":"x"}"#,
+            "persistence_profiles[2].item",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"url-hash","with_source_ip":true}"#,
+            "persistence_profiles[2].with_source_ip",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"consistent-hash","hash_key":"moon"}"#,
+            "persistence_profiles[2].hash_key",
+            "expected source-ip",
+        ),
+        (
+            r#"{"name":"anon","type":"consistent-hash","fallback":{"type":"client-ip"}}"#,
+            "persistence_profiles[2].fallback",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","item":"x"}"#,
+            "persistence_profiles[2].item",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"custom-header"}"#,
+            "persistence_profiles[2].item",
+            "required",
+        ),
+        (
+            r#"{"name":"anon","type":"host-header","cookie_name":"x"}"#,
+            "persistence_profiles[2].cookie_name",
+            "does not apply",
+        ),
     ];
     for (profile, path, reason) in cases {
         let e = err(&with_profile(profile));
         assert_eq!(e.path, path, "{profile}: {e}");
-        assert!(e.reason.contains(reason), "{profile}: {:?} lacks {reason:?}", e.reason);
+        assert!(
+            e.reason.contains(reason),
+            "{profile}: {:?} lacks {reason:?}",
+            e.reason
+        );
     }
-    let e = err(&l7_with(r#""port":8080"#, r#""port":8080,"header_value":"""#));
+    let e = err(&l7_with(
+        r#""port":8080"#,
+        r#""port":8080,"header_value":"""#,
+    ));
     assert_eq!(e.path, "pools[0].backends[0].header_value");
 }

@@ -23,9 +23,9 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_UP, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue, Service,
-    ServiceKey, maglev_index,
+    ALL_MAPS, BACKEND_UP, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV,
+    MAP_PERSIST, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue,
+    Service, ServiceKey, maglev_index,
 };
 
 use crate::{balancer::Plan, config};
@@ -398,7 +398,10 @@ impl Dataplane {
         // Backends that take new clients are written before the tables that name them;
         // backends that stop taking them (down, draining, disabled) after the tables that no
         // longer do, so no new client is ever sent to a backend marked out of service.
-        let (taking, leaving): (Vec<_>, Vec<_>) = plan.backends.iter().partition(|(_, b)| b.state == BACKEND_UP);
+        let (taking, leaving): (Vec<_>, Vec<_>) = plan
+            .backends
+            .iter()
+            .partition(|(_, b)| b.state == BACKEND_UP);
         {
             let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
             for (id, b) in &taking {

@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use http::{HeaderValue, StatusCode, header};
 use arc_swap::ArcSwap;
+use http::{HeaderValue, StatusCode, header};
 use lb_common::{
     MAGLEV_TABLE_SIZE, NO_BACKEND, backend_identity,
     maglev::{MaglevBackend, build_table},
@@ -25,8 +25,8 @@ use lb_common::{
 use crate::{
     balancer::select::{self, BackendSelection},
     config::{
-        AppCookieProfile, ClientIpFallback, Config, CookieProfile, DownPolicy, KeySource, PersistenceKind,
-        SameSiteMode, VirtualService,
+        AppCookieProfile, ClientIpFallback, Config, CookieProfile, DownPolicy, KeySource,
+        PersistenceKind, SameSiteMode, VirtualService,
     },
     persist::{
         cookie::{self, CookieKeys, CookiePayload, Reject, SameSite, SetCookie},
@@ -71,11 +71,30 @@ impl RouterStats {
 
 enum Method {
     None,
-    ClientIp { table: Table<[u8; 16]>, v4: u8, v6: u8 },
-    HttpCookie { profile: CookieProfile, keys: CookieKeys, fallback: Option<Fallback> },
-    AppCookie { profile: AppCookieProfile, table: Table<u128>, fallback: Option<Fallback> },
-    KeyHash { key: KeySource, table: Option<Table<u128>>, fallback: Option<Fallback>, maglev: ArcSwap<MaglevCache> },
-    CustomHeader { header: String },
+    ClientIp {
+        table: Table<[u8; 16]>,
+        v4: u8,
+        v6: u8,
+    },
+    HttpCookie {
+        profile: CookieProfile,
+        keys: ArcSwap<CookieKeys>,
+        fallback: Option<Fallback>,
+    },
+    AppCookie {
+        profile: AppCookieProfile,
+        table: Table<u128>,
+        fallback: Option<Fallback>,
+    },
+    KeyHash {
+        key: KeySource,
+        table: Option<Table<u128>>,
+        fallback: Option<Fallback>,
+        maglev: ArcSwap<MaglevCache>,
+    },
+    CustomHeader {
+        header: String,
+    },
 }
 
 /// The pool's Maglev table over its up backends (entries are backend indexes), rebuilt when
@@ -113,15 +132,24 @@ fn request_key(key: &KeySource, req: &http::request::Parts, conn: &ConnInfo) -> 
             let ua = header("user-agent")?;
             // Kemp: with "MSRPC" in the User-Agent the key is the Authorization value, or
             // blank (zero length) when there is none.
-            let mut k = if ua.windows(5).any(|w| w == b"MSRPC") { header("authorization").unwrap_or_default() } else { ua };
+            let mut k = if ua.windows(5).any(|w| w == b"MSRPC") {
+                header("authorization").unwrap_or_default()
+            } else {
+                ua
+            };
             if *with_source_ip {
                 k.push(0);
                 k.extend(ip_bytes(conn.client.ip()));
             }
             Some(k)
         }
-        KeySource::Url => req.uri.path_and_query().map(|pq| pq.as_str().as_bytes().to_vec()),
-        KeySource::Host => header("host").or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes().to_vec())),
+        KeySource::Url => req
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().as_bytes().to_vec()),
+        KeySource::Host => {
+            header("host").or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes().to_vec()))
+        }
         KeySource::QueryItem(name) => query_item(name),
         KeySource::Header(name) => header(name),
         KeySource::SourceIp => Some(ip_bytes(conn.client.ip())),
@@ -168,6 +196,11 @@ fn client_key(ip: IpAddr, v4: u8, v6: u8) -> [u8; 16] {
     }
 }
 
+/// The persistence cookie `route` removed from the request, kept in its extensions so a
+/// retry of the same request still sees it.
+#[derive(Clone)]
+struct StrippedCookie(String);
+
 /// What `route` decided, for `on_response`.
 struct Decision {
     /// Backend identity.
@@ -188,12 +221,46 @@ pub struct PersistRouter {
     pub stats: Arc<RouterStats>,
 }
 
+fn cookie_keys(service: &str, c: &CookieProfile) -> Result<CookieKeys, cookie::KeyError> {
+    if c.keys.is_empty() {
+        log::warn!(
+            "profile of {service}: no cookie keys configured, using a random one: cookies will not survive a restart and other instances will not accept them"
+        );
+        Ok(CookieKeys::generate())
+    } else {
+        CookieKeys::from_config(&c.keys)
+    }
+}
+
+/// What identifies a router's persistence state: everything of the profile but the cookie
+/// keys (which rotate in place), and the pool. A reload that keeps it keeps the router and
+/// its tables.
+pub fn router_spec(cfg: &Config, svc: &VirtualService) -> String {
+    let profile = cfg.profile(svc).map(|p| {
+        let mut p = p.clone();
+        if let PersistenceKind::HttpCookie(c) = &mut p.kind {
+            c.keys.clear();
+        }
+        p
+    });
+    format!(
+        "{profile:?} {} {:?}",
+        cfg.pools[svc.pool].name, cfg.pools[svc.pool].algorithm
+    )
+}
+
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl PersistRouter {
-    pub fn new(cfg: &Config, svc: &VirtualService, snapshot: SharedSnapshot) -> Result<Self, cookie::KeyError> {
+    pub fn new(
+        cfg: &Config,
+        svc: &VirtualService,
+        snapshot: SharedSnapshot,
+    ) -> Result<Self, cookie::KeyError> {
         let pool = &cfg.pools[svc.pool];
         let profile = cfg.profile(svc);
         let method = match profile.map(|p| (&p.kind, p)) {
@@ -204,15 +271,7 @@ impl PersistRouter {
                 v6: p.ipv6_prefix,
             },
             Some((PersistenceKind::HttpCookie(c), _)) => Method::HttpCookie {
-                keys: if c.keys.is_empty() {
-                    log::warn!(
-                        "profile of {}: no cookie keys configured, using a random one: cookies will not survive a restart and other instances will not accept them",
-                        svc.name
-                    );
-                    CookieKeys::generate()
-                } else {
-                    CookieKeys::from_config(&c.keys)?
-                },
+                keys: ArcSwap::from_pointee(cookie_keys(&svc.name, c)?),
                 fallback: c.fallback.as_ref().map(Fallback::new),
                 profile: c.clone(),
             },
@@ -221,13 +280,23 @@ impl PersistRouter {
                 fallback: a.fallback.as_ref().map(Fallback::new),
                 profile: a.clone(),
             },
-            Some((PersistenceKind::KeyHash { key, sticky, fallback }, p)) => Method::KeyHash {
+            Some((
+                PersistenceKind::KeyHash {
+                    key,
+                    sticky,
+                    fallback,
+                },
+                p,
+            )) => Method::KeyHash {
                 key: key.clone(),
-                table: sticky.then(|| Table::new(TABLE_CAPACITY, Duration::from_secs(p.timeout_s as u64))),
+                table: sticky
+                    .then(|| Table::new(TABLE_CAPACITY, Duration::from_secs(p.timeout_s as u64))),
                 fallback: fallback.as_ref().map(Fallback::new),
                 maglev: ArcSwap::from_pointee(MaglevCache::default()),
             },
-            Some((PersistenceKind::CustomHeader { header }, _)) => Method::CustomHeader { header: header.clone() },
+            Some((PersistenceKind::CustomHeader { header }, _)) => Method::CustomHeader {
+                header: header.clone(),
+            },
         };
         Ok(PersistRouter {
             service: svc.name.clone(),
@@ -240,11 +309,22 @@ impl PersistRouter {
         })
     }
 
+    /// Take the new config's cookie keys (a reload that rotates them keeps this router).
+    pub fn update_keys(&self, cfg: &Config, svc: &VirtualService) -> Result<(), cookie::KeyError> {
+        if let (Method::HttpCookie { keys, .. }, Some(PersistenceKind::HttpCookie(c))) =
+            (&self.method, cfg.profile(svc).map(|p| &p.kind))
+            && !c.keys.is_empty()
+        {
+            keys.store(Arc::new(cookie_keys(&svc.name, c)?));
+        }
+        Ok(())
+    }
+
     fn fallback(&self) -> Option<&Fallback> {
         match &self.method {
-            Method::HttpCookie { fallback, .. } | Method::AppCookie { fallback, .. } | Method::KeyHash { fallback, .. } => {
-                fallback.as_ref()
-            }
+            Method::HttpCookie { fallback, .. }
+            | Method::AppCookie { fallback, .. }
+            | Method::KeyHash { fallback, .. } => fallback.as_ref(),
             _ => None,
         }
     }
@@ -271,9 +351,16 @@ impl PersistRouter {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| states.get(*i) == Some(&BackendState::Up))
-                .map(|(i, b)| MaglevBackend { id: i as u32, name: &b.name, weight: b.weight })
+                .map(|(i, b)| MaglevBackend {
+                    id: i as u32,
+                    name: &b.name,
+                    weight: b.weight,
+                })
                 .collect();
-            let fresh = Arc::new(MaglevCache { generation: Some(snap.generation), table: build_table(&members, MAGLEV_TABLE_SIZE) });
+            let fresh = Arc::new(MaglevCache {
+                generation: Some(snap.generation),
+                table: build_table(&members, MAGLEV_TABLE_SIZE),
+            });
             cache.store(fresh.clone());
             fresh
         };
@@ -285,7 +372,13 @@ impl PersistRouter {
     /// App-cookie key: the cookie, else a query parameter of the same name, else a
     /// `;name=value` path parameter (Avi: "look for a URI query of the same name").
     fn app_cookie_value<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
-        if let Some(v) = cookie::find(req.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()), name) {
+        if let Some(v) = cookie::find(
+            req.headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes()),
+            name,
+        ) {
             return Some(v);
         }
         let path_and_query = req.uri.path_and_query()?;
@@ -321,14 +414,32 @@ impl Router for PersistRouter {
         tried: &[SocketAddr],
     ) -> Result<Route, StatusCode> {
         let snap = self.snapshot.load();
-        let Some(si) = snap.config.services.iter().position(|s| s.name == self.service) else {
+        let Some(si) = snap
+            .config
+            .services
+            .iter()
+            .position(|s| s.name == self.service)
+        else {
             return Err(StatusCode::SERVICE_UNAVAILABLE);
         };
         let svc = &snap.config.services[si];
         let pool = &snap.config.pools[svc.pool];
-        let states = snap.backend_state.get(svc.pool).map(Vec::as_slice).unwrap_or(&[]);
-        let addr_of = |i: usize| SocketAddr::new(pool.backends[i].address, pool.backends[i].port.unwrap_or(svc.port));
-        let by_identity = |id: u32| pool.backends.iter().position(|b| backend_identity(&pool.name, &b.name) == id);
+        let states = snap
+            .backend_state
+            .get(svc.pool)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let addr_of = |i: usize| {
+            SocketAddr::new(
+                pool.backends[i].address,
+                pool.backends[i].port.unwrap_or(svc.port),
+            )
+        };
+        let by_identity = |id: u32| {
+            pool.backends
+                .iter()
+                .position(|b| backend_identity(&pool.name, &b.name) == id)
+        };
         let now = Instant::now();
 
         // What persistence says, if anything: (backend index, source).
@@ -350,9 +461,15 @@ impl Router for PersistRouter {
                 }
             }
             Method::HttpCookie { profile, keys, .. } => {
+                let keys = keys.load();
                 let values = req.headers.get_all(header::COOKIE);
-                if let Some(v) = cookie::find(values.iter().map(|v| v.as_bytes()), &profile.cookie_name) {
-                    match cookie::decode(keys, &profile.cookie_name, &svc.name, v, unix_now()) {
+                // On a retry the cookie was stripped by the first attempt: use what it saw.
+                let presented =
+                    cookie::find(values.iter().map(|v| v.as_bytes()), &profile.cookie_name)
+                        .map(str::to_owned)
+                        .or_else(|| req.extensions.get::<StrippedCookie>().map(|s| s.0.clone()));
+                if let Some(v) = &presented {
+                    match cookie::decode(&keys, &profile.cookie_name, &svc.name, v, unix_now()) {
                         Ok(p) if p.pool == self.pool_id => bound = by_identity(p.backend),
                         Ok(_) => self.stats.reject(Reject::ForeignService),
                         Err(r) => self.stats.reject(r),
@@ -360,12 +477,16 @@ impl Router for PersistRouter {
                 }
                 issue_cookie = bound.is_none() || profile.always_send;
                 // The persistence cookie is tether's: the backend never sees it.
-                let stripped = cookie::strip(values.iter().map(|v| v.as_bytes()), &profile.cookie_name);
+                let stripped =
+                    cookie::strip(values.iter().map(|v| v.as_bytes()), &profile.cookie_name);
                 req.headers.remove(header::COOKIE);
                 if let Some(rest) = stripped
                     && let Ok(v) = HeaderValue::from_bytes(&rest)
                 {
                     req.headers.insert(header::COOKIE, v);
+                }
+                if let Some(v) = presented {
+                    req.extensions.insert(StrippedCookie(v));
                 }
             }
             Method::KeyHash { key, table, .. } => {
@@ -382,7 +503,9 @@ impl Router for PersistRouter {
             }
             Method::CustomHeader { header } => {
                 if let Some(v) = req.headers.get(header.as_str()) {
-                    bound = pool.backends.iter().position(|b| b.header_value.as_deref().map(str::as_bytes) == Some(v.as_bytes()));
+                    bound = pool.backends.iter().position(|b| {
+                        b.header_value.as_deref().map(str::as_bytes) == Some(v.as_bytes())
+                    });
                 }
             }
             Method::AppCookie { profile, table, .. } => {
@@ -420,7 +543,8 @@ impl Router for PersistRouter {
             if usable && !failed {
                 chosen = Some(i);
                 self.stats.persist_hits.fetch_add(1, Ordering::Relaxed);
-            } else if !usable && self.down_policy == DownPolicy::Never && !failed {
+            } else if self.down_policy == DownPolicy::Never {
+                // Down, or refusing connections: the client waits for its server.
                 self.stats.refused_down.fetch_add(1, Ordering::Relaxed);
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             } else {
@@ -435,11 +559,15 @@ impl Router for PersistRouter {
                     .backends
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| states.get(*i) == Some(&BackendState::Up) && !tried.contains(&addr_of(*i)))
+                    .filter(|(i, _)| {
+                        states.get(*i) == Some(&BackendState::Up) && !tried.contains(&addr_of(*i))
+                    })
                     .map(|(i, b)| (i, b.weight))
                     .collect();
                 let hint = match &self.method {
-                    Method::HttpCookie { profile, .. } if profile.add_port => conn.client.port() as u64,
+                    Method::HttpCookie { profile, .. } if profile.add_port => {
+                        conn.client.port() as u64
+                    }
                     _ => 0,
                 };
                 let by_key = match (&self.method, &key_material) {
@@ -450,7 +578,10 @@ impl Router for PersistRouter {
                 };
                 let i = match by_key {
                     Some(i) => i,
-                    None => self.selection.select(&candidates, hint).ok_or(StatusCode::SERVICE_UNAVAILABLE)?,
+                    None => self
+                        .selection
+                        .select(&candidates, hint)
+                        .ok_or(StatusCode::SERVICE_UNAVAILABLE)?,
                 };
                 self.stats.new_assignments.fetch_add(1, Ordering::Relaxed);
                 i
@@ -459,18 +590,26 @@ impl Router for PersistRouter {
         let identity = backend_identity(&pool.name, &pool.backends[index].name);
         // Record the binding where this method keeps one.
         match &self.method {
-            Method::ClientIp { table, v4, v6 } => table.insert(client_key(conn.client.ip(), *v4, *v6), identity, now),
+            Method::ClientIp { table, v4, v6 } => {
+                table.insert(client_key(conn.client.ip(), *v4, *v6), identity, now)
+            }
             Method::KeyHash { table: Some(t), .. } if key_material.is_some() => {
-                t.insert(digest(key_material.as_deref().unwrap_or_default()), identity, now);
+                t.insert(
+                    digest(key_material.as_deref().unwrap_or_default()),
+                    identity,
+                    now,
+                );
             }
             Method::KeyHash { .. } if cookie_absent => {
                 if let Some(f) = self.fallback() {
-                    f.table.insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
+                    f.table
+                        .insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
                 }
             }
             Method::HttpCookie { .. } | Method::AppCookie { .. } if cookie_absent => {
                 if let Some(f) = self.fallback() {
-                    f.table.insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
+                    f.table
+                        .insert(client_key(conn.client.ip(), f.v4, f.v6), identity, now);
                 }
             }
             _ => {}
@@ -479,18 +618,29 @@ impl Router for PersistRouter {
         Ok(Route {
             backend: addr_of(index),
             token: index as u64,
-            tag: Some(Arc::new(Decision { identity, issue_cookie, index })),
+            tag: Some(Arc::new(Decision {
+                identity,
+                issue_cookie,
+                index,
+            })),
         })
     }
 
     fn on_response(&self, route: &Route, conn: &ConnInfo, resp: &mut http::response::Parts) {
-        let Some(d) = route.tag.as_ref().and_then(|t| t.downcast_ref::<Decision>()) else { return };
+        let Some(d) = route
+            .tag
+            .as_ref()
+            .and_then(|t| t.downcast_ref::<Decision>())
+        else {
+            return;
+        };
         match &self.method {
             Method::HttpCookie { profile, keys, .. } if d.issue_cookie => {
+                let keys = keys.load();
                 let now = unix_now();
                 let lifetime = profile.max_lifetime.map(|l| l.as_secs());
                 let payload = CookiePayload::issue(d.identity, self.pool_id, now, lifetime);
-                let value = cookie::encode(keys, &profile.cookie_name, &self.service, &payload);
+                let value = cookie::encode(&keys, &profile.cookie_name, &self.service, &payload);
                 let sc = SetCookie {
                     name: profile.cookie_name.clone(),
                     value,
@@ -530,14 +680,20 @@ impl Router for PersistRouter {
     }
 
     fn finished(&self, route: &Route) {
-        if let Some(d) = route.tag.as_ref().and_then(|t| t.downcast_ref::<Decision>()) {
+        if let Some(d) = route
+            .tag
+            .as_ref()
+            .and_then(|t| t.downcast_ref::<Decision>())
+        {
             self.selection.ended(d.index);
         }
     }
 
     fn connection_opened(&self, conn: &ConnInfo) {
-        if let Method::ClientIp { table, v4, v6 } = &self.method {
-            table.opened(&client_key(conn.client.ip(), *v4, *v6));
+        if let Method::ClientIp { table, v4, v6 } = &self.method
+            && table.opened(&client_key(conn.client.ip(), *v4, *v6), Instant::now())
+        {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -596,7 +752,12 @@ mod tests {
     const UP: [BackendState; 3] = [BackendState::Up; 3];
 
     fn conn(ip: &str) -> ConnInfo {
-        ConnInfo { client: SocketAddr::new(ip.parse().unwrap(), 40000), local: "127.0.0.1:8080".parse().unwrap(), tls: false, alpn_h2: false }
+        ConnInfo {
+            client: SocketAddr::new(ip.parse().unwrap(), 40000),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            tls: false,
+            alpn_h2: false,
+        }
     }
 
     fn request(uri: &str, cookie: Option<&str>) -> http::request::Parts {
@@ -616,26 +777,43 @@ mod tests {
     }
 
     /// One exchange: the backend chosen, the request as forwarded, Set-Cookie values added.
-    fn exchange(r: &PersistRouter, c: &ConnInfo, uri: &str, cookie: Option<&str>, backend_sets: Option<&str>) -> (SocketAddr, http::request::Parts, Vec<String>) {
+    fn exchange(
+        r: &PersistRouter,
+        c: &ConnInfo,
+        uri: &str,
+        cookie: Option<&str>,
+        backend_sets: Option<&str>,
+    ) -> (SocketAddr, http::request::Parts, Vec<String>) {
         let mut req = request(uri, cookie);
         let route = r.route(&mut req, c, &[]).expect("routed");
         let mut resp = response(backend_sets);
         r.on_response(&route, c, &mut resp);
-        let set: Vec<String> = resp.headers.get_all(header::SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
+        let set: Vec<String> = resp
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
         (route.backend, req, set)
     }
 
     fn srv(set: &[String]) -> String {
-        let v = set.iter().find(|s| s.starts_with("SRV=")).expect("a SRV cookie was set");
+        let v = set
+            .iter()
+            .find(|s| s.starts_with("SRV="))
+            .expect("a SRV cookie was set");
         v.split(';').next().unwrap().to_string()
     }
 
     fn rejected(r: &PersistRouter, reason: Reject) -> u64 {
-        r.stats.rejected[Reject::ALL.iter().position(|x| *x == reason).unwrap()].load(Ordering::Relaxed)
+        r.stats.rejected[Reject::ALL.iter().position(|x| *x == reason).unwrap()]
+            .load(Ordering::Relaxed)
     }
 
     fn cookie_profile(extra: &str) -> String {
-        format!(r#"{{"name":"p","type":"http-cookie","cookie_name":"SRV","keys":[{{"id":2,"secret":"{KEY_NEW}"}},{{"id":1,"secret":"{KEY_OLD}"}}]{extra}}}"#)
+        format!(
+            r#"{{"name":"p","type":"http-cookie","cookie_name":"SRV","keys":[{{"id":2,"secret":"{KEY_NEW}"}},{{"id":1,"secret":"{KEY_OLD}"}}]{extra}}}"#
+        )
     }
 
     fn router(cfg: &Arc<Config>, snap: &SharedSnapshot, svc: usize) -> PersistRouter {
@@ -650,18 +828,33 @@ mod tests {
         let c = conn("192.0.2.1");
         let (first, _, set) = exchange(&r, &c, "/", None, None);
         let cookie = srv(&set);
-        assert!(set[0].contains("HttpOnly") && set[0].contains("SameSite=Lax") && !set[0].contains("Secure"), "{}", set[0]);
-        assert!(!cookie.contains("10.0.0."), "the cookie must not reveal the backend address");
+        assert!(
+            set[0].contains("HttpOnly")
+                && set[0].contains("SameSite=Lax")
+                && !set[0].contains("Secure"),
+            "{}",
+            set[0]
+        );
+        assert!(
+            !cookie.contains("10.0.0."),
+            "the cookie must not reveal the backend address"
+        );
         for i in 0..100 {
             let (b, fwd, set) = exchange(&r, &c, "/", Some(&format!("a=1; {cookie}; z=2")), None);
             assert_eq!(b, first, "request {i} left its backend");
             assert!(set.is_empty(), "no Set-Cookie while the cookie is valid");
-            assert_eq!(fwd.headers.get(header::COOKIE).unwrap(), "a=1; z=2", "the persistence cookie is stripped");
+            assert_eq!(
+                fwd.headers.get(header::COOKIE).unwrap(),
+                "a=1; z=2",
+                "the persistence cookie is stripped"
+            );
         }
         assert_eq!(r.stats.persist_hits.load(Ordering::Relaxed), 100);
         assert_eq!(r.stats.cookies_issued.load(Ordering::Relaxed), 1);
         // Without cookies, new clients spread over all backends (round robin).
-        let seen: std::collections::HashSet<SocketAddr> = (0..9).map(|_| exchange(&r, &c, "/", None, None).0).collect();
+        let seen: std::collections::HashSet<SocketAddr> = (0..9)
+            .map(|_| exchange(&r, &c, "/", None, None).0)
+            .collect();
         assert_eq!(seen.len(), 3);
     }
 
@@ -677,18 +870,34 @@ mod tests {
         let mut bytes = value.as_bytes().to_vec();
         bytes[40] = if bytes[40] == b'A' { b'B' } else { b'A' };
         let tampered = format!("{name}={}", String::from_utf8(bytes).unwrap());
-        assert_eq!(srv(&exchange(&r, &c, "/", Some(&tampered), None).2).len(), good.len(), "tampered: re-issued");
+        assert_eq!(
+            srv(&exchange(&r, &c, "/", Some(&tampered), None).2).len(),
+            good.len(),
+            "tampered: re-issued"
+        );
         assert_eq!(rejected(&r, Reject::Tampered), 1);
         // A cookie web issued, presented to the other service.
-        assert!(!exchange(&other, &c, "/", Some(&good), None).2.is_empty(), "foreign: re-issued");
+        assert!(
+            !exchange(&other, &c, "/", Some(&good), None).2.is_empty(),
+            "foreign: re-issued"
+        );
         assert_eq!(rejected(&other, Reject::ForeignService), 1);
         exchange(&r, &c, "/", Some("SRV=garbage"), None);
         assert_eq!(rejected(&r, Reject::Malformed), 1);
         // Expired: a cookie issued long ago with a 10-minute lifetime.
         let keys = CookieKeys::from_config(&[(2u8, KEY_NEW)]).unwrap();
         let id = backend_identity("web", "b1");
-        let old = cookie::encode(&keys, "SRV", "web", &CookiePayload::issue(id, cookie::pool_id("web"), 1_000, Some(600)));
-        assert!(!exchange(&r, &c, "/", Some(&format!("SRV={old}")), None).2.is_empty());
+        let old = cookie::encode(
+            &keys,
+            "SRV",
+            "web",
+            &CookiePayload::issue(id, cookie::pool_id("web"), 1_000, Some(600)),
+        );
+        assert!(
+            !exchange(&r, &c, "/", Some(&format!("SRV={old}")), None)
+                .2
+                .is_empty()
+        );
         assert_eq!(rejected(&r, Reject::Expired), 1);
     }
 
@@ -699,7 +908,12 @@ mod tests {
         let r = router(&cfg, &snap, 0);
         let old_keys = CookieKeys::from_config(&[(1u8, KEY_OLD)]).unwrap();
         let id = backend_identity("web", "b3");
-        let v = cookie::encode(&old_keys, "SRV", "web", &CookiePayload::issue(id, cookie::pool_id("web"), unix_now(), None));
+        let v = cookie::encode(
+            &old_keys,
+            "SRV",
+            "web",
+            &CookiePayload::issue(id, cookie::pool_id("web"), unix_now(), None),
+        );
         let (b, _, set) = exchange(&r, &conn("192.0.2.9"), "/", Some(&format!("SRV={v}")), None);
         assert_eq!(b, "10.0.0.3:8080".parse().unwrap());
         assert!(set.is_empty(), "an old-key cookie is still valid");
@@ -715,7 +929,10 @@ mod tests {
             let (first, _, set) = exchange(&r, &c, "/", None, None);
             assert!(set[0].contains("Max-Age=600"), "{}", set[0]);
             let cookie = srv(&set);
-            let i = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"].iter().position(|a| a.parse::<SocketAddr>().unwrap() == first).unwrap();
+            let i = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
+                .iter()
+                .position(|a| a.parse::<SocketAddr>().unwrap() == first)
+                .unwrap();
             let mut states = UP;
             states[i] = BackendState::Down;
             set_states(&snap, &states);
@@ -726,13 +943,20 @@ mod tests {
                 assert_ne!(route.backend, first);
                 let mut resp = response(None);
                 r.on_response(&route, &c, &mut resp);
-                assert!(resp.headers.get(header::SET_COOKIE).is_some(), "the moved client gets a new cookie");
+                assert!(
+                    resp.headers.get(header::SET_COOKIE).is_some(),
+                    "the moved client gets a new cookie"
+                );
                 assert_eq!(r.stats.reassigned_down.load(Ordering::Relaxed), 1);
             } else {
                 assert_eq!(got.unwrap_err(), StatusCode::SERVICE_UNAVAILABLE);
                 assert_eq!(r.stats.refused_down.load(Ordering::Relaxed), 1);
                 set_states(&snap, &UP);
-                assert_eq!(exchange(&r, &c, "/", Some(&cookie), None).0, first, "back on its backend once it recovers");
+                assert_eq!(
+                    exchange(&r, &c, "/", Some(&cookie), None).0,
+                    first,
+                    "back on its backend once it recovers"
+                );
             }
         }
     }
@@ -753,30 +977,61 @@ mod tests {
         let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
-        let bound: Vec<(SocketAddr, String)> = (0..3).map(|_| {
-            let (b, _, set) = exchange(&r, &c, "/", None, None);
-            (b, srv(&set))
-        }).collect();
-        set_states(&snap, &[BackendState::Draining, BackendState::Up, BackendState::Up]);
+        let bound: Vec<(SocketAddr, String)> = (0..3)
+            .map(|_| {
+                let (b, _, set) = exchange(&r, &c, "/", None, None);
+                (b, srv(&set))
+            })
+            .collect();
+        set_states(
+            &snap,
+            &[BackendState::Draining, BackendState::Up, BackendState::Up],
+        );
         let drained: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let (_, ck) = bound.iter().find(|(b, _)| *b == drained).expect("one client on b1");
-        assert_eq!(exchange(&r, &c, "/", Some(ck), None).0, drained, "a bound client stays on a draining backend");
+        let (_, ck) = bound
+            .iter()
+            .find(|(b, _)| *b == drained)
+            .expect("one client on b1");
+        assert_eq!(
+            exchange(&r, &c, "/", Some(ck), None).0,
+            drained,
+            "a bound client stays on a draining backend"
+        );
         for _ in 0..30 {
-            assert_ne!(exchange(&r, &c, "/", None, None).0, drained, "no new client on a draining backend");
+            assert_ne!(
+                exchange(&r, &c, "/", None, None).0,
+                drained,
+                "no new client on a draining backend"
+            );
         }
     }
 
     #[test]
     fn app_cookie_is_learned_and_found_in_cookie_query_and_path() {
-        let cfg = config(r#"{"name":"p","type":"app-cookie","cookie_name":"JSESSIONID","timeout_s":60}"#);
+        let cfg =
+            config(r#"{"name":"p","type":"app-cookie","cookie_name":"JSESSIONID","timeout_s":60}"#);
         let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
-        let (b, _, _) = exchange(&r, &c, "/login", None, Some("JSESSIONID=abc123; Path=/; HttpOnly"));
+        let (b, _, _) = exchange(
+            &r,
+            &c,
+            "/login",
+            None,
+            Some("JSESSIONID=abc123; Path=/; HttpOnly"),
+        );
         assert_eq!(r.stats.cookies_learned.load(Ordering::Relaxed), 1);
-        for (uri, cookie) in [("/x", Some("JSESSIONID=abc123")), ("/x?a=1&JSESSIONID=abc123", None), ("/app;JSESSIONID=abc123/x", None)] {
+        for (uri, cookie) in [
+            ("/x", Some("JSESSIONID=abc123")),
+            ("/x?a=1&JSESSIONID=abc123", None),
+            ("/app;JSESSIONID=abc123/x", None),
+        ] {
             for _ in 0..10 {
-                assert_eq!(exchange(&r, &conn("198.51.100.7"), uri, cookie, None).0, b, "{uri} {cookie:?}");
+                assert_eq!(
+                    exchange(&r, &conn("198.51.100.7"), uri, cookie, None).0,
+                    b,
+                    "{uri} {cookie:?}"
+                );
             }
         }
         assert_eq!(r.stats.persist_hits.load(Ordering::Relaxed), 30);
@@ -784,7 +1039,9 @@ mod tests {
 
     #[test]
     fn source_ip_fallback_engages_when_cookies_are_refused() {
-        let cfg = config(&cookie_profile(r#","fallback":{"type":"client-ip","timeout_s":60}"#));
+        let cfg = config(&cookie_profile(
+            r#","fallback":{"type":"client-ip","timeout_s":60}"#,
+        ));
         let snap = shared(&cfg, &UP);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.44");
@@ -795,7 +1052,9 @@ mod tests {
         }
         assert_eq!(r.stats.fallback_hits.load(Ordering::Relaxed), 20);
         // Another address is balanced on its own.
-        let others: std::collections::HashSet<SocketAddr> = (1..=12).map(|i| exchange(&r, &conn(&format!("192.0.2.{i}")), "/", None, None).0).collect();
+        let others: std::collections::HashSet<SocketAddr> = (1..=12)
+            .map(|i| exchange(&r, &conn(&format!("192.0.2.{i}")), "/", None, None).0)
+            .collect();
         assert!(others.len() > 1);
     }
 
@@ -813,7 +1072,11 @@ mod tests {
         let retry = r.route(&mut req, &c, &[first]).expect("another backend");
         assert_ne!(retry.backend, first);
         set_states(&snap, &[BackendState::Down; 3]);
-        assert_eq!(r.route(&mut request("/", None), &conn("203.0.113.99"), &[]).unwrap_err(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.route(&mut request("/", None), &conn("203.0.113.99"), &[])
+                .unwrap_err(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[test]
@@ -833,7 +1096,10 @@ mod tests {
         let long = r.route(&mut request("/", None), &c, &[]).unwrap();
         for i in 0..10 {
             let short = r.route(&mut request("/", None), &c, &[]).unwrap();
-            assert_ne!(short.backend, long.backend, "request {i} went to the busy backend");
+            assert_ne!(
+                short.backend, long.backend,
+                "request {i} went to the busy backend"
+            );
             r.finished(&short);
         }
         r.finished(&long);
@@ -842,7 +1108,12 @@ mod tests {
     /// A pool of `n` backends behind one l7 service with `profile` (named "p").
     fn key_config(n: usize, profile: &str) -> Arc<Config> {
         let backends: Vec<String> = (0..n)
-            .map(|i| format!(r#"{{"name":"b{i}","address":"10.0.1.{}","header_value":"tenant-{i}"}}"#, i + 1))
+            .map(|i| {
+                format!(
+                    r#"{{"name":"b{i}","address":"10.0.1.{}","header_value":"tenant-{i}"}}"#,
+                    i + 1
+                )
+            })
             .collect();
         Arc::new(
             Config::parse(&format!(
@@ -877,13 +1148,44 @@ mod tests {
 
     fn key_methods() -> Vec<(&'static str, KeyedRequest)> {
         vec![
-            (r#"{"name":"p","type":"all-cookies","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("cookie".into(), format!("a={i}; b=x"))]))),
-            (r#"{"name":"p","type":"super-http","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("user-agent".into(), format!("Browser/{i}"))]))),
-            (r#"{"name":"p","type":"url-hash","timeout_s":60}"#, Box::new(|i| (format!("/page/{i}?x=1"), vec![]))),
-            (r#"{"name":"p","type":"host-header","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("host".into(), format!("site{i}.example"))]))),
-            (r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#, Box::new(|i| (format!("/x?a=1&sid={i}"), vec![]))),
-            (r#"{"name":"p","type":"header","item":"X-Session","timeout_s":60}"#, Box::new(|i| ("/".into(), vec![("x-session".into(), format!("s{i}"))]))),
-            (r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#, Box::new(|i| (format!("/c/{i}"), vec![]))),
+            (
+                r#"{"name":"p","type":"all-cookies","timeout_s":60}"#,
+                Box::new(|i| ("/".into(), vec![("cookie".into(), format!("a={i}; b=x"))])),
+            ),
+            (
+                r#"{"name":"p","type":"super-http","timeout_s":60}"#,
+                Box::new(|i| {
+                    (
+                        "/".into(),
+                        vec![("user-agent".into(), format!("Browser/{i}"))],
+                    )
+                }),
+            ),
+            (
+                r#"{"name":"p","type":"url-hash","timeout_s":60}"#,
+                Box::new(|i| (format!("/page/{i}?x=1"), vec![])),
+            ),
+            (
+                r#"{"name":"p","type":"host-header","timeout_s":60}"#,
+                Box::new(|i| {
+                    (
+                        "/".into(),
+                        vec![("host".into(), format!("site{i}.example"))],
+                    )
+                }),
+            ),
+            (
+                r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#,
+                Box::new(|i| (format!("/x?a=1&sid={i}"), vec![])),
+            ),
+            (
+                r#"{"name":"p","type":"header","item":"X-Session","timeout_s":60}"#,
+                Box::new(|i| ("/".into(), vec![("x-session".into(), format!("s{i}"))])),
+            ),
+            (
+                r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#,
+                Box::new(|i| (format!("/c/{i}"), vec![])),
+            ),
         ]
     }
 
@@ -902,7 +1204,11 @@ mod tests {
             for i in 0..100 {
                 // Other connections and addresses: the key alone decides.
                 let c = conn(&format!("198.51.100.{}", i % 200 + 1));
-                assert_eq!(pick(&r, &c, &uri, &headers_of(&h)), first, "{profile}: request {i}");
+                assert_eq!(
+                    pick(&r, &c, &uri, &headers_of(&h)),
+                    first,
+                    "{profile}: request {i}"
+                );
             }
             let spread: std::collections::HashSet<SocketAddr> = (0..60)
                 .map(|k| {
@@ -910,7 +1216,11 @@ mod tests {
                     pick(&r, &conn("192.0.2.1"), &uri, &headers_of(&h))
                 })
                 .collect();
-            assert_eq!(spread.len(), 3, "{profile}: 60 keys should reach all 3 backends");
+            assert_eq!(
+                spread.len(),
+                3,
+                "{profile}: 60 keys should reach all 3 backends"
+            );
         }
     }
 
@@ -922,84 +1232,182 @@ mod tests {
         let c = conn("192.0.2.1");
         // MSRPC with Authorization: the Authorization value is the key, whatever the UA says.
         let by_auth: std::collections::HashSet<SocketAddr> = (0..20)
-            .map(|i| pick(&r, &c, "/", &[("user-agent", &format!("MSRPC client {i}")), ("authorization", "Basic dXNlcjE=")]))
+            .map(|i| {
+                pick(
+                    &r,
+                    &c,
+                    "/",
+                    &[
+                        ("user-agent", &format!("MSRPC client {i}")),
+                        ("authorization", "Basic dXNlcjE="),
+                    ],
+                )
+            })
             .collect();
         assert_eq!(by_auth.len(), 1, "same Authorization, one backend");
         let auths: std::collections::HashSet<SocketAddr> = (0..40)
-            .map(|i| pick(&r, &c, "/", &[("user-agent", "MSRPC"), ("authorization", &format!("Basic {i}"))]))
+            .map(|i| {
+                pick(
+                    &r,
+                    &c,
+                    "/",
+                    &[
+                        ("user-agent", "MSRPC"),
+                        ("authorization", &format!("Basic {i}")),
+                    ],
+                )
+            })
             .collect();
         assert!(auths.len() > 1, "different Authorization values spread");
         // MSRPC without Authorization: a blank key, so all such clients share one backend.
-        let blank: std::collections::HashSet<SocketAddr> =
-            (0..20).map(|i| pick(&r, &conn(&format!("198.51.100.{}", i + 1)), "/", &[("user-agent", &format!("x MSRPC {i}"))])).collect();
+        let blank: std::collections::HashSet<SocketAddr> = (0..20)
+            .map(|i| {
+                pick(
+                    &r,
+                    &conn(&format!("198.51.100.{}", i + 1)),
+                    "/",
+                    &[("user-agent", &format!("x MSRPC {i}"))],
+                )
+            })
+            .collect();
         assert_eq!(blank.len(), 1);
         // Without MSRPC the Authorization header is ignored: the UA is the key.
-        let ua: std::collections::HashSet<SocketAddr> =
-            (0..20).map(|i| pick(&r, &c, "/", &[("user-agent", "Mozilla/5.0"), ("authorization", &format!("{i}"))])).collect();
+        let ua: std::collections::HashSet<SocketAddr> = (0..20)
+            .map(|i| {
+                pick(
+                    &r,
+                    &c,
+                    "/",
+                    &[
+                        ("user-agent", "Mozilla/5.0"),
+                        ("authorization", &format!("{i}")),
+                    ],
+                )
+            })
+            .collect();
         assert_eq!(ua.len(), 1);
         // "Super HTTP and source IP": the same UA from different addresses spreads.
-        let cfg = key_config(5, r#"{"name":"p","type":"super-http","with_source_ip":true,"timeout_s":60}"#);
+        let cfg = key_config(
+            5,
+            r#"{"name":"p","type":"super-http","with_source_ip":true,"timeout_s":60}"#,
+        );
         let snap = shared(&cfg, &[BackendState::Up; 5]);
         let r = router(&cfg, &snap, 0);
-        let per_ip: std::collections::HashSet<SocketAddr> =
-            (0..40).map(|i| pick(&r, &conn(&format!("198.51.100.{}", i + 1)), "/", &[("user-agent", "Mozilla/5.0")])).collect();
+        let per_ip: std::collections::HashSet<SocketAddr> = (0..40)
+            .map(|i| {
+                pick(
+                    &r,
+                    &conn(&format!("198.51.100.{}", i + 1)),
+                    "/",
+                    &[("user-agent", "Mozilla/5.0")],
+                )
+            })
+            .collect();
         assert!(per_ip.len() > 1);
-        assert_eq!(pick(&r, &conn("198.51.100.9"), "/", &[("user-agent", "Mozilla/5.0")]), pick(&r, &conn("198.51.100.9"), "/", &[("user-agent", "Mozilla/5.0")]));
+        assert_eq!(
+            pick(
+                &r,
+                &conn("198.51.100.9"),
+                "/",
+                &[("user-agent", "Mozilla/5.0")]
+            ),
+            pick(
+                &r,
+                &conn("198.51.100.9"),
+                "/",
+                &[("user-agent", "Mozilla/5.0")]
+            )
+        );
     }
 
     #[test]
     fn missing_key_falls_back_to_the_pool_or_the_source_address() {
-        let cfg = key_config(3, r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#);
+        let cfg = key_config(
+            3,
+            r#"{"name":"p","type":"query-item","item":"sid","timeout_s":60}"#,
+        );
         let snap = shared(&cfg, &[BackendState::Up; 3]);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
-        let no_key: std::collections::HashSet<SocketAddr> = (0..9).map(|_| pick(&r, &c, "/x?other=1", &[])).collect();
+        let no_key: std::collections::HashSet<SocketAddr> =
+            (0..9).map(|_| pick(&r, &c, "/x?other=1", &[])).collect();
         assert_eq!(no_key.len(), 3, "without the item: round robin");
-        let cfg = key_config(3, r#"{"name":"p","type":"all-cookies","timeout_s":60,"fallback":{"type":"client-ip","timeout_s":60}}"#);
+        let cfg = key_config(
+            3,
+            r#"{"name":"p","type":"all-cookies","timeout_s":60,"fallback":{"type":"client-ip","timeout_s":60}}"#,
+        );
         let snap = shared(&cfg, &[BackendState::Up; 3]);
         let r = router(&cfg, &snap, 0);
         let first = pick(&r, &c, "/", &[]);
         for _ in 0..20 {
-            assert_eq!(pick(&r, &c, "/", &[]), first, "no cookies: the source address decides");
+            assert_eq!(
+                pick(&r, &c, "/", &[]),
+                first,
+                "no cookies: the source address decides"
+            );
         }
         assert_eq!(r.stats.fallback_hits.load(Ordering::Relaxed), 20);
     }
 
     #[test]
     fn two_instances_agree_on_every_key() {
-        let cfg = key_config(7, r#"{"name":"p","type":"header","item":"X-User","timeout_s":60}"#);
+        let cfg = key_config(
+            7,
+            r#"{"name":"p","type":"header","item":"X-User","timeout_s":60}"#,
+        );
         let a = router(&cfg, &shared(&cfg, &[BackendState::Up; 7]), 0);
         let b = router(&cfg, &shared(&cfg, &[BackendState::Up; 7]), 0);
         for k in 0..300 {
             let v = format!("user-{k}");
-            assert_eq!(pick(&a, &conn("192.0.2.1"), "/", &[("x-user", &v)]), pick(&b, &conn("203.0.113.9"), "/", &[("x-user", &v)]), "key {v}");
+            assert_eq!(
+                pick(&a, &conn("192.0.2.1"), "/", &[("x-user", &v)]),
+                pick(&b, &conn("203.0.113.9"), "/", &[("x-user", &v)]),
+                "key {v}"
+            );
         }
     }
 
     #[test]
     fn removing_one_of_ten_moves_about_a_tenth_and_nothing_bound_elsewhere() {
-        for profile in [r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#, r#"{"name":"p","type":"url-hash","timeout_s":600}"#] {
+        for profile in [
+            r#"{"name":"p","type":"consistent-hash","hash_key":"url"}"#,
+            r#"{"name":"p","type":"url-hash","timeout_s":600}"#,
+        ] {
             let cfg = key_config(10, profile);
             let snap = shared(&cfg, &[BackendState::Up; 10]);
             let r = router(&cfg, &snap, 0);
             let c = conn("192.0.2.1");
             let keys = 2000;
-            let before: Vec<SocketAddr> = (0..keys).map(|k| pick(&r, &c, &format!("/k/{k}"), &[])).collect();
+            let before: Vec<SocketAddr> = (0..keys)
+                .map(|k| pick(&r, &c, &format!("/k/{k}"), &[]))
+                .collect();
             let victim: SocketAddr = "10.0.1.4:8080".parse().unwrap();
             let mut st = [BackendState::Up; 10];
             st[3] = BackendState::Down;
             set_states(&snap, &st);
-            let after: Vec<SocketAddr> = (0..keys).map(|k| pick(&r, &c, &format!("/k/{k}"), &[])).collect();
+            let after: Vec<SocketAddr> = (0..keys)
+                .map(|k| pick(&r, &c, &format!("/k/{k}"), &[]))
+                .collect();
             let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
             let on_victim = before.iter().filter(|b| **b == victim).count();
-            let extra = before.iter().zip(&after).filter(|(b, a)| b != a && **b != victim).count();
+            let extra = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| b != a && **b != victim)
+                .count();
             if profile.contains("consistent-hash") {
                 // Maglev alone: besides the victim's keys, a small disruption (< 2% of keys).
-                assert!(extra * 50 < keys, "{profile}: {extra} keys on surviving backends moved");
+                assert!(
+                    extra * 50 < keys,
+                    "{profile}: {extra} keys on surviving backends moved"
+                );
             } else {
                 // With the table on top, a key bound to a surviving backend never moves.
                 assert_eq!(extra, 0, "{profile}: a key on a surviving backend moved");
-                assert_eq!(moved, on_victim, "{profile}: exactly the victim's keys move");
+                assert_eq!(
+                    moved, on_victim,
+                    "{profile}: exactly the victim's keys move"
+                );
             }
             let pct = moved as f64 * 100.0 / keys as f64;
             assert!((5.0..15.0).contains(&pct), "{profile}: {pct:.1}% moved");
@@ -1009,33 +1417,107 @@ mod tests {
 
     #[test]
     fn sticky_entries_survive_a_backend_set_change_until_they_expire() {
-        let cfg = key_config(3, r#"{"name":"p","type":"header","item":"X-User","timeout_s":1}"#);
+        let cfg = key_config(
+            3,
+            r#"{"name":"p","type":"header","item":"X-User","timeout_s":1}"#,
+        );
         let snap = shared(&cfg, &[BackendState::Up; 3]);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
         let first = pick(&r, &c, "/", &[("x-user", "alice")]);
-        let i = (first.ip().to_string().rsplit('.').next().unwrap().parse::<usize>().unwrap()) - 1;
+        let i = (first
+            .ip()
+            .to_string()
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap())
+            - 1;
         let mut st = [BackendState::Up; 3];
         st[i] = BackendState::Draining;
         set_states(&snap, &st);
-        assert_eq!(pick(&r, &c, "/", &[("x-user", "alice")]), first, "a live key keeps its draining backend");
+        assert_eq!(
+            pick(&r, &c, "/", &[("x-user", "alice")]),
+            first,
+            "a live key keeps its draining backend"
+        );
         std::thread::sleep(Duration::from_millis(1300));
-        assert_ne!(pick(&r, &c, "/", &[("x-user", "alice")]), first, "after the timeout the key is balanced anew");
+        assert_ne!(
+            pick(&r, &c, "/", &[("x-user", "alice")]),
+            first,
+            "after the timeout the key is balanced anew"
+        );
         assert_eq!(r.stats.expired.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn custom_header_maps_to_the_backend_with_that_value() {
-        let cfg = key_config(4, r#"{"name":"p","type":"custom-header","item":"X-Tenant"}"#);
+        let cfg = key_config(
+            4,
+            r#"{"name":"p","type":"custom-header","item":"X-Tenant"}"#,
+        );
         let snap = shared(&cfg, &[BackendState::Up; 4]);
         let r = router(&cfg, &snap, 0);
         let c = conn("192.0.2.1");
         for _ in 0..100 {
-            assert_eq!(pick(&r, &c, "/", &[("x-tenant", "tenant-2")]), "10.0.1.3:8080".parse().unwrap());
+            assert_eq!(
+                pick(&r, &c, "/", &[("x-tenant", "tenant-2")]),
+                "10.0.1.3:8080".parse().unwrap()
+            );
         }
-        let others: std::collections::HashSet<SocketAddr> = (0..8).map(|_| pick(&r, &c, "/", &[("x-tenant", "nobody")])).collect();
+        let others: std::collections::HashSet<SocketAddr> = (0..8)
+            .map(|_| pick(&r, &c, "/", &[("x-tenant", "nobody")]))
+            .collect();
         assert_eq!(others.len(), 4, "unmatched values are balanced normally");
         let huge = "v".repeat(100_000);
         pick(&r, &c, "/", &[("x-tenant", &huge)]);
+    }
+
+    #[test]
+    fn a_retry_after_a_connect_failure_still_sees_the_stripped_cookie() {
+        for policy in ["immediate", "never"] {
+            let cfg = Arc::new(Config::parse(&policy_config(policy)).expect("valid"));
+            let snap = shared(&cfg, &UP);
+            let r = router(&cfg, &snap, 0);
+            let c = conn("192.0.2.1");
+            let (first, _, set) = exchange(&r, &c, "/", None, None);
+            let cookie = srv(&set);
+            // The proxy's first attempt strips the cookie, then the backend refuses the
+            // connection and the same request is routed again with `tried`.
+            let mut req = request("/", Some(&format!("{cookie}; other=1")));
+            let a = r.route(&mut req, &c, &[]).expect("first attempt");
+            assert_eq!(a.backend, first);
+            assert_eq!(req.headers.get(header::COOKIE).unwrap(), "other=1");
+            r.finished(&a);
+            let retry = r.route(&mut req, &c, &[first]);
+            if policy == "never" {
+                assert_eq!(
+                    retry.unwrap_err(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "never: the client waits for its server"
+                );
+                assert_eq!(r.stats.refused_down.load(Ordering::Relaxed), 1);
+            } else {
+                let b = retry.expect("moved");
+                assert_ne!(b.backend, first);
+                assert_eq!(
+                    r.stats.reassigned_down.load(Ordering::Relaxed),
+                    1,
+                    "counted as a move, not a new client"
+                );
+                assert_eq!(
+                    r.stats.new_assignments.load(Ordering::Relaxed),
+                    2,
+                    "the first client plus this move"
+                );
+                let mut resp = response(None);
+                r.on_response(&b, &c, &mut resp);
+                assert!(
+                    resp.headers.get(header::SET_COOKIE).is_some(),
+                    "the moved client gets a cookie for its new server"
+                );
+            }
+        }
     }
 }

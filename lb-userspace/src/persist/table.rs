@@ -35,7 +35,12 @@ impl<K: Hash + Eq + Clone> Table<K> {
         let per = NonZeroUsize::new(capacity.div_ceil(SHARDS).max(1)).expect("non-zero");
         Table {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard { entries: LruCache::new(per), open: HashMap::new() }))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        entries: LruCache::new(per),
+                        open: HashMap::new(),
+                    })
+                })
                 .collect(),
             timeout,
             hasher: Default::default(),
@@ -54,7 +59,9 @@ impl<K: Hash + Eq + Clone> Table<K> {
     pub fn get(&self, k: &K, now: Instant) -> Result<u32, bool> {
         let mut s = self.shard(k);
         let open = s.open.get(k).copied().unwrap_or(0);
-        let Some((backend, seen)) = s.entries.get_mut(k) else { return Err(false) };
+        let Some((backend, seen)) = s.entries.get_mut(k) else {
+            return Err(false);
+        };
         if open == 0 && now.saturating_duration_since(*seen) > self.timeout {
             s.entries.pop(k);
             return Err(true);
@@ -71,9 +78,24 @@ impl<K: Hash + Eq + Clone> Table<K> {
         self.shard(k).entries.pop(k);
     }
 
-    /// A client connection opened: the entry cannot expire until it closes.
-    pub fn opened(&self, k: &K) {
-        *self.shard(k).open.entry(k.clone()).or_insert(0) += 1;
+    /// A client connection opened: the entry cannot expire until it closes. When it is the
+    /// client's only connection and the entry sat idle past the timeout with none open, the
+    /// entry has expired: it is removed and `true` returned (the lookups that follow, made
+    /// while this connection is open, could not tell).
+    pub fn opened(&self, k: &K, now: Instant) -> bool {
+        let mut s = self.shard(k);
+        let n = s.open.entry(k.clone()).or_insert(0);
+        *n += 1;
+        let first = *n == 1;
+        let stale = s
+            .entries
+            .peek(k)
+            .is_some_and(|(_, seen)| now.saturating_duration_since(*seen) > self.timeout);
+        if first && stale {
+            s.entries.pop(k);
+            return true;
+        }
+        false
     }
 
     /// A client connection closed: the timeout counts from now once none is open.
@@ -91,7 +113,10 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,15 +146,47 @@ mod tests {
         assert_eq!(t.get(&1, t0 + Duration::from_secs(9)), Ok(7));
         // Refreshed at 9 s: still live at 18 s.
         assert_eq!(t.get(&1, t0 + Duration::from_secs(18)), Ok(7));
-        assert_eq!(t.get(&1, t0 + Duration::from_secs(29)), Err(true), "expired and removed");
+        assert_eq!(
+            t.get(&1, t0 + Duration::from_secs(29)),
+            Err(true),
+            "expired and removed"
+        );
         assert_eq!(t.get(&1, t0 + Duration::from_secs(29)), Err(false));
 
         t.insert(2, 8, t0);
-        t.opened(&2);
-        assert_eq!(t.get(&2, t0 + Duration::from_secs(100)), Ok(8), "an open connection holds it");
+        assert!(!t.opened(&2, t0));
+        assert_eq!(
+            t.get(&2, t0 + Duration::from_secs(100)),
+            Ok(8),
+            "an open connection holds it"
+        );
         t.closed(&2, t0 + Duration::from_secs(200));
-        assert_eq!(t.get(&2, t0 + Duration::from_secs(205)), Ok(8), "timeout counts from the close");
+        assert_eq!(
+            t.get(&2, t0 + Duration::from_secs(205)),
+            Ok(8),
+            "timeout counts from the close"
+        );
         assert_eq!(t.get(&2, t0 + Duration::from_secs(216)), Err(true));
+
+        // The router's order: the connection opens, then its requests look up. An entry idle
+        // past the timeout since the last close expires at that open.
+        t.insert(3, 9, t0);
+        assert!(!t.opened(&3, t0));
+        t.closed(&3, t0 + Duration::from_secs(1));
+        assert!(
+            !t.opened(&3, t0 + Duration::from_secs(5)),
+            "within the timeout: kept"
+        );
+        assert_eq!(t.get(&3, t0 + Duration::from_secs(6)), Ok(9));
+        t.closed(&3, t0 + Duration::from_secs(6));
+        assert!(
+            t.opened(&3, t0 + Duration::from_secs(20)),
+            "idle 14 s with none open: expired"
+        );
+        assert_eq!(t.get(&3, t0 + Duration::from_secs(20)), Err(false));
+        // A second connection of a client that already has one does not expire anything.
+        t.insert(3, 9, t0 + Duration::from_secs(20));
+        assert!(!t.opened(&3, t0 + Duration::from_secs(500)));
     }
 
     #[test]

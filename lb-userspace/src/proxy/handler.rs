@@ -92,7 +92,10 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         let (mut parts, body) = req.into_parts();
         let route = shared.router.route(&mut parts, &ctx.info, &tried)?;
         // Reports the end of this attempt however the handler leaves (answer, error, retry).
-        let attempt = Attempt { router: shared.router.as_ref(), route: route.clone() };
+        let attempt = Attempt {
+            router: shared.router.as_ref(),
+            route: route.clone(),
+        };
         req = Request::from_parts(parts, body);
         let backend = route.backend;
         match shared.pool.request(backend, req).await {
