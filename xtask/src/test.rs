@@ -105,6 +105,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_l4",
                     "--test",
                     "e2e_ops",
+                    "--test",
+                    "e2e_l7",
                 ],
                 &["--test-threads=1"],
             )
