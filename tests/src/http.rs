@@ -601,9 +601,29 @@ impl HttpResponse {
     }
 }
 
+/// The head of `GET target` with `headers` (in order) and `Connection: connection`; a
+/// `Host` field is added (`default_host`) unless `headers` has one.
+fn request_head(
+    target: &str,
+    default_host: &str,
+    headers: &[(&str, &str)],
+    connection: &str,
+) -> String {
+    let mut req = format!("GET {target} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {default_host}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Connection: {connection}\r\n\r\n"));
+    req
+}
+
 /// `GET target` with `Connection: close` and the extra header fields `headers` (in order;
-/// a name may repeat) from `src` to `dst`, in the calling thread's namespace. Reads the
-/// whole response (any status; bodies with a length, chunked or up to EOF).
+/// a name may repeat; a `Host` among them replaces the default, the VIP) from `src` to `dst`,
+/// in the calling thread's namespace. Reads the whole response (any status; bodies with a
+/// length, chunked or up to EOF).
 pub fn request_from(
     src: Ipv4Addr,
     dst: SocketAddrV4,
@@ -612,11 +632,7 @@ pub fn request_from(
     timeout: Duration,
 ) -> io::Result<HttpResponse> {
     let mut s = connect_from(src, dst, timeout)?;
-    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n", dst.ip());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("Connection: close\r\n\r\n");
+    let req = request_head(target, &dst.ip().to_string(), headers, "close");
     s.write_all(req.as_bytes())?;
     let deadline = Instant::now() + timeout;
     let mut raw = Vec::with_capacity(512);
@@ -1045,9 +1061,79 @@ impl KeepAlive {
     }
 }
 
+impl KeepAlive {
+    /// One `GET target` with `headers` (as [`request_from`] sends them, but keep-alive) on
+    /// this connection; the response (any status) must have a length or be chunked. One
+    /// request at a time: the buffer holds nothing after a response.
+    pub fn request(&mut self, target: &str, headers: &[(&str, &str)]) -> io::Result<HttpResponse> {
+        let host = self
+            .stream
+            .peer_addr()
+            .map_or_else(|_| "tether".to_string(), |a| a.ip().to_string());
+        let req = request_head(target, &host, headers, "keep-alive");
+        self.stream.write_all(req.as_bytes())?;
+        self.buf.clear();
+        let deadline = Instant::now() + self.timeout;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = find_head_end(&self.buf) {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let complete = if head.contains("transfer-encoding: chunked") {
+                    self.buf[end..].windows(5).any(|w| w == b"0\r\n\r\n")
+                } else {
+                    let len = head
+                        .split("\r\n")
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .ok_or_else(|| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("no length: {head:?}"),
+                            )
+                        })?;
+                    self.buf.len() >= end + len
+                };
+                if complete {
+                    let r = parse_full_response(&self.buf);
+                    self.buf.clear();
+                    return r;
+                }
+            }
+            if Instant::now() > deadline || self.buf.len() > 1 << 20 {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "response did not end in time",
+                ));
+            }
+            match self.stream.read(&mut chunk)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ));
+                }
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_heads() {
+        assert_eq!(
+            request_head("/x", "10.0.0.1", &[("A", "1")], "close"),
+            "GET /x HTTP/1.1\r\nHost: 10.0.0.1\r\nA: 1\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(
+            request_head("/", "10.0.0.1", &[("host", "h.test")], "keep-alive"),
+            "GET / HTTP/1.1\r\nhost: h.test\r\nConnection: keep-alive\r\n\r\n",
+            "a Host among the fields replaces the default"
+        );
+    }
 
     #[test]
     fn keep_alive_rules() {

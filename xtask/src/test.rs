@@ -107,6 +107,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_ops",
                     "--test",
                     "e2e_l7",
+                    "--test",
+                    "e2e_l7_keys",
                 ],
                 &["--test-threads=1"],
             )

@@ -525,7 +525,10 @@ impl Router for PersistRouter {
             Method::KeyHash { .. } => key_material.is_none(),
             _ => bound.is_none(),
         };
+        // The fallback decides only for requests without the method's key: a key not yet
+        // in the table is balanced by its Maglev entry, as on every instance.
         if bound.is_none()
+            && cookie_absent
             && let Some(f) = self.fallback()
             && let Ok(id) = f.table.get(&client_key(conn.client.ip(), f.v4, f.v6), now)
             && let Some(i) = by_identity(id)
