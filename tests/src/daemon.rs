@@ -814,3 +814,46 @@ mod tests {
         assert!(parse_admin_reply(b"garbage").is_err());
     }
 }
+
+/// The value of the first sample of `name` in Prometheus text whose labels include every
+/// `labels` pair (`None` when there is none).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        let (metric, label_text) = key
+            .split_once('{')
+            .map_or((key, ""), |(m, rest)| (m, rest.trim_end_matches('}')));
+        if metric != name {
+            return None;
+        }
+        labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::metric_value;
+
+    #[test]
+    fn finds_samples_by_name_and_labels() {
+        let text = "# HELP a_total x\n# TYPE a_total counter\na_total{service=\"web\",reason=\"tampered\"} 3\na_total{service=\"web\",reason=\"expired\"} 1\nplain 7\n";
+        assert_eq!(
+            metric_value(text, "a_total", &[("reason", "expired")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(
+                text,
+                "a_total",
+                &[("service", "web"), ("reason", "tampered")]
+            ),
+            Some(3.0)
+        );
+        assert_eq!(metric_value(text, "a_total", &[("service", "api")]), None);
+        assert_eq!(metric_value(text, "plain", &[]), Some(7.0));
+        assert_eq!(metric_value(text, "a", &[]), None, "a prefix is not a name");
+    }
+}

@@ -24,7 +24,7 @@ use lb_common::{
 };
 use serde_json::{Value, json};
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, Reload, tether_bin},
+    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_bin},
     http::{BackendServers, HttpResponse, KeepAlive, Reply},
     netns::Topology,
 };
@@ -151,25 +151,10 @@ impl Lab {
     /// Value of metric `name` whose labels include every one of `labels`.
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         let text = self.ok(self.d().metrics(), "GET /metrics");
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((key, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (metric, label_text) = key.split_once('{').unwrap_or((key, ""));
-            if metric != name {
-                continue;
-            }
-            if labels
-                .iter()
-                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-            {
-                let v: f64 = value
-                    .parse()
-                    .unwrap_or_else(|_| self.fail(format!("metric line {line:?}")));
-                return v as u64;
-            }
+        match metric_value(&text, name, labels) {
+            Some(v) => v as u64,
+            None => self.fail(format!("/metrics has no {name} with {labels:?}:\n{text}")),
         }
-        self.fail(format!("/metrics has no {name} with {labels:?}:\n{text}"))
     }
 
     /// `tether_l7_<name>_total{service}`.
@@ -195,16 +180,9 @@ impl Lab {
     }
 
     /// Polls `cond` every 20 ms for up to `timeout`; fails with `what` if it never holds.
-    fn wait_for(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-        let t = Instant::now();
-        loop {
-            if cond() {
-                return;
-            }
-            if t.elapsed() >= timeout {
-                self.fail(format!("{what}: not within {timeout:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    fn wait_for(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+        if !tether_tests::netns::wait_until(timeout, cond) {
+            self.fail(format!("{what}: not within {timeout:?}"));
         }
     }
 

@@ -24,7 +24,7 @@ use lb_common::maps::{
 use lb_common::stats::{TrafficCounters, reason};
 use serde_json::{Value, json};
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, Reload, tether_bin, tether_cli},
+    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_bin, tether_cli},
     http::{BackendServers, Fetch, KeepAlive, UdpSinks, spawn_seq_sender},
     netns::{Topology, VIP},
     pinned::{Pins, mapped_v4},
@@ -239,17 +239,12 @@ impl Ops {
 
     /// Polls `cond` every 20 ms for up to `timeout`; fails with `what` if it never holds.
     /// Returns how long it took.
-    fn wait_for(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    fn wait_for(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
         let t = Instant::now();
-        loop {
-            if cond() {
-                return t.elapsed();
-            }
-            if t.elapsed() >= timeout {
-                self.fail(format!("{what}: not within {timeout:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !tether_tests::netns::wait_until(timeout, cond) {
+            self.fail(format!("{what}: not within {timeout:?}"));
         }
+        t.elapsed()
     }
 
     fn status(&self) -> Value {
@@ -992,18 +987,6 @@ fn parse_status_rows(out: &str, service: &str) -> BTreeMap<String, (String, Stri
         }
     }
     rows
-}
-
-/// The value of the first sample of `metric` whose label set contains every `labels` pair.
-fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(metric)?;
-        let (labels_part, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
-        labels
-            .iter()
-            .all(|(k, v)| labels_part.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-            .then(|| value.trim().parse().ok())?
-    })
 }
 
 /// (6) Inspection: `tether status` lists every backend with its state and a bound-client
