@@ -69,13 +69,17 @@ pub fn test(args: TestArgs) -> Result<()> {
         v.extend(extra);
         cargo(&v)
     };
-    step("unit tests (lb-common, lb-userspace)", || {
+    step("unit tests (lb-common, lb-userspace, test harness)", || {
         run_cmd(&mut with_filter(
             &["test", "--locked", "-p", "lb-common", "--features", "user"],
             &[],
         ))?;
         run_cmd(&mut with_filter(
             &["test", "--locked", "-p", "lb-userspace"],
+            &[],
+        ))?;
+        run_cmd(&mut with_filter(
+            &["test", "--locked", "-p", "tether-tests", "--lib"],
             &[],
         ))
     })?;
