@@ -178,52 +178,43 @@ async fn resolve_l2_async(cfg: Arc<Config>) -> Result<Vec<Vec<L2>>> {
         .expect("resolver task panicked")
 }
 
-/// Initial health of every backend: carried over from the kernel when the same backend was
-/// there before (a restart must not flap anyone), else one round of checks.
-async fn initial_health(cfg: &Config, previous: &HashMap<u32, u32>) -> Vec<Vec<Option<Health>>> {
-    let now = SystemTime::now();
+/// Health of every backend of `cfg`: `known` gives what is already known of one (from the
+/// pinned maps at startup, from the running daemon on reload: a restart or reload must not
+/// flap anyone); a pool with any unknown backend gets one round of checks.
+async fn health_of(
+    cfg: &Config,
+    known: impl Fn(&crate::config::Pool, &BackendConfig) -> Option<Health>,
+) -> Vec<Vec<Option<Health>>> {
     let mut out = Vec::new();
     for pool in &cfg.pools {
         let Some(monitor) = &pool.health_monitor else {
             out.push(vec![None; pool.backends.len()]);
             continue;
         };
-        let known: Vec<Option<bool>> = pool
-            .backends
-            .iter()
-            .map(|b| {
-                previous
-                    .get(&lb_common::backend_identity(&pool.name, &b.name))
-                    .map(|&s| s != lb_common::BACKEND_DOWN)
-            })
-            .collect();
+        let known: Vec<Option<Health>> = pool.backends.iter().map(|b| known(pool, b)).collect();
         let probed = if known.iter().any(Option::is_none) {
             health::probe_all(pool, monitor).await
         } else {
             vec![Ok(()); pool.backends.len()]
         };
+        let now = SystemTime::now();
         out.push(
             known
-                .iter()
+                .into_iter()
                 .zip(probed)
                 .map(|(k, p)| {
-                    Some(match (k, p) {
-                        (Some(up), _) => Health {
-                            up: *up,
-                            detail: String::new(),
-                            since: now,
-                        },
-                        (None, Ok(())) => Health {
+                    Some(k.unwrap_or_else(|| match p {
+                        Ok(()) => Health {
                             up: true,
                             detail: String::new(),
                             since: now,
                         },
-                        (None, Err(detail)) => Health {
+                        Err(detail) => Health {
                             up: false,
                             detail,
                             since: now,
                         },
-                    })
+                    }))
                 })
                 .collect(),
         );
@@ -561,43 +552,10 @@ impl Daemon {
                 }
             }
         }
-        let mut health = Vec::new();
-        for pool in &new.pools {
-            let Some(m) = &pool.health_monitor else {
-                health.push(vec![None; pool.backends.len()]);
-                continue;
-            };
-            let known: Vec<Option<Health>> = pool
-                .backends
-                .iter()
-                .map(|b| carried.get(&(pool.name.clone(), b.name.clone())).cloned())
-                .collect();
-            let probed = if known.iter().any(Option::is_none) {
-                health::probe_all(pool, m).await
-            } else {
-                vec![Ok(()); pool.backends.len()]
-            };
-            health.push(
-                known
-                    .into_iter()
-                    .zip(probed)
-                    .map(|(k, p)| {
-                        Some(k.unwrap_or_else(|| match p {
-                            Ok(()) => Health {
-                                up: true,
-                                detail: String::new(),
-                                since: SystemTime::now(),
-                            },
-                            Err(detail) => Health {
-                                up: false,
-                                detail,
-                                since: SystemTime::now(),
-                            },
-                        }))
-                    })
-                    .collect(),
-            );
-        }
+        let health = health_of(&new, |p, b| {
+            carried.get(&(p.name.clone(), b.name.clone())).cloned()
+        })
+        .await;
         // Everything is known: switch over.
         self.cfg = new;
         self.ids = ids;
@@ -625,9 +583,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
         );
     }
     let previous: HashMap<u32, u32> = ks.backend_states.iter().copied().collect();
-    let health = initial_health(&cfg, &previous).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let started = SystemTime::now();
+    let health = health_of(&cfg, |p, b| {
+        let state = previous.get(&lb_common::backend_identity(&p.name, &b.name))?;
+        Some(Health {
+            up: *state != lb_common::BACKEND_DOWN,
+            detail: String::new(),
+            since: started,
+        })
+    })
+    .await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         config_path: config_path.to_owned(),
         cfg: cfg.clone(),

@@ -110,8 +110,6 @@ pub enum Attached {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// True once the program is attached through the pinned link.
-    attached: bool,
     /// The table each service's live slot holds, as this process wrote it: unchanged
     /// tables are not rewritten (65537 map updates each).
     live_tables: std::collections::HashMap<ServiceKey, (u32, Vec<u32>)>,
@@ -203,7 +201,6 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-            attached: false,
             live_tables: Default::default(),
         };
         let prog = dp.xdp()?;
@@ -286,7 +283,6 @@ impl Dataplane {
         if pin.exists() {
             match self.replace_on(&pin) {
                 Ok(()) => {
-                    self.attached = true;
                     let m = attached_mode(iface).unwrap_or(Attached::Native);
                     log::info!(
                         "replaced the program on the pinned XDP link of {iface} ({m:?} mode) without detaching"
@@ -345,7 +341,6 @@ impl Dataplane {
             .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
         // Dropping the PinnedLink closes our fd; the pin keeps the attachment.
         fd.pin(&pin).map_err(|e| link_err(e.to_string()))?;
-        self.attached = true;
         Ok(attached)
     }
 
@@ -362,11 +357,6 @@ impl Dataplane {
             .attach_to_link(link)
             .map_err(|e| err(e.to_string()))?;
         Ok(())
-    }
-
-    /// Whether this process attached the program (on a new or an existing link).
-    pub fn is_attached(&self) -> bool {
-        self.attached
     }
 
     /// Read what an earlier run left in the pinned maps.
