@@ -18,7 +18,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -28,18 +28,16 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tether::persist::cookie::{self, CookieKeys, CookiePayload, Reject};
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_bin},
-    http::{BackendServers, Echo, HttpResponse, KeepAlive, Reply, connect_from},
+    daemon::ConfigBuilder,
+    http::{Echo, HttpResponse, KeepAlive, connect_from},
+    l7lab::{IO_TIMEOUT, L7Lab, PORT, base_builder},
     netns::{Topology, VIP},
 };
 
-/// The backends' port, and the main L7 service's.
-const PORT: u16 = 8080;
 /// A second cleartext L7 service over the same pool.
 const OTHER_PORT: u16 = 8081;
 /// The TLS service.
 const TLS_PORT: u16 = 8443;
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const COOKIE: &str = "SRV";
 /// Cookie key secrets (64 hex characters each).
 const KEY1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
@@ -52,12 +50,6 @@ const FALL: u64 = 2;
 const RISE: u64 = 2;
 /// Allowance on top of fall/rise x interval (the machine may be busy with builds).
 const HEALTH_WAIT: Duration = Duration::from_secs(5);
-/// How long a reloaded proxy may take to answer again.
-const RELOAD_WAIT: Duration = Duration::from_secs(5);
-
-fn bin() -> PathBuf {
-    tether_bin().unwrap_or_else(|e| panic!("{e:#}"))
-}
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -184,77 +176,47 @@ impl TestCert {
     }
 }
 
-/// Everything one test runs. Fields drop in order: the daemon first, then the servers, then
-/// the namespaces, then the scratch files.
+/// The shared L7 lab plus this test file's TLS material and request helpers.
 struct Lab {
-    daemon: Option<Daemon>,
-    servers: BackendServers,
-    topo: Topology,
-    /// The config the daemon runs (replaced for reloads).
-    builder: ConfigBuilder,
+    core: L7Lab,
     cert: TestCert,
+    /// Holds the certificate files and curl's cookie jars; removed after the daemon stops.
     scratch: Scratch,
 }
 
+impl std::ops::Deref for Lab {
+    type Target = L7Lab;
+    fn deref(&self) -> &L7Lab {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut L7Lab {
+        &mut self.core
+    }
+}
+
 impl Lab {
-    /// `clients` source addresses, `backends` echo backends on port [`PORT`] (every backend
-    /// has `"port": PORT`, so services on other ports reach them too), and tether with
+    /// `clients` source addresses, `backends` echo backends on port [`PORT`], and tether with
     /// whatever `configure` adds (it gets the test certificate's PEM files).
     fn new(
         clients: usize,
         backends: usize,
         configure: impl FnOnce(ConfigBuilder, &TestCert) -> ConfigBuilder,
     ) -> Lab {
-        let bin = bin();
         let scratch = Scratch::new("lab");
         let cert = TestCert::write(&scratch);
-        let topo = Topology::builder()
-            .client_addrs(clients)
-            .backends(backends)
-            .build()
-            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
-        let servers = BackendServers::start_with(&topo, PORT, Reply::Echo)
-            .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
-        let builder = configure(base_builder(&topo), &cert);
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
-            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
+        let core = L7Lab::start(clients, backends, |b| configure(b, &cert));
         Lab {
-            daemon: Some(daemon),
-            servers,
-            topo,
-            builder,
+            core,
             cert,
             scratch,
         }
     }
 
-    fn d(&self) -> &Daemon {
-        self.daemon
-            .as_ref()
-            .unwrap_or_else(|| panic!("tether is not running"))
-    }
-
-    fn logs(&self) -> String {
-        self.daemon.as_ref().map(|d| d.logs()).unwrap_or_default()
-    }
-
-    /// Panics with `msg` and the daemon's output.
-    fn fail(&self, msg: impl std::fmt::Display) -> ! {
-        panic!("{msg}\n--- tether output ---\n{}", self.logs())
-    }
-
-    fn ok<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
-        r.unwrap_or_else(|e| self.fail(format!("{what}: {e:?}")))
-    }
-
-    fn client(&self, i: usize) -> Ipv4Addr {
-        self.topo.client_addrs[i]
-    }
-
-    fn backend_names(&self) -> Vec<String> {
-        (0..self.topo.backends.len())
-            .map(|i| self.topo.backend_name(i))
-            .collect()
+    fn stop(self) {
+        self.core.stop()
     }
 
     /// `GET target` from `src` to VIP:`port` with `headers`; any status.
@@ -308,20 +270,6 @@ impl Lab {
         (e.backend, v)
     }
 
-    /// Value of metric `name` whose labels include every one of `labels`.
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let text = self.ok(self.d().metrics(), "GET /metrics");
-        match metric_value(&text, name, labels) {
-            Some(v) => v as u64,
-            None => self.fail(format!("/metrics has no {name} with {labels:?}:\n{text}")),
-        }
-    }
-
-    /// `tether_l7_<name>_total{service}`.
-    fn l7(&self, name: &str, service: &str) -> u64 {
-        self.metric(&format!("tether_l7_{name}_total"), &[("service", service)])
-    }
-
     fn rejected(&self, service: &str, reason: Reject) -> u64 {
         self.metric(
             "tether_l7_cookie_rejected_total",
@@ -329,56 +277,10 @@ impl Lab {
         )
     }
 
-    /// `state` of backend `name` of service `service` in `/status`.
-    fn backend_state(&self, service: &str, name: &str) -> String {
-        let st = self.ok(self.d().admin_json("/status"), "GET /status");
-        st["services"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["name"] == service))
-            .and_then(|s| s["backends"].as_array())
-            .and_then(|b| b.iter().find(|b| b["name"] == name))
-            .and_then(|b| b["state"].as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| {
-                self.fail(format!(
-                    "/status has no backend {name} in {service}: {st:#}"
-                ))
-            })
-    }
-
-    /// Polls `cond` every 20 ms for up to `timeout`; fails with `what` if it never holds.
-    fn wait_for(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
-        let t = Instant::now();
-        if !tether_tests::netns::wait_until(timeout, cond) {
-            self.fail(format!("{what}: not within {timeout:?}"));
-        }
-        t.elapsed()
-    }
-
     fn wait_state(&self, service: &str, name: &str, state: &str) {
         self.wait_for(HEALTH_WAIT, &format!("backend {name} {state}"), || {
             self.backend_state(service, name) == state
         });
-    }
-
-    /// Writes `builder`'s config and reloads; the reload must be applied. Then waits until
-    /// the (restarted) proxy on [`PORT`] answers.
-    fn reload(&mut self, builder: ConfigBuilder) -> String {
-        self.builder = builder;
-        let d = self.d();
-        self.ok(d.write_config(&self.builder.build()), "writing the config");
-        let line = match self.ok(d.reload(), "reloading") {
-            Reload::Applied(line) => line,
-            Reload::Refused(line) => self.fail(format!("a valid reload was refused: {line}")),
-        };
-        let src = self.client(0);
-        let dst = self.topo.vip_addr(PORT);
-        self.wait_for(RELOAD_WAIT, "the proxy answering after the reload", || {
-            self.topo
-                .in_client(move || tether_tests::http::request_from(src, dst, "/", &[], IO_TIMEOUT))
-                .is_ok_and(|r| r.is_ok_and(|r| r.status == 200))
-        });
-        line
     }
 
     /// `curl` in the client namespace from `src` with cookie jar `jar` (read and written):
@@ -445,22 +347,6 @@ impl Lab {
         let r = self.servers.start_backend(name);
         self.ok(r, &format!("starting backend server {name}"));
     }
-
-    fn stop(mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.stop()
-                .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
-        }
-    }
-}
-
-/// The config every lab starts from: pool `web` with every backend on port [`PORT`].
-fn base_builder(topo: &Topology) -> ConfigBuilder {
-    let mut b = ConfigBuilder::new(topo, &topo.pin_dir("pins"));
-    for i in 0..topo.backends.len() {
-        b = b.backend_field(&topo.backend_name(i), "port", json!(PORT));
-    }
-    b
 }
 
 fn spread<'a>(names: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, usize> {

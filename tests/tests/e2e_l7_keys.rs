@@ -13,7 +13,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -24,87 +23,39 @@ use lb_common::{
 };
 use serde_json::{Value, json};
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_bin},
-    http::{BackendServers, HttpResponse, KeepAlive, Reply},
-    netns::Topology,
+    daemon::ConfigBuilder,
+    http::{HttpResponse, KeepAlive},
+    l7lab::{IO_TIMEOUT, L7Lab, PORT, RELOAD_WAIT, base_builder},
 };
 
-/// The backends' port, and the first L7 service's; further services use the next ports.
-const PORT: u16 = 8080;
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a reloaded proxy may take to answer again.
-const RELOAD_WAIT: Duration = Duration::from_secs(5);
+/// The shared L7 lab plus this file's request helpers. The backends' port is the first L7
+/// service's; further services use the next ports.
+struct Lab(L7Lab);
 
-fn bin() -> PathBuf {
-    tether_bin().unwrap_or_else(|e| panic!("{e:#}"))
+impl std::ops::Deref for Lab {
+    type Target = L7Lab;
+    fn deref(&self) -> &L7Lab {
+        &self.0
+    }
 }
 
-/// Everything one test runs. Fields drop in order: the daemon first, then the servers, then
-/// the namespaces.
-struct Lab {
-    daemon: Option<Daemon>,
-    /// Kept running for the lab's lifetime.
-    _servers: BackendServers,
-    topo: Topology,
-    /// The config the daemon runs (replaced for reloads).
-    builder: ConfigBuilder,
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut L7Lab {
+        &mut self.0
+    }
 }
 
 impl Lab {
-    /// `clients` source addresses, `backends` echo backends on port [`PORT`] (every backend
-    /// has `"port": PORT`, so services on other ports reach them too), and tether with
-    /// whatever `configure` adds.
     fn new(
         clients: usize,
         backends: usize,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Lab {
-        let bin = bin();
-        let topo = Topology::builder()
-            .client_addrs(clients)
-            .backends(backends)
-            .build()
-            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
-        let servers = BackendServers::start_with(&topo, PORT, Reply::Echo)
-            .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
-        let builder = configure(base_builder(&topo));
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
-            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
-        Lab {
-            daemon: Some(daemon),
-            _servers: servers,
-            topo,
-            builder,
-        }
+        Lab(L7Lab::start(clients, backends, configure))
     }
 
-    fn d(&self) -> &Daemon {
-        self.daemon
-            .as_ref()
-            .unwrap_or_else(|| panic!("tether is not running"))
-    }
-
-    fn logs(&self) -> String {
-        self.daemon.as_ref().map(|d| d.logs()).unwrap_or_default()
-    }
-
-    /// Panics with `msg` and the daemon's output.
-    fn fail(&self, msg: impl std::fmt::Display) -> ! {
-        panic!("{msg}\n--- tether output ---\n{}", self.logs())
-    }
-
-    fn ok<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
-        r.unwrap_or_else(|e| self.fail(format!("{what}: {e:?}")))
-    }
-
-    fn client(&self, i: usize) -> Ipv4Addr {
-        self.topo.client_addrs[i % self.topo.client_addrs.len()]
-    }
-
-    fn backend_names(&self) -> Vec<String> {
-        (0..self.topo.backends.len())
-            .map(|i| self.topo.backend_name(i))
-            .collect()
+    fn stop(self) {
+        self.0.stop()
     }
 
     /// `GET target` from `src` to VIP:`port` with `headers` on a new connection; any status.
@@ -147,77 +98,6 @@ impl Lab {
         let r = self.ok(ka.request(&req.target, &headers), &what);
         self.echo_backend(r, &what)
     }
-
-    /// Value of metric `name` whose labels include every one of `labels`.
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let text = self.ok(self.d().metrics(), "GET /metrics");
-        match metric_value(&text, name, labels) {
-            Some(v) => v as u64,
-            None => self.fail(format!("/metrics has no {name} with {labels:?}:\n{text}")),
-        }
-    }
-
-    /// `tether_l7_<name>_total{service}`.
-    fn l7(&self, name: &str, service: &str) -> u64 {
-        self.metric(&format!("tether_l7_{name}_total"), &[("service", service)])
-    }
-
-    /// `state` of backend `name` of service `service` in `/status`.
-    fn backend_state(&self, service: &str, name: &str) -> String {
-        let st = self.ok(self.d().admin_json("/status"), "GET /status");
-        st["services"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["name"] == service))
-            .and_then(|s| s["backends"].as_array())
-            .and_then(|b| b.iter().find(|b| b["name"] == name))
-            .and_then(|b| b["state"].as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| {
-                self.fail(format!(
-                    "/status has no backend {name} in {service}: {st:#}"
-                ))
-            })
-    }
-
-    /// Polls `cond` every 20 ms for up to `timeout`; fails with `what` if it never holds.
-    fn wait_for(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
-        if !tether_tests::netns::wait_until(timeout, cond) {
-            self.fail(format!("{what}: not within {timeout:?}"));
-        }
-    }
-
-    /// Writes `builder`'s config and reloads; the reload must be applied. Then waits until
-    /// the proxy on [`PORT`] answers.
-    fn reload(&mut self, builder: ConfigBuilder) {
-        self.builder = builder;
-        let d = self.d();
-        self.ok(d.write_config(&self.builder.build()), "writing the config");
-        if let Reload::Refused(line) = self.ok(d.reload(), "reloading") {
-            self.fail(format!("a valid reload was refused: {line}"));
-        }
-        let src = self.client(0);
-        self.wait_for(RELOAD_WAIT, "the proxy answering after the reload", || {
-            self.topo
-                .request(src, PORT, "/", &[], IO_TIMEOUT)
-                .is_ok_and(|r| r.status == 200)
-        });
-    }
-
-    fn stop(mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.stop()
-                .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
-        }
-    }
-}
-
-/// The config every lab starts from: pool `web` with every backend on port [`PORT`].
-fn base_builder(topo: &Topology) -> ConfigBuilder {
-    let mut b = ConfigBuilder::new(topo, &topo.pin_dir("pins"));
-    for i in 0..topo.backends.len() {
-        b = b.backend_field(&topo.backend_name(i), "port", json!(PORT));
-    }
-    b
 }
 
 /// Service `name` on `port` with its own profile `p-<name>` (`profile` plus the name).
