@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod l4lab;
 pub mod l7lab;
 pub mod netns;
 pub mod packet;

@@ -9,158 +9,46 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
     time::Duration,
 };
 
 use lb_common::maps::{PROTO_TCP, PersistValue};
-use lb_common::stats::{TrafficCounters, reason};
+use lb_common::stats::reason;
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, tether_bin},
-    http::{BackendServers, Fetch, http_get_from},
+    daemon::Daemon,
+    http::{BackendServers, http_get_from},
+    l4lab::{IO_TIMEOUT, L4Lab, PORT},
     netns::{Topology, VIP, run_in_netns},
-    pinned::{Pins, monotonic_coarse_ns},
+    pinned::monotonic_coarse_ns,
 };
 
-const PORT: u16 = 80;
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// The shared L4 lab plus this file's checks.
+struct Lab(L4Lab);
 
-/// Everything one test runs. Fields drop in order: the daemon first (it detaches XDP), then
-/// the servers, then the namespaces.
-struct Lab {
-    daemon: Option<Daemon>,
-    servers: BackendServers,
-    topo: Topology,
-    pins: Pins,
-    /// Index of the `web` service (VIP:80/tcp) in the daemon's maps.
-    svc: u32,
-    bin: PathBuf,
-    config: serde_json::Value,
+impl std::ops::Deref for Lab {
+    type Target = L4Lab;
+    fn deref(&self) -> &L4Lab {
+        &self.0
+    }
 }
 
-fn bin() -> PathBuf {
-    tether_bin().unwrap_or_else(|e| panic!("{e:#}"))
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut L4Lab {
+        &mut self.0
+    }
 }
 
 impl Lab {
     /// `clients` source addresses, `backends` backends, service `web` on VIP:80 with
     /// client-IP persistence timing out after `timeout_s` (None: no persistence).
     fn new(clients: usize, backends: usize, xdp_mode: &str, timeout_s: Option<u64>) -> Lab {
-        let bin = bin();
-        let topo = Topology::builder()
-            .client_addrs(clients)
-            .backends(backends)
-            .build()
-            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
-        let servers = BackendServers::start(&topo, PORT)
-            .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
-        let config = ConfigBuilder::new(&topo, &topo.pin_dir("pins"))
-            .xdp_mode(xdp_mode)
-            .service("web", PORT, timeout_s)
-            .build();
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &config, false)
-            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
-        let pins = Pins::new(daemon.pin_dir());
-        let mut lab = Lab {
-            daemon: Some(daemon),
-            servers,
-            topo,
-            pins,
-            svc: 0,
-            bin,
-            config,
-        };
-        lab.svc = lab.ok(
-            lab.pins.service_index(VIP, PORT, PROTO_TCP),
-            "finding the web service in TETHER_SERVICES",
-        );
-        lab
+        Lab(L4Lab::start(clients, backends, |b| {
+            b.xdp_mode(xdp_mode).service("web", PORT, timeout_s)
+        }))
     }
 
-    fn logs(&self) -> String {
-        self.daemon.as_ref().map(|d| d.logs()).unwrap_or_default()
-    }
-
-    /// Panics with `msg` and the daemon's output.
-    fn fail(&self, msg: impl std::fmt::Display) -> ! {
-        panic!("{msg}\n--- tether output ---\n{}", self.logs())
-    }
-
-    fn ok<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
-        r.unwrap_or_else(|e| self.fail(format!("{what}: {e:?}")))
-    }
-
-    fn fetch(&self, src: Ipv4Addr) -> String {
-        self.ok(
-            self.topo.fetch(src, PORT, IO_TIMEOUT),
-            "fetching through the VIP",
-        )
-    }
-
-    /// Runs the plan; every fetch must succeed. Returns the backend names in plan order.
-    fn fetch_all(&self, plan: &[Ipv4Addr]) -> Vec<String> {
-        let fetches: Vec<Fetch> =
-            self.ok(self.topo.fetch_all(plan, PORT, IO_TIMEOUT), "client thread");
-        let failed: Vec<&Fetch> = fetches.iter().filter(|f| f.result.is_err()).collect();
-        if !failed.is_empty() {
-            self.fail(format!(
-                "{} of {} connections to {}:{PORT} failed; first ones: {:?}\nreasons: {:?}",
-                failed.len(),
-                fetches.len(),
-                VIP,
-                &failed[..failed.len().min(5)],
-                self.pins.reasons().ok()
-            ));
-        }
-        fetches
-            .into_iter()
-            .map(|f| f.result.expect("checked"))
-            .collect()
-    }
-
-    fn svc_counters(&self) -> TrafficCounters {
-        self.ok(
-            self.pins.service_counters(self.svc),
-            "reading TETHER_SVC_STAT",
-        )
-    }
-
-    fn backend_name_of_id(&self, id: u32) -> String {
-        let addr = self.ok(self.pins.backend_addr(id), "reading TETHER_BACKENDS");
-        let i = self.topo.backend_index_by_addr(addr).unwrap_or_else(|| {
-            self.fail(format!(
-                "backend id {id} has address {addr}, not a backend of the topology"
-            ))
-        });
-        self.topo.backend_name(i)
-    }
-
-    fn backend_id_of_name(&self, name: &str) -> u32 {
-        let i = self
-            .topo
-            .backend_index_by_name(name)
-            .expect("known backend name");
-        self.ok(
-            self.pins.backend_id(self.topo.backends[i].addr),
-            "reading TETHER_BACKENDS",
-        )
-    }
-
-    /// No drops or aborts in the verdict counters.
-    fn assert_no_drops(&self) {
-        let reasons = self.ok(self.pins.reasons(), "reading TETHER_REASONS");
-        for r in [
-            reason::DROP_NO_BACKEND,
-            reason::DROP_BAD_BACKEND,
-            reason::ABORTED,
-        ] {
-            if reasons[r as usize].1 != 0 {
-                self.fail(format!(
-                    "verdict counter {} is not 0: {reasons:?}",
-                    reasons[r as usize].0
-                ));
-            }
-        }
+    fn stop(self) {
+        self.0.stop()
     }
 
     fn assert_xdp_mode(&self, want: &str) {
@@ -301,10 +189,7 @@ fn one_client_sticks_to_one_backend() {
         c.packets
     );
     lab.assert_no_drops();
-    lab.daemon
-        .unwrap()
-        .stop()
-        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.stop();
 }
 
 /// (b) 50 client addresses spread over all 3 backends, and each client stays on its backend
@@ -408,10 +293,7 @@ fn many_clients_spread_and_stick() {
         "IPv4 packets not for the VIP reached the LB (replies must bypass it)"
     );
     lab.assert_no_drops();
-    lab.daemon
-        .unwrap()
-        .stop()
-        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.stop();
 }
 
 /// (c) Expiry: the table is honoured over the hash while fresh, and ignored once older than
@@ -476,10 +358,7 @@ fn persistence_entry_expires() {
         "the entry was rewritten to the new choice"
     );
     lab.assert_no_drops();
-    lab.daemon
-        .unwrap()
-        .stop()
-        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.stop();
 }
 
 /// The daemon leaves its maps pinned when it stops; a restarted daemon keeps honouring them.
@@ -528,7 +407,7 @@ fn persistence_survives_restart() {
         "the persistence table stays pinned after stop"
     );
     lab.daemon = Some(
-        Daemon::start_with_existing_pins(&lab.bin, &lab.topo.lb.ns, &lab.config, false)
+        Daemon::start_with_existing_pins(&lab.bin, &lab.topo.lb.ns, &lab.builder.build(), false)
             .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
     );
     let svc = lab.ok(
@@ -578,10 +457,7 @@ fn no_persistence_hashes_each_flow() {
     assert_eq!((c.new_assignments, c.persist_hits), (0, 0), "{c:?}");
     assert!(c.packets >= 3 * N as u64, "{c:?}");
     lab.assert_no_drops();
-    lab.daemon
-        .unwrap()
-        .stop()
-        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.stop();
 }
 
 /// Generic (skb) mode balances and persists the same way.
@@ -606,8 +482,5 @@ fn generic_mode_spreads_and_sticks() {
     );
     assert_eq!(lab.svc_counters().new_assignments, CLIENTS as u64);
     lab.assert_no_drops();
-    lab.daemon
-        .unwrap()
-        .stop()
-        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.stop();
 }

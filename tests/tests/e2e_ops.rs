@@ -10,7 +10,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,18 +20,16 @@ use std::{
 use lb_common::maps::{
     BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, PROTO_TCP, PROTO_UDP, PersistValue,
 };
-use lb_common::stats::{TrafficCounters, reason};
 use serde_json::{Value, json};
 use tether_tests::{
-    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_bin, tether_cli},
-    http::{BackendServers, Fetch, KeepAlive, UdpSinks, spawn_seq_sender},
-    netns::{Topology, VIP},
-    pinned::{Pins, mapped_v4},
+    daemon::{ConfigBuilder, Daemon, Reload, metric_value, tether_cli},
+    http::{KeepAlive, UdpSinks, spawn_seq_sender},
+    l4lab::{IO_TIMEOUT, L4Lab, PORT},
+    netns::VIP,
+    pinned::mapped_v4,
 };
 
-const PORT: u16 = 80;
 const UDP_PORT: u16 = 9000;
-const IO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connect timeout for connections that are expected to fail.
 const FAIL_TIMEOUT: Duration = Duration::from_millis(600);
 /// Health monitor timing used by the health tests.
@@ -58,151 +55,32 @@ fn http_monitor() -> Value {
     })
 }
 
-fn bin() -> PathBuf {
-    tether_bin().unwrap_or_else(|e| panic!("{e:#}"))
+/// The shared L4 lab plus this file's operations helpers.
+struct Ops(L4Lab);
+
+impl std::ops::Deref for Ops {
+    type Target = L4Lab;
+    fn deref(&self) -> &L4Lab {
+        &self.0
+    }
 }
 
-/// Everything one test runs. Fields drop in order: the daemon first, then the servers, then
-/// the namespaces.
-struct Ops {
-    daemon: Option<Daemon>,
-    servers: BackendServers,
-    topo: Topology,
-    pins: Pins,
-    /// Index of the `web` service (VIP:80/tcp).
-    svc: u32,
-    bin: PathBuf,
-    /// The config the daemon runs (edited and rewritten for reloads).
-    builder: ConfigBuilder,
+impl std::ops::DerefMut for Ops {
+    fn deref_mut(&mut self) -> &mut L4Lab {
+        &mut self.0
+    }
 }
 
 impl Ops {
-    /// `clients` source addresses, `backends` backend namespaces with HTTP servers on port 80,
-    /// and tether with service `web` (VIP:80/tcp, persistence 1800 s) plus whatever
-    /// `configure` adds to the config.
+    /// Service `web` (VIP:80/tcp, persistence 1800 s) plus whatever `configure` adds.
     fn new(
         clients: usize,
         backends: usize,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Ops {
-        let bin = bin();
-        let topo = Topology::builder()
-            .client_addrs(clients)
-            .backends(backends)
-            .build()
-            .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
-        let servers = BackendServers::start(&topo, PORT)
-            .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
-        let builder = configure(ConfigBuilder::new(&topo, &topo.pin_dir("pins")).service(
-            "web",
-            PORT,
-            Some(1800),
-        ));
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
-            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
-        let pins = Pins::new(daemon.pin_dir());
-        let mut ops = Ops {
-            daemon: Some(daemon),
-            servers,
-            topo,
-            pins,
-            svc: 0,
-            bin,
-            builder,
-        };
-        ops.svc = ops.ok(
-            ops.pins.service_index(VIP, PORT, PROTO_TCP),
-            "finding the web service in TETHER_SERVICES",
-        );
-        ops
-    }
-
-    fn d(&self) -> &Daemon {
-        self.daemon
-            .as_ref()
-            .unwrap_or_else(|| panic!("tether is not running"))
-    }
-
-    fn logs(&self) -> String {
-        self.daemon.as_ref().map(|d| d.logs()).unwrap_or_default()
-    }
-
-    /// Panics with `msg` and the daemon's output.
-    fn fail(&self, msg: impl std::fmt::Display) -> ! {
-        panic!("{msg}\n--- tether output ---\n{}", self.logs())
-    }
-
-    fn ok<T, E: std::fmt::Debug>(&self, r: Result<T, E>, what: &str) -> T {
-        r.unwrap_or_else(|e| self.fail(format!("{what}: {e:?}")))
-    }
-
-    fn client(&self, i: usize) -> Ipv4Addr {
-        self.topo.client_addrs[i]
-    }
-
-    fn fetch(&self, src: Ipv4Addr) -> String {
-        self.ok(
-            self.topo.fetch(src, PORT, IO_TIMEOUT),
-            &format!("fetching through the VIP from {src}"),
-        )
-    }
-
-    /// Runs the plan; every fetch must succeed. Returns the backend names in plan order.
-    fn fetch_all(&self, plan: &[Ipv4Addr]) -> Vec<String> {
-        let fetches: Vec<Fetch> =
-            self.ok(self.topo.fetch_all(plan, PORT, IO_TIMEOUT), "client thread");
-        let failed: Vec<&Fetch> = fetches.iter().filter(|f| f.result.is_err()).collect();
-        if !failed.is_empty() {
-            self.fail(format!(
-                "{} of {} connections to {VIP}:{PORT} failed; first ones: {:?}\nreasons: {:?}",
-                failed.len(),
-                fetches.len(),
-                &failed[..failed.len().min(5)],
-                self.pins.reasons().ok()
-            ));
-        }
-        fetches
-            .into_iter()
-            .map(|f| f.result.expect("checked"))
-            .collect()
-    }
-
-    fn svc_counters(&self) -> TrafficCounters {
-        self.ok(
-            self.pins.service_counters(self.svc),
-            "reading TETHER_SVC_STAT",
-        )
-    }
-
-    fn backend_names(&self) -> Vec<String> {
-        (0..self.topo.backends.len())
-            .map(|i| self.topo.backend_name(i))
-            .collect()
-    }
-
-    fn backend_addr(&self, name: &str) -> Ipv4Addr {
-        let i = self
-            .topo
-            .backend_index_by_name(name)
-            .unwrap_or_else(|| self.fail(format!("no backend {name}")));
-        self.topo.backends[i].addr
-    }
-
-    fn backend_name_of_id(&self, id: u32) -> String {
-        let addr = self.ok(self.pins.backend_addr(id), "reading TETHER_BACKENDS");
-        let i = self.topo.backend_index_by_addr(addr).unwrap_or_else(|| {
-            self.fail(format!(
-                "backend id {id} has address {addr}, not a backend of the topology"
-            ))
-        });
-        self.topo.backend_name(i)
-    }
-
-    fn backend_id_of_name(&self, name: &str) -> u32 {
-        self.ok(
-            self.pins.backend_id(self.backend_addr(name)),
-            "reading TETHER_BACKENDS",
-        )
+        Ops(L4Lab::start(clients, backends, |b| {
+            configure(b.service("web", PORT, Some(1800)))
+        }))
     }
 
     /// `state` of backend `name` in TETHER_BACKENDS.
@@ -235,16 +113,6 @@ impl Ops {
             }
         }
         m
-    }
-
-    /// Polls `cond` every 20 ms for up to `timeout`; fails with `what` if it never holds.
-    /// Returns how long it took.
-    fn wait_for(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
-        let t = Instant::now();
-        if !tether_tests::netns::wait_until(timeout, cond) {
-            self.fail(format!("{what}: not within {timeout:?}"));
-        }
-        t.elapsed()
     }
 
     fn status(&self) -> Value {
@@ -291,27 +159,8 @@ impl Ops {
         line
     }
 
-    fn assert_no_drops(&self) {
-        let reasons = self.ok(self.pins.reasons(), "reading TETHER_REASONS");
-        for r in [
-            reason::DROP_NO_BACKEND,
-            reason::DROP_BAD_BACKEND,
-            reason::ABORTED,
-        ] {
-            if reasons[r as usize].1 != 0 {
-                self.fail(format!(
-                    "verdict counter {} is not 0: {reasons:?}",
-                    reasons[r as usize].0
-                ));
-            }
-        }
-    }
-
-    fn stop(mut self) {
-        if let Some(d) = self.daemon.take() {
-            d.stop()
-                .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
-        }
+    fn stop(self) {
+        self.0.stop()
     }
 }
 
