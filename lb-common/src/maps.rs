@@ -34,9 +34,18 @@ pub const MAP_SERVICE_STATS: &str = "TETHER_SVC_STAT";
 pub const MAP_BACKEND_STATS: &str = "TETHER_BE_STAT";
 /// Per-CPU verdict counters (array indexed by `Reason`) -> u64 packets.
 pub const MAP_REASONS: &str = "TETHER_REASONS";
+/// Per-CPU event counters that are not verdicts (array indexed by `event::*`) -> u64.
+pub const MAP_EVENTS: &str = "TETHER_EVENTS";
+/// Settings the daemon writes for the data path: array of one `Globals`.
+pub const MAP_GLOBALS: &str = "TETHER_GLOBALS";
+/// Per-CPU new-binding rate window: array of one `RateWindow`.
+pub const MAP_RATE: &str = "TETHER_RATE";
+/// Ports of IPv4 datagrams whose first fragment went to a VIP: LRU hash `FragKey` -> `FragValue`,
+/// so the later fragments (which carry no ports) follow it.
+pub const MAP_FRAGS: &str = "TETHER_FRAGS";
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -45,6 +54,10 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
     MAP_REASONS,
+    MAP_EVENTS,
+    MAP_GLOBALS,
+    MAP_RATE,
+    MAP_FRAGS,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -62,6 +75,10 @@ pub const PERSIST_DEFAULT_ENTRIES: u32 = 1 << 20;
 /// last-seen is rewritten only once it has aged by this much (a store, not a map update).
 pub const PERSIST_REFRESH_NS: u64 = 1_000_000_000;
 pub const MAX_TX_PORTS: u32 = 64;
+/// Datagrams in flight as fragments that are tracked at once (LRU: the oldest go first).
+pub const FRAG_ENTRIES: u32 = 8192;
+/// Length of the window in which each CPU may create `Globals::new_bindings_per_cpu` bindings.
+pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -169,6 +186,48 @@ pub struct PersistValue {
 }
 const _: () = assert!(size_of::<PersistValue>() == 16);
 
+/// Value of `TETHER_GLOBALS[0]`: data-path settings that are not per service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Globals {
+    /// New persistence bindings each CPU may create per `RATE_WINDOW_NS`; 0: no cap. Above
+    /// it a new client is still forwarded (by Maglev) but not stored, so a flood of new
+    /// sources cannot turn over the whole table.
+    pub new_bindings_per_cpu: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Globals>() == 8);
+
+/// Value of `TETHER_RATE[0]` (per CPU): the current window and the bindings made in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
+const _: () = assert!(size_of::<RateWindow>() == 16);
+
+/// Key of `TETHER_FRAGS`: one IPv4 datagram (RFC 791: source, destination, protocol, id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src_be: [u8; 4],
+    pub dst_be: [u8; 4],
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// Value of `TETHER_FRAGS`: the ports the first fragment carried (wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(size_of::<FragValue>() == 4);
+
 /// IPv4-mapped IPv6 form of an IPv4 address in network order.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
@@ -208,6 +267,10 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PersistKey {}
     unsafe impl aya::Pod for super::PersistValue {}
+    unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for super::RateWindow {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]

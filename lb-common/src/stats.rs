@@ -21,7 +21,9 @@ pub struct TrafficCounters {
     pub reassigned_down: u64,
     /// Packets dropped because the pool had no usable backend.
     pub no_backend: u64,
-    pub _reserved: u64,
+    /// New clients forwarded without a binding because their CPU reached
+    /// `Globals::new_bindings_per_cpu` in the current window.
+    pub bindings_refused: u64,
 }
 const _: () = assert!(size_of::<TrafficCounters>() == 64);
 
@@ -37,6 +39,7 @@ impl TrafficCounters {
             t.expired += c.expired;
             t.reassigned_down += c.reassigned_down;
             t.no_backend += c.no_backend;
+            t.bindings_refused += c.bindings_refused;
         }
         t
     }
@@ -77,7 +80,16 @@ pub mod reason {
     pub const ABORTED: u32 = 14;
     /// More than one VLAN tag: passed.
     pub const PASS_VLAN_STACK: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// An ICMP or ICMPv6 error about a VIP flow (e.g. "fragmentation needed", "packet too
+    /// big"), sent to that flow's backend so path MTU discovery works with DSR.
+    pub const FWD_ICMP_ERROR: u32 = 16;
+    /// A later IPv4 fragment sent where its first fragment went.
+    pub const FWD_FRAGMENT: u32 = 17;
+    /// An ICMP error for a VIP whose quoted header is truncated or inconsistent: passed.
+    pub const MALFORMED_ICMP: u32 = 18;
+    pub const COUNT: u32 = 19;
+    /// Slots in `TETHER_REASONS`: room for reasons added later without resizing the pinned map.
+    pub const SLOTS: u32 = 32;
 
     /// Names for userspace (metrics labels, `tether status`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -97,6 +109,36 @@ pub mod reason {
         "drop_bad_backend",
         "aborted",
         "pass_vlan_stack",
+        "fwd_icmp_error",
+        "fwd_fragment",
+        "malformed_icmp",
+    ];
+}
+
+/// Events that are not verdicts; index into `TETHER_EVENTS` (per CPU).
+pub mod event {
+    /// Bindings created for a key that was not in the table (each may evict another entry
+    /// once the CPU's share of the table is full).
+    pub const BINDING_CREATED: u32 = 0;
+    /// New clients not stored because of the per-CPU rate cap.
+    pub const BINDING_RATE_LIMITED: u32 = 1;
+    /// TCP packets without SYN and without a live binding: forwarded by Maglev, not stored.
+    pub const NON_SYN_UNBOUND: u32 = 2;
+    /// Bindings deleted by the daemon (flush, removed services and backends); written by
+    /// userspace into CPU 0's slot so evictions can be estimated from the other counts.
+    pub const USER_DELETED: u32 = 3;
+    /// First fragments whose ports were recorded for the later fragments.
+    pub const FRAG_TRACKED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    /// Slots in `TETHER_EVENTS` (room to grow without resizing the pinned map).
+    pub const SLOTS: u32 = 16;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "binding_created",
+        "binding_rate_limited",
+        "non_syn_unbound",
+        "user_deleted",
+        "frag_tracked",
     ];
 }
 

@@ -15,7 +15,8 @@ mod select;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{SERVICE_F_L7, ServiceKey, reason};
+use lb_common::{FragKey, FragValue, SERVICE_F_L7, ServiceKey, event, reason};
+use parse::Kind;
 
 /// An XDP action and the reason counted for it.
 pub type Verdict = (u32, u32);
@@ -49,7 +50,17 @@ pub fn tether_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let flow = parse::parse(ctx).map_err(verdict::pass)?;
+    let mut flow = parse::parse(ctx).map_err(verdict::pass)?;
+    if flow.kind == Kind::LaterFragment {
+        // Ports come from the first fragment; without it the stack reassembles (or drops).
+        // SAFETY: the value is copied out at once; a concurrent replace of this entry
+        // writes the same two ports.
+        let ports = unsafe { maps::TETHER_FRAGS.get(frag_key(&flow)) }
+            .copied()
+            .ok_or(verdict::pass(reason::PASS_FRAGMENT))?;
+        flow.sport_be = ports.sport_be;
+        flow.dport_be = ports.dport_be;
+    }
     let mut key = parse::Aligned(ServiceKey {
         addr_be: [0; 16],
         port_be: flow.dport_be,
@@ -66,6 +77,15 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if svc.flags & SERVICE_F_L7 != 0 {
         return Err(verdict::pass(reason::PASS_L7));
     }
+    if flow.kind == Kind::FirstFragment {
+        let ports = FragValue {
+            sport_be: flow.sport_be,
+            dport_be: flow.dport_be,
+        };
+        if maps::TETHER_FRAGS.insert(frag_key(&flow), ports, 0).is_ok() {
+            stats::count_event(event::FRAG_TRACKED);
+        }
+    }
     // SAFETY: the only reference to this service's slot in this run.
     let svc_stat = unsafe { stats::service(svc.index) }.ok_or(verdict::ABORTED)?;
     let choice = persist::choose(svc, &flow, svc_stat)?;
@@ -74,7 +94,24 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let result = forward::forward(ctx, choice.backend);
     stats::account(svc_stat, be_stat, choice.event, bytes, result.is_ok());
-    result
+    // Forwarded ICMP errors and fragments are counted apart from the flows' own packets.
+    match (result, flow.kind) {
+        (Ok((action, _)), Kind::IcmpError) => Ok((action, reason::FWD_ICMP_ERROR)),
+        (Ok((action, _)), Kind::LaterFragment) => Ok((action, reason::FWD_FRAGMENT)),
+        (r, _) => r,
+    }
+}
+
+/// The fragment-table key of an IPv4 datagram.
+#[inline(always)]
+fn frag_key(flow: &parse::Flow) -> FragKey {
+    FragKey {
+        src_be: flow.src[3].to_ne_bytes(),
+        dst_be: flow.dst[3].to_ne_bytes(),
+        id_be: flow.ip_id_be,
+        proto: flow.proto,
+        _pad: 0,
+    }
 }
 
 /// XDP_PASS, for the peer of a veth in native mode (XDP_TX frames need a native program

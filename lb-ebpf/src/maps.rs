@@ -14,8 +14,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES,
-    PersistKey, PersistValue, Service, ServiceKey, TrafficCounters, reason,
+    Backend, FRAG_ENTRIES, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, RateWindow, Service,
+    ServiceKey, TrafficCounters, event, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -60,4 +61,23 @@ pub static TETHER_BE_STAT: PerCpuArray<TrafficCounters, BACKENDS> = PerCpuArray:
 
 /// `MAP_REASONS`: per-CPU packet count per verdict reason (`lb_common::reason`).
 #[btf_map]
-pub static TETHER_REASONS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+pub static TETHER_REASONS: PerCpuArray<u64, { reason::SLOTS as usize }> = PerCpuArray::new();
+
+/// `MAP_EVENTS`: per-CPU counts of events that are not verdicts (`lb_common::event`).
+#[btf_map]
+pub static TETHER_EVENTS: PerCpuArray<u64, { event::SLOTS as usize }> = PerCpuArray::new();
+
+/// `MAP_GLOBALS`: settings written by the daemon (the new-binding rate cap).
+#[btf_map]
+pub static TETHER_GLOBALS: Array<Globals, 1> = Array::new();
+
+/// `MAP_RATE`: each CPU's current new-binding window.
+#[btf_map]
+pub static TETHER_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// `MAP_FRAGS`: ports of IPv4 datagrams to a VIP whose first fragment was seen, so later
+/// fragments go where the first went. Shared: fragments of one datagram may reach
+/// different CPUs.
+#[btf_map]
+pub static TETHER_FRAGS: LruHashMap<FragKey, FragValue, { FRAG_ENTRIES as usize }> =
+    LruHashMap::new();

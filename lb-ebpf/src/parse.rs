@@ -1,5 +1,6 @@
 //! Header parsing: Ethernet (one optional 802.1Q/802.1ad tag), IPv4 (with options) or IPv6,
-//! then the TCP/UDP ports. Every failure is a pass reason; the packet is never changed here.
+//! then the TCP/UDP ports; for an ICMP/ICMPv6 error, the flow quoted inside it. Every failure
+//! is a pass reason; the packet is never changed here.
 
 use core::mem::size_of;
 
@@ -18,9 +19,18 @@ const IPV4_MIN_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+/// ICMP and ICMPv6 headers are 8 bytes before the quoted datagram.
+const ICMP_LEN: usize = 8;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 
-/// IPv4 flags/fragment-offset field, offset bits (host order).
+/// TCP flag bits as read from byte 13 of the header.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// IPv4 flags/fragment-offset field, offset bits and "more fragments" (host order).
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+const IPV4_MF: u16 = 0x2000;
 
 #[repr(C)]
 struct EthHdr {
@@ -47,13 +57,29 @@ struct Ipv4Hdr {
     version_ihl: u8,
     _tos: u8,
     tot_len: [u8; 2],
-    _id: [u8; 2],
+    id: [u8; 2],
     frag_off: [u8; 2],
     _ttl: u8,
     proto: u8,
     _check: [u8; 2],
     src: [u16; 2],
     dst: [u16; 2],
+}
+
+/// Type and code of an ICMP or ICMPv6 header (the rest is not needed).
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    _code: u8,
+    _rest: [u8; ICMP_LEN - 2],
+}
+
+/// The ports at the start of a TCP or UDP header quoted in an ICMP error (RFC 792 and 4443
+/// guarantee at least these 8 bytes of it).
+#[repr(C)]
+struct PortsHdr {
+    sport: u16,
+    dport: u16,
 }
 
 #[repr(C)]
@@ -71,7 +97,9 @@ struct Ipv6Hdr {
 struct TcpHdr {
     sport: u16,
     dport: u16,
-    _rest: [u8; TCP_MIN_LEN - 4],
+    _seq_ack_off: [u8; 9],
+    flags: u8,
+    _rest: [u8; TCP_MIN_LEN - 14],
 }
 
 #[repr(C)]
@@ -88,6 +116,8 @@ const _: () = assert!(size_of::<Ipv4Hdr>() == IPV4_MIN_LEN);
 const _: () = assert!(size_of::<Ipv6Hdr>() == IPV6_LEN);
 const _: () = assert!(size_of::<TcpHdr>() == TCP_MIN_LEN);
 const _: () = assert!(size_of::<UdpHdr>() == UDP_LEN);
+const _: () = assert!(size_of::<IcmpHdr>() == ICMP_LEN);
+const _: () = assert!(core::mem::offset_of!(TcpHdr, flags) == 13);
 
 /// An address (IPv6, or IPv4-mapped) as the native-order 32-bit words of its wire bytes:
 /// the same words `lb_common::hash::addr_words` makes of the `[u8; 16]` form. Kept as words
@@ -140,7 +170,22 @@ pub fn store_addr(dst: &mut [u8; 16], a: &Addr) {
     unsafe { p.write(*a) }
 }
 
-/// What the balancer needs from a packet. Ports are in wire order.
+/// What a packet is to the balancer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A TCP or UDP packet of the flow.
+    Packet,
+    /// The first fragment of an IPv4 datagram (offset 0, more to come): its ports are
+    /// recorded for the later ones.
+    FirstFragment,
+    /// A later IPv4 fragment: no ports until they are found in the fragment table.
+    LaterFragment,
+    /// An ICMP/ICMPv6 error quoting a packet of the flow; the flow is given client-first,
+    /// as the client's own packets would give it.
+    IcmpError,
+}
+
+/// What the balancer needs from a packet: the client-to-VIP flow. Ports are in wire order.
 pub struct Flow {
     pub src: Addr,
     pub dst: Addr,
@@ -148,6 +193,23 @@ pub struct Flow {
     pub dport_be: u16,
     pub proto: u8,
     pub is_v6: bool,
+    /// TCP flags (0 for UDP and for ICMP errors).
+    pub tcp_flags: u8,
+    pub kind: Kind,
+    /// IPv4 identification (wire order), for fragments.
+    pub ip_id_be: u16,
+}
+
+impl Flow {
+    /// A packet that may start a binding: UDP, or a TCP SYN without ACK (Katran's rule: a
+    /// packet of a connection that was never seen must not create state, or spoofed
+    /// mid-connection packets would evict real clients).
+    #[inline(always)]
+    pub fn may_bind(&self) -> bool {
+        self.kind != Kind::IcmpError
+            && self.kind != Kind::LaterFragment
+            && (self.proto != PROTO_TCP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+    }
 }
 
 /// Pointer to a `T` at `off` bytes into the frame, if the whole `T` is inside it. This is the
@@ -229,18 +291,83 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
     if hlen < IPV4_MIN_LEN || tot < hlen || ctx.data() + l3 + tot > ctx.data_end() {
         return Err(reason::MALFORMED_IPV4);
     }
-    if u16::from_be_bytes(ip.frag_off) & IPV4_FRAG_OFFSET_MASK != 0 {
-        return Err(reason::PASS_FRAGMENT);
-    }
+    let frag = u16::from_be_bytes(ip.frag_off);
     let proto = ip.proto;
-    let (sport_be, dport_be) = ports(ctx, proto, l3 + hlen, tot - hlen)?;
-    Ok(Flow {
+    let mut flow = Flow {
         src: v4_mapped_words(&ip.src),
         dst: v4_mapped_words(&ip.dst),
-        sport_be,
-        dport_be,
+        sport_be: 0,
+        dport_be: 0,
         proto,
         is_v6: false,
+        tcp_flags: 0,
+        kind: Kind::Packet,
+        ip_id_be: u16::from_ne_bytes(ip.id),
+    };
+    if frag & IPV4_FRAG_OFFSET_MASK != 0 {
+        // No ports here: the caller looks them up by datagram.
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Err(reason::PASS_FRAGMENT);
+        }
+        flow.kind = Kind::LaterFragment;
+        return Ok(flow);
+    }
+    if proto == PROTO_ICMP {
+        return icmp_error_v4(ctx, l3 + hlen, tot - hlen);
+    }
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l3 + hlen, tot - hlen)?;
+    flow.sport_be = sport_be;
+    flow.dport_be = dport_be;
+    flow.tcp_flags = tcp_flags;
+    if frag & IPV4_MF != 0 {
+        flow.kind = Kind::FirstFragment;
+    }
+    Ok(flow)
+}
+
+/// The client-to-VIP flow quoted in an ICMP error at `l4` (`room` bytes of ICMP message).
+/// Errors are destination unreachable (3, which carries "fragmentation needed"), time
+/// exceeded (11) and parameter problem (12); other ICMP (echo, ...) is the host's.
+#[inline(always)]
+fn icmp_error_v4(ctx: &XdpContext, l4: usize, room: usize) -> Result<Flow, u32> {
+    let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
+    // SAFETY: checked by `ptr_at`.
+    let kind = unsafe { (*icmp).kind };
+    if kind != 3 && kind != 11 && kind != 12 {
+        return Err(reason::PASS_NOT_TCP_UDP);
+    }
+    let inner_l3 = l4 + ICMP_LEN;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(reason::MALFORMED_ICMP)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let vihl = ip.version_ihl;
+    let hlen = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || hlen < IPV4_MIN_LEN {
+        return Err(reason::MALFORMED_ICMP);
+    }
+    // A quoted later fragment has no ports; a quoted non-TCP/UDP packet is not a VIP flow.
+    if u16::from_be_bytes(ip.frag_off) & IPV4_FRAG_OFFSET_MASK != 0
+        || (ip.proto != PROTO_TCP && ip.proto != PROTO_UDP)
+    {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    let ports: *const PortsHdr = ptr_at(ctx, inner_l3 + hlen).ok_or(reason::MALFORMED_ICMP)?;
+    if room < ICMP_LEN + hlen + size_of::<PortsHdr>() {
+        return Err(reason::MALFORMED_ICMP);
+    }
+    // SAFETY: checked by `ptr_at`.
+    let (qs, qd) = unsafe { ((*ports).sport, (*ports).dport) };
+    // The quoted packet went from the VIP (a DSR backend's reply) to the client.
+    Ok(Flow {
+        src: v4_mapped_words(&ip.dst),
+        dst: v4_mapped_words(&ip.src),
+        sport_be: qd,
+        dport_be: qs,
+        proto: ip.proto,
+        is_v6: false,
+        tcp_flags: 0,
+        kind: Kind::IcmpError,
+        ip_id_be: 0,
     })
 }
 
@@ -262,10 +389,13 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
     // An IPv4-mapped destination never appears on the wire (RFC 4291 2.5.5.2); without this
     // it would match the IPv4 service with the same key.
     let dst = v6_words(&ip.dst);
-    if dst[0] | dst[1] == 0 && dst[2] == V4_MAPPED_WORD2 {
+    if is_v4_mapped(&dst) {
         return Err(reason::PASS_NOT_VIP);
     }
     let proto = ip.next_header;
+    if proto == PROTO_ICMPV6 {
+        return icmp_error_v6(ctx, l3 + IPV6_LEN, payload);
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(if is_ipv6_ext(proto) {
             reason::PASS_IPV6_EXT
@@ -273,7 +403,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
             reason::PASS_NOT_TCP_UDP
         });
     }
-    let (sport_be, dport_be) = ports(ctx, proto, l3 + IPV6_LEN, payload)?;
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l3 + IPV6_LEN, payload)?;
     Ok(Flow {
         src: v6_words(&ip.src),
         dst,
@@ -281,27 +411,80 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
         dport_be,
         proto,
         is_v6: true,
+        tcp_flags,
+        kind: Kind::Packet,
+        ip_id_be: 0,
     })
 }
 
-/// Ports of the TCP or UDP header at `l4`; `room` is what the IP header says follows it.
-/// The whole minimal header must be inside the datagram and the frame.
 #[inline(always)]
-fn ports(ctx: &XdpContext, proto: u8, l4: usize, room: usize) -> Result<(u16, u16), u32> {
+fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] | a[1] == 0 && a[2] == V4_MAPPED_WORD2
+}
+
+/// As [`icmp_error_v4`] for ICMPv6: destination unreachable (1), packet too big (2), time
+/// exceeded (3), parameter problem (4); informational messages (echo, neighbour discovery)
+/// are the host's.
+#[inline(always)]
+fn icmp_error_v6(ctx: &XdpContext, l4: usize, room: usize) -> Result<Flow, u32> {
+    let icmp: *const IcmpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
+    // SAFETY: checked by `ptr_at`.
+    let kind = unsafe { (*icmp).kind };
+    if !(1..=4).contains(&kind) {
+        return Err(reason::PASS_NOT_TCP_UDP);
+    }
+    let inner_l3 = l4 + ICMP_LEN;
+    let ip: *const Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(reason::MALFORMED_ICMP)?;
+    // SAFETY: checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return Err(reason::MALFORMED_ICMP);
+    }
+    // Quoted extension headers are not followed: such flows are not balanced either.
+    if ip.next_header != PROTO_TCP && ip.next_header != PROTO_UDP {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    let ports: *const PortsHdr = ptr_at(ctx, inner_l3 + IPV6_LEN).ok_or(reason::MALFORMED_ICMP)?;
+    if room < ICMP_LEN + IPV6_LEN + size_of::<PortsHdr>() {
+        return Err(reason::MALFORMED_ICMP);
+    }
+    let vip = v6_words(&ip.src);
+    if is_v4_mapped(&vip) {
+        return Err(reason::PASS_NOT_VIP);
+    }
+    // SAFETY: checked by `ptr_at`.
+    let (qs, qd) = unsafe { ((*ports).sport, (*ports).dport) };
+    Ok(Flow {
+        src: v6_words(&ip.dst),
+        dst: vip,
+        sport_be: qd,
+        dport_be: qs,
+        proto: ip.next_header,
+        is_v6: true,
+        tcp_flags: 0,
+        kind: Kind::IcmpError,
+        ip_id_be: 0,
+    })
+}
+
+/// Ports (and TCP flags) of the TCP or UDP header at `l4`; `room` is what the IP header says
+/// follows it. The whole minimal header must be inside the datagram and the frame.
+#[inline(always)]
+fn ports(ctx: &XdpContext, proto: u8, l4: usize, room: usize) -> Result<(u16, u16, u8), u32> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
         if room < TCP_MIN_LEN {
             return Err(reason::MALFORMED_L4);
         }
         // SAFETY: checked by `ptr_at`.
-        Ok(unsafe { ((*tcp).sport, (*tcp).dport) })
+        Ok(unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).flags) })
     } else if proto == PROTO_UDP {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
         if room < UDP_LEN {
             return Err(reason::MALFORMED_L4);
         }
         // SAFETY: checked by `ptr_at`.
-        Ok(unsafe { ((*udp).sport, (*udp).dport) })
+        Ok(unsafe { ((*udp).sport, (*udp).dport, 0) })
     } else {
         Err(reason::PASS_NOT_TCP_UDP)
     }

@@ -1,6 +1,11 @@
 //! Source-IP persistence: the client's (masked) address is bound to a backend in the shared
 //! LRU table. A hit costs one lookup; last-seen is refreshed by a plain store at most every
 //! `PERSIST_REFRESH_NS`; the table is only updated when a binding is made or changed.
+//!
+//! Only a packet that may start a flow (UDP, a TCP SYN) writes the table, and each CPU makes
+//! at most `Globals::new_bindings_per_cpu` new bindings per window: spoofed mid-connection
+//! packets and source floods are forwarded by Maglev without evicting real clients. ICMP
+//! errors and later fragments only read it.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -9,12 +14,14 @@ use lb_common::{
     hash::{client_hash, flow_hash},
 };
 
+use lb_common::{RATE_WINDOW_NS, event as events};
+
 use crate::{
     Verdict,
-    maps::{TETHER_BACKENDS, TETHER_PERSIST},
-    parse::{Addr, Aligned, Flow, addr_bytes, store_addr},
+    maps::{TETHER_BACKENDS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
+    parse::{Addr, Aligned, Flow, Kind, addr_bytes, store_addr},
     select,
-    stats::Event,
+    stats::{self, Event},
 };
 
 /// The backend a packet goes to, and what happened to the client's binding.
@@ -110,6 +117,29 @@ pub fn choose(
     }
 
     let (id, backend) = select::pick(svc, client_hash(svc.index, &key.addr_be), svc_stat)?;
+    if !flow.may_bind() {
+        // Forwarded where a new binding would go, with nothing stored. An ICMP error or a
+        // later fragment is not a new client; a TCP packet without SYN is counted.
+        if flow.kind == Kind::Packet || flow.kind == Kind::FirstFragment {
+            stats::count_event(events::NON_SYN_UNBOUND);
+        }
+        return Ok(Choice {
+            id,
+            backend,
+            event: Event::None,
+        });
+    }
+    // A new key grows the table (and may evict someone once this CPU's share is full);
+    // rewriting an expired or re-assigned entry does not.
+    if event == Event::New && !take_new_binding(now) {
+        stats::count_event(events::BINDING_RATE_LIMITED);
+        svc_stat.bindings_refused += 1;
+        return Ok(Choice {
+            id,
+            backend,
+            event: Event::None,
+        });
+    }
     let value = PersistValue {
         backend: id,
         _pad: 0,
@@ -119,6 +149,35 @@ pub fn choose(
         // Not stored (should not happen with an LRU map): the packet still goes to the
         // backend the hash picked, but no binding was made.
         event = Event::None;
+    } else if event == Event::New {
+        stats::count_event(events::BINDING_CREATED);
     }
     Ok(Choice { id, backend, event })
+}
+
+/// Whether this CPU may create one more binding in the current window (and count it).
+#[inline(always)]
+fn take_new_binding(now: u64) -> bool {
+    let cap = match TETHER_GLOBALS.get(0) {
+        Some(g) => g.new_bindings_per_cpu as u64,
+        None => 0,
+    };
+    if cap == 0 {
+        return true;
+    }
+    let Some(w) = TETHER_RATE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot; no other writer while the program runs on it.
+    let w = unsafe { &mut *w };
+    // A window that has not begun (a start ahead of this CPU's clock) stays current.
+    if now >= w.start_ns.saturating_add(RATE_WINDOW_NS) {
+        w.start_ns = now;
+        w.count = 0;
+    }
+    if w.count >= cap {
+        return false;
+    }
+    w.count += 1;
+    true
 }

@@ -2,7 +2,7 @@
 
 use lb_common::TrafficCounters;
 
-use crate::maps::{TETHER_BE_STAT, TETHER_REASONS, TETHER_SVC_STAT};
+use crate::maps::{TETHER_BE_STAT, TETHER_EVENTS, TETHER_REASONS, TETHER_SVC_STAT};
 
 /// What happened to the client's persistence binding.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,15 @@ pub enum Event {
 #[inline(always)]
 pub fn count_reason(reason: u32) {
     if let Some(c) = TETHER_REASONS.get_ptr_mut(reason) {
+        // SAFETY: a per-CPU slot has no other writer during this run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Count one event (`lb_common::event`).
+#[inline(always)]
+pub fn count_event(event: u32) {
+    if let Some(c) = TETHER_EVENTS.get_ptr_mut(event) {
         // SAFETY: a per-CPU slot has no other writer during this run.
         unsafe { *c += 1 };
     }

@@ -2,6 +2,7 @@
 //! packet builders for BPF_PROG_TEST_RUN fixtures and network-namespace topologies.
 
 pub mod daemon;
+pub mod fixture;
 pub mod http;
 pub mod l4lab;
 pub mod l7lab;

@@ -10,395 +10,29 @@
 
 use std::{
     cell::Cell,
-    net::{Ipv4Addr, Ipv6Addr},
-    os::fd::AsFd as _,
+    net::Ipv6Addr,
     panic::{AssertUnwindSafe, catch_unwind},
-    path::PathBuf,
     rc::Rc,
-    sync::{
-        Once,
-        atomic::{AtomicU32, Ordering},
-    },
 };
 
-use aya::{
-    Ebpf,
-    maps::{Array, DevMapHash, HashMap, Map, MapInfo, MapType, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::maps::{MapInfo, MapType};
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
-    Backend, DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, MAGLEV_ENTRIES, MAGLEV_TABLE_SIZE,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV, MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, NO_BACKEND,
-    PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP,
-    PersistKey, PersistValue, SERVICE_F_L7, Service, ServiceKey, TrafficCounters,
+    Backend, DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, FRAG_ENTRIES, FragKey, FragValue, Globals,
+    MAGLEV_ENTRIES, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FRAGS, MAP_GLOBALS,
+    MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS,
+    PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, RateWindow,
+    SERVICE_F_L7, Service, ServiceKey, TrafficCounters, event,
     hash::{client_hash, flow_hash},
-    maglev_index, prefix_mask, reason, v4_mapped,
+    prefix_mask, reason, v4_mapped,
 };
-use tether::dataplane::EBPF_OBJECT;
 use tether_tests::packet::{
-    ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, Frame, IPPROTO_ICMP, IPPROTO_ICMPV6, Mac, PacketBuilder,
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, Frame, IPPROTO_ICMP, IPPROTO_ICMPV6, PacketBuilder,
+    TCP_ACK, TCP_SYN,
 };
 
-// XDP actions (linux/bpf.h).
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-/// Small persistence table: the tests need a handful of entries, not the default million.
-const PERSIST_ENTRIES: u32 = 1024;
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// BPF_PROG_TEST_RUN's minimum input (an Ethernet header).
-const MIN_TEST_RUN_LEN: usize = 14;
-
-// The test topology: clients, VIPs and backends.
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const CLIENT_SAME_24: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
-const CLIENT_OTHER_24: Ipv4Addr = Ipv4Addr::new(192, 0, 3, 10);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const NOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, 0x10);
-const CLIENT6_SAME_64: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
-const HTTP: u16 = 80;
-const HTTPS: u16 = 443;
-const DNS: u16 = 53;
-const SPORT: u16 = 40000;
-
-const SVC_TCP: u32 = 0;
-const SVC_UDP: u32 = 1;
-const SVC_TCP6: u32 = 2;
-const SVC_UDP6: u32 = 3;
-
-const BE_A: u32 = 1;
-const BE_B: u32 = 2;
-const BE_C: u32 = 7;
-/// The interface the test runs see as ingress: BPF_PROG_TEST_RUN without an ingress ifindex
-/// uses the loopback device of the caller's namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
-/// A devmap key that is not the ingress interface, pointing at the loopback device (which
-/// exists in every namespace): the program redirects through `TETHER_TX_PORTS[ifindex]`.
-const OTHER_IFINDEX: u32 = 1000;
-
-fn be_mac_dst(id: u32) -> Mac {
-    [0x02, 0xbe, 0, 0, 0, id as u8]
-}
-fn be_mac_src(id: u32) -> Mac {
-    [0x02, 0x1b, 0, 0, 0, id as u8]
-}
-
-// ---------------------------------------------------------------------------------------
-// Fixture: one loaded object with its own pin directory.
-// ---------------------------------------------------------------------------------------
-
-fn ensure_bpffs() {
-    static MOUNT: Once = Once::new();
-    MOUNT.call_once(|| {
-        // SAFETY: plain libc calls with valid, NUL-terminated arguments.
-        unsafe {
-            let mut st: libc::statfs = std::mem::zeroed();
-            if libc::statfs(c"/sys/fs/bpf".as_ptr(), &mut st) == 0
-                && st.f_type as i64 == BPF_FS_MAGIC
-            {
-                return;
-            }
-            let rc = libc::mount(
-                c"bpf".as_ptr(),
-                c"/sys/fs/bpf".as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            );
-            assert_eq!(
-                rc,
-                0,
-                "mounting bpffs on /sys/fs/bpf: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    });
-}
-
-struct Fixture {
-    ebpf: Ebpf,
-    dir: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // Unpinning is enough: the maps go away when the last fd (in `ebpf`) closes.
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Fixture {
-    fn new() -> Self {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        ensure_bpffs();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/tether-fixtures-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating pin dir {}: {e}", dir.display()));
-        // Pinned by name as the daemon does, so the map contract can be checked on the pins.
-        let ebpf = tether::dataplane::pinned_loader(&dir, PERSIST_ENTRIES).load(EBPF_OBJECT);
-        let mut ebpf = match ebpf {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                panic!("loading the XDP object: {e:?}");
-            }
-        };
-        for name in [PROG_XDP, PROG_PASS, PROG_SWAP_TX, PROG_DROP] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing from the object"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("program {name} is not XDP: {e}"));
-            if let Err(e) = prog.load() {
-                let _ = std::fs::remove_dir_all(&dir);
-                panic!("verifying {name}: {e:?}");
-            }
-        }
-        Fixture { ebpf, dir }
-    }
-
-    fn add_service(&mut self, key: ServiceKey, svc: Service) {
-        let mut m: HashMap<_, ServiceKey, Service> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
-        m.insert(key, svc, 0).expect("insert service");
-    }
-
-    fn set_backend(&mut self, id: u32, be: Backend) {
-        let mut m: Array<_, Backend> =
-            Array::try_from(self.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
-        m.set(id, be, 0).expect("set backend");
-    }
-
-    /// Fill a whole Maglev table: entry `i` gets `ids[i % ids.len()]` (one batch update, as
-    /// the daemon writes tables).
-    fn fill_table(&mut self, svc: u32, slot: u32, ids: &[u32]) {
-        let Some(Map::Array(data)) = self.ebpf.map(MAP_MAGLEV) else {
-            panic!("{MAP_MAGLEV} is not an array");
-        };
-        let keys: Vec<u32> = (0..MAGLEV_TABLE_SIZE)
-            .map(|h| maglev_index(svc, slot, h))
-            .collect();
-        let values: Vec<u32> = (0..MAGLEV_TABLE_SIZE as usize)
-            .map(|h| ids[h % ids.len()])
-            .collect();
-        tether::dataplane::batch::update_u32(data.fd().as_fd(), &keys, &values)
-            .unwrap_or_else(|e| panic!("batch update of {MAP_MAGLEV}: {e}"));
-    }
-
-    /// Set the one Maglev entry a hash selects.
-    fn set_entry(&mut self, svc: u32, slot: u32, hash: u32, id: u32) {
-        let mut m: Array<_, u32> = Array::try_from(self.ebpf.map_mut(MAP_MAGLEV).unwrap()).unwrap();
-        m.set(maglev_index(svc, slot, hash), id, 0)
-            .expect("set maglev entry");
-    }
-
-    fn set_persist(&mut self, key: PersistKey, value: PersistValue) {
-        let mut m: HashMap<_, PersistKey, PersistValue> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_PERSIST).unwrap()).unwrap();
-        m.insert(key, value, 0).expect("insert persist entry");
-    }
-
-    fn persist(&self, key: &PersistKey) -> Option<PersistValue> {
-        let m: HashMap<_, PersistKey, PersistValue> =
-            HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
-        m.get(key, 0).ok()
-    }
-
-    fn persist_len(&self) -> usize {
-        let m: HashMap<_, PersistKey, PersistValue> =
-            HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
-        m.keys().count()
-    }
-
-    fn add_tx_port(&mut self, key: u32, ifindex: u32) {
-        let mut m = DevMapHash::try_from(self.ebpf.map_mut(MAP_TX_PORTS).unwrap()).unwrap();
-        m.insert(key, ifindex, None, 0).expect("insert tx port");
-    }
-
-    fn reasons(&self) -> Vec<u64> {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_REASONS).unwrap()).unwrap();
-        (0..reason::COUNT)
-            .map(|r| m.get(&r, 0).expect("reason slot").iter().sum())
-            .collect()
-    }
-
-    fn counters(&self, map: &str, index: u32) -> TrafficCounters {
-        let m: PerCpuArray<_, TrafficCounters> =
-            PerCpuArray::try_from(self.ebpf.map(map).unwrap()).unwrap();
-        TrafficCounters::sum(m.get(&index, 0).expect("counter slot").iter())
-    }
-
-    fn svc_stat(&self, index: u32) -> TrafficCounters {
-        self.counters(MAP_SERVICE_STATS, index)
-    }
-
-    fn be_stat(&self, id: u32) -> TrafficCounters {
-        self.counters(MAP_BACKEND_STATS, id)
-    }
-
-    /// Run `prog` once on `frame` (repeat=1: `repeat` would reuse the rewritten buffer).
-    /// Returns the action and the output frame.
-    ///
-    /// BPF_PROG_TEST_RUN refuses inputs shorter than an Ethernet header, so a shorter frame
-    /// is passed as the linear part (`xdp_md.data_end`) of a 14-byte input whose zero tail
-    /// goes into a fragment the program cannot see: to the program it is a `len`-byte frame.
-    fn run_prog(&self, prog: &str, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut input = frame.to_vec();
-        input.resize(frame.len().max(MIN_TEST_RUN_LEN), 0);
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. No metadata; ingress 0 means the caller's loopback device.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; input.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e:?}", frame.len()));
-        out.truncate(res.data_size_out as usize);
-        if frame.len() < MIN_TEST_RUN_LEN {
-            assert_eq!(
-                out.get(frame.len()..),
-                Some(&input[frame.len()..]),
-                "hidden tail of a {}-byte frame changed",
-                frame.len()
-            );
-            out.truncate(frame.len());
-        }
-        (res.return_value, out)
-    }
-
-    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.run_prog(PROG_XDP, frame, 0)
-    }
-}
-
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec. bpf_ktime_get_coarse_ns reads this clock.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    assert_eq!(rc, 0);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-// ---------------------------------------------------------------------------------------
-// Map values.
-// ---------------------------------------------------------------------------------------
-
-fn skey4(addr: Ipv4Addr, port: u16, proto: u8) -> ServiceKey {
-    ServiceKey {
-        addr_be: v4_mapped(addr.octets()),
-        port_be: port.to_be(),
-        proto,
-        _pad: 0,
-    }
-}
-
-fn skey6(addr: Ipv6Addr, port: u16, proto: u8) -> ServiceKey {
-    ServiceKey {
-        addr_be: addr.octets(),
-        port_be: port.to_be(),
-        proto,
-        _pad: 0,
-    }
-}
-
-/// A service with persistence `timeout_s` seconds (0: none), prefixes /24 and /64.
-fn service(index: u32, timeout_s: u64) -> Service {
-    Service {
-        index,
-        flags: 0,
-        timeout_ns: timeout_s * 1_000_000_000,
-        maglev_slot: 0,
-        down_policy: DOWN_POLICY_IMMEDIATE,
-        v4_mask_be: prefix_mask::<4>(24),
-        _pad0: [0; 4],
-        v6_mask_be: prefix_mask::<16>(64),
-    }
-}
-
-fn backend(id: u32, state: u32, ifindex: u32) -> Backend {
-    Backend {
-        addr_be: v4_mapped([10, 0, 1, id as u8]),
-        mac_dst: be_mac_dst(id),
-        mac_src: be_mac_src(id),
-        ifindex,
-        state,
-        identity: 0,
-    }
-}
-
-fn masked4(addr: Ipv4Addr, prefix: u8) -> [u8; 16] {
-    let m = prefix_mask::<4>(prefix);
-    let o = addr.octets();
-    v4_mapped([o[0] & m[0], o[1] & m[1], o[2] & m[2], o[3] & m[3]])
-}
-
-fn masked6(addr: Ipv6Addr, prefix: u8) -> [u8; 16] {
-    let m = prefix_mask::<16>(prefix);
-    let mut o = addr.octets();
-    for (b, m) in o.iter_mut().zip(m) {
-        *b &= m;
-    }
-    o
-}
-
-fn pkey4(svc: u32, client: Ipv4Addr, prefix: u8) -> PersistKey {
-    PersistKey {
-        service: svc,
-        addr_be: masked4(client, prefix),
-    }
-}
-
-fn pval(backend: u32, last_seen_ns: u64) -> PersistValue {
-    PersistValue {
-        backend,
-        _pad: 0,
-        last_seen_ns,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Packets.
-// ---------------------------------------------------------------------------------------
-
-fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> PacketBuilder {
-    PacketBuilder::tcp4(src, sport, dst, dport).payload(b"GET / HTTP/1.0\r\n\r\n")
-}
-
-fn vip_tcp4(sport: u16) -> PacketBuilder {
-    tcp4(CLIENT, sport, VIP, HTTP)
-}
-
-fn vip_tcp6(sport: u16) -> PacketBuilder {
-    PacketBuilder::tcp6(CLIENT6, sport, VIP6, HTTPS).payload(b"\x16\x03\x01")
-}
-
-/// The frame the balancer should send to backend `id`.
-fn to_backend(f: &Frame, id: u32) -> Vec<u8> {
-    f.with_macs(be_mac_src(id), be_mac_dst(id)).bytes
-}
+use tether_tests::fixture::*;
 
 // ---------------------------------------------------------------------------------------
 // Table-driven cases.
@@ -612,6 +246,7 @@ fn forwarding_and_parsing() {
     let first_frag = vip_tcp4(SPORT).fragment(true, 0).build();
     let later_frag = vip_tcp4(SPORT).fragment(true, 185).build();
     let last_frag = vip_tcp4(SPORT).fragment(false, 370).build();
+    let other_frag = vip_tcp4(SPORT).ip_id(0x4321).fragment(true, 185).build();
     let padded = PacketBuilder::udp4(CLIENT, SPORT, VIP, DNS)
         .build()
         .padded(60);
@@ -811,14 +446,37 @@ fn forwarding_and_parsing() {
             no_check,
         ),
         case(
-            "first fragment (MF, offset 0) is balanced, later fragments pass",
-            |fx| setup_v4(fx, 0),
+            "first fragment (MF, offset 0) is balanced; later fragments follow it",
+            |fx| {
+                setup_v4(fx, 0);
+                // This flow's entry names B: the later fragments (no ports of their own)
+                // must be sent by the ports their first fragment carried.
+                let h = flow_hash(
+                    SVC_TCP,
+                    &v4_mapped(CLIENT.octets()),
+                    SPORT.to_be(),
+                    HTTP.to_be(),
+                );
+                fx.set_entry(SVC_TCP, 0, h, BE_B);
+            },
             vec![
-                tx(&first_frag, BE_A),
-                pass(later_frag.bytes.clone(), reason::PASS_FRAGMENT),
-                pass(last_frag.bytes.clone(), reason::PASS_FRAGMENT),
+                // Another datagram's later fragment, never seen first: passed and counted.
+                pass(other_frag.bytes.clone(), reason::PASS_FRAGMENT),
+                tx(&first_frag, BE_B),
+                step(
+                    later_frag.bytes.clone(),
+                    XDP_TX,
+                    Out::Bytes(to_backend(&later_frag, BE_B)),
+                    reason::FWD_FRAGMENT,
+                ),
+                step(
+                    last_frag.bytes.clone(),
+                    XDP_TX,
+                    Out::Bytes(to_backend(&last_frag, BE_B)),
+                    reason::FWD_FRAGMENT,
+                ),
             ],
-            no_check,
+            |fx| assert_eq!(fx.event(event::FRAG_TRACKED), 1, "one datagram tracked"),
         ),
         case(
             "no backend in the pool drops and counts no_backend",
@@ -1202,6 +860,199 @@ fn persistence() {
 
 /// Truncation at every length up to the end of the L4 header, and broken IP headers: the
 /// program must pass (never forward, abort or change) them, with the right reason.
+/// A router on the path to the client, which sends ICMP errors to the VIP.
+const ROUTER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 1);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+
+/// An ICMP error about a packet the VIP sent from `vip_port` to `client:cport` (a DSR
+/// backend's reply), quoting its IP header and `quote_l4` bytes of its TCP/UDP header.
+fn icmp4_error(
+    kind: u8,
+    code: u8,
+    client: std::net::Ipv4Addr,
+    cport: u16,
+    vip_port: u16,
+    udp: bool,
+    quote_l4: usize,
+) -> Frame {
+    let reply = if udp {
+        PacketBuilder::udp4(VIP, vip_port, client, cport)
+    } else {
+        PacketBuilder::tcp4(VIP, vip_port, client, cport)
+    }
+    .build();
+    // Type, code, checksum (not checked on this path), then "next-hop MTU" 1400.
+    let mut msg = vec![kind, code, 0, 0, 0, 0, 0x05, 0x78];
+    msg.extend_from_slice(&reply.bytes[reply.l3..reply.l4 + quote_l4]);
+    PacketBuilder::raw4(ROUTER, VIP, IPPROTO_ICMP, &msg).build()
+}
+
+/// ICMPv6 "packet too big" about a packet VIP6:443 sent to CLIENT6:SPORT.
+fn icmp6_too_big() -> Frame {
+    let reply = PacketBuilder::tcp6(VIP6, HTTPS, CLIENT6, SPORT).build();
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+    msg.extend_from_slice(&reply.bytes[reply.l3..reply.l4 + 8]);
+    PacketBuilder::raw6(ROUTER6, VIP6, IPPROTO_ICMPV6, &msg).build()
+}
+
+fn fwd(f: &Frame, id: u32, reason: u32) -> Step {
+    step(
+        f.bytes.clone(),
+        XDP_TX,
+        Out::Bytes(to_backend(f, id)),
+        reason,
+    )
+}
+
+/// What must not create state (TCP without SYN, ICMP errors), the per-CPU cap on new
+/// bindings, and ICMP errors about VIP flows reaching the flow's backend.
+#[test]
+fn hostile_and_control_traffic() {
+    let ack = vip_tcp4(SPORT).tcp_flags(TCP_ACK, 100, 200).build();
+    let syn_ack = vip_tcp4(SPORT)
+        .tcp_flags(TCP_SYN | TCP_ACK, 100, 200)
+        .build();
+    let syn = vip_tcp4(SPORT).build();
+    let syn2 = vip_tcp4(SPORT + 1).build();
+    let third = std::net::Ipv4Addr::new(203, 0, 113, 9);
+    let syn_other = tcp4(CLIENT_OTHER_24, SPORT, VIP, HTTP).build();
+    let syn_third = tcp4(third, SPORT, VIP, HTTP).build();
+    let frag_needed = icmp4_error(3, 4, CLIENT, SPORT, HTTP, false, 8);
+    let time_exceeded_udp = icmp4_error(11, 0, CLIENT, SPORT, DNS, true, 8);
+    let not_vip_flow = icmp4_error(3, 4, CLIENT, SPORT, 9999, false, 8);
+    let cut_short = icmp4_error(3, 4, CLIENT, SPORT, HTTP, false, 2);
+    let too_big6 = icmp6_too_big();
+    let key = pkey4(SVC_TCP, CLIENT, 24);
+    let client_entry = client_hash(SVC_TCP, &masked4(CLIENT, 24));
+
+    let cases = vec![
+        case(
+            "tcp without SYN from an unseen client is forwarded by Maglev and binds nothing",
+            |fx| setup_v4(fx, 300),
+            vec![
+                tx(&ack, BE_A),
+                tx(&syn_ack, BE_A),
+                // The SYN binds; later the pool changes, and the client's ACKs stay.
+                tx(&syn, BE_A),
+                tx(&ack, BE_A).before(|fx| fx.fill_table(SVC_TCP, 0, &[BE_B])),
+            ],
+            move |fx| {
+                assert_eq!(fx.persist(&key).map(|v| v.backend), Some(BE_A));
+                assert_eq!(fx.persist_len(), 1, "only the SYN made a binding");
+                assert_eq!(fx.event(event::NON_SYN_UNBOUND), 2);
+                assert_eq!(fx.event(event::BINDING_CREATED), 1);
+                let s = fx.svc_stat(SVC_TCP);
+                assert_eq!((s.new_assignments, s.persist_hits), (1, 1));
+            },
+        ),
+        case(
+            "new bindings beyond the per-CPU cap are forwarded but not stored",
+            |fx| {
+                setup_v4(fx, 300);
+                fx.set_globals(Globals {
+                    new_bindings_per_cpu: 2,
+                    _pad: 0,
+                });
+                fx.freeze_rate_window();
+            },
+            vec![
+                tx(&syn, BE_A),
+                tx(&syn_other, BE_A),
+                tx(&syn_third, BE_A),
+                // A bound client's new connection is a hit: the cap does not apply.
+                tx(&syn2, BE_A),
+            ],
+            move |fx| {
+                assert_eq!(fx.persist_len(), 2, "the third client was not stored");
+                assert_eq!(fx.event(event::BINDING_RATE_LIMITED), 1);
+                assert_eq!(fx.event(event::BINDING_CREATED), 2);
+                let s = fx.svc_stat(SVC_TCP);
+                assert_eq!(
+                    (s.bindings_refused, s.new_assignments, s.persist_hits),
+                    (1, 2, 1)
+                );
+            },
+        ),
+        case(
+            "fragmentation needed for a bound client goes to its backend, unchanged but the MACs",
+            move |fx| {
+                setup_v4(fx, 300);
+                fx.set_backend(BE_B, backend(BE_B, BACKEND_UP, 0));
+                fx.set_persist(key, pval(BE_B, coarse_now_ns()));
+            },
+            vec![fwd(&frag_needed, BE_B, reason::FWD_ICMP_ERROR)],
+            move |fx| {
+                assert_eq!(fx.persist(&key).map(|v| v.backend), Some(BE_B));
+                assert_eq!(fx.persist_len(), 1);
+                assert_eq!(fx.be_stat(BE_B).packets, 1);
+            },
+        ),
+        case(
+            "an ICMP error for an unbound client goes where its first packet would, binding nothing",
+            move |fx| {
+                setup_v4(fx, 300);
+                fx.set_entry(SVC_TCP, 0, client_entry, BE_B);
+            },
+            vec![fwd(&frag_needed, BE_B, reason::FWD_ICMP_ERROR)],
+            |fx| {
+                assert_eq!(fx.persist_len(), 0);
+                assert_eq!(fx.event(event::NON_SYN_UNBOUND), 0, "not a TCP packet");
+            },
+        ),
+        case(
+            "an ICMP error about a flow of a service without persistence follows the flow hash",
+            |fx| {
+                setup_v4(fx, 0);
+                let h = flow_hash(
+                    SVC_UDP,
+                    &v4_mapped(CLIENT.octets()),
+                    SPORT.to_be(),
+                    DNS.to_be(),
+                );
+                fx.set_entry(SVC_UDP, 0, h, BE_B);
+            },
+            vec![fwd(&time_exceeded_udp, BE_B, reason::FWD_ICMP_ERROR)],
+            no_check,
+        ),
+        case(
+            "ICMP errors about other flows, or cut short, go to the host",
+            |fx| setup_v4(fx, 300),
+            vec![
+                pass(not_vip_flow.bytes.clone(), reason::PASS_NOT_VIP),
+                pass(cut_short.bytes.clone(), reason::MALFORMED_ICMP),
+            ],
+            |fx| assert_eq!(fx.persist_len(), 0),
+        ),
+        case(
+            "an ICMP error about an L7 service's flow is the host's",
+            |fx| {
+                setup_v4(fx, 300);
+                let mut s = service(SVC_TCP, 300);
+                s.flags = SERVICE_F_L7;
+                fx.add_service(skey4(VIP, HTTP, PROTO_TCP), s);
+            },
+            vec![pass(frag_needed.bytes.clone(), reason::PASS_L7)],
+            no_check,
+        ),
+        case(
+            "ICMPv6 packet too big reaches the bound backend",
+            |fx| {
+                setup_v6(fx, 300);
+                fx.set_persist(
+                    PersistKey {
+                        service: SVC_TCP6,
+                        addr_be: masked6(CLIENT6, 64),
+                    },
+                    pval(BE_B, coarse_now_ns()),
+                );
+            },
+            vec![fwd(&too_big6, BE_B, reason::FWD_ICMP_ERROR)],
+            no_check,
+        ),
+    ];
+    run_table(cases);
+}
+
 #[test]
 fn malformed_frames_pass_unchanged() {
     let mut fx = Fixture::new();
@@ -1403,7 +1254,7 @@ fn auxiliary_programs() {
 #[test]
 fn maps_match_the_contract() {
     let fx = Fixture::new();
-    let expect: [(&str, MapType, usize, usize, u32); 8] = [
+    let expect: [(&str, MapType, usize, usize, u32); 12] = [
         (
             MAP_SERVICES,
             MapType::Hash,
@@ -1442,7 +1293,23 @@ fn maps_match_the_contract() {
             size_of::<TrafficCounters>(),
             MAX_BACKENDS,
         ),
-        (MAP_REASONS, MapType::PerCpuArray, 4, 8, reason::COUNT),
+        (MAP_REASONS, MapType::PerCpuArray, 4, 8, reason::SLOTS),
+        (MAP_EVENTS, MapType::PerCpuArray, 4, 8, event::SLOTS),
+        (MAP_GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
+        (
+            MAP_RATE,
+            MapType::PerCpuArray,
+            4,
+            size_of::<RateWindow>(),
+            1,
+        ),
+        (
+            MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            FRAG_ENTRIES,
+        ),
     ];
     assert_eq!(
         expect.iter().map(|e| e.0).collect::<Vec<_>>(),
