@@ -124,8 +124,20 @@ impl Drop for Fixture {
     }
 }
 
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Fixture {
     pub fn new() -> Self {
+        Self::with_persist_entries(PERSIST_ENTRIES)
+    }
+
+    /// A fixture whose persistence table has `entries` entries (split evenly over the
+    /// possible CPUs by `BPF_F_NO_COMMON_LRU`).
+    pub fn with_persist_entries(entries: u32) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         ensure_bpffs();
         let dir = PathBuf::from(format!(
@@ -137,7 +149,7 @@ impl Fixture {
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("creating pin dir {}: {e}", dir.display()));
         // Pinned by name as the daemon does, so the map contract can be checked on the pins.
-        let ebpf = tether::dataplane::pinned_loader(&dir, PERSIST_ENTRIES).load(EBPF_OBJECT);
+        let ebpf = tether::dataplane::pinned_loader(&dir, entries).load(EBPF_OBJECT);
         let mut ebpf = match ebpf {
             Ok(e) => e,
             Err(e) => {
