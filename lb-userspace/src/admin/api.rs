@@ -15,9 +15,27 @@ pub struct Status {
     /// Entries in the persistence table (expired included) at the last census; `null` when
     /// the table could not be read.
     pub persist_entries: Option<u64>,
+    /// The persistence table's capacity, the new-binding cap and what the data path did.
+    pub persist_table: PersistTableStatus,
     pub services: Vec<ServiceStatus>,
     /// Packets per verdict reason, every reason present.
     pub reasons: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistTableStatus {
+    pub capacity: u32,
+    pub possible_cpus: u32,
+    /// Each CPU's share: a CPU that fills it evicts its least recently used bindings.
+    pub per_cpu_capacity: u32,
+    /// New bindings each CPU may create per second (0: no cap).
+    pub new_bindings_per_cpu_s: u32,
+    pub bindings_created: u64,
+    pub bindings_rate_limited: u64,
+    /// TCP packets without SYN and without a binding: forwarded by Maglev, not stored.
+    pub non_syn_unbound: u64,
+    /// `null` when the table could not be read.
+    pub evictions_estimate: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

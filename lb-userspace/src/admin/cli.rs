@@ -258,6 +258,23 @@ pub fn render_status(s: &api::Status) -> String {
         s.xdp_mode,
         duration(s.uptime_s)
     );
+    let t = &s.persist_table;
+    let cap = match t.new_bindings_per_cpu_s {
+        0 => "no cap on new bindings".to_string(),
+        n => format!("at most {n} new bindings/s per CPU"),
+    };
+    let _ = writeln!(
+        out,
+        "persistence table: {} entries, {} per CPU ({} possible CPUs), {cap}; created {}, refused by the cap {}, TCP without SYN unbound {}, evicted about {}",
+        t.capacity,
+        t.per_cpu_capacity,
+        t.possible_cpus,
+        t.bindings_created,
+        t.bindings_rate_limited,
+        t.non_syn_unbound,
+        t.evictions_estimate
+            .map_or("unknown".to_string(), |n| n.to_string())
+    );
     for svc in &s.services {
         let vip = match svc.vip {
             IpAddr::V6(a) => format!("[{a}]"),

@@ -5,8 +5,11 @@
 
 use std::{collections::HashMap, fmt::Write as _, path::Path};
 
-use aya::maps::{Map, MapData, MapError, PerCpuArray};
-use lb_common::{MAP_BACKEND_STATS, MAP_REASONS, MAP_SERVICE_STATS, TrafficCounters, reason};
+use aya::maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray};
+use lb_common::{
+    Globals, MAP_BACKEND_STATS, MAP_EVENTS, MAP_GLOBALS, MAP_PERSIST, MAP_REASONS,
+    MAP_SERVICE_STATS, TrafficCounters, event, reason,
+};
 
 use crate::{persist::Census, state::Snapshot};
 
@@ -22,6 +25,36 @@ pub struct KernelCounters {
     pub backends: HashMap<u32, TrafficCounters>,
     /// Packets per verdict reason (`lb_common::reason`).
     pub reasons: [u64; reason::COUNT as usize],
+    /// Data-path events (`lb_common::event`).
+    pub events: [u64; event::COUNT as usize],
+    /// The persistence table's size and how the data path fills it.
+    pub table: TableFacts,
+}
+
+/// The persistence table as created, and the cap on new bindings in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFacts {
+    pub capacity: u32,
+    pub possible_cpus: u32,
+    /// New bindings each CPU may make per second (0: no cap).
+    pub new_bindings_per_cpu_s: u32,
+}
+
+impl TableFacts {
+    /// Each CPU's share of the table (`BPF_F_NO_COMMON_LRU`).
+    pub fn per_cpu(&self) -> u32 {
+        self.capacity / self.possible_cpus.max(1)
+    }
+}
+
+impl KernelCounters {
+    /// LRU evictions, estimated: bindings the data path created that are neither in the
+    /// table now nor deleted by the daemon (`entries` from a census).
+    pub fn evictions_estimate(&self, entries: u64) -> u64 {
+        let created = self.events[event::BINDING_CREATED as usize];
+        let deleted = self.events[event::USER_DELETED as usize];
+        created.saturating_sub(entries + deleted)
+    }
 }
 
 impl KernelCounters {
@@ -87,6 +120,30 @@ pub fn read(pin_dir: &Path, snap: &Snapshot) -> Result<KernelCounters, CountersE
             })?;
         *slot = v.iter().sum();
     }
+    let events = per_cpu::<u64>(pin_dir, MAP_EVENTS)?;
+    for (e, slot) in out.events.iter_mut().enumerate() {
+        let v = events
+            .get(&(e as u32), 0)
+            .map_err(|source| CountersError::Map {
+                name: MAP_EVENTS,
+                source,
+            })?;
+        *slot = v.iter().sum();
+    }
+    let path = pin_dir.join(MAP_PERSIST);
+    out.table.capacity = MapInfo::from_pin(&path)
+        .map_err(|source| CountersError::Open { path, source })?
+        .max_entries();
+    out.table.possible_cpus = crate::dataplane::possible_cpus();
+    let path = pin_dir.join(MAP_GLOBALS);
+    let md = MapData::from_pin(&path).map_err(|source| CountersError::Open { path, source })?;
+    let err = |source| CountersError::Map {
+        name: MAP_GLOBALS,
+        source,
+    };
+    let globals: Array<MapData, Globals> =
+        Array::try_from(Map::from_map_data(md).map_err(err)?).map_err(err)?;
+    out.table.new_bindings_per_cpu_s = globals.get(&0, 0).map_err(err)?.new_bindings_per_cpu;
     Ok(out)
 }
 
@@ -124,7 +181,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 type Field = fn(&TrafficCounters) -> u64;
 
-const SERVICE_COUNTERS: [(&str, &str, Field); 7] = [
+const SERVICE_COUNTERS: [(&str, &str, Field); 8] = [
     (
         "packets",
         "Packets forwarded to a backend of the virtual service.",
@@ -159,6 +216,11 @@ const SERVICE_COUNTERS: [(&str, &str, Field); 7] = [
         "no_backend",
         "Packets dropped because the pool had no usable backend.",
         |c| c.no_backend,
+    ),
+    (
+        "bindings_refused",
+        "New clients forwarded without a binding because their CPU reached the new-binding cap.",
+        |c| c.bindings_refused,
     ),
 ];
 
@@ -341,6 +403,48 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
         "Generation of the published state, bumped on every reload and health change.",
     );
     let _ = writeln!(out, "tether_config_generation {}", snap.generation);
+    family(
+        &mut out,
+        "tether_xdp_events_total",
+        "counter",
+        "Data-path events that are not verdicts: bindings created, refused by the per-CPU cap, TCP packets without SYN and without a binding (forwarded, not stored), bindings deleted by the daemon, fragments tracked.",
+    );
+    for (name, n) in event::NAMES.iter().zip(c.events) {
+        let _ = writeln!(
+            out,
+            "tether_xdp_events_total{} {n}",
+            labels(&[("event", name)])
+        );
+    }
+    family(
+        &mut out,
+        "tether_persist_capacity",
+        "gauge",
+        "Entries the persistence table holds: in all, and per CPU (BPF_F_NO_COMMON_LRU gives each possible CPU an equal share).",
+    );
+    let _ = writeln!(
+        out,
+        "tether_persist_capacity{} {}",
+        labels(&[("scope", "total")]),
+        c.table.capacity
+    );
+    let _ = writeln!(
+        out,
+        "tether_persist_capacity{} {}",
+        labels(&[("scope", "per_cpu")]),
+        c.table.per_cpu()
+    );
+    family(
+        &mut out,
+        "tether_persist_new_bindings_per_cpu_s",
+        "gauge",
+        "New bindings each CPU may create per second (0: no cap).",
+    );
+    let _ = writeln!(
+        out,
+        "tether_persist_new_bindings_per_cpu_s {}",
+        c.table.new_bindings_per_cpu_s
+    );
     render_l7(&mut out, snap);
     if let Some(census) = census {
         family(
@@ -350,6 +454,17 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
             "Entries in the persistence table, expired ones included (refreshed every few seconds).",
         );
         let _ = writeln!(out, "tether_persist_entries {}", census.entries);
+        family(
+            &mut out,
+            "tether_persist_evictions_estimate",
+            "gauge",
+            "LRU evictions estimated: bindings created that are neither in the table nor deleted by tether.",
+        );
+        let _ = writeln!(
+            out,
+            "tether_persist_evictions_estimate {}",
+            c.evictions_estimate(census.entries)
+        );
     }
     out
 }

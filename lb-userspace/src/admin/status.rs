@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lb_common::reason;
+use lb_common::{event, reason};
 
 use super::{
     api,
@@ -105,6 +105,16 @@ pub fn build(
         xdp_mode: snap.xdp_mode.into(),
         uptime_s: now.duration_since(snap.started).map_or(0, |d| d.as_secs()),
         persist_entries: census.map(|c| c.entries),
+        persist_table: api::PersistTableStatus {
+            capacity: c.table.capacity,
+            possible_cpus: c.table.possible_cpus,
+            per_cpu_capacity: c.table.per_cpu(),
+            new_bindings_per_cpu_s: c.table.new_bindings_per_cpu_s,
+            bindings_created: c.events[event::BINDING_CREATED as usize],
+            bindings_rate_limited: c.events[event::BINDING_RATE_LIMITED as usize],
+            non_syn_unbound: c.events[event::NON_SYN_UNBOUND as usize],
+            evictions_estimate: census.map(|cs| c.evictions_estimate(cs.entries)),
+        },
         services,
         reasons: reason::NAMES
             .iter()

@@ -9,9 +9,12 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use lb_common::{MAP_BACKEND_STATS, MAP_SERVICE_STATS, TrafficCounters, reason};
+use lb_common::{MAP_BACKEND_STATS, MAP_SERVICE_STATS, TrafficCounters, event, reason};
 
-use super::{metrics::KernelCounters, *};
+use super::{
+    metrics::{KernelCounters, TableFacts},
+    *,
+};
 use crate::{
     config::Config,
     persist::testpins::TestPins,
@@ -87,6 +90,14 @@ fn counters() -> KernelCounters {
     c.backends.insert(1, tc(40));
     c.reasons[reason::TX as usize] = 110;
     c.reasons[reason::PASS_NOT_VIP as usize] = 5;
+    c.events[event::BINDING_CREATED as usize] = 30;
+    c.events[event::USER_DELETED as usize] = 6;
+    c.events[event::BINDING_RATE_LIMITED as usize] = 4;
+    c.table = TableFacts {
+        capacity: 1 << 20,
+        possible_cpus: 4,
+        new_bindings_per_cpu_s: 4096,
+    };
     c
 }
 
@@ -200,11 +211,30 @@ fn status_json_shape() {
         [
             "generation",
             "persist_entries",
+            "persist_table",
             "reasons",
             "services",
             "uptime_s",
             "xdp_mode"
         ]
+    );
+    // 30 created, 9 in the table, 6 deleted by tether: 15 evicted.
+    let t = &v["persist_table"];
+    assert_eq!(
+        (
+            &t["capacity"],
+            &t["per_cpu_capacity"],
+            &t["new_bindings_per_cpu_s"],
+            &t["bindings_rate_limited"],
+            &t["evictions_estimate"]
+        ),
+        (
+            &serde_json::json!(1 << 20),
+            &serde_json::json!(1 << 18),
+            &serde_json::json!(4096),
+            &serde_json::json!(4),
+            &serde_json::json!(15)
+        )
     );
     assert_eq!(v["generation"], 7);
     assert_eq!(v["uptime_s"], 60);

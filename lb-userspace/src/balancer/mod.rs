@@ -37,6 +37,8 @@ pub struct Plan {
     /// Every egress interface of a backend (devmap entries; the attach interface itself is
     /// served by XDP_TX and never looked up, but listing it is harmless).
     pub tx_ports: Vec<u32>,
+    /// Data-path settings (`TETHER_GLOBALS`).
+    pub globals: lb_common::Globals,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +244,14 @@ pub fn plan<E>(
         backends,
         services,
         tx_ports,
+        globals: lb_common::Globals {
+            new_bindings_per_cpu: crate::dataplane::new_binding_cap(
+                cfg.persist_new_bindings_per_cpu_s,
+                cfg.persist_table_entries,
+                crate::dataplane::possible_cpus(),
+            ),
+            _pad: 0,
+        },
     })
 }
 

@@ -96,6 +96,9 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     pub pin_dir: PathBuf,
     pub persist_table_entries: u32,
+    /// New source-IP bindings each CPU may make per second: `Some(0)` no cap, `None` derived
+    /// from the table size (`dataplane::new_binding_cap`).
+    pub persist_new_bindings_per_cpu_s: Option<u32>,
     /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
     pub admin_listen: std::net::SocketAddr,
     pub services: Vec<VirtualService>,
@@ -345,6 +348,7 @@ pub struct ClientIpFallback {
 pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
 pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
+pub const MAX_NEW_BINDINGS_PER_CPU_S: u32 = 100_000_000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 
 impl Config {
@@ -452,6 +456,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::new(
             "persist_table_entries",
             format!("{persist_table_entries}: must be 1 to {MAX_PERSIST_ENTRIES}"),
+        ));
+    }
+
+    if let Some(n) = raw.persist_new_bindings_per_cpu_s
+        && n > MAX_NEW_BINDINGS_PER_CPU_S
+    {
+        return Err(ConfigError::new(
+            "persist_new_bindings_per_cpu_s",
+            format!("{n}: must be 0 (no cap) to {MAX_NEW_BINDINGS_PER_CPU_S}"),
         ));
     }
 
@@ -760,6 +773,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode,
         pin_dir,
         persist_table_entries,
+        persist_new_bindings_per_cpu_s: raw.persist_new_bindings_per_cpu_s,
         admin_listen,
         services,
         pools,

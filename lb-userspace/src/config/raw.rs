@@ -13,6 +13,10 @@ pub struct RawConfig {
     pub pin_dir: Option<String>,
     #[serde(default)]
     pub persist_table_entries: Option<u32>,
+    /// New source-IP bindings each CPU may create per second (0: no cap; absent: derived
+    /// from the table's per-CPU share).
+    #[serde(default)]
+    pub persist_new_bindings_per_cpu_s: Option<u32>,
     #[serde(default)]
     pub admin_listen: Option<String>,
     #[serde(default)]

@@ -23,9 +23,11 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_UP, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV,
-    MAP_PERSIST, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue,
-    Service, ServiceKey, maglev_index,
+    ALL_MAPS, BACKEND_UP, Backend, FRAG_ENTRIES, FragKey, FragValue, Globals, MAGLEV_ENTRIES,
+    MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FRAGS,
+    MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistValue,
+    RateWindow, Service, ServiceKey, TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -98,6 +100,116 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         log::info!("mounted bpffs on /sys/fs/bpf");
     }
     std::fs::create_dir_all(pin_dir).map_err(err)
+}
+
+/// Possible CPUs: `BPF_F_NO_COMMON_LRU` gives each one an equal share of the persistence
+/// table (a CPU that fills its share evicts from it even while others have room).
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32)
+}
+
+/// New bindings each CPU may make per second. Unset: a 64th of the CPU's share of the table,
+/// so a flood of new sources needs over a minute to turn the table over while bound clients
+/// (whose lookups keep them recent in the LRU) stay; an unbound client is still sent where
+/// its binding would have sent it (Maglev), so the cap costs legitimate clients little.
+pub fn new_binding_cap(configured: Option<u32>, table_entries: u32, cpus: u32) -> u32 {
+    configured.unwrap_or_else(|| (table_entries / cpus.max(1) / 64).max(1000))
+}
+
+/// (name, key size, value size, max entries) of every map, as this build's XDP object
+/// defines it; `None` max entries: set at load (the persistence table).
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 12] = {
+    use core::mem::size_of;
+    [
+        (
+            MAP_SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            Some(MAX_SERVICES),
+        ),
+        (MAP_BACKENDS, 4, size_of::<Backend>(), Some(MAX_BACKENDS)),
+        (MAP_MAGLEV, 4, 4, Some(MAGLEV_ENTRIES)),
+        (
+            MAP_PERSIST,
+            size_of::<PersistKey>(),
+            size_of::<PersistValue>(),
+            None,
+        ),
+        // Devmap values are struct bpf_devmap_val (ifindex + program fd/id).
+        (MAP_TX_PORTS, 4, 8, Some(MAX_TX_PORTS)),
+        (
+            MAP_SERVICE_STATS,
+            4,
+            size_of::<TrafficCounters>(),
+            Some(MAX_SERVICES),
+        ),
+        (
+            MAP_BACKEND_STATS,
+            4,
+            size_of::<TrafficCounters>(),
+            Some(MAX_BACKENDS),
+        ),
+        (MAP_REASONS, 4, 8, Some(reason::SLOTS)),
+        (MAP_EVENTS, 4, 8, Some(event::SLOTS)),
+        (MAP_GLOBALS, 4, size_of::<Globals>(), Some(1)),
+        (MAP_RATE, 4, size_of::<RateWindow>(), Some(1)),
+        (
+            MAP_FRAGS,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            Some(FRAG_ENTRIES),
+        ),
+    ]
+};
+
+/// Remove pins of maps whose layout differs from this build's (a pin left by an older
+/// tether): the loader would reuse them and the program would not verify, or would index
+/// past their end. Their contents are lost; a persistence table of the old layout could not
+/// be read by the new program anyway.
+fn drop_incompatible_pins(pin_dir: &Path) {
+    for (name, key, value, max) in MAP_LAYOUTS {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if (found.0, found.1) != (key, value) || max.is_some_and(|m| m != found.2) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::warn!(
+                    "pinned map {name} has key/value/entries {found:?}, this build needs ({key}, {value}, {}): replaced it (its contents are lost)",
+                    max.map_or("any".into(), |m| m.to_string())
+                ),
+                Err(e) => log::warn!("pinned map {name} has an old layout; removing it: {e}"),
+            }
+        }
+    }
+}
+
+/// Add `n` to the count of bindings the daemon deleted (`event::USER_DELETED`, CPU 0's slot),
+/// from which `tether status` estimates LRU evictions. Best effort: a failure only skews that
+/// estimate.
+pub fn note_deleted(pin_dir: &Path, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let r = (|| -> std::result::Result<(), MapError> {
+        let md = MapData::from_pin(pin_dir.join(MAP_EVENTS))?;
+        let mut m: aya::maps::PerCpuArray<MapData, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::from_map_data(md)?)?;
+        let mut v: Vec<u64> = m.get(&event::USER_DELETED, 0)?.to_vec();
+        if let Some(first) = v.first_mut() {
+            *first += n;
+        }
+        let v = aya::maps::PerCpuValues::try_from(v).map_err(MapError::from)?;
+        m.set(event::USER_DELETED, v, 0)
+    })();
+    if let Err(e) = r {
+        log::debug!("counting {n} deleted bindings: {e}");
+    }
 }
 
 /// The mode an attach ended up in.
@@ -197,12 +309,26 @@ impl Dataplane {
                 persist_pin.display()
             );
         }
+        drop_incompatible_pins(pin_dir);
         let ebpf = pinned_loader(pin_dir, persist_entries).load(EBPF_OBJECT)?;
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             live_tables: Default::default(),
         };
+        if let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_PERSIST)) {
+            let cpus = possible_cpus();
+            let per_cpu = info.max_entries() / cpus;
+            log::info!(
+                "persistence table: {} entries, {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share)",
+                info.max_entries()
+            );
+            if per_cpu < 1024 {
+                log::warn!(
+                    "each CPU's share of the persistence table is only {per_cpu} entries: raise persist_table_entries"
+                );
+            }
+        }
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
             name: PROG_XDP,
@@ -475,6 +601,12 @@ impl Dataplane {
             self.live_tables.retain(|k, _| keep.contains(k));
         }
         {
+            let mut globals: Array<&mut MapData, Globals> = self.typed_mut(MAP_GLOBALS)?;
+            globals
+                .set(0, plan.globals, 0)
+                .map_err(map_err(MAP_GLOBALS))?;
+        }
+        {
             let mut ports: DevMapHash<&mut MapData> = self.typed_mut(MAP_TX_PORTS)?;
             let stale: Vec<u32> = ports
                 .keys()
@@ -538,6 +670,7 @@ impl Dataplane {
                 n += 1;
             }
         }
+        note_deleted(&self.pin_dir, n as u64);
         Ok(n)
     }
 }

@@ -308,6 +308,7 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
             Ok(()) => deleted += 1,
             Err(MapError::KeyNotFound) => {}
             Err(source) => {
+                crate::dataplane::note_deleted(pin_dir, deleted as u64);
                 return Err(PersistError::Map {
                     name: MAP_PERSIST,
                     source,
@@ -315,6 +316,7 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
             }
         }
     }
+    crate::dataplane::note_deleted(pin_dir, deleted as u64);
     Ok(deleted)
 }
 
