@@ -92,6 +92,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                 "tether-tests",
                 "--test",
                 "xdp_fixtures",
+                "--test",
+                "xdp_hostile",
             ],
             &[],
         ))

@@ -681,3 +681,6 @@ pub struct Removed {
     pub services: Vec<u32>,
     pub backends: Vec<u32>,
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,56 @@
+use std::path::PathBuf;
+
+use aya::{EbpfLoader, maps::MapInfo};
+use lb_common::{MAP_PERSIST, MAP_REASONS, reason};
+
+use super::*;
+
+#[test]
+fn default_new_binding_cap_follows_the_per_cpu_share() {
+    // 1M entries over 2 CPUs: 512Ki each, a 64th of that per second.
+    assert_eq!(new_binding_cap(None, 1 << 20, 2), 8192);
+    // Small tables still admit a useful rate.
+    assert_eq!(new_binding_cap(None, 1024, 8), 1000);
+    // Configured values win, 0 included (no cap).
+    assert_eq!(new_binding_cap(Some(0), 1 << 20, 2), 0);
+    assert_eq!(new_binding_cap(Some(50), 1 << 20, 2), 50);
+}
+
+/// A pin dir holding maps from an "older build": the reasons array with 16 slots, and a
+/// persistence table of another size (which must be kept: its size is the operator's).
+#[test]
+fn pins_of_an_older_layout_are_replaced_and_the_table_size_kept() {
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/tether-test-layout-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bpffs (root?)");
+    {
+        let mut old = EbpfLoader::new();
+        old.map_max_entries(MAP_REASONS, 16)
+            .map_max_entries(MAP_PERSIST, 2048);
+        for name in ALL_MAPS {
+            old.map_pin_path(name, dir.join(name));
+        }
+        old.load(EBPF_OBJECT).expect("creating the old maps");
+    }
+    let entries = |name: &str| {
+        MapInfo::from_pin(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .max_entries()
+    };
+    assert_eq!(entries(MAP_REASONS), 16);
+    let loaded = Dataplane::load(&dir, 4096)
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let r = std::panic::catch_unwind(|| {
+        assert_eq!(loaded, Ok(()), "load over old pins");
+        assert_eq!(entries(MAP_REASONS), reason::SLOTS, "reasons map replaced");
+        assert_eq!(entries(MAP_PERSIST), 2048, "the table keeps its size");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
