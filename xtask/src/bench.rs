@@ -8,7 +8,8 @@ use crate::bootstrap::{build_tether, ensure_all, run_cmd, step, workspace_root};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `l4` (XDP fast path) or `l7` (HTTP proxy vs direct and HAProxy).
+    /// Which benchmark: `l4` (XDP fast path), `l7` (HTTP proxy vs direct and HAProxy) or
+    /// `chaos` (backends killed in a loop under L4 and L7 load; `-- --secs N`).
     #[arg(default_value = "l4")]
     which: String,
     /// Passed to the benchmark (e.g. `--quick`, `--rounds 7`).
@@ -47,6 +48,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 )
             })
         }
-        other => bail!("unknown benchmark {other:?}: available: l4, l7"),
+        "chaos" => {
+            let tether = build_tether(true)?;
+            step(
+                "bench chaos (cargo bench -p tether-tests --bench chaos)",
+                || {
+                    run_cmd(
+                        cargo_bench("chaos")
+                            .args(&args.extra)
+                            .env("TETHER_BIN", &tether),
+                    )
+                },
+            )
+        }
+        other => bail!("unknown benchmark {other:?}: available: l4, l7, chaos"),
     }
 }
