@@ -7,6 +7,8 @@ pub mod balancer;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod frontends;
+pub mod handoff;
 pub mod health;
 pub mod persist;
 pub mod proxy;
