@@ -607,6 +607,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Err(e) = write_pid(&pid_path) {
         log::error!("writing {}: {e}", pid_path.display());
     }
+    if let Err(e) = crate::notify::ready() {
+        log::warn!("telling the service manager we are ready: {e}");
+    }
     if let Some(t) = takeover {
         t.ready().await;
     }

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod frontends;
 pub mod handoff;
 pub mod health;
+pub mod notify;
 pub mod persist;
 pub mod proxy;
 pub mod state;
