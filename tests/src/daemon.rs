@@ -816,6 +816,8 @@ impl Daemon {
             let _ = self.wait_exit(Duration::ZERO);
             bail!("tether had already exited; output:\n{}", self.logs());
         }
+        // A daemon replaced by a restart said it too: this one must add its own line.
+        let stopped_before = self.log_lines("tether stopped").len();
         // SAFETY: kill(2) on our own child's (or adopted daemon's) pid.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         let status = match self.wait_exit(STOP_TIMEOUT) {
@@ -829,7 +831,7 @@ impl Daemon {
         if !status.success() {
             bail!("tether exited with {status} after SIGTERM; output:\n{logs}");
         }
-        if !logs.contains("tether stopped") {
+        if self.log_lines("tether stopped").len() <= stopped_before {
             bail!("tether exited without logging `tether stopped`; output:\n{logs}");
         }
         Ok(logs)
