@@ -468,7 +468,7 @@ impl handoff::Handing for Daemon {
     }
 
     fn stop_accepting(&mut self) {
-        self.frontends.stop_accepting();
+        self.frontends.stop_accepting("handed over");
         // Its connections finish in the background; the next process answers new ones.
         drop(self.stop_admin());
         if let Err(e) = handoff::save_l7_state(&self.cfg, self.frontends.routers()) {
@@ -666,8 +666,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // Our successor listens at the handoff path now (or nobody should).
     drop(server);
     match ended {
-        Ended::Signal(_) => {
-            d.frontends.stop_accepting();
+        Ended::Signal(signal) => {
+            d.frontends.stop_accepting(signal);
             if let Err(e) = handoff::save_l7_state(&d.cfg, d.frontends.routers()) {
                 log::error!("saving the L7 persistence state: {e}");
             }

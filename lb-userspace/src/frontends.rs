@@ -337,11 +337,11 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
-    /// Stop accepting on every frontend (a handoff: the next process accepts on the same
-    /// sockets); open connections drain.
-    pub fn stop_accepting(&mut self) {
+    /// Stop accepting on every frontend (`why` is logged; in a handoff the next process
+    /// accepts on the same sockets); open connections drain.
+    pub fn stop_accepting(&mut self, why: &str) {
         for (name, fe) in &mut self.running {
-            stop(name, fe, "handed over");
+            stop(name, fe, why);
         }
     }
 
@@ -376,7 +376,7 @@ impl Frontends {
     /// Stop every frontend and wait up to `grace` (plus a second for the tasks to cut what
     /// outlived their own grace) for the serve tasks to finish draining.
     pub async fn drain(&mut self, grace: Duration) {
-        self.stop_accepting();
+        self.stop_accepting("stopping");
         let all = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace + Duration::from_secs(1), all)
             .await

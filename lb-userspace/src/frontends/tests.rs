@@ -288,7 +288,7 @@ async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
     );
     f.commit(prepared);
     assert_eq!(socket_inode(&f), ino);
-    f.stop_accepting();
+    f.stop_accepting("test");
     assert!(!f.is_serving("web"));
     // Stopped, the socket still queues connections.
     let _queued = TcpStream::connect(("127.0.0.1", port))

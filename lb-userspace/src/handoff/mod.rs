@@ -213,7 +213,21 @@ async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<Request>) {
         let requests = requests.clone();
         tokio::spawn(async move {
             let req = match chan.recv_within(STEP_TIMEOUT).await {
-                Ok((Msg::Takeover { pid }, _)) => Request::Takeover { chan, pid },
+                Ok((Msg::Takeover { pid, netns }, _)) => match own_netns() {
+                    Ok(ours) if ours == netns => Request::Takeover { chan, pid },
+                    Ok(_) => {
+                        let reason = "a tether with the same pin_dir runs in another network \
+                                      namespace: give each daemon its own pin_dir"
+                            .to_string();
+                        log::warn!("handoff socket: refused process {pid}: {reason}");
+                        let _ = chan.send(&Msg::Failed { reason }, &[]).await;
+                        return;
+                    }
+                    Err(e) => {
+                        log::warn!("handoff socket: {e}");
+                        return;
+                    }
+                },
                 Ok((Msg::Restart { config, exe }, _)) => Request::Restart { chan, config, exe },
                 Ok((other, _)) => {
                     let reason = format!("unexpected first message {:?}", other.name());
@@ -230,6 +244,11 @@ async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<Request>) {
             }
         });
     }
+}
+
+/// This process's network namespace (the inode of `/proc/self/ns/net`).
+pub fn own_netns() -> std::io::Result<u64> {
+    Ok(std::fs::metadata("/proc/self/ns/net")?.ino())
 }
 
 /// Connect to the running daemon's handoff socket; `None` when no daemon runs (no socket,
@@ -264,9 +283,12 @@ pub struct Takeover {
 impl Takeover {
     /// Ask the daemon behind `chan` for its sockets (it freezes until we commit or go away).
     pub async fn begin(chan: Channel) -> Result<Takeover> {
+        let netns = own_netns()
+            .map_err(|e| HandoffError::Protocol(format!("own network namespace: {e}")))?;
         chan.send(
             &Msg::Takeover {
                 pid: std::process::id(),
+                netns,
             },
             &[],
         )

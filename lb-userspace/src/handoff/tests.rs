@@ -130,7 +130,7 @@ async fn a_committed_handoff_moves_every_socket() {
         l7
     });
     let (msg, _) = old_end.recv().await.unwrap();
-    let Msg::Takeover { pid } = msg else {
+    let Msg::Takeover { pid, .. } = msg else {
         panic!("{msg:?}")
     };
     assert_eq!(pid, std::process::id());
@@ -150,7 +150,7 @@ async fn a_new_process_that_goes_away_leaves_the_old_one_serving() {
         let t = Takeover::begin(new_end).await.unwrap();
         drop(t);
     });
-    let (Msg::Takeover { pid }, _) = old_end.recv().await.unwrap() else {
+    let (Msg::Takeover { pid, .. }, _) = old_end.recv().await.unwrap() else {
         panic!("takeover expected")
     };
     let outcome = hand_over(&old_end, pid, &mut fake).await;
@@ -166,7 +166,7 @@ async fn a_new_process_that_goes_away_leaves_the_old_one_serving() {
         t.stop_old().await.unwrap();
         drop(t);
     });
-    let (Msg::Takeover { pid }, _) = old_end.recv().await.unwrap() else {
+    let (Msg::Takeover { pid, .. }, _) = old_end.recv().await.unwrap() else {
         panic!("takeover expected")
     };
     let outcome = hand_over(&old_end, pid, &mut fake).await;
@@ -185,11 +185,30 @@ async fn server_is_private_and_removes_only_its_own_socket() {
     assert_eq!(mode, 0o600);
 
     let chan = connect(&path).await.unwrap().expect("a daemon listens");
-    chan.send(&Msg::Takeover { pid: 42 }, &[]).await.unwrap();
+    let netns = own_netns().unwrap();
+    chan.send(&Msg::Takeover { pid: 42, netns }, &[])
+        .await
+        .unwrap();
     match rx.recv().await.expect("a request") {
         Request::Takeover { pid, .. } => assert_eq!(pid, 42),
         Request::Restart { .. } => panic!("takeover expected"),
     }
+    // From another network namespace: refused, never reaches the daemon.
+    let chan = connect(&path).await.unwrap().unwrap();
+    chan.send(
+        &Msg::Takeover {
+            pid: 43,
+            netns: netns + 1,
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    match chan.recv().await.unwrap().0 {
+        Msg::Failed { reason } => assert!(reason.contains("network namespace"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(rx.try_recv().is_err(), "the daemon saw no request");
     // Anything else first is refused with a reason.
     let chan = connect(&path).await.unwrap().unwrap();
     chan.send(&Msg::Commit, &[]).await.unwrap();

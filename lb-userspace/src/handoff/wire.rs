@@ -41,8 +41,9 @@ pub enum WireError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub enum Msg {
-    /// N -> O: hand me your sockets.
-    Takeover { pid: u32 },
+    /// N -> O: hand me your sockets. `netns` identifies N's network namespace: sockets only
+    /// move within one.
+    Takeover { pid: u32, netns: u64 },
     /// O -> N: the listening sockets, in this order, then the admin API's (if any).
     Sockets {
         listeners: Vec<SocketAddr>,
