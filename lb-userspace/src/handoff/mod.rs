@@ -106,6 +106,8 @@ type Result<T> = std::result::Result<T, HandoffError>;
 ///
 /// A no-op for now: the L7 tables have no on-disk form yet. The snapshot in `state_dir`
 /// (issue 8's engine) is written here; an error is logged, and the handoff goes on.
+/// Bindings learned from answers to requests still in flight come after this save (the old
+/// process drains after it): a periodic snapshot bounds what such a window loses.
 pub fn save_l7_state<'a>(
     cfg: &Config,
     routers: impl Iterator<Item = (&'a str, &'a Arc<PersistRouter>)>,

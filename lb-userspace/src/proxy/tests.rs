@@ -1242,6 +1242,63 @@ async fn draining_answers_a_request_sent_on_an_idle_connection() {
     .await;
 }
 
+/// HTTP/2 drains with a GOAWAY: the stream in flight is answered, then the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_h2_answers_streams_in_flight_then_goes_away() {
+    bounded(async {
+        let certs = certs();
+        let slow = Backend::echo(
+            "slow",
+            Behaviour {
+                delay: Duration::from_millis(500),
+                ..Behaviour::default()
+            },
+        )
+        .await;
+        let router = TestRouter::new(vec![slow.addr]);
+        let mut proxy = Proxy::start(
+            router.clone(),
+            Some(certs.files.clone()),
+            false,
+            test_limits(),
+        )
+        .await;
+        let tls = tls_connect(proxy.addr, &certs, &[b"h2"]).await;
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("https://localhost/slow")
+            .body(empty())
+            .unwrap();
+        let in_flight = tx.send_request(req);
+        let in_flight = tokio::spawn(in_flight);
+        eventually("stream in flight", || router.calls().len() == 1).await;
+        proxy.stop.send(true).unwrap();
+        let resp = tokio::time::timeout(IO_TIMEOUT, in_flight)
+            .await
+            .expect("answer in time")
+            .unwrap()
+            .expect("the stream in flight is answered");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-backend"], "slow");
+        resp.into_body().collect().await.unwrap();
+        tokio::time::timeout(IO_TIMEOUT, conn)
+            .await
+            .expect("the connection ends after the GOAWAY")
+            .unwrap()
+            .expect("a graceful end");
+        let task = proxy.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("serve returned in time")
+            .unwrap()
+            .unwrap();
+    })
+    .await;
+}
+
 /// An idle keep-alive connection is closed once draining has waited a moment for a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_closes_idle_connections() {
