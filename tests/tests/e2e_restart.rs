@@ -257,59 +257,101 @@ fn wrk_summary(out: &str) -> Option<(u64, [u64; 4], u64)> {
     Some((requests, errors, non2xx))
 }
 
+/// One L7 service per persistence method under wrk: (service, port, profile, wrk header).
+fn wrk_services() -> Vec<(&'static str, u16, Value, Option<&'static str>)> {
+    vec![
+        ("cookie", PORT, cookie_profile(), None),
+        (
+            "app",
+            PORT + 1,
+            json!({ "name": "app", "type": "app-cookie", "cookie_name": "JSESSIONID" }),
+            Some("Cookie: JSESSIONID=wrk-session"),
+        ),
+        (
+            "source",
+            PORT + 2,
+            json!({ "name": "source", "type": "client-ip" }),
+            None,
+        ),
+        (
+            "url",
+            PORT + 3,
+            json!({ "name": "url", "type": "url-hash" }),
+            None,
+        ),
+    ]
+}
+
 #[test]
 fn wrk_sees_no_error_across_restart() {
-    let mut lab = web_lab();
-    let url = format!("http://{VIP}:{PORT}/");
-    let ns = lab.topo.client.ns.clone();
-    let wrk = std::thread::spawn(move || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "wrk",
-                "-t1",
-                "-c8",
-                "-d10s",
-                "--timeout",
-                "5s",
-            ])
-            .arg(&url)
-            .output()
+    let services = wrk_services();
+    let mut lab = L7Lab::start_as_user(8, 3, |b| {
+        // The backends serve on PORT, behind every service.
+        let b = (1..=3).fold(b, |b, i| {
+            b.backend_field(&format!("b{i}"), "port", json!(PORT))
+        });
+        services.iter().fold(b, |b, (name, port, profile, _)| {
+            let profile_name = profile["name"].as_str().expect("named").to_string();
+            b.profile(profile.clone())
+                .l7_service(name, *port, Some(&profile_name), json!({}))
+        })
     });
-    // Restart once the old daemon has served some of wrk's requests.
-    lab.wait_for(PHASE_WAIT, "wrk's requests reaching the daemon", || {
-        lab.l7("requests", "web") >= 100
-    });
-    lab.restart();
-    let out = wrk
-        .join()
-        .expect("wrk thread")
-        .unwrap_or_else(|e| lab.fail(format!("running wrk (is it installed?): {e}")));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        lab.fail(format!("wrk failed ({}): {text}", out.status));
+    let runs: Vec<(&str, JoinHandle<std::io::Result<std::process::Output>>)> = services
+        .iter()
+        .map(|(name, port, _, header)| {
+            let url = format!("http://{VIP}:{port}/");
+            let ns = lab.topo.client.ns.clone();
+            let header = *header;
+            let run = std::thread::spawn(move || {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns, "wrk", "-t1", "-c4", "-d10s"])
+                    .args(["--timeout", "5s"]);
+                if let Some(h) = header {
+                    cmd.args(["-H", h]);
+                }
+                cmd.arg(&url).output()
+            });
+            (*name, run)
+        })
+        .collect();
+    // Restart once the old daemon has served some of every wrk's requests.
+    for (name, ..) in &services {
+        lab.wait_for(
+            PHASE_WAIT,
+            &format!("wrk's requests reaching {name}"),
+            || lab.l7("requests", name) >= 100,
+        );
     }
-    let Some((requests, errors, non2xx)) = wrk_summary(&text) else {
-        lab.fail(format!("cannot read wrk's summary:\n{text}"))
-    };
-    assert_eq!(
-        errors, [0; 4],
-        "socket errors (connect, read, write, timeout):\n{text}"
-    );
-    assert_eq!(non2xx, 0, "non-2xx responses:\n{text}");
-    assert!(requests > 0, "{text}");
-    // Both daemons served wrk: the new one's counters count only its own requests.
-    let served = lab.l7("requests", "web");
-    assert!(
-        served > 0,
-        "the new daemon served none of wrk's requests:\n{text}"
-    );
+    lab.restart();
+    for (name, run) in runs {
+        let out = run
+            .join()
+            .expect("wrk thread")
+            .unwrap_or_else(|e| lab.fail(format!("running wrk (is it installed?): {e}")));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            lab.fail(format!("wrk on {name} failed ({}): {text}", out.status));
+        }
+        let Some((requests, errors, non2xx)) = wrk_summary(&text) else {
+            lab.fail(format!("cannot read wrk's summary for {name}:\n{text}"))
+        };
+        assert_eq!(
+            errors, [0; 4],
+            "{name}: socket errors (connect, read, write, timeout):\n{text}"
+        );
+        assert_eq!(non2xx, 0, "{name}: non-2xx responses:\n{text}");
+        assert!(requests > 0, "{name}: {text}");
+        // Both daemons served wrk: the new one's counters count only its own requests.
+        let served = lab.l7("requests", name);
+        assert!(
+            served > 0,
+            "{name}: the new daemon served none of wrk's requests:\n{text}"
+        );
+    }
     let d = lab.daemon.as_mut().expect("running");
     if let Err(e) = d.wait_retired(RETIRE_WAIT) {
         lab.fail(format!("{e:#}"));
