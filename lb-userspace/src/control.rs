@@ -680,7 +680,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 "process {pid} took over; draining L7 connections for up to {:?}",
                 d.cfg.drain_timeout
             );
-            d.frontends.drain(d.cfg.drain_timeout).await;
+            // SIGTERM or SIGINT cut the drain short.
+            tokio::select! {
+                () = d.frontends.drain(d.cfg.drain_timeout) => {}
+                _ = term.recv() => log::info!("SIGTERM: connections still draining are cut"),
+                _ = int.recv() => log::info!("SIGINT: connections still draining are cut"),
+            }
         }
     }
     if let Some(admin) = d.stop_admin() {
