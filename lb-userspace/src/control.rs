@@ -7,11 +7,16 @@
 //!   across restarts and reloads;
 //! - the XDP program stays attached through a pinned link while the daemon is down, and a new
 //!   daemon replaces the program on that link atomically;
-//! - a reload that fails validation (or resolution) changes nothing that runs.
+//! - a reload that fails validation (or resolution, or a TLS file that does not load)
+//!   changes nothing that runs; L7 listening sockets are kept across reloads
+//!   ([`crate::frontends`]);
+//! - a starting daemon takes the listening sockets over from a running one, which drains
+//!   and exits ([`crate::handoff`]): an L7 restart refuses no connection.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -25,12 +30,12 @@ use tokio::{
 
 use crate::{
     balancer::{self, IdError, Ids, L2},
-    config::{BackendConfig, Config, L7Options, LoadError, ServiceMode},
-    dataplane::{Attached, Dataplane, DataplaneError, net},
+    config::{BackendConfig, Config, LoadError, ServiceMode},
+    dataplane::{Attached, Dataplane, DataplaneError, Removed, net},
+    frontends::{FrontendError, Frontends},
+    handoff::{self, HandoffError},
     health::{self, HealthEvent, PoolMonitor},
-    persist::router::{PersistRouter, RouterStats},
-    proxy::{self, ProxyStats},
-    state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
+    state::{BackendState, Health, SharedSnapshot, Snapshot},
 };
 
 /// How long to wait for a backend's neighbour entry.
@@ -58,14 +63,10 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("virtual service {service:?}: listening on {addr}: {source}")]
-    Listen {
-        service: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("virtual service {service:?}: {reason}")]
-    L7 { service: String, reason: String },
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
     #[error(
@@ -256,156 +257,17 @@ struct Daemon {
     mode: Attached,
     generation: u64,
     started: SystemTime,
-    /// One proxy per L7 virtual service, by name.
-    proxies: HashMap<String, L7Service>,
-}
-
-/// A running L7 proxy and what it was started with.
-pub struct L7Service {
-    /// Listener settings: a reload that changes them restarts the listener.
-    listener_spec: String,
-    /// Persistence profile and pool: a reload that keeps them keeps the router and its tables.
-    router_spec: String,
-    stop: watch::Sender<bool>,
-    pub router: Arc<PersistRouter>,
-    pub stats: Arc<ProxyStats>,
-    pub router_stats: Arc<RouterStats>,
-}
-
-fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
-    proxy::ProxyConfig {
-        listen,
-        tls: o.tls.as_ref().map(|t| proxy::TlsFiles {
-            cert_pem: t.cert_file.clone(),
-            key_pem: t.key_file.clone(),
-        }),
-        proxy_protocol: o.proxy_protocol,
-        limits: proxy::Limits {
-            max_connections: o.limits.max_connections as usize,
-            max_header_bytes: o.limits.max_header_bytes as usize,
-            request_header_timeout: o.limits.request_timeout,
-            idle_timeout: o.limits.idle_timeout,
-            upstream_connect_timeout: o.limits.connect_timeout,
-            upstream_response_timeout: o.limits.response_timeout,
-            ..proxy::Limits::default()
-        },
-    }
-}
-
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    /// The L7 virtual services' listeners, routers and proxies.
+    frontends: Frontends,
+    /// The admin API's listening socket (kept open across a handoff's stop and resume).
+    admin_socket: std::net::TcpListener,
+    admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// While a starting daemon has not committed, persistence entries of removed services
+    /// and backends are kept (a failed start must lose nothing): they collect here.
+    deferred_forget: Option<Removed>,
 }
 
 impl Daemon {
-    /// Start, keep or restart the proxy of every L7 service; stop those no longer configured.
-    /// Routers read the live snapshot, so pool and health changes need no restart.
-    async fn sync_proxies(&mut self) -> Result<()> {
-        let mut wanted: HashMap<String, ()> = HashMap::new();
-        for svc in &self.cfg.services {
-            let ServiceMode::L7(o) = &svc.mode else {
-                continue;
-            };
-            wanted.insert(svc.name.clone(), ());
-            let listen = SocketAddr::new(svc.vip, svc.port);
-            let listener_spec = format!("{listen} {o:?}");
-            let router_spec = crate::persist::router::router_spec(&self.cfg, svc);
-            let keep_router = self
-                .proxies
-                .get(&svc.name)
-                .filter(|p| p.router_spec == router_spec);
-            if let Some(p) = keep_router {
-                // Keys rotate in place; tables and counters stay.
-                p.router
-                    .update_keys(&self.cfg, svc)
-                    .map_err(|e| ControlError::L7 {
-                        service: svc.name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if p.listener_spec == listener_spec {
-                    continue;
-                }
-            }
-            let (router, router_stats, stats) = match keep_router {
-                Some(p) => (p.router.clone(), p.router_stats.clone(), p.stats.clone()),
-                None => {
-                    let r = Arc::new(
-                        PersistRouter::new(&self.cfg, svc, self.shared.clone()).map_err(|e| {
-                            ControlError::L7 {
-                                service: svc.name.clone(),
-                                reason: e.to_string(),
-                            }
-                        })?,
-                    );
-                    let rs = r.stats.clone();
-                    (r, rs, Arc::new(ProxyStats::default()))
-                }
-            };
-            // SO_REUSEPORT: the new listener is bound before the old one stops, so a reload
-            // never refuses a connection; the old one's in-flight requests finish.
-            let listener = reuseport_listener(listen).map_err(|source| ControlError::Listen {
-                service: svc.name.clone(),
-                addr: listen,
-                source,
-            })?;
-            if let Some(old) = self.proxies.remove(&svc.name) {
-                let _ = old.stop.send(true);
-            }
-            let (stop, stopped) = watch::channel(false);
-            let name = svc.name.clone();
-            let task = proxy::serve_with_stats(
-                listener,
-                proxy_config(listen, o),
-                router.clone(),
-                stopped,
-                stats.clone(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = task.await {
-                    log::error!("L7 proxy of {name} stopped: {e}");
-                }
-            });
-            log::info!(
-                "L7 proxy of {} listening on {listen}{}",
-                svc.name,
-                if o.tls.is_some() { " (TLS)" } else { "" }
-            );
-            self.proxies.insert(
-                svc.name.clone(),
-                L7Service {
-                    listener_spec,
-                    router_spec,
-                    stop,
-                    router,
-                    stats,
-                    router_stats,
-                },
-            );
-        }
-        let gone: Vec<String> = self
-            .proxies
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
-            .collect();
-        for n in gone {
-            if let Some(p) = self.proxies.remove(&n) {
-                let _ = p.stop.send(true);
-                log::info!("L7 proxy of {n} stopped: the service is gone");
-            }
-        }
-        // Publish the proxies' counters.
-        self.shared.store(Arc::new(self.snapshot()));
-        Ok(())
-    }
-
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             config: self.cfg.clone(),
@@ -419,15 +281,7 @@ impl Daemon {
             },
             generation: self.generation,
             started: self.started,
-            l7: self
-                .proxies
-                .iter()
-                .map(|(name, p)| L7Counters {
-                    service: name.clone(),
-                    router: p.router_stats.clone(),
-                    proxy: p.stats.clone(),
-                })
-                .collect(),
+            l7: self.frontends.counters(),
         }
     }
 
@@ -438,7 +292,20 @@ impl Daemon {
             Ok::<_, ControlError>(self.l2[p][b])
         })?;
         let removed = self.dp.apply(&plan)?;
-        let forgotten = self.dp.forget(&removed)?;
+        if let Some(d) = &mut self.deferred_forget {
+            d.services.extend(removed.services);
+            d.backends.extend(removed.backends);
+        } else {
+            self.forget(&removed)?;
+        }
+        self.generation += 1;
+        self.shared.store(Arc::new(self.snapshot()));
+        Ok(())
+    }
+
+    /// Delete the persistence entries of removed services and backends.
+    fn forget(&mut self, removed: &Removed) -> Result<()> {
+        let forgotten = self.dp.forget(removed)?;
         if forgotten > 0 {
             log::info!(
                 "removed {forgotten} persistence entries of removed services {:?} / backends {:?}",
@@ -446,9 +313,27 @@ impl Daemon {
                 removed.backends
             );
         }
-        self.generation += 1;
-        self.shared.store(Arc::new(self.snapshot()));
         Ok(())
+    }
+
+    /// Serve the admin API on a duplicate of its socket.
+    fn start_admin(&mut self) -> Result<()> {
+        let addr = self.cfg.admin_listen;
+        let err = |source| ControlError::Admin { addr, source };
+        let dup = self.admin_socket.try_clone().map_err(err)?;
+        dup.set_nonblocking(true).map_err(err)?;
+        let listener = tokio::net::TcpListener::from_std(dup).map_err(err)?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(crate::admin::serve(listener, self.shared.clone(), stopped));
+        self.admin = Some((stop, task));
+        Ok(())
+    }
+
+    /// Stop serving the admin API (the socket stays open); returns the task to await.
+    fn stop_admin(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let (stop, task) = self.admin.take()?;
+        let _ = stop.send(true);
+        Some(task)
     }
 
     fn start_monitors(&mut self) {
@@ -556,6 +441,11 @@ impl Daemon {
             carried.get(&(p.name.clone(), b.name.clone())).cloned()
         })
         .await;
+        // Routers, TLS configurations (read again: a certificate renewed in place is taken)
+        // and sockets for new addresses, before anything changes.
+        let prepared = self
+            .frontends
+            .prepare(&new, &self.shared, &mut HashMap::new())?;
         // Everything is known: switch over.
         self.cfg = new;
         self.ids = ids;
@@ -563,14 +453,66 @@ impl Daemon {
         self.health = health;
         self.program()?;
         self.start_monitors();
-        self.sync_proxies().await
+        self.frontends.commit(prepared);
+        self.shared.store(Arc::new(self.snapshot()));
+        Ok(())
     }
 }
 
-/// Run the daemon until SIGINT/SIGTERM.
+impl handoff::Handing for Daemon {
+    fn sockets(&self) -> handoff::Sockets<'_> {
+        handoff::Sockets {
+            listeners: self.frontends.sockets(),
+            admin: Some((self.cfg.admin_listen, self.admin_socket.as_fd())),
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        self.frontends.stop_accepting("handed over");
+        // Its connections finish in the background; the next process answers new ones.
+        drop(self.stop_admin());
+        if let Err(e) = handoff::save_l7_state(&self.cfg, self.frontends.routers()) {
+            log::error!("saving the L7 persistence state for the next process: {e}");
+        }
+    }
+
+    fn resume(&mut self, stopped: bool) {
+        if stopped {
+            self.frontends.resume(&self.cfg);
+            if let Err(e) = self.start_admin() {
+                log::error!("{e}");
+            }
+        }
+        // The new process may have written the maps and replaced the program: ours again.
+        self.dp.forget_written_tables();
+        let restored = self
+            .program()
+            .and_then(|()| Ok(self.dp.pin_program()?))
+            .and_then(|()| Ok(self.dp.attach(&self.cfg.interface, self.cfg.xdp_mode)?));
+        if let Err(e) = restored {
+            log::error!("restoring the kernel state after a failed handoff: {e}");
+        }
+    }
+}
+
+/// Run the daemon until SIGINT/SIGTERM, or until a new daemon took over (see
+/// [`crate::handoff`]).
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = Arc::new(Config::load(config_path)?);
     let l2 = resolve_l2_async(cfg.clone()).await?;
+    // A running daemon hands its sockets over and waits (frozen) until we commit or fail.
+    let socket_path = handoff::socket_path(&cfg.pin_dir);
+    let mut takeover = match handoff::connect(&socket_path).await? {
+        Some(chan) => {
+            log::info!(
+                "a tether runs for {}: taking its listening sockets over ({})",
+                cfg.pin_dir.display(),
+                socket_path.display()
+            );
+            Some(handoff::Takeover::begin(chan).await?)
+        }
+        None => None,
+    };
     let dp = Dataplane::load(&cfg.pin_dir, cfg.persist_table_entries)?;
     let ks = dp.kernel_state()?;
     let ids = balancer::assign_ids(&cfg, &ks.previous)?;
@@ -593,6 +535,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
         })
     })
     .await;
+    let admin_socket = match takeover.as_mut().and_then(|t| t.admin.take()) {
+        Some((addr, s)) if addr == cfg.admin_listen => s,
+        _ => {
+            std::net::TcpListener::bind(cfg.admin_listen).map_err(|source| ControlError::Admin {
+                addr: cfg.admin_listen,
+                source,
+            })?
+        }
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         config_path: config_path.to_owned(),
@@ -608,7 +559,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         mode: Attached::Native,
         generation: 0,
         started,
-        proxies: HashMap::new(),
+        frontends: Frontends::default(),
+        admin_socket,
+        admin: None,
+        deferred_forget: takeover.as_ref().map(|_| Removed::default()),
     };
     let shared = d.shared.clone();
     // Tables before the attach: the first packet the new program sees finds complete services.
@@ -617,17 +571,50 @@ pub async fn run(config_path: &Path) -> Result<()> {
     d.mode = d.dp.attach(&cfg.interface, cfg.xdp_mode)?;
     shared.store(Arc::new(d.snapshot()));
     let mode = d.mode;
-
-    let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|source| ControlError::Admin {
-            addr: cfg.admin_listen,
-            source,
-        })?;
-    let (stop_admin, admin_stopped) = watch::channel(false);
-    let admin = tokio::spawn(crate::admin::serve(listener, shared.clone(), admin_stopped));
+    let mut inherited = takeover
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.listeners))
+        .unwrap_or_default();
+    let prepared = d.frontends.prepare(&cfg, &d.shared, &mut inherited)?;
+    // Sockets of services this config no longer has: the old daemon's copies drain.
+    drop(inherited);
+    if let Some(t) = &takeover {
+        t.stop_old().await?;
+    }
+    if let Err(e) = handoff::load_l7_state(&cfg, prepared.routers()) {
+        log::error!("loading the L7 persistence state: {e}; starting with empty tables");
+    }
+    if let Some(t) = &takeover {
+        t.commit().await?;
+    }
+    if let Some(removed) = d.deferred_forget.take() {
+        d.forget(&removed)?;
+    }
+    d.frontends.commit(prepared);
+    d.start_admin()?;
     d.start_monitors();
-    d.sync_proxies().await?;
+    shared.store(Arc::new(d.snapshot()));
+
+    let (requests, mut handoffs) = mpsc::channel(4);
+    let server = match handoff::Server::start(&socket_path, requests) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::error!("{e}: `tether restart` and seamless takeovers are unavailable");
+            None
+        }
+    };
+    let pid_path = handoff::pid_path(&cfg.pin_dir);
+    if let Err(e) = write_pid(&pid_path) {
+        log::error!("writing {}: {e}", pid_path.display());
+    }
+    if let Err(e) = crate::notify::ready() {
+        log::warn!("telling the service manager we are ready: {e}");
+    }
+    if let Some(t) = takeover {
+        t.ready().await;
+    }
+    let (ready_tx, ready_rx) = watch::channel(None);
+    let mut restarts = tokio::task::JoinSet::new();
 
     let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
@@ -640,10 +627,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         cfg.pin_dir.display(),
         cfg.admin_listen
     );
-    let signal = loop {
+    let ended = loop {
         tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+            _ = term.recv() => break Ended::Signal("SIGTERM"),
+            _ = int.recv() => break Ended::Signal("SIGINT"),
             _ = hup.recv() => match d.reload().await {
                 Ok(()) => log::info!("reloaded {}: generation {}", d.config_path.display(), d.generation),
                 Err(e) => log::error!("reload refused, still serving generation {}: {e}", d.generation),
@@ -653,19 +640,91 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     log::error!("reprogramming after a health change failed: {e}");
                 }
             }
+            Some(req) = handoffs.recv() => match req {
+                handoff::Request::Restart { chan, config, exe } => {
+                    restarts.spawn(handoff::spawn_restart(chan, &config, &exe, ready_rx.clone()));
+                }
+                handoff::Request::Takeover { chan, pid } => {
+                    match handoff::hand_over(&chan, pid, &mut d).await {
+                        handoff::Outcome::Committed { pid, ready } => {
+                            if ready {
+                                let _ = ready_tx.send(Some(pid));
+                            }
+                            break Ended::HandedOver(pid);
+                        }
+                        handoff::Outcome::Aborted(why) => log::error!(
+                            "handoff to process {pid} failed; still serving generation {}: {why}",
+                            d.generation
+                        ),
+                    }
+                }
+            },
+            Some(_) = restarts.join_next(), if !restarts.is_empty() => {}
         }
     };
     d.monitors.clear();
-    for p in d.proxies.values() {
-        let _ = p.stop.send(true);
+    // Our successor listens at the handoff path now (or nobody should).
+    drop(server);
+    match ended {
+        Ended::Signal(signal) => {
+            d.frontends.stop_accepting(signal);
+            if let Err(e) = handoff::save_l7_state(&d.cfg, d.frontends.routers()) {
+                log::error!("saving the L7 persistence state: {e}");
+            }
+        }
+        Ended::HandedOver(pid) => {
+            // Answer `tether restart` before draining.
+            let answered = async { while restarts.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(handoff::STEP_TIMEOUT, answered).await;
+            log::info!(
+                "process {pid} took over; draining L7 connections for up to {:?}",
+                d.cfg.drain_timeout
+            );
+            // SIGTERM or SIGINT cut the drain short.
+            tokio::select! {
+                () = d.frontends.drain(d.cfg.drain_timeout) => {}
+                _ = term.recv() => log::info!("SIGTERM: connections still draining are cut"),
+                _ = int.recv() => log::info!("SIGINT: connections still draining are cut"),
+            }
+        }
     }
-    let _ = stop_admin.send(true);
-    let _ = admin.await;
-    log::info!(
-        "tether stopped ({signal}): XDP stays attached to {} through {} and keeps forwarding with the last tables; `tether stop --detach --config {}` removes it",
-        cfg.interface,
-        crate::dataplane::link_pin(&cfg.pin_dir, &cfg.interface).display(),
-        config_path.display()
-    );
+    if let Some(admin) = d.stop_admin() {
+        let _ = admin.await;
+    }
+    remove_pid_if_ours(&pid_path);
+    match ended {
+        Ended::Signal(signal) => log::info!(
+            "tether stopped ({signal}): XDP stays attached to {} through {} and keeps forwarding with the last tables; `tether stop --detach --config {}` removes it",
+            cfg.interface,
+            crate::dataplane::link_pin(&cfg.pin_dir, &cfg.interface).display(),
+            config_path.display()
+        ),
+        Ended::HandedOver(pid) => log::info!("tether stopped: handed over to process {pid}"),
+    }
     Ok(())
+}
+
+/// Why the control loop ended.
+#[derive(Clone, Copy)]
+enum Ended {
+    Signal(&'static str),
+    HandedOver(u32),
+}
+
+fn write_pid(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("pid.new");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Remove the pid file unless a successor has written its own.
+fn remove_pid_if_ours(path: &Path) {
+    let ours =
+        std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use tether::{admin::cli, config::Config, control, dataplane};
+use tether::{admin::cli, config::Config, control, dataplane, handoff};
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +24,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load the XDP program, fill its maps from the config and serve until SIGINT/SIGTERM;
-    /// SIGHUP reloads the config (a bad one is refused and changes nothing).
+    /// SIGHUP reloads the config (a bad one is refused and changes nothing). When a daemon
+    /// with the same pin directory runs, take its listening sockets over: it drains and exits.
     Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Replace the running daemon without refusing a connection: it starts `tether run
+    /// --config FILE` (this binary), hands it the listening sockets, drains and exits.
+    /// Returns once the new daemon serves.
+    Restart {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -134,11 +142,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Run { config } => {
-            let pin_dir = Config::load(&config).context("refusing to start")?.pin_dir;
-            let pid = pid_file(&pin_dir);
-            std::fs::create_dir_all(pid.parent().expect("has a parent"))?;
-            std::fs::write(&pid, format!("{}\n", std::process::id()))
-                .with_context(|| format!("writing {}", pid.display()))?;
+            Config::load(&config).context("refusing to start")?;
             // Proxy and control tasks share these; benchmarks match them to HAProxy's threads.
             let workers = match std::env::var("TETHER_WORKER_THREADS") {
                 Ok(v) => v
@@ -152,10 +156,9 @@ fn main() -> Result<()> {
                 .worker_threads(workers)
                 .enable_all()
                 .build()?;
-            let r = rt.block_on(control::run(&config));
-            let _ = std::fs::remove_file(&pid);
-            r.context("tether")
+            rt.block_on(control::run(&config)).context("tether")
         }
+        Cmd::Restart { config } => restart(&config),
         Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),
         Cmd::Status { admin } => {
             print!("{}", cli::status(admin.addr()?)?);
@@ -192,16 +195,27 @@ fn main() -> Result<()> {
     }
 }
 
-/// Where a daemon using `pin_dir` writes its pid.
-fn pid_file(pin_dir: &Path) -> PathBuf {
-    let name = pin_dir
-        .file_name()
-        .map_or("tether".into(), |n| n.to_string_lossy().into_owned());
-    PathBuf::from("/run/tether").join(format!("{name}.pid"))
+fn restart(config: &Path) -> Result<()> {
+    let cfg = Config::load(config).context("refusing to restart")?;
+    let config =
+        std::fs::canonicalize(config).with_context(|| format!("resolving {}", config.display()))?;
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let socket = handoff::socket_path(&cfg.pin_dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let pid = rt
+        .block_on(handoff::request_restart(&socket, &config, &exe))
+        .context("tether restart")?;
+    println!(
+        "tether restarted: pid {pid} serves; the previous daemon drains its connections (up to {} ms) and exits",
+        cfg.drain_timeout.as_millis()
+    );
+    Ok(())
 }
 
 fn stop(pin_dir: &Path, detach: bool) -> Result<()> {
-    let pid_path = pid_file(pin_dir);
+    let pid_path = handoff::pid_path(pin_dir);
     match std::fs::read_to_string(&pid_path)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())

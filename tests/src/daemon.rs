@@ -1,9 +1,11 @@
 //! Running the real `tether` daemon inside a topology's LB namespace.
 //!
 //! The daemon is started with `nsenter --net=/run/netns/<lb-ns> -- $TETHER_BIN run --config
-//! FILE` (not `ip netns exec`, which remounts /sys and would hide the host's bpffs pins). Its
-//! output is captured; `start` returns once it prints `tether ready`. Dropping a [`Daemon`]
-//! kills it if still running and removes its config file and pin directory.
+//! FILE` (not `ip netns exec`, which remounts /sys and would hide the host's bpffs pins), or
+//! with [`Daemon::start_as_user`] as users do (`ip netns exec`). Its output is captured;
+//! `start` returns once it prints `tether ready`. [`Daemon::restart`] runs `tether restart`
+//! and follows the daemon that took over (its output goes to the same pipes). Dropping a
+//! [`Daemon`] kills what still runs and removes its config file and pin directory.
 
 use std::{
     collections::BTreeMap,
@@ -102,6 +104,15 @@ impl ConfigBuilder {
             pool_fields: Map::new(),
             admin_listen: None,
         }
+    }
+
+    /// Leaves out what a user's config need not say (`xdp_mode`, `persist_table_entries`):
+    /// the daemon's defaults apply. `pin_dir` stays: it keeps each test's daemon, pid file
+    /// and handoff socket apart from any other tether on the machine.
+    pub fn user_defaults(mut self) -> Self {
+        self.xdp_mode.clear();
+        self.persist_table_entries = 0;
+        self
     }
 
     /// `auto`, `native` or `generic`.
@@ -274,13 +285,17 @@ impl ConfigBuilder {
         }
         let mut cfg = json!({
             "interface": self.interface,
-            "xdp_mode": self.xdp_mode,
             "pin_dir": self.pin_dir.to_string_lossy(),
-            "persist_table_entries": self.persist_table_entries,
             "virtual_services": self.services,
             "pools": [pool],
             "persistence_profiles": profiles,
         });
+        if !self.xdp_mode.is_empty() {
+            cfg["xdp_mode"] = json!(self.xdp_mode);
+        }
+        if self.persist_table_entries != 0 {
+            cfg["persist_table_entries"] = json!(self.persist_table_entries);
+        }
         if let Some(a) = &self.admin_listen {
             cfg["admin_listen"] = json!(a);
         }
@@ -306,9 +321,26 @@ impl Log {
     }
 }
 
+/// How the daemon is entered into its namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// `nsenter --net=...`: network namespace only (the host's bpffs and /run).
+    Nsenter,
+    /// `ip netns exec NS`: as users do (a new mount namespace with the namespace's /sys).
+    IpNetnsExec,
+}
+
 /// A running `tether run` in a namespace.
 pub struct Daemon {
     child: Option<Child>,
+    launch: Launch,
+    /// After [`Daemon::restart`]: the daemon that took over, started by the one it replaced
+    /// and reparented to this process (a child subreaper), which reaps it.
+    adopted: Option<u32>,
+    /// Daemons replaced by a restart, draining or exited (reaped on drop).
+    retired: Vec<Child>,
+    /// Adopted daemons replaced by a later restart, and their exit status once reaped.
+    retired_pids: Vec<(u32, Option<ExitStatus>)>,
     bin: PathBuf,
     ns: String,
     admin: SocketAddr,
@@ -324,7 +356,13 @@ impl Daemon {
     /// (up to [`READY_TIMEOUT`]) for `tether ready`. With `echo`, the daemon's output is also
     /// copied to this process's stderr as it arrives. A stale `pin_dir` is removed first.
     pub fn start(bin: &Path, ns: &str, config: &Value, echo: bool) -> Result<Daemon> {
-        Self::spawn(bin, ns, config, echo, false)
+        Self::spawn(bin, ns, config, echo, false, Launch::Nsenter)
+    }
+
+    /// Like [`Daemon::start`], entering the namespace as users do: `ip netns exec NS tether
+    /// run --config FILE`.
+    pub fn start_as_user(bin: &Path, ns: &str, config: &Value) -> Result<Daemon> {
+        Self::spawn(bin, ns, config, false, false, Launch::IpNetnsExec)
     }
 
     /// Like [`Daemon::start`], but keeps the maps already pinned in the config's `pin_dir`
@@ -335,10 +373,17 @@ impl Daemon {
         config: &Value,
         echo: bool,
     ) -> Result<Daemon> {
-        Self::spawn(bin, ns, config, echo, true)
+        Self::spawn(bin, ns, config, echo, true, Launch::Nsenter)
     }
 
-    fn spawn(bin: &Path, ns: &str, config: &Value, echo: bool, reuse_pins: bool) -> Result<Daemon> {
+    fn spawn(
+        bin: &Path,
+        ns: &str,
+        config: &Value,
+        echo: bool,
+        reuse_pins: bool,
+        launch: Launch,
+    ) -> Result<Daemon> {
         let pin_dir = PathBuf::from(
             config["pin_dir"]
                 .as_str()
@@ -365,6 +410,10 @@ impl Daemon {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut me = Daemon {
             child: None,
+            launch,
+            adopted: None,
+            retired: Vec::new(),
+            retired_pids: Vec::new(),
             bin: bin.to_path_buf(),
             ns: ns.to_string(),
             admin,
@@ -375,11 +424,8 @@ impl Daemon {
             keep_pins: false,
         };
 
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", netns_path(ns).display()))
-            .arg("--")
-            .arg(bin)
-            .arg("run")
+        let mut cmd = in_netns_cmd(launch, ns, bin);
+        cmd.arg("run")
             .arg("--config")
             .arg(&me.config_path)
             .env(
@@ -474,15 +520,93 @@ impl Daemon {
 
     /// The daemon's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.adopted.or(self.child.as_ref().map(|c| c.id()))
     }
 
     /// Whether the daemon is still running.
     pub fn is_running(&mut self) -> bool {
+        if let Some(pid) = self.adopted {
+            return reap(pid).is_none();
+        }
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// `tether restart --config FILE`, run in the daemon's namespace the way it was started:
+    /// the running daemon starts a new one that takes its sockets over, then drains and
+    /// exits. From here on this handle follows the new daemon. Returns the CLI's output.
+    pub fn restart(&mut self) -> Result<String> {
+        if self.pid().is_none() {
+            bail!("tether is not running; output:\n{}", self.logs());
+        }
+        // The new daemon is the old one's child: once the old one exits, it is ours.
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            bail!(
+                "PR_SET_CHILD_SUBREAPER: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let config = self.config_path.to_string_lossy().into_owned();
+        let out = self.cli(&["restart", "--config", &config])?;
+        let pid: u32 = out
+            .split_whitespace()
+            .skip_while(|w| *w != "pid")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no new pid in the output of tether restart: {out:?}"))?;
+        if let Some(old) = self.adopted.replace(pid) {
+            // An earlier restart's daemon: it drains and exits like a child would.
+            self.retired_pids.push((old, None));
+        }
+        if let Some(child) = self.child.take() {
+            self.retired.push(child);
+        }
+        Ok(out)
+    }
+
+    /// Waits (up to `timeout`) until every daemon replaced by a restart has exited; fails
+    /// unless each exited with status 0.
+    pub fn wait_retired(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for child in &mut self.retired {
+            let status = loop {
+                if let Some(s) = child.try_wait()? {
+                    break s;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "the replaced tether (pid {}) still runs after {timeout:?}",
+                        child.id()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if !status.success() {
+                bail!(
+                    "the replaced tether (pid {}) exited with {status}",
+                    child.id()
+                );
+            }
+        }
+        for (pid, reaped) in &mut self.retired_pids {
+            let status = loop {
+                if let Some(s) = reaped.or_else(|| reap(*pid)) {
+                    *reaped = Some(s);
+                    break s;
+                }
+                if Instant::now() >= deadline {
+                    bail!("the replaced tether (pid {pid}) still runs after {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if !status.success() {
+                bail!("the replaced tether (pid {pid}) exited with {status}");
+            }
+        }
+        Ok(())
     }
 
     /// The namespace the daemon runs in.
@@ -519,7 +643,8 @@ impl Daemon {
         let Some(pid) = self.pid() else {
             bail!("tether is not running; output:\n{}", self.logs());
         };
-        // SAFETY: kill(2) on our own child's pid (nsenter execs tether, so it is tether).
+        // SAFETY: kill(2) on our own child's pid (nsenter and `ip netns exec` exec tether, so
+        // it is tether), or on the daemon a restart started.
         if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
             bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
         }
@@ -585,31 +710,67 @@ impl Daemon {
     /// Waits (up to `timeout`) for the daemon to exit by itself (someone else signalled
     /// it, e.g. `tether stop`), reaping it.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let Some(child) = self.child.as_mut() else {
-            bail!("tether is not running; output:\n{}", self.logs());
-        };
         let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
+        let status = if let Some(pid) = self.adopted {
+            loop {
+                if let Some(s) = reap(pid) {
+                    break s;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "tether did not exit within {}s; output:\n{}",
+                        timeout.as_secs(),
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "tether did not exit within {}s; output:\n{}",
-                    timeout.as_secs(),
-                    self.logs()
-                );
+        } else {
+            let Some(child) = self.child.as_mut() else {
+                bail!("tether is not running; output:\n{}", self.logs());
+            };
+            loop {
+                if let Some(s) = child.try_wait()? {
+                    break s;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "tether did not exit within {}s; output:\n{}",
+                        timeout.as_secs(),
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         };
+        self.adopted = None;
         self.child = None;
+        self.end_retired();
         self.join_readers();
         Ok(status)
     }
 
-    /// Runs `tether ARGS` (the same binary) in the daemon's namespace; returns its stdout.
+    /// Kills what is left of replaced daemons (they hold the output pipes) and reaps them.
+    fn end_retired(&mut self) {
+        for mut c in self.retired.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (pid, reaped) in self.retired_pids.drain(..) {
+            if reaped.is_none() {
+                kill_and_reap(pid);
+            }
+        }
+    }
+
+    /// Runs `tether ARGS` (the same binary) in the daemon's namespace, entered as the
+    /// daemon was; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        tether_cli(&self.bin, &self.ns, args)
+        run_cmd(
+            in_netns_cmd(self.launch, &self.ns, &self.bin)
+                .args(args)
+                .env("RUST_LOG", "warn"),
+        )
     }
 
     /// One request to the admin API, made from the daemon's namespace.
@@ -648,44 +809,44 @@ impl Daemon {
     }
 
     fn terminate(&mut self) -> Result<String> {
-        let Some(mut child) = self.child.take() else {
+        let Some(pid) = self.pid() else {
             bail!("tether is not running; output:\n{}", self.logs());
         };
-        if let Some(status) = child.try_wait()? {
-            self.join_readers();
-            bail!(
-                "tether had already exited with {status}; output:\n{}",
-                self.logs()
-            );
+        if !self.is_running() {
+            let _ = self.wait_exit(Duration::ZERO);
+            bail!("tether had already exited; output:\n{}", self.logs());
         }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
+        // A daemon replaced by a restart said it too: this one must add its own line.
+        let stopped_before = self.log_lines("tether stopped").len();
+        // SAFETY: kill(2) on our own child's (or adopted daemon's) pid.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let status = match self.wait_exit(STOP_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                self.kill_all();
+                bail!("{e:#} (killed after SIGTERM)");
             }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.join_readers();
-                bail!(
-                    "tether did not exit within {}s of SIGTERM (killed); output:\n{}",
-                    STOP_TIMEOUT.as_secs(),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
         };
-        self.join_readers();
         let logs = self.logs();
         if !status.success() {
             bail!("tether exited with {status} after SIGTERM; output:\n{logs}");
         }
-        if !logs.contains("tether stopped") {
+        if self.log_lines("tether stopped").len() <= stopped_before {
             bail!("tether exited without logging `tether stopped`; output:\n{logs}");
         }
         Ok(logs)
+    }
+
+    fn kill_all(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = self.adopted.take() {
+            kill_and_reap(pid);
+        }
+        self.end_retired();
+        self.join_readers();
     }
 
     fn join_readers(&mut self) {
@@ -697,11 +858,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.join_readers();
+        self.kill_all();
         let _ = std::fs::remove_file(&self.config_path);
         if !self.keep_pins
             && self.pin_dir.exists()
@@ -717,6 +874,52 @@ impl Drop for Daemon {
 pub enum Reload {
     Applied(String),
     Refused(String),
+}
+
+/// `bin` to be run in namespace `ns`, entered as `launch` says (arguments to be added).
+fn in_netns_cmd(launch: Launch, ns: &str, bin: &Path) -> Command {
+    match launch {
+        Launch::Nsenter => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns_path(ns).display()))
+                .arg("--")
+                .arg(bin);
+            c
+        }
+        Launch::IpNetnsExec => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+    }
+}
+
+/// The exit status of child `pid` if it has exited (reaping it); `None` while it runs. For
+/// a pid that is not our child (already reaped), only whether it is gone is known: gone
+/// counts as status 0.
+fn reap(pid: u32) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut status = 0;
+    // SAFETY: waitpid on one pid with a valid status pointer.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    if r == pid as libc::pid_t {
+        return Some(ExitStatus::from_raw(status));
+    }
+    // Not our child (no subreaper in between): all we can tell is whether it is gone.
+    // SAFETY: kill with signal 0 only checks the process.
+    if r < 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return Some(ExitStatus::from_raw(0));
+    }
+    None
+}
+
+fn kill_and_reap(pid: u32) {
+    // SAFETY: SIGKILL to a daemon this harness started (directly or through a restart).
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while reap(pid).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs `bin ARGS` in namespace `ns` (nsenter, so bpffs and /run stay the host's); returns

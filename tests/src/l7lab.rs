@@ -46,6 +46,30 @@ impl L7Lab {
         backends: usize,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> L7Lab {
+        Self::launch(clients, backends, false, |topo| {
+            configure(base_builder(topo))
+        })
+    }
+
+    /// Like [`L7Lab::start`], run as a user runs tether: `ip netns exec`, and a config that
+    /// leaves every optional field to its default (but `pin_dir`, see
+    /// [`ConfigBuilder::user_defaults`]; backends are reached on the service's port).
+    pub fn start_as_user(
+        clients: usize,
+        backends: usize,
+        configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> L7Lab {
+        Self::launch(clients, backends, true, |topo| {
+            configure(ConfigBuilder::new(topo, &topo.pin_dir("pins")).user_defaults())
+        })
+    }
+
+    fn launch(
+        clients: usize,
+        backends: usize,
+        as_user: bool,
+        configure: impl FnOnce(&Topology) -> ConfigBuilder,
+    ) -> L7Lab {
         let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
         let topo = Topology::builder()
             .client_addrs(clients)
@@ -54,9 +78,13 @@ impl L7Lab {
             .unwrap_or_else(|e| panic!("building the namespace topology: {e:#}"));
         let servers = BackendServers::start_with(&topo, PORT, Reply::Echo)
             .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
-        let builder = configure(base_builder(&topo));
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
-            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
+        let builder = configure(&topo);
+        let daemon = if as_user {
+            Daemon::start_as_user(&bin, &topo.lb.ns, &builder.build())
+        } else {
+            Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
+        }
+        .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
         L7Lab {
             daemon: Some(daemon),
             servers,
@@ -153,6 +181,17 @@ impl L7Lab {
                 .is_ok_and(|r| r.status == 200)
         });
         line
+    }
+
+    /// `tether restart` (see [`Daemon::restart`]); returns its output. From here on the lab
+    /// follows the daemon that took over.
+    pub fn restart(&mut self) -> String {
+        let r = self
+            .daemon
+            .as_mut()
+            .unwrap_or_else(|| panic!("tether is not running"))
+            .restart();
+        self.ok(r, "tether restart")
     }
 
     /// Stop tether cleanly (its exit is checked).

@@ -115,6 +115,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_l7",
                     "--test",
                     "e2e_l7_keys",
+                    "--test",
+                    "e2e_restart",
                 ],
                 &["--test-threads=1"],
             )

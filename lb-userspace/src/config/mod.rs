@@ -101,6 +101,8 @@ pub struct Config {
     pub persist_new_bindings_per_cpu_s: Option<u32>,
     /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
     pub admin_listen: std::net::SocketAddr,
+    /// How long a restarted or reloaded L7 listener's old connections may take to finish.
+    pub drain_timeout: std::time::Duration,
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
@@ -350,6 +352,10 @@ pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
 pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
 pub const MAX_NEW_BINDINGS_PER_CPU_S: u32 = 100_000_000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// `drain_timeout_ms` when absent (Envoy's `--drain-time-s` default is 600 s, HAProxy has
+/// none by default; 30 s covers ordinary requests without keeping old processes for long).
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u32 = 30_000;
+pub const MAX_DRAIN_TIMEOUT_MS: u32 = 3_600_000;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, LoadError> {
@@ -475,6 +481,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
         )
     })?;
+
+    let drain_timeout_ms = raw.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS);
+    if drain_timeout_ms > MAX_DRAIN_TIMEOUT_MS {
+        return Err(ConfigError::new(
+            "drain_timeout_ms",
+            format!("{drain_timeout_ms}: must be 0 to {MAX_DRAIN_TIMEOUT_MS}"),
+        ));
+    }
+    let drain_timeout = std::time::Duration::from_millis(u64::from(drain_timeout_ms));
 
     // Profiles.
     let mut profiles = Vec::new();
@@ -775,6 +790,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         persist_table_entries,
         persist_new_bindings_per_cpu_s: raw.persist_new_bindings_per_cpu_s,
         admin_listen,
+        drain_timeout,
         services,
         pools,
         profiles,

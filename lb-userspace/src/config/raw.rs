@@ -20,6 +20,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin_listen: Option<String>,
     #[serde(default)]
+    pub drain_timeout_ms: Option<u32>,
+    #[serde(default)]
     pub virtual_services: Vec<RawService>,
     #[serde(default)]
     pub pools: Vec<RawPool>,

@@ -413,6 +413,18 @@ fn admin_state_and_listen() {
     ))
     .expect("valid");
     assert_eq!(c.admin_listen.port(), 9999);
+    assert_eq!(c.drain_timeout, std::time::Duration::from_secs(30));
+    let c = Config::parse(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "drain_timeout_ms": 0"#,
+    ))
+    .expect("valid");
+    assert_eq!(c.drain_timeout, std::time::Duration::ZERO);
+    let e = err(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "drain_timeout_ms": 3600001"#,
+    ));
+    assert_eq!(e.path, "drain_timeout_ms");
 }
 
 const L7: &str = r#"{

@@ -505,6 +505,12 @@ impl Dataplane {
         Ok(st)
     }
 
+    /// Forget which Maglev tables this process wrote, so the next [`Dataplane::apply`]
+    /// rewrites every one (another process wrote the maps meanwhile: a failed handoff).
+    pub fn forget_written_tables(&mut self) {
+        self.live_tables.clear();
+    }
+
     /// Make the kernel maps hold exactly `plan`: backends first (a table never names a
     /// backend whose entry is not written yet), then each service's table into its idle
     /// slot, then the service entry that flips to it; finally stale services and backends

@@ -35,6 +35,12 @@ use super::{
 const H1_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
 /// After an idle HTTP/2 connection's GOAWAY, how long the client has to close.
 const H2_GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// Draining: how long an idle HTTP/1 keep-alive connection is left open for a request that
+/// may already be on its way (it is answered with `Connection: close`). Closing at once
+/// would make a client that just sent one see a reset instead of an answer.
+const DRAIN_IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Draining: how often the connection's state is looked at.
+const DRAIN_TICK: Duration = Duration::from_millis(50);
 
 /// Counts the connection closed however its task ends.
 struct Closed(Arc<ProxyStats>);
@@ -107,7 +113,8 @@ pub(super) async fn run(
             };
             serve_http(shared.clone(), info, io, clock, shutdown).await;
         }
-        Some(acceptor) => {
+        Some(handle) => {
+            let acceptor = handle.acceptor();
             let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(io)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -154,6 +161,7 @@ async fn serve_http<I>(
         clock: clock.clone(),
         h2: info.alpn_h2,
         tunnel: Mutex::new(None),
+        draining: shutdown.clone(),
     });
     let service = {
         let ctx = ctx.clone();
@@ -207,7 +215,10 @@ async fn serve_http<I>(
 }
 
 /// Polls `conn` to completion, closing it when the clock's deadline passes (idle, slow head)
-/// and shutting it down gracefully when `shutdown` turns true.
+/// and draining it when `shutdown` turns true: HTTP/2 gets a GOAWAY and finishes its
+/// streams; HTTP/1 finishes the request in flight (hyper then answers with `Connection:
+/// close`), an idle one is given [`DRAIN_IDLE_WAIT`] for a request already on its way (the
+/// handler answers it with `Connection: close`), then closed.
 async fn drive<C>(
     conn: C,
     graceful: impl Fn(Pin<&mut C>),
@@ -224,19 +235,40 @@ where
     let tick = (limits.request_header_timeout.min(limits.idle_timeout) / 4)
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut stopping = false;
+    // HTTP/1 draining while idle: close at this instant if still idle.
+    let mut idle_close: Option<Instant> = None;
     loop {
         let now = Instant::now();
+        let tick = if idle_close.is_some() {
+            DRAIN_TICK
+        } else {
+            tick
+        };
         let wake = match clock.deadline(h2, limits) {
             Some(d) => Instant::from_std(d).min(now + tick),
             None => now + tick,
         };
         tokio::select! {
             res = conn.as_mut() => return res,
-            () = stopped(shutdown), if !stopping => {
-                stopping = true;
-                graceful(conn.as_mut());
+            () = stopped(shutdown), if !stopping && idle_close.is_none() => {
+                if h2 || clock.in_flight() {
+                    stopping = true;
+                    graceful(conn.as_mut());
+                } else {
+                    idle_close = Some(Instant::now() + DRAIN_IDLE_WAIT);
+                }
             }
             () = tokio::time::sleep_until(wake) => {
+                if let Some(at) = idle_close
+                    && !stopping
+                {
+                    if clock.in_flight() {
+                        stopping = true;
+                        graceful(conn.as_mut());
+                    } else if Instant::now() >= at && !clock.head_started() {
+                        return Ok(());
+                    }
+                }
                 let expired = clock
                     .deadline(h2, limits)
                     .is_some_and(|d| std::time::Instant::now() >= d);

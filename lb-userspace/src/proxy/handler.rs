@@ -34,6 +34,8 @@ pub(super) struct ConnCtx {
     pub(super) clock: Arc<Clock>,
     pub(super) h2: bool,
     pub(super) tunnel: Mutex<Option<Tunnel>>,
+    /// True once the proxy drains (reload or restart): HTTP/1 answers close the connection.
+    pub(super) draining: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(super) async fn handle(
@@ -43,10 +45,15 @@ pub(super) async fn handle(
     let inflight = ctx.clock.begin();
     let stats = &ctx.shared.stats;
     inc(&stats.requests);
-    let resp = match forward(&ctx, req).await {
+    let mut resp = match forward(&ctx, req).await {
         Ok(resp) => resp,
         Err(status) => error_response(status, ctx.h2),
     };
+    // The client's next request goes to whoever serves the listening socket now.
+    if !ctx.h2 && resp.status() != StatusCode::SWITCHING_PROTOCOLS && *ctx.draining.borrow() {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     stats.response(resp.status());
     Ok(resp.map(|body| body.with_inflight(inflight)))
 }

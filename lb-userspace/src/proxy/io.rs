@@ -70,6 +70,16 @@ impl Clock {
         InFlight(self.clone())
     }
 
+    /// A request is being handled (its head arrived, its response is not done).
+    pub(super) fn in_flight(&self) -> bool {
+        self.inflight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Bytes of a next request head arrived while none was in flight.
+    pub(super) fn head_started(&self) -> bool {
+        self.head_started.load(Ordering::Relaxed) != NONE
+    }
+
     /// When the connection should be closed if nothing changes; `None` while requests are in
     /// flight. HTTP/1: the first head within `request_header_timeout` of the accept, later
     /// heads within it from their first byte, `idle_timeout` between requests. HTTP/2:

@@ -62,7 +62,7 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use tls::load_tls;
+pub use tls::{TlsError, TlsHandle, TlsPart, load_tls};
 
 /// Decides where a request goes and adjusts the response; implemented by persistence methods.
 pub trait Router: Send + Sync + 'static {
@@ -153,7 +153,9 @@ pub struct TlsFiles {
 pub struct ProxyConfig {
     /// Informational (logs): [`serve`] uses the listener it is given.
     pub listen: SocketAddr,
-    pub tls: Option<TlsFiles>,
+    /// Built before serving (a bad certificate never stops a running listener), and
+    /// replaceable while serving.
+    pub tls: Option<TlsHandle>,
     pub proxy_protocol: bool,
     pub limits: Limits,
 }
@@ -172,7 +174,8 @@ pub struct Limits {
     pub upstream_connect_timeout: Duration,
     /// From the end of the request body to the response head.
     pub upstream_response_timeout: Duration,
-    /// After shutdown: how long in-flight requests and tunnels may take before being cut.
+    /// After shutdown (a restart's drain): how long in-flight requests, keep-alive
+    /// connections and tunnels may take before being cut.
     pub shutdown_grace: Duration,
 }
 
@@ -195,14 +198,6 @@ impl Default for Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{what} {path}: {source}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("TLS: {0}")]
-    Tls(String),
     #[error("proxy configuration: {0}")]
     Config(String),
 }
@@ -296,7 +291,7 @@ struct Shared {
     stats: Arc<ProxyStats>,
     pool: upstream::Pool,
     proxy_protocol: bool,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<TlsHandle>,
 }
 
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
@@ -323,10 +318,13 @@ pub async fn serve(
 }
 
 /// Serve client connections from `listener` until `shutdown` turns true (or its sender is
-/// dropped). Then the listener is closed, idle connections are closed, in-flight requests
-/// and tunnels get [`Limits::shutdown_grace`] to finish, and whatever remains is cut.
+/// dropped). Then it drains: `listener` is dropped (a socket shared with another server, a
+/// reload's or a restart's, keeps its queue there), in-flight HTTP/1 requests are answered
+/// with `Connection: close`, idle HTTP/1 connections are closed once nothing arrived for a
+/// short while, HTTP/2 connections get a GOAWAY, and whatever is still open after
+/// [`Limits::shutdown_grace`] is cut.
 ///
-/// Errors only before serving anything (TLS files, invalid limits).
+/// Errors only before serving anything (invalid limits).
 pub async fn serve_with_stats(
     listener: TcpListener,
     cfg: ProxyConfig,
@@ -344,10 +342,7 @@ pub async fn serve_with_stats(
             limits.max_header_bytes
         )));
     }
-    let tls = match &cfg.tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(load_tls(files)?)),
-        None => None,
-    };
+    let tls = cfg.tls.clone();
     let shared = Arc::new(Shared {
         router,
         limits,
@@ -419,7 +414,8 @@ pub async fn serve_with_stats(
 
     drop(listener);
     log::info!(
-        "proxy: shutting down, {} connection(s) open, grace {:?}",
+        "proxy: draining {}: {} connection(s) open, grace {:?}",
+        cfg.listen,
         tasks.len(),
         limits.shutdown_grace
     );

@@ -329,7 +329,7 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let cfg = ProxyConfig {
             listen: addr,
-            tls,
+            tls: tls.map(|f| TlsHandle::load(&f).unwrap()),
             proxy_protocol,
             limits,
         };
@@ -1163,6 +1163,11 @@ async fn shutdown_lets_in_flight_requests_finish() {
         let (status, headers, _) = in_flight.await.unwrap();
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["x-backend"], "slow");
+        assert_eq!(
+            headers.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "the answer in flight closes its connection: {headers:?}"
+        );
         let task = proxy.task.take().unwrap();
         let res = tokio::time::timeout(Duration::from_secs(3), task)
             .await
@@ -1176,7 +1181,181 @@ async fn shutdown_lets_in_flight_requests_finish() {
             router.opened.load(Ordering::SeqCst),
             router.closed.load(Ordering::SeqCst)
         );
-        assert!(idle.ready().await.is_err(), "idle connection closed");
+        eventually("the idle connection closed", || idle.is_closed()).await;
+    })
+    .await;
+}
+
+/// A keep-alive client may send its next request just as the proxy starts draining: it must
+/// get an answer (with `Connection: close`), not a reset, while the listening socket (shared
+/// with the next server) keeps queueing new connections for whoever accepts next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_answers_a_request_sent_on_an_idle_connection() {
+    bounded(async {
+        let b = Backend::echo("b1", Behaviour::default()).await;
+        let router = TestRouter::new(vec![b.addr]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // What the next server would hold: a duplicate of the listening socket.
+        let next = listener.into_std().unwrap();
+        let served = tokio::net::TcpListener::from_std(next.try_clone().unwrap()).unwrap();
+        let stats = Arc::new(ProxyStats::default());
+        let (stop, rx) = watch::channel(false);
+        let cfg = ProxyConfig {
+            listen: addr,
+            tls: None,
+            proxy_protocol: false,
+            limits: test_limits(),
+        };
+        let task = tokio::spawn(serve_with_stats(served, cfg, router.clone(), rx, stats));
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_head(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tcp.write_all(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut tcp).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("serve returned in time")
+            .unwrap()
+            .unwrap();
+        // The socket stayed open: a connection made now waits in its queue.
+        let _queued = TcpStream::connect(addr).await.expect("queued, not refused");
+        let (_conn, peer) = next.accept().expect("the next server accepts it");
+        assert_eq!(peer.ip(), addr.ip());
+    })
+    .await;
+}
+
+/// HTTP/2 drains with a GOAWAY: the stream in flight is answered, then the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_h2_answers_streams_in_flight_then_goes_away() {
+    bounded(async {
+        let certs = certs();
+        let slow = Backend::echo(
+            "slow",
+            Behaviour {
+                delay: Duration::from_millis(500),
+                ..Behaviour::default()
+            },
+        )
+        .await;
+        let router = TestRouter::new(vec![slow.addr]);
+        let mut proxy = Proxy::start(
+            router.clone(),
+            Some(certs.files.clone()),
+            false,
+            test_limits(),
+        )
+        .await;
+        let tls = tls_connect(proxy.addr, &certs, &[b"h2"]).await;
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("https://localhost/slow")
+            .body(empty())
+            .unwrap();
+        let in_flight = tx.send_request(req);
+        let in_flight = tokio::spawn(in_flight);
+        eventually("stream in flight", || router.calls().len() == 1).await;
+        proxy.stop.send(true).unwrap();
+        let resp = tokio::time::timeout(IO_TIMEOUT, in_flight)
+            .await
+            .expect("answer in time")
+            .unwrap()
+            .expect("the stream in flight is answered");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-backend"], "slow");
+        resp.into_body().collect().await.unwrap();
+        tokio::time::timeout(IO_TIMEOUT, conn)
+            .await
+            .expect("the connection ends after the GOAWAY")
+            .unwrap()
+            .expect("a graceful end");
+        let task = proxy.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("serve returned in time")
+            .unwrap()
+            .unwrap();
+    })
+    .await;
+}
+
+/// An idle keep-alive connection is closed once draining has waited a moment for a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_idle_connections() {
+    bounded(async {
+        let b = Backend::echo("b1", Behaviour::default()).await;
+        let router = TestRouter::new(vec![b.addr]);
+        let mut proxy = Proxy::plain(router.clone()).await;
+        let mut idle = h1(proxy.addr).await;
+        let (status, _, _) = send(&mut idle, get("/").body(empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        proxy.stop.send(true).unwrap();
+        let task = proxy.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("serve returned in time")
+            .unwrap()
+            .unwrap();
+        eventually("the idle connection closed", || idle.is_closed()).await;
+        assert_eq!(
+            router.opened.load(Ordering::SeqCst),
+            router.closed.load(Ordering::SeqCst)
+        );
+    })
+    .await;
+}
+
+/// A TLS configuration replaced while serving is what new connections see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_tls_configuration_serves_new_connections() {
+    bounded(async {
+        let b = Backend::echo("b1", Behaviour::default()).await;
+        let router = TestRouter::new(vec![b.addr]);
+        let (first, second) = (certs(), certs());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = TlsHandle::load(&first.files).unwrap();
+        let cfg = ProxyConfig {
+            listen: addr,
+            tls: Some(handle.clone()),
+            proxy_protocol: false,
+            limits: test_limits(),
+        };
+        let (_stop, rx) = watch::channel(false);
+        let _task = tokio::spawn(serve_with_stats(
+            listener,
+            cfg,
+            router,
+            rx,
+            Arc::new(ProxyStats::default()),
+        ));
+        let tls = tls_connect(addr, &first, &[b"http/1.1"]).await;
+        let seen = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(seen, first.der);
+        handle.replace(load_tls(&second.files).unwrap());
+        let tls = tls_connect(addr, &second, &[b"http/1.1"]).await;
+        let seen = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert_eq!(seen, second.der, "new connections get the new certificate");
     })
     .await;
 }
@@ -1225,13 +1404,24 @@ async fn load_tls_reports_bad_files() {
         cert_pem: "/nonexistent/cert.pem".into(),
         key_pem: "/nonexistent/key.pem".into(),
     };
-    assert!(matches!(load_tls(&missing), Err(ProxyError::File { .. })));
+    let e = load_tls(&missing).expect_err("missing files load");
+    assert_eq!(
+        (e.part, e.path.as_path()),
+        (TlsPart::Cert, missing.cert_pem.as_path())
+    );
     let c = certs();
     let swapped = TlsFiles {
         cert_pem: c.files.key_pem.clone(),
         key_pem: c.files.cert_pem.clone(),
     };
-    assert!(matches!(load_tls(&swapped), Err(ProxyError::Tls(_))));
+    let e = load_tls(&swapped).expect_err("swapped files load");
+    assert_eq!(e.part, TlsPart::Cert, "{e}");
+    let no_key = TlsFiles {
+        cert_pem: c.files.cert_pem.clone(),
+        key_pem: c.files.cert_pem.clone(),
+    };
+    let e = load_tls(&no_key).expect_err("a certificate as key loads");
+    assert_eq!(e.part, TlsPart::Key, "{e}");
     let config = load_tls(&c.files).unwrap();
     assert_eq!(
         config.alpn_protocols,

@@ -1,0 +1,430 @@
+//! The L7 frontends a daemon runs: per `l7` virtual service, its listening socket, TLS
+//! configuration, persistence router and serve task.
+//!
+//! Rules (what operators rely on):
+//! - **All or nothing.** [`Frontends::prepare`] builds everything a config needs (routers,
+//!   TLS configurations read from disk, sockets for new addresses) without touching what
+//!   runs; only then [`Frontends::commit`] switches, and it cannot fail. A certificate that
+//!   does not load refuses the reload with the field and the reason
+//!   (`virtual_services[0].tls.cert_file: ...`) and the old listener keeps serving.
+//! - **Sockets are kept by address.** A service whose address stays keeps its listening
+//!   socket, so a reload never refuses a connection. When only its TLS files' contents change
+//!   (a certificate renewed in place) the running listener takes the new configuration for
+//!   new connections; when its other listener settings change a new serve task starts on the
+//!   same socket before the old one drains. A restart hands the same sockets to the next
+//!   process ([`crate::handoff`]).
+//! - **Routers are kept** while the persistence profile and the pool stay (see
+//!   [`router_spec`]): their tables and counters carry over; cookie keys rotate in place.
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    config::{Config, ConfigError, L7Options, ServiceMode},
+    persist::router::{PersistRouter, RouterStats, router_spec},
+    proxy::{self, ProxyStats, TlsHandle},
+    state::{L7Counters, SharedSnapshot},
+};
+
+/// Backlog of the listening sockets tether creates.
+const BACKLOG: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    /// A TLS file that does not load, as a config error (field path and reason).
+    #[error(transparent)]
+    Tls(ConfigError),
+    #[error("virtual service {service:?}: listening on {addr}: {source}")]
+    Listen {
+        service: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("virtual service {service:?}: {reason}")]
+    Router { service: String, reason: String },
+}
+
+/// What makes a serve task: a change restarts the task (on the same socket).
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    tls: bool,
+    proxy_protocol: bool,
+    limits: crate::config::L7Limits,
+}
+
+impl Settings {
+    fn of(o: &L7Options) -> Settings {
+        Settings {
+            tls: o.tls.is_some(),
+            proxy_protocol: o.proxy_protocol,
+            limits: o.limits,
+        }
+    }
+}
+
+/// One L7 virtual service's frontend.
+pub struct Frontend {
+    pub addr: SocketAddr,
+    /// The listening socket; serve tasks accept on duplicates of it, so stopping one never
+    /// closes the socket (and its queue of connections not yet accepted).
+    socket: Arc<std::net::TcpListener>,
+    settings: Settings,
+    tls: Option<TlsHandle>,
+    router_spec: String,
+    /// The serve task's stop switch; `None` while nothing accepts (built but not started,
+    /// or stopped for a handoff).
+    stop: Option<watch::Sender<bool>>,
+    pub router: Arc<PersistRouter>,
+    pub stats: Arc<ProxyStats>,
+    pub router_stats: Arc<RouterStats>,
+}
+
+/// A new generation of frontends, built and not yet serving.
+pub struct Prepared {
+    cfg: Arc<Config>,
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    name: String,
+    /// Index in `cfg.services`.
+    service: usize,
+    fe: Frontend,
+    /// The running frontend's router is kept: its cookie keys are updated on commit.
+    kept_router: bool,
+    /// `Some`: a new serve task starts on this duplicate of the socket (and the running one,
+    /// if any, drains). `None`: the running task keeps serving (its TLS configuration is
+    /// replaced by `new_tls`).
+    serve: Option<tokio::net::TcpListener>,
+    new_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Prepared {
+    /// The routers of the new generation, by service name (to load persistence state into
+    /// before anything is accepted).
+    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<PersistRouter>)> {
+        self.entries.iter().map(|e| (e.name.as_str(), &e.fe.router))
+    }
+}
+
+/// The frontends that run, and the serve tasks (draining ones included).
+#[derive(Default)]
+pub struct Frontends {
+    running: HashMap<String, Frontend>,
+    tasks: JoinSet<()>,
+}
+
+/// A listening socket with SO_REUSEADDR (restart while old connections are in TIME_WAIT).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// A duplicate of `socket` registered with the runtime, for one serve task.
+fn serve_socket(socket: &std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    let dup = socket.try_clone()?;
+    dup.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(dup)
+}
+
+fn proxy_config(fe: &Frontend, o: &L7Options, drain: Duration) -> proxy::ProxyConfig {
+    proxy::ProxyConfig {
+        listen: fe.addr,
+        tls: fe.tls.clone(),
+        proxy_protocol: o.proxy_protocol,
+        limits: proxy::Limits {
+            max_connections: o.limits.max_connections as usize,
+            max_header_bytes: o.limits.max_header_bytes as usize,
+            request_header_timeout: o.limits.request_timeout,
+            idle_timeout: o.limits.idle_timeout,
+            upstream_connect_timeout: o.limits.connect_timeout,
+            upstream_response_timeout: o.limits.response_timeout,
+            shutdown_grace: drain,
+        },
+    }
+}
+
+fn l7_options(cfg: &Config, service: usize) -> &L7Options {
+    match &cfg.services[service].mode {
+        ServiceMode::L7(o) => o,
+        ServiceMode::L4Dsr => unreachable!("entries are built from l7 services only"),
+    }
+}
+
+impl Frontends {
+    /// Build the frontends `cfg` asks for, reusing what runs where it can; nothing running
+    /// changes. A socket for an address nothing here listens on is taken from `inherited`
+    /// (a restart's sockets, by address) or bound.
+    pub fn prepare(
+        &self,
+        cfg: &Arc<Config>,
+        shared: &SharedSnapshot,
+        inherited: &mut HashMap<SocketAddr, std::net::TcpListener>,
+    ) -> Result<Prepared, FrontendError> {
+        let mut entries = Vec::new();
+        for (i, svc) in cfg.services.iter().enumerate() {
+            let ServiceMode::L7(o) = &svc.mode else {
+                continue;
+            };
+            let addr = SocketAddr::new(svc.vip, svc.port);
+            let listen_err = |source| FrontendError::Listen {
+                service: svc.name.clone(),
+                addr,
+                source,
+            };
+            // Read on every reload: a certificate renewed at the same path is picked up.
+            let new_tls = match &o.tls {
+                Some(t) => Some(
+                    proxy::load_tls(&proxy::TlsFiles {
+                        cert_pem: t.cert_file.clone(),
+                        key_pem: t.key_file.clone(),
+                    })
+                    .map_err(|e| {
+                        FrontendError::Tls(ConfigError {
+                            path: format!("virtual_services[{i}].tls.{}", e.part.field()),
+                            reason: e.to_string(),
+                        })
+                    })?,
+                ),
+                None => None,
+            };
+            let current = self.running.get(&svc.name);
+            let spec = router_spec(cfg, svc);
+            let kept = current.filter(|c| c.router_spec == spec);
+            let (router, router_stats, stats) = match kept {
+                Some(c) => (c.router.clone(), c.router_stats.clone(), c.stats.clone()),
+                None => {
+                    let r =
+                        Arc::new(PersistRouter::new(cfg, svc, shared.clone()).map_err(|e| {
+                            FrontendError::Router {
+                                service: svc.name.clone(),
+                                reason: e.to_string(),
+                            }
+                        })?);
+                    let rs = r.stats.clone();
+                    (r, rs, Arc::new(ProxyStats::default()))
+                }
+            };
+            let settings = Settings::of(o);
+            // The running task goes on when its socket, settings and router stay.
+            let keep_task = current.filter(|c| {
+                c.addr == addr
+                    && c.settings == settings
+                    && c.stop.is_some()
+                    && Arc::ptr_eq(&c.router, &router)
+            });
+            let socket = match self.running.values().find(|f| f.addr == addr) {
+                Some(f) => f.socket.clone(),
+                None => match inherited.remove(&addr) {
+                    Some(s) => Arc::new(s),
+                    None => Arc::new(bind(addr).map_err(listen_err)?),
+                },
+            };
+            let (tls, serve, new_tls) = match (keep_task, new_tls) {
+                (Some(c), new_tls) => (c.tls.clone(), None, new_tls),
+                (None, new_tls) => (
+                    new_tls.map(TlsHandle::new),
+                    Some(serve_socket(&socket).map_err(listen_err)?),
+                    None,
+                ),
+            };
+            entries.push(Entry {
+                name: svc.name.clone(),
+                service: i,
+                fe: Frontend {
+                    addr,
+                    socket,
+                    settings,
+                    tls,
+                    router_spec: spec,
+                    stop: None,
+                    router,
+                    stats,
+                    router_stats,
+                },
+                kept_router: kept.is_some(),
+                serve,
+                new_tls,
+            });
+        }
+        Ok(Prepared {
+            cfg: cfg.clone(),
+            entries,
+        })
+    }
+
+    /// Switch to `prepared`: new serve tasks start before the ones they replace drain;
+    /// frontends no longer configured drain and their sockets close once their tasks end.
+    pub fn commit(&mut self, prepared: Prepared) {
+        let Prepared { cfg, entries } = prepared;
+        let mut old = std::mem::take(&mut self.running);
+        for mut e in entries {
+            let svc = &cfg.services[e.service];
+            let previous = old.remove(&e.name);
+            if e.kept_router
+                && let Err(err) = e.fe.router.update_keys(&cfg, svc)
+            {
+                // Config validation already decoded these keys: not reached in practice.
+                log::error!("virtual service {:?}: cookie keys: {err}", e.name);
+            }
+            match e.serve.take() {
+                None => {
+                    let mut previous = previous.expect("a kept task has a running frontend");
+                    if let (Some(handle), Some(config)) = (&e.fe.tls, e.new_tls.take()) {
+                        handle.replace(config);
+                    }
+                    e.fe.stop = previous.stop.take();
+                }
+                Some(listener) => {
+                    let o = l7_options(&cfg, e.service);
+                    self.spawn(&e.name, &mut e.fe, listener, o, cfg.drain_timeout);
+                    if let Some(mut p) = previous {
+                        stop(&e.name, &mut p, "its listener settings changed");
+                    }
+                }
+            }
+            self.running.insert(e.name, e.fe);
+        }
+        for (name, mut p) in old {
+            stop(&name, &mut p, "the service is gone");
+        }
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        fe: &mut Frontend,
+        listener: tokio::net::TcpListener,
+        o: &L7Options,
+        drain: Duration,
+    ) {
+        let (stop, stopped) = watch::channel(false);
+        let name = name.to_string();
+        let task = proxy::serve_with_stats(
+            listener,
+            proxy_config(fe, o, drain),
+            fe.router.clone(),
+            stopped,
+            fe.stats.clone(),
+        );
+        log::info!(
+            "L7 proxy of {name} listening on {}{}",
+            fe.addr,
+            if fe.tls.is_some() { " (TLS)" } else { "" }
+        );
+        self.tasks.spawn(async move {
+            if let Err(e) = task.await {
+                log::error!("L7 proxy of {name} stopped: {e}");
+            }
+        });
+        fe.stop = Some(stop);
+    }
+
+    /// Stop accepting on every frontend (`why` is logged; in a handoff the next process
+    /// accepts on the same sockets); open connections drain.
+    pub fn stop_accepting(&mut self, why: &str) {
+        for (name, fe) in &mut self.running {
+            stop(name, fe, why);
+        }
+    }
+
+    /// Accept again on every frontend [`Frontends::stop_accepting`] stopped (a handoff that
+    /// failed).
+    pub fn resume(&mut self, cfg: &Config) {
+        let names: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, f)| f.stop.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let Some(service) = cfg.services.iter().position(|s| s.name == name) else {
+                continue;
+            };
+            let mut fe = self.running.remove(&name).expect("listed above");
+            match serve_socket(&fe.socket) {
+                Ok(listener) => {
+                    let o = l7_options(cfg, service);
+                    self.spawn(&name, &mut fe, listener, o, cfg.drain_timeout);
+                }
+                Err(e) => log::error!(
+                    "L7 proxy of {name}: cannot accept again on {}: {e}",
+                    fe.addr
+                ),
+            }
+            self.running.insert(name, fe);
+        }
+    }
+
+    /// Stop every frontend and wait up to `grace` (plus a second for the tasks to cut what
+    /// outlived their own grace) for the serve tasks to finish draining.
+    pub async fn drain(&mut self, grace: Duration) {
+        self.stop_accepting("stopping");
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace + Duration::from_secs(1), all)
+            .await
+            .is_err()
+        {
+            log::warn!("L7 proxies still draining after {grace:?}; exiting");
+        }
+    }
+
+    /// The listening sockets, by address (handed to the next process on a restart).
+    pub fn sockets(&self) -> Vec<(SocketAddr, BorrowedFd<'_>)> {
+        self.running
+            .values()
+            .map(|f| (f.addr, f.socket.as_fd()))
+            .collect()
+    }
+
+    /// The running routers, by service name.
+    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<PersistRouter>)> {
+        self.running.iter().map(|(n, f)| (n.as_str(), &f.router))
+    }
+
+    /// Counters of every frontend, for the snapshot.
+    pub fn counters(&self) -> Vec<L7Counters> {
+        self.running
+            .iter()
+            .map(|(name, f)| L7Counters {
+                service: name.clone(),
+                router: f.router_stats.clone(),
+                proxy: f.stats.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether `name`'s frontend accepts connections now.
+    pub fn is_serving(&self, name: &str) -> bool {
+        self.running.get(name).is_some_and(|f| f.stop.is_some())
+    }
+
+    /// The TLS configuration `name`'s frontend gives new connections.
+    pub fn tls_config(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+        self.running.get(name)?.tls.as_ref().map(TlsHandle::current)
+    }
+}
+
+fn stop(name: &str, fe: &mut Frontend, why: &str) {
+    if let Some(s) = fe.stop.take() {
+        let _ = s.send(true);
+        log::info!("L7 proxy of {name} on {} drains: {why}", fe.addr);
+    }
+}

@@ -1,0 +1,300 @@
+//! Reloads of L7 frontends: all or nothing, sockets kept, certificates renewed in place.
+
+use std::{
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+use super::*;
+use crate::state::Snapshot;
+
+/// A scratch directory with a certificate and key, removed on drop.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use std::fmt::Write as _;
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            b64.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        writeln!(out, "{}", std::str::from_utf8(line).unwrap()).unwrap();
+    }
+    writeln!(out, "-----END {label}-----").unwrap();
+    out
+}
+
+impl Dir {
+    fn new() -> Dir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tether-frontends-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.0.join("cert.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.0.join("key.pem")
+    }
+
+    /// Writes a new self-signed certificate and key in place; returns the certificate.
+    fn renew(&self) -> CertificateDer<'static> {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(self.cert(), pem("CERTIFICATE", c.cert.der())).unwrap();
+        std::fs::write(
+            self.key(),
+            pem("PRIVATE KEY", &c.signing_key.serialize_der()),
+        )
+        .unwrap();
+        c.cert.der().clone()
+    }
+}
+
+/// A port free on 127.0.0.1 a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One L7 service `web` on 127.0.0.1:`port` over one backend, with `extra` fields.
+fn config(port: u16, extra: &str) -> Arc<Config> {
+    let text = format!(
+        r#"{{"interface":"lo",
+            "virtual_services":[{{"name":"web","vip":"127.0.0.1","port":{port},"protocol":"tcp",
+                                 "mode":"l7","pool":"web"{extra}}}],
+            "pools":[{{"name":"web","backends":[{{"name":"b1","address":"127.0.0.1","port":1}}]}}]}}"#
+    );
+    Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
+fn tls_fields(dir: &Dir) -> String {
+    format!(
+        r#","tls":{{"cert_file":"{}","key_file":"{}"}}"#,
+        dir.cert().display(),
+        dir.key().display()
+    )
+}
+
+fn shared(cfg: &Arc<Config>) -> SharedSnapshot {
+    Arc::new(ArcSwap::from_pointee(Snapshot::empty(
+        cfg.clone(),
+        SystemTime::now(),
+    )))
+}
+
+fn reload(f: &mut Frontends, cfg: &Arc<Config>) -> Result<(), FrontendError> {
+    let prepared = f.prepare(cfg, &shared(cfg), &mut HashMap::new())?;
+    f.commit(prepared);
+    Ok(())
+}
+
+/// The inode of the socket behind a frontend's listening socket.
+fn socket_inode(f: &Frontends) -> u64 {
+    let (_, fd) = f.sockets()[0];
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+        .ino()
+}
+
+/// The certificate a new TLS connection to `port` is shown (trusting exactly `expected`).
+async fn served_cert(port: u16, expected: &CertificateDer<'static>) -> CertificateDer<'static> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(expected.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .unwrap_or_else(|e| panic!("TLS handshake trusting the expected certificate: {e}"));
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn assert_refused_at(e: FrontendError, field: &str, file: &Path) {
+    match e {
+        FrontendError::Tls(c) => {
+            assert_eq!(c.path, field, "{c}");
+            assert!(c.reason.contains(&file.display().to_string()), "{c}");
+        }
+        other => panic!("expected a TLS field error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificate_is_served_after_reload_on_the_same_socket() {
+    let dir = Dir::new();
+    let first = dir.renew();
+    let port = free_port();
+    let cfg = config(port, &tls_fields(&dir));
+    let mut f = Frontends::default();
+    reload(&mut f, &cfg).unwrap();
+    assert_eq!(served_cert(port, &first).await, first);
+    let inode = socket_inode(&f);
+
+    // Renewed in place: same paths, same config text.
+    let second = dir.renew();
+    reload(&mut f, &cfg).unwrap();
+    assert_eq!(
+        served_cert(port, &second).await,
+        second,
+        "a new connection sees the renewed certificate"
+    );
+    assert_eq!(socket_inode(&f), inode, "the listening socket is kept");
+    assert!(f.is_serving("web"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate_on_reload_is_refused_and_the_old_one_serves() {
+    let dir = Dir::new();
+    let good = dir.renew();
+    let port = free_port();
+    let cfg = config(port, &tls_fields(&dir));
+    let mut f = Frontends::default();
+    reload(&mut f, &cfg).unwrap();
+    let before = f.tls_config("web").unwrap();
+
+    // A truncated certificate: the file exists (config validation passes), it does not load.
+    std::fs::write(dir.cert(), "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let e = f
+        .prepare(&cfg, &shared(&cfg), &mut HashMap::new())
+        .err()
+        .expect("a bad certificate is refused");
+    assert_refused_at(e, "virtual_services[0].tls.cert_file", &dir.cert());
+    assert!(Arc::ptr_eq(&f.tls_config("web").unwrap(), &before));
+    assert!(f.is_serving("web"));
+    assert_eq!(
+        served_cert(port, &good).await,
+        good,
+        "the old certificate serves"
+    );
+
+    // A key that does not belong: refused at the key file when it is not a key at all.
+    dir.renew();
+    std::fs::write(dir.key(), "not a key\n").unwrap();
+    let e = f
+        .prepare(&cfg, &shared(&cfg), &mut HashMap::new())
+        .err()
+        .expect("a bad key is refused");
+    assert_refused_at(e, "virtual_services[0].tls.key_file", &dir.key());
+    assert!(Arc::ptr_eq(&f.tls_config("web").unwrap(), &before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reload_changes_nothing_and_binds_nothing() {
+    let dir = Dir::new();
+    dir.renew();
+    let port = free_port();
+    let cfg = config(port, "");
+    let mut f = Frontends::default();
+    reload(&mut f, &cfg).unwrap();
+    let inode = socket_inode(&f);
+    // The reload adds TLS whose certificate does not load, and changes a limit.
+    std::fs::write(dir.cert(), "garbage").unwrap();
+    let bad = config(
+        port,
+        &format!(r#"{},"limits":{{"max_connections":5}}"#, tls_fields(&dir)),
+    );
+    let e = f.prepare(&bad, &shared(&bad), &mut HashMap::new()).err();
+    assert!(matches!(e, Some(FrontendError::Tls(_))), "{e:?}");
+    assert!(f.tls_config("web").is_none(), "still cleartext");
+    assert_eq!(socket_inode(&f), inode);
+    // The cleartext listener still accepts.
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_settings_change_restarts_the_task_on_the_same_socket() {
+    let port = free_port();
+    let mut f = Frontends::default();
+    reload(&mut f, &config(port, "")).unwrap();
+    let inode = socket_inode(&f);
+    reload(&mut f, &config(port, r#","limits":{"max_connections":5}"#)).unwrap();
+    assert_eq!(socket_inode(&f), inode, "same socket, new serve task");
+    assert!(f.is_serving("web"));
+    // A new address is a new socket; the old one closes once its task drained.
+    let other = free_port();
+    reload(&mut f, &config(other, "")).unwrap();
+    assert_ne!(socket_inode(&f), inode);
+    assert_eq!(f.sockets()[0].0.port(), other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
+    let port = free_port();
+    let cfg = config(port, "");
+    let inherited_socket = bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    let ino = std::fs::metadata(format!("/proc/self/fd/{}", inherited_socket.as_raw_fd()))
+        .unwrap()
+        .ino();
+    let mut inherited =
+        HashMap::from([(SocketAddr::from(([127, 0, 0, 1], port)), inherited_socket)]);
+    let mut f = Frontends::default();
+    let prepared = f.prepare(&cfg, &shared(&cfg), &mut inherited).unwrap();
+    assert!(
+        inherited.is_empty(),
+        "the frontend took the inherited socket"
+    );
+    assert_eq!(
+        prepared.routers().map(|(n, _)| n).collect::<Vec<_>>(),
+        ["web"]
+    );
+    f.commit(prepared);
+    assert_eq!(socket_inode(&f), ino);
+    f.stop_accepting("test");
+    assert!(!f.is_serving("web"));
+    // Stopped, the socket still queues connections.
+    let _queued = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("not refused while stopped");
+    f.resume(&cfg);
+    assert!(f.is_serving("web"));
+    assert_eq!(socket_inode(&f), ino);
+}

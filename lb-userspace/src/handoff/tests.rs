@@ -1,0 +1,268 @@
+//! The handoff conversation over real Unix sockets, with real listening sockets passed.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::fd::AsFd as _,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::net::UnixStream;
+
+use super::*;
+
+fn pair() -> (Channel, Channel) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (Channel::new(a), Channel::new(b))
+}
+
+fn listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// A scratch path for a socket, removed (with its directory) on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tether-handoff-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn listening_sockets_cross_with_their_message() {
+    let (a, b) = pair();
+    let (l1, l2) = (listener(), listener());
+    let addrs = [l1.local_addr().unwrap(), l2.local_addr().unwrap()];
+    let msg = Msg::Sockets {
+        listeners: addrs.to_vec(),
+        admin: None,
+    };
+    a.send(&msg, &[l1.as_fd(), l2.as_fd()]).await.unwrap();
+    a.send(&Msg::Stopped, &[]).await.unwrap();
+    let (got, fds) = b.recv().await.unwrap();
+    assert_eq!(got, msg);
+    assert_eq!(fds.len(), 2);
+    let received: Vec<std::net::TcpListener> = fds.into_iter().map(Into::into).collect();
+    for (r, addr) in received.iter().zip(addrs) {
+        assert_eq!(r.local_addr().unwrap(), addr, "the same socket, in order");
+        // A connection queued on the original is accepted through the copy.
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let (mut s, _) = r.accept().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"x");
+    }
+    let (next, fds) = b.recv().await.unwrap();
+    assert_eq!(
+        (next, fds.len()),
+        (Msg::Stopped, 0),
+        "no descriptor leaks into later messages"
+    );
+    drop(a);
+    assert!(matches!(b.recv().await, Err(WireError::Closed)));
+}
+
+/// A daemon that records what the handoff asked of it.
+struct Fake {
+    l7: std::net::TcpListener,
+    admin: std::net::TcpListener,
+    log: Vec<&'static str>,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake {
+            l7: listener(),
+            admin: listener(),
+            log: Vec::new(),
+        }
+    }
+}
+
+impl Handing for Fake {
+    fn sockets(&self) -> Sockets<'_> {
+        Sockets {
+            listeners: vec![(self.l7.local_addr().unwrap(), self.l7.as_fd())],
+            admin: Some((self.admin.local_addr().unwrap(), self.admin.as_fd())),
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        self.log.push("stop");
+    }
+
+    fn resume(&mut self, stopped: bool) {
+        self.log
+            .push(if stopped { "resume stopped" } else { "resume" });
+    }
+}
+
+#[tokio::test]
+async fn a_committed_handoff_moves_every_socket() {
+    let (old_end, new_end) = pair();
+    let mut fake = Fake::new();
+    let (l7_addr, admin_addr) = (
+        fake.l7.local_addr().unwrap(),
+        fake.admin.local_addr().unwrap(),
+    );
+    let new = tokio::spawn(async move {
+        let mut t = Takeover::begin(new_end).await.unwrap();
+        let l7 = t.listeners.remove(&l7_addr).expect("the L7 socket");
+        let (addr, _admin) = t.admin.take().expect("the admin socket");
+        assert_eq!(addr, admin_addr);
+        t.stop_old().await.unwrap();
+        t.commit().await.unwrap();
+        t.ready().await;
+        l7
+    });
+    let (msg, _) = old_end.recv().await.unwrap();
+    let Msg::Takeover { pid, .. } = msg else {
+        panic!("{msg:?}")
+    };
+    assert_eq!(pid, std::process::id());
+    let outcome = hand_over(&old_end, pid, &mut fake).await;
+    assert_eq!(outcome, Outcome::Committed { pid, ready: true });
+    assert_eq!(fake.log, ["stop"]);
+    let l7 = new.await.unwrap();
+    assert_eq!(l7.local_addr().unwrap(), l7_addr);
+}
+
+#[tokio::test]
+async fn a_new_process_that_goes_away_leaves_the_old_one_serving() {
+    // Gone before asking to stop the old one: nothing was stopped.
+    let (old_end, new_end) = pair();
+    let mut fake = Fake::new();
+    let new = tokio::spawn(async move {
+        let t = Takeover::begin(new_end).await.unwrap();
+        drop(t);
+    });
+    let (Msg::Takeover { pid, .. }, _) = old_end.recv().await.unwrap() else {
+        panic!("takeover expected")
+    };
+    let outcome = hand_over(&old_end, pid, &mut fake).await;
+    assert!(matches!(outcome, Outcome::Aborted(_)), "{outcome:?}");
+    assert_eq!(fake.log, ["resume"]);
+    new.await.unwrap();
+
+    // Gone after the old one stopped accepting: it accepts again.
+    let (old_end, new_end) = pair();
+    let mut fake = Fake::new();
+    let new = tokio::spawn(async move {
+        let t = Takeover::begin(new_end).await.unwrap();
+        t.stop_old().await.unwrap();
+        drop(t);
+    });
+    let (Msg::Takeover { pid, .. }, _) = old_end.recv().await.unwrap() else {
+        panic!("takeover expected")
+    };
+    let outcome = hand_over(&old_end, pid, &mut fake).await;
+    assert!(matches!(outcome, Outcome::Aborted(_)), "{outcome:?}");
+    assert_eq!(fake.log, ["stop", "resume stopped"]);
+    new.await.unwrap();
+}
+
+#[tokio::test]
+async fn server_is_private_and_removes_only_its_own_socket() {
+    let dir = Scratch::new();
+    let path = dir.0.join("t.handoff");
+    let (tx, mut rx) = mpsc::channel(1);
+    let server = Server::start(&path, tx).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let chan = connect(&path).await.unwrap().expect("a daemon listens");
+    let netns = own_netns().unwrap();
+    chan.send(&Msg::Takeover { pid: 42, netns }, &[])
+        .await
+        .unwrap();
+    match rx.recv().await.expect("a request") {
+        Request::Takeover { pid, .. } => assert_eq!(pid, 42),
+        Request::Restart { .. } => panic!("takeover expected"),
+    }
+    // From another network namespace: refused, never reaches the daemon.
+    let chan = connect(&path).await.unwrap().unwrap();
+    chan.send(
+        &Msg::Takeover {
+            pid: 43,
+            netns: netns + 1,
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    match chan.recv().await.unwrap().0 {
+        Msg::Failed { reason } => assert!(reason.contains("network namespace"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(rx.try_recv().is_err(), "the daemon saw no request");
+    // Anything else first is refused with a reason.
+    let chan = connect(&path).await.unwrap().unwrap();
+    chan.send(&Msg::Commit, &[]).await.unwrap();
+    assert!(matches!(chan.recv().await.unwrap().0, Msg::Failed { .. }));
+
+    // A successor replaced the socket: ours goes without removing theirs.
+    let (tx2, _rx2) = mpsc::channel(1);
+    let successor = Server::start(&path, tx2).unwrap();
+    drop(server);
+    assert!(path.exists(), "the successor's socket stays");
+    assert!(connect(&path).await.unwrap().is_some());
+    drop(successor);
+    assert!(!path.exists());
+    assert!(
+        connect(&path).await.unwrap().is_none(),
+        "no daemon: no handoff"
+    );
+}
+
+#[tokio::test]
+async fn restart_reports_a_new_process_that_fails() {
+    let dir = Scratch::new();
+    let path = dir.0.join("r.handoff");
+    let (tx, mut rx) = mpsc::channel(1);
+    let _server = Server::start(&path, tx).unwrap();
+    let (_ready_tx, ready_rx) = watch::channel(None);
+    let daemon = tokio::spawn(async move {
+        match rx.recv().await.expect("a request") {
+            Request::Restart { chan, config, exe } => {
+                spawn_restart(chan, &config, &exe, ready_rx).await.unwrap()
+            }
+            Request::Takeover { .. } => panic!("restart expected"),
+        }
+    });
+    // `false run --config ...` exits at once with status 1.
+    let e = request_restart(
+        &path,
+        Path::new("/nonexistent.json"),
+        Path::new("/bin/false"),
+    )
+    .await
+    .expect_err("a process that exits does not take over");
+    assert!(
+        matches!(&e, HandoffError::Refused(r) if r.contains("exited")),
+        "{e}"
+    );
+    daemon.await.unwrap();
+    // No daemon at all: the error says how to start one.
+    let e = request_restart(
+        &dir.0.join("none"),
+        Path::new("/x"),
+        Path::new("/bin/false"),
+    )
+    .await
+    .expect_err("nothing to restart");
+    assert!(e.to_string().contains("tether run"), "{e}");
+}

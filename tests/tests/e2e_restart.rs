@@ -1,0 +1,620 @@
+//! End to end: L7 restarts and reloads refuse no connection and fail no request.
+//!
+//! tether is run as users run it: `ip netns exec <lb-ns> tether run --config FILE` with a
+//! config that leaves every optional field to its default (but a unique `pin_dir`, which
+//! keeps each test's daemon, pid file and handoff socket apart from any other tether), and
+//! restarted with `ip netns exec <lb-ns> tether restart --config FILE`. Clients in the client
+//! namespace (a request loop, wrk, a TLS client) talk to the VIP; echo backends answer.
+//!
+//! Needs root and `TETHER_BIN`: run with `cargo xtask test`, or
+//! `TETHER_BIN=target/debug/tether cargo test -p tether-tests --test e2e_restart --
+//! --test-threads=1`. Every loop and wait is bounded; failures panic with what was seen and
+//! the daemon's output.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tether_tests::{
+    daemon::Reload,
+    http::{connect_from, request_from},
+    l7lab::{IO_TIMEOUT, L7Lab, PORT},
+    netns::{VIP, spawn_in_netns},
+};
+
+/// The TLS service of the certificate tests.
+const TLS_PORT: u16 = 8443;
+/// Requests per second of the request loop.
+const LOOP_RATE: u32 = 100;
+/// Bounds on the request loop, whatever happens.
+const LOOP_MAX: Duration = Duration::from_secs(60);
+const LOOP_MAX_REQUESTS: usize = 6000;
+/// Requests the loop must see answered before and after the event under test.
+const SETTLE_REQUESTS: usize = 50;
+/// How long a phase of a test may take to reach its request count.
+const PHASE_WAIT: Duration = Duration::from_secs(20);
+/// How long the replaced daemon may take to drain and exit (its default drain is 30 s;
+/// connections here close at once).
+const RETIRE_WAIT: Duration = Duration::from_secs(40);
+
+/// An `http-cookie` profile with nothing but its name and type: a generated key.
+fn cookie_profile() -> Value {
+    json!({ "name": "ck", "type": "http-cookie" })
+}
+
+/// What one request of the loop ended with.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Status(u16),
+    /// The error, with its kind (connection refused, reset, timed out, ...).
+    Failed(String),
+}
+
+/// A request loop in the client namespace: one new connection per request, [`LOOP_RATE`] a
+/// second, cycling through the client addresses; each address keeps the cookie it was
+/// given and sends it back. Runs until stopped, [`LOOP_MAX`] or [`LOOP_MAX_REQUESTS`].
+struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RequestLoop {
+    fn start(lab: &L7Lab, port: u16) -> RequestLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let sources: Vec<Ipv4Addr> = lab.topo.client_addrs.clone();
+        let dst = lab.topo.vip_addr(port);
+        let (stop2, out2) = (stop.clone(), outcomes.clone());
+        let thread = spawn_in_netns(&lab.topo.client.ns, "request-loop", move || {
+            let mut cookies: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+            let period = Duration::from_secs(1) / LOOP_RATE;
+            let start = Instant::now();
+            for i in 0..LOOP_MAX_REQUESTS {
+                if stop2.load(Ordering::SeqCst) || start.elapsed() > LOOP_MAX {
+                    break;
+                }
+                let next = start + period * i as u32;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let src = sources[i % sources.len()];
+                let headers: Vec<(&str, &str)> = cookies
+                    .get(&src)
+                    .map(|c| vec![("Cookie", c.as_str())])
+                    .unwrap_or_default();
+                let outcome = match request_from(src, dst, "/", &headers, IO_TIMEOUT) {
+                    Ok(r) => {
+                        if let Some(sc) = r.header("set-cookie") {
+                            let pair = sc.split(';').next().unwrap_or("").to_string();
+                            cookies.insert(src, pair);
+                        }
+                        Outcome::Status(r.status)
+                    }
+                    Err(e) => Outcome::Failed(format!("{:?}: {e}", e.kind())),
+                };
+                out2.lock().unwrap_or_else(|p| p.into_inner()).push(outcome);
+            }
+        })
+        .unwrap_or_else(|e| panic!("starting the request loop: {e:#}"));
+        RequestLoop {
+            stop,
+            outcomes,
+            thread: Some(thread),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Waits until `n` more requests than `from` were made.
+    fn wait_for_more(&self, lab: &L7Lab, from: usize, n: usize, what: &str) {
+        lab.wait_for(PHASE_WAIT, what, || self.count() >= from + n);
+    }
+
+    fn finish(mut self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take()
+            && let Err(p) = t.join()
+        {
+            std::panic::resume_unwind(p);
+        }
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for RequestLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Fails the test unless every request was answered 200; returns how many there were.
+fn assert_all_answered(lab: &L7Lab, outcomes: &[Outcome], what: &str) -> usize {
+    let failed: Vec<(usize, String)> = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| match o {
+            Outcome::Status(200) => None,
+            Outcome::Status(s) => Some((i, format!("status {s}"))),
+            Outcome::Failed(e) => Some((i, e.clone())),
+        })
+        .collect();
+    if !failed.is_empty() {
+        lab.fail(format!(
+            "{what}: {} of {} requests not answered 200 (index, outcome): {:?}",
+            failed.len(),
+            outcomes.len(),
+            &failed[..failed.len().min(20)]
+        ));
+    }
+    outcomes.len()
+}
+
+/// The daemon's pid, checked to be running.
+fn pid(lab: &L7Lab) -> u32 {
+    lab.d()
+        .pid()
+        .unwrap_or_else(|| lab.fail("tether is not running"))
+}
+
+fn web_lab() -> L7Lab {
+    L7Lab::start_as_user(8, 3, |b| {
+        b.profile(cookie_profile())
+            .l7_service("web", PORT, Some("ck"), json!({}))
+    })
+}
+
+#[test]
+fn restart_refuses_no_connection_and_fails_no_request() {
+    let mut lab = web_lab();
+    let old = pid(&lab);
+    let requests = RequestLoop::start(&lab, PORT);
+    requests.wait_for_more(&lab, 0, SETTLE_REQUESTS, "requests before the restart");
+    let out = lab.restart();
+    let new = pid(&lab);
+    assert_ne!(new, old, "a new process serves: {out}");
+    let at_restart = requests.count();
+    requests.wait_for_more(
+        &lab,
+        at_restart,
+        SETTLE_REQUESTS,
+        "requests after the restart",
+    );
+    let outcomes = requests.finish();
+    let n = assert_all_answered(&lab, &outcomes, "across tether restart");
+    assert!(n >= 2 * SETTLE_REQUESTS, "{n} requests");
+    // The new process answered the requests since it took over (its counters start at 0).
+    let served = lab.l7("requests", "web");
+    assert!(served > 0, "the new daemon served no request");
+    let d = lab.daemon.as_mut().expect("running");
+    if let Err(e) = d.wait_retired(RETIRE_WAIT) {
+        lab.fail(format!("{e:#}"));
+    }
+    let logs = lab.logs();
+    assert!(
+        logs.contains(&format!("handed over to process {new}")),
+        "the old daemon says whom it handed over to:\n{logs}"
+    );
+    lab.stop();
+}
+
+/// Parses wrk's summary: (requests, socket errors (connect, read, write, timeout), non-2xx/3xx).
+fn wrk_summary(out: &str) -> Option<(u64, [u64; 4], u64)> {
+    let requests = out
+        .lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let mut errors = [0u64; 4];
+    if let Some(l) = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Socket errors:"))
+    {
+        for (i, name) in ["connect", "read", "write", "timeout"].iter().enumerate() {
+            errors[i] = l
+                .split(',')
+                .find_map(|p| {
+                    p.trim()
+                        .trim_start_matches("Socket errors:")
+                        .trim()
+                        .strip_prefix(name)
+                })
+                .and_then(|v| v.trim().parse().ok())?;
+        }
+    }
+    let non2xx = match out
+        .lines()
+        .find(|l| l.contains("Non-2xx or 3xx responses:"))
+    {
+        Some(l) => l.rsplit(':').next()?.trim().parse().ok()?,
+        None => 0,
+    };
+    Some((requests, errors, non2xx))
+}
+
+/// One L7 service per persistence method under wrk: (service, port, profile, wrk header).
+fn wrk_services() -> Vec<(&'static str, u16, Value, Option<&'static str>)> {
+    vec![
+        ("cookie", PORT, cookie_profile(), None),
+        (
+            "app",
+            PORT + 1,
+            json!({ "name": "app", "type": "app-cookie", "cookie_name": "JSESSIONID" }),
+            Some("Cookie: JSESSIONID=wrk-session"),
+        ),
+        (
+            "source",
+            PORT + 2,
+            json!({ "name": "source", "type": "client-ip" }),
+            None,
+        ),
+        (
+            "url",
+            PORT + 3,
+            json!({ "name": "url", "type": "url-hash" }),
+            None,
+        ),
+    ]
+}
+
+#[test]
+fn wrk_sees_no_error_across_restart() {
+    let services = wrk_services();
+    let mut lab = L7Lab::start_as_user(8, 3, |b| {
+        // The backends serve on PORT, behind every service.
+        let b = (1..=3).fold(b, |b, i| {
+            b.backend_field(&format!("b{i}"), "port", json!(PORT))
+        });
+        services.iter().fold(b, |b, (name, port, profile, _)| {
+            let profile_name = profile["name"].as_str().expect("named").to_string();
+            b.profile(profile.clone())
+                .l7_service(name, *port, Some(&profile_name), json!({}))
+        })
+    });
+    let runs: Vec<(&str, JoinHandle<std::io::Result<std::process::Output>>)> = services
+        .iter()
+        .map(|(name, port, _, header)| {
+            let url = format!("http://{VIP}:{port}/");
+            let ns = lab.topo.client.ns.clone();
+            let header = *header;
+            let run = std::thread::spawn(move || {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns, "wrk", "-t1", "-c4", "-d10s"])
+                    .args(["--timeout", "5s"]);
+                if let Some(h) = header {
+                    cmd.args(["-H", h]);
+                }
+                cmd.arg(&url).output()
+            });
+            (*name, run)
+        })
+        .collect();
+    // Restart once the old daemon has served some of every wrk's requests.
+    for (name, ..) in &services {
+        lab.wait_for(
+            PHASE_WAIT,
+            &format!("wrk's requests reaching {name}"),
+            || lab.l7("requests", name) >= 100,
+        );
+    }
+    lab.restart();
+    for (name, run) in runs {
+        let out = run
+            .join()
+            .expect("wrk thread")
+            .unwrap_or_else(|e| lab.fail(format!("running wrk (is it installed?): {e}")));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            lab.fail(format!("wrk on {name} failed ({}): {text}", out.status));
+        }
+        let Some((requests, errors, non2xx)) = wrk_summary(&text) else {
+            lab.fail(format!("cannot read wrk's summary for {name}:\n{text}"))
+        };
+        assert_eq!(
+            errors, [0; 4],
+            "{name}: socket errors (connect, read, write, timeout):\n{text}"
+        );
+        assert_eq!(non2xx, 0, "{name}: non-2xx responses:\n{text}");
+        assert!(requests > 0, "{name}: {text}");
+        // Both daemons served wrk: the new one's counters count only its own requests.
+        let served = lab.l7("requests", name);
+        assert!(
+            served > 0,
+            "{name}: the new daemon served none of wrk's requests:\n{text}"
+        );
+    }
+    let d = lab.daemon.as_mut().expect("running");
+    if let Err(e) = d.wait_retired(RETIRE_WAIT) {
+        lab.fail(format!("{e:#}"));
+    }
+    lab.stop();
+}
+
+#[test]
+fn reload_that_changes_the_listener_refuses_no_connection() {
+    let lab = web_lab();
+    let requests = RequestLoop::start(&lab, PORT);
+    requests.wait_for_more(&lab, 0, SETTLE_REQUESTS, "requests before the reload");
+    // Listener settings change (a new serve task on the same socket, the old one drains),
+    // and a service is added.
+    let mut cfg_value = lab
+        .builder
+        .clone()
+        .l7_service("other", PORT + 1, None, json!({}))
+        .build();
+    cfg_value["virtual_services"][0]["limits"] = json!({ "max_connections": 500 });
+    let d = lab.d();
+    lab.ok(d.write_config(&cfg_value), "writing the config");
+    match lab.ok(d.reload(), "reloading") {
+        Reload::Applied(_) => {}
+        Reload::Refused(line) => lab.fail(format!("a valid reload was refused: {line}")),
+    }
+    let at_reload = requests.count();
+    requests.wait_for_more(
+        &lab,
+        at_reload,
+        SETTLE_REQUESTS,
+        "requests after the reload",
+    );
+    let outcomes = requests.finish();
+    assert_all_answered(
+        &lab,
+        &outcomes,
+        "across a reload that restarts the listener",
+    );
+    lab.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "tether-e2e-restart-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        Scratch(p)
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.0.join("cert.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.0.join("key.pem")
+    }
+
+    /// Writes a new self-signed certificate for the VIP and its key over the files (as a
+    /// renewal does); returns the certificate.
+    fn renew(&self) -> CertificateDer<'static> {
+        let c = rcgen::generate_simple_self_signed(vec![VIP.to_string()])
+            .unwrap_or_else(|e| panic!("generating a certificate: {e}"));
+        std::fs::write(self.cert(), pem("CERTIFICATE", c.cert.der())).expect("writing cert.pem");
+        std::fs::write(
+            self.key(),
+            pem("PRIVATE KEY", &c.signing_key.serialize_der()),
+        )
+        .expect("writing key.pem");
+        c.cert.der().clone()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            b64.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The certificate a new TLS connection from `src` to VIP:[`TLS_PORT`] is shown; the
+/// handshake only succeeds if it is `trusted` (then an HTTP request is answered 200).
+fn served_cert(
+    lab: &L7Lab,
+    src: Ipv4Addr,
+    trusted: &CertificateDer<'static>,
+) -> Result<CertificateDer<'static>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).map_err(|e| e.to_string())?;
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let dst = SocketAddrV4::new(VIP, TLS_PORT);
+    lab.topo
+        .in_client(move || -> Result<CertificateDer<'static>, String> {
+            let tcp = connect_from(src, dst, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            let name = ServerName::IpAddress(std::net::IpAddr::V4(VIP).into());
+            let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(
+                format!("GET / HTTP/1.1\r\nHost: {VIP}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .map_err(|e| format!("TLS: {e}"))?;
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer);
+            let text = String::from_utf8_lossy(&answer);
+            if !text.starts_with("HTTP/1.1 200") {
+                return Err(format!("over TLS: {text:?}"));
+            }
+            let chain = tls.conn.peer_certificates().ok_or("no peer certificate")?;
+            Ok(chain[0].clone().into_owned())
+        })
+        .map_err(|e| format!("{e:#}"))?
+}
+
+fn tls_lab(dir: &Scratch) -> L7Lab {
+    let tls = json!({
+        "tls": {
+            "cert_file": dir.cert().to_string_lossy(),
+            "key_file": dir.key().to_string_lossy(),
+        }
+    });
+    L7Lab::start_as_user(2, 2, |b| {
+        // The backends serve plain HTTP on PORT, behind both services.
+        (1..=2)
+            .fold(b, |b, i| {
+                b.backend_field(&format!("b{i}"), "port", json!(PORT))
+            })
+            .profile(cookie_profile())
+            .l7_service("web", PORT, Some("ck"), json!({}))
+            .l7_service("secure", TLS_PORT, Some("ck"), tls)
+    })
+}
+
+#[test]
+fn sighup_serves_a_certificate_renewed_in_place_and_refuses_a_bad_one() {
+    let dir = Scratch::new();
+    let first = dir.renew();
+    let mut lab = tls_lab(&dir);
+    let src = lab.client(0);
+    let seen = served_cert(&lab, src, &first).unwrap_or_else(|e| lab.fail(e));
+    assert_eq!(seen, first);
+
+    // Renewed in place: same paths, unchanged config.
+    let second = dir.renew();
+    let builder = lab.builder.clone();
+    lab.reload(builder);
+    let seen = served_cert(&lab, src, &second).unwrap_or_else(|e| {
+        lab.fail(format!(
+            "after SIGHUP, trusting the renewed certificate: {e}"
+        ))
+    });
+    assert_eq!(
+        seen, second,
+        "a new connection sees the renewed certificate"
+    );
+
+    // A bad certificate: refused with the field and the reason; the renewed one still serves.
+    std::fs::write(
+        dir.cert(),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .expect("writing a bad certificate");
+    let refused = match lab.ok(lab.d().reload(), "reloading") {
+        Reload::Refused(line) => line,
+        Reload::Applied(line) => lab.fail(format!("a bad certificate was accepted: {line}")),
+    };
+    assert!(
+        refused.contains("virtual_services[1].tls.cert_file")
+            && refused.contains(&dir.cert().display().to_string()),
+        "the refusal names the field and the file: {refused}"
+    );
+    let seen = served_cert(&lab, src, &second)
+        .unwrap_or_else(|e| lab.fail(format!("after a refused reload: {e}")));
+    assert_eq!(seen, second, "the old certificate keeps serving");
+    // And the cleartext service never stopped.
+    let r = lab.ok(
+        lab.topo.request(src, PORT, "/", &[], IO_TIMEOUT),
+        "GET / on the cleartext service",
+    );
+    assert_eq!(r.status, 200);
+    lab.stop();
+}
+
+#[test]
+fn a_restart_that_fails_leaves_the_old_daemon_serving() {
+    let dir = Scratch::new();
+    let first = dir.renew();
+    let mut lab = tls_lab(&dir);
+    let old = pid(&lab);
+    let requests = RequestLoop::start(&lab, PORT);
+    requests.wait_for_more(&lab, 0, SETTLE_REQUESTS, "requests before the restart");
+    // The new process cannot load the certificate: it fails before taking anything over.
+    std::fs::write(dir.key(), "not a key\n").expect("writing a bad key");
+    let d = lab.daemon.as_mut().expect("running");
+    let err = match d.restart() {
+        Ok(out) => lab.fail(format!("a restart with a bad key succeeded: {out}")),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("exited"),
+        "the failure says the new process exited: {err}"
+    );
+    assert_eq!(pid(&lab), old, "the old daemon still runs");
+    let at_failure = requests.count();
+    requests.wait_for_more(
+        &lab,
+        at_failure,
+        SETTLE_REQUESTS,
+        "requests after the failed restart",
+    );
+    let outcomes = requests.finish();
+    assert_all_answered(&lab, &outcomes, "across a failed restart");
+    let logs = lab.logs();
+    assert!(
+        logs.contains("virtual_services[1].tls.key_file"),
+        "the new process's error names the field:\n{logs}"
+    );
+    // The old daemon serves TLS with the certificate it had.
+    let seen = served_cert(&lab, lab.client(1), &first).unwrap_or_else(|e| lab.fail(e));
+    assert_eq!(seen, first);
+    lab.stop();
+}
