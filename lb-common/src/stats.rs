@@ -21,7 +21,9 @@ pub struct TrafficCounters {
     pub reassigned_down: u64,
     /// Packets dropped because the pool had no usable backend.
     pub no_backend: u64,
-    pub _reserved: u64,
+    /// Packets of a service without persistence that followed their flow's entry in the
+    /// connection table (`TETHER_FLOWS`) rather than the Maglev table.
+    pub flow_hits: u64,
 }
 const _: () = assert!(size_of::<TrafficCounters>() == 64);
 
@@ -37,6 +39,7 @@ impl TrafficCounters {
             t.expired += c.expired;
             t.reassigned_down += c.reassigned_down;
             t.no_backend += c.no_backend;
+            t.flow_hits += c.flow_hits;
         }
         t
     }

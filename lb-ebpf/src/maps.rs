@@ -14,8 +14,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES,
-    PersistKey, PersistValue, Service, ServiceKey, TrafficCounters, reason,
+    Backend, FLOW_DEFAULT_ENTRIES, FlowKey, FlowValue, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, Service, ServiceKey,
+    TrafficCounters, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -61,3 +62,16 @@ pub static TETHER_BE_STAT: PerCpuArray<TrafficCounters, BACKENDS> = PerCpuArray:
 /// `MAP_REASONS`: per-CPU packet count per verdict reason (`lb_common::reason`).
 #[btf_map]
 pub static TETHER_REASONS: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// `MAP_FLOWS`: connection table of services without persistence: service + client address
+/// and port -> the backend the flow started on. A TCP entry is made only by a SYN, so an
+/// established connection keeps its backend when the Maglev table changes (drain, weight 0,
+/// scale-out) and spoofed mid-stream packets cannot flush it. Shared by all CPUs with per-CPU
+/// LRU lists, like `TETHER_PERSIST`.
+#[btf_map]
+pub static TETHER_FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { FLOW_DEFAULT_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();

@@ -71,8 +71,15 @@ struct Ipv6Hdr {
 struct TcpHdr {
     sport: u16,
     dport: u16,
-    _rest: [u8; TCP_MIN_LEN - 4],
+    _seq_ack: [u8; 8],
+    _data_off: u8,
+    flags: u8,
+    _rest: [u8; 6],
 }
+
+/// TCP flag bits (`Flow::tcp_flags`).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 struct UdpHdr {
@@ -148,6 +155,16 @@ pub struct Flow {
     pub dport_be: u16,
     pub proto: u8,
     pub is_v6: bool,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn is_tcp_open(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 /// Pointer to a `T` at `off` bytes into the frame, if the whole `T` is inside it. This is the
@@ -233,7 +250,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
         return Err(reason::PASS_FRAGMENT);
     }
     let proto = ip.proto;
-    let (sport_be, dport_be) = ports(ctx, proto, l3 + hlen, tot - hlen)?;
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l3 + hlen, tot - hlen)?;
     Ok(Flow {
         src: v4_mapped_words(&ip.src),
         dst: v4_mapped_words(&ip.dst),
@@ -241,6 +258,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
         dport_be,
         proto,
         is_v6: false,
+        tcp_flags,
     })
 }
 
@@ -273,7 +291,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
             reason::PASS_NOT_TCP_UDP
         });
     }
-    let (sport_be, dport_be) = ports(ctx, proto, l3 + IPV6_LEN, payload)?;
+    let (sport_be, dport_be, tcp_flags) = ports(ctx, proto, l3 + IPV6_LEN, payload)?;
     Ok(Flow {
         src: v6_words(&ip.src),
         dst,
@@ -281,27 +299,28 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
         dport_be,
         proto,
         is_v6: true,
+        tcp_flags,
     })
 }
 
-/// Ports of the TCP or UDP header at `l4`; `room` is what the IP header says follows it.
-/// The whole minimal header must be inside the datagram and the frame.
+/// Ports (and TCP flags) of the TCP or UDP header at `l4`; `room` is what the IP header says
+/// follows it. The whole minimal header must be inside the datagram and the frame.
 #[inline(always)]
-fn ports(ctx: &XdpContext, proto: u8, l4: usize, room: usize) -> Result<(u16, u16), u32> {
+fn ports(ctx: &XdpContext, proto: u8, l4: usize, room: usize) -> Result<(u16, u16, u8), u32> {
     if proto == PROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
         if room < TCP_MIN_LEN {
             return Err(reason::MALFORMED_L4);
         }
         // SAFETY: checked by `ptr_at`.
-        Ok(unsafe { ((*tcp).sport, (*tcp).dport) })
+        Ok(unsafe { ((*tcp).sport, (*tcp).dport, (*tcp).flags) })
     } else if proto == PROTO_UDP {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(reason::MALFORMED_L4)?;
         if room < UDP_LEN {
             return Err(reason::MALFORMED_L4);
         }
         // SAFETY: checked by `ptr_at`.
-        Ok(unsafe { ((*udp).sport, (*udp).dport) })
+        Ok(unsafe { ((*udp).sport, (*udp).dport, 0) })
     } else {
         Err(reason::PASS_NOT_TCP_UDP)
     }

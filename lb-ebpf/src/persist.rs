@@ -5,14 +5,14 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, Backend, DOWN_POLICY_NEVER, PERSIST_REFRESH_NS,
-    PersistKey, PersistValue, Service, TrafficCounters,
-    hash::{client_hash, flow_hash},
+    PersistKey, PersistValue, Service, TrafficCounters, elapsed_ns, hash::client_hash,
+    identity_matches,
 };
 
 use crate::{
-    Verdict,
+    Verdict, conntrack,
     maps::{TETHER_BACKENDS, TETHER_PERSIST},
-    parse::{Addr, Aligned, Flow, addr_bytes, store_addr},
+    parse::{Addr, Aligned, Flow, store_addr},
     select,
     stats::Event,
 };
@@ -41,9 +41,9 @@ fn masked_source(svc: &Service, flow: &Flow) -> Addr {
     a
 }
 
-/// Whether a client bound to `be` keeps going there.
+/// Whether a client (or flow) bound to `be` keeps going there.
 #[inline(always)]
-fn usable(svc: &Service, be: &Backend) -> bool {
+pub fn usable(svc: &Service, be: &Backend) -> bool {
     let st = be.state;
     st == BACKEND_UP
         || st == BACKEND_DRAINING
@@ -58,19 +58,8 @@ pub fn choose(
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
     if svc.timeout_ns == 0 {
-        // No persistence: every flow is balanced on its own, nothing is stored.
-        let h = flow_hash(
-            svc.index,
-            &addr_bytes(&flow.src),
-            flow.sport_be,
-            flow.dport_be,
-        );
-        let (id, backend) = select::pick(svc, h, svc_stat)?;
-        return Ok(Choice {
-            id,
-            backend,
-            event: Event::None,
-        });
+        // No persistence: each flow is balanced on its own and keeps its backend.
+        return conntrack::choose(svc, flow, svc_stat);
     }
 
     let mut key = Aligned(PersistKey {
@@ -85,14 +74,17 @@ pub fn choose(
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_ns (a u64, written whole) or replace the element.
-        let (bound, last_seen) = unsafe { ((*v).backend, (*v).last_seen_ns) };
+        let (bound, tag, last_seen) =
+            unsafe { ((*v).backend, (*v).backend_identity, (*v).last_seen_ns) };
         // A time from another CPU may be slightly ahead of ours: that is age 0.
-        let age = now.saturating_sub(last_seen);
+        let age = elapsed_ns(now, last_seen);
         if age > svc.timeout_ns {
             event = Event::Expired;
         } else {
-            // An id outside the array or an unused slot always means a new choice.
+            // An id outside the array, an unused slot, or a slot now holding another backend
+            // (a removed backend's binding the daemon had no time to delete) means a new choice.
             if let Some(be) = TETHER_BACKENDS.get(bound)
+                && identity_matches(tag, be)
                 && usable(svc, be)
             {
                 if age > PERSIST_REFRESH_NS {
@@ -112,7 +104,7 @@ pub fn choose(
     let (id, backend) = select::pick(svc, client_hash(svc.index, &key.addr_be), svc_stat)?;
     let value = PersistValue {
         backend: id,
-        _pad: 0,
+        backend_identity: backend.identity,
         last_seen_ns: now,
     };
     if TETHER_PERSIST.insert(key, value, BPF_ANY as u64).is_err() {

@@ -306,7 +306,7 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
                     };
                     let v = PersistValue {
                         backend: (i % 3) as u32,
-                        _pad: 0,
+                        backend_identity: 0,
                         last_seen_ns: now,
                     };
                     m.insert(key, v, 0).expect("insert");

@@ -330,7 +330,7 @@ fn persistence_entry_expires() {
             src,
             PersistValue {
                 backend: y_id,
-                _pad: 0,
+                backend_identity: 0,
                 last_seen_ns: monotonic_coarse_ns(),
             },
         ),
@@ -378,7 +378,7 @@ fn persistence_survives_restart() {
             src,
             PersistValue {
                 backend: y_id,
-                _pad: 0,
+                backend_identity: 0,
                 last_seen_ns: monotonic_coarse_ns(),
             },
         ),

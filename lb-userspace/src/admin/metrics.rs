@@ -124,7 +124,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 type Field = fn(&TrafficCounters) -> u64;
 
-const SERVICE_COUNTERS: [(&str, &str, Field); 7] = [
+const SERVICE_COUNTERS: [(&str, &str, Field); 8] = [
     (
         "packets",
         "Packets forwarded to a backend of the virtual service.",
@@ -160,9 +160,14 @@ const SERVICE_COUNTERS: [(&str, &str, Field); 7] = [
         "Packets dropped because the pool had no usable backend.",
         |c| c.no_backend,
     ),
+    (
+        "flow_hits",
+        "Packets of a service without persistence sent by their connection-table entry.",
+        |c| c.flow_hits,
+    ),
 ];
 
-const BACKEND_COUNTERS: [(&str, &str, Field); 6] = [
+const BACKEND_COUNTERS: [(&str, &str, Field); 7] = [
     ("packets", "Packets forwarded to the backend.", |c| {
         c.packets
     }),
@@ -190,6 +195,11 @@ const BACKEND_COUNTERS: [(&str, &str, Field); 6] = [
         "reassigned_down",
         "Clients moved to the backend because theirs was not usable.",
         |c| c.reassigned_down,
+    ),
+    (
+        "flow_hits",
+        "Packets sent to the backend by their flow's connection-table entry.",
+        |c| c.flow_hits,
     ),
 ];
 

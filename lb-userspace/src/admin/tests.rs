@@ -75,7 +75,7 @@ fn tc(packets: u64) -> TrafficCounters {
         expired: 2,
         reassigned_down: 1,
         no_backend: 4,
-        _reserved: 0,
+        flow_hits: 0,
     }
 }
 

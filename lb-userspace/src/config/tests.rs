@@ -173,6 +173,14 @@ fn errors_name_the_field_and_the_reason() {
         (
             with(
                 r#""interface": "eth0""#,
+                r#""interface": "eth0", "pin_dir": "/sys/fs/bpf/../../tmp/x""#,
+            ),
+            "pin_dir",
+            "without `..`",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
                 r#""interface": "eth0", "persist_table_entries": 0"#,
             ),
             "persist_table_entries",
