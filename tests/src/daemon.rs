@@ -1,9 +1,11 @@
 //! Running the real `tether` daemon inside a topology's LB namespace.
 //!
-//! The daemon is started with `nsenter --net=/run/netns/<lb-ns> -- $TETHER_BIN run --config
-//! FILE` (not `ip netns exec`, which remounts /sys and would hide the host's bpffs pins). Its
-//! output is captured; `start` returns once it prints `tether ready`. Dropping a [`Daemon`]
-//! kills it if still running and removes its config file and pin directory.
+//! The daemon is started as the README tells users to: `ip netns exec <lb-ns> $TETHER_BIN run
+//! --config FILE` (a private mount namespace whose /sys hides the host's bpffs: tether itself
+//! must find the host's, or pins would vanish with the process). The CLI is run from the
+//! host with `--netns <lb-ns>`. Output is captured; `start` returns once it prints `tether
+//! ready`. Dropping a [`Daemon`] kills it if still running and removes its config file and
+//! pin directory.
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +25,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Map, Value, json};
 
-use crate::netns::{Topology, netns_path, run_cmd, run_in_netns};
+use crate::netns::{Topology, run_cmd, run_in_netns};
 
 /// Environment variable with the daemon binary's path (set by `cargo xtask test|run`).
 pub const TETHER_BIN_ENV: &str = "TETHER_BIN";
@@ -67,9 +69,9 @@ pub fn tether_bin() -> Result<PathBuf> {
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
     interface: String,
-    pin_dir: PathBuf,
-    xdp_mode: String,
-    persist_table_entries: u32,
+    pin_dir: Option<PathBuf>,
+    xdp_mode: Option<String>,
+    persist_table_entries: Option<u32>,
     backends: Vec<(String, Ipv4Addr)>,
     services: Vec<Value>,
     profiles: Vec<Value>,
@@ -81,13 +83,13 @@ pub struct ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// Defaults: xdp_mode `native`, 65536 persistence entries.
+    /// Defaults: no `xdp_mode` (the daemon's default, `auto`), 65536 persistence entries.
     pub fn new(topo: &Topology, pin_dir: &Path) -> ConfigBuilder {
         ConfigBuilder {
             interface: topo.lb.ifname.clone(),
-            pin_dir: pin_dir.to_path_buf(),
-            xdp_mode: "native".into(),
-            persist_table_entries: 65536,
+            pin_dir: Some(pin_dir.to_path_buf()),
+            xdp_mode: None,
+            persist_table_entries: Some(65536),
             backends: topo
                 .backends
                 .iter()
@@ -106,12 +108,22 @@ impl ConfigBuilder {
 
     /// `auto`, `native` or `generic`.
     pub fn xdp_mode(mut self, mode: &str) -> Self {
-        self.xdp_mode = mode.into();
+        self.xdp_mode = Some(mode.into());
         self
     }
 
     pub fn persist_table_entries(mut self, n: u32) -> Self {
-        self.persist_table_entries = n;
+        self.persist_table_entries = Some(n);
+        self
+    }
+
+    /// Leaves out every optional top-level field (`pin_dir`, `xdp_mode`,
+    /// `persist_table_entries`, `admin_listen`): the config a new user writes.
+    pub fn user_defaults(mut self) -> Self {
+        self.pin_dir = None;
+        self.xdp_mode = None;
+        self.persist_table_entries = None;
+        self.admin_listen = None;
         self
     }
 
@@ -274,13 +286,19 @@ impl ConfigBuilder {
         }
         let mut cfg = json!({
             "interface": self.interface,
-            "xdp_mode": self.xdp_mode,
-            "pin_dir": self.pin_dir.to_string_lossy(),
-            "persist_table_entries": self.persist_table_entries,
             "virtual_services": self.services,
             "pools": [pool],
             "persistence_profiles": profiles,
         });
+        if let Some(m) = &self.xdp_mode {
+            cfg["xdp_mode"] = json!(m);
+        }
+        if let Some(d) = &self.pin_dir {
+            cfg["pin_dir"] = json!(d.to_string_lossy());
+        }
+        if let Some(n) = self.persist_table_entries {
+            cfg["persist_table_entries"] = json!(n);
+        }
         if let Some(a) = &self.admin_listen {
             cfg["admin_listen"] = json!(a);
         }
@@ -339,10 +357,11 @@ impl Daemon {
     }
 
     fn spawn(bin: &Path, ns: &str, config: &Value, echo: bool, reuse_pins: bool) -> Result<Daemon> {
+        // Without pin_dir the daemon uses its default.
         let pin_dir = PathBuf::from(
             config["pin_dir"]
                 .as_str()
-                .context("the config must set pin_dir (tests must use a unique one)")?,
+                .unwrap_or(lb_common::DEFAULT_PIN_DIR),
         );
         crate::netns::ensure_bpffs()?;
         if !reuse_pins && pin_dir.exists() {
@@ -375,9 +394,8 @@ impl Daemon {
             keep_pins: false,
         };
 
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", netns_path(ns).display()))
-            .arg("--")
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
             .arg(bin)
             .arg("run")
             .arg("--config")
@@ -519,7 +537,7 @@ impl Daemon {
         let Some(pid) = self.pid() else {
             bail!("tether is not running; output:\n{}", self.logs());
         };
-        // SAFETY: kill(2) on our own child's pid (nsenter execs tether, so it is tether).
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs tether, so it is tether).
         if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
             bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
         }
@@ -719,14 +737,12 @@ pub enum Reload {
     Refused(String),
 }
 
-/// Runs `bin ARGS` in namespace `ns` (nsenter, so bpffs and /run stay the host's); returns
-/// its stdout, or fails with its status and stderr.
+/// Runs `bin --netns ns ARGS` from the host (tether enters the namespace itself, as users
+/// run it); returns its stdout, or fails with its status and stderr.
 pub fn tether_cli(bin: &Path, ns: &str, args: &[&str]) -> Result<String> {
     run_cmd(
-        Command::new("nsenter")
-            .arg(format!("--net={}", netns_path(ns).display()))
-            .arg("--")
-            .arg(bin)
+        Command::new(bin)
+            .args(["--netns", ns])
             .args(args)
             .env("RUST_LOG", "warn"),
     )

@@ -6,8 +6,9 @@
 //! container without the host's /sys/fs/bpf bind-mounted) gives the process a private mount
 //! namespace with a fresh /sys and no bpffs; pins made there vanish with the process.
 //! [`reach_host_bpffs`] therefore runs first thing, before any thread exists, and either
-//! joins PID 1's mount namespace (whose /sys/fs/bpf is the host's bpffs), mounts bpffs on
-//! the host, or refuses to start with the fix in the message. Nothing tether reads from /sys
+//! joins the mount namespace of the ancestor that ran `ip netns exec` (whose /sys/fs/bpf is
+//! the host's bpffs), mounts bpffs on the host, or refuses to start with the fix in the
+//! message. Nothing tether reads from /sys
 //! depends on the network namespace (interfaces come from netlink and ioctls), so joining
 //! the host's mount namespace changes nothing else.
 
@@ -109,67 +110,117 @@ pub fn enter_netns(name: &str) -> Result<()> {
 pub enum Reach {
     /// /sys/fs/bpf was a bpffs already (the host, or a container with it bind-mounted).
     Here,
-    /// This process was in a private mount namespace (`ip netns exec`): it joined PID 1's.
-    JoinedHost,
+    /// This process was in a private mount namespace (`ip netns exec`): it joined the mount
+    /// namespace of the ancestor with this pid, whose /sys/fs/bpf is a bpffs.
+    Joined(u32),
     /// On the host with no bpffs mounted: mounted on /sys/fs/bpf (it stays until reboot).
     Mounted,
+}
+
+/// Parent pid from `/proc/PID/stat` (the field after the command, which may hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// This process's ancestors, nearest first, up to PID 1 (bounded).
+fn ancestors() -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut pid = std::process::id();
+    while let Some(p) = parent_of(pid) {
+        if p == 0 || out.contains(&p) || out.len() >= 64 {
+            break;
+        }
+        out.push(p);
+        pid = p;
+    }
+    if !out.contains(&1) {
+        out.push(1);
+    }
+    out
 }
 
 /// Make the host's bpffs visible at /sys/fs/bpf in this process (see the module docs).
 /// Must run before any thread is started. Relative paths keep working: the working
 /// directory is carried over.
+///
+/// The host's mount namespace is found through the process tree: the nearest ancestor (the
+/// shell or service manager that ran `ip netns exec`, up to PID 1) in another mount namespace
+/// whose /sys/fs/bpf is a bpffs. An ancestor in another mount namespace without one means
+/// the host has no bpffs mounted; with no ancestor in another mount namespace this process
+/// is on the host itself (or in a container's own namespace).
 pub fn reach_host_bpffs() -> Result<Reach> {
     let mount = Path::new(BPFFS_MOUNT);
     if is_bpffs(mount) {
         return Ok(Reach::Here);
     }
     let ours = ns_id("/proc/self/ns/mnt").map_err(sys("reading /proc/self/ns/mnt"))?;
-    match ns_id("/proc/1/ns/mnt") {
-        Ok(init) if init != ours => {
-            if !is_bpffs(&Path::new("/proc/1/root").join(BPFFS_MOUNT.trim_start_matches('/'))) {
-                return Err(BpffsError::Unreachable {
-                    detail: "PID 1's mount namespace has no bpffs on /sys/fs/bpf either".into(),
-                });
+    let mut other_ns_without_bpffs = None;
+    let mut unreadable = Vec::new();
+    for pid in ancestors() {
+        match ns_id(&format!("/proc/{pid}/ns/mnt")) {
+            Ok(id) if id == ours => continue,
+            Ok(_) => {}
+            Err(e) => {
+                unreadable.push(format!("pid {pid}: {e}"));
+                continue;
             }
-            let init_ns = File::open("/proc/1/ns/mnt").map_err(|e| BpffsError::Unreachable {
-                detail: format!("opening /proc/1/ns/mnt: {e}"),
-            })?;
-            let cwd = File::open(".").ok();
-            setns(&init_ns, libc::CLONE_NEWNS).map_err(|e| BpffsError::Unreachable {
-                detail: format!("joining PID 1's mount namespace: {e}"),
-            })?;
-            // setns reset the working directory to the new root; relative config paths
-            // must still mean what they meant.
-            if let Some(d) = cwd {
-                // SAFETY: a valid directory fd.
-                unsafe { libc::fchdir(d.as_raw_fd()) };
-            }
-            if !is_bpffs(mount) {
-                return Err(BpffsError::Unreachable {
-                    detail: "joined PID 1's mount namespace, but /sys/fs/bpf is still no bpffs"
-                        .into(),
-                });
-            }
-            log::info!(
-                "this process had a private mount namespace (ip netns exec?): joined PID 1's so pins outlive the process"
-            );
-            Ok(Reach::JoinedHost)
         }
-        Ok(_) if in_initial_pid_ns() => {
-            mount_bpffs(mount)?;
-            log::info!("mounted bpffs on {BPFFS_MOUNT}");
-            Ok(Reach::Mounted)
+        if !is_bpffs(&PathBuf::from(format!("/proc/{pid}/root{BPFFS_MOUNT}"))) {
+            other_ns_without_bpffs.get_or_insert(pid);
+            continue;
         }
-        // A container's own init, or /proc/1 unreadable: a bpffs mounted here would live
-        // only as long as the container.
-        Ok(_) => Err(BpffsError::Unreachable {
-            detail: "this looks like a container (own PID namespace) without the host's bpffs"
-                .into(),
-        }),
-        Err(e) => Err(BpffsError::Unreachable {
-            detail: format!("reading /proc/1/ns/mnt: {e}"),
-        }),
+        join_mount_ns(pid)?;
+        if !is_bpffs(mount) {
+            return Err(BpffsError::Unreachable {
+                detail: format!(
+                    "joined the mount namespace of pid {pid}, but /sys/fs/bpf is still no bpffs"
+                ),
+            });
+        }
+        log::info!(
+            "this process had a private mount namespace (ip netns exec?): joined that of pid {pid}, whose /sys/fs/bpf is the host's bpffs, so pins outlive the process"
+        );
+        return Ok(Reach::Joined(pid));
     }
+    if let Some(pid) = other_ns_without_bpffs {
+        return Err(BpffsError::Unreachable {
+            detail: format!(
+                "the mount namespace of pid {pid}, outside this one, has no bpffs either: mount it there first (mount -t bpf bpf /sys/fs/bpf)"
+            ),
+        });
+    }
+    // Every readable ancestor shares this mount namespace: this is the host's.
+    if in_initial_pid_ns() {
+        mount_bpffs(mount)?;
+        log::info!("mounted bpffs on {BPFFS_MOUNT}");
+        return Ok(Reach::Mounted);
+    }
+    // A container's own namespace: a bpffs mounted here lives only as long as the container.
+    let mut detail =
+        "this looks like a container (own PID namespace) without the host's bpffs".to_string();
+    if !unreadable.is_empty() {
+        detail += &format!("; unreadable: {}", unreadable.join("; "));
+    }
+    Err(BpffsError::Unreachable { detail })
+}
+
+fn join_mount_ns(pid: u32) -> Result<()> {
+    let unreachable = |what: &str, e: std::io::Error| BpffsError::Unreachable {
+        detail: format!("{what} of pid {pid}: {e}"),
+    };
+    let ns = File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(|e| unreachable("opening the mount namespace", e))?;
+    let cwd = File::open(".").ok();
+    setns(&ns, libc::CLONE_NEWNS).map_err(|e| unreachable("joining the mount namespace", e))?;
+    // setns reset the working directory to the new root; relative config paths must still
+    // mean what they meant.
+    if let Some(d) = cwd {
+        // SAFETY: a valid directory fd.
+        unsafe { libc::fchdir(d.as_raw_fd()) };
+    }
+    Ok(())
 }
 
 fn in_initial_pid_ns() -> bool {
