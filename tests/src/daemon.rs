@@ -665,6 +665,26 @@ impl Daemon {
         self.terminate()
     }
 
+    /// `kill -9` (a crash: no cleanup runs), reaped; the pinned maps are left for a next
+    /// daemon. Returns the output so far.
+    pub fn kill_keep_pins(mut self) -> Result<String> {
+        self.keep_pins = true;
+        let Some(mut child) = self.child.take() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let status = child.wait()?;
+        self.join_readers();
+        if status.code().is_some() {
+            bail!(
+                "tether exited with {status} before SIGKILL; output:\n{}",
+                self.logs()
+            );
+        }
+        Ok(self.logs())
+    }
+
     fn terminate(&mut self) -> Result<String> {
         let Some(mut child) = self.child.take() else {
             bail!("tether is not running; output:\n{}", self.logs());

@@ -110,6 +110,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_ops",
                     "--test",
+                    "e2e_netns",
+                    "--test",
                     "e2e_l7",
                     "--test",
                     "e2e_l7_keys",
