@@ -1,11 +1,12 @@
 //! Source-IP persistence: the client's (masked) address is bound to a backend in the shared
 //! LRU table. A hit costs one lookup; last-seen is refreshed by a plain store at most every
-//! `PERSIST_REFRESH_NS`; the table is only updated when a binding is made or changed.
+//! `PERSIST_REFRESH_NS`; the table is only updated when a binding is made or changed. A TCP
+//! binding is made only by a SYN.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, Backend, DOWN_POLICY_NEVER, PERSIST_REFRESH_NS,
-    PersistKey, PersistValue, Service, TrafficCounters, elapsed_ns, hash::client_hash,
+    PROTO_TCP, PersistKey, PersistValue, Service, TrafficCounters, elapsed_ns, hash::client_hash,
     identity_matches,
 };
 
@@ -102,6 +103,16 @@ pub fn choose(
     }
 
     let (id, backend) = select::pick(svc, client_hash(svc.index, &key.addr_be), svc_stat)?;
+    // Only a SYN (or UDP) makes a new binding: a spoofed mid-stream TCP packet from an
+    // unseen source is forwarded by Maglev (the same choice) and evicts nobody, as in
+    // Katran. An existing, stale entry is rewritten in place, which adds nothing.
+    if event == Event::New && flow.proto == PROTO_TCP && !flow.is_tcp_open() {
+        return Ok(Choice {
+            id,
+            backend,
+            event: Event::None,
+        });
+    }
     let value = PersistValue {
         backend: id,
         backend_identity: backend.identity,

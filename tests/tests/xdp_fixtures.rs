@@ -1351,6 +1351,43 @@ fn connection_table() {
     run_table(cases);
 }
 
+/// Source-IP persistence under spoofed traffic: a TCP packet that is not a SYN, from a source
+/// without a binding, goes where Maglev says and creates no binding (so a flood of them evicts
+/// no real client); a SYN does create one, and an existing binding is honoured for any packet.
+#[test]
+fn persistence_bindings_only_from_syn() {
+    let syn = vip_tcp4(SPORT).build();
+    let ack = vip_tcp4(SPORT).tcp_flags(TCP_ACK, 1, 1).build();
+    let rst = vip_tcp4(SPORT + 3).tcp_flags(0x04, 1, 0).build();
+    let key = pkey4(SVC_TCP, CLIENT, 24);
+    let cases = vec![
+        case(
+            "non-SYN from an unseen source: forwarded, no binding",
+            |fx| setup_v4(fx, 300),
+            vec![tx(&ack, BE_A), tx(&rst, BE_A)],
+            |fx| {
+                assert_eq!(fx.persist_len(), 0, "no binding from non-SYN packets");
+                let s = fx.svc_stat(SVC_TCP);
+                assert_eq!((s.packets, s.new_assignments), (2, 0));
+            },
+        ),
+        case(
+            "the SYN makes the binding and later packets keep it",
+            |fx| setup_v4(fx, 300),
+            vec![
+                tx(&syn, BE_A),
+                tx(&ack, BE_A).before(|fx| fx.fill_table(SVC_TCP, 0, &[BE_B])),
+            ],
+            move |fx| {
+                assert_eq!(fx.persist(&key).map(|v| v.backend), Some(BE_A));
+                let s = fx.svc_stat(SVC_TCP);
+                assert_eq!((s.new_assignments, s.persist_hits), (1, 1));
+            },
+        ),
+    ];
+    run_table(cases);
+}
+
 /// Crash-safe id reuse: a binding made for one server is a miss once its slot holds another
 /// (the daemon reuses a removed backend's id; a crash kept it from deleting the bindings).
 #[test]

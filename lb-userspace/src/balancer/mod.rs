@@ -452,7 +452,10 @@ mod tests {
         );
         let c2 = Config::parse(&text).expect("valid");
         let ids = assign_ids(&c2, &prev).unwrap();
-        assert_eq!(ids.backends[0][0], a_id, "e gets the slot that looks unused");
+        assert_eq!(
+            ids.backends[0][0], a_id,
+            "e gets the slot that looks unused"
+        );
         let p2 = plan(&c2, &ids, &all_up(&c2), l2).unwrap();
         let (_, e) = p2
             .backends
