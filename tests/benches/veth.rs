@@ -2,7 +2,9 @@
 //! `xdp_mode` on a veth (the e2e topology: client, LB and backends on one bridge, the LB's
 //! veth peer without any XDP program, the daemon started with `ip netns exec` and a config
 //! that sets no xdp_mode), against iperf3 straight to the backend, side by side: rounds
-//! alternate direct and VIP, and the figure is the ratio of the medians.
+//! alternate direct and VIP, and the figure is the ratio of the medians. Both directions:
+//! upload (the data crosses the XDP program) and download (`-R`: with direct server return
+//! only the client's ACKs cross it).
 //!
 //! Not a test: it asserts nothing about speed, it reports. Results go to stdout and
 //! target/bench/veth.md.
@@ -72,13 +74,15 @@ impl Drop for Servers {
     }
 }
 
-/// One iperf3 run from `src` in the client namespace to `dst`: received bits per second.
-fn iperf(topo: &Topology, src: Ipv4Addr, dst: Ipv4Addr, secs: u32) -> f64 {
+/// One iperf3 run from `src` in the client namespace to `dst` (`reverse`: the server sends):
+/// received bits per second.
+fn iperf(topo: &Topology, src: Ipv4Addr, dst: Ipv4Addr, secs: u32, reverse: bool) -> f64 {
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.client.ns, "iperf3", "-J", "-c"])
         .arg(dst.to_string())
         .args(["-p", &PORT.to_string(), "-B", &src.to_string(), "-t"])
         .arg(secs.to_string())
+        .args(reverse.then_some("-R"))
         .stdin(Stdio::null())
         .output()
         .expect("running iperf3");
@@ -134,28 +138,45 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
 
     let (src, backend) = (topo.client.addr, topo.backends[0].addr);
-    let (mut direct, mut vip) = (Vec::new(), Vec::new());
+    // [upload direct, upload VIP, download direct, download VIP], one run of each per round.
+    let mut runs: [Vec<f64>; 4] = Default::default();
     for r in 0..o.rounds {
-        direct.push(iperf(&topo, src, backend, o.secs));
-        vip.push(iperf(&topo, src, topo.vip, o.secs));
+        for (i, (dst, reverse)) in [
+            (backend, false),
+            (topo.vip, false),
+            (backend, true),
+            (topo.vip, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            runs[i].push(iperf(&topo, src, dst, o.secs, reverse));
+        }
         eprintln!(
-            "round {r}: direct {:.2} Gbit/s, VIP {:.2} Gbit/s",
-            direct[r] / 1e9,
-            vip[r] / 1e9
+            "round {r}: upload direct {:.2} VIP {:.2}, download direct {:.2} VIP {:.2} Gbit/s",
+            runs[0][r] / 1e9,
+            runs[1][r] / 1e9,
+            runs[2][r] / 1e9,
+            runs[3][r] / 1e9
         );
     }
     drop(daemon);
     drop(servers);
-    let (d, v) = (median(direct), median(vip));
+    let [ud, uv, dd, dv] = runs.map(median);
     let report = format!(
-        "| iperf3 on veth, {} rounds of {} s (median) | Gbit/s |\n| --- | ---: |\n\
-         | direct to the backend | {:.2} |\n\
-         | through the VIP, default xdp_mode (attached as `{mode}`) | {:.2} (**{:.2}x direct**) |\n",
+        "| iperf3 on veth, {} rounds of {} s, medians | Gbit/s |\n| --- | ---: |\n\
+         | upload, direct to the backend | {:.2} |\n\
+         | upload through the VIP, default xdp_mode (`{mode}`) | {:.2} (**{:.2}x direct**) |\n\
+         | download (-R), direct | {:.2} |\n\
+         | download (-R) through the VIP (DSR: replies bypass the LB) | {:.2} (**{:.2}x direct**) |\n",
         o.rounds,
         o.secs,
-        d / 1e9,
-        v / 1e9,
-        v / d
+        ud / 1e9,
+        uv / 1e9,
+        uv / ud,
+        dd / 1e9,
+        dv / 1e9,
+        dv / dd
     );
     println!("{report}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
