@@ -132,7 +132,7 @@ fn main() -> Result<()> {
         dataplane::bpffs::enter_netns(ns).context("--netns")?;
     }
     if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Stop { .. }) {
-        dataplane::bpffs::reach_host_bpffs().context("refusing to start")?;
+        dataplane::bpffs::reach_host_bpffs().context("finding the host's bpffs")?;
     }
     match cli.cmd {
         Cmd::Check { config } => {
