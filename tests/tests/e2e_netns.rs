@@ -278,3 +278,40 @@ fn drained_backend_keeps_established_connections() {
     lab.assert_no_drops();
     lab.stop();
 }
+
+/// A container with its own mount and PID namespaces and no bpffs of the host's on
+/// /sys/fs/bpf (simulated with `unshare`, a tmpfs over /sys/fs/bpf): pins made there would
+/// vanish with the container, so tether refuses to start and says how to fix it.
+#[test]
+fn container_without_host_bpffs_is_refused() {
+    let bin = tether_tests::daemon::tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let script = format!(
+        "mount -t tmpfs tmpfs /sys/fs/bpf && exec {} run --config /nonexistent/tether.json",
+        bin.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap_or_else(|e| panic!("running unshare: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tether must not start: {stderr}");
+    assert!(
+        stderr.contains("bind-mount the host's bpffs") && stderr.contains("--netns"),
+        "the refusal names both fixes: {stderr}"
+    );
+    assert!(
+        !stderr.contains("nonexistent"),
+        "refused before anything else is read: {stderr}"
+    );
+}
