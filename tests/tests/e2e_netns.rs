@@ -86,6 +86,19 @@ fn bindings(lab: &L4Lab) -> BTreeMap<Ipv4Addr, u32> {
 #[test]
 fn ip_netns_exec_restarts_lose_nothing() {
     const CLIENTS: usize = 21;
+    // The default pin directory belongs to a real tether if one runs on this machine: never
+    // take it over (a stale one, left by a crashed run of this test, is removed at start).
+    if let Some(pid) = std::fs::read_to_string("/run/tether/tether.pid")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        .filter(|pid| unsafe { libc::kill(*pid, 0) } == 0)
+    {
+        panic!(
+            "a tether (pid {pid}) runs with the default pin directory {}: stop it before running this test",
+            lb_common::DEFAULT_PIN_DIR
+        );
+    }
     let mut lab = L4Lab::start(CLIENTS, 3, |b| {
         b.service("web", PORT, Some(1800)).user_defaults()
     });
