@@ -37,9 +37,11 @@ pub const MAP_REASONS: &str = "TETHER_REASONS";
 /// Connection table of services without persistence: LRU hash `FlowKey` -> `FlowValue`, so
 /// an established flow keeps its backend when the Maglev table changes (as Katran's LRU).
 pub const MAP_FLOWS: &str = "TETHER_FLOWS";
+/// Per-CPU budget of new source-IP bindings (a token bucket): `BindBudget` at index 0.
+pub const MAP_BIND_BUDGET: &str = "TETHER_BIND_BUDGET";
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -49,6 +51,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_BACKEND_STATS,
     MAP_REASONS,
     MAP_FLOWS,
+    MAP_BIND_BUDGET,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -212,6 +215,26 @@ pub struct FlowValue {
 }
 const _: () = assert!(size_of::<FlowValue>() == 8);
 
+/// Value of `TETHER_BIND_BUDGET` (per CPU): a token bucket that caps how many new source-IP
+/// bindings each CPU makes per second, so a flood of spoofed SYNs from fresh sources evicts
+/// legitimate bindings at most that fast. The burst is one second's worth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BindBudget {
+    /// New bindings per second on this CPU (written by the daemon); 0: no cap.
+    pub rate_per_s: u64,
+    /// Bindings that may be made now.
+    pub tokens: u64,
+    /// CLOCK_MONOTONIC of the last refill.
+    pub last_refill_ns: u64,
+    /// New clients forwarded without a binding because the budget was spent.
+    pub refused: u64,
+}
+const _: () = assert!(size_of::<BindBudget>() == 32);
+
+/// `new_bindings_per_cpu_s` unless configured.
+pub const BIND_RATE_DEFAULT_PER_CPU: u64 = 20_000;
+
 /// Whether a binding tagged `tag` still belongs to the backend `be` now in its slot.
 #[inline(always)]
 pub const fn identity_matches(tag: u32, be: &Backend) -> bool {
@@ -259,6 +282,7 @@ mod pod {
     unsafe impl aya::Pod for super::PersistValue {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::BindBudget {}
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, FLOW_DEFAULT_ENTRIES, FlowKey, FlowValue, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, Service, ServiceKey,
-    TrafficCounters, reason,
+    Backend, BindBudget, FLOW_DEFAULT_ENTRIES, FlowKey, FlowValue, MAGLEV_ENTRIES, MAX_BACKENDS,
+    MAX_SERVICES, MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, Service,
+    ServiceKey, TrafficCounters, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -75,3 +75,8 @@ pub static TETHER_FLOWS: LruHashMap<
     { FLOW_DEFAULT_ENTRIES as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
+
+/// `MAP_BIND_BUDGET`: this CPU's token bucket for new source-IP bindings (slot 0); the daemon
+/// sets the rate, the program refills, spends and counts refusals.
+#[btf_map]
+pub static TETHER_BIND_BUDGET: PerCpuArray<BindBudget, 1> = PerCpuArray::new();

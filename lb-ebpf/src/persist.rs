@@ -12,7 +12,7 @@ use lb_common::{
 
 use crate::{
     Verdict, conntrack,
-    maps::{TETHER_BACKENDS, TETHER_PERSIST},
+    maps::{TETHER_BACKENDS, TETHER_BIND_BUDGET, TETHER_PERSIST},
     parse::{Addr, Aligned, Flow, store_addr},
     select,
     stats::Event,
@@ -106,7 +106,11 @@ pub fn choose(
     // Only a SYN (or UDP) makes a new binding: a spoofed mid-stream TCP packet from an
     // unseen source is forwarded by Maglev (the same choice) and evicts nobody, as in
     // Katran. An existing, stale entry is rewritten in place, which adds nothing.
-    if event == Event::New && flow.proto == PROTO_TCP && !flow.is_tcp_open() {
+    // A new key also needs this CPU's budget: past the cap the client is forwarded by Maglev
+    // (the same choice) without a binding, and counted.
+    if event == Event::New
+        && ((flow.proto == PROTO_TCP && !flow.is_tcp_open()) || !take_bind_token(now))
+    {
         return Ok(Choice {
             id,
             backend,
@@ -124,4 +128,34 @@ pub fn choose(
         event = Event::None;
     }
     Ok(Choice { id, backend, event })
+}
+
+/// Spend one token of this CPU's binding budget (refilled at `rate_per_s`, at most one
+/// second's worth); false, counted as refused, when none is left. No cap while the rate is 0.
+#[inline(always)]
+fn take_bind_token(now: u64) -> bool {
+    let Some(b) = TETHER_BIND_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a per-CPU slot has no other writer during this run (XDP runs with migration
+    // disabled); the daemon only rewrites the rate.
+    let b = unsafe { &mut *b };
+    let rate = b.rate_per_s;
+    if rate == 0 {
+        return true;
+    }
+    let elapsed = elapsed_ns(now, b.last_refill_ns).min(1_000_000_000);
+    // Whole tokens only; the remainder of the interval is kept by not moving last_refill_ns.
+    let add = elapsed * rate / 1_000_000_000;
+    if add > 0 {
+        b.tokens = (b.tokens + add).min(rate);
+        b.last_refill_ns = now;
+    }
+    if b.tokens > 0 {
+        b.tokens -= 1;
+        true
+    } else {
+        b.refused += 1;
+        false
+    }
 }

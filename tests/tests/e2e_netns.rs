@@ -123,6 +123,25 @@ fn ip_netns_exec_restarts_lose_nothing() {
         (true, 0o700, 0),
         "the pin directory on the host's bpffs is a root-owned 0700 directory"
     );
+    // The default cap on new bindings is set on every CPU.
+    let budget: aya::maps::PerCpuArray<_, lb_common::BindBudget> = lab.ok(
+        aya::maps::MapData::from_pin(lab.pins.path(lb_common::MAP_BIND_BUDGET))
+            .map_err(anyhow::Error::from)
+            .and_then(|md| Ok(aya::maps::Map::from_map_data(md)?))
+            .and_then(|m| Ok(aya::maps::PerCpuArray::try_from(m)?)),
+        "opening TETHER_BIND_BUDGET",
+    );
+    let rates: Vec<u64> = lab
+        .ok(budget.get(&0, 0), "reading TETHER_BIND_BUDGET")
+        .iter()
+        .map(|b| b.rate_per_s)
+        .collect();
+    assert!(
+        rates
+            .iter()
+            .all(|r| *r == lb_common::BIND_RATE_DEFAULT_PER_CPU),
+        "every CPU's binding budget has the default rate: {rates:?}"
+    );
     if lab.d().log_lines("joined that of pid").is_empty() {
         lab.fail("under ip netns exec the daemon should say it joined the host's mount namespace");
     }

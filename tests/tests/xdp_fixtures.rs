@@ -28,12 +28,12 @@ use aya::{
 };
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
-    Backend, DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, FLOW_DEFAULT_ENTRIES, FlowKey, FlowValue,
-    MAGLEV_ENTRIES, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_MAGLEV,
-    MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TX_PORTS, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX,
-    PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, Service, ServiceKey,
-    TrafficCounters,
+    Backend, BindBudget, DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, FLOW_DEFAULT_ENTRIES, FlowKey,
+    FlowValue, MAGLEV_ENTRIES, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BIND_BUDGET,
+    MAP_FLOWS, MAP_MAGLEV, MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS,
+    PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, Service,
+    ServiceKey, TrafficCounters,
     hash::{client_hash, flow_hash},
     maglev_index, prefix_mask, reason, v4_mapped,
 };
@@ -234,6 +234,25 @@ impl Fixture {
         let m: HashMap<_, FlowKey, FlowValue> =
             HashMap::try_from(self.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
         m.keys().count()
+    }
+
+    /// The same binding budget on every CPU.
+    fn set_bind_budget(&mut self, b: BindBudget) {
+        let ncpu = aya::util::nr_cpus().expect("nr_cpus");
+        let mut m: PerCpuArray<_, BindBudget> =
+            PerCpuArray::try_from(self.ebpf.map_mut(MAP_BIND_BUDGET).unwrap()).unwrap();
+        let v = aya::maps::PerCpuValues::try_from(vec![b; ncpu]).expect("per-cpu values");
+        m.set(0, v, 0).expect("set budget");
+    }
+
+    fn bind_refused(&self) -> u64 {
+        let m: PerCpuArray<_, BindBudget> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_BIND_BUDGET).unwrap()).unwrap();
+        m.get(&0, 0)
+            .expect("budget")
+            .iter()
+            .map(|b| b.refused)
+            .sum()
     }
 
     fn add_tx_port(&mut self, key: u32, ifindex: u32) {
@@ -1388,6 +1407,65 @@ fn persistence_bindings_only_from_syn() {
     run_table(cases);
 }
 
+/// The per-CPU cap on new bindings: with a budget of 2, the third new client is forwarded by
+/// Maglev without a binding and counted; a client already bound is served as before.
+#[test]
+fn new_bindings_are_capped_per_cpu() {
+    // One CPU for every run: each CPU has its own bucket.
+    // SAFETY: cpu_set_t is plain data; this thread's own affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU 0"
+        );
+    }
+    let c1 = tcp4(CLIENT, SPORT, VIP, HTTP).build();
+    let c2 = tcp4(CLIENT_OTHER_24, SPORT, VIP, HTTP).build();
+    let c3 = tcp4(Ipv4Addr::new(198, 51, 100, 7), SPORT, VIP, HTTP).build();
+    let c1_again = tcp4(CLIENT, SPORT + 1, VIP, HTTP).build();
+    let budget = |rate| BindBudget {
+        rate_per_s: rate,
+        ..BindBudget::default()
+    };
+    let cases = vec![
+        case(
+            "past the budget new clients get no binding; bound ones keep theirs",
+            move |fx| {
+                setup_v4(fx, 300);
+                fx.set_bind_budget(budget(2));
+            },
+            vec![
+                tx(&c1, BE_A),
+                tx(&c2, BE_A),
+                tx(&c3, BE_A),
+                tx(&c1_again, BE_A).before(|fx| fx.fill_table(SVC_TCP, 0, &[BE_B])),
+            ],
+            |fx| {
+                assert_eq!(fx.persist_len(), 2, "two bindings within the budget");
+                assert_eq!(fx.bind_refused(), 1, "the third new client is counted");
+                let s = fx.svc_stat(SVC_TCP);
+                assert_eq!((s.new_assignments, s.persist_hits, s.packets), (2, 1, 4));
+            },
+        ),
+        case(
+            "rate 0 means no cap",
+            move |fx| {
+                setup_v4(fx, 300);
+                fx.set_bind_budget(budget(0));
+            },
+            vec![tx(&c1, BE_A), tx(&c2, BE_A), tx(&c3, BE_A)],
+            |fx| {
+                assert_eq!(fx.persist_len(), 3);
+                assert_eq!(fx.bind_refused(), 0);
+            },
+        ),
+    ];
+    run_table(cases);
+}
+
 /// Crash-safe id reuse: a binding made for one server is a miss once its slot holds another
 /// (the daemon reuses a removed backend's id; a crash kept it from deleting the bindings).
 #[test]
@@ -1643,7 +1721,7 @@ fn auxiliary_programs() {
 #[test]
 fn maps_match_the_contract() {
     let fx = Fixture::new();
-    let expect: [(&str, MapType, usize, usize, u32); 9] = [
+    let expect: [(&str, MapType, usize, usize, u32); 10] = [
         (
             MAP_SERVICES,
             MapType::Hash,
@@ -1689,6 +1767,13 @@ fn maps_match_the_contract() {
             size_of::<FlowKey>(),
             size_of::<FlowValue>(),
             FLOW_DEFAULT_ENTRIES,
+        ),
+        (
+            MAP_BIND_BUDGET,
+            MapType::PerCpuArray,
+            4,
+            size_of::<BindBudget>(),
+            1,
         ),
     ];
     assert_eq!(

@@ -22,6 +22,8 @@ pub struct KernelCounters {
     pub backends: HashMap<u32, TrafficCounters>,
     /// Packets per verdict reason (`lb_common::reason`).
     pub reasons: [u64; reason::COUNT as usize],
+    /// New clients forwarded without a binding because their CPU's budget was spent.
+    pub bindings_refused: u64,
 }
 
 impl KernelCounters {
@@ -87,6 +89,12 @@ pub fn read(pin_dir: &Path, snap: &Snapshot) -> Result<KernelCounters, CountersE
             })?;
         *slot = v.iter().sum();
     }
+    let budget = per_cpu::<lb_common::BindBudget>(pin_dir, lb_common::MAP_BIND_BUDGET)?;
+    let v = budget.get(&0, 0).map_err(|source| CountersError::Map {
+        name: lb_common::MAP_BIND_BUDGET,
+        source,
+    })?;
+    out.bindings_refused = v.iter().map(|b| b.refused).sum();
     Ok(out)
 }
 
@@ -344,6 +352,13 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
             labels(&[("reason", name)])
         );
     }
+    family(
+        &mut out,
+        "tether_bindings_refused_total",
+        "counter",
+        "New clients forwarded without a persistence binding because the per-CPU cap (new_bindings_per_cpu_s) was reached.",
+    );
+    let _ = writeln!(out, "tether_bindings_refused_total {}", c.bindings_refused);
     family(
         &mut out,
         "tether_config_generation",

@@ -87,6 +87,7 @@ fn counters() -> KernelCounters {
     c.backends.insert(1, tc(40));
     c.reasons[reason::TX as usize] = 110;
     c.reasons[reason::PASS_NOT_VIP as usize] = 5;
+    c.bindings_refused = 7;
     c
 }
 
@@ -112,6 +113,8 @@ fn metrics_exact_lines() {
         r#"tether_service_expired_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 2"#,
         r#"tether_service_reassigned_down_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 1"#,
         r#"tether_service_no_backend_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 4"#,
+        "# TYPE tether_bindings_refused_total counter",
+        "tether_bindings_refused_total 7",
         "# TYPE tether_backend_packets_total counter",
         r#"tether_backend_packets_total{pool="web",backend="a",address="10.0.0.1"} 60"#,
         r#"tether_backend_bytes_total{pool="web",backend="b",address="10.0.0.2"} 4000"#,

@@ -37,6 +37,8 @@ pub struct Plan {
     /// Every egress interface of a backend (devmap entries; the attach interface itself is
     /// served by XDP_TX and never looked up, but listing it is harmless).
     pub tx_ports: Vec<u32>,
+    /// New source-IP bindings per CPU and second (0: no cap).
+    pub bind_rate_per_cpu: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +244,7 @@ pub fn plan<E>(
         backends,
         services,
         tx_ports,
+        bind_rate_per_cpu: cfg.new_bindings_per_cpu_s,
     })
 }
 

@@ -96,6 +96,8 @@ pub struct Config {
     pub xdp_mode: XdpMode,
     pub pin_dir: PathBuf,
     pub persist_table_entries: u32,
+    /// Cap on new source-IP bindings per CPU and second (0: none).
+    pub new_bindings_per_cpu_s: u64,
     /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
     pub admin_listen: std::net::SocketAddr,
     pub services: Vec<VirtualService>,
@@ -345,6 +347,8 @@ pub struct ClientIpFallback {
 pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
 pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
+/// Upper bound of `new_bindings_per_cpu_s` (keeps the data path's refill arithmetic exact).
+pub const MAX_BIND_RATE: u64 = 1_000_000_000;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 
 impl Config {
@@ -456,6 +460,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::new(
             "persist_table_entries",
             format!("{persist_table_entries}: must be 1 to {MAX_PERSIST_ENTRIES}"),
+        ));
+    }
+
+    let new_bindings_per_cpu_s = raw
+        .new_bindings_per_cpu_s
+        .unwrap_or(lb_common::BIND_RATE_DEFAULT_PER_CPU);
+    if new_bindings_per_cpu_s > MAX_BIND_RATE {
+        return Err(ConfigError::new(
+            "new_bindings_per_cpu_s",
+            format!("{new_bindings_per_cpu_s}: must be 0 (no cap) to {MAX_BIND_RATE}"),
         ));
     }
 
@@ -764,6 +778,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode,
         pin_dir,
         persist_table_entries,
+        new_bindings_per_cpu_s,
         admin_listen,
         services,
         pools,

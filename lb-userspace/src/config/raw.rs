@@ -14,6 +14,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub persist_table_entries: Option<u32>,
     #[serde(default)]
+    pub new_bindings_per_cpu_s: Option<u64>,
+    #[serde(default)]
     pub admin_listen: Option<String>,
     #[serde(default)]
     pub virtual_services: Vec<RawService>,

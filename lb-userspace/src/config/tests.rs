@@ -23,6 +23,10 @@ fn good_config_validates_into_typed_values() {
     assert_eq!(c.interface, "eth0");
     assert_eq!(c.xdp_mode, XdpMode::Auto);
     assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/tether"));
+    assert_eq!(
+        c.new_bindings_per_cpu_s,
+        lb_common::BIND_RATE_DEFAULT_PER_CPU
+    );
     assert_eq!(c.persist_table_entries, lb_common::PERSIST_DEFAULT_ENTRIES);
     let s = &c.services[0];
     assert_eq!(
@@ -185,6 +189,14 @@ fn errors_name_the_field_and_the_reason() {
             ),
             "persist_table_entries",
             "must be 1 to",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "new_bindings_per_cpu_s": 2000000000"#,
+            ),
+            "new_bindings_per_cpu_s",
+            "must be 0 (no cap) to",
         ),
         (
             with(r#""name":"web","vip""#, r#""name":"","vip""#),

@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError},
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -25,9 +25,9 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_UP, Backend, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS, MAP_MAGLEV,
-    MAP_PERSIST, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP, PersistKey, PersistValue,
-    Service, ServiceKey, maglev_index,
+    ALL_MAPS, BACKEND_UP, Backend, BindBudget, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKENDS,
+    MAP_BIND_BUDGET, MAP_MAGLEV, MAP_PERSIST, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, PROG_XDP,
+    PersistKey, PersistValue, Service, ServiceKey, maglev_index,
 };
 
 use crate::{balancer::Plan, config};
@@ -496,6 +496,7 @@ impl Dataplane {
                 }
             }
         }
+        self.set_bind_rate(plan.bind_rate_per_cpu)?;
         debug_assert_eq!(
             MAGLEV_TABLE_SIZE as usize,
             plan.services
@@ -503,6 +504,29 @@ impl Dataplane {
                 .map_or(MAGLEV_TABLE_SIZE as usize, |s| s.table.len())
         );
         Ok(removed)
+    }
+
+    /// Set every CPU's binding rate, keeping its tokens and refusal count (a restart or
+    /// reload does not reset them).
+    fn set_bind_rate(&mut self, rate: u64) -> Result<()> {
+        let mut m: PerCpuArray<&mut MapData, BindBudget> = self.typed_mut(MAP_BIND_BUDGET)?;
+        let cur = m.get(&0, 0).map_err(map_err(MAP_BIND_BUDGET))?;
+        if cur.iter().all(|b| b.rate_per_s == rate) {
+            return Ok(());
+        }
+        let next: Vec<BindBudget> = cur
+            .iter()
+            .map(|b| BindBudget {
+                rate_per_s: rate,
+                tokens: b.tokens.min(rate),
+                ..*b
+            })
+            .collect();
+        let values = PerCpuValues::try_from(next).map_err(|e| DataplaneError::Map {
+            name: MAP_BIND_BUDGET,
+            source: MapError::from(e),
+        })?;
+        m.set(0, values, 0).map_err(map_err(MAP_BIND_BUDGET))
     }
 
     /// Delete persistence entries of removed services and backends in one walk of the table,
