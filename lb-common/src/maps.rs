@@ -44,8 +44,12 @@ pub const MAP_RATE: &str = "TETHER_RATE";
 /// so the later fragments (which carry no ports) follow it.
 pub const MAP_FRAGS: &str = "TETHER_FRAGS";
 
+/// Connection table of services without persistence: LRU hash `FlowKey` -> `FlowValue`, so
+/// an established flow keeps its backend when the Maglev table changes (as Katran's LRU).
+pub const MAP_FLOWS: &str = "TETHER_FLOWS";
+
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -58,6 +62,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_GLOBALS,
     MAP_RATE,
     MAP_FRAGS,
+    MAP_FLOWS,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -79,6 +84,18 @@ pub const MAX_TX_PORTS: u32 = 64;
 pub const FRAG_ENTRIES: u32 = 8192;
 /// Length of the window in which each CPU may create `Globals::new_bindings_per_cpu` bindings.
 pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+/// Capacity of the connection table (`MAP_FLOWS`): flows of services without persistence.
+pub const FLOW_DEFAULT_ENTRIES: u32 = 1 << 18;
+
+/// Nanoseconds from `then` to `now` on CLOCK_MONOTONIC, read as a signed difference: a time
+/// slightly ahead of `now` (another CPU's coarse clock) is age 0, and a time "before boot"
+/// (written as `now.wrapping_sub(age)`, as tests do on a machine up for less than `age`)
+/// still has its age. The XDP program and the daemon both use this.
+#[inline(always)]
+pub const fn elapsed_ns(now: u64, then: u64) -> u64 {
+    let d = now.wrapping_sub(then);
+    if (d as i64) < 0 { 0 } else { d }
+}
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -179,7 +196,11 @@ const _: () = assert!(size_of::<PersistKey>() == 20);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PersistValue {
     pub backend: u32,
-    pub _pad: u32,
+    /// `Backend::identity` of `backend` when the binding was made. A slot later reused by
+    /// another backend has another identity, so the binding counts as absent: a new backend
+    /// never inherits a removed one's clients, even when the daemon died before deleting
+    /// them. 0 (written by tether before this field existed) matches any identity.
+    pub backend_identity: u32,
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at most
     /// every `PERSIST_REFRESH_NS`.
     pub last_seen_ns: u64,
@@ -227,6 +248,34 @@ pub struct FragValue {
     pub dport_be: u16,
 }
 const _: () = assert!(size_of::<FragValue>() == 4);
+/// Key of `TETHER_FLOWS`: one TCP or UDP flow of a service (the service stands for VIP,
+/// port and protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub service: u32,
+    /// Client address (IPv4-mapped for IPv4), not masked.
+    pub addr_be: [u8; 16],
+    pub sport_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<FlowKey>() == 24);
+
+/// Value of `TETHER_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend: u32,
+    /// As `PersistValue::backend_identity`: a mismatch means the slot was reused.
+    pub backend_identity: u32,
+}
+const _: () = assert!(size_of::<FlowValue>() == 8);
+
+/// Whether a binding tagged `tag` still belongs to the backend `be` now in its slot.
+#[inline(always)]
+pub const fn identity_matches(tag: u32, be: &Backend) -> bool {
+    tag == 0 || tag == be.identity
+}
 
 /// IPv4-mapped IPv6 form of an IPv4 address in network order.
 #[inline(always)]
@@ -271,6 +320,8 @@ mod pod {
     unsafe impl aya::Pod for super::RateWindow {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
 }
 
 #[cfg(test)]
@@ -290,6 +341,26 @@ mod tests {
             ]
         );
         assert_eq!(prefix_mask::<16>(128), [0xff; 16]);
+    }
+
+    #[test]
+    fn elapsed_is_a_signed_difference() {
+        assert_eq!(elapsed_ns(10, 4), 6);
+        // Ahead of now (another CPU's clock): age 0.
+        assert_eq!(elapsed_ns(10, 12), 0);
+        // Written as now - age on a machine up for less than age: the age survives.
+        assert_eq!(elapsed_ns(5, 5u64.wrapping_sub(500)), 500);
+    }
+
+    #[test]
+    fn identity_tags() {
+        let be = Backend {
+            identity: 7,
+            ..Backend::default()
+        };
+        assert!(identity_matches(7, &be));
+        assert!(identity_matches(0, &be), "legacy entries match");
+        assert!(!identity_matches(8, &be), "a reused slot is a miss");
     }
 
     #[test]

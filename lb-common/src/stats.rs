@@ -21,9 +21,9 @@ pub struct TrafficCounters {
     pub reassigned_down: u64,
     /// Packets dropped because the pool had no usable backend.
     pub no_backend: u64,
-    /// New clients forwarded without a binding because their CPU reached
-    /// `Globals::new_bindings_per_cpu` in the current window.
-    pub bindings_refused: u64,
+    /// Packets of a service without persistence that followed their flow's entry in the
+    /// connection table (`TETHER_FLOWS`) rather than the Maglev table.
+    pub flow_hits: u64,
 }
 const _: () = assert!(size_of::<TrafficCounters>() == 64);
 
@@ -39,7 +39,7 @@ impl TrafficCounters {
             t.expired += c.expired;
             t.reassigned_down += c.reassigned_down;
             t.no_backend += c.no_backend;
-            t.bindings_refused += c.bindings_refused;
+            t.flow_hits += c.flow_hits;
         }
         t
     }

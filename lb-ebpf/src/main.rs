@@ -3,10 +3,12 @@
 //! are trivial helpers for veth peers and benchmarks.
 //!
 //! One concern per module: `maps` (definitions), `parse` (headers), `persist` (bindings),
-//! `select` (Maglev), `forward` (MAC rewrite, TX/redirect), `stats` (counters).
+//! `conntrack` (flows of services without persistence), `select` (Maglev), `forward` (MAC
+//! rewrite, TX/redirect), `stats` (counters).
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod forward;
 mod maps;
 mod parse;

@@ -14,9 +14,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, FRAG_ENTRIES, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, RateWindow, Service,
-    ServiceKey, TrafficCounters, event, reason,
+    Backend, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals,
+    MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey,
+    PersistValue, RateWindow, Service, ServiceKey, TrafficCounters, event, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -81,3 +81,16 @@ pub static TETHER_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 #[btf_map]
 pub static TETHER_FRAGS: LruHashMap<FragKey, FragValue, { FRAG_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// `MAP_FLOWS`: connection table of services without persistence: service + client address
+/// and port -> the backend the flow started on. A TCP entry is made only by a SYN, so an
+/// established connection keeps its backend when the Maglev table changes (drain, weight 0,
+/// scale-out) and spoofed mid-stream packets cannot flush it. Shared by all CPUs with per-CPU
+/// LRU lists, like `TETHER_PERSIST`.
+#[btf_map]
+pub static TETHER_FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { FLOW_DEFAULT_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();

@@ -206,9 +206,20 @@ impl Flow {
     /// mid-connection packets would evict real clients).
     #[inline(always)]
     pub fn may_bind(&self) -> bool {
-        self.kind != Kind::IcmpError
-            && self.kind != Kind::LaterFragment
-            && (self.proto != PROTO_TCP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        self.is_own_packet() && (self.proto != PROTO_TCP || self.is_tcp_open())
+    }
+
+    /// A packet of the flow itself (not an ICMP error about it, not a later fragment): only
+    /// such packets may write state.
+    #[inline(always)]
+    pub fn is_own_packet(&self) -> bool {
+        self.kind == Kind::Packet || self.kind == Kind::FirstFragment
+    }
+
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn is_tcp_open(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 

@@ -10,16 +10,14 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, Backend, DOWN_POLICY_NEVER, PERSIST_REFRESH_NS,
-    PersistKey, PersistValue, Service, TrafficCounters,
-    hash::{client_hash, flow_hash},
+    PersistKey, PersistValue, RATE_WINDOW_NS, Service, TrafficCounters, elapsed_ns,
+    event as events, hash::client_hash, identity_matches,
 };
 
-use lb_common::{RATE_WINDOW_NS, event as events};
-
 use crate::{
-    Verdict,
+    Verdict, conntrack,
     maps::{TETHER_BACKENDS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
-    parse::{Addr, Aligned, Flow, Kind, addr_bytes, store_addr},
+    parse::{Addr, Aligned, Flow, Kind, store_addr},
     select,
     stats::{self, Event},
 };
@@ -48,9 +46,9 @@ fn masked_source(svc: &Service, flow: &Flow) -> Addr {
     a
 }
 
-/// Whether a client bound to `be` keeps going there.
+/// Whether a client (or flow) bound to `be` keeps going there.
 #[inline(always)]
-fn usable(svc: &Service, be: &Backend) -> bool {
+pub fn usable(svc: &Service, be: &Backend) -> bool {
     let st = be.state;
     st == BACKEND_UP
         || st == BACKEND_DRAINING
@@ -65,19 +63,8 @@ pub fn choose(
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
     if svc.timeout_ns == 0 {
-        // No persistence: every flow is balanced on its own, nothing is stored.
-        let h = flow_hash(
-            svc.index,
-            &addr_bytes(&flow.src),
-            flow.sport_be,
-            flow.dport_be,
-        );
-        let (id, backend) = select::pick(svc, h, svc_stat)?;
-        return Ok(Choice {
-            id,
-            backend,
-            event: Event::None,
-        });
+        // No persistence: each flow is balanced on its own and keeps its backend.
+        return conntrack::choose(svc, flow, svc_stat);
     }
 
     let mut key = Aligned(PersistKey {
@@ -92,14 +79,17 @@ pub fn choose(
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_ns (a u64, written whole) or replace the element.
-        let (bound, last_seen) = unsafe { ((*v).backend, (*v).last_seen_ns) };
+        let (bound, tag, last_seen) =
+            unsafe { ((*v).backend, (*v).backend_identity, (*v).last_seen_ns) };
         // A time from another CPU may be slightly ahead of ours: that is age 0.
-        let age = now.saturating_sub(last_seen);
+        let age = elapsed_ns(now, last_seen);
         if age > svc.timeout_ns {
             event = Event::Expired;
         } else {
-            // An id outside the array or an unused slot always means a new choice.
+            // An id outside the array, an unused slot, or a slot now holding another backend
+            // (a removed backend's binding the daemon had no time to delete) means a new choice.
             if let Some(be) = TETHER_BACKENDS.get(bound)
+                && identity_matches(tag, be)
                 && usable(svc, be)
             {
                 if age > PERSIST_REFRESH_NS {
@@ -133,7 +123,6 @@ pub fn choose(
     // rewriting an expired or re-assigned entry does not.
     if event == Event::New && !take_new_binding(now) {
         stats::count_event(events::BINDING_RATE_LIMITED);
-        svc_stat.bindings_refused += 1;
         return Ok(Choice {
             id,
             backend,
@@ -142,7 +131,7 @@ pub fn choose(
     }
     let value = PersistValue {
         backend: id,
-        _pad: 0,
+        backend_identity: backend.identity,
         last_seen_ns: now,
     };
     if TETHER_PERSIST.insert(key, value, BPF_ANY as u64).is_err() {

@@ -13,6 +13,8 @@ pub enum Event {
     New,
     Expired,
     ReassignedDown,
+    /// A flow of a service without persistence followed its connection-table entry.
+    FlowHit,
 }
 
 /// Count one packet under `reason`.
@@ -64,6 +66,7 @@ fn add(c: &mut TrafficCounters, event: Event, bytes: u64, forwarded: bool) {
         Event::New => c.new_assignments += 1,
         Event::Expired => c.expired += 1,
         Event::ReassignedDown => c.reassigned_down += 1,
+        Event::FlowHit => c.flow_hits += 1,
     }
     if forwarded {
         c.packets += 1;

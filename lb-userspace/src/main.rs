@@ -17,6 +17,10 @@ use tether::{admin::cli, config::Config, control, dataplane, handoff};
     about = "Kernel-accelerated L4+L7 load balancer with session persistence"
 )]
 struct Cli {
+    /// Enter this network namespace first (`/run/netns/NAME`, as `ip netns add` makes; only
+    /// the network namespace changes, so pins stay on the host's bpffs).
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -128,7 +132,17 @@ impl Target {
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // Namespaces first, while this is the only thread: setns into a mount namespace refuses
+    // a process whose threads share its filesystem context, and a network namespace applies
+    // to the calling thread and the threads it starts later.
+    if let Some(ns) = &cli.netns {
+        dataplane::bpffs::enter_netns(ns).context("--netns")?;
+    }
+    if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Stop { .. }) {
+        dataplane::bpffs::reach_host_bpffs().context("finding the host's bpffs")?;
+    }
+    match cli.cmd {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(

@@ -1,11 +1,12 @@
 //! Running the real `tether` daemon inside a topology's LB namespace.
 //!
-//! The daemon is started with `nsenter --net=/run/netns/<lb-ns> -- $TETHER_BIN run --config
-//! FILE` (not `ip netns exec`, which remounts /sys and would hide the host's bpffs pins), or
-//! with [`Daemon::start_as_user`] as users do (`ip netns exec`). Its output is captured;
-//! `start` returns once it prints `tether ready`. [`Daemon::restart`] runs `tether restart`
-//! and follows the daemon that took over (its output goes to the same pipes). Dropping a
-//! [`Daemon`] kills what still runs and removes its config file and pin directory.
+//! The daemon is started as the README tells users to: `ip netns exec <lb-ns> $TETHER_BIN run
+//! --config FILE` (a private mount namespace whose /sys hides the host's bpffs: tether itself
+//! must find the host's, or pins would vanish with the process). The CLI is run from the
+//! host with `--netns <lb-ns>`. Output is captured; `start` returns once it prints `tether
+//! ready`. [`Daemon::restart`] runs `tether restart` and follows the daemon that took over
+//! (its output goes to the same pipes). Dropping a [`Daemon`] kills what still runs and
+//! removes its config file and pin directory.
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Map, Value, json};
 
-use crate::netns::{Topology, netns_path, run_cmd, run_in_netns};
+use crate::netns::{Topology, run_cmd, run_in_netns};
 
 /// Environment variable with the daemon binary's path (set by `cargo xtask test|run`).
 pub const TETHER_BIN_ENV: &str = "TETHER_BIN";
@@ -69,9 +70,9 @@ pub fn tether_bin() -> Result<PathBuf> {
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
     interface: String,
-    pin_dir: PathBuf,
-    xdp_mode: String,
-    persist_table_entries: u32,
+    pin_dir: Option<PathBuf>,
+    xdp_mode: Option<String>,
+    persist_table_entries: Option<u32>,
     backends: Vec<(String, Ipv4Addr)>,
     services: Vec<Value>,
     profiles: Vec<Value>,
@@ -83,13 +84,13 @@ pub struct ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// Defaults: xdp_mode `native`, 65536 persistence entries.
+    /// Defaults: no `xdp_mode` (the daemon's default, `auto`), 65536 persistence entries.
     pub fn new(topo: &Topology, pin_dir: &Path) -> ConfigBuilder {
         ConfigBuilder {
             interface: topo.lb.ifname.clone(),
-            pin_dir: pin_dir.to_path_buf(),
-            xdp_mode: "native".into(),
-            persist_table_entries: 65536,
+            pin_dir: Some(pin_dir.to_path_buf()),
+            xdp_mode: None,
+            persist_table_entries: Some(65536),
             backends: topo
                 .backends
                 .iter()
@@ -106,23 +107,34 @@ impl ConfigBuilder {
         }
     }
 
-    /// Leaves out what a user's config need not say (`xdp_mode`, `persist_table_entries`):
-    /// the daemon's defaults apply. `pin_dir` stays: it keeps each test's daemon, pid file
-    /// and handoff socket apart from any other tether on the machine.
+    /// Leaves out every optional top-level field (`pin_dir`, `xdp_mode`,
+    /// `persist_table_entries`, `admin_listen`): the config a new user writes.
     pub fn user_defaults(mut self) -> Self {
-        self.xdp_mode.clear();
-        self.persist_table_entries = 0;
+        self.pin_dir = None;
+        self.xdp_mode = None;
+        self.persist_table_entries = None;
+        self.admin_listen = None;
         self
+    }
+
+    /// Like [`ConfigBuilder::user_defaults`], but keeps the test's own `pin_dir`: it keeps each
+    /// test's daemon, pid file and handoff socket apart from any other tether on the machine.
+    pub fn user_defaults_own_pins(self) -> Self {
+        let pin_dir = self.pin_dir.clone();
+        ConfigBuilder {
+            pin_dir,
+            ..self.user_defaults()
+        }
     }
 
     /// `auto`, `native` or `generic`.
     pub fn xdp_mode(mut self, mode: &str) -> Self {
-        self.xdp_mode = mode.into();
+        self.xdp_mode = Some(mode.into());
         self
     }
 
     pub fn persist_table_entries(mut self, n: u32) -> Self {
-        self.persist_table_entries = n;
+        self.persist_table_entries = Some(n);
         self
     }
 
@@ -285,16 +297,18 @@ impl ConfigBuilder {
         }
         let mut cfg = json!({
             "interface": self.interface,
-            "pin_dir": self.pin_dir.to_string_lossy(),
             "virtual_services": self.services,
             "pools": [pool],
             "persistence_profiles": profiles,
         });
-        if !self.xdp_mode.is_empty() {
-            cfg["xdp_mode"] = json!(self.xdp_mode);
+        if let Some(m) = &self.xdp_mode {
+            cfg["xdp_mode"] = json!(m);
         }
-        if self.persist_table_entries != 0 {
-            cfg["persist_table_entries"] = json!(self.persist_table_entries);
+        if let Some(d) = &self.pin_dir {
+            cfg["pin_dir"] = json!(d.to_string_lossy());
+        }
+        if let Some(n) = self.persist_table_entries {
+            cfg["persist_table_entries"] = json!(n);
         }
         if let Some(a) = &self.admin_listen {
             cfg["admin_listen"] = json!(a);
@@ -321,19 +335,9 @@ impl Log {
     }
 }
 
-/// How the daemon is entered into its namespace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Launch {
-    /// `nsenter --net=...`: network namespace only (the host's bpffs and /run).
-    Nsenter,
-    /// `ip netns exec NS`: as users do (a new mount namespace with the namespace's /sys).
-    IpNetnsExec,
-}
-
 /// A running `tether run` in a namespace.
 pub struct Daemon {
     child: Option<Child>,
-    launch: Launch,
     /// After [`Daemon::restart`]: the daemon that took over, started by the one it replaced
     /// and reparented to this process (a child subreaper), which reaps it.
     adopted: Option<u32>,
@@ -356,13 +360,7 @@ impl Daemon {
     /// (up to [`READY_TIMEOUT`]) for `tether ready`. With `echo`, the daemon's output is also
     /// copied to this process's stderr as it arrives. A stale `pin_dir` is removed first.
     pub fn start(bin: &Path, ns: &str, config: &Value, echo: bool) -> Result<Daemon> {
-        Self::spawn(bin, ns, config, echo, false, Launch::Nsenter)
-    }
-
-    /// Like [`Daemon::start`], entering the namespace as users do: `ip netns exec NS tether
-    /// run --config FILE`.
-    pub fn start_as_user(bin: &Path, ns: &str, config: &Value) -> Result<Daemon> {
-        Self::spawn(bin, ns, config, false, false, Launch::IpNetnsExec)
+        Self::spawn(bin, ns, config, echo, false)
     }
 
     /// Like [`Daemon::start`], but keeps the maps already pinned in the config's `pin_dir`
@@ -373,21 +371,15 @@ impl Daemon {
         config: &Value,
         echo: bool,
     ) -> Result<Daemon> {
-        Self::spawn(bin, ns, config, echo, true, Launch::Nsenter)
+        Self::spawn(bin, ns, config, echo, true)
     }
 
-    fn spawn(
-        bin: &Path,
-        ns: &str,
-        config: &Value,
-        echo: bool,
-        reuse_pins: bool,
-        launch: Launch,
-    ) -> Result<Daemon> {
+    fn spawn(bin: &Path, ns: &str, config: &Value, echo: bool, reuse_pins: bool) -> Result<Daemon> {
+        // Without pin_dir the daemon uses its default.
         let pin_dir = PathBuf::from(
             config["pin_dir"]
                 .as_str()
-                .context("the config must set pin_dir (tests must use a unique one)")?,
+                .unwrap_or(lb_common::DEFAULT_PIN_DIR),
         );
         crate::netns::ensure_bpffs()?;
         if !reuse_pins && pin_dir.exists() {
@@ -410,7 +402,6 @@ impl Daemon {
         let log = Arc::new(Mutex::new(Log::default()));
         let mut me = Daemon {
             child: None,
-            launch,
             adopted: None,
             retired: Vec::new(),
             retired_pids: Vec::new(),
@@ -424,8 +415,10 @@ impl Daemon {
             keep_pins: false,
         };
 
-        let mut cmd = in_netns_cmd(launch, ns, bin);
-        cmd.arg("run")
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(bin)
+            .arg("run")
             .arg("--config")
             .arg(&me.config_path)
             .env(
@@ -643,8 +636,8 @@ impl Daemon {
         let Some(pid) = self.pid() else {
             bail!("tether is not running; output:\n{}", self.logs());
         };
-        // SAFETY: kill(2) on our own child's pid (nsenter and `ip netns exec` exec tether, so
-        // it is tether), or on the daemon a restart started.
+        // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs tether, so it is
+        // tether), or on the daemon a restart started.
         if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
             bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
         }
@@ -763,14 +756,9 @@ impl Daemon {
         }
     }
 
-    /// Runs `tether ARGS` (the same binary) in the daemon's namespace, entered as the
-    /// daemon was; returns its stdout.
+    /// Runs `tether --netns NS ARGS` (the same binary) from the host; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        run_cmd(
-            in_netns_cmd(self.launch, &self.ns, &self.bin)
-                .args(args)
-                .env("RUST_LOG", "warn"),
-        )
+        tether_cli(&self.bin, &self.ns, args)
     }
 
     /// One request to the admin API, made from the daemon's namespace.
@@ -806,6 +794,25 @@ impl Daemon {
     pub fn stop_keep_pins(mut self) -> Result<String> {
         self.keep_pins = true;
         self.terminate()
+    }
+
+    /// `kill -9` (a crash: no cleanup runs), reaped; the pinned maps are left for a next
+    /// daemon. Returns the output so far.
+    pub fn kill_keep_pins(mut self) -> Result<String> {
+        self.keep_pins = true;
+        let Some(pid) = self.pid() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        // SAFETY: kill(2) on our own child's (or adopted daemon's) pid.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let status = self.wait_exit(STOP_TIMEOUT)?;
+        if status.code().is_some() {
+            bail!(
+                "tether exited with {status} before SIGKILL; output:\n{}",
+                self.logs()
+            );
+        }
+        Ok(self.logs())
     }
 
     fn terminate(&mut self) -> Result<String> {
@@ -876,24 +883,6 @@ pub enum Reload {
     Refused(String),
 }
 
-/// `bin` to be run in namespace `ns`, entered as `launch` says (arguments to be added).
-fn in_netns_cmd(launch: Launch, ns: &str, bin: &Path) -> Command {
-    match launch {
-        Launch::Nsenter => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", netns_path(ns).display()))
-                .arg("--")
-                .arg(bin);
-            c
-        }
-        Launch::IpNetnsExec => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(bin);
-            c
-        }
-    }
-}
-
 /// The exit status of child `pid` if it has exited (reaping it); `None` while it runs. For
 /// a pid that is not our child (already reaped), only whether it is gone is known: gone
 /// counts as status 0.
@@ -922,14 +911,12 @@ fn kill_and_reap(pid: u32) {
     }
 }
 
-/// Runs `bin ARGS` in namespace `ns` (nsenter, so bpffs and /run stay the host's); returns
-/// its stdout, or fails with its status and stderr.
+/// Runs `bin --netns ns ARGS` from the host (tether enters the namespace itself, as users
+/// run it); returns its stdout, or fails with its status and stderr.
 pub fn tether_cli(bin: &Path, ns: &str, args: &[&str]) -> Result<String> {
     run_cmd(
-        Command::new("nsenter")
-            .arg(format!("--net={}", netns_path(ns).display()))
-            .arg("--")
-            .arg(bin)
+        Command::new(bin)
+            .args(["--netns", ns])
             .args(args)
             .env("RUST_LOG", "warn"),
     )

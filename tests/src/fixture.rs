@@ -21,11 +21,11 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, DOWN_POLICY_IMMEDIATE, Globals, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_EVENTS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_TX_PORTS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey,
-    PersistValue, RATE_WINDOW_NS, RateWindow, Service, ServiceKey, TrafficCounters, maglev_index,
-    prefix_mask, reason, v4_mapped,
+    Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
+    MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, PROG_DROP, PROG_PASS,
+    PROG_SWAP_TX, PROG_XDP, PersistKey, PersistValue, RATE_WINDOW_NS, RateWindow, Service,
+    ServiceKey, TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
 };
 use tether::dataplane::EBPF_OBJECT;
 
@@ -224,6 +224,18 @@ impl Fixture {
         m.keys().count()
     }
 
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        let m: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    pub fn flows_len(&self) -> usize {
+        let m: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map(MAP_FLOWS).unwrap()).unwrap();
+        m.keys().count()
+    }
+
     pub fn add_tx_port(&mut self, key: u32, ifindex: u32) {
         let mut m = DevMapHash::try_from(self.ebpf.map_mut(MAP_TX_PORTS).unwrap()).unwrap();
         m.insert(key, ifindex, None, 0).expect("insert tx port");
@@ -405,10 +417,27 @@ pub fn pkey4(svc: u32, client: Ipv4Addr, prefix: u8) -> PersistKey {
     }
 }
 
+pub fn fkey4(svc: u32, client: Ipv4Addr, sport: u16) -> FlowKey {
+    FlowKey {
+        service: svc,
+        addr_be: v4_mapped(client.octets()),
+        sport_be: sport.to_be(),
+        _pad: 0,
+    }
+}
+
+/// `backend(id, state, 0)` carrying the identity of the server in the slot.
+pub fn backend_ident(id: u32, state: u32, identity: u32) -> Backend {
+    Backend {
+        identity,
+        ..backend(id, state, 0)
+    }
+}
+
 pub fn pval(backend: u32, last_seen_ns: u64) -> PersistValue {
     PersistValue {
         backend,
-        _pad: 0,
+        backend_identity: 0,
         last_seen_ns,
     }
 }

@@ -46,28 +46,25 @@ impl L7Lab {
         backends: usize,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> L7Lab {
-        Self::launch(clients, backends, false, |topo| {
-            configure(base_builder(topo))
-        })
+        Self::launch(clients, backends, |topo| configure(base_builder(topo)))
     }
 
-    /// Like [`L7Lab::start`], run as a user runs tether: `ip netns exec`, and a config that
-    /// leaves every optional field to its default (but `pin_dir`, see
-    /// [`ConfigBuilder::user_defaults`]; backends are reached on the service's port).
+    /// Like [`L7Lab::start`], with a config that leaves every optional field to its default
+    /// (but `pin_dir`, see [`ConfigBuilder::user_defaults_own_pins`]; backends are reached on
+    /// the service's port). Every daemon is started as users do (`ip netns exec`).
     pub fn start_as_user(
         clients: usize,
         backends: usize,
         configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> L7Lab {
-        Self::launch(clients, backends, true, |topo| {
-            configure(ConfigBuilder::new(topo, &topo.pin_dir("pins")).user_defaults())
+        Self::launch(clients, backends, |topo| {
+            configure(ConfigBuilder::new(topo, &topo.pin_dir("pins")).user_defaults_own_pins())
         })
     }
 
     fn launch(
         clients: usize,
         backends: usize,
-        as_user: bool,
         configure: impl FnOnce(&Topology) -> ConfigBuilder,
     ) -> L7Lab {
         let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
@@ -79,12 +76,8 @@ impl L7Lab {
         let servers = BackendServers::start_with(&topo, PORT, Reply::Echo)
             .unwrap_or_else(|e| panic!("starting backend servers: {e:#}"));
         let builder = configure(&topo);
-        let daemon = if as_user {
-            Daemon::start_as_user(&bin, &topo.lb.ns, &builder.build())
-        } else {
-            Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
-        }
-        .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
+        let daemon = Daemon::start(&bin, &topo.lb.ns, &builder.build(), false)
+            .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
         L7Lab {
             daemon: Some(daemon),
             servers,

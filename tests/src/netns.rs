@@ -15,8 +15,8 @@
 //! program rewrites the MACs and bounces each frame back out (XDP_TX) to a backend, which
 //! answers the client directly (direct server return).
 //!
-//! Native XDP on the LB's veth needs two things on its peer (the bridge port): a native XDP
-//! program that passes (tether's `tether_pass`, attached here) and TX checksum offload off.
+//! Nothing is prepared for XDP: the LB's veth peer (the bridge port, in the switch namespace)
+//! has no XDP program, as on a user's machine, so tether's default mode must cope with that.
 //!
 //! Names are unique per instance (`tether-<pid>-<n>-<role>` for namespaces, `t<pid>-<n><role>`
 //! for interfaces, at most 15 bytes) and everything is removed on drop, also on panic.
@@ -34,12 +34,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode},
-};
-use lb_common::maps::{MAP_MAGLEV, MAP_PERSIST, PROG_PASS};
+use anyhow::{Context as _, Result, bail};
 
 /// The shared L2 segment.
 pub const SUBNET_PREFIX: u8 = 24;
@@ -262,7 +257,6 @@ pub struct Node {
 pub struct TopologyBuilder {
     client_addrs: usize,
     backends: usize,
-    native_ready: bool,
 }
 
 impl Default for TopologyBuilder {
@@ -270,7 +264,6 @@ impl Default for TopologyBuilder {
         TopologyBuilder {
             client_addrs: 1,
             backends: 3,
-            native_ready: true,
         }
     }
 }
@@ -285,13 +278,6 @@ impl TopologyBuilder {
     /// Number of backend namespaces (10.99.0.11 ...), 1..=89.
     pub fn backends(mut self, n: usize) -> Self {
         self.backends = n;
-        self
-    }
-
-    /// Prepare the LB's bridge port for native XDP (pass program, tx checksum off). On by
-    /// default; generic mode works either way.
-    pub fn native_ready(mut self, yes: bool) -> Self {
-        self.native_ready = yes;
         self
     }
 
@@ -341,7 +327,6 @@ impl TopologyBuilder {
 
         let mut topo = Topology {
             switch_ns: format!("{ns_prefix}-sw"),
-            pass_pin_dir: Path::new(BPFFS).join(format!("{ns_prefix}-pass")),
             ns_prefix,
             bridge,
             client,
@@ -350,10 +335,9 @@ impl TopologyBuilder {
             backends,
             vip: VIP,
             created_ns: Vec::new(),
-            pass_prog: None,
         };
         // On error, dropping `topo` removes whatever was created so far.
-        topo.create(self.native_ready)?;
+        topo.create()?;
         Ok(topo)
     }
 }
@@ -374,10 +358,6 @@ pub struct Topology {
     pub backends: Vec<Node>,
     pub vip: Ipv4Addr,
     created_ns: Vec<String>,
-    pass_pin_dir: PathBuf,
-    /// tether_pass attached natively on the LB's bridge port (the attachment lives as long
-    /// as this object).
-    pass_prog: Option<Ebpf>,
 }
 
 impl Topology {
@@ -477,7 +457,7 @@ impl Topology {
         Ok(())
     }
 
-    fn create(&mut self, native_ready: bool) -> Result<()> {
+    fn create(&mut self) -> Result<()> {
         let nodes: Vec<Node> = self.nodes().cloned().collect();
         let switch_ns = self.switch_ns.clone();
         self.add_ns(&switch_ns)?;
@@ -549,69 +529,17 @@ impl Topology {
             )?;
         }
 
-        if native_ready {
-            self.prepare_native()?;
-        }
-        Ok(())
-    }
-
-    /// Native XDP on the LB's veth: tether_pass (native) and tx checksum offload off on its
-    /// peer, the bridge port.
-    fn prepare_native(&mut self) -> Result<()> {
-        let port = self.lb.port.clone();
-        netns_exec(&self.switch_ns, &["ethtool", "-K", &port, "tx", "off"])
-            .context("turning tx checksum offload off on the LB's bridge port (is ethtool installed? `cargo xtask bootstrap`)")?;
-
-        std::fs::create_dir_all(&self.pass_pin_dir)
-            .with_context(|| format!("creating {}", self.pass_pin_dir.display()))?;
-        // Loading the object creates all of its maps: keep the big ones tiny. Nothing is
-        // pinned unless asked for, so this copy never touches a daemon's pins.
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&self.pass_pin_dir)
-            .map_max_entries(MAP_PERSIST, 16)
-            .map_max_entries(MAP_MAGLEV, 1)
-            .load(tether::dataplane::EBPF_OBJECT)
-            .context("loading tether's XDP object for the pass program")?;
-        {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROG_PASS)
-                .ok_or_else(|| anyhow!("tether's XDP object has no program {PROG_PASS}"))?
-                .try_into()
-                .with_context(|| format!("{PROG_PASS} is not an XDP program"))?;
-            prog.load()
-                .with_context(|| format!("loading {PROG_PASS}"))?;
-        }
-        // The attach resolves the interface in the calling thread's namespace.
-        let switch_ns = self.switch_ns.clone();
-        let ebpf = run_in_netns(&switch_ns, move || -> Result<Ebpf> {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROG_PASS)
-                .expect("checked above")
-                .try_into()
-                .expect("checked above");
-            prog.attach(&port, XdpMode::Driver)
-                .with_context(|| format!("attaching {PROG_PASS} natively to {port}"))?;
-            Ok(ebpf)
-        })??;
-        self.pass_prog = Some(ebpf);
         Ok(())
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Detach the pass program first, then remove the namespaces (which removes every
-        // veth and the bridge with them).
-        drop(self.pass_prog.take());
+        // Removing the namespaces removes every veth and the bridge with them.
         for ns in self.created_ns.drain(..).rev() {
             if let Err(e) = run_cmd(Command::new("ip").args(["netns", "del", &ns])) {
                 eprintln!("warning: removing namespace {ns}: {e:#}");
             }
-        }
-        if self.pass_pin_dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.pass_pin_dir)
-        {
-            eprintln!("warning: removing {}: {e}", self.pass_pin_dir.display());
         }
     }
 }

@@ -555,7 +555,7 @@ fn restart_under_steady_stream_loses_nothing() {
     );
     assert_eq!(
         xdp_while_stopped.as_deref(),
-        Some("xdp"),
+        Some("xdpgeneric"),
         "XDP stays attached while the daemon is stopped"
     );
     assert!(
@@ -1049,8 +1049,8 @@ fn stop_detach_removes_xdp_and_pins() {
     ops.fetch(a);
     assert_eq!(
         ops.ok(ops.topo.lb_xdp_mode(), "ip link show").as_deref(),
-        Some("xdp"),
-        "XDP is attached natively"
+        Some("xdpgeneric"),
+        "XDP is attached (generic: the default on a veth)"
     );
     let pin_dir = ops.d().pin_dir().to_path_buf();
     let link = pin_dir.join(format!("link_{}", ops.topo.lb.ifname));
@@ -1118,7 +1118,7 @@ fn stop_detach_after_sigterm() {
     ops.ok(d.stop_keep_pins(), "stopping tether (SIGTERM)");
     assert_eq!(
         ops.ok(ops.topo.lb_xdp_mode(), "ip link show").as_deref(),
-        Some("xdp"),
+        Some("xdpgeneric"),
         "XDP stays attached after SIGTERM"
     );
     assert_eq!(ops.fetch(a), x, "and keeps forwarding");

@@ -8,8 +8,9 @@ use crate::bootstrap::{build_tether, ensure_all, run_cmd, step, workspace_root};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `l4` (XDP fast path), `l7` (HTTP proxy vs direct and HAProxy) or
-    /// `chaos` (backends killed in a loop under L4 and L7 load; `-- --secs N`).
+    /// Which benchmark: `l4` (XDP fast path), `veth` (iperf3 through the VIP in the default
+    /// XDP mode on a veth vs direct), `l7` (HTTP proxy vs direct and HAProxy) or `chaos`
+    /// (backends killed in a loop under L4 and L7 load; `-- --secs N`).
     #[arg(default_value = "l4")]
     which: String,
     /// Passed to the benchmark (e.g. `--quick`, `--rounds 7`).
@@ -61,6 +62,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 },
             )
         }
-        other => bail!("unknown benchmark {other:?}: available: l4, l7, chaos"),
+        "veth" => {
+            let tether = build_tether(false)?;
+            step(
+                "bench veth (cargo bench -p tether-tests --bench veth)",
+                || {
+                    run_cmd(
+                        cargo_bench("veth")
+                            .args(&args.extra)
+                            .env("TETHER_BIN", &tether),
+                    )
+                },
+            )
+        }
+        other => bail!("unknown benchmark {other:?}: available: l4, veth, l7, chaos"),
     }
 }

@@ -218,13 +218,13 @@ const SERVICE_COUNTERS: [(&str, &str, Field); 8] = [
         |c| c.no_backend,
     ),
     (
-        "bindings_refused",
-        "New clients forwarded without a binding because their CPU reached the new-binding cap.",
-        |c| c.bindings_refused,
+        "flow_hits",
+        "Packets of a service without persistence sent by their connection-table entry.",
+        |c| c.flow_hits,
     ),
 ];
 
-const BACKEND_COUNTERS: [(&str, &str, Field); 6] = [
+const BACKEND_COUNTERS: [(&str, &str, Field); 7] = [
     ("packets", "Packets forwarded to the backend.", |c| {
         c.packets
     }),
@@ -252,6 +252,11 @@ const BACKEND_COUNTERS: [(&str, &str, Field); 6] = [
         "reassigned_down",
         "Clients moved to the backend because theirs was not usable.",
         |c| c.reassigned_down,
+    ),
+    (
+        "flow_hits",
+        "Packets sent to the backend by their flow's connection-table entry.",
+        |c| c.flow_hits,
     ),
 ];
 

@@ -78,7 +78,7 @@ fn tc(packets: u64) -> TrafficCounters {
         expired: 2,
         reassigned_down: 1,
         no_backend: 4,
-        bindings_refused: 0,
+        flow_hits: 0,
     }
 }
 
@@ -123,6 +123,8 @@ fn metrics_exact_lines() {
         r#"tether_service_expired_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 2"#,
         r#"tether_service_reassigned_down_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 1"#,
         r#"tether_service_no_backend_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 4"#,
+        "# TYPE tether_xdp_events_total counter",
+        "tether_xdp_events_total{event=\"binding_rate_limited\"} 4",
         "# TYPE tether_backend_packets_total counter",
         r#"tether_backend_packets_total{pool="web",backend="a",address="10.0.0.1"} 60"#,
         r#"tether_backend_bytes_total{pool="web",backend="b",address="10.0.0.2"} 4000"#,

@@ -437,6 +437,53 @@ mod tests {
         assert_eq!(ids.backends, vec![vec![0, 1, 2], vec![3]]);
     }
 
+    /// A crash after `apply` cleared a removed backend's slot and before `forget` deleted its
+    /// bindings: the next start sees the slot as never used and may give it to a new backend.
+    /// The bindings carry the removed backend's identity, which the new one's slot does not
+    /// match, so the data path treats them as absent.
+    #[test]
+    fn a_reused_id_after_a_crash_inherits_no_clients() {
+        let c = cfg();
+        let p = plan_of(&c);
+        let (a_id, a) = p.backends[0];
+        let tag_of_a_clients = a.identity;
+        // What the pinned maps hold after the crash: "a" removed (its slot cleared), its
+        // bindings still there.
+        let prev = Previous {
+            services: p.services.iter().map(|s| (s.key, s.value.index)).collect(),
+            backends: p.backends[1..]
+                .iter()
+                .map(|(id, b)| (*id, b.identity))
+                .collect(),
+        };
+        let text = CFG.replace(
+            r#"{"name":"a","address":"10.0.0.1"}"#,
+            r#"{"name":"e","address":"10.0.0.5"}"#,
+        );
+        let c2 = Config::parse(&text).expect("valid");
+        let ids = assign_ids(&c2, &prev).unwrap();
+        assert_eq!(
+            ids.backends[0][0], a_id,
+            "e gets the slot that looks unused"
+        );
+        let p2 = plan(&c2, &ids, &all_up(&c2), l2).unwrap();
+        let (_, e) = p2
+            .backends
+            .iter()
+            .find(|(id, _)| *id == a_id)
+            .expect("e is planned");
+        assert_eq!(e.identity, backend_identity("web", "e"));
+        assert!(
+            !lb_common::identity_matches(tag_of_a_clients, e),
+            "a's bindings must not match e"
+        );
+        let (_, b) = p2.backends[1];
+        assert!(
+            lb_common::identity_matches(backend_identity("web", "b"), &b),
+            "b keeps its clients"
+        );
+    }
+
     #[test]
     fn resolution_errors_propagate() {
         let c = cfg();

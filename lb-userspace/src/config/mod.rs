@@ -51,7 +51,7 @@ pub enum LoadError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Native (driver) mode, falling back to generic with a warning.
+    /// Native (driver) mode where it forwards, else generic: see `dataplane::veth`.
     Auto,
     Native,
     Generic,
@@ -443,14 +443,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
     let pin_dir = PathBuf::from(raw.pin_dir.as_deref().unwrap_or(lb_common::DEFAULT_PIN_DIR));
+    // `..` would let the path leave /sys/fs/bpf while still starting with it.
     if !pin_dir.is_absolute()
         || !pin_dir.starts_with("/sys/fs/bpf")
         || pin_dir == Path::new("/sys/fs/bpf")
+        || pin_dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
     {
         return Err(ConfigError::new(
             "pin_dir",
             format!(
-                "{}: must be a directory below /sys/fs/bpf",
+                "{}: must be a directory below /sys/fs/bpf, without `..`",
                 pin_dir.display()
             ),
         ));

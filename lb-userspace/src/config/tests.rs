@@ -23,6 +23,10 @@ fn good_config_validates_into_typed_values() {
     assert_eq!(c.interface, "eth0");
     assert_eq!(c.xdp_mode, XdpMode::Auto);
     assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/tether"));
+    assert_eq!(
+        c.persist_new_bindings_per_cpu_s, None,
+        "unset: derived from the table's per-CPU share"
+    );
     assert_eq!(c.persist_table_entries, lb_common::PERSIST_DEFAULT_ENTRIES);
     let s = &c.services[0];
     assert_eq!(
@@ -173,10 +177,26 @@ fn errors_name_the_field_and_the_reason() {
         (
             with(
                 r#""interface": "eth0""#,
+                r#""interface": "eth0", "pin_dir": "/sys/fs/bpf/../../tmp/x""#,
+            ),
+            "pin_dir",
+            "without `..`",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
                 r#""interface": "eth0", "persist_table_entries": 0"#,
             ),
             "persist_table_entries",
             "must be 1 to",
+        ),
+        (
+            with(
+                r#""interface": "eth0""#,
+                r#""interface": "eth0", "persist_new_bindings_per_cpu_s": 2000000000"#,
+            ),
+            "persist_new_bindings_per_cpu_s",
+            "must be 0 (no cap) to",
         ),
         (
             with(r#""name":"web","vip""#, r#""name":"","vip""#),

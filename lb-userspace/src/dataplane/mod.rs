@@ -6,7 +6,9 @@
 //! to it.
 
 pub mod batch;
+pub mod bpffs;
 pub mod net;
+pub mod veth;
 
 use std::{
     collections::HashSet,
@@ -23,11 +25,12 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_UP, Backend, FRAG_ENTRIES, FragKey, FragValue, Globals, MAGLEV_ENTRIES,
-    MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FRAGS,
-    MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistValue,
-    RateWindow, Service, ServiceKey, TrafficCounters, event, maglev_index, reason,
+    ALL_MAPS, BACKEND_UP, Backend, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey,
+    FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE,
+    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PROG_XDP, PersistKey, PersistValue, RateWindow, Service, ServiceKey,
+    TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -68,38 +71,16 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error("attaching XDP to {iface}: {reason}")]
+    Mode { iface: String, reason: String },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
-}
-
-/// Mount bpffs on /sys/fs/bpf when it is not (a fresh mount namespace, a minimal host).
-fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
-    let err = |source| DataplaneError::PinDir {
-        path: pin_dir.to_owned(),
-        source,
-    };
-    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(err)?;
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, at, fs) = (f.next(), f.next(), f.next());
-        at == Some("/sys/fs/bpf") && fs == Some("bpf")
-    });
-    if !mounted {
-        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
-        let (src, dst, fs) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
-        // SAFETY: valid C strings; no data argument.
-        let rc =
-            unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-        if rc != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        log::info!("mounted bpffs on /sys/fs/bpf");
-    }
-    std::fs::create_dir_all(pin_dir).map_err(err)
 }
 
 /// Possible CPUs: `BPF_F_NO_COMMON_LRU` gives each one an equal share of the persistence
@@ -118,7 +99,7 @@ pub fn new_binding_cap(configured: Option<u32>, table_entries: u32, cpus: u32) -
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence table).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 12] = {
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 13] = {
     use core::mem::size_of;
     [
         (
@@ -158,6 +139,12 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 12] = {
             size_of::<FragKey>(),
             size_of::<FragValue>(),
             Some(FRAG_ENTRIES),
+        ),
+        (
+            MAP_FLOWS,
+            size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+            Some(FLOW_DEFAULT_ENTRIES),
         ),
     ]
 };
@@ -269,14 +256,15 @@ pub fn attached_mode(iface: &str) -> Option<Attached> {
 
 /// Remove everything tether left in the kernel under `pin_dir`: link pins (which detaches
 /// XDP from its interfaces), the program pin and every map (the persistence table included).
-/// Returns the names removed.
+/// Returns the names removed. A pin directory that fails the checks of
+/// [`bpffs::prepare_pin_dir`] (a symbolic link, say) is left alone.
 pub fn remove_pins(pin_dir: &Path) -> std::io::Result<Vec<String>> {
     let mut removed = Vec::new();
-    let entries = match std::fs::read_dir(pin_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e),
-    };
+    if std::fs::symlink_metadata(pin_dir).is_err() {
+        return Ok(removed);
+    }
+    bpffs::prepare_pin_dir(pin_dir).map_err(std::io::Error::other)?;
+    let entries = std::fs::read_dir(pin_dir)?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -295,7 +283,7 @@ impl Dataplane {
     /// Load the object, reusing maps already pinned under `pin_dir` (persistence survives
     /// restarts) and pinning the ones it creates.
     pub fn load(pin_dir: &Path, persist_entries: u32) -> Result<Self> {
-        ensure_bpffs(pin_dir)?;
+        bpffs::prepare_pin_dir(pin_dir)?;
         let persist_pin = pin_dir.join(MAP_PERSIST);
         if persist_pin.exists()
             && let Ok(existing) = MapData::from_pin(&persist_pin)
@@ -402,8 +390,8 @@ impl Dataplane {
 
     /// Attach to `iface` through a pinned link. When a link pin from an earlier run exists,
     /// the new program replaces the old one on it atomically (every packet sees one program
-    /// or the other, and the mode stays what it was); otherwise a new link is created (`Auto`:
-    /// native, falling back to generic with a warning) and pinned.
+    /// or the other, and the mode stays what it was); otherwise a new link is created in the
+    /// mode [`veth::decide`] picks and pinned.
     pub fn attach(&mut self, iface: &str, mode: config::XdpMode) -> Result<Attached> {
         let pin = link_pin(&self.pin_dir, iface);
         if pin.exists() {
@@ -436,14 +424,23 @@ impl Dataplane {
                     source,
                 })
         };
-        let (id, attached) = match mode {
-            config::XdpMode::Native => {
+        let (id, attached) = match veth::decide(mode, iface, &veth::inspect(iface)) {
+            veth::Decision::Refuse(reason) => {
+                return Err(DataplaneError::Mode {
+                    iface: iface.into(),
+                    reason,
+                });
+            }
+            veth::Decision::Native => {
                 (try_mode(self, XdpMode::Driver, "native")?, Attached::Native)
             }
-            config::XdpMode::Generic => {
+            veth::Decision::Generic { why } => {
+                if let Some(why) = why {
+                    log::info!("{why}");
+                }
                 (try_mode(self, XdpMode::Skb, "generic")?, Attached::Generic)
             }
-            config::XdpMode::Auto => match try_mode(self, XdpMode::Driver, "native") {
+            veth::Decision::NativeElseGeneric => match try_mode(self, XdpMode::Driver, "native") {
                 Ok(l) => (l, Attached::Native),
                 Err(e) => {
                     log::warn!("{e:#}; falling back to generic (skb) mode, which is slower");

@@ -155,7 +155,7 @@ pub fn prefix_len(addr: IpAddr, p: &ServiceParams) -> u8 {
 
 /// Age of an entry; a last-seen from another CPU's coarse clock may be ahead of ours.
 pub fn age(now_ns: u64, last_seen_ns: u64) -> Duration {
-    Duration::from_nanos(now_ns.saturating_sub(last_seen_ns))
+    Duration::from_nanos(lb_common::elapsed_ns(now_ns, last_seen_ns))
 }
 
 /// Expired as the data path decides it (`age > timeout`); an entry of a service without

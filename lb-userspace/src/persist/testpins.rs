@@ -87,10 +87,12 @@ impl TestPins {
             service,
             addr_be: crate::balancer::addr_bytes(addr),
         };
+        // Wrapping: on a machine up for less than the age this is a time "before boot",
+        // which `lb_common::elapsed_ns` still reads as that age.
         let value = PersistValue {
             backend,
-            _pad: 0,
-            last_seen_ns: now - age_s * 1_000_000_000,
+            backend_identity: 0,
+            last_seen_ns: now.wrapping_sub(age_s * 1_000_000_000),
         };
         m.insert(key, value, 0).expect("insert binding");
     }

@@ -25,7 +25,7 @@ fn key(service: u32, addr: &str) -> PersistKey {
 fn value(backend: u32, last_seen_ns: u64) -> PersistValue {
     PersistValue {
         backend,
-        _pad: 0,
+        backend_identity: 0,
         last_seen_ns,
     }
 }
