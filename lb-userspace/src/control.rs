@@ -27,8 +27,8 @@ use crate::{
     balancer::{self, IdError, Ids, L2},
     config::{BackendConfig, Config, L7Options, LoadError, ServiceMode},
     dataplane::{Attached, Dataplane, DataplaneError, net},
+    engine::{Engine, EngineSpec},
     health::{self, HealthEvent, PoolMonitor},
-    persist::router::{PersistRouter, RouterStats},
     proxy::{self, ProxyStats},
     state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
 };
@@ -263,13 +263,19 @@ struct Daemon {
 /// A running L7 proxy and what it was started with.
 pub struct L7Service {
     /// Listener settings: a reload that changes them restarts the listener.
-    listener_spec: String,
-    /// Persistence profile and pool: a reload that keeps them keeps the router and its tables.
-    router_spec: String,
+    listener_spec: ListenerSpec,
+    /// Persistence profile and pool: a reload that keeps them keeps the engine and its tables.
+    engine_spec: EngineSpec,
     stop: watch::Sender<bool>,
-    pub router: Arc<PersistRouter>,
+    pub router: Arc<Engine>,
     pub stats: Arc<ProxyStats>,
-    pub router_stats: Arc<RouterStats>,
+}
+
+/// What a listener is started with: a reload that changes it restarts the listener.
+#[derive(Debug, Clone, PartialEq)]
+struct ListenerSpec {
+    listen: SocketAddr,
+    options: L7Options,
 }
 
 fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
@@ -315,16 +321,19 @@ impl Daemon {
             };
             wanted.insert(svc.name.clone(), ());
             let listen = SocketAddr::new(svc.vip, svc.port);
-            let listener_spec = format!("{listen} {o:?}");
-            let router_spec = crate::persist::router::router_spec(&self.cfg, svc);
+            let listener_spec = ListenerSpec {
+                listen,
+                options: o.clone(),
+            };
+            let engine_spec = EngineSpec::of(&self.cfg, svc);
             let keep_router = self
                 .proxies
                 .get(&svc.name)
-                .filter(|p| p.router_spec == router_spec);
+                .filter(|p| p.engine_spec == engine_spec);
             if let Some(p) = keep_router {
                 // Keys rotate in place; tables and counters stay.
                 p.router
-                    .update_keys(&self.cfg, svc)
+                    .update(&self.cfg, svc)
                     .map_err(|e| ControlError::L7 {
                         service: svc.name.clone(),
                         reason: e.to_string(),
@@ -333,19 +342,16 @@ impl Daemon {
                     continue;
                 }
             }
-            let (router, router_stats, stats) = match keep_router {
-                Some(p) => (p.router.clone(), p.router_stats.clone(), p.stats.clone()),
+            let (router, stats) = match keep_router {
+                Some(p) => (p.router.clone(), p.stats.clone()),
                 None => {
-                    let r = Arc::new(
-                        PersistRouter::new(&self.cfg, svc, self.shared.clone()).map_err(|e| {
-                            ControlError::L7 {
-                                service: svc.name.clone(),
-                                reason: e.to_string(),
-                            }
-                        })?,
-                    );
-                    let rs = r.stats.clone();
-                    (r, rs, Arc::new(ProxyStats::default()))
+                    let r = Arc::new(Engine::new(&self.cfg, svc, self.shared.clone()).map_err(
+                        |e| ControlError::L7 {
+                            service: svc.name.clone(),
+                            reason: e.to_string(),
+                        },
+                    )?);
+                    (r, Arc::new(ProxyStats::default()))
                 }
             };
             // SO_REUSEPORT: the new listener is bound before the old one stops, so a reload
@@ -381,11 +387,10 @@ impl Daemon {
                 svc.name.clone(),
                 L7Service {
                     listener_spec,
-                    router_spec,
+                    engine_spec,
                     stop,
                     router,
                     stats,
-                    router_stats,
                 },
             );
         }
@@ -424,7 +429,7 @@ impl Daemon {
                 .iter()
                 .map(|(name, p)| L7Counters {
                     service: name.clone(),
-                    router: p.router_stats.clone(),
+                    router: p.router.stats.clone(),
                     proxy: p.stats.clone(),
                 })
                 .collect(),

@@ -1,12 +1,22 @@
 //! What the control loop publishes for readers (admin API, metrics, status): an immutable
 //! snapshot swapped atomically with arc-swap, so readers never wait on the control loop.
 
-use std::{path::PathBuf, sync::Arc, time::SystemTime};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
 
 use arc_swap::ArcSwap;
 use lb_common::{BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP};
 
-use crate::config::{AdminState, Config};
+use crate::{
+    config::{AdminState, Config},
+    cookie::Reject,
+};
 
 /// Effective state of a backend, as written to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +112,44 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct L7Counters {
     pub service: String,
-    pub router: Arc<crate::persist::router::RouterStats>,
+    pub router: Arc<RouterStats>,
     pub proxy: Arc<crate::proxy::ProxyStats>,
+}
+
+/// Counters of one L7 service's persistence decisions. Kept here, below the engine that
+/// counts and the admin API that reads them, so neither imports the other.
+#[derive(Default, Debug)]
+pub struct RouterStats {
+    /// Requests sent where a cookie, table entry or fallback said.
+    pub persist_hits: AtomicU64,
+    /// Requests balanced by the pool's algorithm.
+    pub new_assignments: AtomicU64,
+    /// Active cookies issued (Set-Cookie added).
+    pub cookies_issued: AtomicU64,
+    /// App-cookie values learned from backends' Set-Cookie.
+    pub cookies_learned: AtomicU64,
+    /// Requests decided by the source-IP fallback.
+    pub fallback_hits: AtomicU64,
+    /// Persisted clients moved because their backend was down (policy `immediate`).
+    pub reassigned_down: AtomicU64,
+    /// Requests refused with 503 because the persisted backend is down (policy `never`).
+    pub refused_down: AtomicU64,
+    /// Table entries found expired.
+    pub expired: AtomicU64,
+    /// Invalid cookies, by `Reject` (treated as absent and re-issued).
+    pub rejected: [AtomicU64; 5],
+}
+
+impl RouterStats {
+    pub fn reject(&self, r: Reject) {
+        let i = Reject::ALL.iter().position(|x| *x == r).expect("listed");
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Snapshot {

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use tether::persist::cookie::{self, CookieKeys, CookiePayload, Reject};
+use tether::cookie::{self, CookieKeys, CookiePayload, Reject};
 use tether_tests::{
     daemon::ConfigBuilder,
     http::{Echo, HttpResponse, KeepAlive, connect_from},

@@ -8,7 +8,7 @@ use std::{collections::HashMap, fmt::Write as _, path::Path};
 use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use lb_common::{MAP_BACKEND_STATS, MAP_REASONS, MAP_SERVICE_STATS, TrafficCounters, reason};
 
-use crate::{persist::Census, state::Snapshot};
+use crate::{dataplane::persist_table::Census, state::Snapshot};
 
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -358,7 +358,7 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
 fn render_l7(out: &mut String, snap: &Snapshot) {
     use std::sync::atomic::Ordering::Relaxed;
 
-    use crate::persist::{cookie::Reject, router::RouterStats};
+    use crate::{cookie::Reject, state::RouterStats};
     if snap.l7.is_empty() {
         return;
     }

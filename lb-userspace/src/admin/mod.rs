@@ -80,7 +80,7 @@ use tokio::{
 };
 
 use crate::{
-    persist::{self, Census},
+    dataplane::persist_table::{self as persist, Census},
     state::{SharedSnapshot, Snapshot},
 };
 

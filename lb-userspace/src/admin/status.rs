@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     config::{AdminState, DownPolicy},
-    persist::{Census, Entry},
+    dataplane::persist_table::{Census, Entry},
     state::Snapshot,
 };
 

@@ -14,7 +14,7 @@ use lb_common::{MAP_BACKEND_STATS, MAP_SERVICE_STATS, TrafficCounters, reason};
 use super::{metrics::KernelCounters, *};
 use crate::{
     config::Config,
-    persist::testpins::TestPins,
+    dataplane::persist_table::testpins::TestPins,
     state::{BackendState, Health},
 };
 

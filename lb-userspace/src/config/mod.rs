@@ -17,7 +17,7 @@ use lb_common::{
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 
-pub use raw::RawConfig;
+use raw::RawConfig;
 
 /// A configuration error: where, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -299,6 +299,16 @@ impl PersistenceKind {
     pub fn is_http(&self) -> bool {
         !matches!(self, PersistenceKind::ClientIp)
     }
+
+    /// The "... or source IP" fallback, for the methods that have one.
+    pub fn fallback(&self) -> Option<&ClientIpFallback> {
+        match self {
+            PersistenceKind::HttpCookie(c) => c.fallback.as_ref(),
+            PersistenceKind::AppCookie(a) => a.fallback.as_ref(),
+            PersistenceKind::KeyHash { fallback, .. } => fallback.as_ref(),
+            PersistenceKind::ClientIp | PersistenceKind::CustomHeader { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,12 +331,7 @@ pub struct CookieProfile {
     pub fallback: Option<ClientIpFallback>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SameSiteMode {
-    Lax,
-    Strict,
-    None,
-}
+pub use crate::cookie::SameSite as SameSiteMode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppCookieProfile {
@@ -889,7 +894,7 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
                 at("cookie_name"),
                 "required: the name of the server's cookie, e.g. JSESSIONID",
             )),
-            Some(n) if crate::persist::cookie::valid_cookie_name(n) => Ok(n.to_string()),
+            Some(n) if crate::cookie::valid_cookie_name(n) => Ok(n.to_string()),
             Some(n) => Err(ConfigError::new(
                 at("cookie_name"),
                 format!("{n:?} is not a valid cookie name (an HTTP token)"),
@@ -1016,7 +1021,7 @@ fn profile_kind(i: usize, p: &raw::RawProfile) -> Result<PersistenceKind, Config
                 .map(|k| (k.id, k.secret.clone()))
                 .collect();
             if !keys.is_empty() {
-                crate::persist::cookie::CookieKeys::from_config(&keys)
+                crate::cookie::CookieKeys::from_config(&keys)
                     .map_err(|e| ConfigError::new(at("keys"), e.to_string()))?;
             }
             Ok(PersistenceKind::HttpCookie(CookieProfile {

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod net;
+pub mod persist_table;
 
 use std::{
     collections::HashSet,

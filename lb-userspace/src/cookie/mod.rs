@@ -53,8 +53,7 @@ mod header;
 mod tests;
 
 pub use header::{
-    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, random_cookie_name, strip,
-    valid_cookie_name,
+    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, strip, valid_cookie_name,
 };
 
 /// Version byte of the only wire format.

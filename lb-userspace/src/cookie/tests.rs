@@ -790,19 +790,6 @@ mod headers {
         }
     }
 
-    #[test]
-    fn random_names() {
-        let mut names = std::collections::HashSet::new();
-        for _ in 0..50 {
-            let n = random_cookie_name();
-            assert_eq!(n.len(), 8);
-            assert!(n.bytes().all(|b| b.is_ascii_alphanumeric()), "{n}");
-            assert!(valid_cookie_name(&n));
-            names.insert(n);
-        }
-        assert_eq!(names.len(), 50, "random names do not repeat");
-    }
-
     fn parse<'a>(values: &[&'a [u8]]) -> Vec<(&'a str, &'a str)> {
         cookies(values.iter().copied()).collect()
     }
