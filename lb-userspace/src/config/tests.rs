@@ -566,7 +566,7 @@ fn l7_errors_name_the_field() {
         (
             l7_with(r#""secret":"0000"#, r#""secret":"00"#),
             "persistence_profiles[0].keys",
-            "",
+            "cookie key 2: the secret is 31 bytes, need 32",
         ),
         (
             l7_with(
@@ -749,4 +749,106 @@ fn key_based_profiles_validate() {
         r#""port":8080,"header_value":"""#,
     ));
     assert_eq!(e.path, "pools[0].backends[0].header_value");
+}
+
+#[test]
+fn errors_inside_a_profile_name_the_field() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let cases = [
+        (
+            r#"{"name":"anon","type":"http-cookie","always_send":"yes"}"#,
+            "persistence_profiles[2].always_send",
+            "invalid type",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","fallback":{"type":"client-ip","timeout_s":-1}}"#,
+            "persistence_profiles[2].fallback.timeout_s",
+            "invalid value",
+        ),
+        (
+            r#"{"name":"anon","type":"client-ip","colour":"red"}"#,
+            "persistence_profiles[2].colour",
+            "does not apply to a \"client-ip\" profile (unknown field `colour`",
+        ),
+        (
+            r#"{"name":"anon","type":"client-ip","select_new_server_when_down":"later"}"#,
+            "persistence_profiles[2].select_new_server_when_down",
+            "\"later\": expected \"immediate\" or \"never\"",
+        ),
+        (
+            r#"{"name":"anon"}"#,
+            "persistence_profiles[2]",
+            "missing field `type`",
+        ),
+    ];
+    for (profile, path, reason) in cases {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, path, "{profile}: {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{profile}: {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+}
+
+#[test]
+fn serde_variant_errors_are_worded_like_the_others() {
+    assert_eq!(
+        reword("unknown variant `x`, expected one of `a`, `b`, `c` at line 1 column 9"),
+        "\"x\": expected \"a\", \"b\" or \"c\""
+    );
+    assert_eq!(
+        reword("unknown variant `x`, expected `a` or `b`"),
+        "\"x\": expected \"a\" or \"b\""
+    );
+    assert_eq!(
+        reword("unknown variant `x`, expected `a`"),
+        "\"x\": expected \"a\""
+    );
+    assert_eq!(reword("invalid type: string"), "invalid type: string");
+}
+
+/// The README's JSON examples: the whole config validates as it stands; the L7 service
+/// snippet validates inside a config that gives it its pool, profile and certificate files.
+#[test]
+fn readme_examples_validate() {
+    let readme = include_str!("../../../README.md");
+    let blocks: Vec<&str> = readme
+        .split("```json\n")
+        .skip(1)
+        .map(|b| b.split("```").next().expect("closed block"))
+        .collect();
+    assert!(blocks.len() >= 2, "the README has its JSON examples");
+    let mut configs = 0;
+    let mut services = 0;
+    let dir = std::env::temp_dir().join(format!("tether-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (cert, name) in [("app.pem", "cert"), ("app.key", "key")] {
+        std::fs::write(dir.join(cert), name).unwrap();
+    }
+    for block in blocks {
+        let v: serde_json::Value =
+            serde_json::from_str(block).unwrap_or_else(|e| panic!("README JSON: {e}\n{block}"));
+        if v.get("interface").is_some() {
+            Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
+            configs += 1;
+        } else if v.get("vip").is_some() {
+            let svc = block.replace("/etc/tether/", &format!("{}/", dir.display()));
+            let text = format!(
+                r#"{{"interface":"eth0","virtual_services":[{svc}],
+                "pools":[{{"name":"app","backends":[{{"name":"b1","address":"10.0.0.11"}}]}}],
+                "persistence_profiles":[{{"name":"session","type":"http-cookie"}}]}}"#
+            );
+            Config::parse(&text).unwrap_or_else(|e| panic!("README service: {e}\n{block}"));
+            services += 1;
+        } else {
+            panic!("README JSON example of an unknown kind:\n{block}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        configs >= 1 && services >= 1,
+        "{configs} configs, {services} services"
+    );
 }
