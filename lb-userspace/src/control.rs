@@ -25,7 +25,7 @@ use tokio::{
 
 use crate::{
     balancer::{self, IdError, Ids, L2},
-    config::{BackendConfig, Config, L7Options, LoadError, ServiceMode},
+    config::{BackendConfig, Config, L7Options, LoadError, ServiceMode, VirtualService},
     dataplane::{Attached, Dataplane, DataplaneError, net},
     engine::{Engine, EngineSpec},
     health::{self, HealthEvent, PoolMonitor},
@@ -47,12 +47,6 @@ pub enum ControlError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Ids(#[from] IdError),
-    #[error("pool {pool:?} backend {backend:?}: {source}")]
-    Backend {
-        pool: String,
-        backend: String,
-        source: net::NetError,
-    },
     #[error("admin API on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -86,96 +80,12 @@ impl From<DataplaneError> for ControlError {
     }
 }
 
-/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
-/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
-/// and the backend's MAC from the neighbour table. Resolution runs in parallel threads.
-pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
-    let one = |b: &BackendConfig| -> std::result::Result<L2, net::NetError> {
-        let egress = match (net::egress_interface(b.address), b.mac) {
-            (Ok(dev), _) => dev,
-            // An explicit MAC says the operator vouches for L2 reachability.
-            (Err(e), Some(_)) => {
-                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
-                cfg.interface.clone()
-            }
-            (Err(e), None) => return Err(e),
-        };
-        let mac_dst = match b.mac {
-            Some(m) => m,
-            None => net::resolve_mac(b.address, &egress, RESOLVE_WAIT)?,
-        };
-        if egress != cfg.interface {
-            log::info!(
-                "backend {} is behind {egress}: forwarded by devmap redirect",
-                b.address
-            );
-        }
-        Ok(L2 {
-            mac_dst,
-            mac_src: net::mac_of(&egress)?,
-            ifindex: net::ifindex(&egress)?,
-        })
-    };
-    net::ifindex(&cfg.interface)?;
-    // Only pools behind an L4 service must be on this L2 segment; the proxy reaches the
-    // others through the routing table.
-    let l4_pool: Vec<bool> = (0..cfg.pools.len())
-        .map(|p| {
-            cfg.services
-                .iter()
-                .any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr)
-        })
-        .collect();
-    std::thread::scope(|s| {
-        let handles: Vec<Vec<_>> = cfg
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(pi, p)| {
-                p.backends
-                    .iter()
-                    .map(|b| {
-                        let l4 = l4_pool[pi];
-                        s.spawn(move || {
-                            if l4 {
-                                one(b)
-                            } else {
-                                Ok(L2 {
-                                    mac_dst: [0; 6],
-                                    mac_src: [0; 6],
-                                    ifindex: 0,
-                                })
-                            }
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
-        handles
-            .into_iter()
-            .zip(&cfg.pools)
-            .map(|(hs, p)| {
-                hs.into_iter()
-                    .zip(&p.backends)
-                    .map(|(h, b)| {
-                        h.join()
-                            .expect("resolver thread panicked")
-                            .map_err(|source| ControlError::Backend {
-                                pool: p.name.clone(),
-                                backend: b.name.clone(),
-                                source,
-                            })
-                    })
-                    .collect()
-            })
-            .collect()
-    })
-}
-
 async fn resolve_l2_async(cfg: Arc<Config>) -> Result<Vec<Vec<L2>>> {
-    tokio::task::spawn_blocking(move || resolve_l2(&cfg))
-        .await
-        .expect("resolver task panicked")
+    Ok(
+        tokio::task::spawn_blocking(move || net::resolve_l2(&cfg, RESOLVE_WAIT))
+            .await
+            .expect("resolver task panicked")?,
+    )
 }
 
 /// Health of every backend of `cfg`: `known` gives what is already known of one (from the
@@ -278,6 +188,15 @@ struct ListenerSpec {
     options: L7Options,
 }
 
+impl ListenerSpec {
+    fn of(svc: &VirtualService, o: &L7Options) -> ListenerSpec {
+        ListenerSpec {
+            listen: SocketAddr::new(svc.vip, svc.port),
+            options: o.clone(),
+        }
+    }
+}
+
 fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
     proxy::ProxyConfig {
         listen,
@@ -321,10 +240,7 @@ impl Daemon {
             };
             wanted.insert(svc.name.clone(), ());
             let listen = SocketAddr::new(svc.vip, svc.port);
-            let listener_spec = ListenerSpec {
-                listen,
-                options: o.clone(),
-            };
+            let listener_spec = ListenerSpec::of(svc, o);
             let engine_spec = EngineSpec::of(&self.cfg, svc);
             let keep_router = self
                 .proxies
@@ -674,3 +590,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
