@@ -347,6 +347,7 @@ impl Daemon {
                     service: name.clone(),
                     router: p.router.stats.clone(),
                     proxy: p.stats.clone(),
+                    tables: p.router.clone(),
                 })
                 .collect(),
         }

@@ -800,6 +800,64 @@ fn app_cookie_is_learned_and_followed() {
             .iter(),
     );
     assert!(s.len() >= 2, "unknown session ids spread: {s:?}");
+
+    // `tether persist list` shows the three learned sessions as L7 bindings, each on the
+    // backend that set it; `tether persist flush --backend` removes that backend's one.
+    let admin = lab.d().admin_addr().to_string();
+    let list = lab.ok(
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        "tether persist list",
+    );
+    let app_rows: Vec<&str> = list.lines().filter(|l| l.contains("app-cookie")).collect();
+    assert_eq!(app_rows.len(), 3, "three learned sessions listed:\n{list}");
+    for (backend, _) in &sessions {
+        assert!(
+            app_rows.iter().any(|l| l.contains(&format!("{backend} ("))),
+            "the session on {backend} is listed:\n{list}"
+        );
+    }
+    assert!(list.contains("3 L7 bindings"), "{list}");
+    let (gone, id) = &sessions[0];
+    let flushed = lab.ok(
+        lab.d().cli(&[
+            "persist",
+            "flush",
+            "--service",
+            "web",
+            "--backend",
+            gone,
+            "--admin",
+            &admin,
+        ]),
+        "tether persist flush",
+    );
+    assert!(
+        flushed.contains("flushed 1 L7 binding"),
+        "flush --backend {gone}: {flushed}"
+    );
+    let list = lab.ok(
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        "tether persist list",
+    );
+    assert!(
+        list.contains("2 L7 bindings") && !list.contains(&format!("{gone} (")),
+        "{gone}'s session is gone:\n{list}"
+    );
+    // Its session id is now unknown: balanced like no session at all.
+    let jsession = format!("JSESSIONID={id}");
+    let s = spread(
+        (0..6)
+            .map(|_| {
+                lab.get_echo(src, PORT, "/", &[("Cookie", &jsession)])
+                    .1
+                    .backend
+            })
+            .collect::<Vec<_>>()
+            .iter(),
+    );
+    assert!(s.len() >= 2, "the flushed session is balanced anew: {s:?}");
     lab.stop();
 }
 

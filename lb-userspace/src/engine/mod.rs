@@ -15,6 +15,7 @@
 //! backend keeps its clients.
 
 pub mod input;
+mod inspect;
 pub mod methods;
 pub mod table;
 
@@ -99,6 +100,8 @@ struct Fallback {
     table: Table<[u8; 16]>,
     v4_mask: [u8; 4],
     v6_mask: [u8; 16],
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
 }
 
 impl Fallback {
@@ -108,6 +111,8 @@ impl Fallback {
             table: Table::new(TABLE_CAPACITY, Duration::from_secs(f.timeout_s as u64)),
             v4_mask,
             v6_mask,
+            ipv4_prefix: f.ipv4_prefix,
+            ipv6_prefix: f.ipv6_prefix,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::header;
 
-use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, from_table};
+use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, TableRef, from_table};
 use crate::{
     config::AppCookieProfile,
     config::Pool,
@@ -64,6 +64,10 @@ impl Method for AppCookie {
                 .and_then(|v| from_table(&self.table, &digest(v.as_bytes()), cx)),
             ..Lookup::default()
         }
+    }
+
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Keys(&self.table)]
     }
 
     fn on_reply(&self, d: &Decision, reply: &mut Reply<'_>, cx: &Context<'_>) {

@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, from_table};
+use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, TableRef, from_table};
 use crate::{
     config::KeySource,
     config::Pool,
@@ -107,6 +107,10 @@ impl Method for KeyHash {
                 .and_then(|t| from_table(t, &digest(&k), cx)),
             key: Key::Hash(k),
         }
+    }
+
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        self.table.iter().map(TableRef::Keys).collect()
     }
 
     fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {

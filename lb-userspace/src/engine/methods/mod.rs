@@ -17,7 +17,7 @@ use std::{net::IpAddr, time::Instant};
 use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
     cookie::KeyError,
-    engine::input::Input,
+    engine::{input::Input, table::Table},
     state::RouterStats,
 };
 
@@ -85,6 +85,18 @@ pub enum Reply<'a> {
     },
 }
 
+/// A table a method keeps, for listing and flushing.
+pub enum TableRef<'a> {
+    /// Client addresses masked to these prefix lengths.
+    Clients {
+        table: &'a Table<[u8; 16]>,
+        ipv4_prefix: u8,
+        ipv6_prefix: u8,
+    },
+    /// Digests of keys (cookie values, headers, ...).
+    Keys(&'a Table<u128>),
+}
+
 /// One persistence method.
 pub trait Method: Send + Sync {
     /// The profile `type` it implements (for listings and logs).
@@ -123,6 +135,11 @@ pub trait Method: Send + Sync {
         let _ = (client, now);
     }
 
+    /// The tables the method keeps (for the admin API).
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        Vec::new()
+    }
+
     /// Take what a reload may change in place (cookie keys); the rest of the profile is
     /// the same, or the engine would have been replaced.
     fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
@@ -157,7 +174,7 @@ pub fn masks(v4: u8, v6: u8) -> ([u8; 4], [u8; 16]) {
 
 /// A table's binding for `k`; an expired entry is counted and is no binding.
 fn from_table<K: std::hash::Hash + Eq + Clone>(
-    table: &super::table::Table<K>,
+    table: &Table<K>,
     k: &K,
     cx: &Context<'_>,
 ) -> Option<Binding> {
