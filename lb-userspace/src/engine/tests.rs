@@ -342,6 +342,41 @@ fn app_cookie_is_learned_and_found_in_cookie_query_and_path() {
 }
 
 #[test]
+fn app_cookie_names_in_the_url_match_in_any_case_and_the_cookie_exactly() {
+    let cfg =
+        config(r#"{"name":"p","type":"app-cookie","cookie_name":"JSESSIONID","timeout_s":60}"#);
+    let snap = shared(&cfg, &UP);
+    let r = router(&cfg, &snap, 0);
+    let (b, _, _) = exchange(
+        &r,
+        &conn("192.0.2.1"),
+        "/login",
+        None,
+        Some("JSESSIONID=abc123; Path=/"),
+    );
+    // Servlet containers write the path parameter in lower case.
+    for uri in [
+        "/app;jsessionid=abc123/x",
+        "/x;JSessionId=abc123",
+        "/x?jsessionid=abc123",
+    ] {
+        for i in 0..10 {
+            assert_eq!(
+                exchange(&r, &conn(&format!("198.51.100.{}", i + 1)), uri, None, None).0,
+                b,
+                "{uri}"
+            );
+        }
+    }
+    assert_eq!(r.stats.persist_hits.load(Ordering::Relaxed), 30);
+    // A cookie's name is case-sensitive (RFC 6265): `jsessionid` is another cookie.
+    let spread: std::collections::HashSet<SocketAddr> = (0..9)
+        .map(|_| exchange(&r, &conn("192.0.2.1"), "/", Some("jsessionid=abc123"), None).0)
+        .collect();
+    assert_eq!(spread.len(), 3, "balanced as without a session");
+}
+
+#[test]
 fn source_ip_fallback_engages_when_cookies_are_refused() {
     let cfg = config(&cookie_profile(
         r#","fallback":{"type":"client-ip","timeout_s":60}"#,

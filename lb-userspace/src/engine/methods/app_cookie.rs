@@ -32,23 +32,16 @@ impl AppCookie {
     }
 
     /// The session value: the cookie, else a query item of the same name, else a path
-    /// parameter (Avi: "look for a URI query of the same name").
+    /// parameter (Avi: "look for a URI query of the same name"). The cookie's name is exact
+    /// (RFC 6265); in the URL it is matched without regard to case, because servlet
+    /// containers rewrite URLs as `;jsessionid=` for the cookie `JSESSIONID`.
     fn value<'a>(&self, input: &'a Input<'_>) -> Option<&'a str> {
         let name = self.cookie_name.as_str();
+        let named = |(k, v): &(&str, &str)| k.eq_ignore_ascii_case(name) && !v.is_empty();
         input
             .cookie(name)
-            .or_else(|| {
-                input
-                    .query_items()
-                    .find(|(k, v)| *k == name && !v.is_empty())
-                    .map(|(_, v)| v)
-            })
-            .or_else(|| {
-                input
-                    .path_params()
-                    .find(|(k, v)| *k == name && !v.is_empty())
-                    .map(|(_, v)| v)
-            })
+            .or_else(|| input.query_items().find(named).map(|(_, v)| v))
+            .or_else(|| input.path_params().find(named).map(|(_, v)| v))
     }
 }
 
