@@ -852,3 +852,21 @@ fn readme_examples_validate() {
         "{configs} configs, {services} services"
     );
 }
+
+#[test]
+fn state_dir_defaults_and_must_be_absolute() {
+    let c = Config::parse(GOOD).expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    let c = Config::parse(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "state_dir": "/srv/tether""#,
+    ))
+    .expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from("/srv/tether"));
+    let e = err(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "state_dir": "var/lib/tether""#,
+    ));
+    assert_eq!(e.path, "state_dir");
+    assert!(e.reason.contains("absolute"), "{e}");
+}

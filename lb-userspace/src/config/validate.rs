@@ -11,9 +11,9 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 
 use super::{
     AdminState, Algorithm, BackendConfig, Config, ConfigError, DEFAULT_ADMIN_LISTEN,
-    HealthCheckKind, HealthMonitor, L7Limits, L7Options, MAX_PERSIST_ENTRIES, MAX_WEIGHT,
-    PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles, VirtualService,
-    XdpMode, profiles,
+    DEFAULT_STATE_DIR, HealthCheckKind, HealthMonitor, L7Limits, L7Options, MAX_PERSIST_ENTRIES,
+    MAX_WEIGHT, PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles,
+    VirtualService, XdpMode, profiles,
     raw::{MonitorType, RawConfig, RawHealthMonitor, RawMode, RawPool, RawService},
 };
 
@@ -62,6 +62,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         interface: raw.interface,
         xdp_mode: globals.xdp_mode,
         pin_dir: globals.pin_dir,
+        state_dir: globals.state_dir,
         persist_table_entries: globals.persist_table_entries,
         admin_listen: globals.admin_listen,
         services,
@@ -74,6 +75,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 struct Globals {
     xdp_mode: XdpMode,
     pin_dir: PathBuf,
+    state_dir: PathBuf,
     persist_table_entries: u32,
     admin_listen: std::net::SocketAddr,
 }
@@ -119,9 +121,20 @@ fn globals(raw: &RawConfig) -> Result<Globals, ConfigError> {
             format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
         )
     })?;
+    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() || state_dir == Path::new("/") {
+        return Err(ConfigError::new(
+            "state_dir",
+            format!(
+                "{}: must be an absolute directory path",
+                state_dir.display()
+            ),
+        ));
+    }
     Ok(Globals {
         xdp_mode,
         pin_dir,
+        state_dir,
         persist_table_entries,
         admin_listen,
     })

@@ -214,7 +214,7 @@ impl Engine {
     ) -> Result<Self, KeyError> {
         let method = cfg
             .profile(svc)
-            .map(|p| methods::build(&svc.name, p))
+            .map(|p| methods::build(&svc.name, p, &cfg.state_dir))
             .transpose()?;
         Ok(Self::with_method(cfg, svc, snapshot, method))
     }
@@ -245,7 +245,7 @@ impl Engine {
     /// Take the new config's in-place settings (rotated cookie keys).
     pub fn update(&self, cfg: &Config, svc: &VirtualService) -> Result<(), KeyError> {
         match (&self.method, cfg.profile(svc)) {
-            (Some(m), Some(p)) => m.update(&svc.name, p),
+            (Some(m), Some(p)) => m.update(&svc.name, p, &cfg.state_dir),
             _ => Ok(()),
         }
     }

@@ -12,7 +12,7 @@ mod custom_header;
 mod http_cookie;
 mod key_hash;
 
-use std::{net::IpAddr, time::Instant};
+use std::{net::IpAddr, path::Path, time::Instant};
 
 use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
@@ -142,18 +142,29 @@ pub trait Method: Send + Sync {
 
     /// Take what a reload may change in place (cookie keys); the rest of the profile is
     /// the same, or the engine would have been replaced.
-    fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
-        let _ = (service, profile);
+    fn update(
+        &self,
+        service: &str,
+        profile: &PersistenceProfile,
+        state_dir: &Path,
+    ) -> Result<(), KeyError> {
+        let _ = (service, profile, state_dir);
         Ok(())
     }
 }
 
-/// The method a profile names.
-pub fn build(service: &str, profile: &PersistenceProfile) -> Result<Box<dyn Method>, KeyError> {
+/// The method a profile names; `state_dir` keeps a generated cookie key.
+pub fn build(
+    service: &str,
+    profile: &PersistenceProfile,
+    state_dir: &Path,
+) -> Result<Box<dyn Method>, KeyError> {
     let timeout = std::time::Duration::from_secs(profile.timeout_s as u64);
     Ok(match &profile.kind {
         PersistenceKind::ClientIp => Box::new(client_ip::ClientIp::new(profile, timeout)),
-        PersistenceKind::HttpCookie(c) => Box::new(http_cookie::HttpCookie::new(service, c)?),
+        PersistenceKind::HttpCookie(c) => {
+            Box::new(http_cookie::HttpCookie::new(service, c, state_dir)?)
+        }
         PersistenceKind::AppCookie(a) => Box::new(app_cookie::AppCookie::new(a, timeout)),
         PersistenceKind::KeyHash { key, sticky, .. } => {
             Box::new(key_hash::KeyHash::new(key, *sticky, timeout))
