@@ -23,15 +23,21 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Every table with its name: the method's, then the fallback's.
-    fn named_tables(&self) -> Vec<(&'static str, TableRef<'_>)> {
-        let mut out: Vec<(&'static str, TableRef<'_>)> = match &self.method {
-            Some(m) => m.tables().into_iter().map(|t| (m.kind(), t)).collect(),
+    /// Every table: (name for listings, id across reloads and restarts, table). The method's
+    /// tables, then the fallback's.
+    pub(super) fn tables(&self) -> Vec<(&'static str, String, TableRef<'_>)> {
+        let mut out: Vec<(&'static str, String, TableRef<'_>)> = match &self.method {
+            Some(m) => m
+                .tables()
+                .into_iter()
+                .map(|t| (m.kind(), m.table_id(), t))
+                .collect(),
             None => Vec::new(),
         };
         if let Some(f) = &self.fallback {
             out.push((
                 "fallback",
+                "fallback".into(),
                 TableRef::Clients {
                     table: &f.table,
                     ipv4_prefix: f.ipv4_prefix,
@@ -61,7 +67,7 @@ impl L7Tables for Engine {
     fn bindings(&self, f: &L7Filter) -> Vec<L7Binding> {
         let now = Instant::now();
         let mut out = Vec::new();
-        for (name, t) in self.named_tables() {
+        for (name, _, t) in self.tables() {
             match t {
                 TableRef::Clients {
                     table,
@@ -107,9 +113,9 @@ impl L7Tables for Engine {
 
     fn flush(&self, f: &L7Filter) -> usize {
         let backend_ok = |b: u32| f.backend.is_none_or(|want| want == b);
-        self.named_tables()
+        self.tables()
             .into_iter()
-            .map(|(_, t)| match t {
+            .map(|(_, _, t)| match t {
                 TableRef::Clients {
                     table,
                     ipv4_prefix,

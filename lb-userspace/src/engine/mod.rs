@@ -17,6 +17,7 @@
 pub mod input;
 mod inspect;
 pub mod methods;
+pub mod saved;
 pub mod table;
 
 #[cfg(test)]

@@ -152,6 +152,11 @@ impl<K: Hash + Eq + Clone> Table<K> {
         removed
     }
 
+    /// Idle time after which an entry with no open connection expires.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()

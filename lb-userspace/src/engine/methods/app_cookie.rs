@@ -59,6 +59,10 @@ impl Method for AppCookie {
         }
     }
 
+    fn table_id(&self) -> String {
+        format!("app-cookie:{}", self.cookie_name)
+    }
+
     fn tables(&self) -> Vec<TableRef<'_>> {
         vec![TableRef::Keys(&self.table)]
     }

@@ -109,6 +109,20 @@ impl Method for KeyHash {
         }
     }
 
+    fn table_id(&self) -> String {
+        let source = match &self.source {
+            KeySource::AllCookies => "all-cookies".to_string(),
+            KeySource::SuperHttp { with_source_ip } => format!("super-http:{with_source_ip}"),
+            KeySource::Url => "url".into(),
+            KeySource::Host => "host".into(),
+            KeySource::QueryItem(q) => format!("query:{q}"),
+            KeySource::Header(h) => format!("header:{h}"),
+            KeySource::SourceIp => "source-ip".into(),
+            KeySource::SourceIpPort => "source-ip-port".into(),
+        };
+        format!("{}:{source}", self.kind())
+    }
+
     fn tables(&self) -> Vec<TableRef<'_>> {
         self.table.iter().map(TableRef::Keys).collect()
     }

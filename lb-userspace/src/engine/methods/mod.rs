@@ -135,7 +135,13 @@ pub trait Method: Send + Sync {
         let _ = (client, now);
     }
 
-    /// The tables the method keeps (for the admin API).
+    /// What identifies the method's tables across a reload or restart: its type and key
+    /// source. A successor with another id starts with empty tables.
+    fn table_id(&self) -> String {
+        self.kind().to_string()
+    }
+
+    /// The tables the method keeps (for the admin API and the saved state).
     fn tables(&self) -> Vec<TableRef<'_>> {
         Vec::new()
     }
