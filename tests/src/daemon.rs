@@ -654,6 +654,24 @@ impl Daemon {
         self.terminate()
     }
 
+    /// SIGKILL (a crash): nothing is saved on the way out; pins and state stay for a next
+    /// daemon. Returns the output up to the kill.
+    pub fn kill_keep_pins(mut self) -> Result<String> {
+        self.keep_pins = true;
+        let Some(mut child) = self.child.take() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        child.kill()?;
+        child.wait()?;
+        self.join_readers();
+        Ok(self.logs())
+    }
+
+    /// The daemon's state directory (see [`state_dir_for`]).
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir_for(&self.pin_dir)
+    }
+
     fn terminate(&mut self) -> Result<String> {
         let Some(mut child) = self.child.take() else {
             bail!("tether is not running; output:\n{}", self.logs());
