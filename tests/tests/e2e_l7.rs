@@ -903,7 +903,7 @@ fn app_cookie_sessions_survive_a_restart_and_a_crash() {
     // One more session, then a crash once it has been written (every second).
     sessions.push(login(&lab, 3));
     let file = lab.d().state_dir().join("l7-tables.json");
-    let saved = |lab: &Lab| -> usize {
+    let saved = || -> usize {
         let Ok(body) = std::fs::read(&file) else {
             return 0;
         };
@@ -917,7 +917,7 @@ fn app_cookie_sessions_survive_a_restart_and_a_crash() {
             .sum()
     };
     lab.wait_for(Duration::from_secs(10), "the fourth session saved", || {
-        saved(&lab) == 4
+        saved() == 4
     });
     lab.restart(true);
     check(&lab, &sessions, "after a SIGKILL restart");
