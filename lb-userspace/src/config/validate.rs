@@ -225,29 +225,7 @@ fn services(
                 ),
             ));
         }
-        let mode = match s.mode {
-            RawMode::L4Dsr => {
-                for (field, set) in [
-                    ("tls", s.tls.is_some()),
-                    ("proxy_protocol", s.proxy_protocol.is_some()),
-                    ("limits", s.limits.is_some()),
-                ] {
-                    if set {
-                        return Err(ConfigError::new(at(field), "applies to mode \"l7\" only"));
-                    }
-                }
-                ServiceMode::L4Dsr
-            }
-            RawMode::L7 => {
-                if protocol != Protocol::Tcp {
-                    return Err(ConfigError::new(
-                        at("protocol"),
-                        "mode \"l7\" serves HTTP over TCP",
-                    ));
-                }
-                ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
-            }
-        };
+        let mode = service_mode(i, s)?;
         let pool = *pool_idx
             .get(&s.pool)
             .ok_or_else(|| ConfigError::new(at("pool"), format!("no pool named {:?}", s.pool)))?;
@@ -356,6 +334,34 @@ fn backends(i: usize, p: &RawPool) -> Result<Vec<BackendConfig>, ConfigError> {
         });
     }
     Ok(backends)
+}
+
+/// How service `i` is served: `l4-dsr` takes no proxy settings, `l7` serves HTTP over TCP.
+fn service_mode(i: usize, s: &RawService) -> Result<ServiceMode, ConfigError> {
+    let at = |f: &str| format!("virtual_services[{i}].{f}");
+    Ok(match s.mode {
+        RawMode::L4Dsr => {
+            for (field, set) in [
+                ("tls", s.tls.is_some()),
+                ("proxy_protocol", s.proxy_protocol.is_some()),
+                ("limits", s.limits.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::new(at(field), "applies to mode \"l7\" only"));
+                }
+            }
+            ServiceMode::L4Dsr
+        }
+        RawMode::L7 => {
+            if s.protocol != Protocol::Tcp {
+                return Err(ConfigError::new(
+                    at("protocol"),
+                    "mode \"l7\" serves HTTP over TCP",
+                ));
+            }
+            ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
+        }
+    })
 }
 
 fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {
@@ -471,6 +477,20 @@ fn health_monitor(base: &str, h: &RawHealthMonitor) -> Result<HealthMonitor, Con
     };
     let rise = count("rise", h.rise, 2)?;
     let fall = count("fall", h.fall, 3)?;
+    let kind = check_kind(base, h)?;
+    Ok(HealthMonitor {
+        kind,
+        port: h.port,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+/// What a monitor checks; fields of another type are refused.
+fn check_kind(base: &str, h: &RawHealthMonitor) -> Result<HealthCheckKind, ConfigError> {
+    let at = |f: &str| format!("{base}.{f}");
     let http_only = [
         ("http_path", h.http_path.is_some()),
         ("http_host", h.http_host.is_some()),
@@ -555,14 +575,7 @@ fn health_monitor(base: &str, h: &RawHealthMonitor) -> Result<HealthMonitor, Con
             }
         }
     };
-    Ok(HealthMonitor {
-        kind,
-        port: h.port,
-        interval,
-        timeout,
-        rise,
-        fall,
-    })
+    Ok(kind)
 }
 
 fn parse_status(s: &str) -> Option<StatusMatch> {
