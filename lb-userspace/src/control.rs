@@ -30,13 +30,16 @@ use tokio::{
 
 use crate::{
     balancer::{self, IdError, Ids, L2},
-    config::{BackendConfig, Config, LoadError, ServiceMode},
+    config::{BackendConfig, Config, LoadError},
     dataplane::{Attached, Dataplane, DataplaneError, Removed, net},
     frontends::{FrontendError, Frontends},
     handoff::{self, HandoffError},
     health::{self, HealthEvent, PoolMonitor},
     state::{BackendState, Health, SharedSnapshot, Snapshot},
 };
+
+/// How often the L7 tables are written to `state_dir` (the bindings a crash can lose).
+const L7_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long to wait for a backend's neighbour entry.
 const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -52,12 +55,6 @@ pub enum ControlError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Ids(#[from] IdError),
-    #[error("pool {pool:?} backend {backend:?}: {source}")]
-    Backend {
-        pool: String,
-        backend: String,
-        source: net::NetError,
-    },
     #[error("admin API on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -87,96 +84,12 @@ impl From<DataplaneError> for ControlError {
     }
 }
 
-/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
-/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
-/// and the backend's MAC from the neighbour table. Resolution runs in parallel threads.
-pub fn resolve_l2(cfg: &Config) -> Result<Vec<Vec<L2>>> {
-    let one = |b: &BackendConfig| -> std::result::Result<L2, net::NetError> {
-        let egress = match (net::egress_interface(b.address), b.mac) {
-            (Ok(dev), _) => dev,
-            // An explicit MAC says the operator vouches for L2 reachability.
-            (Err(e), Some(_)) => {
-                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
-                cfg.interface.clone()
-            }
-            (Err(e), None) => return Err(e),
-        };
-        let mac_dst = match b.mac {
-            Some(m) => m,
-            None => net::resolve_mac(b.address, &egress, RESOLVE_WAIT)?,
-        };
-        if egress != cfg.interface {
-            log::info!(
-                "backend {} is behind {egress}: forwarded by devmap redirect",
-                b.address
-            );
-        }
-        Ok(L2 {
-            mac_dst,
-            mac_src: net::mac_of(&egress)?,
-            ifindex: net::ifindex(&egress)?,
-        })
-    };
-    net::ifindex(&cfg.interface)?;
-    // Only pools behind an L4 service must be on this L2 segment; the proxy reaches the
-    // others through the routing table.
-    let l4_pool: Vec<bool> = (0..cfg.pools.len())
-        .map(|p| {
-            cfg.services
-                .iter()
-                .any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr)
-        })
-        .collect();
-    std::thread::scope(|s| {
-        let handles: Vec<Vec<_>> = cfg
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(pi, p)| {
-                p.backends
-                    .iter()
-                    .map(|b| {
-                        let l4 = l4_pool[pi];
-                        s.spawn(move || {
-                            if l4 {
-                                one(b)
-                            } else {
-                                Ok(L2 {
-                                    mac_dst: [0; 6],
-                                    mac_src: [0; 6],
-                                    ifindex: 0,
-                                })
-                            }
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
-        handles
-            .into_iter()
-            .zip(&cfg.pools)
-            .map(|(hs, p)| {
-                hs.into_iter()
-                    .zip(&p.backends)
-                    .map(|(h, b)| {
-                        h.join()
-                            .expect("resolver thread panicked")
-                            .map_err(|source| ControlError::Backend {
-                                pool: p.name.clone(),
-                                backend: b.name.clone(),
-                                source,
-                            })
-                    })
-                    .collect()
-            })
-            .collect()
-    })
-}
-
 async fn resolve_l2_async(cfg: Arc<Config>) -> Result<Vec<Vec<L2>>> {
-    tokio::task::spawn_blocking(move || resolve_l2(&cfg))
-        .await
-        .expect("resolver task panicked")
+    Ok(
+        tokio::task::spawn_blocking(move || net::resolve_l2(&cfg, RESOLVE_WAIT))
+            .await
+            .expect("resolver task panicked")?,
+    )
 }
 
 /// Health of every backend of `cfg`: `known` gives what is already known of one (from the
@@ -394,7 +307,7 @@ impl Daemon {
     /// Apply a new config file, or change nothing and say why.
     async fn reload(&mut self) -> Result<()> {
         let new = Arc::new(Config::load(&self.config_path)?);
-        let fixed: [(&'static str, String, String); 5] = [
+        let fixed: [(&'static str, String, String); 6] = [
             (
                 "interface",
                 self.cfg.interface.clone(),
@@ -419,6 +332,11 @@ impl Daemon {
                 "admin_listen",
                 self.cfg.admin_listen.to_string(),
                 new.admin_listen.to_string(),
+            ),
+            (
+                "state_dir",
+                self.cfg.state_dir.display().to_string(),
+                new.state_dir.display().to_string(),
             ),
         ];
         if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
@@ -627,8 +545,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
         cfg.pin_dir.display(),
         cfg.admin_listen
     );
+    // The L7 tables go to disk every second: a crash loses at most the last second's.
+    let mut save_tick = tokio::time::interval(L7_SAVE_INTERVAL);
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ended = loop {
         tokio::select! {
+            _ = save_tick.tick(), if d.frontends.has_l7_tables() => {
+                let r = tokio::task::block_in_place(|| {
+                    handoff::save_l7_state(&d.cfg, d.frontends.routers())
+                });
+                if let Err(e) = r {
+                    log::warn!("saving the L7 tables to {}: {e}", d.cfg.state_dir.display());
+                }
+            }
             _ = term.recv() => break Ended::Signal("SIGTERM"),
             _ = int.recv() => break Ended::Signal("SIGINT"),
             _ = hup.recv() => match d.reload().await {
@@ -728,3 +657,6 @@ fn remove_pid_if_ours(path: &Path) {
         let _ = std::fs::remove_file(path);
     }
 }
+
+#[cfg(test)]
+mod tests;

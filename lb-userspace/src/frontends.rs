@@ -13,8 +13,10 @@
 //!   new connections; when its other listener settings change a new serve task starts on the
 //!   same socket before the old one drains. A restart hands the same sockets to the next
 //!   process ([`crate::handoff`]).
-//! - **Routers are kept** while the persistence profile and the pool stay (see
-//!   [`router_spec`]): their tables and counters carry over; cookie keys rotate in place.
+//! - **Engines are kept** while the persistence profile and the pool stay (see
+//!   [`EngineSpec`]): their tables and counters carry over; cookie keys rotate in place. A
+//!   new engine (the profile or pool changed) takes the old one's bindings of backends that
+//!   remain.
 
 #[cfg(test)]
 mod tests;
@@ -31,7 +33,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
     config::{Config, ConfigError, L7Options, ServiceMode},
-    persist::router::{PersistRouter, RouterStats, router_spec},
+    engine::{Engine, EngineSpec},
     proxy::{self, ProxyStats, TlsHandle},
     state::{L7Counters, SharedSnapshot},
 };
@@ -56,14 +58,14 @@ pub enum FrontendError {
 
 /// What makes a serve task: a change restarts the task (on the same socket).
 #[derive(Clone, Debug, PartialEq)]
-struct Settings {
+pub(crate) struct Settings {
     tls: bool,
     proxy_protocol: bool,
     limits: crate::config::L7Limits,
 }
 
 impl Settings {
-    fn of(o: &L7Options) -> Settings {
+    pub(crate) fn of(o: &L7Options) -> Settings {
         Settings {
             tls: o.tls.is_some(),
             proxy_protocol: o.proxy_protocol,
@@ -80,13 +82,12 @@ pub struct Frontend {
     socket: Arc<std::net::TcpListener>,
     settings: Settings,
     tls: Option<TlsHandle>,
-    router_spec: String,
+    engine_spec: EngineSpec,
     /// The serve task's stop switch; `None` while nothing accepts (built but not started,
     /// or stopped for a handoff).
     stop: Option<watch::Sender<bool>>,
-    pub router: Arc<PersistRouter>,
+    pub router: Arc<Engine>,
     pub stats: Arc<ProxyStats>,
-    pub router_stats: Arc<RouterStats>,
 }
 
 /// A new generation of frontends, built and not yet serving.
@@ -112,7 +113,7 @@ struct Entry {
 impl Prepared {
     /// The routers of the new generation, by service name (to load persistence state into
     /// before anything is accepted).
-    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<PersistRouter>)> {
+    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<Engine>)> {
         self.entries.iter().map(|e| (e.name.as_str(), &e.fe.router))
     }
 }
@@ -205,20 +206,24 @@ impl Frontends {
                 None => None,
             };
             let current = self.running.get(&svc.name);
-            let spec = router_spec(cfg, svc);
-            let kept = current.filter(|c| c.router_spec == spec);
-            let (router, router_stats, stats) = match kept {
-                Some(c) => (c.router.clone(), c.router_stats.clone(), c.stats.clone()),
+            let spec = EngineSpec::of(cfg, svc);
+            let kept = current.filter(|c| c.engine_spec == spec);
+            let (router, stats) = match kept {
+                Some(c) => (c.router.clone(), c.stats.clone()),
                 None => {
-                    let r =
-                        Arc::new(PersistRouter::new(cfg, svc, shared.clone()).map_err(|e| {
-                            FrontendError::Router {
-                                service: svc.name.clone(),
-                                reason: e.to_string(),
-                            }
-                        })?);
-                    let rs = r.stats.clone();
-                    (r, rs, Arc::new(ProxyStats::default()))
+                    let r = Arc::new(Engine::new(cfg, svc, shared.clone()).map_err(|e| {
+                        FrontendError::Router {
+                            service: svc.name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?);
+                    // A reload that changed the profile or the pool: the bindings of backends
+                    // that remain carry over.
+                    if let Some(c) = current {
+                        let n = r.import(cfg, &c.router.export());
+                        log::info!("L7 tables of {}: {n} bindings carried over", svc.name);
+                    }
+                    (r, Arc::new(ProxyStats::default()))
                 }
             };
             let settings = Settings::of(o);
@@ -252,11 +257,10 @@ impl Frontends {
                     socket,
                     settings,
                     tls,
-                    router_spec: spec,
+                    engine_spec: spec,
                     stop: None,
                     router,
                     stats,
-                    router_stats,
                 },
                 kept_router: kept.is_some(),
                 serve,
@@ -278,7 +282,7 @@ impl Frontends {
             let svc = &cfg.services[e.service];
             let previous = old.remove(&e.name);
             if e.kept_router
-                && let Err(err) = e.fe.router.update_keys(&cfg, svc)
+                && let Err(err) = e.fe.router.update(&cfg, svc)
             {
                 // Config validation already decoded these keys: not reached in practice.
                 log::error!("virtual service {:?}: cookie keys: {err}", e.name);
@@ -395,7 +399,7 @@ impl Frontends {
     }
 
     /// The running routers, by service name.
-    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<PersistRouter>)> {
+    pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<Engine>)> {
         self.running.iter().map(|(n, f)| (n.as_str(), &f.router))
     }
 
@@ -405,10 +409,16 @@ impl Frontends {
             .iter()
             .map(|(name, f)| L7Counters {
                 service: name.clone(),
-                router: f.router_stats.clone(),
+                router: f.router.stats.clone(),
                 proxy: f.stats.clone(),
+                tables: f.router.clone(),
             })
             .collect()
+    }
+
+    /// Whether any frontend runs (whose engine may keep tables worth saving).
+    pub fn has_l7_tables(&self) -> bool {
+        !self.running.is_empty()
     }
 
     /// Whether `name`'s frontend accepts connections now.

@@ -1,12 +1,24 @@
 //! What the control loop publishes for readers (admin API, metrics, status): an immutable
 //! snapshot swapped atomically with arc-swap, so readers never wait on the control loop.
 
-use std::{path::PathBuf, sync::Arc, time::SystemTime};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
 
 use arc_swap::ArcSwap;
 use lb_common::{BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP};
 
-use crate::config::{AdminState, Config};
+use crate::{
+    config::{AdminState, Config},
+    cookie::Reject,
+};
 
 /// Effective state of a backend, as written to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +114,132 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct L7Counters {
     pub service: String,
-    pub router: Arc<crate::persist::router::RouterStats>,
+    pub router: Arc<RouterStats>,
     pub proxy: Arc<crate::proxy::ProxyStats>,
+    /// The service's persistence tables, for listing and flushing.
+    pub tables: Arc<dyn L7Tables>,
+}
+
+/// One binding of an L7 persistence table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L7Binding {
+    /// The table: the method's type (`client-ip`, `app-cookie`, `url-hash`, ...) or
+    /// `fallback` for the "... or source IP" table.
+    pub table: &'static str,
+    /// Client tables: the stored (masked) address and its prefix length.
+    pub client: Option<(IpAddr, u8)>,
+    /// Key tables: the 128-bit digest of the key (cookie value, header, ...); the key itself
+    /// is never stored.
+    pub key_digest: Option<u128>,
+    /// Backend identity (`lb_common::backend_identity`).
+    pub backend: u32,
+    /// Since the binding was last used (or its last connection closed).
+    pub idle: Duration,
+    /// Open client connections holding it (client tables of `client-ip`).
+    pub open_connections: u32,
+    /// Idle past the timeout with no connection open: the next request is balanced anew.
+    pub expired: bool,
+}
+
+/// Which L7 bindings an operation applies to; empty matches all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct L7Filter {
+    /// Any address of the client, masked with each table's prefix (key tables never match).
+    pub client: Option<IpAddr>,
+    /// Backend identity.
+    pub backend: Option<u32>,
+}
+
+/// The L7 persistence tables of one service, as the admin API sees them (implemented by the
+/// engine; defined here so that readers of the snapshot need not know the engine).
+pub trait L7Tables: Send + Sync + std::fmt::Debug {
+    /// Bindings matching `f`.
+    fn bindings(&self, f: &L7Filter) -> Vec<L7Binding>;
+    /// Remove the bindings matching `f`; returns how many were removed.
+    fn flush(&self, f: &L7Filter) -> usize;
+    /// Live (not expired) bindings per backend identity.
+    fn bound(&self) -> HashMap<u32, u64>;
+}
+
+/// Counters of one L7 service's persistence decisions. Kept here, below the engine that
+/// counts and the admin API that reads them, so neither imports the other.
+#[derive(Default, Debug)]
+pub struct RouterStats {
+    /// Requests sent where a cookie, table entry or fallback said.
+    pub persist_hits: AtomicU64,
+    /// Requests balanced by the pool's algorithm.
+    pub new_assignments: AtomicU64,
+    /// Active cookies issued (Set-Cookie added).
+    pub cookies_issued: AtomicU64,
+    /// App-cookie values learned from backends' Set-Cookie.
+    pub cookies_learned: AtomicU64,
+    /// Requests decided by the source-IP fallback.
+    pub fallback_hits: AtomicU64,
+    /// Persisted clients moved because their backend was down (policy `immediate`).
+    pub reassigned_down: AtomicU64,
+    /// Requests refused with 503 because the persisted backend is down (policy `never`).
+    pub refused_down: AtomicU64,
+    /// Table entries found expired.
+    pub expired: AtomicU64,
+    /// Invalid cookies, by `Reject` (treated as absent and re-issued).
+    pub rejected: [AtomicU64; 5],
+}
+
+/// Reads one counter of [`RouterStats`].
+pub type RouterField = fn(&RouterStats) -> u64;
+
+impl RouterStats {
+    /// Every counter but `rejected`: (name, help, value).
+    pub const FIELDS: [(&'static str, &'static str, RouterField); 8] = [
+        (
+            "persist_hits",
+            "Requests sent where a cookie, table entry or fallback said.",
+            |r| r.persist_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "new_assignments",
+            "Requests balanced by the pool's algorithm.",
+            |r| r.new_assignments.load(Ordering::Relaxed),
+        ),
+        (
+            "cookies_issued",
+            "Persistence cookies issued (Set-Cookie added).",
+            |r| r.cookies_issued.load(Ordering::Relaxed),
+        ),
+        (
+            "cookies_learned",
+            "Server cookie values learned from backends.",
+            |r| r.cookies_learned.load(Ordering::Relaxed),
+        ),
+        (
+            "fallback_hits",
+            "Requests decided by the source-IP fallback.",
+            |r| r.fallback_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "reassigned_down",
+            "Persisted clients moved off a down backend.",
+            |r| r.reassigned_down.load(Ordering::Relaxed),
+        ),
+        (
+            "refused_down",
+            "Requests answered 503 because the persisted backend is down (policy never).",
+            |r| r.refused_down.load(Ordering::Relaxed),
+        ),
+        ("expired", "Persistence table entries found expired.", |r| {
+            r.expired.load(Ordering::Relaxed)
+        }),
+    ];
+
+    pub fn reject(&self, r: Reject) {
+        let i = Reject::ALL.iter().position(|x| *x == r).expect("listed");
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Snapshot {

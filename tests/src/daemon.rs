@@ -306,6 +306,8 @@ impl ConfigBuilder {
         }
         if let Some(d) = &self.pin_dir {
             cfg["pin_dir"] = json!(d.to_string_lossy());
+            // A state directory of its own, next to its unique pin directory.
+            cfg["state_dir"] = json!(state_dir_for(d).to_string_lossy());
         }
         if let Some(n) = self.persist_table_entries {
             cfg["persist_table_entries"] = json!(n);
@@ -385,6 +387,12 @@ impl Daemon {
         if !reuse_pins && pin_dir.exists() {
             std::fs::remove_dir_all(&pin_dir)
                 .with_context(|| format!("removing stale {}", pin_dir.display()))?;
+        }
+        // The state directory (cookie key, L7 tables' snapshot) lives and dies with the pins.
+        let state_dir = state_dir_for(&pin_dir);
+        if !reuse_pins && state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("removing stale {}", state_dir.display()))?;
         }
         let config_path = std::env::temp_dir().join(format!(
             "tether-{}-{}-config.json",
@@ -815,6 +823,11 @@ impl Daemon {
         Ok(self.logs())
     }
 
+    /// The daemon's state directory (see [`state_dir_for`]).
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir_for(&self.pin_dir)
+    }
+
     fn terminate(&mut self) -> Result<String> {
         let Some(pid) = self.pid() else {
             bail!("tether is not running; output:\n{}", self.logs());
@@ -863,6 +876,15 @@ impl Daemon {
     }
 }
 
+/// The daemon's `state_dir` for a test's unique `pin_dir`: unique too, so no test reads
+/// another's cookie key or L7 tables.
+pub fn state_dir_for(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "tether".into(), |n| n.to_string_lossy().into_owned());
+    std::env::temp_dir().join(format!("{name}-state"))
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill_all();
@@ -872,6 +894,10 @@ impl Drop for Daemon {
             && let Err(e) = std::fs::remove_dir_all(&self.pin_dir)
         {
             eprintln!("warning: removing {}: {e}", self.pin_dir.display());
+        }
+        let state_dir = state_dir_for(&self.pin_dir);
+        if !self.keep_pins && state_dir.exists() {
+            let _ = std::fs::remove_dir_all(&state_dir);
         }
     }
 }

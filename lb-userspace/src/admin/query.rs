@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::{persist::Filter, state::Snapshot};
+use crate::{dataplane::persist_table::Filter, state::Snapshot};
 
 /// A request the server refuses with 400; the message names the parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

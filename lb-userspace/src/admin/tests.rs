@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     config::Config,
-    persist::testpins::TestPins,
+    dataplane::persist_table::testpins::TestPins,
     state::{BackendState, Health},
 };
 

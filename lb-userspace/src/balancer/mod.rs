@@ -58,6 +58,21 @@ pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
     }
 }
 
+/// A client address masked to its family's prefix, in the one 16-byte layout the persistence
+/// tables use (IPv4 as IPv4-mapped): the key of the kernel table and of the L7 client tables.
+pub fn masked_addr(a: IpAddr, v4_mask: &[u8; 4], v6_mask: &[u8; 16]) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4_mapped(std::array::from_fn(|i| o[i] & v4_mask[i]))
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| o[i] & v6_mask[i])
+        }
+    }
+}
+
 /// Kernel ids of a config: service indexes (persistence keys and Maglev slots) and backend
 /// ids (persistence values). They must not change for a service or backend that stays, or
 /// persisted clients would be sent elsewhere.

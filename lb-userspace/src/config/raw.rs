@@ -1,16 +1,21 @@
-//! The JSON shape, parsed strictly. Field types are loose where a better message than
-//! serde's comes from validation (enums as strings, addresses as strings).
+//! The JSON shape, parsed strictly (`deny_unknown_fields`). Text enums are serde enums;
+//! addresses stay strings, so validation names the field with a clearer reason than serde's.
+//! Persistence profiles are a tagged enum (`profiles::RawProfile`).
 
 use serde::Deserialize;
+
+use super::{AdminState, Algorithm, Protocol, XdpMode, profiles::RawProfile};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub interface: String,
     #[serde(default)]
-    pub xdp_mode: Option<String>,
+    pub xdp_mode: Option<XdpMode>,
     #[serde(default)]
     pub pin_dir: Option<String>,
+    #[serde(default)]
+    pub state_dir: Option<String>,
     #[serde(default)]
     pub persist_table_entries: Option<u32>,
     /// New source-IP bindings each CPU may create per second (0: no cap; absent: derived
@@ -29,14 +34,22 @@ pub struct RawConfig {
     pub persistence_profiles: Vec<RawProfile>,
 }
 
+/// How a virtual service is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawMode {
+    L4Dsr,
+    L7,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub name: String,
     pub vip: String,
     pub port: u16,
-    pub protocol: String,
-    pub mode: String,
+    pub protocol: Protocol,
+    pub mode: RawMode,
     pub pool: String,
     #[serde(default)]
     pub persistence: Option<String>,
@@ -58,7 +71,7 @@ pub struct RawTls {
     pub key_file: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     #[serde(default)]
@@ -84,14 +97,34 @@ pub struct RawPool {
     pub health_monitor: Option<RawHealthMonitor>,
     /// How the L7 proxy balances new clients.
     #[serde(default)]
-    pub algorithm: Option<String>,
+    pub algorithm: Option<Algorithm>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitorType {
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+impl MonitorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MonitorType::Tcp => "tcp",
+            MonitorType::Http => "http",
+            MonitorType::Https => "https",
+            MonitorType::Udp => "udp",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthMonitor {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: MonitorType,
     pub port: u16,
     #[serde(default)]
     pub interval_ms: Option<u32>,
@@ -123,79 +156,11 @@ pub struct RawBackend {
     #[serde(default)]
     pub mac: Option<String>,
     #[serde(default)]
-    pub admin_state: Option<String>,
+    pub admin_state: Option<AdminState>,
     /// Port the L7 proxy connects to (default: the virtual service's port).
     #[serde(default)]
     pub port: Option<u16>,
     /// Avi custom HTTP header persistence: requests whose header has this value go here.
     #[serde(default)]
     pub header_value: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawProfile {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub timeout_s: Option<u32>,
-    #[serde(default)]
-    pub ipv4_prefix: Option<u8>,
-    #[serde(default)]
-    pub ipv6_prefix: Option<u8>,
-    #[serde(default)]
-    pub select_new_server_when_down: Option<String>,
-    #[serde(default)]
-    pub cookie_name: Option<String>,
-    #[serde(default)]
-    pub max_lifetime_min: Option<u32>,
-    #[serde(default)]
-    pub always_send: Option<bool>,
-    #[serde(default)]
-    pub add_port: Option<bool>,
-    #[serde(default)]
-    pub http_only: Option<bool>,
-    #[serde(default)]
-    pub secure: Option<bool>,
-    #[serde(default)]
-    pub same_site: Option<String>,
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub domain: Option<String>,
-    #[serde(default)]
-    pub keys: Option<Vec<RawKey>>,
-    #[serde(default)]
-    pub fallback: Option<RawFallback>,
-    /// `query-item`: the query parameter; `header` and `custom-header`: the header name.
-    #[serde(default)]
-    pub item: Option<String>,
-    /// `super-http`: append the source address to the key (Kemp "Super HTTP and Source IP").
-    #[serde(default)]
-    pub with_source_ip: Option<bool>,
-    /// `consistent-hash`: the identifier hashed (Avi).
-    #[serde(default)]
-    pub hash_key: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKey {
-    pub id: u8,
-    pub secret: String,
-}
-
-/// Kemp's "... or source IP": source-IP persistence when the request carries no cookie.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawFallback {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub timeout_s: Option<u32>,
-    #[serde(default)]
-    pub ipv4_prefix: Option<u8>,
-    #[serde(default)]
-    pub ipv6_prefix: Option<u8>,
 }

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod bpffs;
 pub mod net;
+pub mod persist_table;
 pub mod veth;
 
 use std::{

@@ -9,6 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{
+    balancer::L2,
+    config::{BackendConfig, Config, ServiceMode},
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("interface {0:?} does not exist in this network namespace")]
@@ -28,6 +33,12 @@ pub enum NetError {
         addr: IpAddr,
         iface: String,
         waited_ms: u128,
+    },
+    #[error("pool {pool:?} backend {backend:?}: {source}")]
+    Backend {
+        pool: String,
+        backend: String,
+        source: Box<NetError>,
     },
 }
 
@@ -205,6 +216,96 @@ pub fn resolve_mac(addr: IpAddr, iface: &str, wait: Duration) -> Result<[u8; 6],
         iface: iface.into(),
         waited_ms: start.elapsed().as_millis(),
     })
+}
+
+/// Resolve every backend's link-layer facts: the egress interface from its route (a backend
+/// behind a gateway is refused: L2 DSR only rewrites MACs), that interface's MAC as source,
+/// and the backend's MAC from the neighbour table. Resolution runs in parallel threads.
+pub fn resolve_l2(cfg: &Config, wait: Duration) -> Result<Vec<Vec<L2>>, NetError> {
+    let one = |b: &BackendConfig| -> Result<L2, NetError> {
+        let egress = match (egress_interface(b.address), b.mac) {
+            (Ok(dev), _) => dev,
+            // An explicit MAC says the operator vouches for L2 reachability.
+            (Err(e), Some(_)) => {
+                log::warn!("{e}; using {} for {}", cfg.interface, b.address);
+                cfg.interface.clone()
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let mac_dst = match b.mac {
+            Some(m) => m,
+            None => resolve_mac(b.address, &egress, wait)?,
+        };
+        if egress != cfg.interface {
+            log::info!(
+                "backend {} is behind {egress}: forwarded by devmap redirect",
+                b.address
+            );
+        }
+        Ok(L2 {
+            mac_dst,
+            mac_src: mac_of(&egress)?,
+            ifindex: ifindex(&egress)?,
+        })
+    };
+    ifindex(&cfg.interface)?;
+    let l4_pool = l4_pools(cfg);
+    std::thread::scope(|s| {
+        let handles: Vec<Vec<_>> = cfg
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| {
+                p.backends
+                    .iter()
+                    .map(|b| {
+                        let l4 = l4_pool[pi];
+                        s.spawn(move || {
+                            if l4 {
+                                one(b)
+                            } else {
+                                Ok(L2 {
+                                    mac_dst: [0; 6],
+                                    mac_src: [0; 6],
+                                    ifindex: 0,
+                                })
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(&cfg.pools)
+            .map(|(hs, p)| {
+                hs.into_iter()
+                    .zip(&p.backends)
+                    .map(|(h, b)| {
+                        h.join()
+                            .expect("resolver thread panicked")
+                            .map_err(|source| NetError::Backend {
+                                pool: p.name.clone(),
+                                backend: b.name.clone(),
+                                source: Box::new(source),
+                            })
+                    })
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+/// Which pools serve an L4 service: only their backends must be on the attach interface's
+/// L2 segment; the proxy reaches the others through the routing table.
+pub fn l4_pools(cfg: &Config) -> Vec<bool> {
+    (0..cfg.pools.len())
+        .map(|p| {
+            cfg.services
+                .iter()
+                .any(|s| s.pool == p && s.mode == ServiceMode::L4Dsr)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -51,7 +51,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{config::Config, persist::router::PersistRouter};
+use crate::{
+    config::Config,
+    engine::{Engine, saved},
+};
 pub use wire::{Channel, Msg, WireError};
 
 /// Where daemons keep their pid files and handoff sockets.
@@ -100,32 +103,37 @@ pub enum HandoffError {
 
 type Result<T> = std::result::Result<T, HandoffError>;
 
-/// Hook: write the L7 persistence tables where the next process finds them. Called by the
-/// running daemon in a handoff after it stopped accepting and before the new process
-/// accepts (and when it stops on SIGTERM/SIGINT, after its listeners stopped).
-///
-/// A no-op for now: the L7 tables have no on-disk form yet. The snapshot in `state_dir`
-/// (issue 8's engine) is written here; an error is logged, and the handoff goes on.
-/// Bindings learned from answers to requests still in flight come after this save (the old
-/// process drains after it): a periodic snapshot bounds what such a window loses.
+/// Write the L7 persistence tables to `state_dir` (atomically), where the next process
+/// finds them. Called by the running daemon in a handoff after it stopped accepting and
+/// before the new process accepts, when it stops on SIGTERM/SIGINT (after its listeners
+/// stopped), and every second while it runs (so a crash loses at most the last second).
+/// Bindings learned from answers to requests still in flight come after a handoff's save
+/// (the old process drains after it).
 pub fn save_l7_state<'a>(
     cfg: &Config,
-    routers: impl Iterator<Item = (&'a str, &'a Arc<PersistRouter>)>,
+    routers: impl Iterator<Item = (&'a str, &'a Arc<Engine>)>,
 ) -> Result<()> {
-    let _ = (cfg, routers.count());
-    Ok(())
+    let state = saved::collect(routers.map(|(_, e)| &**e));
+    saved::write(&cfg.state_dir, &state)
+        .map_err(|e| HandoffError::State(format!("writing {}: {e}", cfg.state_dir.display())))
 }
 
-/// Hook: read what [`save_l7_state`] wrote into the new process's routers. Called before the
-/// new process accepts anything (after the old one stopped, in a handoff; before the first
-/// accept, on a cold start).
-///
-/// A no-op for now, for the same reason as [`save_l7_state`].
+/// Read what [`save_l7_state`] wrote into the new process's engines, for the backends that
+/// still exist. Called before the new process accepts anything (after the old one stopped,
+/// in a handoff; before the first accept, on a cold start).
 pub fn load_l7_state<'a>(
     cfg: &Config,
-    routers: impl Iterator<Item = (&'a str, &'a Arc<PersistRouter>)>,
+    routers: impl Iterator<Item = (&'a str, &'a Arc<Engine>)>,
 ) -> Result<()> {
-    let _ = (cfg, routers.count());
+    let Some(state) = saved::read(&cfg.state_dir).map_err(HandoffError::State)? else {
+        return Ok(());
+    };
+    for (name, engine) in routers {
+        if let Some(s) = state.services.iter().find(|s| s.service == name) {
+            let n = engine.import(cfg, s);
+            log::info!("L7 tables of {name}: {n} bindings restored");
+        }
+    }
     Ok(())
 }
 

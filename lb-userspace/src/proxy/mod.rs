@@ -121,17 +121,6 @@ pub struct Route {
     pub tag: Option<Arc<dyn Any + Send + Sync>>,
 }
 
-impl Route {
-    /// A route to `backend` with no router data.
-    pub fn to(backend: SocketAddr) -> Route {
-        Route {
-            backend,
-            token: 0,
-            tag: None,
-        }
-    }
-}
-
 impl fmt::Debug for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Route")
@@ -151,7 +140,7 @@ pub struct TlsFiles {
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Informational (logs): [`serve`] uses the listener it is given.
+    /// Informational (logs): [`serve_with_stats`] uses the listener it is given.
     pub listen: SocketAddr,
     /// Built before serving (a bad certificate never stops a running listener), and
     /// replaceable while serving.
@@ -298,24 +287,6 @@ struct Shared {
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often idle pooled backend connections are swept.
 const POOL_SWEEP: Duration = Duration::from_secs(5);
-
-/// Serve until `shutdown` turns true (or its sender is dropped), with private counters.
-/// See [`serve_with_stats`].
-pub async fn serve(
-    listener: TcpListener,
-    cfg: ProxyConfig,
-    router: Arc<dyn Router>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), ProxyError> {
-    serve_with_stats(
-        listener,
-        cfg,
-        router,
-        shutdown,
-        Arc::new(ProxyStats::default()),
-    )
-    .await
-}
 
 /// Serve client connections from `listener` until `shutdown` turns true (or its sender is
 /// dropped). Then it drains: `listener` is dropped (a socket shared with another server, a

@@ -598,7 +598,7 @@ fn l7_errors_name_the_field() {
         (
             l7_with(r#""secret":"0000"#, r#""secret":"00"#),
             "persistence_profiles[0].keys",
-            "",
+            "cookie key 2: the secret is 31 bytes, need 32",
         ),
         (
             l7_with(
@@ -646,139 +646,66 @@ fn l7_errors_name_the_field() {
     }
 }
 
+/// The README's JSON examples: the whole config validates as it stands; the L7 service
+/// snippet validates inside a config that gives it its pool, profile and certificate files.
 #[test]
-fn key_based_profiles_validate() {
-    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
-    let c = Config::parse(&with_profile(
-        r#"{"name":"anon","type":"super-http","with_source_ip":true,"timeout_s":60}"#,
-    ))
-    .expect("valid");
-    assert_eq!(
-        c.profiles[2].kind,
-        PersistenceKind::KeyHash {
-            key: KeySource::SuperHttp {
-                with_source_ip: true
-            },
-            sticky: true,
-            fallback: None
-        }
-    );
-    let c = Config::parse(&with_profile(
-        r#"{"name":"anon","type":"header","item":"X-Session"}"#,
-    ))
-    .expect("valid");
-    assert_eq!(
-        c.profiles[2].kind,
-        PersistenceKind::KeyHash {
-            key: KeySource::Header("x-session".into()),
-            sticky: true,
-            fallback: None
-        }
-    );
-    let c = Config::parse(&with_profile(
-        r#"{"name":"anon","type":"consistent-hash","hash_key":"query:sid"}"#,
-    ))
-    .expect("valid");
-    assert_eq!(
-        c.profiles[2].kind,
-        PersistenceKind::KeyHash {
-            key: KeySource::QueryItem("sid".into()),
-            sticky: false,
-            fallback: None
-        }
-    );
-    let c =
-        Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash"}"#)).expect("valid");
-    assert_eq!(
-        c.profiles[2].kind,
-        PersistenceKind::KeyHash {
-            key: KeySource::SourceIp,
-            sticky: false,
-            fallback: None
-        }
-    );
-    let c = Config::parse(&with_profile(
-        r#"{"name":"anon","type":"all-cookies","fallback":{"type":"client-ip"}}"#,
-    ))
-    .expect("valid");
-    assert!(matches!(
-        &c.profiles[2].kind,
-        PersistenceKind::KeyHash {
-            key: KeySource::AllCookies,
-            fallback: Some(_),
-            ..
-        }
-    ));
-    let c = Config::parse(&with_profile(
-        r#"{"name":"anon","type":"custom-header","item":"X-Tenant"}"#,
-    ))
-    .expect("valid");
-    assert_eq!(
-        c.profiles[2].kind,
-        PersistenceKind::CustomHeader {
-            header: "x-tenant".into()
-        }
-    );
-
-    let cases = [
-        (
-            r#"{"name":"anon","type":"query-item"}"#,
-            "persistence_profiles[2].item",
-            "required",
-        ),
-        (
-            r#"{"name":"anon","type":"header","item":"bad header"}"#,
-            "persistence_profiles[2].item",
-            "not a valid",
-        ),
-        (
-            r#"{"name":"anon","type":"url-hash","item":"x"}"#,
-            "persistence_profiles[2].item",
-            "does not apply",
-        ),
-        (
-            r#"{"name":"anon","type":"url-hash","with_source_ip":true}"#,
-            "persistence_profiles[2].with_source_ip",
-            "does not apply",
-        ),
-        (
-            r#"{"name":"anon","type":"consistent-hash","hash_key":"moon"}"#,
-            "persistence_profiles[2].hash_key",
-            "expected source-ip",
-        ),
-        (
-            r#"{"name":"anon","type":"consistent-hash","fallback":{"type":"client-ip"}}"#,
-            "persistence_profiles[2].fallback",
-            "does not apply",
-        ),
-        (
-            r#"{"name":"anon","type":"http-cookie","item":"x"}"#,
-            "persistence_profiles[2].item",
-            "does not apply",
-        ),
-        (
-            r#"{"name":"anon","type":"custom-header"}"#,
-            "persistence_profiles[2].item",
-            "required",
-        ),
-        (
-            r#"{"name":"anon","type":"host-header","cookie_name":"x"}"#,
-            "persistence_profiles[2].cookie_name",
-            "does not apply",
-        ),
-    ];
-    for (profile, path, reason) in cases {
-        let e = err(&with_profile(profile));
-        assert_eq!(e.path, path, "{profile}: {e}");
-        assert!(
-            e.reason.contains(reason),
-            "{profile}: {:?} lacks {reason:?}",
-            e.reason
-        );
+fn readme_examples_validate() {
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+    let blocks: Vec<&str> = readme
+        .split("```json\n")
+        .skip(1)
+        .map(|b| b.split("```").next().expect("closed block"))
+        .collect();
+    assert!(blocks.len() >= 2, "the README has its JSON examples");
+    let mut configs = 0;
+    let mut services = 0;
+    let dir = std::env::temp_dir().join(format!("tether-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (cert, name) in [("app.pem", "cert"), ("app.key", "key")] {
+        std::fs::write(dir.join(cert), name).unwrap();
     }
-    let e = err(&l7_with(
-        r#""port":8080"#,
-        r#""port":8080,"header_value":"""#,
-    ));
-    assert_eq!(e.path, "pools[0].backends[0].header_value");
+    for block in blocks {
+        let v: serde_json::Value =
+            serde_json::from_str(block).unwrap_or_else(|e| panic!("README JSON: {e}\n{block}"));
+        if v.get("interface").is_some() {
+            Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
+            configs += 1;
+        } else if v.get("vip").is_some() {
+            let svc = block.replace("/etc/tether/", &format!("{}/", dir.display()));
+            let text = format!(
+                r#"{{"interface":"eth0","virtual_services":[{svc}],
+                "pools":[{{"name":"app","backends":[{{"name":"b1","address":"10.0.0.11"}}]}}],
+                "persistence_profiles":[{{"name":"session","type":"http-cookie"}}]}}"#
+            );
+            Config::parse(&text).unwrap_or_else(|e| panic!("README service: {e}\n{block}"));
+            services += 1;
+        } else {
+            panic!("README JSON example of an unknown kind:\n{block}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        configs >= 1 && services >= 1,
+        "{configs} configs, {services} services"
+    );
 }
+
+#[test]
+fn state_dir_defaults_and_must_be_absolute() {
+    let c = Config::parse(GOOD).expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    let c = Config::parse(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "state_dir": "/srv/tether""#,
+    ))
+    .expect("valid");
+    assert_eq!(c.state_dir, PathBuf::from("/srv/tether"));
+    let e = err(&with(
+        r#""interface": "eth0""#,
+        r#""interface": "eth0", "state_dir": "var/lib/tether""#,
+    ));
+    assert_eq!(e.path, "state_dir");
+    assert!(e.reason.contains("absolute"), "{e}");
+}
+
+mod profiles;

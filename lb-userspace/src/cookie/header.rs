@@ -2,8 +2,6 @@
 
 use std::fmt::Write as _;
 
-use super::fill_random;
-
 /// The `SameSite` attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SameSite {
@@ -159,26 +157,6 @@ fn valid_cookie_value(value: &str) -> bool {
     inner
         .bytes()
         .all(|b| matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c..=0x5b | 0x5d..=0x7e))
-}
-
-/// Eight random ASCII letters and digits: the cookie name when a profile leaves it blank (as
-/// Avi does). Random per call: store the result, and note that instances naming their
-/// cookies independently do not recognise each other's cookies.
-pub fn random_cookie_name() -> String {
-    const ALPHANUMERIC: &[u8; 62] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut name = String::with_capacity(8);
-    let mut bytes = [0u8; 16];
-    while name.len() < 8 {
-        fill_random(&mut bytes);
-        // 248 = 4 * 62: reject the top bytes so every character is equally likely.
-        for &b in bytes.iter().filter(|&&b| b < 248) {
-            if name.len() < 8 {
-                name.push(ALPHANUMERIC[usize::from(b % 62)] as char);
-            }
-        }
-    }
-    name
 }
 
 fn trim_ows(mut s: &[u8]) -> &[u8] {

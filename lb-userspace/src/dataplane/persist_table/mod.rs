@@ -9,10 +9,6 @@
 //! deletes the key the walk stands on, `get_next_key` restarts from the first key, so under
 //! heavy churn a walk may see an entry twice (deduplicated where it matters) or miss some.
 
-pub mod cookie;
-pub mod router;
-pub mod table;
-
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
@@ -116,16 +112,7 @@ impl Census {
 /// The address as the data path stores it for a client of a service with `p`: IPv4-mapped
 /// with the IPv4 mask on the last word, or IPv6 with the IPv6 mask.
 pub fn masked_key_addr(client: IpAddr, p: &ServiceParams) -> [u8; 16] {
-    match client.to_canonical() {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            lb_common::v4_mapped(std::array::from_fn(|i| o[i] & p.v4_mask[i]))
-        }
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            std::array::from_fn(|i| o[i] & p.v6_mask[i])
-        }
-    }
+    crate::balancer::masked_addr(client.to_canonical(), &p.v4_mask, &p.v6_mask)
 }
 
 /// A stored address for display: IPv4-mapped becomes IPv4.
@@ -336,11 +323,6 @@ pub fn census(pin_dir: &Path) -> Result<Census> {
 /// Live (non-expired) entries per backend id.
 pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
     Ok(census(pin_dir)?.by_backend())
-}
-
-/// Display helper: `10.0.0.0/24`.
-pub fn client_prefix(e: &Entry) -> String {
-    format!("{}/{}", e.client, e.prefix_len)
 }
 
 #[cfg(test)]

@@ -49,12 +49,12 @@ use ring::{
 
 mod b64;
 mod header;
+pub mod keyfile;
 #[cfg(test)]
 mod tests;
 
 pub use header::{
-    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, random_cookie_name, strip,
-    valid_cookie_name,
+    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, strip, valid_cookie_name,
 };
 
 /// Version byte of the only wire format.
@@ -102,6 +102,11 @@ pub enum KeyError {
          (64 hex characters, or 43 base64 characters without padding)"
     )]
     Length { id: u8, len: usize },
+    #[error("cookie key file {}: {reason}", path.display())]
+    Stored {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]

@@ -1,11 +1,21 @@
-//! The little base64 (RFC 4648) and hex the cookie codec needs, without allocation on decode.
+//! The cookie codec's use of base64 (RFC 4648, the `base64` crate) and hex.
 //!
 //! Cookie values use the URL-safe alphabet without padding (section 5), strictly: one
-//! canonical spelling per byte string (unused trailing bits must be zero), so a value cannot
-//! be altered without changing the decoded bytes. Configured secrets are read leniently:
-//! either alphabet, padding optional.
+//! canonical spelling per byte string (unused trailing bits must be zero, the crate's
+//! default), so a value cannot be altered without changing the decoded bytes. Configured
+//! secrets are read leniently: either alphabet, padding optional.
 
-const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+use base64::{
+    Engine as _, alphabet,
+    engine::{
+        DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::URL_SAFE_NO_PAD,
+    },
+};
+
+const INDIFFERENT: GeneralPurposeConfig =
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const URL_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, INDIFFERENT);
+const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, INDIFFERENT);
 
 /// Characters of the unpadded encoding of `n` bytes.
 pub(super) const fn encoded_len(n: usize) -> usize {
@@ -19,16 +29,7 @@ pub(super) const fn max_decoded_len(n: usize) -> usize {
 
 /// Appends the URL-safe, unpadded encoding of `input` to `out`.
 pub(super) fn encode_url(input: &[u8], out: &mut String) {
-    for chunk in input.chunks(3) {
-        let b1 = chunk.get(1).copied().unwrap_or(0);
-        let b2 = chunk.get(2).copied().unwrap_or(0);
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(b1) << 8) | u32::from(b2);
-        // 1 byte -> 2 characters, 2 -> 3, 3 -> 4.
-        for i in 0..=chunk.len() {
-            let six = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(URL_ALPHABET[six as usize] as char);
-        }
-    }
+    URL_SAFE_NO_PAD.encode_string(input, out);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,58 +40,19 @@ pub(super) enum Mode {
     Lenient,
 }
 
-fn sextet(c: u8, mode: Mode) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        b'+' if mode == Mode::Lenient => 62,
-        b'/' if mode == Mode::Lenient => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
-}
-
 /// Decodes `input` into the front of `out`, returning the decoded length, or `None` for a
 /// character outside the alphabet, an impossible length, non-zero unused trailing bits, or
-/// an `out` too small.
+/// an `out` too small. No allocation.
 pub(super) fn decode(input: &[u8], out: &mut [u8], mode: Mode) -> Option<usize> {
-    let mut input = input;
-    if mode == Mode::Lenient && input.last() == Some(&b'=') {
-        let stripped = input
-            .strip_suffix(b"==")
-            .or_else(|| input.strip_suffix(b"="))?;
-        // Padding completes the last group of four; it is never a whole group on its own.
-        if !input.len().is_multiple_of(4) || stripped.len().is_multiple_of(4) {
-            return None;
-        }
-        input = stripped;
+    match mode {
+        Mode::UrlStrict => URL_SAFE_NO_PAD.decode_slice(input, out).ok(),
+        // Padding, when present, completes the last group of four.
+        Mode::Lenient if input.contains(&b'=') && !input.len().is_multiple_of(4) => None,
+        Mode::Lenient => URL_LENIENT
+            .decode_slice(input, out)
+            .or_else(|_| STANDARD_LENIENT.decode_slice(input, out))
+            .ok(),
     }
-    let len = input.len();
-    if len % 4 == 1 || out.len() < max_decoded_len(len) {
-        return None;
-    }
-    let mut written = 0;
-    for group in input.chunks(4) {
-        let mut n = 0u32;
-        for &c in group {
-            n = (n << 6) | sextet(c, mode)?;
-        }
-        // Left-align a short group to 24 bits.
-        n <<= 6 * (4 - group.len() as u32);
-        let bytes = group.len() - 1;
-        // The bits after the last whole byte must be zero (canonical encoding).
-        if n & (0x00ff_ffff >> (8 * bytes)) != 0 {
-            return None;
-        }
-        for i in 0..bytes {
-            out[written] = (n >> (16 - 8 * i)) as u8;
-            written += 1;
-        }
-    }
-    Some(written)
 }
 
 /// Decodes exactly `N * 2` hex digits (either case).

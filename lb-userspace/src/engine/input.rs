@@ -1,0 +1,246 @@
+//! What a persistence method reads: the head of an HTTP request, a TLS ClientHello or a SIP
+//! message, with the client's address. Methods ask for what they need through the accessors
+//! (a header, a cookie, a query item, the SNI, ...); an accessor that does not apply to the
+//! kind of input answers `None`, so one method can serve several protocols.
+
+use std::net::SocketAddr;
+
+use http::header;
+
+use crate::cookie;
+
+/// The parts of a TLS ClientHello that persistence can key on, as a TLS peeker extracts them
+/// before the handshake is completed or passed through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// server_name extension (host name), if sent.
+    pub sni: Option<String>,
+    /// legacy_session_id (0 to 32 bytes).
+    pub session_id: Vec<u8>,
+    /// session_ticket extension (RFC 5077), if sent and not empty.
+    pub session_ticket: Option<Vec<u8>>,
+}
+
+/// A SIP request or response head (RFC 3261): the start line and the header fields in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SipMessage {
+    pub start_line: String,
+    /// (name as sent, value), values trimmed.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl SipMessage {
+    /// The head of a SIP datagram (up to the blank line); `None` when it has no start line or
+    /// a header line without `:`.
+    pub fn parse(datagram: &[u8]) -> Option<SipMessage> {
+        let end = datagram
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(datagram.len());
+        let mut lines = datagram[..end]
+            .split(|&b| b == b'\n')
+            .map(|l| l.trim_ascii());
+        let start_line = std::str::from_utf8(lines.next()?).ok()?.to_string();
+        if start_line.is_empty() {
+            return None;
+        }
+        let mut headers = Vec::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let name = std::str::from_utf8(line[..colon].trim_ascii()).ok()?;
+            headers.push((name.to_string(), line[colon + 1..].trim_ascii().to_vec()));
+        }
+        Some(SipMessage {
+            start_line,
+            headers,
+        })
+    }
+
+    /// The first value of a header, by its full or its compact name (RFC 3261 7.3.3:
+    /// `i` is Call-ID, `f` From, `t` To, `v` Via, `m` Contact), case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        const COMPACT: [(&str, &str); 5] = [
+            ("i", "call-id"),
+            ("f", "from"),
+            ("t", "to"),
+            ("v", "via"),
+            ("m", "contact"),
+        ];
+        let other = COMPACT.iter().find_map(|(short, long)| {
+            if name.eq_ignore_ascii_case(short) {
+                Some(*long)
+            } else if name.eq_ignore_ascii_case(long) {
+                Some(*short)
+            } else {
+                None
+            }
+        });
+        self.headers
+            .iter()
+            .find(|(n, _)| {
+                n.eq_ignore_ascii_case(name) || other.is_some_and(|o| n.eq_ignore_ascii_case(o))
+            })
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The protocol head a decision is made on.
+pub enum Head<'a> {
+    /// Mutable: a method may edit it before it is forwarded (tether's cookie is stripped).
+    Http(&'a mut http::request::Parts),
+    TlsHello(&'a ClientHello),
+    Sip(&'a SipMessage),
+}
+
+/// One input to the engine: a head and the client it came from.
+pub struct Input<'a> {
+    client: SocketAddr,
+    head: Head<'a>,
+}
+
+impl<'a> Input<'a> {
+    pub fn http(req: &'a mut http::request::Parts, client: SocketAddr) -> Self {
+        Input {
+            client,
+            head: Head::Http(req),
+        }
+    }
+
+    pub fn tls_hello(hello: &'a ClientHello, client: SocketAddr) -> Self {
+        Input {
+            client,
+            head: Head::TlsHello(hello),
+        }
+    }
+
+    pub fn sip(msg: &'a SipMessage, client: SocketAddr) -> Self {
+        Input {
+            client,
+            head: Head::Sip(msg),
+        }
+    }
+
+    /// The client (with the PROXY protocol, the address it carries).
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// The HTTP request head, when this is one.
+    pub fn http_request(&self) -> Option<&http::request::Parts> {
+        match &self.head {
+            Head::Http(r) => Some(r),
+            Head::TlsHello(_) | Head::Sip(_) => None,
+        }
+    }
+
+    /// The HTTP request head to edit, when this is one.
+    pub fn http_request_mut(&mut self) -> Option<&mut http::request::Parts> {
+        match &mut self.head {
+            Head::Http(r) => Some(r),
+            Head::TlsHello(_) | Head::Sip(_) => None,
+        }
+    }
+
+    /// The first value of a header field (HTTP or SIP; names are case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        match &self.head {
+            Head::Http(r) => r.headers.get(name).map(|v| v.as_bytes()),
+            Head::Sip(m) => m.header(name),
+            Head::TlsHello(_) => None,
+        }
+    }
+
+    /// Every `Cookie` header value of an HTTP request (none for other inputs).
+    pub fn cookie_headers(&self) -> impl Iterator<Item = &[u8]> {
+        self.http_request().into_iter().flat_map(|r| {
+            r.headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes())
+        })
+    }
+
+    /// The value of the first cookie called `name`.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        cookie::find(self.cookie_headers(), name)
+    }
+
+    /// The request target's path and query (HTTP).
+    pub fn path_and_query(&self) -> Option<&str> {
+        self.http_request()?
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+    }
+
+    /// The request's path (HTTP).
+    pub fn path(&self) -> Option<&str> {
+        Some(self.http_request()?.uri.path())
+    }
+
+    /// The `name=value` items of the query string, in order (an item without `=` has an
+    /// empty value).
+    pub fn query_items(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.http_request()
+            .and_then(|r| r.uri.query())
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+    }
+
+    /// The value of the first query item called `name`.
+    pub fn query_item(&self, name: &str) -> Option<&str> {
+        self.query_items().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// The `;name=value` parameters of the path's segments, in order (servlet containers put
+    /// the session there: `/app;jsessionid=...`). Parameters without `=` are skipped.
+    pub fn path_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.path()
+            .into_iter()
+            .flat_map(|p| p.split('/'))
+            .flat_map(|seg| seg.split(';').skip(1))
+            .filter_map(|param| param.split_once('='))
+    }
+
+    /// The HTTP Host header, else the request target's authority.
+    pub fn host(&self) -> Option<&[u8]> {
+        let r = self.http_request()?;
+        r.headers
+            .get(header::HOST)
+            .map(|v| v.as_bytes())
+            .or_else(|| r.uri.authority().map(|a| a.as_str().as_bytes()))
+    }
+
+    /// The server name a TLS client asked for.
+    pub fn sni(&self) -> Option<&str> {
+        match &self.head {
+            Head::TlsHello(h) => h.sni.as_deref(),
+            Head::Http(_) | Head::Sip(_) => None,
+        }
+    }
+
+    /// The TLS session id a client offered to resume (absent when empty).
+    pub fn session_id(&self) -> Option<&[u8]> {
+        match &self.head {
+            Head::TlsHello(h) if !h.session_id.is_empty() => Some(&h.session_id),
+            Head::TlsHello(_) | Head::Http(_) | Head::Sip(_) => None,
+        }
+    }
+
+    /// The TLS session ticket a client offered.
+    pub fn session_ticket(&self) -> Option<&[u8]> {
+        match &self.head {
+            Head::TlsHello(h) => h.session_ticket.as_deref(),
+            Head::Http(_) | Head::Sip(_) => None,
+        }
+    }
+
+    /// A SIP header (full or compact name).
+    pub fn sip_header(&self, name: &str) -> Option<&[u8]> {
+        match &self.head {
+            Head::Sip(m) => m.header(name),
+            Head::Http(_) | Head::TlsHello(_) => None,
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The L7 persistence engine: one per L7 virtual service, with the method its profile names
+//! (`methods`). The engine keeps what every method shares:
+//! - the backend states of the published snapshot, read lock-free, and per snapshot
+//!   generation the service's position, the backends by identity and the Maglev table;
+//! - the down policy ("select new server when down": move the client, or refuse with 503);
+//! - the "... or source IP" fallback table for inputs without the method's key;
+//! - the choice for new clients: the key's Maglev entry for keyed methods, else the pool's
+//!   algorithm (round robin, least connections);
+//! - the counters ([`RouterStats`]).
+//!
+//! Inputs are HTTP request heads, TLS ClientHellos or SIP messages ([`input::Input`]). The
+//! proxy's [`Router`] is the HTTP adapter over [`Engine::decide`].
+//!
+//! Backends are named by their stable identity (pool and name), so a reload that keeps a
+//! backend keeps its clients.
+
+pub mod input;
+mod inspect;
+pub mod methods;
+pub mod saved;
+pub mod table;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use http::StatusCode;
+use lb_common::{
+    MAGLEV_TABLE_SIZE, NO_BACKEND, backend_identity,
+    maglev::{MaglevBackend, build_table},
+};
+
+use crate::{
+    balancer::{
+        masked_addr,
+        select::{self, BackendSelection},
+    },
+    config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
+    cookie::{self, KeyError},
+    proxy::{ConnInfo, Route, Router},
+    state::{BackendState, RouterStats, SharedSnapshot, Snapshot},
+};
+use input::Input;
+use methods::{Binding, Context, Decision, Key, Method, Reply, TABLE_CAPACITY};
+use table::Table;
+
+/// Why an input gets no backend (the HTTP adapter answers 503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The service is not in the published config (being removed).
+    NoService,
+    /// The client's backend is down and the policy is `never`: it waits for its server.
+    BackendDown,
+    /// No backend can take a new client.
+    NoBackend,
+}
+
+/// Where an input goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub backend: SocketAddr,
+    pub decision: Decision,
+}
+
+/// What identifies an engine's persistence state: the profile but its cookie keys (which
+/// rotate in place), the pool and its algorithm. A reload that keeps it keeps the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSpec {
+    profile: Option<PersistenceProfile>,
+    pool: String,
+    algorithm: Algorithm,
+}
+
+impl EngineSpec {
+    pub fn of(cfg: &Config, svc: &VirtualService) -> EngineSpec {
+        let profile = cfg.profile(svc).map(|p| {
+            let mut p = p.clone();
+            if let crate::config::PersistenceKind::HttpCookie(c) = &mut p.kind {
+                c.keys.clear();
+            }
+            p
+        });
+        let pool = &cfg.pools[svc.pool];
+        EngineSpec {
+            profile,
+            pool: pool.name.clone(),
+            algorithm: pool.algorithm,
+        }
+    }
+}
+
+/// "... or source IP": client-IP persistence for inputs without the method's key.
+struct Fallback {
+    table: Table<[u8; 16]>,
+    v4_mask: [u8; 4],
+    v6_mask: [u8; 16],
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+}
+
+impl Fallback {
+    fn new(f: &ClientIpFallback) -> Self {
+        let (v4_mask, v6_mask) = methods::masks(f.ipv4_prefix, f.ipv6_prefix);
+        Fallback {
+            table: Table::new(TABLE_CAPACITY, Duration::from_secs(f.timeout_s as u64)),
+            v4_mask,
+            v6_mask,
+            ipv4_prefix: f.ipv4_prefix,
+            ipv6_prefix: f.ipv6_prefix,
+        }
+    }
+
+    fn key(&self, client: SocketAddr) -> [u8; 16] {
+        masked_addr(client.ip(), &self.v4_mask, &self.v6_mask)
+    }
+}
+
+/// What the engine derives from one snapshot generation, shared by its requests.
+struct Prepared {
+    generation: u64,
+    config: Arc<Config>,
+    /// Index of the service in `config.services`.
+    service: usize,
+    /// Backend identity -> index in the pool.
+    identities: HashMap<u32, usize>,
+    /// The pool's Maglev table over its up backends (entries are backend indexes), built on
+    /// first use by a keyed method.
+    maglev: OnceLock<Vec<u32>>,
+}
+
+impl Prepared {
+    fn new(snap: &Snapshot, service: &str) -> Option<Prepared> {
+        let si = snap
+            .config
+            .services
+            .iter()
+            .position(|s| s.name == service)?;
+        let pool = &snap.config.pools[snap.config.services[si].pool];
+        let mut identities = HashMap::with_capacity(pool.backends.len());
+        for (i, b) in pool.backends.iter().enumerate() {
+            identities
+                .entry(backend_identity(&pool.name, &b.name))
+                .or_insert(i);
+        }
+        Some(Prepared {
+            generation: snap.generation,
+            config: snap.config.clone(),
+            service: si,
+            identities,
+            maglev: OnceLock::new(),
+        })
+    }
+
+    fn is_for(&self, snap: &Snapshot) -> bool {
+        self.generation == snap.generation && Arc::ptr_eq(&self.config, &snap.config)
+    }
+
+    fn index(&self, b: Binding) -> Option<usize> {
+        match b {
+            Binding::Identity(id) => self.identities.get(&id).copied(),
+            Binding::Index(i) => Some(i),
+        }
+    }
+
+    /// The same builder and hash as the kernel tables, so every instance with this pool agrees.
+    fn maglev(&self, snap: &Snapshot, pool_index: usize) -> &[u32] {
+        self.maglev.get_or_init(|| {
+            let pool = &snap.config.pools[pool_index];
+            let states = snap
+                .backend_state
+                .get(pool_index)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let members: Vec<MaglevBackend<'_>> = pool
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| states.get(*i) == Some(&BackendState::Up))
+                .map(|(i, b)| MaglevBackend {
+                    id: i as u32,
+                    name: &b.name,
+                    weight: b.weight,
+                })
+                .collect();
+            build_table(&members, MAGLEV_TABLE_SIZE)
+        })
+    }
+}
+
+pub struct Engine {
+    service: String,
+    snapshot: SharedSnapshot,
+    method: Option<Box<dyn Method>>,
+    fallback: Option<Fallback>,
+    down_policy: DownPolicy,
+    selection: Box<dyn BackendSelection>,
+    pool_id: u32,
+    prepared: ArcSwapOption<Prepared>,
+    pub stats: Arc<RouterStats>,
+}
+
+impl Engine {
+    /// The engine of `svc` with the method its profile names (none: balancing only).
+    pub fn new(
+        cfg: &Config,
+        svc: &VirtualService,
+        snapshot: SharedSnapshot,
+    ) -> Result<Self, KeyError> {
+        let method = cfg
+            .profile(svc)
+            .map(|p| methods::build(&svc.name, p, &cfg.state_dir))
+            .transpose()?;
+        Ok(Self::with_method(cfg, svc, snapshot, method))
+    }
+
+    /// The engine of `svc` with a given method (the profile still supplies the fallback and
+    /// the down policy).
+    pub fn with_method(
+        cfg: &Config,
+        svc: &VirtualService,
+        snapshot: SharedSnapshot,
+        method: Option<Box<dyn Method>>,
+    ) -> Self {
+        let pool = &cfg.pools[svc.pool];
+        let profile = cfg.profile(svc);
+        Engine {
+            service: svc.name.clone(),
+            snapshot,
+            method,
+            fallback: profile.and_then(|p| p.kind.fallback()).map(Fallback::new),
+            down_policy: profile.map_or(DownPolicy::Immediate, |p| p.down_policy),
+            selection: select::for_algorithm(pool.algorithm, pool.backends.len()),
+            pool_id: cookie::pool_id(&pool.name),
+            prepared: ArcSwapOption::empty(),
+            stats: Arc::new(RouterStats::default()),
+        }
+    }
+
+    /// Take the new config's in-place settings (rotated cookie keys).
+    pub fn update(&self, cfg: &Config, svc: &VirtualService) -> Result<(), KeyError> {
+        match (&self.method, cfg.profile(svc)) {
+            (Some(m), Some(p)) => m.update(&svc.name, p, &cfg.state_dir),
+            _ => Ok(()),
+        }
+    }
+
+    fn context(&self, now: Instant) -> Context<'_> {
+        Context {
+            service: &self.service,
+            pool_id: self.pool_id,
+            stats: &self.stats,
+            now,
+        }
+    }
+
+    fn prepared(&self, snap: &Snapshot) -> Option<Arc<Prepared>> {
+        if let Some(p) = self.prepared.load_full()
+            && p.is_for(snap)
+        {
+            return Some(p);
+        }
+        let fresh = Arc::new(Prepared::new(snap, &self.service)?);
+        self.prepared.store(Some(fresh.clone()));
+        Some(fresh)
+    }
+
+    /// Decide where `input` goes. `tried` lists backends that already failed to accept it.
+    pub fn decide(&self, input: &mut Input<'_>, tried: &[SocketAddr]) -> Result<Choice, Refusal> {
+        let snap = self.snapshot.load();
+        let prep = self.prepared(&snap).ok_or(Refusal::NoService)?;
+        let svc = &snap.config.services[prep.service];
+        let pool = &snap.config.pools[svc.pool];
+        let states = snap
+            .backend_state
+            .get(svc.pool)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let addr_of = |i: usize| {
+            SocketAddr::new(
+                pool.backends[i].address,
+                pool.backends[i].port.unwrap_or(svc.port),
+            )
+        };
+        let cx = self.context(Instant::now());
+        let stats = &*self.stats;
+
+        // What the method says, if anything.
+        let lookup = match &self.method {
+            Some(m) => m.lookup(input, pool, &cx),
+            None => methods::Lookup::default(),
+        };
+        let mut bound = lookup.binding.and_then(|b| prep.index(b));
+        let by_method = bound.is_some();
+        // "Absent" for the fallback: the input carries no key of the method's. A key not yet
+        // bound is placed by its Maglev entry, as on every instance, not by the fallback.
+        let absent = match &lookup.key {
+            Key::NotKeyed => bound.is_none(),
+            Key::Missing => true,
+            Key::Hash(_) => false,
+        };
+        if bound.is_none()
+            && absent
+            && let Some(f) = &self.fallback
+            && let Ok(id) = f.table.get(&f.key(input.client()), cx.now)
+            && let Some(i) = prep.index(Binding::Identity(id))
+        {
+            bound = Some(i);
+            RouterStats::bump(&stats.fallback_hits);
+        }
+
+        // Honour the binding if its backend can take it.
+        let mut honoured = None;
+        if let Some(i) = bound {
+            let state = states.get(i).copied().unwrap_or(BackendState::Down);
+            let usable = matches!(state, BackendState::Up | BackendState::Draining);
+            if usable && !tried.contains(&addr_of(i)) {
+                honoured = Some(i);
+                RouterStats::bump(&stats.persist_hits);
+            } else if self.down_policy == DownPolicy::Never {
+                // Down, or refusing connections: the client waits for its server.
+                RouterStats::bump(&stats.refused_down);
+                return Err(Refusal::BackendDown);
+            } else {
+                RouterStats::bump(&stats.reassigned_down);
+            }
+        }
+        let index = match honoured {
+            Some(i) => i,
+            None => {
+                let by_key = match &lookup.key {
+                    Key::Hash(k) => {
+                        let table = prep.maglev(&snap, svc.pool);
+                        let h = lb_common::hash::hash_bytes(k, lb_common::hash::FLOW_SEED);
+                        table
+                            .get((h % MAGLEV_TABLE_SIZE) as usize)
+                            .filter(|&&i| i != NO_BACKEND && !tried.contains(&addr_of(i as usize)))
+                            .map(|&i| i as usize)
+                    }
+                    Key::NotKeyed | Key::Missing => None,
+                };
+                let i = match by_key {
+                    Some(i) => i,
+                    None => {
+                        let candidates: Vec<(usize, u32)> = pool
+                            .backends
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| {
+                                states.get(*i) == Some(&BackendState::Up)
+                                    && !tried.contains(&addr_of(*i))
+                            })
+                            .map(|(i, b)| (i, b.weight))
+                            .collect();
+                        let hint = self.method.as_ref().map_or(0, |m| m.selection_hint(input));
+                        self.selection
+                            .select(&candidates, hint)
+                            .ok_or(Refusal::NoBackend)?
+                    }
+                };
+                RouterStats::bump(&stats.new_assignments);
+                i
+            }
+        };
+        let identity = backend_identity(&pool.name, &pool.backends[index].name);
+        // Record the binding where the method keeps one, and the fallback's.
+        if let Some(m) = &self.method {
+            m.record(input, &lookup, identity, &cx);
+        }
+        if absent && let Some(f) = &self.fallback {
+            f.table.insert(f.key(input.client()), identity, cx.now);
+        }
+        self.selection.started(index);
+        Ok(Choice {
+            backend: addr_of(index),
+            decision: Decision {
+                identity,
+                index,
+                by_method: by_method && honoured.is_some(),
+            },
+        })
+    }
+
+    /// Let the method add to, or learn from, the reply to a decided input.
+    pub fn reply(&self, d: &Decision, reply: &mut Reply<'_>) {
+        if let Some(m) = &self.method {
+            m.on_reply(d, reply, &self.context(Instant::now()));
+        }
+    }
+
+    /// The input decided as `d` is over (answered, failed or retried elsewhere).
+    pub fn ended(&self, d: &Decision) {
+        self.selection.ended(d.index);
+    }
+}
+
+impl Router for Engine {
+    fn route(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+    ) -> Result<Route, StatusCode> {
+        let choice = self
+            .decide(&mut Input::http(req, conn.client), tried)
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        Ok(Route {
+            backend: choice.backend,
+            token: choice.decision.index as u64,
+            tag: Some(Arc::new(choice.decision)),
+        })
+    }
+
+    fn on_response(&self, route: &Route, conn: &ConnInfo, resp: &mut http::response::Parts) {
+        if let Some(d) = decision(route) {
+            self.reply(
+                d,
+                &mut Reply::Http {
+                    head: resp,
+                    tls: conn.tls,
+                },
+            );
+        }
+    }
+
+    fn finished(&self, route: &Route) {
+        if let Some(d) = decision(route) {
+            self.ended(d);
+        }
+    }
+
+    fn connection_opened(&self, conn: &ConnInfo) {
+        if let Some(m) = &self.method
+            && m.connection_opened(conn.client.ip(), Instant::now())
+        {
+            RouterStats::bump(&self.stats.expired);
+        }
+    }
+
+    fn connection_closed(&self, conn: &ConnInfo) {
+        if let Some(m) = &self.method {
+            m.connection_closed(conn.client.ip(), Instant::now());
+        }
+    }
+}
+
+fn decision(route: &Route) -> Option<&Decision> {
+    route.tag.as_ref()?.downcast_ref::<Decision>()
+}
