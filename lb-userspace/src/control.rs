@@ -58,6 +58,13 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin API socket {path}: {source}")]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::access::TokenError),
     #[error("virtual service {service:?}: listening on {addr}: {source}")]
     Listen {
         service: String,
@@ -279,9 +286,14 @@ fn proxy_config(listen: SocketAddr, o: &L7Options) -> proxy::ProxyConfig {
             cert_pem: t.cert_file.clone(),
             key_pem: t.key_file.clone(),
         }),
-        proxy_protocol: o.proxy_protocol,
+        proxy_protocol: o.proxy_protocol.clone(),
+        trusted_forwarders: o.trusted_forwarders.clone(),
         limits: proxy::Limits {
             max_connections: o.limits.max_connections as usize,
+            max_connections_per_source: o.limits.max_connections_per_source as usize,
+            h2_max_concurrent_streams: o.limits.h2_max_concurrent_streams,
+            max_connections_per_backend: o.limits.max_connections_per_backend as usize,
+            min_body_rate: o.limits.min_body_rate_bytes_s,
             max_header_bytes: o.limits.max_header_bytes as usize,
             request_header_timeout: o.limits.request_timeout,
             idle_timeout: o.limits.idle_timeout,
@@ -509,7 +521,7 @@ impl Daemon {
     /// Apply a new config file, or change nothing and say why.
     async fn reload(&mut self) -> Result<()> {
         let new = Arc::new(Config::load(&self.config_path)?);
-        let fixed: [(&'static str, String, String); 5] = [
+        let fixed: [(&'static str, String, String); 6] = [
             (
                 "interface",
                 self.cfg.interface.clone(),
@@ -534,6 +546,11 @@ impl Daemon {
                 "admin_listen",
                 self.cfg.admin_listen.to_string(),
                 new.admin_listen.to_string(),
+            ),
+            (
+                "admin_token_file",
+                self.cfg.admin_token_path().display().to_string(),
+                new.admin_token_path().display().to_string(),
             ),
         ];
         if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
@@ -618,14 +635,37 @@ pub async fn run(config_path: &Path) -> Result<()> {
     shared.store(Arc::new(d.snapshot()));
     let mode = d.mode;
 
+    let token = crate::admin::access::load_or_create_token(&cfg.admin_token_path())?;
     let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|source| ControlError::Admin {
             addr: cfg.admin_listen,
             source,
         })?;
+    let socket_path = crate::admin::access::socket_path(&cfg.pin_dir);
+    let unix = crate::admin::access::bind_unix(&socket_path)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .map_err(|source| ControlError::AdminSocket {
+            path: socket_path.clone(),
+            source,
+        })?;
+    // Removed when the daemon returns (if no newer daemon replaced it).
+    let socket_file = crate::admin::access::SocketFile::new(socket_path);
     let (stop_admin, admin_stopped) = watch::channel(false);
-    let admin = tokio::spawn(crate::admin::serve(listener, shared.clone(), admin_stopped));
+    let admin = tokio::spawn(crate::admin::serve(
+        crate::admin::Listeners {
+            tcp: Some((
+                listener,
+                crate::admin::access::Access::new(cfg.admin_listen, token),
+            )),
+            unix: Some(unix),
+        },
+        shared.clone(),
+        admin_stopped,
+    ));
     d.start_monitors();
     d.sync_proxies().await?;
 
@@ -633,11 +673,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(ControlError::Signal)?;
     log::info!(
-        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}, admin API on http://{}",
+        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}, admin API on {} and http://{}",
         cfg.services.len(),
         cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
         cfg.interface,
         cfg.pin_dir.display(),
+        socket_file.path().display(),
         cfg.admin_listen
     );
     let signal = loop {

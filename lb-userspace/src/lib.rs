@@ -4,10 +4,13 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod cidr;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod health;
+pub mod neterr;
 pub mod persist;
 pub mod proxy;
+pub mod rlimit;
 pub mod state;

@@ -5,7 +5,9 @@
 //! The model follows Avi's: a virtual service references a pool and, optionally, a
 //! persistence profile.
 
+mod admin;
 mod raw;
+mod trusted;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -17,6 +19,7 @@ use lb_common::{
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP,
 };
 
+pub use admin::{DEFAULT_STATE_DIR, TOKEN_FILE_NAME};
 pub use raw::RawConfig;
 
 /// A configuration error: where, and why.
@@ -98,6 +101,10 @@ pub struct Config {
     pub persist_table_entries: u32,
     /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
     pub admin_listen: std::net::SocketAddr,
+    /// Persistent files (the admin token).
+    pub state_dir: PathBuf,
+    /// As configured; [`Config::admin_token_path`] gives the default.
+    pub admin_token_file: Option<PathBuf>,
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
@@ -128,7 +135,11 @@ pub enum ServiceMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct L7Options {
     pub tls: Option<TlsFiles>,
-    pub proxy_protocol: bool,
+    /// Peers that must send a PROXY protocol header; `None`: off. Any other peer's header
+    /// closes its connection.
+    pub proxy_protocol: Option<crate::cidr::Cidrs>,
+    /// Clients whose forwarding headers are kept and appended to; everyone else's are replaced.
+    pub trusted_forwarders: crate::cidr::Cidrs,
     pub limits: L7Limits,
 }
 
@@ -147,6 +158,13 @@ pub struct L7Limits {
     pub idle_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
     pub response_timeout: std::time::Duration,
+    /// Open connections from one client address (IPv6: one /64).
+    pub max_connections_per_source: u32,
+    pub h2_max_concurrent_streams: u32,
+    /// Connections to one backend, pooled and busy.
+    pub max_connections_per_backend: u32,
+    /// Request bodies slower than this (after `request_timeout` of grace) get a 408; 0: off.
+    pub min_body_rate_bytes_s: u32,
 }
 
 /// How the L7 proxy balances clients that no persistence decides.
@@ -371,6 +389,13 @@ impl Config {
         validate(raw)
     }
 
+    /// The admin API's bearer token file.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(TOKEN_FILE_NAME))
+    }
+
     pub fn profile(&self, svc: &VirtualService) -> Option<&PersistenceProfile> {
         svc.persistence.map(|i| &self.profiles[i])
     }
@@ -462,6 +487,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
         )
     })?;
+    let (state_dir, admin_token_file) = admin::validate(
+        raw.state_dir.as_deref(),
+        raw.admin_token_file.as_deref(),
+        admin_listen,
+    )?;
 
     // Profiles.
     let mut profiles = Vec::new();
@@ -696,6 +726,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 for (field, set) in [
                     ("tls", s.tls.is_some()),
                     ("proxy_protocol", s.proxy_protocol.is_some()),
+                    ("trusted_forwarders", s.trusted_forwarders.is_some()),
                     ("limits", s.limits.is_some()),
                 ] {
                     if set {
@@ -761,6 +792,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pin_dir,
         persist_table_entries,
         admin_listen,
+        state_dir,
+        admin_token_file,
         services,
         pools,
         profiles,
@@ -835,10 +868,42 @@ fn l7_options(base: &str, s: &raw::RawService) -> Result<L7Options, ConfigError>
             l.and_then(|l| l.response_timeout_ms),
             60_000,
         )?,
+        max_connections_per_source: num(
+            "max_connections_per_source",
+            l.and_then(|l| l.max_connections_per_source),
+            1_000,
+            1,
+            1_000_000,
+        )?,
+        h2_max_concurrent_streams: num(
+            "h2_max_concurrent_streams",
+            l.and_then(|l| l.h2_max_concurrent_streams),
+            100,
+            1,
+            10_000,
+        )?,
+        max_connections_per_backend: num(
+            "max_connections_per_backend",
+            l.and_then(|l| l.max_connections_per_backend),
+            1_024,
+            1,
+            1_000_000,
+        )?,
+        min_body_rate_bytes_s: num(
+            "min_body_rate_bytes_s",
+            l.and_then(|l| l.min_body_rate_bytes_s),
+            500,
+            0,
+            1 << 30,
+        )?,
     };
     Ok(L7Options {
         tls,
-        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        proxy_protocol: trusted::proxy_protocol(&at("proxy_protocol"), s.proxy_protocol.as_ref())?,
+        trusted_forwarders: trusted::list(
+            &at("trusted_forwarders"),
+            s.trusted_forwarders.as_deref().unwrap_or_default(),
+        )?,
         limits,
     })
 }
