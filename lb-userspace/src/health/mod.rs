@@ -42,6 +42,12 @@ pub trait HealthCheck: Send + Sync {
     fn check<'a>(&'a self, target: SocketAddr) -> CheckFuture<'a>;
 }
 
+/// The status code of an HTTP health-check response's status line (`HTTP/1.1 200 OK`, without
+/// the line end), or why it is malformed. Public for the fuzz target.
+pub fn parse_status_line(line: &[u8]) -> Result<u16, String> {
+    http::parse_status_line(line)
+}
+
 /// The check for a monitor (timeout included).
 pub fn build(monitor: &HealthMonitor) -> Arc<dyn HealthCheck> {
     match &monitor.kind {

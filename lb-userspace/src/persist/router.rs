@@ -371,7 +371,8 @@ impl PersistRouter {
 
     /// App-cookie key: the cookie, else a query parameter of the same name, else a
     /// `;name=value` path parameter (Avi: "look for a URI query of the same name").
-    fn app_cookie_value<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    /// Public for the fuzz target.
+    pub fn app_cookie_value<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
         if let Some(v) = cookie::find(
             req.headers
                 .get_all(header::COOKIE)

@@ -81,6 +81,24 @@ use tokio::{
 
 pub use tls::load_tls;
 
+/// A PROXY protocol header at the start of `buf`: `Ok(None)` when more bytes are needed,
+/// else the (source, destination) it carries (`None` for `UNKNOWN`/`LOCAL`) and its length.
+/// Public for the fuzz target.
+#[allow(clippy::type_complexity)]
+pub fn parse_proxy_header(
+    buf: &[u8],
+) -> Result<Option<(Option<(SocketAddr, SocketAddr)>, usize)>, String> {
+    proxy_protocol::parse(buf)
+        .map(|r| r.map(|(a, n)| (a.addrs, n)))
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `buf` starts a PROXY protocol header (`None`: too short to tell). Public for the
+/// fuzz target.
+pub fn is_proxy_header_start(buf: &[u8]) -> Option<bool> {
+    proxy_protocol::is_header_start(buf)
+}
+
 /// Decides where a request goes and adjusts the response; implemented by persistence methods.
 pub trait Router: Send + Sync + 'static {
     /// Choose a backend. May edit the request head (e.g. strip a persistence cookie).
