@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let (fields, value) = data.split_at(data.len().min(24));
     if let Ok(value) = std::str::from_utf8(value) {
         // Random bytes never authenticate (a forgery would need the key).
-        assert!(decode(&keys, "SRV", "web", value, 1_000).is_err(), "{value:?} opened");
+        assert!(
+            decode(&keys, "SRV", "web", value, 1_000).is_err(),
+            "{value:?} opened"
+        );
     }
     if fields.len() == 24 {
         let u32_at = |i: usize| u32::from_le_bytes(fields[i..i + 4].try_into().expect("4"));
@@ -25,7 +28,13 @@ fuzz_target!(|data: &[u8]| {
         let p = CookiePayload::issue(u32_at(0), u32_at(4), now, lifetime);
         let sealed = encode(&keys, "SRV", "web", &p);
         assert_eq!(decode(&keys, "SRV", "web", &sealed, now), Ok(p));
-        assert!(decode(&keys, "SRV", "api", &sealed, now).is_err(), "other service");
-        assert!(decode(&keys, "OTHER", "web", &sealed, now).is_err(), "other cookie name");
+        assert!(
+            decode(&keys, "SRV", "api", &sealed, now).is_err(),
+            "other service"
+        );
+        assert!(
+            decode(&keys, "OTHER", "web", &sealed, now).is_err(),
+            "other cookie name"
+        );
     }
 });

@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.map(|(_, n)| n), Some(len));
     }
     if start == Some(false) {
-        assert!(parse_proxy_header(data).is_err(), "not a header start, yet parsed");
+        assert!(
+            parse_proxy_header(data).is_err(),
+            "not a header start, yet parsed"
+        );
     }
 });

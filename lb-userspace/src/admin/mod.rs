@@ -335,7 +335,7 @@ async fn handle(srv: &Arc<Server>, peer: Peer, req: Request<Incoming>) -> Respon
         (None, _) => Err(Denied::Forbidden("TCP access is not configured".into())),
     };
     if let Err(d) = allowed {
-        log::info!("admin API {method} {uri} from {peer:?}: refused: {d:?}");
+        log::debug!("admin API {method} {uri} from {peer:?}: refused: {d:?}");
         return denied(d);
     }
     let resp = route(srv, &method, uri.path(), uri.query()).await;

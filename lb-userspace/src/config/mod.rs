@@ -379,7 +379,9 @@ impl Config {
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." {
+            // "." is the root; an empty path comes from an unknown field named "" (found by
+            // the config fuzz target): either way the error still names a place.
+            let path = if path == "." || path.is_empty() {
                 "<root>".to_string()
             } else {
                 path

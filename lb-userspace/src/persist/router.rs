@@ -373,13 +373,16 @@ impl PersistRouter {
     /// `;name=value` path parameter (Avi: "look for a URI query of the same name").
     /// Public for the fuzz target.
     pub fn app_cookie_value<'a>(req: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+        // An empty value is no session (as for the query and path parameters below).
         if let Some(v) = cookie::find(
             req.headers
                 .get_all(header::COOKIE)
                 .iter()
                 .map(|v| v.as_bytes()),
             name,
-        ) {
+        )
+        .filter(|v| !v.is_empty())
+        {
             return Some(v);
         }
         let path_and_query = req.uri.path_and_query()?;

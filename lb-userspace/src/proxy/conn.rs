@@ -105,7 +105,8 @@ pub(super) async fn run(
                 Ok(Ok((false, rest))) => (peer, local, rest),
                 Ok(Ok((true, _))) => {
                     inc(&shared.stats.proxy_header_refused);
-                    log::info!(
+                    // Counted, not logged above debug: a client could flood the log.
+                    log::debug!(
                         "proxy: {peer} sent a PROXY protocol header but is not a trusted source: closed"
                     );
                     return;
