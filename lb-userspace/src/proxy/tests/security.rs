@@ -376,3 +376,90 @@ async fn trickled_body_gets_408() {
     })
     .await;
 }
+
+/// Runs `body` in a fresh process running only this test (descriptor limits are per process,
+/// and the other tests run in threads of this one).
+fn in_child_process(test: &str, body: impl FnOnce()) {
+    const CHILD: &str = "TETHER_TEST_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("running the child test process");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "child test failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sets the soft descriptor limit; returns the previous one.
+fn set_nofile(soft: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        let before = lim.rlim_cur;
+        lim.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        before
+    }
+}
+
+/// Out of descriptors when connecting upstream (EMFILE): a 503 on the spot, counted as a
+/// local error, and the request is not moved to another backend.
+#[test]
+fn local_connect_error_is_503_without_retry() {
+    in_child_process(
+        "proxy::tests::security::local_connect_error_is_503_without_retry",
+        || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(bounded(async {
+                let a = Backend::echo("a", Behaviour::default()).await;
+                let b = Backend::echo("b", Behaviour::default()).await;
+                let router = TestRouter::new(vec![a.addr, b.addr]);
+                let proxy = Proxy::plain(router.clone()).await;
+                let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+                eventually("the proxy to accept", || {
+                    proxy.stats().connections_accepted == 1
+                })
+                .await;
+                // The lowest free descriptor number becomes the limit: no new descriptor.
+                // SAFETY: dup/close on our own stdin descriptor.
+                let next = unsafe {
+                    let fd = libc::dup(0);
+                    assert!(fd >= 0);
+                    libc::close(fd);
+                    fd
+                };
+                let before = set_nofile(next as u64);
+                let _ = tcp
+                    .write_all(b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n")
+                    .await;
+                let out = read_to_close(&mut tcp).await;
+                set_nofile(before);
+                assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+                let s = proxy.stats();
+                assert_eq!(
+                    (s.local_errors, s.retries, s.upstream_connect_errors),
+                    (1, 0, 0)
+                );
+                assert_eq!(router.calls().len(), 1, "routed once: not moved elsewhere");
+                assert_eq!(a.conns() + b.conns(), 0, "no backend was reached");
+            }));
+        },
+    );
+}
