@@ -64,6 +64,13 @@ pub enum ControlError {
     Frontend(#[from] FrontendError),
     #[error(transparent)]
     Handoff(#[from] HandoffError),
+    #[error("admin API socket {path}: {source}")]
+    AdminSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::access::TokenError),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
     #[error(
@@ -174,6 +181,11 @@ struct Daemon {
     frontends: Frontends,
     /// The admin API's listening socket (kept open across a handoff's stop and resume).
     admin_socket: std::net::TcpListener,
+    /// Who may use the TCP admin API (the bearer token, Host and Origin checks).
+    admin_access: crate::admin::access::Access,
+    /// The CLI's 0600 Unix socket, and the guard that removes its file on exit.
+    admin_unix: std::os::unix::net::UnixListener,
+    _admin_unix_file: crate::admin::access::SocketFile,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     /// While a starting daemon has not committed, persistence entries of removed services
     /// and backends are kept (a failed start must lose nothing): they collect here.
@@ -236,8 +248,22 @@ impl Daemon {
         let dup = self.admin_socket.try_clone().map_err(err)?;
         dup.set_nonblocking(true).map_err(err)?;
         let listener = tokio::net::TcpListener::from_std(dup).map_err(err)?;
+        let unix_err = |source| ControlError::AdminSocket {
+            path: crate::admin::access::socket_path(&self.cfg.pin_dir),
+            source,
+        };
+        let unix = self.admin_unix.try_clone().map_err(unix_err)?;
+        unix.set_nonblocking(true).map_err(unix_err)?;
+        let unix = tokio::net::UnixListener::from_std(unix).map_err(unix_err)?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(crate::admin::serve(listener, self.shared.clone(), stopped));
+        let task = tokio::spawn(crate::admin::serve(
+            crate::admin::Listeners {
+                tcp: Some((listener, self.admin_access.clone())),
+                unix: Some(unix),
+            },
+            self.shared.clone(),
+            stopped,
+        ));
         self.admin = Some((stop, task));
         Ok(())
     }
@@ -307,7 +333,7 @@ impl Daemon {
     /// Apply a new config file, or change nothing and say why.
     async fn reload(&mut self) -> Result<()> {
         let new = Arc::new(Config::load(&self.config_path)?);
-        let fixed: [(&'static str, String, String); 6] = [
+        let fixed: [(&'static str, String, String); 7] = [
             (
                 "interface",
                 self.cfg.interface.clone(),
@@ -337,6 +363,11 @@ impl Daemon {
                 "state_dir",
                 self.cfg.state_dir.display().to_string(),
                 new.state_dir.display().to_string(),
+            ),
+            (
+                "admin_token_file",
+                self.cfg.admin_token_path().display().to_string(),
+                new.admin_token_path().display().to_string(),
             ),
         ];
         if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
@@ -462,6 +493,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
             })?
         }
     };
+    let token = crate::admin::access::load_or_create_token(&cfg.admin_token_path())?;
+    let unix_path = crate::admin::access::socket_path(&cfg.pin_dir);
+    let admin_unix = crate::admin::access::bind_unix(&unix_path).map_err(|source| {
+        ControlError::AdminSocket {
+            path: unix_path.clone(),
+            source,
+        }
+    })?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         config_path: config_path.to_owned(),
@@ -479,6 +518,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         started,
         frontends: Frontends::default(),
         admin_socket,
+        admin_access: crate::admin::access::Access::new(cfg.admin_listen, token),
+        admin_unix,
+        _admin_unix_file: crate::admin::access::SocketFile::new(unix_path),
         admin: None,
         deferred_forget: takeover.as_ref().map(|_| Removed::default()),
     };
@@ -538,11 +580,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(ControlError::Signal)?;
     log::info!(
-        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}, admin API on http://{}",
+        "tether ready: {} virtual services, {} backends on {} ({mode:?} XDP), maps pinned in {}, admin API on {} and http://{}",
         cfg.services.len(),
         cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
         cfg.interface,
         cfg.pin_dir.display(),
+        crate::admin::access::socket_path(&cfg.pin_dir).display(),
         cfg.admin_listen
     );
     // The L7 tables go to disk every second: a crash loses at most the last second's.

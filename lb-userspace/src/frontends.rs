@@ -60,7 +60,8 @@ pub enum FrontendError {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Settings {
     tls: bool,
-    proxy_protocol: bool,
+    proxy_protocol: Option<crate::cidr::Cidrs>,
+    trusted_forwarders: crate::cidr::Cidrs,
     limits: crate::config::L7Limits,
 }
 
@@ -68,7 +69,8 @@ impl Settings {
     pub(crate) fn of(o: &L7Options) -> Settings {
         Settings {
             tls: o.tls.is_some(),
-            proxy_protocol: o.proxy_protocol,
+            proxy_protocol: o.proxy_protocol.clone(),
+            trusted_forwarders: o.trusted_forwarders.clone(),
             limits: o.limits,
         }
     }
@@ -148,9 +150,14 @@ fn proxy_config(fe: &Frontend, o: &L7Options, drain: Duration) -> proxy::ProxyCo
     proxy::ProxyConfig {
         listen: fe.addr,
         tls: fe.tls.clone(),
-        proxy_protocol: o.proxy_protocol,
+        proxy_protocol: o.proxy_protocol.clone(),
+        trusted_forwarders: o.trusted_forwarders.clone(),
         limits: proxy::Limits {
             max_connections: o.limits.max_connections as usize,
+            max_connections_per_source: o.limits.max_connections_per_source as usize,
+            h2_max_concurrent_streams: o.limits.h2_max_concurrent_streams,
+            max_connections_per_backend: o.limits.max_connections_per_backend as usize,
+            min_body_rate: o.limits.min_body_rate_bytes_s,
             max_header_bytes: o.limits.max_header_bytes as usize,
             request_header_timeout: o.limits.request_timeout,
             idle_timeout: o.limits.idle_timeout,

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod cidr;
 pub mod config;
 pub mod control;
 pub mod cookie;
@@ -12,6 +13,8 @@ pub mod engine;
 pub mod frontends;
 pub mod handoff;
 pub mod health;
+pub mod neterr;
 pub mod notify;
 pub mod proxy;
+pub mod rlimit;
 pub mod state;

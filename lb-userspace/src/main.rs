@@ -8,7 +8,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use tether::{admin::cli, config::Config, control, dataplane, handoff};
+use tether::{
+    admin::{access, cli},
+    config::Config,
+    control, dataplane, handoff,
+};
 
 #[derive(Parser)]
 #[command(
@@ -80,11 +84,21 @@ struct Target {
 
 #[derive(Args)]
 struct AdminTarget {
-    /// Admin API address (default: the config's admin_listen, else 127.0.0.1:9180).
+    /// Use the admin API over TCP at this address (with the bearer token) instead of the
+    /// daemon's Unix socket.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// The daemon's config: its pin_dir names the Unix socket, its admin_token_file the token.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// The Unix socket (default: /run/tether/<pin-dir-name>.sock of the config, else of the
+    /// default pin directory).
+    #[arg(long, conflicts_with = "admin")]
+    socket: Option<PathBuf>,
+    /// With --admin: the file holding the bearer token (default: the config's
+    /// admin_token_file, else /var/lib/tether/admin.token).
+    #[arg(long, requires = "admin")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -108,16 +122,27 @@ struct PersistFilter {
 }
 
 impl AdminTarget {
-    fn addr(&self) -> Result<SocketAddr> {
-        if let Some(a) = self.admin {
-            return Ok(a);
+    fn addr(&self) -> Result<cli::Endpoint> {
+        let cfg = self.config.as_deref().map(Config::load).transpose()?;
+        if let Some(addr) = self.admin {
+            let path = match (&self.token_file, &cfg) {
+                (Some(p), _) => p.clone(),
+                (None, Some(c)) => c.admin_token_path(),
+                (None, None) => Path::new(tether::config::DEFAULT_STATE_DIR)
+                    .join(tether::config::TOKEN_FILE_NAME),
+            };
+            let token = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the admin token from {}", path.display()))?
+                .trim()
+                .to_string();
+            return Ok(cli::Endpoint::Tcp { addr, token });
         }
-        match &self.config {
-            Some(c) => Ok(Config::load(c)?.admin_listen),
-            None => Ok(tether::config::DEFAULT_ADMIN_LISTEN
-                .parse()
-                .expect("valid default")),
-        }
+        let socket = match (&self.socket, &cfg) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => access::socket_path(&c.pin_dir),
+            (None, None) => access::socket_path(Path::new(lb_common::DEFAULT_PIN_DIR)),
+        };
+        Ok(cli::Endpoint::Unix(socket))
     }
 }
 
@@ -158,6 +183,14 @@ fn main() -> Result<()> {
         }
         Cmd::Run { config } => {
             Config::load(&config).context("refusing to start")?;
+            // Each proxied connection holds two descriptors: take all the kernel allows.
+            match tether::rlimit::raise_nofile() {
+                Ok((before, after)) if before != after => {
+                    log::info!("RLIMIT_NOFILE raised from {before} to {after}")
+                }
+                Ok((_, after)) => log::info!("RLIMIT_NOFILE is {after} (the hard limit)"),
+                Err(e) => log::warn!("raising RLIMIT_NOFILE: {e}"),
+            }
             // Proxy and control tasks share these; benchmarks match them to HAProxy's threads.
             let workers = match std::env::var("TETHER_WORKER_THREADS") {
                 Ok(v) => v
@@ -176,7 +209,7 @@ fn main() -> Result<()> {
         Cmd::Restart { config } => restart(&config),
         Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),
         Cmd::Status { admin } => {
-            print!("{}", cli::status(admin.addr()?)?);
+            print!("{}", cli::status(&admin.addr()?)?);
             Ok(())
         }
         Cmd::Persist {
@@ -185,7 +218,7 @@ fn main() -> Result<()> {
             print!(
                 "{}",
                 cli::persist_list(
-                    f.admin.addr()?,
+                    &f.admin.addr()?,
                     f.service.as_deref(),
                     f.client,
                     f.backend.as_deref()
@@ -199,7 +232,7 @@ fn main() -> Result<()> {
             print!(
                 "{}",
                 cli::persist_flush(
-                    f.admin.addr()?,
+                    &f.admin.addr()?,
                     f.service.as_deref(),
                     f.client,
                     f.backend.as_deref()

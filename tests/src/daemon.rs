@@ -38,6 +38,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(20);
 /// The daemon's admin API address when the config sets none.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// The daemon's state directory (its admin token) when the config sets none.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
 /// Timeout of one admin API request made by the harness.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Captured output is capped (the oldest half is dropped past this).
@@ -350,6 +352,8 @@ pub struct Daemon {
     bin: PathBuf,
     ns: String,
     admin: SocketAddr,
+    /// The admin API's bearer token file (the daemon creates it on first start).
+    token_file: PathBuf,
     pin_dir: PathBuf,
     config_path: PathBuf,
     log: Arc<Mutex<Log>>,
@@ -407,6 +411,11 @@ impl Daemon {
             .unwrap_or(DEFAULT_ADMIN_LISTEN)
             .parse()
             .context("the config's admin_listen is not an address:port")?;
+        let token_file = match config["admin_token_file"].as_str() {
+            Some(f) => PathBuf::from(f),
+            None => Path::new(config["state_dir"].as_str().unwrap_or(DEFAULT_STATE_DIR))
+                .join("admin.token"),
+        };
         let log = Arc::new(Mutex::new(Log::default()));
         let mut me = Daemon {
             child: None,
@@ -416,6 +425,7 @@ impl Daemon {
             bin: bin.to_path_buf(),
             ns: ns.to_string(),
             admin,
+            token_file,
             pin_dir,
             config_path,
             log: log.clone(),
@@ -769,9 +779,31 @@ impl Daemon {
         tether_cli(&self.bin, &self.ns, args)
     }
 
-    /// One request to the admin API, made from the daemon's namespace.
+    /// One request to the admin API over TCP, made from the daemon's namespace, with the
+    /// bearer token from the daemon's token file.
     pub fn admin(&self, method: &str, path: &str) -> Result<AdminReply> {
-        admin_request(&self.ns, self.admin, method, path)
+        let token = self.admin_token()?;
+        let auth = format!("Bearer {token}");
+        admin_request_with(
+            &self.ns,
+            self.admin,
+            method,
+            path,
+            &[("Authorization", auth.as_str())],
+        )
+    }
+
+    /// The admin API's bearer token, as the daemon stored it.
+    pub fn admin_token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("reading the admin token {}", self.token_file.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// The admin token file.
+    pub fn admin_token_file(&self) -> &Path {
+        &self.token_file
     }
 
     /// `GET path` on the admin API; fails unless the answer is 200 with a JSON body.
@@ -955,9 +987,25 @@ pub struct AdminReply {
     pub body: String,
 }
 
-/// One HTTP/1.1 request (`Connection: close`) to `addr` from a thread in namespace `ns`.
+/// One HTTP/1.1 request (`Connection: close`, `Host: addr`, no credential) to `addr` from a
+/// thread in namespace `ns`.
 pub fn admin_request(ns: &str, addr: SocketAddr, method: &str, path: &str) -> Result<AdminReply> {
+    admin_request_with(ns, addr, method, path, &[])
+}
+
+/// Like [`admin_request`], with extra header lines.
+pub fn admin_request_with(
+    ns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<AdminReply> {
     let (method, path) = (method.to_string(), path.to_string());
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let raw = run_in_netns(ns, move || -> Result<Vec<u8>> {
         let mut s = TcpStream::connect_timeout(&addr, ADMIN_TIMEOUT)
             .with_context(|| format!("connecting to the admin API at {addr}"))?;
@@ -965,7 +1013,7 @@ pub fn admin_request(ns: &str, addr: SocketAddr, method: &str, path: &str) -> Re
         s.set_write_timeout(Some(ADMIN_TIMEOUT))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
         let mut raw = Vec::new();
         s.take(64 << 20)

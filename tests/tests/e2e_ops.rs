@@ -838,15 +838,17 @@ fn parse_status_rows(out: &str, service: &str) -> BTreeMap<String, (String, Stri
     rows
 }
 
-/// (6) Inspection: `tether status` lists every backend with its state and a bound-client
-/// count equal to TETHER_PERSIST's; `tether persist list/flush --client` show and remove one
-/// entry; `/metrics` agrees with the kernel counters.
+/// (6) Inspection: `tether status` (over TCP with the token) lists every backend with its
+/// state and a bound-client count equal to TETHER_PERSIST's; `tether persist list/flush
+/// --client` (over the daemon's Unix socket, the CLI's default) show and remove one entry;
+/// TCP without the token is refused; `/metrics` agrees with the kernel counters.
 #[test]
 fn status_persist_and_metrics_agree_with_the_maps() {
     const CLIENTS: usize = 10;
     let ops = Ops::new(CLIENTS, 3, |b| b);
     let d = ops.d();
     let admin = d.admin_addr().to_string();
+    let cfg = d.config_path().display().to_string();
     let plan: Vec<Ipv4Addr> = (0..CLIENTS).map(|i| ops.client(i)).collect();
     let got = ops.fetch_all(&plan);
 
@@ -883,7 +885,7 @@ fn status_persist_and_metrics_agree_with_the_maps() {
     let a_backend = got[0].clone();
     let a_s = a.to_string();
     let list = ops.ok(
-        d.cli(&["persist", "list", "--client", &a_s, "--admin", &admin]),
+        d.cli(&["persist", "list", "--client", &a_s, "--config", &cfg]),
         "tether persist list --client",
     );
     let a_addr = ops.backend_addr(&a_backend);
@@ -895,7 +897,7 @@ fn status_persist_and_metrics_agree_with_the_maps() {
         "`tether persist list --client {a}` shows its one entry, bound to {a_backend}:\n{list}"
     );
     let all = ops.ok(
-        d.cli(&["persist", "list", "--admin", &admin]),
+        d.cli(&["persist", "list", "--config", &cfg]),
         "tether persist list",
     );
     assert!(
@@ -903,10 +905,45 @@ fn status_persist_and_metrics_agree_with_the_maps() {
         "`tether persist list` shows all {CLIENTS} entries:\n{all}"
     );
 
+    // Without the token, TCP reveals no client and flushes nothing.
+    for (m, p) in [("GET", "/persist"), ("POST", "/persist/flush")] {
+        let r = ops.ok(
+            tether_tests::daemon::admin_request(d.ns(), d.admin_addr(), m, p),
+            "admin request without a token",
+        );
+        assert_eq!(r.status, 401, "{m} {p} without a token: {}", r.body);
+    }
+    let again = ops.ok(
+        d.cli(&["persist", "list", "--config", &cfg]),
+        "tether persist list",
+    );
+    assert!(
+        again.contains(&format!("{CLIENTS} entries")),
+        "the flush without a token removed nothing:\n{again}"
+    );
+    let sock = std::path::Path::new("/run/tether").join(format!(
+        "{}.sock",
+        d.pin_dir()
+            .file_name()
+            .expect("pin dir name")
+            .to_string_lossy()
+    ));
+    for (f, what) in [
+        (sock.as_path(), "admin socket"),
+        (d.admin_token_file(), "admin token"),
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(f)
+                .unwrap_or_else(|e| ops.fail(format!("{what} {}: {e}", f.display())))
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{what} {} mode", f.display());
+    }
+
     // tether persist flush --client A
     let new_before = ops.svc_counters().new_assignments;
     let flushed = ops.ok(
-        d.cli(&["persist", "flush", "--client", &a_s, "--admin", &admin]),
+        d.cli(&["persist", "flush", "--client", &a_s, "--config", &cfg]),
         "tether persist flush --client",
     );
     assert!(
@@ -919,7 +956,7 @@ fn status_persist_and_metrics_agree_with_the_maps() {
         "{a}'s entry is gone from TETHER_PERSIST"
     );
     let list = ops.ok(
-        d.cli(&["persist", "list", "--client", &a_s, "--admin", &admin]),
+        d.cli(&["persist", "list", "--client", &a_s, "--config", &cfg]),
         "tether persist list --client",
     );
     assert!(
@@ -955,8 +992,8 @@ fn status_persist_and_metrics_agree_with_the_maps() {
             "web",
             "--backend",
             &victim,
-            "--admin",
-            &admin,
+            "--config",
+            &cfg,
         ]),
         "tether persist flush --backend",
     );

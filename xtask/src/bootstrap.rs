@@ -27,6 +27,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Fuzzing driver for `cargo xtask fuzz` and the test run's fuzz step.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Licence, ban and source checks of the dependency graph (`deny.toml`).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 pub fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let t = Instant::now();
@@ -132,6 +136,43 @@ fn ensure_bpf_linker() -> Result<()> {
                     .args(["--no-default-features", "--features", "llvm-22"]),
             )
         },
+    )
+}
+
+/// `cargo install --locked NAME --version VERSION` unless `cargo NAME --version` says it is.
+fn ensure_cargo_tool(name: &str, version: &str, note: &str) -> Result<()> {
+    let bin = cargo_home_bin(&format!("cargo-{name}"));
+    if let Ok(out) = Command::new(&bin).args([name, "--version"]).output()
+        && out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains(version)
+    {
+        eprintln!("[xtask] cargo-{name} {version}: present");
+        return Ok(());
+    }
+    step(
+        &format!("cargo install cargo-{name} {version} ({note})"),
+        || {
+            run_cmd(Command::new("cargo").args([
+                "install",
+                "--locked",
+                &format!("cargo-{name}"),
+                "--version",
+                version,
+            ]))
+        },
+    )
+}
+
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    ensure_rust_src()?;
+    ensure_cargo_tool("fuzz", CARGO_FUZZ_VERSION, "about a minute the first time")
+}
+
+pub fn ensure_cargo_deny() -> Result<()> {
+    ensure_cargo_tool(
+        "deny",
+        CARGO_DENY_VERSION,
+        "about 18 minutes the first time on 2 shared cores",
     )
 }
 

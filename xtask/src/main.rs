@@ -1,7 +1,8 @@
-//! `cargo xtask run | test | bench`: bootstrap the toolchain, build, run the demo, test.
+//! `cargo xtask run | test | bench | fuzz`: bootstrap the toolchain, build, run the demo, test.
 
 mod bench;
 mod bootstrap;
+mod fuzz;
 mod run;
 mod test;
 
@@ -23,7 +24,10 @@ enum Cmd {
     Test(test::TestArgs),
     /// Benchmarks against a baseline measured in the same run (`l4`).
     Bench(bench::BenchArgs),
-    /// Only install what is missing (apt packages, rust-src, bpf-linker).
+    /// Run the cargo-fuzz targets (nightly): all, or one, for --secs each.
+    Fuzz(fuzz::FuzzArgs),
+    /// Only install what is missing (apt packages, rust-src, bpf-linker, cargo-fuzz,
+    /// cargo-deny).
     Bootstrap,
 }
 
@@ -32,6 +36,11 @@ fn main() -> Result<()> {
         Cmd::Run(a) => run::run(a),
         Cmd::Test(a) => test::test(a),
         Cmd::Bench(a) => bench::bench(a),
-        Cmd::Bootstrap => bootstrap::ensure_all(),
+        Cmd::Fuzz(a) => fuzz::fuzz(a),
+        Cmd::Bootstrap => {
+            bootstrap::ensure_all()?;
+            bootstrap::ensure_cargo_fuzz()?;
+            bootstrap::ensure_cargo_deny()
+        }
     }
 }

@@ -1,17 +1,22 @@
-//! `cargo xtask test`: bootstrap, lint, then every test tier: unit (with proptest),
-//! BPF_PROG_TEST_RUN packet fixtures, end to end in network namespaces with the real daemon,
-//! and the demo's smoke run.
+//! `cargo xtask test`: bootstrap, lint (rustfmt, clippy, cargo deny), then every test tier:
+//! unit (with proptest), BPF_PROG_TEST_RUN packet fixtures, end to end in network namespaces
+//! with the real daemon, the demo's smoke run, and each fuzz target for 20 s.
 
 use std::process::Command;
 
 use anyhow::Result;
 use clap::Args;
 
-use crate::bootstrap::{build_tether, ensure_all, run_cmd, step, workspace_root};
+use crate::bootstrap::{
+    build_tether, ensure_all, ensure_cargo_deny, run_cmd, step, workspace_root,
+};
+
+/// Seconds each fuzz target runs in a full test run.
+const FUZZ_SECS: u64 = 20;
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Skip rustfmt and the two clippy passes.
+    /// Skip rustfmt, the two clippy passes and cargo deny.
     #[arg(long)]
     no_lint: bool,
     /// Only run tests whose name contains this (passed to every cargo test).
@@ -67,6 +72,12 @@ pub fn test(args: TestArgs) -> Result<()> {
                 "warnings",
             ]))
         })?;
+        ensure_cargo_deny()?;
+        step("cargo deny check bans licenses sources", || {
+            run_cmd(&mut cargo(&[
+                "deny", "--locked", "check", "bans", "licenses", "sources",
+            ]))
+        })?;
     }
     let tether = build_tether(false)?;
     let filter: Vec<&str> = args.filter.as_deref().into_iter().collect();
@@ -88,6 +99,18 @@ pub fn test(args: TestArgs) -> Result<()> {
         ))?;
         run_cmd(&mut with_filter(
             &["test", "--locked", "-p", "tether-tests", "--lib"],
+            &[],
+        ))?;
+        // Inputs the fuzz targets once crashed on.
+        run_cmd(&mut with_filter(
+            &[
+                "test",
+                "--locked",
+                "-p",
+                "tether-tests",
+                "--test",
+                "fuzz_regressions",
+            ],
             &[],
         ))
     })?;
@@ -154,6 +177,7 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_l7_keys",
                     "--test",
                     "e2e_restart",
+                    "e2e_security",
                 ],
                 &["--test-threads=1"],
             )
@@ -164,6 +188,7 @@ pub fn test(args: TestArgs) -> Result<()> {
         step("demo smoke run (cargo xtask run -- --smoke)", || {
             run_cmd(&mut cargo(&["xtask", "run", "--smoke"]))
         })?;
+        crate::fuzz::run_targets(crate::fuzz::TARGETS, FUZZ_SECS)?;
     }
     eprintln!("[xtask] all test tiers passed");
     Ok(())

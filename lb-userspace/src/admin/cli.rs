@@ -1,10 +1,13 @@
 //! Client side of the admin API for the `tether` CLI: one blocking HTTP/1.1 request per
-//! command over a plain `TcpStream` (no runtime needed), rendered as text.
+//! command (no runtime needed), rendered as text. By default over the daemon's Unix socket;
+//! over TCP with the bearer token.
 
 use std::{
-    fmt::Write as _,
+    fmt::{self, Write as _},
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
+    path::PathBuf,
     time::Duration,
 };
 
@@ -18,18 +21,51 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bigger answers are refused (10 000 persistence rows are about 3 MB).
 const MAX_RESPONSE: u64 = 64 << 20;
 
+/// Where the CLI reaches the daemon.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The daemon's Unix socket (the default).
+    Unix(PathBuf),
+    /// `admin_listen`, with the bearer token.
+    Tcp { addr: SocketAddr, token: String },
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tcp { addr, .. } => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl Endpoint {
+    fn hint(&self) -> String {
+        match self {
+            Endpoint::Unix(_) => {
+                "is tether running with this config, and are you root (the socket is 0600)?".into()
+            }
+            Endpoint::Tcp { addr, .. } => format!("is tether running? admin_listen is {addr}"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error(
-        "cannot reach the admin API at {admin}: {source}; is tether running? admin_listen is {admin}"
-    )]
+    #[error("cannot reach the admin API at {admin}: {source}; {hint}", hint = admin.hint())]
     Unreachable {
-        admin: SocketAddr,
+        admin: Endpoint,
         source: std::io::Error,
     },
     #[error("admin API at {admin}: {source}")]
     Io {
-        admin: SocketAddr,
+        admin: Endpoint,
         source: std::io::Error,
     },
     #[error("admin API answered {status}: {body}")]
@@ -48,19 +84,43 @@ pub struct Reply {
 }
 
 /// One request, `Connection: close`, body read to its end.
-pub fn request(admin: SocketAddr, method: &str, path_and_query: &str) -> Result<Reply, CliError> {
-    let io = |source| CliError::Io { admin, source };
-    let mut s = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT)
-        .map_err(|source| CliError::Unreachable { admin, source })?;
-    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-    s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+pub fn request(admin: &Endpoint, method: &str, path_and_query: &str) -> Result<Reply, CliError> {
+    let io = |source| CliError::Io {
+        admin: admin.clone(),
+        source,
+    };
+    let unreachable = |source| CliError::Unreachable {
+        admin: admin.clone(),
+        source,
+    };
+    let (host, auth) = match admin {
+        Endpoint::Unix(_) => ("localhost".to_string(), String::new()),
+        Endpoint::Tcp { addr, token } => (
+            addr.to_string(),
+            format!("Authorization: Bearer {token}\r\n"),
+        ),
+    };
     let req = format!(
-        "{method} {path_and_query} HTTP/1.1\r\nHost: {admin}\r\nUser-Agent: tether-cli\r\n\
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {host}\r\n{auth}User-Agent: tether-cli\r\n\
          Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).map_err(io)?;
     let mut raw = Vec::new();
-    s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+    match admin {
+        Endpoint::Unix(path) => {
+            let mut s = UnixStream::connect(path).map_err(unreachable)?;
+            s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+            s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+            s.write_all(req.as_bytes()).map_err(io)?;
+            s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+        }
+        Endpoint::Tcp { addr, .. } => {
+            let mut s = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).map_err(unreachable)?;
+            s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+            s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+            s.write_all(req.as_bytes()).map_err(io)?;
+            s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
+        }
+    }
     parse_response(&raw)
 }
 
@@ -124,7 +184,7 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// A successful answer's body, or the server's one-line error.
-fn call(admin: SocketAddr, method: &str, path_and_query: &str) -> Result<Vec<u8>, CliError> {
+fn call(admin: &Endpoint, method: &str, path_and_query: &str) -> Result<Vec<u8>, CliError> {
     let r = request(admin, method, path_and_query)?;
     if r.status != 200 {
         return Err(CliError::Status {
@@ -153,14 +213,14 @@ fn filter_query(service: Option<&str>, client: Option<IpAddr>, backend: Option<&
 }
 
 /// `tether status`: services, their backends and the XDP verdicts.
-pub fn status(admin: SocketAddr) -> Result<String, CliError> {
+pub fn status(admin: &Endpoint) -> Result<String, CliError> {
     let body = call(admin, "GET", "/status")?;
     Ok(render_status(&serde_json::from_slice(&body)?))
 }
 
 /// `tether persist list`: one line per entry.
 pub fn persist_list(
-    admin: SocketAddr,
+    admin: &Endpoint,
     service: Option<&str>,
     client: Option<IpAddr>,
     backend: Option<&str>,
@@ -172,7 +232,7 @@ pub fn persist_list(
 
 /// `tether persist flush`: deletes the matching entries (all without a filter).
 pub fn persist_flush(
-    admin: SocketAddr,
+    admin: &Endpoint,
     service: Option<&str>,
     client: Option<IpAddr>,
     backend: Option<&str>,

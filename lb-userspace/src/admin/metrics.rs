@@ -562,6 +562,32 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
     }
     family(
         out,
+        "tether_l7_refused_total",
+        "counter",
+        "Connections closed or requests answered by a protective limit, by reason: \
+         max_connections, source_limit (max_connections_per_source), proxy_header_untrusted \
+         (a PROXY header from a source not trusted to send one), slow_body (408), \
+         backend_saturated and local_error (503).",
+    );
+    for l in &snap.l7 {
+        let s = l.proxy.snapshot();
+        for (reason, n) in [
+            ("max_connections", s.connections_rejected),
+            ("source_limit", s.source_rejected),
+            ("proxy_header_untrusted", s.proxy_header_refused),
+            ("slow_body", s.slow_bodies),
+            ("backend_saturated", s.backend_saturated),
+            ("local_error", s.local_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "tether_l7_refused_total{} {n}",
+                labels(&[("service", &l.service), ("reason", reason)])
+            );
+        }
+    }
+    family(
+        out,
         "tether_l7_retries_total",
         "counter",
         "Requests retried on another backend (never sent to the first).",

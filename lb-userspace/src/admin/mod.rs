@@ -1,4 +1,7 @@
-//! The admin HTTP API (HTTP/1.1 on `admin_listen`) and the CLI client for it ([`cli`]).
+//! The admin HTTP API (HTTP/1.1 on a Unix socket and on `admin_listen`) and the CLI client
+//! for it ([`cli`]). Who may call what is decided in [`access`]: the Unix socket (0600) is
+//! open to its owner, TCP needs a bearer token for everything but loopback `/metrics`, and
+//! checks `Host` and `Origin`.
 //!
 //! # Routes
 //!
@@ -54,6 +57,7 @@
 //! refreshed by one background walk at a time; a flush invalidates it. `/persist` and
 //! flushes walk the table themselves, one at a time.
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod metrics;
@@ -82,10 +86,12 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    net::TcpListener,
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
     sync::{Notify, Semaphore, watch},
 };
 
+use self::access::{Access, Denied, Peer};
 use lb_common::backend_identity;
 
 use crate::{
@@ -191,21 +197,52 @@ impl CensusCache {
 
 struct Server {
     snapshot: SharedSnapshot,
+    /// Policy of the TCP listener; `None`: TCP requests are refused.
+    access: Option<Access>,
     census: Arc<CensusCache>,
     /// Operator walks (`/persist`, flushes), one at a time: each may cost a second of CPU.
     walks: Arc<Semaphore>,
 }
 
-/// Serve the admin API on `listener` until `shutdown` turns true (or its sender is
+/// Where the admin API listens.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// `admin_listen`, with its access policy.
+    pub tcp: Option<(TcpListener, Access)>,
+    /// The 0600 Unix socket the CLI uses.
+    pub unix: Option<UnixListener>,
+}
+
+async fn accept_tcp(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, Peer)> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, p)| (s, Peer::Tcp(p))),
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// Serve the admin API on `listeners` until `shutdown` turns true (or its sender is
 /// dropped). Each connection is a task; connection and request errors are logged, never
 /// fatal. Open connections finish their current request on shutdown.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     snapshot: SharedSnapshot,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let (tcp, access) = match listeners.tcp {
+        Some((l, a)) => (Some(l), Some(a)),
+        None => (None, None),
+    };
+    let unix = listeners.unix;
     let srv = Arc::new(Server {
         snapshot,
+        access,
         census: Arc::default(),
         walks: Arc::new(Semaphore::new(1)),
     });
@@ -216,8 +253,15 @@ pub async fn serve(
         .header_read_timeout(HEADER_TIMEOUT)
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
-    if let Ok(addr) = listener.local_addr() {
-        log::info!("admin API listening on http://{addr}");
+    if let Some(addr) = tcp.as_ref().and_then(|l| l.local_addr().ok()) {
+        log::info!("admin API listening on http://{addr} (bearer token required)");
+    }
+    if let Some(path) = unix
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .and_then(|a| a.as_pathname().map(Path::to_owned))
+    {
+        log::info!("admin API listening on {}", path.display());
     }
     loop {
         let permit = tokio::select! {
@@ -227,41 +271,63 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    log::warn!("admin API accept: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = accept_tcp(tcp.as_ref()) => r.map(|(s, p)| (Conn::Tcp(s), p)),
+            r = accept_unix(unix.as_ref()) => r.map(|s| (Conn::Unix(s), Peer::Unix)),
             _ = stopped(&mut shutdown) => break,
         };
-        let srv = Arc::clone(&srv);
-        let builder = builder.clone();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req| {
-                let srv = Arc::clone(&srv);
-                async move { Ok::<_, Infallible>(handle(&srv, req).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let r = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = r {
-                log::debug!("admin API connection from {peer}: {e}");
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("admin API accept: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
             }
-        });
+        };
+        let srv = Arc::clone(&srv);
+        let stop = shutdown.clone();
+        match stream {
+            Conn::Tcp(s) => spawn_conn(srv, builder.clone(), s, peer, stop, permit),
+            Conn::Unix(s) => spawn_conn(srv, builder.clone(), s, peer, stop, permit),
+        }
     }
     log::info!("admin API stopped");
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+fn spawn_conn<S>(
+    srv: Arc<Server>,
+    builder: http1::Builder,
+    stream: S,
+    peer: Peer,
+    mut stop: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _permit = permit;
+        let svc = service_fn(move |req| {
+            let srv = Arc::clone(&srv);
+            async move { Ok::<_, Infallible>(handle(&srv, peer, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stopped(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = r {
+            log::debug!("admin API connection from {peer:?}: {e}");
+        }
+    });
 }
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -269,8 +335,17 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|&stop| stop).await;
 }
 
-async fn handle(srv: &Arc<Server>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(srv: &Arc<Server>, peer: Peer, req: Request<Incoming>) -> Response<Body> {
     let (method, uri) = (req.method().clone(), req.uri().clone());
+    let allowed = match (&srv.access, peer) {
+        (_, Peer::Unix) => Ok(()),
+        (Some(a), _) => a.check(peer, uri.path(), req.headers()),
+        (None, _) => Err(Denied::Forbidden("TCP access is not configured".into())),
+    };
+    if let Err(d) = allowed {
+        log::debug!("admin API {method} {uri} from {peer:?}: refused: {d:?}");
+        return denied(d);
+    }
     let resp = route(srv, &method, uri.path(), uri.query()).await;
     if resp.status().is_server_error() {
         log::warn!("admin API {method} {uri}: {}", resp.status());
@@ -487,6 +562,20 @@ fn respond(
         hyper::header::HeaderValue::from_static(content_type),
     );
     r
+}
+
+fn denied(d: Denied) -> Response<Body> {
+    match d {
+        Denied::Forbidden(why) => text(StatusCode::FORBIDDEN, why),
+        Denied::Unauthorized(why) => {
+            let mut r = text(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"tether admin\""),
+            );
+            r
+        }
+    }
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {

@@ -451,7 +451,30 @@ struct Reply {
     body: String,
 }
 
+/// The bearer token of the test servers.
+const TOKEN: &str = "0123456789abcdef0123456789abcdef-test";
+
+fn tcp_endpoint(addr: SocketAddr) -> cli::Endpoint {
+    cli::Endpoint::Tcp {
+        addr,
+        token: TOKEN.into(),
+    }
+}
+
 async fn send(addr: SocketAddr, method: &str, path: &str) -> Reply {
+    send_with(
+        addr,
+        method,
+        path,
+        &[
+            ("host", &addr.to_string()),
+            ("authorization", &format!("Bearer {TOKEN}")),
+        ],
+    )
+    .await
+}
+
+async fn send_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -459,12 +482,11 @@ async fn send(addr: SocketAddr, method: &str, path: &str) -> Reply {
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .expect("request");
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).expect("request");
     let resp = tx
         .send_request(req)
         .await
@@ -509,7 +531,14 @@ async fn serve_end_to_end() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, Arc::clone(&shared), stop_rx));
+    let server = tokio::spawn(serve(
+        Listeners {
+            tcp: Some((listener, Access::new(addr, TOKEN.into()))),
+            unix: None,
+        },
+        Arc::clone(&shared),
+        stop_rx,
+    ));
 
     // /metrics
     let m = send(addr, "GET", "/metrics").await;
@@ -588,6 +617,7 @@ async fn serve_end_to_end() {
 
     // The CLI against the same server (blocking calls off the runtime threads).
     let cli_out = tokio::task::spawn_blocking(move || {
+        let addr = &tcp_endpoint(addr);
         (
             cli::status(addr).expect("cli status"),
             cli::persist_list(
@@ -660,10 +690,12 @@ async fn serve_end_to_end() {
     let f: api::FlushReply =
         parse(&send(addr, "POST", "/persist/flush?service=web&backend=b").await);
     assert_eq!(f.flushed, 2);
-    let out = tokio::task::spawn_blocking(move || cli::persist_flush(addr, None, None, None))
-        .await
-        .expect("cli thread")
-        .expect("cli flush");
+    let out = tokio::task::spawn_blocking(move || {
+        cli::persist_flush(&tcp_endpoint(addr), None, None, None)
+    })
+    .await
+    .expect("cli thread")
+    .expect("cli flush");
     assert_eq!(out, "flushed 2 persistence entries\n");
     let all: api::PersistList = parse(&send(addr, "GET", "/persist").await);
     assert!(all.entries.is_empty());
@@ -697,7 +729,7 @@ fn cli_unreachable_names_admin_listen() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     drop(l);
-    let e = cli::status(addr).expect_err("nothing listens");
+    let e = cli::status(&tcp_endpoint(addr)).expect_err("nothing listens");
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("is tether running? admin_listen is {addr}")),
@@ -711,6 +743,7 @@ async fn missing_maps_are_503() {
         snapshot: Arc::new(ArcSwap::from_pointee(snapshot(PathBuf::from(
             "/sys/fs/bpf/tether-test-absent",
         )))),
+        access: None,
         census: Arc::default(),
         walks: Arc::new(Semaphore::new(1)),
     });
@@ -724,3 +757,5 @@ async fn missing_maps_are_503() {
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{m} {p}");
     }
 }
+
+mod auth;

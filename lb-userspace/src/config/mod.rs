@@ -5,8 +5,10 @@
 //! The model follows Avi's: a virtual service references a pool and, optionally, a
 //! persistence profile.
 
+mod admin;
 mod profiles;
 mod raw;
+mod trusted;
 mod validate;
 
 use std::{
@@ -17,6 +19,7 @@ use std::{
 use lb_common::{DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
+pub use admin::TOKEN_FILE_NAME;
 use raw::RawConfig;
 pub use validate::parse_mac;
 
@@ -117,6 +120,8 @@ pub struct Config {
     pub admin_listen: std::net::SocketAddr,
     /// How long a restarted or reloaded L7 listener's old connections may take to finish.
     pub drain_timeout: std::time::Duration,
+    /// As configured; [`Config::admin_token_path`] gives the default.
+    pub admin_token_file: Option<PathBuf>,
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
@@ -147,7 +152,11 @@ pub enum ServiceMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct L7Options {
     pub tls: Option<TlsFiles>,
-    pub proxy_protocol: bool,
+    /// Peers that must send a PROXY protocol header; `None`: off. Any other peer's header
+    /// closes its connection.
+    pub proxy_protocol: Option<crate::cidr::Cidrs>,
+    /// Clients whose forwarding headers are kept and appended to; everyone else's are replaced.
+    pub trusted_forwarders: crate::cidr::Cidrs,
     pub limits: L7Limits,
 }
 
@@ -166,6 +175,13 @@ pub struct L7Limits {
     pub idle_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
     pub response_timeout: std::time::Duration,
+    /// Open connections from one client address (IPv6: one /64).
+    pub max_connections_per_source: u32,
+    pub h2_max_concurrent_streams: u32,
+    /// Connections to one backend, pooled and busy.
+    pub max_connections_per_backend: u32,
+    /// Request bodies slower than this (after `request_timeout` of grace) get a 408; 0: off.
+    pub min_body_rate_bytes_s: u32,
 }
 
 /// How the L7 proxy balances clients that no persistence decides.
@@ -396,6 +412,13 @@ impl Config {
         validate::validate(raw)
     }
 
+    /// The admin API's bearer token file.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(TOKEN_FILE_NAME))
+    }
+
     pub fn profile(&self, svc: &VirtualService) -> Option<&PersistenceProfile> {
         svc.persistence.map(|i| &self.profiles[i])
     }
@@ -409,7 +432,9 @@ fn serde_error(text: &str, e: serde_path_to_error::Error<serde_json::Error>) -> 
     if let Some(located) = profile_error(text, &path, &reason) {
         return located;
     }
-    let path = if path == "." {
+    // "." is the root; an empty path comes from an unknown field named "" (found by the
+    // config fuzz target): either way the error still names a place.
+    let path = if path == "." || path.is_empty() {
         "<root>".to_string()
     } else {
         path

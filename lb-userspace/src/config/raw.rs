@@ -24,6 +24,10 @@ pub struct RawConfig {
     pub persist_new_bindings_per_cpu_s: Option<u32>,
     #[serde(default)]
     pub admin_listen: Option<String>,
+    /// The admin API's bearer token (created 0600 on first start); default
+    /// `<state_dir>/admin.token`. Required with a non-loopback `admin_listen`.
+    #[serde(default)]
+    pub admin_token_file: Option<String>,
     #[serde(default)]
     pub drain_timeout_ms: Option<u32>,
     #[serde(default)]
@@ -56,9 +60,13 @@ pub struct RawService {
     /// `l7` only: TLS termination.
     #[serde(default)]
     pub tls: Option<RawTls>,
-    /// `l7` only: expect a PROXY protocol (v1 or v2) header on each connection.
+    /// `l7` only: the sources (CIDRs) that must send a PROXY protocol (v1 or v2) header;
+    /// `false` is off. A JSON value: `true` gets its own error message.
     #[serde(default)]
-    pub proxy_protocol: Option<bool>,
+    pub proxy_protocol: Option<serde_json::Value>,
+    /// `l7` only: the sources (CIDRs) whose X-Forwarded-For, Forwarded and X-Real-IP are kept.
+    #[serde(default)]
+    pub trusted_forwarders: Option<Vec<String>>,
     /// `l7` only.
     #[serde(default)]
     pub limits: Option<RawLimits>,
@@ -86,6 +94,14 @@ pub struct RawLimits {
     pub connect_timeout_ms: Option<u32>,
     #[serde(default)]
     pub response_timeout_ms: Option<u32>,
+    #[serde(default)]
+    pub max_connections_per_source: Option<u32>,
+    #[serde(default)]
+    pub h2_max_concurrent_streams: Option<u32>,
+    #[serde(default)]
+    pub max_connections_per_backend: Option<u32>,
+    #[serde(default)]
+    pub min_body_rate_bytes_s: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,8 +11,8 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 
 use super::{
     AdminState, Algorithm, BackendConfig, Config, ConfigError, DEFAULT_ADMIN_LISTEN,
-    DEFAULT_DRAIN_TIMEOUT_MS, DEFAULT_STATE_DIR, HealthCheckKind, HealthMonitor, L7Limits,
-    L7Options, MAX_DRAIN_TIMEOUT_MS, MAX_NEW_BINDINGS_PER_CPU_S, MAX_PERSIST_ENTRIES, MAX_WEIGHT,
+    DEFAULT_DRAIN_TIMEOUT_MS, HealthCheckKind, HealthMonitor, L7Limits, L7Options,
+    MAX_DRAIN_TIMEOUT_MS, MAX_NEW_BINDINGS_PER_CPU_S, MAX_PERSIST_ENTRIES, MAX_WEIGHT,
     PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles, VirtualService,
     XdpMode, profiles,
     raw::{MonitorType, RawConfig, RawHealthMonitor, RawMode, RawPool, RawService},
@@ -64,6 +64,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         xdp_mode: globals.xdp_mode,
         pin_dir: globals.pin_dir,
         state_dir: globals.state_dir,
+        admin_token_file: globals.admin_token_file,
         persist_table_entries: globals.persist_table_entries,
         persist_new_bindings_per_cpu_s: globals.persist_new_bindings_per_cpu_s,
         admin_listen: globals.admin_listen,
@@ -79,6 +80,7 @@ struct Globals {
     xdp_mode: XdpMode,
     pin_dir: PathBuf,
     state_dir: PathBuf,
+    admin_token_file: Option<PathBuf>,
     persist_table_entries: u32,
     persist_new_bindings_per_cpu_s: Option<u32>,
     admin_listen: std::net::SocketAddr,
@@ -147,20 +149,22 @@ fn globals(raw: &RawConfig) -> Result<Globals, ConfigError> {
             format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
         )
     })?;
-    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
-    if !state_dir.is_absolute() || state_dir == Path::new("/") {
+    let (state_dir, admin_token_file) = super::admin::validate(
+        raw.state_dir.as_deref(),
+        raw.admin_token_file.as_deref(),
+        admin_listen,
+    )?;
+    if state_dir == Path::new("/") {
         return Err(ConfigError::new(
             "state_dir",
-            format!(
-                "{}: must be an absolute directory path",
-                state_dir.display()
-            ),
+            "/: must be a directory of its own",
         ));
     }
     Ok(Globals {
         xdp_mode,
         pin_dir,
         state_dir,
+        admin_token_file,
         persist_table_entries,
         persist_new_bindings_per_cpu_s: raw.persist_new_bindings_per_cpu_s,
         admin_listen,
@@ -372,6 +376,7 @@ fn service_mode(i: usize, s: &RawService) -> Result<ServiceMode, ConfigError> {
             for (field, set) in [
                 ("tls", s.tls.is_some()),
                 ("proxy_protocol", s.proxy_protocol.is_some()),
+                ("trusted_forwarders", s.trusted_forwarders.is_some()),
                 ("limits", s.limits.is_some()),
             ] {
                 if set {
@@ -460,10 +465,45 @@ fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {
             l.and_then(|l| l.response_timeout_ms),
             60_000,
         )?,
+        max_connections_per_source: num(
+            "max_connections_per_source",
+            l.and_then(|l| l.max_connections_per_source),
+            1_000,
+            1,
+            1_000_000,
+        )?,
+        h2_max_concurrent_streams: num(
+            "h2_max_concurrent_streams",
+            l.and_then(|l| l.h2_max_concurrent_streams),
+            100,
+            1,
+            10_000,
+        )?,
+        max_connections_per_backend: num(
+            "max_connections_per_backend",
+            l.and_then(|l| l.max_connections_per_backend),
+            1_024,
+            1,
+            1_000_000,
+        )?,
+        min_body_rate_bytes_s: num(
+            "min_body_rate_bytes_s",
+            l.and_then(|l| l.min_body_rate_bytes_s),
+            500,
+            0,
+            1 << 30,
+        )?,
     };
     Ok(L7Options {
         tls,
-        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        proxy_protocol: super::trusted::proxy_protocol(
+            &at("proxy_protocol"),
+            s.proxy_protocol.as_ref(),
+        )?,
+        trusted_forwarders: super::trusted::list(
+            &at("trusted_forwarders"),
+            s.trusted_forwarders.as_deref().unwrap_or_default(),
+        )?,
         limits,
     })
 }

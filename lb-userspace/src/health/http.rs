@@ -170,7 +170,7 @@ where
 }
 
 /// `HTTP/<major>[.<minor>] <3 digits>[ <reason>]` -> the status code.
-fn parse_status_line(line: &[u8]) -> Result<u16, String> {
+pub(super) fn parse_status_line(line: &[u8]) -> Result<u16, String> {
     let malformed = || format!("malformed status line \"{}\"", snippet(line, 64));
     let rest = line.strip_prefix(b"HTTP/").ok_or_else(malformed)?;
     let (version, rest) = rest

@@ -22,6 +22,15 @@ pub use tracker::Tracker;
 
 use crate::config::{HealthCheckKind, HealthMonitor, Pool};
 
+/// How a failure for a local reason (see [`crate::neterr`]) starts: such a result says
+/// nothing about the backend and is not counted against it.
+pub const LOCAL_FAILURE: &str = "local error, not the backend's: ";
+
+/// Whether a probe's failure reason is a local one.
+pub fn is_local_failure(reason: &str) -> bool {
+    reason.starts_with(LOCAL_FAILURE)
+}
+
 /// The future a probe returns: `Ok(())` when healthy, else a short human reason.
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
@@ -31,6 +40,12 @@ pub trait HealthCheck: Send + Sync {
     /// refused", "status 500 not in [2xx, 3xx]", "read status line: timeout after 200 ms").
     /// Finishes within the monitor's timeout.
     fn check<'a>(&'a self, target: SocketAddr) -> CheckFuture<'a>;
+}
+
+/// The status code of an HTTP health-check response's status line (`HTTP/1.1 200 OK`, without
+/// the line end), or why it is malformed. Public for the fuzz target.
+pub fn parse_status_line(line: &[u8]) -> Result<u16, String> {
+    http::parse_status_line(line)
 }
 
 /// The check for a monitor (timeout included).
@@ -96,7 +111,18 @@ pub async fn probe_all(pool: &Pool, monitor: &HealthMonitor) -> Vec<Result<(), S
     let mut results = vec![Err("probe did not complete".to_string()); pool.backends.len()];
     while let Some(joined) = set.join_next().await {
         if let Ok((i, result)) = joined {
-            results[i] = result;
+            results[i] = match result {
+                // Unknown is not down: start it up, as a pool without a monitor would.
+                Err(reason) if is_local_failure(&reason) => {
+                    log::warn!(
+                        "health check of {} ({}): {reason}; counted as up",
+                        pool.backends[i].name,
+                        pool.backends[i].address
+                    );
+                    Ok(())
+                }
+                r => r,
+            };
         }
     }
     results
@@ -175,6 +201,17 @@ impl Watch {
         loop {
             ticks.tick().await;
             let result = self.check.check(self.target).await;
+            if let Err(reason) = &result
+                && is_local_failure(reason)
+            {
+                log::warn!(
+                    "health check {}/{} ({}) not counted: {reason}",
+                    self.pool,
+                    self.backend,
+                    self.target
+                );
+                continue;
+            }
             if let Err(reason) = &result {
                 log::debug!(
                     "health check {}/{} ({}) failed: {reason}",
@@ -255,6 +292,9 @@ impl Deadline {
     ) -> Result<T, String> {
         match tokio::time::timeout_at(self.at, io).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if crate::neterr::is_local(&e) => {
+                Err(format!("{LOCAL_FAILURE}{step}: {}", io_detail(&e)))
+            }
             Ok(Err(e)) => Err(format!("{step}: {}", io_detail(&e))),
             Err(_) => Err(format!(
                 "{step}: timeout after {} ms",
@@ -548,5 +588,78 @@ mod tests {
             "probes continued after drop"
         );
         server.abort();
+    }
+
+    /// A probe that fails with `errno` each time, counting its calls.
+    struct Failing(i32, Arc<AtomicUsize>);
+
+    impl super::HealthCheck for Failing {
+        fn check<'a>(&'a self, _target: SocketAddr) -> super::CheckFuture<'a> {
+            Box::pin(async move {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                let e = std::io::Error::from_raw_os_error(self.0);
+                super::Deadline::after(Duration::from_secs(1))
+                    .run("connect", async move { Err::<(), _>(e) })
+                    .await
+            })
+        }
+    }
+
+    fn watch(
+        errno: i32,
+        calls: &Arc<AtomicUsize>,
+    ) -> (super::Watch, mpsc::UnboundedReceiver<HealthEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = super::Watch {
+            check: Arc::new(Failing(errno, Arc::clone(calls))),
+            target: "127.0.0.1:9".parse().expect("addr"),
+            pool: "p".into(),
+            backend: "b".into(),
+            tracker: super::Tracker::new(1, 1, true),
+            rise: 1,
+            tx,
+        };
+        (w, rx)
+    }
+
+    #[tokio::test]
+    async fn local_errors_never_take_a_backend_down() {
+        for errno in [libc::EMFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let (w, mut rx) = watch(errno, &calls);
+            let task = tokio::spawn(w.run(tokio::time::Instant::now(), Duration::from_millis(5)));
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while calls.load(Ordering::SeqCst) < 5 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("five probes ran");
+            task.abort();
+            assert!(
+                rx.try_recv().is_err(),
+                "errno {errno}: five local failures with fall 1 sent an event"
+            );
+        }
+        // The control: the same with a refused connect goes down at once.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (w, mut rx) = watch(libc::ECONNREFUSED, &calls);
+        let task = tokio::spawn(w.run(tokio::time::Instant::now(), Duration::from_millis(5)));
+        let ev = next_event(&mut rx).await;
+        task.abort();
+        assert!(!ev.up, "{ev:?}");
+        assert_eq!(ev.detail, "connect: connection refused");
+    }
+
+    #[tokio::test]
+    async fn local_errors_are_marked() {
+        let e = super::Deadline::after(Duration::from_secs(1))
+            .run("connect", async {
+                Err::<(), _>(std::io::Error::from_raw_os_error(libc::EMFILE))
+            })
+            .await
+            .expect_err("fails");
+        assert!(super::is_local_failure(&e), "{e}");
+        assert!(e.ends_with("connect: too many open files"), "{e}");
     }
 }

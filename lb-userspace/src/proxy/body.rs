@@ -4,6 +4,10 @@
 use std::{
     future::Future as _,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -20,6 +24,31 @@ pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no body data for {0:?}")]
 pub(super) struct BodyIdle(Duration);
 
+#[derive(Debug, thiserror::Error)]
+#[error("request body slower than {0} bytes/s")]
+pub(super) struct BodyTooSlow(u32);
+
+/// Set when a body was cut for being too slow (the handler answers 408 then).
+pub(super) type SlowFlag = Arc<AtomicBool>;
+
+/// A minimum data rate: after `grace`, at least `bytes_per_s` on average since the start.
+struct MinRate {
+    bytes_per_s: u32,
+    grace: Duration,
+    start: tokio::time::Instant,
+    received: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+    slow: SlowFlag,
+}
+
+impl MinRate {
+    /// When the body is too slow if no more bytes come.
+    fn deadline(&self) -> tokio::time::Instant {
+        let allowed_s = self.received as f64 / f64::from(self.bytes_per_s.max(1));
+        self.start + self.grace + Duration::from_secs_f64(allowed_s.min(1e9))
+    }
+}
+
 pub(super) struct ProxyBody {
     inner: Inner,
     /// Guards dropped with the body (or at its end).
@@ -34,6 +63,7 @@ enum Inner {
         /// Armed when a poll found no data; reset by each frame.
         sleep: Option<Pin<Box<Sleep>>>,
         armed: bool,
+        rate: Option<MinRate>,
     },
 }
 
@@ -79,9 +109,33 @@ impl ProxyBody {
                 idle,
                 sleep: None,
                 armed: false,
+                rate: None,
             },
             on_end: OnEnd::default(),
         }
+    }
+
+    /// Fails the body once it averages under `bytes_per_s` after `grace` (0: no minimum);
+    /// the flag tells it happened.
+    pub(super) fn with_min_rate(
+        mut self,
+        bytes_per_s: u32,
+        grace: Duration,
+    ) -> (ProxyBody, SlowFlag) {
+        let slow = SlowFlag::default();
+        if let Inner::Stream { rate, .. } = &mut self.inner
+            && bytes_per_s > 0
+        {
+            *rate = Some(MinRate {
+                bytes_per_s,
+                grace,
+                start: tokio::time::Instant::now(),
+                received: 0,
+                timer: None,
+                slow: slow.clone(),
+            });
+        }
+        (self, slow)
     }
 
     /// Ends `inflight` when the body is done or dropped.
@@ -101,6 +155,23 @@ impl ProxyBody {
     }
 }
 
+impl MinRate {
+    /// Past the deadline now, or arms the timer for it (so the task wakes then).
+    fn too_slow(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.deadline();
+        if tokio::time::Instant::now() >= deadline {
+            return true;
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -117,13 +188,22 @@ impl Body for ProxyBody {
                 idle,
                 sleep,
                 armed,
+                rate,
             } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     *armed = false;
+                    if let (Some(r), Some(d)) = (rate.as_mut(), frame.data_ref()) {
+                        r.received += d.len() as u64;
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending if rate.as_mut().is_some_and(|r| r.too_slow(cx)) => {
+                    let r = rate.as_ref().expect("checked");
+                    r.slow.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(BodyTooSlow(r.bytes_per_s).into())))
+                }
                 Poll::Pending => {
                     let deadline = tokio::time::Instant::now() + *idle;
                     let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*idle)));

@@ -78,28 +78,65 @@ pub(super) async fn run(
     let clock = Arc::new(Clock::new());
     let handshake_deadline = Instant::now() + limits.request_header_timeout;
 
-    let (client, local, rest) = if shared.proxy_protocol {
-        let header =
-            tokio::time::timeout_at(handshake_deadline, proxy_protocol::read_header(&mut tcp))
-                .await;
-        match header {
-            Ok(Ok((header, rest))) => {
-                let (client, local) = header.addrs.unwrap_or((peer, local));
-                (client, local, rest)
-            }
-            Ok(Err(e)) => {
-                inc(&shared.stats.handshake_errors);
-                log::debug!("proxy: {peer}: {e}");
-                return;
-            }
-            Err(_) => {
-                inc(&shared.stats.handshake_errors);
-                log::debug!("proxy: {peer}: no PROXY header in time");
-                return;
+    let trusted = shared
+        .proxy_protocol
+        .as_ref()
+        .map(|t| t.contains(peer.ip()));
+    let (client, local, rest) = match trusted {
+        Some(true) => {
+            let header =
+                tokio::time::timeout_at(handshake_deadline, proxy_protocol::read_header(&mut tcp))
+                    .await;
+            match header {
+                Ok(Ok((header, rest))) => {
+                    let (client, local) = header.addrs.unwrap_or((peer, local));
+                    (client, local, rest)
+                }
+                Ok(Err(e)) => {
+                    inc(&shared.stats.handshake_errors);
+                    log::debug!("proxy: {peer}: {e}");
+                    return;
+                }
+                Err(_) => {
+                    inc(&shared.stats.handshake_errors);
+                    log::debug!("proxy: {peer}: no PROXY header in time");
+                    return;
+                }
             }
         }
-    } else {
-        (peer, local, Bytes::new())
+        // An untrusted peer is a client: it may not claim another address.
+        Some(false) => {
+            match tokio::time::timeout_at(handshake_deadline, proxy_protocol::sniff(&mut tcp)).await
+            {
+                Ok(Ok((false, rest))) => (peer, local, rest),
+                Ok(Ok((true, _))) => {
+                    inc(&shared.stats.proxy_header_refused);
+                    // Counted, not logged above debug: a client could flood the log.
+                    log::debug!(
+                        "proxy: {peer} sent a PROXY protocol header but is not a trusted source: closed"
+                    );
+                    return;
+                }
+                Ok(Err(e)) => {
+                    log::debug!("proxy: {peer}: {e}");
+                    return;
+                }
+                Err(_) => {
+                    inc(&shared.stats.handshake_errors);
+                    log::debug!("proxy: {peer}: nothing received in time");
+                    return;
+                }
+            }
+        }
+        None => (peer, local, Bytes::new()),
+    };
+    let Some(_source_slot) = shared.sources.acquire(client.ip()) else {
+        inc(&shared.stats.source_rejected);
+        log::debug!(
+            "proxy: {client}: {} connections from this source already open: closed",
+            limits.max_connections_per_source
+        );
+        return;
     };
     let io = ClientIo::new(tcp, rest, clock.clone());
 
@@ -173,7 +210,8 @@ async fn serve_http<I>(
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(limits.h2_max_concurrent_streams);
         let conn = builder.serve_connection(io, service);
         drive(
             conn,

@@ -91,9 +91,13 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         return Err(StatusCode::METHOD_NOT_ALLOWED);
     }
     let upgrade = !ctx.h2 && client_upgrade.is_some() && headers::wants_upgrade(&parts);
-    headers::prepare_request(&mut parts, &ctx.info, upgrade)?;
+    let trusted = shared.trusted_forwarders.contains(ctx.info.client.ip());
+    headers::prepare_request(&mut parts, &ctx.info, upgrade, trusted)?;
 
-    let mut req = Request::from_parts(parts, ProxyBody::stream(body, idle));
+    let limits = &shared.limits;
+    let (body, slow) = ProxyBody::stream(body, idle)
+        .with_min_rate(limits.min_body_rate, limits.request_header_timeout);
+    let mut req = Request::from_parts(parts, body);
     let mut tried = Vec::new();
     let (route, resp, _attempt) = loop {
         let (mut parts, body) = req.into_parts();
@@ -125,6 +129,30 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
                     shared.limits.upstream_response_timeout
                 );
                 return Err(StatusCode::GATEWAY_TIMEOUT);
+            }
+            Err(UpstreamError::Local(why)) => {
+                // Not the backend's fault: no retry elsewhere (that would move a persisted
+                // client), no mark against it.
+                inc(&stats.local_errors);
+                log::warn!("proxy: backend {backend}: {why} (a local error)");
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(UpstreamError::Saturated) => {
+                inc(&stats.backend_saturated);
+                log::warn!(
+                    "proxy: backend {backend}: all {} connections busy",
+                    limits.max_connections_per_backend
+                );
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(UpstreamError::Failed(_)) if slow.load(std::sync::atomic::Ordering::Relaxed) => {
+                inc(&stats.slow_bodies);
+                log::info!(
+                    "proxy: {}: request body slower than {} bytes/s: 408",
+                    ctx.info.client,
+                    limits.min_body_rate
+                );
+                return Err(StatusCode::REQUEST_TIMEOUT);
             }
             Err(UpstreamError::Failed(why)) => {
                 inc(&stats.upstream_errors);

@@ -1,5 +1,21 @@
 //! Request and response head rewriting: hop-by-hop headers, forwarding headers, Host and
 //! Cookie normalisation.
+//!
+//! # Forwarding headers: trusted hops
+//!
+//! A backend reads the client's address from `X-Forwarded-For` (or `X-Real-IP`,
+//! `Forwarded`), so only a hop the operator trusts may set them (HAProxy's `option forwardfor`
+//! behind `http-request del-header` for untrusted sources, Envoy's `xff_num_trusted_hops`):
+//!
+//! | header | client not in `trusted_forwarders` (default) | trusted client |
+//! |---|---|---|
+//! | `X-Forwarded-For` | replaced by the client's address | client appended to the list |
+//! | `X-Real-IP` | replaced by the client's address | kept; set when absent |
+//! | `Forwarded` | removed | kept |
+//! | `X-Forwarded-Proto`, `X-Forwarded-Host` | set by tether | kept; set when absent |
+//!
+//! "The client" is the connection's peer, or the address a trusted PROXY protocol header
+//! carries.
 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version,
@@ -13,6 +29,7 @@ use super::ConnInfo;
 pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(super) const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
@@ -27,6 +44,7 @@ fn protected(name: &HeaderName) -> bool {
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
         &X_FORWARDED_HOST,
+        &X_REAL_IP,
         &FORWARDED,
     ]
     .contains(&name)
@@ -98,12 +116,14 @@ pub(super) fn merge_cookies(headers: &mut HeaderMap) {
 }
 
 /// Turns a client request head into the HTTP/1.1 head sent upstream: origin-form URI, `Host`
-/// from the authority, hop-by-hop headers gone, cookies merged, forwarding headers added.
+/// from the authority, hop-by-hop headers gone, cookies merged, forwarding headers set by the
+/// trusted-hop policy (module docs; `trusted`: the client is in `trusted_forwarders`).
 /// `Err(400)` for a request with no host to forward (HTTP/1.1 without `Host`).
 pub(super) fn prepare_request(
     parts: &mut request::Parts,
     conn: &ConnInfo,
     upgrade: bool,
+    trusted: bool,
 ) -> Result<(), StatusCode> {
     // Host: HTTP/2's :authority, or an absolute-form request target, wins over a Host field
     // (RFC 9112 3.2.2, RFC 9113 8.3.1).
@@ -145,8 +165,20 @@ pub(super) fn prepare_request(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     merge_cookies(&mut parts.headers);
 
-    // X-Forwarded-For: the existing list (all fields, in order) then the client.
     let client = conn.client.ip().to_canonical().to_string();
+    let client_value = HeaderValue::from_str(&client).map_err(|_| StatusCode::BAD_REQUEST)?;
+    if !trusted {
+        for h in [
+            &X_FORWARDED_FOR,
+            &X_REAL_IP,
+            &FORWARDED,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+        ] {
+            parts.headers.remove(h);
+        }
+    }
+    // X-Forwarded-For: a trusted hop's list (all fields, in order), then the client.
     let mut xff = Vec::new();
     for v in parts.headers.get_all(X_FORWARDED_FOR) {
         if !xff.is_empty() {
@@ -160,14 +192,20 @@ pub(super) fn prepare_request(
     xff.extend_from_slice(client.as_bytes());
     let xff = HeaderValue::from_bytes(&xff).map_err(|_| StatusCode::BAD_REQUEST)?;
     parts.headers.insert(X_FORWARDED_FOR, xff);
-    parts.headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
-    match host {
-        Some(h) => parts.headers.insert(X_FORWARDED_HOST, h),
-        None => parts.headers.remove(X_FORWARDED_HOST),
-    };
+    if !parts.headers.contains_key(X_REAL_IP) {
+        parts.headers.insert(X_REAL_IP, client_value);
+    }
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts.headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+    }
+    if !parts.headers.contains_key(X_FORWARDED_HOST)
+        && let Some(h) = host
+    {
+        parts.headers.insert(X_FORWARDED_HOST, h);
+    }
     Ok(())
 }
 
@@ -211,7 +249,7 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        prepare_request(&mut p, &conn(false), false).unwrap();
+        prepare_request(&mut p, &conn(false), false, false).unwrap();
         let h = &p.headers;
         for gone in [
             "connection",
@@ -232,7 +270,8 @@ mod tests {
         );
         assert_eq!(
             all(h, X_FORWARDED_FOR),
-            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.9"]
+            ["192.0.2.9"],
+            "an untrusted client's list is replaced"
         );
         assert_eq!(all(h, X_FORWARDED_PROTO), ["http"]);
         assert_eq!(all(h, X_FORWARDED_HOST), ["example.com"]);
@@ -250,7 +289,7 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        prepare_request(&mut p, &conn(true), false).unwrap();
+        prepare_request(&mut p, &conn(true), false, false).unwrap();
         assert_eq!(all(&p.headers, HOST), ["example.com:8443"]);
         assert_eq!(all(&p.headers, COOKIE), ["a=1; b=2; c=3"]);
         assert_eq!(all(&p.headers, X_FORWARDED_PROTO), ["https"]);
@@ -269,7 +308,7 @@ mod tests {
             .unwrap()
             .into_parts();
         assert!(wants_upgrade(&p));
-        prepare_request(&mut p, &conn(false), true).unwrap();
+        prepare_request(&mut p, &conn(false), true, false).unwrap();
         assert_eq!(all(&p.headers, UPGRADE), ["websocket"]);
         assert_eq!(all(&p.headers, CONNECTION), ["upgrade"]);
     }
@@ -278,7 +317,7 @@ mod tests {
     fn missing_or_duplicate_host() {
         let (mut p, ()) = Request::get("/").body(()).unwrap().into_parts();
         assert_eq!(
-            prepare_request(&mut p, &conn(false), false),
+            prepare_request(&mut p, &conn(false), false, false),
             Err(StatusCode::BAD_REQUEST)
         );
         let (mut p, ()) = Request::get("/")
@@ -288,7 +327,7 @@ mod tests {
             .unwrap()
             .into_parts();
         assert_eq!(
-            prepare_request(&mut p, &conn(false), false),
+            prepare_request(&mut p, &conn(false), false, false),
             Err(StatusCode::BAD_REQUEST)
         );
         let (mut p, ()) = Request::get("/")
@@ -296,8 +335,58 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        prepare_request(&mut p, &conn(false), false).unwrap();
+        prepare_request(&mut p, &conn(false), false, false).unwrap();
         assert_eq!(all(&p.headers, HOST), ["127.0.0.1:80"]);
         assert!(!p.headers.contains_key(X_FORWARDED_HOST));
+    }
+
+    #[test]
+    fn forwarding_headers_follow_trust() {
+        let spoofed = || {
+            Request::get("/")
+                .header("host", "app.example")
+                .header("x-forwarded-for", "10.0.0.1")
+                .header("x-forwarded-for", "10.0.0.2, 10.0.0.3")
+                .header("x-real-ip", "10.9.9.9")
+                .header("forwarded", "for=10.8.8.8;proto=https")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "other.example")
+                .header("connection", "x-real-ip, forwarded")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        // Untrusted (the default): whatever the client claimed is gone.
+        let mut p = spoofed();
+        prepare_request(&mut p, &conn(false), false, false).unwrap();
+        let h = &p.headers;
+        assert_eq!(all(h, X_FORWARDED_FOR), ["192.0.2.9"]);
+        assert_eq!(all(h, X_REAL_IP), ["192.0.2.9"]);
+        assert!(!h.contains_key(FORWARDED), "Forwarded removed");
+        assert_eq!(all(h, X_FORWARDED_PROTO), ["http"]);
+        assert_eq!(all(h, X_FORWARDED_HOST), ["app.example"]);
+        // Trusted hop: its list is kept and the client appended; its other headers stand.
+        let mut p = spoofed();
+        prepare_request(&mut p, &conn(false), false, true).unwrap();
+        let h = &p.headers;
+        assert_eq!(
+            all(h, X_FORWARDED_FOR),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.9"]
+        );
+        assert_eq!(all(h, X_REAL_IP), ["10.9.9.9"]);
+        assert_eq!(all(h, FORWARDED), ["for=10.8.8.8;proto=https"]);
+        assert_eq!(all(h, X_FORWARDED_PROTO), ["https"]);
+        assert_eq!(all(h, X_FORWARDED_HOST), ["other.example"]);
+        // A trusted hop without headers gets them set.
+        let (mut p, ()) = Request::get("/")
+            .header("host", "h")
+            .body(())
+            .unwrap()
+            .into_parts();
+        prepare_request(&mut p, &conn(true), false, true).unwrap();
+        assert_eq!(all(&p.headers, X_FORWARDED_FOR), ["192.0.2.9"]);
+        assert_eq!(all(&p.headers, X_REAL_IP), ["192.0.2.9"]);
+        assert_eq!(all(&p.headers, X_FORWARDED_PROTO), ["https"]);
     }
 }

@@ -8,10 +8,16 @@
 //! - **Connections**: one task per client connection. Over [`Limits::max_connections`] a new
 //!   connection is accepted and closed at once (the client sees an immediate EOF rather than a
 //!   hang in the kernel backlog) and counted in [`ProxyStatsSnapshot::connections_rejected`].
-//! - **PROXY protocol** (v1 and v2, when enabled): read before anything else (before TLS) within
-//!   [`Limits::request_header_timeout`]; a missing or malformed header closes the connection.
-//!   [`ConnInfo::client`] and [`ConnInfo::local`] are the addresses it carries (the real
-//!   connection's for `UNKNOWN`/`LOCAL`).
+//! - **Per source**: over [`Limits::max_connections_per_source`] open connections from one
+//!   client address (IPv6: one /64; the PROXY protocol's address when there is one) the new
+//!   one is closed and counted in [`ProxyStatsSnapshot::source_rejected`].
+//! - **PROXY protocol** (v1 and v2, when enabled): peers in the trusted list must send one,
+//!   read before anything else (before TLS) within [`Limits::request_header_timeout`]; a
+//!   missing or malformed header closes the connection. Any other peer is served as a direct
+//!   client, and if it sends a header anyway its connection is closed and counted in
+//!   [`ProxyStatsSnapshot::proxy_header_refused`]. [`ConnInfo::client`] and
+//!   [`ConnInfo::local`] are the addresses the header carries (the real connection's for
+//!   `UNKNOWN`/`LOCAL`).
 //! - **Timeouts** on the client side: the first request head (with the TLS handshake and the
 //!   PROXY header) must arrive within `request_header_timeout` of the accept; between requests
 //!   a connection may stay idle for `idle_timeout`, and once the next head has started it must
@@ -24,9 +30,19 @@
 //!   `tried`; any failure after the request was sent is a 502. An idempotent request without a
 //!   body that fails on a *reused* pooled connection before any response byte (the backend
 //!   closed it as we wrote) is replayed once on a fresh connection to the same backend.
-//! - **Headers**: hop-by-hop headers are removed in both directions; `X-Forwarded-For` gets
-//!   the client appended, `X-Forwarded-Proto` and `X-Forwarded-Host` are set, `Host` is kept
-//!   (from `:authority` for HTTP/2), several `Cookie` fields are merged with `"; "`.
+//! - **Headers**: hop-by-hop headers are removed in both directions; forwarding headers follow
+//!   [`headers::prepare_request`]'s trusted-hop policy (a client's own `X-Forwarded-For`,
+//!   `Forwarded` and `X-Real-IP` are replaced unless it is in `trusted_forwarders`), `Host` is
+//!   kept (from `:authority` for HTTP/2), several `Cookie` fields are merged with `"; "`.
+//! - **Slow bodies**: a request body arriving slower than [`Limits::min_body_rate`] bytes per
+//!   second (after `request_header_timeout` of grace) ends with a 408 and the connection
+//!   closes, counted in [`ProxyStatsSnapshot::slow_bodies`].
+//! - **Backend connections**: at most [`Limits::max_connections_per_backend`] per backend,
+//!   pooled or busy; a request waits up to `upstream_connect_timeout` for one, then gets a 503
+//!   ([`ProxyStatsSnapshot::backend_saturated`]). A connect that fails for a local reason
+//!   (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL) is answered 503 on the spot: it says
+//!   nothing about the backend, so the request is not moved to another one
+//!   ([`ProxyStatsSnapshot::local_errors`]).
 //!   The router sees the head as it will be sent (origin-form URI, HTTP/1.1, forwarding
 //!   headers added).
 //! - **Errors**: answered by the proxy with a short `text/plain` body and, on HTTP/1.x,
@@ -38,6 +54,7 @@ mod handler;
 mod headers;
 mod io;
 mod proxy_protocol;
+mod sources;
 mod tls;
 mod upstream;
 
@@ -63,6 +80,24 @@ use tokio::{
 };
 
 pub use tls::{TlsError, TlsHandle, TlsPart, load_tls};
+
+/// A PROXY protocol header at the start of `buf`: `Ok(None)` when more bytes are needed,
+/// else the (source, destination) it carries (`None` for `UNKNOWN`/`LOCAL`) and its length.
+/// Public for the fuzz target.
+#[allow(clippy::type_complexity)]
+pub fn parse_proxy_header(
+    buf: &[u8],
+) -> Result<Option<(Option<(SocketAddr, SocketAddr)>, usize)>, String> {
+    proxy_protocol::parse(buf)
+        .map(|r| r.map(|(a, n)| (a.addrs, n)))
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `buf` starts a PROXY protocol header (`None`: too short to tell). Public for the
+/// fuzz target.
+pub fn is_proxy_header_start(buf: &[u8]) -> Option<bool> {
+    proxy_protocol::is_header_start(buf)
+}
 
 /// Decides where a request goes and adjusts the response; implemented by persistence methods.
 pub trait Router: Send + Sync + 'static {
@@ -145,7 +180,10 @@ pub struct ProxyConfig {
     /// Built before serving (a bad certificate never stops a running listener), and
     /// replaceable while serving.
     pub tls: Option<TlsHandle>,
-    pub proxy_protocol: bool,
+    /// Peers that must send a PROXY protocol header; `None`: the protocol is off.
+    pub proxy_protocol: Option<crate::cidr::Cidrs>,
+    /// Clients whose forwarding headers are kept (appended to); others' are replaced.
+    pub trusted_forwarders: crate::cidr::Cidrs,
     pub limits: Limits,
 }
 
@@ -153,6 +191,15 @@ pub struct ProxyConfig {
 pub struct Limits {
     /// Concurrent client connections (tunnels included); over it, accept and close.
     pub max_connections: usize,
+    /// Concurrent client connections from one address (IPv6: one /64).
+    pub max_connections_per_source: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub h2_max_concurrent_streams: u32,
+    /// Connections to one backend, idle in the pool or busy.
+    pub max_connections_per_backend: usize,
+    /// Minimum request body rate in bytes per second, after `request_header_timeout` of
+    /// grace; 0: no minimum.
+    pub min_body_rate: u32,
     /// Request line plus headers (HTTP/1.1: 431 over it), HTTP/2 header list size.
     pub max_header_bytes: usize,
     /// First request head (with TLS handshake and PROXY header) from accept; later heads from
@@ -171,10 +218,16 @@ pub struct Limits {
 impl Default for Limits {
     /// HAProxy-like: `maxconn 4096`, 16 KiB of headers (`tune.bufsize`), `timeout http-request
     /// 10s`, `timeout client 60s`, `timeout connect 5s`, `timeout server 60s`,
-    /// `hard-stop-after 10s`.
+    /// `hard-stop-after 10s`; 1000 connections per source, 100 HTTP/2 streams (the RFC's
+    /// recommended minimum, nginx's and hyper's default), 1024 connections per backend
+    /// (Envoy's circuit-breaker default), 500 bytes/s of body (Apache mod_reqtimeout's MinRate).
     fn default() -> Limits {
         Limits {
             max_connections: 4096,
+            max_connections_per_source: 1000,
+            h2_max_concurrent_streams: 100,
+            max_connections_per_backend: 1024,
+            min_body_rate: 500,
             max_header_bytes: 16 * 1024,
             request_header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -207,6 +260,11 @@ pub struct ProxyStats {
     retries: AtomicU64,
     upgrades: AtomicU64,
     client_errors: AtomicU64,
+    proxy_header_refused: AtomicU64,
+    source_rejected: AtomicU64,
+    slow_bodies: AtomicU64,
+    local_errors: AtomicU64,
+    backend_saturated: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one moment.
@@ -234,6 +292,16 @@ pub struct ProxyStatsSnapshot {
     pub upgrades: u64,
     /// Client connections that ended on a protocol error (malformed HTTP, oversized headers).
     pub client_errors: u64,
+    /// Connections closed because an untrusted peer sent a PROXY protocol header.
+    pub proxy_header_refused: u64,
+    /// Connections closed because their source had `max_connections_per_source` open.
+    pub source_rejected: u64,
+    /// Requests answered 408 because their body came slower than `min_body_rate`.
+    pub slow_bodies: u64,
+    /// Requests answered 503 because connecting failed for a local reason (EMFILE, ...).
+    pub local_errors: u64,
+    /// Requests answered 503 because their backend had `max_connections_per_backend` busy.
+    pub backend_saturated: u64,
 }
 
 impl ProxyStatsSnapshot {
@@ -264,6 +332,11 @@ impl ProxyStats {
             retries: get(&self.retries),
             upgrades: get(&self.upgrades),
             client_errors: get(&self.client_errors),
+            proxy_header_refused: get(&self.proxy_header_refused),
+            source_rejected: get(&self.source_rejected),
+            slow_bodies: get(&self.slow_bodies),
+            local_errors: get(&self.local_errors),
+            backend_saturated: get(&self.backend_saturated),
         }
     }
 
@@ -279,7 +352,9 @@ struct Shared {
     limits: Limits,
     stats: Arc<ProxyStats>,
     pool: upstream::Pool,
-    proxy_protocol: bool,
+    proxy_protocol: Option<crate::cidr::Cidrs>,
+    trusted_forwarders: crate::cidr::Cidrs,
+    sources: sources::SourceLimiter,
     tls: Option<TlsHandle>,
 }
 
@@ -304,8 +379,14 @@ pub async fn serve_with_stats(
     stats: Arc<ProxyStats>,
 ) -> Result<(), ProxyError> {
     let limits = cfg.limits;
-    if limits.max_connections == 0 {
-        return Err(ProxyError::Config("max_connections is 0".into()));
+    if limits.max_connections == 0
+        || limits.max_connections_per_source == 0
+        || limits.max_connections_per_backend == 0
+        || limits.h2_max_concurrent_streams == 0
+    {
+        return Err(ProxyError::Config(format!(
+            "connection and stream limits must be positive: {limits:?}"
+        )));
     }
     if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
         return Err(ProxyError::Config(format!(
@@ -319,7 +400,9 @@ pub async fn serve_with_stats(
         limits,
         stats: stats.clone(),
         pool: upstream::Pool::new(limits),
-        proxy_protocol: cfg.proxy_protocol,
+        proxy_protocol: cfg.proxy_protocol.clone(),
+        trusted_forwarders: cfg.trusted_forwarders.clone(),
+        sources: sources::SourceLimiter::new(limits.max_connections_per_source),
         tls,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -334,8 +417,8 @@ pub async fn serve_with_stats(
         } else {
             "cleartext"
         },
-        if cfg.proxy_protocol {
-            ", PROXY protocol"
+        if cfg.proxy_protocol.is_some() {
+            ", PROXY protocol from trusted sources"
         } else {
             ""
         }

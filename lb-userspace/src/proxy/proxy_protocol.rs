@@ -63,6 +63,40 @@ pub(super) async fn read_header<R: AsyncRead + Unpin>(
     }
 }
 
+/// Whether `buf` begins a PROXY header: `None` while too short to tell (v1 is known after 6
+/// bytes, v2 after 12, anything else at its first differing byte).
+pub(super) fn is_header_start(buf: &[u8]) -> Option<bool> {
+    let v2 = buf[..buf.len().min(V2_SIG.len())] == V2_SIG[..buf.len().min(V2_SIG.len())];
+    let v1 = buf[..buf.len().min(V1_PREFIX.len())] == V1_PREFIX[..buf.len().min(V1_PREFIX.len())];
+    if buf.is_empty() {
+        None
+    } else if (v1 && buf.len() >= V1_PREFIX.len()) || (v2 && buf.len() >= V2_SIG.len()) {
+        Some(true)
+    } else if !v1 && !v2 {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Reads until the first bytes show whether they are a PROXY header; returns the verdict
+/// and every byte read, to be replayed. The end of the stream counts as "no header".
+pub(super) async fn sniff<R: AsyncRead + Unpin>(r: &mut R) -> Result<(bool, Bytes), Error> {
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        if let Some(v) = is_header_start(&buf) {
+            return Ok((v, buf.freeze()));
+        }
+        let n = r
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| Error::Io(e.to_string()))?;
+        if n == 0 {
+            return Ok((false, buf.freeze()));
+        }
+    }
+}
+
 /// `Ok(None)`: need more bytes. `Ok(Some((header, length)))`: a complete header.
 pub(super) fn parse(buf: &[u8]) -> Result<Option<(Addresses, usize)>, Error> {
     let n = buf.len().min(V2_SIG.len());
@@ -231,6 +265,20 @@ mod tests {
         }
         let long = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat();
         assert_eq!(parse(&long), Err(Error::BadV1));
+    }
+
+    #[test]
+    fn header_start_is_known_early() {
+        assert_eq!(is_header_start(b""), None);
+        assert_eq!(is_header_start(b"PROX"), None);
+        assert_eq!(is_header_start(b"PROXY "), Some(true));
+        assert_eq!(is_header_start(b"PROXY TCP4 1.2.3.4"), Some(true));
+        assert_eq!(is_header_start(b"POST / HTTP/1.1"), Some(false));
+        assert_eq!(is_header_start(b"PROXYZ"), Some(false));
+        assert_eq!(is_header_start(b"\x16\x03\x01"), Some(false), "TLS");
+        assert_eq!(is_header_start(b"\r\n\r\n\0"), None);
+        assert_eq!(is_header_start(&V2_SIG[..]), Some(true));
+        assert_eq!(is_header_start(b"\r\n\r\nGET"), Some(false));
     }
 
     fn v2(cmd: u8, fam: u8, body: &[u8]) -> Vec<u8> {

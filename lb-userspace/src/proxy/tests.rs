@@ -300,7 +300,13 @@ fn test_limits() -> Limits {
         upstream_connect_timeout: Duration::from_secs(1),
         upstream_response_timeout: Duration::from_secs(3),
         shutdown_grace: Duration::from_secs(3),
+        ..Limits::default()
     }
+}
+
+/// The test clients' source: trusted to send a PROXY header.
+fn loopback() -> crate::cidr::Cidrs {
+    crate::cidr::Cidrs::parse(&["127.0.0.0/8"]).expect("loopback prefix")
 }
 
 struct Proxy {
@@ -322,7 +328,7 @@ impl Proxy {
     async fn start(
         router: Arc<TestRouter>,
         tls: Option<TlsFiles>,
-        proxy_protocol: bool,
+        proxy_protocol: Option<crate::cidr::Cidrs>,
         limits: Limits,
     ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -331,6 +337,7 @@ impl Proxy {
             listen: addr,
             tls: tls.map(|f| TlsHandle::load(&f).unwrap()),
             proxy_protocol,
+            trusted_forwarders: crate::cidr::Cidrs::default(),
             limits,
         };
         let stats = Arc::new(ProxyStats::default());
@@ -345,7 +352,7 @@ impl Proxy {
     }
 
     async fn plain(router: Arc<TestRouter>) -> Proxy {
-        Proxy::start(router, None, false, test_limits()).await
+        Proxy::start(router, None, None, test_limits()).await
     }
 
     fn stats(&self) -> ProxyStatsSnapshot {
@@ -555,7 +562,8 @@ async fn keep_alive_round_trips_reuse_one_backend_connection() {
             assert_eq!(d["uri"], format!("/item/{i}?q=1"));
             assert_eq!(d["version"], "HTTP/1.1");
             assert_eq!(seen(&d, "host"), ["app.example"]);
-            assert_eq!(seen(&d, "x-forwarded-for"), ["198.51.100.1, 127.0.0.1"]);
+            // The client is not a trusted forwarder: its own list is replaced.
+            assert_eq!(seen(&d, "x-forwarded-for"), ["127.0.0.1"]);
             assert_eq!(seen(&d, "x-forwarded-proto"), ["http"]);
             assert_eq!(seen(&d, "x-forwarded-host"), ["app.example"]);
             assert_eq!(seen(&d, "x-kept"), ["yes"]);
@@ -625,7 +633,7 @@ async fn h2_over_tls_with_alpn_merges_cookies() {
         let proxy = Proxy::start(
             router.clone(),
             Some(certs.files.clone()),
-            false,
+            None,
             test_limits(),
         )
         .await;
@@ -678,7 +686,7 @@ async fn tls_with_http11_only_client() {
         let proxy = Proxy::start(
             router.clone(),
             Some(certs.files.clone()),
-            false,
+            None,
             test_limits(),
         )
         .await;
@@ -714,7 +722,7 @@ async fn proxy_protocol_v1_v2_set_the_client_and_garbage_closes() {
     bounded(async {
         let b = Backend::echo("pp", Behaviour::default()).await;
         let router = TestRouter::new(vec![b.addr]);
-        let proxy = Proxy::start(router.clone(), None, true, test_limits()).await;
+        let proxy = Proxy::start(router.clone(), None, Some(loopback()), test_limits()).await;
         let req = b"GET /pp HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n";
 
         // v1, header and request in one segment.
@@ -830,7 +838,7 @@ async fn websocket_tunnel_closes_when_idle() {
             idle_timeout: Duration::from_millis(300),
             ..test_limits()
         };
-        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, false, limits).await;
+        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, None, limits).await;
         let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")
             .await
@@ -975,7 +983,7 @@ async fn slow_backend_gets_504_within_the_timeout() {
             upstream_response_timeout: Duration::from_millis(300),
             ..test_limits()
         };
-        let proxy = Proxy::start(TestRouter::new(vec![slow.addr]), None, false, limits).await;
+        let proxy = Proxy::start(TestRouter::new(vec![slow.addr]), None, None, limits).await;
         let mut tx = h1(proxy.addr).await;
         let start = Instant::now();
         let (status, _, body) = send(&mut tx, get("/").body(empty()).unwrap()).await;
@@ -999,7 +1007,7 @@ async fn oversized_headers_get_431() {
             max_header_bytes: 2048,
             ..test_limits()
         };
-        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, false, limits).await;
+        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, None, limits).await;
         let big = "v".repeat(4096);
         let out = raw(
             proxy.addr,
@@ -1052,7 +1060,7 @@ async fn max_connections_closes_the_excess() {
             max_connections: 2,
             ..test_limits()
         };
-        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, false, limits).await;
+        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, None, limits).await;
         let mut first = h1(proxy.addr).await;
         let mut second = h1(proxy.addr).await;
         for tx in [&mut first, &mut second] {
@@ -1085,7 +1093,7 @@ async fn slow_head_and_idle_connections_are_closed() {
             idle_timeout: Duration::from_millis(600),
             ..test_limits()
         };
-        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, false, limits).await;
+        let proxy = Proxy::start(TestRouter::new(vec![b.addr]), None, None, limits).await;
 
         // A head that never completes.
         let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
@@ -1183,7 +1191,8 @@ async fn draining_answers_a_request_sent_on_an_idle_connection() {
         let cfg = ProxyConfig {
             listen: addr,
             tls: None,
-            proxy_protocol: false,
+            proxy_protocol: None,
+            trusted_forwarders: crate::cidr::Cidrs::default(),
             limits: test_limits(),
         };
         let task = tokio::spawn(serve_with_stats(served, cfg, router.clone(), rx, stats));
@@ -1238,7 +1247,7 @@ async fn draining_h2_answers_streams_in_flight_then_goes_away() {
         let mut proxy = Proxy::start(
             router.clone(),
             Some(certs.files.clone()),
-            false,
+            None,
             test_limits(),
         )
         .await;
@@ -1317,7 +1326,8 @@ async fn replaced_tls_configuration_serves_new_connections() {
         let cfg = ProxyConfig {
             listen: addr,
             tls: Some(handle.clone()),
-            proxy_protocol: false,
+            proxy_protocol: None,
+            trusted_forwarders: crate::cidr::Cidrs::default(),
             limits: test_limits(),
         };
         let (_stop, rx) = watch::channel(false);
@@ -1356,7 +1366,7 @@ async fn shutdown_cuts_what_outlives_the_grace() {
             ..test_limits()
         };
         let router = TestRouter::new(vec![slow.addr]);
-        let mut proxy = Proxy::start(router.clone(), None, false, limits).await;
+        let mut proxy = Proxy::start(router.clone(), None, None, limits).await;
         let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -1407,3 +1417,5 @@ async fn load_tls_reports_bad_files() {
         [b"h2".to_vec(), b"http/1.1".to_vec()]
     );
 }
+
+mod security;

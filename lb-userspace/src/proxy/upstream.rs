@@ -16,7 +16,10 @@ use hyper::{
     client::conn::http1,
 };
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::oneshot};
+use tokio::{
+    net::TcpStream,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot},
+};
 
 use super::{Limits, body::ProxyBody};
 
@@ -40,14 +43,29 @@ pub(super) struct Pool {
 
 struct Inner {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Connection slots per backend (`max_connections_per_backend`): a connection holds its
+    /// permit for as long as it is open, idle in the pool or busy.
+    slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
+    max_per_backend: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
     max_age: Duration,
 }
 
+struct Slots {
+    sem: Arc<Semaphore>,
+    /// A connection went back to the pool: a waiter may take it.
+    idle: Notify,
+}
+
 pub(super) enum UpstreamError {
     /// The request never left (connect refused, failed or timed out): it is handed back.
     NotSent(Box<Request<ProxyBody>>, String),
+    /// Connecting failed for a reason of this host's (EMFILE, ENOBUFS, ...): not the
+    /// backend's fault, and no other backend would fare better.
+    Local(String),
+    /// Every connection slot of the backend stayed busy for the connect timeout.
+    Saturated,
     /// No response head within the response timeout.
     Timeout,
     /// The backend failed after (part of) the request was sent.
@@ -59,6 +77,8 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
+                slots: Mutex::new(HashMap::new()),
+                max_per_backend: limits.max_connections_per_backend.max(1),
                 connect_timeout: limits.upstream_connect_timeout,
                 response_timeout: limits.upstream_response_timeout,
                 max_age: MAX_IDLE_AGE.min(limits.idle_timeout),
@@ -67,40 +87,71 @@ impl Pool {
     }
 
     /// Sends `req` to `backend` on an idle pooled connection or a new one. The connection
-    /// returns to the pool once the response body has been read.
+    /// returns to the pool once the response body has been read. With every connection slot
+    /// of the backend busy, waits up to the connect timeout for one.
     pub(super) async fn request(
         &self,
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if let Some(mut tx) = self.inner.checkout(backend) {
-            // A bodiless idempotent request may be replayed on a fresh connection when the
-            // reused one fails before a response: the backend likely closed it as we wrote.
-            let replay = replayable(&req);
-            match self.send(&mut tx, req).await {
-                Ok(resp) => {
-                    self.recycle(backend, tx);
-                    return Ok(resp);
-                }
-                Err(Sent::Timeout) => return Err(UpstreamError::Timeout),
-                Err(Sent::No(back)) => {
-                    log::debug!("proxy: pooled connection to {backend} was closed, reconnecting");
-                    req = *back;
-                }
-                Err(Sent::Failed(e)) => match replay {
-                    Some(again) => {
-                        log::debug!(
-                            "proxy: reused connection to {backend} failed ({e}), replaying"
-                        );
-                        req = again;
+        let deadline = tokio::time::Instant::now() + self.inner.connect_timeout;
+        let slots = self.inner.slots(backend);
+        let mut reused = false;
+        let permit = loop {
+            let idle = slots.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if !reused && let Some(mut tx) = self.inner.checkout(backend) {
+                // A pooled connection is tried once; after a failure the request gets a
+                // fresh one.
+                reused = true;
+                // A bodiless idempotent request may be replayed on a fresh connection when the
+                // reused one fails before a response: the backend likely closed it as we wrote.
+                let replay = replayable(&req);
+                match self.send(&mut tx, req).await {
+                    Ok(resp) => {
+                        self.recycle(backend, tx);
+                        return Ok(resp);
                     }
-                    None => return Err(UpstreamError::Failed(e.to_string())),
-                },
+                    Err(Sent::Timeout) => return Err(UpstreamError::Timeout),
+                    Err(Sent::No(back)) => {
+                        log::debug!(
+                            "proxy: pooled connection to {backend} was closed, reconnecting"
+                        );
+                        req = *back;
+                    }
+                    Err(Sent::Failed(e)) => match replay {
+                        Some(again) => {
+                            log::debug!(
+                                "proxy: reused connection to {backend} failed ({e}), replaying"
+                            );
+                            req = again;
+                        }
+                        None => return Err(UpstreamError::Failed(e.to_string())),
+                    },
+                }
+                continue;
             }
-        }
-        let mut tx = match self.inner.connect(backend).await {
+            if let Ok(p) = Arc::clone(&slots.sem).try_acquire_owned() {
+                break p;
+            }
+            if reused {
+                // Idle connections hold the slots this request needs: close one.
+                self.inner.drop_one_idle(backend);
+            }
+            tokio::select! {
+                p = Arc::clone(&slots.sem).acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return Err(UpstreamError::Saturated),
+                },
+                () = &mut idle => {}
+                () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::Saturated),
+            }
+        };
+        let mut tx = match self.inner.connect(backend, permit).await {
             Ok(tx) => tx,
-            Err(why) => return Err(UpstreamError::NotSent(Box::new(req), why)),
+            Err(Connect::Local(why)) => return Err(UpstreamError::Local(why)),
+            Err(Connect::Failed(why)) => return Err(UpstreamError::NotSent(Box::new(req), why)),
         };
         match self.send(&mut tx, req).await {
             Ok(resp) => {
@@ -156,7 +207,17 @@ impl Pool {
             conns.retain(|c| c.usable(max_age));
             !conns.is_empty()
         });
+        drop(idle);
+        // Forget the slots of backends with nothing open and nobody waiting.
+        let max = self.inner.max_per_backend;
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|_, s| Arc::strong_count(s) > 1 || s.sem.available_permits() < max);
     }
+}
+
+enum Connect {
+    Local(String),
+    Failed(String),
 }
 
 enum Sent {
@@ -173,6 +234,26 @@ impl Idle {
 }
 
 impl Inner {
+    fn slots(&self, backend: SocketAddr) -> Arc<Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(backend).or_insert_with(|| {
+            Arc::new(Slots {
+                sem: Arc::new(Semaphore::new(self.max_per_backend)),
+                idle: Notify::new(),
+            })
+        }))
+    }
+
+    fn drop_one_idle(&self, backend: SocketAddr) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = idle.get_mut(&backend)
+            && !conns.is_empty()
+        {
+            // The oldest: the likeliest to be closed by the backend anyway.
+            conns.remove(0);
+        }
+    }
+
     fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
@@ -198,26 +279,44 @@ impl Inner {
             tx,
             since: Instant::now(),
         });
+        drop(idle);
+        if let Some(s) = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&backend)
+        {
+            s.idle.notify_one();
+        }
     }
 
-    async fn connect(&self, backend: SocketAddr) -> Result<Sender, String> {
+    /// A new connection to `backend`, holding `permit` for as long as it is open.
+    async fn connect(
+        &self,
+        backend: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Sender, Connect> {
         let tcp =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(backend)).await {
                 Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => return Err(format!("connect: {e}")),
+                Ok(Err(e)) if crate::neterr::is_local(&e) => {
+                    return Err(Connect::Local(format!("connect: {e}")));
+                }
+                Ok(Err(e)) => return Err(Connect::Failed(format!("connect: {e}"))),
                 Err(_) => {
-                    return Err(format!(
+                    return Err(Connect::Failed(format!(
                         "connect: timed out after {:?}",
                         self.connect_timeout
-                    ));
+                    )));
                 }
             };
         let _ = tcp.set_nodelay(true);
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
+            .map_err(|e| Connect::Failed(format!("handshake: {e}")))?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
                 log::debug!("proxy: backend {backend} connection: {e}");
             }

@@ -252,8 +252,8 @@ with client-IP persistence ({timeout} s) and direct server return. Its config: {
 Try, in another terminal (as root):
   ip netns exec {cl} curl -s --interface {first} http://{VIP}/   # -> a backend's name
   ip netns exec {cl} curl -s --interface {last} http://{VIP}/
-  {bin} --netns {lbns} status        # services, backends, bound clients, counters
-  {bin} --netns {lbns} persist list  # client -> backend entries with their age
+  {bin} status --config {CONFIG_FILE}        # services, backends, bound clients, counters (Unix socket)
+  {bin} persist list --config {CONFIG_FILE}  # client -> backend entries with their age
   bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_PERSIST    # the same table, raw
   bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_SVC_STAT   # per-service counters, per CPU
   ip -n {lbns} -d link show dev {lbif}   # the attached XDP program

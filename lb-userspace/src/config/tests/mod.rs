@@ -472,7 +472,7 @@ fn l7_services_and_cookie_profiles_validate() {
     let ServiceMode::L7(o) = &s.mode else {
         panic!("expected l7, got {:?}", s.mode)
     };
-    assert_eq!((o.tls.is_none(), o.proxy_protocol), (true, false));
+    assert_eq!((o.tls.is_none(), o.proxy_protocol.is_none()), (true, true));
     assert_eq!(o.limits.max_connections, 100);
     assert_eq!(o.limits.idle_timeout.as_millis(), 5000);
     assert_eq!(o.limits.connect_timeout.as_millis(), 3000, "default");

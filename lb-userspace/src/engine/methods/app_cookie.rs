@@ -31,18 +31,23 @@ impl AppCookie {
         }
     }
 
-    /// The session value: the cookie, else a query item of the same name, else a path
-    /// parameter (Avi: "look for a URI query of the same name"). The cookie's name is exact
-    /// (RFC 6265); in the URL it is matched without regard to case, because servlet
-    /// containers rewrite URLs as `;jsessionid=` for the cookie `JSESSIONID`.
     fn value<'a>(&self, input: &'a Input<'_>) -> Option<&'a str> {
-        let name = self.cookie_name.as_str();
-        let named = |(k, v): &(&str, &str)| k.eq_ignore_ascii_case(name) && !v.is_empty();
-        input
-            .cookie(name)
-            .or_else(|| input.query_items().find(named).map(|(_, v)| v))
-            .or_else(|| input.path_params().find(named).map(|(_, v)| v))
+        session_value(input, &self.cookie_name)
     }
+}
+
+/// The app-cookie session value of `input` for cookie `name`: the cookie, else a query item
+/// of the same name, else a path parameter (Avi: "look for a URI query of the same name").
+/// The cookie's name is exact (RFC 6265); in the URL it is matched without regard to case,
+/// because servlet containers rewrite URLs as `;jsessionid=` for the cookie `JSESSIONID`.
+/// An empty value is no session: every client sending `JSESSIONID=` would share one.
+pub fn session_value<'a>(input: &'a Input<'_>, name: &str) -> Option<&'a str> {
+    let named = |(k, v): &(&str, &str)| k.eq_ignore_ascii_case(name) && !v.is_empty();
+    input
+        .cookie(name)
+        .filter(|v| !v.is_empty())
+        .or_else(|| input.query_items().find(named).map(|(_, v)| v))
+        .or_else(|| input.path_params().find(named).map(|(_, v)| v))
 }
 
 impl Method for AppCookie {

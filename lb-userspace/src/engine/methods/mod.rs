@@ -21,6 +21,7 @@ use crate::{
     state::RouterStats,
 };
 
+pub use app_cookie::session_value;
 pub use http_cookie::StrippedCookie;
 
 /// Capacity of each userspace table (entries); least recently used go first.
