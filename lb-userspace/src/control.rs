@@ -25,12 +25,13 @@ use tokio::{
 
 use crate::{
     balancer::{self, IdError, Ids, L2},
-    config::{BackendConfig, Config, L7Options, LoadError, ServiceMode, VirtualService},
+    config::{BackendConfig, Config, L7Options, LoadError, Protocol, ServiceMode, VirtualService},
     dataplane::{Attached, Dataplane, DataplaneError, net},
     engine::{Engine, EngineSpec},
     health::{self, HealthEvent, PoolMonitor},
     proxy::{self, ProxyStats},
     state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
+    udp_proxy::{self, UdpStats},
 };
 
 /// How long to wait for a backend's neighbour entry.
@@ -179,12 +180,15 @@ pub struct L7Service {
     stop: watch::Sender<bool>,
     pub router: Arc<Engine>,
     pub stats: Arc<ProxyStats>,
+    /// UDP services' counters (SIP).
+    pub udp: Option<Arc<UdpStats>>,
 }
 
 /// What a listener is started with: a reload that changes it restarts the listener.
 #[derive(Debug, Clone, PartialEq)]
 struct ListenerSpec {
     listen: SocketAddr,
+    protocol: Protocol,
     options: L7Options,
 }
 
@@ -192,6 +196,7 @@ impl ListenerSpec {
     fn of(svc: &VirtualService, o: &L7Options) -> ListenerSpec {
         ListenerSpec {
             listen: SocketAddr::new(svc.vip, svc.port),
+            protocol: svc.protocol,
             options: o.clone(),
         }
     }
@@ -229,6 +234,40 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListen
     socket.listen(1024)
 }
 
+/// Bind and start the UDP proxy of an L7 UDP service (SIP), then stop the one it
+/// replaces (SO_REUSEPORT: both are bound for a moment, no datagram is refused).
+fn start_udp(
+    proxies: &mut HashMap<String, L7Service>,
+    svc: &VirtualService,
+    o: &L7Options,
+    router: &Arc<Engine>,
+    udp: &Arc<UdpStats>,
+) -> Result<watch::Sender<bool>> {
+    let listen = SocketAddr::new(svc.vip, svc.port);
+    let socket = udp_proxy::reuseport_socket(listen).map_err(|source| ControlError::Listen {
+        service: svc.name.clone(),
+        addr: listen,
+        source,
+    })?;
+    if let Some(old) = proxies.remove(&svc.name) {
+        let _ = old.stop.send(true);
+    }
+    let (stop, stopped) = watch::channel(false);
+    let config = udp_proxy::UdpConfig {
+        max_flows: o.limits.max_connections as usize,
+        idle_timeout: o.limits.idle_timeout,
+    };
+    let name = svc.name.clone();
+    let task = udp_proxy::serve(socket, config, router.clone(), stopped, udp.clone());
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            log::error!("UDP proxy of {name} stopped: {e}");
+        }
+    });
+    log::info!("L7 UDP proxy (SIP) of {} listening on {listen}", svc.name);
+    Ok(stop)
+}
+
 impl Daemon {
     /// Start, keep or restart the proxy of every L7 service; stop those no longer configured.
     /// Routers read the live snapshot, so pool and health changes need no restart.
@@ -258,8 +297,8 @@ impl Daemon {
                     continue;
                 }
             }
-            let (router, stats) = match keep_router {
-                Some(p) => (p.router.clone(), p.stats.clone()),
+            let (router, stats, udp) = match keep_router {
+                Some(p) => (p.router.clone(), p.stats.clone(), p.udp.clone()),
                 None => {
                     let r = Arc::new(Engine::new(&self.cfg, svc, self.shared.clone()).map_err(
                         |e| ControlError::L7 {
@@ -267,9 +306,25 @@ impl Daemon {
                             reason: e.to_string(),
                         },
                     )?);
-                    (r, Arc::new(ProxyStats::default()))
+                    let udp = (svc.protocol == Protocol::Udp).then(Arc::default);
+                    (r, Arc::new(ProxyStats::default()), udp)
                 }
             };
+            if let Some(udp) = &udp {
+                let stop = start_udp(&mut self.proxies, svc, o, &router, udp)?;
+                self.proxies.insert(
+                    svc.name.clone(),
+                    L7Service {
+                        listener_spec,
+                        engine_spec,
+                        stop,
+                        router,
+                        stats,
+                        udp: Some(udp.clone()),
+                    },
+                );
+                continue;
+            }
             // SO_REUSEPORT: the new listener is bound before the old one stops, so a reload
             // never refuses a connection; the old one's in-flight requests finish.
             let listener = reuseport_listener(listen).map_err(|source| ControlError::Listen {
@@ -307,6 +362,7 @@ impl Daemon {
                     stop,
                     router,
                     stats,
+                    udp: None,
                 },
             );
         }
@@ -347,6 +403,7 @@ impl Daemon {
                     service: name.clone(),
                     router: p.router.stats.clone(),
                     proxy: p.stats.clone(),
+                    udp: p.udp.clone(),
                 })
                 .collect(),
         }

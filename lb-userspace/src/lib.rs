@@ -11,4 +11,6 @@ pub mod dataplane;
 pub mod engine;
 pub mod health;
 pub mod proxy;
+pub mod script;
 pub mod state;
+pub mod udp_proxy;

@@ -114,6 +114,8 @@ pub struct L7Counters {
     pub service: String,
     pub router: Arc<RouterStats>,
     pub proxy: Arc<crate::proxy::ProxyStats>,
+    /// A UDP (SIP) service's counters.
+    pub udp: Option<Arc<crate::udp_proxy::UdpStats>>,
 }
 
 /// Counters of one L7 service's persistence decisions. Kept here, below the engine that
@@ -138,6 +140,11 @@ pub struct RouterStats {
     pub expired: AtomicU64,
     /// Invalid cookies, by `Reject` (treated as absent and re-issued).
     pub rejected: [AtomicU64; 5],
+    /// Persistence scripts that failed (a Lua error, a bad answer, an unknown backend name):
+    /// the request was balanced by the pool.
+    pub script_errors: AtomicU64,
+    /// Persistence scripts cut off by their instruction budget or memory cap.
+    pub script_cutoffs: AtomicU64,
 }
 
 impl RouterStats {

@@ -363,7 +363,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
         return;
     }
     type RouterField = fn(&RouterStats) -> u64;
-    let router: [(&str, &str, RouterField); 8] = [
+    let router: [(&str, &str, RouterField); 10] = [
         (
             "persist_hits",
             "Requests sent where a cookie, table entry or fallback said.",
@@ -402,6 +402,16 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
         ("expired", "Persistence table entries found expired.", |r| {
             r.expired.load(Relaxed)
         }),
+        (
+            "script_errors",
+            "Persistence scripts that failed (error, bad answer, unknown backend); balanced by the pool.",
+            |r| r.script_errors.load(Relaxed),
+        ),
+        (
+            "script_cutoffs",
+            "Persistence scripts cut off by their instruction budget or memory cap; balanced by the pool.",
+            |r| r.script_cutoffs.load(Relaxed),
+        ),
     ];
     for (name, help, get) in router {
         let metric = format!("tether_l7_{name}_total");
@@ -481,6 +491,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             );
         }
     }
+    render_udp(out, snap);
     family(
         out,
         "tether_l7_retries_total",
@@ -493,6 +504,49 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             "tether_l7_retries_total{} {}",
             labels(&[("service", &l.service)]),
             l.proxy.snapshot().retries
+        );
+    }
+}
+
+/// Counters of the L7 UDP (SIP) services.
+fn render_udp(out: &mut String, snap: &Snapshot) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if snap.l7.iter().all(|l| l.udp.is_none()) {
+        return;
+    }
+    family(
+        out,
+        "tether_l7_udp_datagrams_total",
+        "counter",
+        "Datagrams of L7 UDP (SIP) services, by what became of them.",
+    );
+    for l in &snap.l7 {
+        let Some(u) = &l.udp else { continue };
+        for (name, c) in u.fields() {
+            if name.starts_with("flows_") {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "tether_l7_udp_datagrams_total{} {}",
+                labels(&[("service", &l.service), ("result", name)]),
+                c.load(Relaxed)
+            );
+        }
+    }
+    family(
+        out,
+        "tether_l7_udp_flows",
+        "gauge",
+        "Client flows (upstream sockets) open in L7 UDP services.",
+    );
+    for l in &snap.l7 {
+        let Some(u) = &l.udp else { continue };
+        let _ = writeln!(
+            out,
+            "tether_l7_udp_flows{} {}",
+            labels(&[("service", &l.service)]),
+            crate::udp_proxy::active(u)
         );
     }
 }
