@@ -357,8 +357,8 @@ fn backends(i: usize, p: &RawPool) -> Result<Vec<BackendConfig>, ConfigError> {
 fn udp_l7(at: &dyn Fn(&str) -> String, s: &RawService, sip: bool) -> Result<(), ConfigError> {
     if !sip {
         return Err(ConfigError::new(
-            at("persistence"),
-            "mode \"l7\" over UDP serves SIP: it needs a \"sip-header\" persistence profile",
+            at("protocol"),
+            "mode \"l7\" serves HTTP over TCP, and SIP over UDP with a \"sip-header\" persistence profile",
         ));
     }
     let l = s.limits.as_ref();

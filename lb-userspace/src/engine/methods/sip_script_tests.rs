@@ -367,7 +367,7 @@ fn profiles_are_validated() {
     let udp_client_ip = r#"{"name":"x","type":"client-ip"}"#;
     assert_eq!(
         refuse(SIP_SERVICE, udp_client_ip),
-        "virtual_services[0].persistence: mode \"l7\" over UDP serves SIP: it needs a \"sip-header\" persistence profile"
+        "virtual_services[0].protocol: mode \"l7\" serves HTTP over TCP, and SIP over UDP with a \"sip-header\" persistence profile"
     );
     let with_tls = SIP_SERVICE.replace(
         r#""persistence":"x""#,
@@ -431,7 +431,7 @@ fn profiles_are_validated() {
     assert_eq!(refuse(WEB_SERVICE, &script_profile(&ok, "")), "");
     assert!(
         refuse(SIP_SERVICE, &script_profile(&ok, ""))
-            .contains("it needs a \"sip-header\" persistence profile"),
+            .contains("SIP over UDP with a \"sip-header\" persistence profile"),
         "a script reads HTTP"
     );
 }
