@@ -237,7 +237,8 @@ fn flow_for(
     {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            log::warn!("UDP flow of {client}: opening its upstream socket: {e}");
+            // Debug only: a flood of new sources (fd limit reached) must not flood the log.
+            log::debug!("UDP flow of {client}: opening its upstream socket: {e}");
             bump(&shared.stats.send_errors);
             return None;
         }
