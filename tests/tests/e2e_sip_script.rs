@@ -163,10 +163,8 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
     let src = lab.client(0);
     let vip = SocketAddr::V4(lab.topo.vip_addr(SIP_PORT));
     let mut probe = 0;
-    lab.wait_for(
-        Duration::from_secs(10),
-        "a UAS answering an OPTIONS through the VIP",
-        || {
+    let mut answered = |what: &str| {
+        lab.wait_for(Duration::from_secs(10), what, || {
             probe += 1;
             match udp_exchange(&lab, src, SIP_PORT, options(&format!("probe-{probe}"), src)) {
                 Some((reply, from)) => {
@@ -180,8 +178,19 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
                 }
                 None => false,
             }
-        },
-    );
+        });
+    };
+    answered("a UAS answering an OPTIONS through the VIP");
+    // A reload that changes the service's limits restarts its UDP listener (the new socket
+    // is bound before the old one closes): the service goes on answering.
+    let mut cfg = lab.builder.build();
+    cfg["virtual_services"][0]["limits"] = json!({"idle_timeout_ms": 30000});
+    lab.ok(lab.d().write_config(&cfg), "writing the config");
+    match lab.ok(lab.d().reload(), "reloading") {
+        Reload::Applied(_) => {}
+        Reload::Refused(line) => lab.fail(format!("a valid reload was refused: {line}")),
+    }
+    answered("the UAS answering through the VIP after a reload");
     let probes_forwarded = lab.metric(
         "tether_l7_udp_datagrams_total",
         &[("service", "sip"), ("result", "forwarded")],
