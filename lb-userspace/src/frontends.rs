@@ -32,10 +32,11 @@ use std::{
 use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
-    config::{Config, ConfigError, L7Options, ServiceMode},
+    config::{Config, ConfigError, L7Options, Protocol, ServiceMode},
     engine::{Engine, EngineSpec},
     proxy::{self, ProxyStats, TlsHandle},
     state::{L7Counters, SharedSnapshot},
+    udp_proxy::{self, UdpConfig, UdpStats},
 };
 
 /// Backlog of the listening sockets tether creates.
@@ -92,10 +93,34 @@ pub struct Frontend {
     pub stats: Arc<ProxyStats>,
 }
 
+/// One UDP (SIP) virtual service's frontend. Its socket is bound with SO_REUSEPORT, so a
+/// reload or a restart binds the next one while this one still serves: no datagram is
+/// refused (the kernel spreads datagrams over both sockets while they overlap; a new call is
+/// placed by Maglev either way). Flows in progress end with the old socket.
+pub struct UdpFrontend {
+    pub addr: SocketAddr,
+    config: UdpConfig,
+    engine_spec: EngineSpec,
+    stop: Option<watch::Sender<bool>>,
+    pub router: Arc<Engine>,
+    pub stats: Arc<ProxyStats>,
+    pub udp: Arc<UdpStats>,
+}
+
 /// A new generation of frontends, built and not yet serving.
 pub struct Prepared {
     cfg: Arc<Config>,
     entries: Vec<Entry>,
+    udp: Vec<UdpEntry>,
+}
+
+struct UdpEntry {
+    name: String,
+    service: usize,
+    fe: UdpFrontend,
+    kept_router: bool,
+    /// Bound; served from commit on.
+    socket: Option<tokio::net::UdpSocket>,
 }
 
 struct Entry {
@@ -116,7 +141,10 @@ impl Prepared {
     /// The routers of the new generation, by service name (to load persistence state into
     /// before anything is accepted).
     pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<Engine>)> {
-        self.entries.iter().map(|e| (e.name.as_str(), &e.fe.router))
+        self.entries
+            .iter()
+            .map(|e| (e.name.as_str(), &e.fe.router))
+            .chain(self.udp.iter().map(|e| (e.name.as_str(), &e.fe.router)))
     }
 }
 
@@ -124,6 +152,7 @@ impl Prepared {
 #[derive(Default)]
 pub struct Frontends {
     running: HashMap<String, Frontend>,
+    udp: HashMap<String, UdpFrontend>,
     tasks: JoinSet<()>,
 }
 
@@ -186,10 +215,15 @@ impl Frontends {
         inherited: &mut HashMap<SocketAddr, std::net::TcpListener>,
     ) -> Result<Prepared, FrontendError> {
         let mut entries = Vec::new();
+        let mut udp = Vec::new();
         for (i, svc) in cfg.services.iter().enumerate() {
             let ServiceMode::L7(o) = &svc.mode else {
                 continue;
             };
+            if svc.protocol == Protocol::Udp {
+                udp.push(self.prepare_udp(cfg, shared, i, o)?);
+                continue;
+            }
             let addr = SocketAddr::new(svc.vip, svc.port);
             let listen_err = |source| FrontendError::Listen {
                 service: svc.name.clone(),
@@ -277,13 +311,106 @@ impl Frontends {
         Ok(Prepared {
             cfg: cfg.clone(),
             entries,
+            udp,
+        })
+    }
+
+    fn prepare_udp(
+        &self,
+        cfg: &Arc<Config>,
+        shared: &SharedSnapshot,
+        i: usize,
+        o: &L7Options,
+    ) -> Result<UdpEntry, FrontendError> {
+        let svc = &cfg.services[i];
+        let addr = SocketAddr::new(svc.vip, svc.port);
+        let spec = EngineSpec::of(cfg, svc);
+        let current = self.udp.get(&svc.name);
+        let kept = current.filter(|c| c.engine_spec == spec);
+        let config = UdpConfig {
+            max_flows: o.limits.max_connections as usize,
+            idle_timeout: o.limits.idle_timeout,
+        };
+        let (router, stats, udp) = match kept {
+            Some(c) => (c.router.clone(), c.stats.clone(), c.udp.clone()),
+            None => {
+                let r = Arc::new(Engine::new(cfg, svc, shared.clone()).map_err(|e| {
+                    FrontendError::Router {
+                        service: svc.name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?);
+                if let Some(c) = current {
+                    r.import(cfg, &c.router.export());
+                }
+                (r, Arc::new(ProxyStats::default()), Arc::default())
+            }
+        };
+        // The running task goes on when its address, limits and engine stay.
+        let keep_task = current.filter(|c| {
+            c.addr == addr
+                && c.config == config
+                && c.stop.is_some()
+                && Arc::ptr_eq(&c.router, &router)
+        });
+        let socket =
+            match keep_task {
+                Some(_) => None,
+                None => Some(udp_proxy::reuseport_socket(addr).map_err(|source| {
+                    FrontendError::Listen {
+                        service: svc.name.clone(),
+                        addr,
+                        source,
+                    }
+                })?),
+            };
+        Ok(UdpEntry {
+            name: svc.name.clone(),
+            service: i,
+            fe: UdpFrontend {
+                addr,
+                config,
+                engine_spec: spec,
+                stop: None,
+                router,
+                stats,
+                udp,
+            },
+            kept_router: kept.is_some(),
+            socket,
         })
     }
 
     /// Switch to `prepared`: new serve tasks start before the ones they replace drain;
     /// frontends no longer configured drain and their sockets close once their tasks end.
     pub fn commit(&mut self, prepared: Prepared) {
-        let Prepared { cfg, entries } = prepared;
+        let Prepared { cfg, entries, udp } = prepared;
+        let mut old_udp = std::mem::take(&mut self.udp);
+        for mut e in udp {
+            let svc = &cfg.services[e.service];
+            let previous = old_udp.remove(&e.name);
+            if e.kept_router
+                && let Err(err) = e.fe.router.update(&cfg, svc)
+            {
+                log::error!("virtual service {:?}: cookie keys: {err}", e.name);
+            }
+            match e.socket.take() {
+                None => {
+                    let mut previous = previous.expect("a kept task has a running frontend");
+                    e.fe.stop = previous.stop.take();
+                }
+                Some(socket) => {
+                    self.spawn_udp(&e.name, &mut e.fe, socket);
+                    if let Some(mut p) = previous {
+                        stop_udp(&e.name, &mut p, "its settings changed");
+                    }
+                }
+            }
+            self.udp.insert(e.name, e.fe);
+        }
+        for (name, mut p) in old_udp {
+            stop_udp(&name, &mut p, "the service is gone");
+        }
         let mut old = std::mem::take(&mut self.running);
         for mut e in entries {
             let svc = &cfg.services[e.service];
@@ -348,11 +475,33 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
+    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: tokio::net::UdpSocket) {
+        let (stop, stopped) = watch::channel(false);
+        let task = udp_proxy::serve(
+            socket,
+            fe.config,
+            fe.router.clone(),
+            stopped,
+            fe.udp.clone(),
+        );
+        log::info!("L7 UDP proxy (SIP) of {name} listening on {}", fe.addr);
+        let name = name.to_string();
+        self.tasks.spawn(async move {
+            if let Err(e) = task.await {
+                log::error!("UDP proxy of {name} stopped: {e}");
+            }
+        });
+        fe.stop = Some(stop);
+    }
+
     /// Stop accepting on every frontend (`why` is logged; in a handoff the next process
-    /// accepts on the same sockets); open connections drain.
+    /// accepts on the same TCP sockets and binds its own UDP ones); open connections drain.
     pub fn stop_accepting(&mut self, why: &str) {
         for (name, fe) in &mut self.running {
             stop(name, fe, why);
+        }
+        for (name, fe) in &mut self.udp {
+            stop_udp(name, fe, why);
         }
     }
 
@@ -382,6 +531,26 @@ impl Frontends {
             }
             self.running.insert(name, fe);
         }
+        self.resume_udp();
+    }
+
+    /// Serve again on every UDP frontend [`Frontends::stop_accepting`] stopped (a handoff that
+    /// failed): its socket closed with its task, so a new one is bound.
+    fn resume_udp(&mut self) {
+        let names: Vec<String> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| f.stop.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let mut fe = self.udp.remove(&name).expect("listed above");
+            match udp_proxy::reuseport_socket(fe.addr) {
+                Ok(socket) => self.spawn_udp(&name, &mut fe, socket),
+                Err(e) => log::error!("UDP proxy of {name}: cannot bind {} again: {e}", fe.addr),
+            }
+            self.udp.insert(name, fe);
+        }
     }
 
     /// Stop every frontend and wait up to `grace` (plus a second for the tasks to cut what
@@ -407,7 +576,10 @@ impl Frontends {
 
     /// The running routers, by service name.
     pub fn routers(&self) -> impl Iterator<Item = (&str, &Arc<Engine>)> {
-        self.running.iter().map(|(n, f)| (n.as_str(), &f.router))
+        self.running
+            .iter()
+            .map(|(n, f)| (n.as_str(), &f.router))
+            .chain(self.udp.iter().map(|(n, f)| (n.as_str(), &f.router)))
     }
 
     /// Counters of every frontend, for the snapshot.
@@ -419,13 +591,21 @@ impl Frontends {
                 router: f.router.stats.clone(),
                 proxy: f.stats.clone(),
                 tables: f.router.clone(),
+                udp: None,
             })
+            .chain(self.udp.iter().map(|(name, f)| L7Counters {
+                service: name.clone(),
+                router: f.router.stats.clone(),
+                proxy: f.stats.clone(),
+                tables: f.router.clone(),
+                udp: Some(f.udp.clone()),
+            }))
             .collect()
     }
 
     /// Whether any frontend runs (whose engine may keep tables worth saving).
     pub fn has_l7_tables(&self) -> bool {
-        !self.running.is_empty()
+        !self.running.is_empty() || !self.udp.is_empty()
     }
 
     /// Whether `name`'s frontend accepts connections now.
@@ -443,5 +623,12 @@ fn stop(name: &str, fe: &mut Frontend, why: &str) {
     if let Some(s) = fe.stop.take() {
         let _ = s.send(true);
         log::info!("L7 proxy of {name} on {} drains: {why}", fe.addr);
+    }
+}
+
+fn stop_udp(name: &str, fe: &mut UdpFrontend, why: &str) {
+    if let Some(s) = fe.stop.take() {
+        let _ = s.send(true);
+        log::info!("L7 UDP proxy of {name} on {} stops: {why}", fe.addr);
     }
 }

@@ -17,4 +17,6 @@ pub mod neterr;
 pub mod notify;
 pub mod proxy;
 pub mod rlimit;
+pub mod script;
 pub mod state;
+pub mod udp_proxy;

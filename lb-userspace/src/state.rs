@@ -118,6 +118,8 @@ pub struct L7Counters {
     pub proxy: Arc<crate::proxy::ProxyStats>,
     /// The service's persistence tables, for listing and flushing.
     pub tables: Arc<dyn L7Tables>,
+    /// A UDP (SIP) service's counters.
+    pub udp: Option<Arc<crate::udp_proxy::UdpStats>>,
 }
 
 /// One binding of an L7 persistence table.
@@ -183,6 +185,11 @@ pub struct RouterStats {
     pub expired: AtomicU64,
     /// Invalid cookies, by `Reject` (treated as absent and re-issued).
     pub rejected: [AtomicU64; 5],
+    /// Persistence scripts that failed (a Lua error, a bad answer, an unknown backend name):
+    /// the request was balanced by the pool.
+    pub script_errors: AtomicU64,
+    /// Persistence scripts cut off by their instruction budget or memory cap.
+    pub script_cutoffs: AtomicU64,
 }
 
 /// Reads one counter of [`RouterStats`].
@@ -190,7 +197,7 @@ pub type RouterField = fn(&RouterStats) -> u64;
 
 impl RouterStats {
     /// Every counter but `rejected`: (name, help, value).
-    pub const FIELDS: [(&'static str, &'static str, RouterField); 8] = [
+    pub const FIELDS: [(&'static str, &'static str, RouterField); 10] = [
         (
             "persist_hits",
             "Requests sent where a cookie, table entry or fallback said.",
@@ -229,6 +236,16 @@ impl RouterStats {
         ("expired", "Persistence table entries found expired.", |r| {
             r.expired.load(Ordering::Relaxed)
         }),
+        (
+            "script_errors",
+            "Persistence scripts that failed (error, bad answer, unknown backend); balanced by the pool.",
+            |r| r.script_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "script_cutoffs",
+            "Persistence scripts cut off by their instruction budget or memory cap; balanced by the pool.",
+            |r| r.script_cutoffs.load(Ordering::Relaxed),
+        ),
     ];
 
     pub fn reject(&self, r: Reject) {

@@ -24,6 +24,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
     ("util-linux", "/usr/bin/nsenter"),
+    // sipp: the SIP peers of the SIP-header persistence end-to-end test.
+    ("sip-tester", "/usr/bin/sipp"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

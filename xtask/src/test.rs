@@ -178,6 +178,7 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_restart",
                     "e2e_security",
+                    "e2e_sip_script",
                 ],
                 &["--test-threads=1"],
             )

@@ -69,6 +69,7 @@ fn lab() -> (Arc<Snapshot>, Arc<Engine>) {
         router: engine.stats.clone(),
         proxy: Arc::new(ProxyStats::default()),
         tables: engine.clone(),
+        udp: None,
     }];
     (Arc::new(snap), engine)
 }

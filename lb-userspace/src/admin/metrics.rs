@@ -560,6 +560,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             );
         }
     }
+    render_udp(out, snap);
     family(
         out,
         "tether_l7_refused_total",
@@ -598,6 +599,49 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             "tether_l7_retries_total{} {}",
             labels(&[("service", &l.service)]),
             l.proxy.snapshot().retries
+        );
+    }
+}
+
+/// Counters of the L7 UDP (SIP) services.
+fn render_udp(out: &mut String, snap: &Snapshot) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if snap.l7.iter().all(|l| l.udp.is_none()) {
+        return;
+    }
+    family(
+        out,
+        "tether_l7_udp_datagrams_total",
+        "counter",
+        "Datagrams of L7 UDP (SIP) services, by what became of them.",
+    );
+    for l in &snap.l7 {
+        let Some(u) = &l.udp else { continue };
+        for (name, c) in u.fields() {
+            if name.starts_with("flows_") {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "tether_l7_udp_datagrams_total{} {}",
+                labels(&[("service", &l.service), ("result", name)]),
+                c.load(Relaxed)
+            );
+        }
+    }
+    family(
+        out,
+        "tether_l7_udp_flows",
+        "gauge",
+        "Client flows (upstream sockets) open in L7 UDP services.",
+    );
+    for l in &snap.l7 {
+        let Some(u) = &l.udp else { continue };
+        let _ = writeln!(
+            out,
+            "tether_l7_udp_flows{} {}",
+            labels(&[("service", &l.service)]),
+            crate::udp_proxy::active(u)
         );
     }
 }

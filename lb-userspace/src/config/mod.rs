@@ -306,6 +306,21 @@ pub enum PersistenceKind {
     /// Avi custom HTTP header: the named header's value matched against each backend's
     /// `header_value`; others are balanced normally.
     CustomHeader { header: String },
+    /// Kemp SIP header over UDP ("Force L7"): the value of a SIP header field (full or
+    /// compact name) hashed onto the pool and kept for `timeout_s`; messages without it by
+    /// source address.
+    SipHeader { header: String },
+    /// Avi DataScript: a Lua script names a key, a backend or nothing for each request.
+    Script(ScriptProfile),
+}
+
+/// A `script` profile: the script's text as validated (compiled) with the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptProfile {
+    pub file: PathBuf,
+    pub source: String,
+    pub limits: crate::script::Limits,
+    pub fallback: Option<ClientIpFallback>,
 }
 
 /// Where a key-based method finds its key.
@@ -337,13 +352,21 @@ impl PersistenceKind {
         !matches!(self, PersistenceKind::ClientIp)
     }
 
+    /// Reads SIP messages (an L7 UDP service), not HTTP requests.
+    pub fn is_sip(&self) -> bool {
+        matches!(self, PersistenceKind::SipHeader { .. })
+    }
+
     /// The "... or source IP" fallback, for the methods that have one.
     pub fn fallback(&self) -> Option<&ClientIpFallback> {
         match self {
             PersistenceKind::HttpCookie(c) => c.fallback.as_ref(),
             PersistenceKind::AppCookie(a) => a.fallback.as_ref(),
             PersistenceKind::KeyHash { fallback, .. } => fallback.as_ref(),
-            PersistenceKind::ClientIp | PersistenceKind::CustomHeader { .. } => None,
+            PersistenceKind::Script(s) => s.fallback.as_ref(),
+            PersistenceKind::ClientIp
+            | PersistenceKind::CustomHeader { .. }
+            | PersistenceKind::SipHeader { .. } => None,
         }
     }
 }

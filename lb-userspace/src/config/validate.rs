@@ -257,7 +257,13 @@ fn services(
                 ),
             ));
         }
-        let mode = service_mode(i, s)?;
+        // A `sip-header` profile makes a UDP service L7 (Kemp's "Force L7").
+        let sip = s
+            .persistence
+            .as_ref()
+            .and_then(|p| profile_idx.get(p))
+            .is_some_and(|&pi| profiles[pi].kind.is_sip());
+        let mode = service_mode(i, s, sip)?;
         let pool = *pool_idx
             .get(&s.pool)
             .ok_or_else(|| ConfigError::new(at("pool"), format!("no pool named {:?}", s.pool)))?;
@@ -368,8 +374,9 @@ fn backends(i: usize, p: &RawPool) -> Result<Vec<BackendConfig>, ConfigError> {
     Ok(backends)
 }
 
-/// How service `i` is served: `l4-dsr` takes no proxy settings, `l7` serves HTTP over TCP.
-fn service_mode(i: usize, s: &RawService) -> Result<ServiceMode, ConfigError> {
+/// How service `i` is served: `l4-dsr` takes no proxy settings, `l7` serves HTTP over TCP,
+/// or SIP over UDP when `sip` (its profile is `sip-header`).
+fn service_mode(i: usize, s: &RawService, sip: bool) -> Result<ServiceMode, ConfigError> {
     let at = |f: &str| format!("virtual_services[{i}].{f}");
     Ok(match s.mode {
         RawMode::L4Dsr => {
@@ -386,15 +393,57 @@ fn service_mode(i: usize, s: &RawService) -> Result<ServiceMode, ConfigError> {
             ServiceMode::L4Dsr
         }
         RawMode::L7 => {
-            if s.protocol != Protocol::Tcp {
+            if s.protocol == Protocol::Udp {
+                udp_l7(&at, s, sip)?;
+            } else if sip {
                 return Err(ConfigError::new(
-                    at("protocol"),
-                    "mode \"l7\" serves HTTP over TCP",
+                    at("persistence"),
+                    "a \"sip-header\" profile reads SIP over UDP: it needs protocol \"udp\"",
                 ));
             }
             ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
         }
     })
+}
+
+/// An L7 UDP service: SIP with a `sip-header` profile ("Force L7"), served by the UDP
+/// proxy. Of the limits only `max_connections` (client flows) and `idle_timeout_ms` apply.
+fn udp_l7(at: &dyn Fn(&str) -> String, s: &RawService, sip: bool) -> Result<(), ConfigError> {
+    if !sip {
+        return Err(ConfigError::new(
+            at("protocol"),
+            "mode \"l7\" serves HTTP over TCP, and SIP over UDP with a \"sip-header\" persistence profile",
+        ));
+    }
+    let l = s.limits.as_ref();
+    for (field, set) in [
+        ("tls", s.tls.is_some()),
+        ("proxy_protocol", s.proxy_protocol.is_some()),
+        (
+            "limits.max_header_bytes",
+            l.is_some_and(|l| l.max_header_bytes.is_some()),
+        ),
+        (
+            "limits.request_timeout_ms",
+            l.is_some_and(|l| l.request_timeout_ms.is_some()),
+        ),
+        (
+            "limits.connect_timeout_ms",
+            l.is_some_and(|l| l.connect_timeout_ms.is_some()),
+        ),
+        (
+            "limits.response_timeout_ms",
+            l.is_some_and(|l| l.response_timeout_ms.is_some()),
+        ),
+    ] {
+        if set {
+            return Err(ConfigError::new(
+                at(field),
+                "does not apply to a UDP service",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {

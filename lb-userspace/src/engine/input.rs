@@ -25,29 +25,97 @@ pub struct ClientHello {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SipMessage {
     pub start_line: String,
-    /// (name as sent, value), values trimmed.
+    /// (name as sent, value), values trimmed, folded lines joined with one space.
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// Most header fields a SIP head may have: more is not a message worth parsing.
+pub const SIP_MAX_HEADERS: usize = 256;
+
+/// RFC 3261 7.3.3 compact forms: (compact, full), lower case.
+const SIP_COMPACT: [(&str, &str); 10] = [
+    ("i", "call-id"),
+    ("m", "contact"),
+    ("e", "content-encoding"),
+    ("l", "content-length"),
+    ("c", "content-type"),
+    ("f", "from"),
+    ("s", "subject"),
+    ("k", "supported"),
+    ("t", "to"),
+    ("v", "via"),
+];
+
+/// RFC 3261 25.1 `token` characters.
+fn is_sip_token(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+/// `SIP/2.0` (the version is case-insensitive).
+fn is_sip_version(s: &[u8]) -> bool {
+    s.eq_ignore_ascii_case(b"SIP/2.0")
+}
+
+/// A request line (`METHOD SP Request-URI SP SIP/2.0`) or a status line
+/// (`SIP/2.0 SP 3DIGIT SP Reason`).
+fn is_sip_start_line(line: &[u8]) -> bool {
+    if line.iter().any(|&b| b.is_ascii_control()) {
+        return false;
+    }
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let (Some(a), Some(b), Some(c)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    if is_sip_version(a) {
+        // Status line: the reason may be empty or contain spaces.
+        return b.len() == 3 && b.iter().all(u8::is_ascii_digit) && b[0] != b'0';
+    }
+    is_sip_token(a) && !b.is_empty() && is_sip_version(c)
+}
+
 impl SipMessage {
-    /// The head of a SIP datagram (up to the blank line); `None` when it has no start line or
-    /// a header line without `:`.
+    /// The head of a SIP datagram (up to the first empty line; the body is not read).
+    /// `None` for anything that is not a well-formed SIP head: no request or status line, a
+    /// header line without `:` or with a name that is no token, a NUL or other control byte
+    /// (but tab), a continuation line before any header, more than [`SIP_MAX_HEADERS`].
+    /// Lines end with CRLF or a bare LF.
     pub fn parse(datagram: &[u8]) -> Option<SipMessage> {
-        let end = datagram
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or(datagram.len());
-        let mut lines = datagram[..end]
+        let mut lines = datagram
             .split(|&b| b == b'\n')
-            .map(|l| l.trim_ascii());
-        let start_line = std::str::from_utf8(lines.next()?).ok()?.to_string();
-        if start_line.is_empty() {
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let first = lines.next()?;
+        if !is_sip_start_line(first) {
             return None;
         }
-        let mut headers = Vec::new();
-        for line in lines.filter(|l| !l.is_empty()) {
+        let start_line = std::str::from_utf8(first).ok()?.to_string();
+        let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+        for line in lines {
+            if line.is_empty() {
+                break;
+            }
+            if line.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+                return None;
+            }
+            if line[0] == b' ' || line[0] == b'\t' {
+                // A folded line continues the previous value (RFC 3261 7.3.1).
+                let (_, value) = headers.last_mut()?;
+                let more = line.trim_ascii();
+                if !more.is_empty() {
+                    if !value.is_empty() {
+                        value.push(b' ');
+                    }
+                    value.extend_from_slice(more);
+                }
+                continue;
+            }
             let colon = line.iter().position(|&b| b == b':')?;
-            let name = std::str::from_utf8(line[..colon].trim_ascii()).ok()?;
+            let name = line[..colon].trim_ascii_end();
+            if !is_sip_token(name) || headers.len() == SIP_MAX_HEADERS {
+                return None;
+            }
+            let name = std::str::from_utf8(name).ok()?;
             headers.push((name.to_string(), line[colon + 1..].trim_ascii().to_vec()));
         }
         Some(SipMessage {
@@ -56,17 +124,15 @@ impl SipMessage {
         })
     }
 
+    /// A request (not a response).
+    pub fn is_request(&self) -> bool {
+        !is_sip_version(self.start_line.split(' ').next().unwrap_or("").as_bytes())
+    }
+
     /// The first value of a header, by its full or its compact name (RFC 3261 7.3.3:
-    /// `i` is Call-ID, `f` From, `t` To, `v` Via, `m` Contact), case-insensitively.
+    /// `i` is Call-ID, `f` From, `t` To, `v` Via, `m` Contact, ...), case-insensitively.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        const COMPACT: [(&str, &str); 5] = [
-            ("i", "call-id"),
-            ("f", "from"),
-            ("t", "to"),
-            ("v", "via"),
-            ("m", "contact"),
-        ];
-        let other = COMPACT.iter().find_map(|(short, long)| {
+        let other = SIP_COMPACT.iter().find_map(|(short, long)| {
             if name.eq_ignore_ascii_case(short) {
                 Some(*long)
             } else if name.eq_ignore_ascii_case(long) {

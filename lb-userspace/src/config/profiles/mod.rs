@@ -26,6 +26,8 @@ mod client_ip;
 mod custom_header;
 mod http_cookie;
 mod key_hash;
+mod script;
+mod sip_header;
 
 use std::collections::HashMap;
 
@@ -51,6 +53,8 @@ pub enum RawProfile {
     Header(key_hash::Item),
     ConsistentHash(key_hash::Consistent),
     CustomHeader(custom_header::Raw),
+    SipHeader(sip_header::Raw),
+    Script(script::Raw),
 }
 
 /// Fields every profile has, with their defaults applied later.
@@ -78,6 +82,8 @@ impl RawProfile {
             RawProfile::QueryItem(p) | RawProfile::Header(p) => p.common(),
             RawProfile::ConsistentHash(p) => p.common(),
             RawProfile::CustomHeader(p) => p.common(),
+            RawProfile::SipHeader(p) => p.common(),
+            RawProfile::Script(p) => p.common(),
         }
     }
 
@@ -95,6 +101,8 @@ impl RawProfile {
             RawProfile::Header(p) => p.header(at),
             RawProfile::ConsistentHash(p) => p.kind(at),
             RawProfile::CustomHeader(p) => p.kind(at),
+            RawProfile::SipHeader(p) => p.kind(at),
+            RawProfile::Script(p) => p.kind(at),
         }
     }
 }
@@ -116,6 +124,8 @@ pub fn locate(kind: &str, body: serde_json::Value) -> Option<(String, String)> {
         "query-item" | "header" => read::<key_hash::Item>(body),
         "consistent-hash" => read::<key_hash::Consistent>(body),
         "custom-header" => read::<custom_header::Raw>(body),
+        "sip-header" => read::<sip_header::Raw>(body),
+        "script" => read::<script::Raw>(body),
         _ => None,
     }
 }

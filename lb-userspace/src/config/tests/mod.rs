@@ -664,11 +664,19 @@ fn readme_examples_validate() {
     for (cert, name) in [("app.pem", "cert"), ("app.key", "key")] {
         std::fs::write(dir.join(cert), name).unwrap();
     }
+    // The README's Lua example is the script its `script` profile names.
+    let lua = readme
+        .split("```lua\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the README has its Lua example");
+    std::fs::write(dir.join("by-user.lua"), lua).unwrap();
     for block in blocks {
         let v: serde_json::Value =
             serde_json::from_str(block).unwrap_or_else(|e| panic!("README JSON: {e}\n{block}"));
         if v.get("interface").is_some() {
-            Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
+            let text = block.replace("/etc/tether/", &format!("{}/", dir.display()));
+            Config::parse(&text).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
             configs += 1;
         } else if v.get("vip").is_some() {
             let svc = block.replace("/etc/tether/", &format!("{}/", dir.display()));

@@ -11,6 +11,11 @@ mod client_ip;
 mod custom_header;
 mod http_cookie;
 mod key_hash;
+mod script;
+mod sip_header;
+
+#[cfg(test)]
+mod sip_script_tests;
 
 use std::{net::IpAddr, path::Path, time::Instant};
 
@@ -179,6 +184,10 @@ pub fn build(
         PersistenceKind::CustomHeader { header } => {
             Box::new(custom_header::CustomHeader::new(header))
         }
+        PersistenceKind::SipHeader { header } => {
+            Box::new(sip_header::SipHeader::new(header, timeout))
+        }
+        PersistenceKind::Script(s) => Box::new(script::Script::new(s, timeout)),
     })
 }
 

@@ -1,0 +1,73 @@
+//! SIP header persistence (Kemp's UDP service with "Force L7"): the value of a configured
+//! SIP header field (default `Call-ID`, compact forms understood) is hashed onto the pool's
+//! Maglev table and keeps its backend for `timeout_s`, so every datagram of a call reaches
+//! one backend. A message without the field is placed by its source address (hashed the
+//! same way, in the same table under a distinct prefix), so it too stays put.
+
+use std::{net::IpAddr, time::Duration};
+
+use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, from_table};
+use crate::{
+    config::Pool,
+    engine::{
+        input::Input,
+        table::{Table, digest},
+    },
+};
+
+pub struct SipHeader {
+    /// The field's name as configured (its compact or full form also matches).
+    header: String,
+    /// digest(key) -> backend identity.
+    table: Table<u128>,
+}
+
+impl SipHeader {
+    pub fn new(header: &str, timeout: Duration) -> Self {
+        SipHeader {
+            header: header.to_string(),
+            table: Table::new(TABLE_CAPACITY, timeout),
+        }
+    }
+
+    /// The input's key: `h` and the header's value, else `a` and the source address (the
+    /// prefixes keep a value from ever colliding with an address).
+    fn key(&self, input: &Input<'_>) -> Vec<u8> {
+        match input.sip_header(&self.header).filter(|v| !v.is_empty()) {
+            Some(v) => {
+                let mut k = Vec::with_capacity(v.len() + 1);
+                k.push(b'h');
+                k.extend_from_slice(v);
+                k
+            }
+            None => {
+                let mut k = vec![b'a'];
+                match input.client().ip() {
+                    IpAddr::V4(a) => k.extend_from_slice(&a.octets()),
+                    IpAddr::V6(a) => k.extend_from_slice(&a.octets()),
+                }
+                k
+            }
+        }
+    }
+}
+
+impl Method for SipHeader {
+    fn kind(&self) -> &'static str {
+        "sip-header"
+    }
+
+    fn lookup(&self, input: &mut Input<'_>, _: &Pool, cx: &Context<'_>) -> Lookup {
+        let k = self.key(input);
+        Lookup {
+            binding: from_table(&self.table, &digest(&k), cx),
+            key: Key::Hash(k),
+        }
+    }
+
+    fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
+        if let Key::Hash(k) = &lookup.key {
+            self.table.insert(digest(k), identity, cx.now);
+        }
+    }
+}
