@@ -12,3 +12,4 @@ pub mod engine;
 pub mod health;
 pub mod proxy;
 pub mod state;
+pub mod tlswire;
