@@ -29,6 +29,7 @@ use crate::{
     dataplane::{Attached, Dataplane, DataplaneError, net},
     engine::{Engine, EngineSpec},
     health::{self, HealthEvent, PoolMonitor},
+    passthrough,
     proxy::{self, ProxyStats},
     state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
 };
@@ -282,13 +283,24 @@ impl Daemon {
             }
             let (stop, stopped) = watch::channel(false);
             let name = svc.name.clone();
-            let task = proxy::serve_with_stats(
-                listener,
-                proxy_config(listen, o),
-                router.clone(),
-                stopped,
-                stats.clone(),
-            );
+            let cfg = proxy_config(listen, o);
+            let task: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = if o.tls_passthrough {
+                Box::pin(passthrough::serve(
+                    listener,
+                    cfg,
+                    router.clone(),
+                    stopped,
+                    stats.clone(),
+                ))
+            } else {
+                Box::pin(proxy::serve_with_stats(
+                    listener,
+                    cfg,
+                    router.clone(),
+                    stopped,
+                    stats.clone(),
+                ))
+            };
             tokio::spawn(async move {
                 if let Err(e) = task.await {
                     log::error!("L7 proxy of {name} stopped: {e}");
@@ -297,7 +309,13 @@ impl Daemon {
             log::info!(
                 "L7 proxy of {} listening on {listen}{}",
                 svc.name,
-                if o.tls.is_some() { " (TLS)" } else { "" }
+                if o.tls.is_some() {
+                    " (TLS)"
+                } else if o.tls_passthrough {
+                    " (TLS pass-through)"
+                } else {
+                    ""
+                }
             );
             self.proxies.insert(
                 svc.name.clone(),

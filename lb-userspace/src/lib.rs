@@ -10,6 +10,7 @@ pub mod cookie;
 pub mod dataplane;
 pub mod engine;
 pub mod health;
+pub mod passthrough;
 pub mod proxy;
 pub mod state;
 pub mod tlswire;

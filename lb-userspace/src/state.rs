@@ -136,6 +136,10 @@ pub struct RouterStats {
     pub refused_down: AtomicU64,
     /// Table entries found expired.
     pub expired: AtomicU64,
+    /// TLS session IDs and TLS 1.2 tickets learned from passed-through servers.
+    pub tls_sessions_learned: AtomicU64,
+    /// Passed-through TLS 1.3 handshakes: no session ID to persist on.
+    pub tls13_unpersisted: AtomicU64,
     /// Invalid cookies, by `Reject` (treated as absent and re-issued).
     pub rejected: [AtomicU64; 5],
 }

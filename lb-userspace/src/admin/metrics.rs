@@ -363,7 +363,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
         return;
     }
     type RouterField = fn(&RouterStats) -> u64;
-    let router: [(&str, &str, RouterField); 8] = [
+    let router: [(&str, &str, RouterField); 10] = [
         (
             "persist_hits",
             "Requests sent where a cookie, table entry or fallback said.",
@@ -402,6 +402,16 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
         ("expired", "Persistence table entries found expired.", |r| {
             r.expired.load(Relaxed)
         }),
+        (
+            "tls_sessions_learned",
+            "TLS session IDs and tickets learned from passed-through servers.",
+            |r| r.tls_sessions_learned.load(Relaxed),
+        ),
+        (
+            "tls13_unpersisted",
+            "Passed-through TLS 1.3 handshakes, which carry no session ID to persist on.",
+            |r| r.tls13_unpersisted.load(Relaxed),
+        ),
     ];
     for (name, help, get) in router {
         let metric = format!("tether_l7_{name}_total");
@@ -493,6 +503,20 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             "tether_l7_retries_total{} {}",
             labels(&[("service", &l.service)]),
             l.proxy.snapshot().retries
+        );
+    }
+    family(
+        out,
+        "tether_l7_tls_hello_errors_total",
+        "counter",
+        "TLS pass-through connections closed on a malformed, truncated or oversized ClientHello.",
+    );
+    for l in &snap.l7 {
+        let _ = writeln!(
+            out,
+            "tether_l7_tls_hello_errors_total{} {}",
+            labels(&[("service", &l.service)]),
+            l.proxy.snapshot().tls_hello_errors
         );
     }
 }

@@ -139,6 +139,9 @@ pub enum ServiceMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct L7Options {
     pub tls: Option<TlsFiles>,
+    /// TLS is passed through to the backends, not terminated: the proxy reads the
+    /// ClientHello and the ServerHello and splices bytes (Kemp service type "Generic").
+    pub tls_passthrough: bool,
     pub proxy_protocol: bool,
     pub limits: L7Limits,
 }
@@ -282,6 +285,20 @@ pub enum PersistenceKind {
     /// Avi custom HTTP header: the named header's value matched against each backend's
     /// `header_value`; others are balanced normally.
     CustomHeader { header: String },
+    /// Kemp SSL session ID (TLS passed through): {session ID or TLS 1.2 ticket -> backend}
+    /// learned from the server's handshake, for `timeout_s`.
+    SslSessionId { fallback: Option<ClientIpFallback> },
+}
+
+/// What a persistence method reads of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodInput {
+    /// The client's address only: any L7 service.
+    Address,
+    /// The HTTP request: TLS terminated by tether, or cleartext.
+    Http,
+    /// The TLS ClientHello: a `tls_passthrough` service.
+    TlsHello,
 }
 
 /// Where a key-based method finds its key.
@@ -305,6 +322,8 @@ pub enum KeySource {
     /// Avi consistent hash by source address / address and port.
     SourceIp,
     SourceIpPort,
+    /// The server name of the TLS ClientHello (pass-through services).
+    Sni,
 }
 
 impl PersistenceKind {
@@ -313,12 +332,30 @@ impl PersistenceKind {
         !matches!(self, PersistenceKind::ClientIp)
     }
 
+    /// What the method reads, which decides the services it can serve.
+    pub fn input(&self) -> MethodInput {
+        match self {
+            PersistenceKind::ClientIp
+            | PersistenceKind::KeyHash {
+                key: KeySource::SourceIp | KeySource::SourceIpPort,
+                ..
+            } => MethodInput::Address,
+            PersistenceKind::SslSessionId { .. }
+            | PersistenceKind::KeyHash {
+                key: KeySource::Sni,
+                ..
+            } => MethodInput::TlsHello,
+            _ => MethodInput::Http,
+        }
+    }
+
     /// The "... or source IP" fallback, for the methods that have one.
     pub fn fallback(&self) -> Option<&ClientIpFallback> {
         match self {
             PersistenceKind::HttpCookie(c) => c.fallback.as_ref(),
             PersistenceKind::AppCookie(a) => a.fallback.as_ref(),
             PersistenceKind::KeyHash { fallback, .. } => fallback.as_ref(),
+            PersistenceKind::SslSessionId { fallback } => fallback.as_ref(),
             PersistenceKind::ClientIp | PersistenceKind::CustomHeader { .. } => None,
         }
     }

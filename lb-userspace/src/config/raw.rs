@@ -48,6 +48,9 @@ pub struct RawService {
     /// `l7` only: TLS termination.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// `l7` only: pass TLS through to the backends (routing on the ClientHello).
+    #[serde(default)]
+    pub tls_passthrough: Option<bool>,
     /// `l7` only: expect a PROXY protocol (v1 or v2) header on each connection.
     #[serde(default)]
     pub proxy_protocol: Option<bool>,

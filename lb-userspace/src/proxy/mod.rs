@@ -212,6 +212,7 @@ pub struct ProxyStats {
     retries: AtomicU64,
     upgrades: AtomicU64,
     client_errors: AtomicU64,
+    tls_hello_errors: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one moment.
@@ -239,6 +240,9 @@ pub struct ProxyStatsSnapshot {
     pub upgrades: u64,
     /// Client connections that ended on a protocol error (malformed HTTP, oversized headers).
     pub client_errors: u64,
+    /// TLS pass-through: connections closed on a malformed, truncated or oversized
+    /// ClientHello.
+    pub tls_hello_errors: u64,
 }
 
 impl ProxyStatsSnapshot {
@@ -247,6 +251,20 @@ impl ProxyStatsSnapshot {
         self.connections_accepted
             .saturating_sub(self.connections_closed)
     }
+}
+
+/// Events [`ProxyStats::count`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Accepted,
+    Rejected,
+    Closed,
+    /// No usable first bytes within the header timeout.
+    HandshakeError,
+    /// A malformed, truncated or oversized ClientHello.
+    TlsHelloError,
+    ConnectError,
+    Retry,
 }
 
 fn inc(c: &AtomicU64) {
@@ -269,7 +287,21 @@ impl ProxyStats {
             retries: get(&self.retries),
             upgrades: get(&self.upgrades),
             client_errors: get(&self.client_errors),
+            tls_hello_errors: get(&self.tls_hello_errors),
         }
+    }
+
+    /// Count one event of a proxy that lives outside this module (the TLS pass-through).
+    pub fn count(&self, event: Count) {
+        inc(match event {
+            Count::Accepted => &self.connections_accepted,
+            Count::Rejected => &self.connections_rejected,
+            Count::Closed => &self.connections_closed,
+            Count::HandshakeError => &self.handshake_errors,
+            Count::TlsHelloError => &self.tls_hello_errors,
+            Count::ConnectError => &self.upstream_connect_errors,
+            Count::Retry => &self.retries,
+        });
     }
 
     fn response(&self, status: http::StatusCode) {

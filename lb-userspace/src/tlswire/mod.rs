@@ -107,7 +107,7 @@ enum Next {
     More,
     /// A record of another content type (ChangeCipherSpec, alert, application data): the
     /// cleartext handshake is over as far as this reader goes.
-    Other(u8),
+    Other,
 }
 
 impl Handshakes {
@@ -145,7 +145,7 @@ impl Handshakes {
                 return Err(HelloError::Malformed("record length"));
             }
             if kind != CT_HANDSHAKE {
-                return Ok(Next::Other(kind));
+                return Ok(Next::Other);
             }
             if self.records.len() < 5 + len {
                 // A message starting in this record can be refused before it is whole.
@@ -195,7 +195,7 @@ impl HelloReader {
             Next::Message(HT_CLIENT_HELLO, body) => parse_client_hello(&body).map(Some),
             Next::Message(..) => Err(HelloError::Malformed("first message is not a ClientHello")),
             Next::More => Ok(None),
-            Next::Other(_) => Err(HelloError::Malformed("record before the ClientHello")),
+            Next::Other => Err(HelloError::Malformed("record before the ClientHello")),
         }
     }
 }
@@ -345,7 +345,7 @@ impl ServerScan {
         while !self.done {
             match self.hs.next(self.limit) {
                 Ok(Next::More) => break,
-                Ok(Next::Other(_)) => self.stop(false),
+                Ok(Next::Other) => self.stop(false),
                 Ok(Next::Message(HT_SERVER_HELLO, body)) => match parse_server_hello(&body) {
                     Ok(h) => {
                         // TLS 1.3: everything after the ServerHello is encrypted.

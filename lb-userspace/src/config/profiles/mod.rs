@@ -8,6 +8,7 @@ mod client_ip;
 mod custom_header;
 mod http_cookie;
 mod key_hash;
+mod ssl_session_id;
 
 use std::collections::HashMap;
 
@@ -33,6 +34,7 @@ pub enum RawProfile {
     Header(key_hash::Item),
     ConsistentHash(key_hash::Consistent),
     CustomHeader(custom_header::Raw),
+    SslSessionId(ssl_session_id::Raw),
 }
 
 /// Fields every profile has, with their defaults applied later.
@@ -60,6 +62,7 @@ impl RawProfile {
             RawProfile::QueryItem(p) | RawProfile::Header(p) => p.common(),
             RawProfile::ConsistentHash(p) => p.common(),
             RawProfile::CustomHeader(p) => p.common(),
+            RawProfile::SslSessionId(p) => p.common(),
         }
     }
 
@@ -77,6 +80,7 @@ impl RawProfile {
             RawProfile::Header(p) => p.header(at),
             RawProfile::ConsistentHash(p) => p.kind(at),
             RawProfile::CustomHeader(p) => p.kind(at),
+            RawProfile::SslSessionId(p) => p.kind(at),
         }
     }
 }
@@ -98,6 +102,7 @@ pub fn locate(kind: &str, body: serde_json::Value) -> Option<(String, String)> {
         "query-item" | "header" => read::<key_hash::Item>(body),
         "consistent-hash" => read::<key_hash::Consistent>(body),
         "custom-header" => read::<custom_header::Raw>(body),
+        "ssl-session-id" => read::<ssl_session_id::Raw>(body),
         _ => None,
     }
 }

@@ -11,6 +11,7 @@ mod client_ip;
 mod custom_header;
 mod http_cookie;
 mod key_hash;
+mod ssl_session_id;
 
 use std::{net::IpAddr, time::Instant};
 
@@ -83,6 +84,8 @@ pub enum Reply<'a> {
         /// The client connection is TLS.
         tls: bool,
     },
+    /// What a passed-through TLS server said in cleartext.
+    TlsServer(&'a crate::tlswire::ServerEvent),
 }
 
 /// One persistence method.
@@ -143,6 +146,9 @@ pub fn build(service: &str, profile: &PersistenceProfile) -> Result<Box<dyn Meth
         }
         PersistenceKind::CustomHeader { header } => {
             Box::new(custom_header::CustomHeader::new(header))
+        }
+        PersistenceKind::SslSessionId { .. } => {
+            Box::new(ssl_session_id::SslSessionId::new(timeout))
         }
     })
 }
