@@ -113,6 +113,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_l7",
                     "--test",
                     "e2e_l7_keys",
+                    "--test",
+                    "e2e_tls",
                 ],
                 &["--test-threads=1"],
             )
