@@ -498,3 +498,5 @@ fn reword(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
