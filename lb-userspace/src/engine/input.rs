@@ -9,17 +9,8 @@ use http::header;
 
 use crate::cookie;
 
-/// The parts of a TLS ClientHello that persistence can key on, as a TLS peeker extracts them
-/// before the handshake is completed or passed through.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientHello {
-    /// server_name extension (host name), if sent.
-    pub sni: Option<String>,
-    /// legacy_session_id (0 to 32 bytes).
-    pub session_id: Vec<u8>,
-    /// session_ticket extension (RFC 5077), if sent and not empty.
-    pub session_ticket: Option<Vec<u8>>,
-}
+/// The parts of a TLS ClientHello that persistence can key on (read by `tlswire`).
+pub use crate::tlswire::ClientHello;
 
 /// A SIP request or response head (RFC 3261): the start line and the header fields in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -30,7 +30,7 @@ use tokio::{
 use crate::{
     engine::{Engine, input::Input, methods::Decision, methods::Reply},
     proxy::{ConnInfo, Count, Limits, ProxyConfig, ProxyError, ProxyStats, Router},
-    tlswire::{HelloError, HelloReader, ServerScan},
+    tlswire::{NoHello, ServerScan, read_client_hello},
 };
 
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
@@ -38,6 +38,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How much of the server's stream is watched for its cleartext handshake (certificate
 /// chains included); past it the rest is only spliced.
 const SERVER_SCAN_LIMIT: usize = 256 * 1024;
+/// Bytes copied per read.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Serve pass-through connections from `listener` until `shutdown` turns true (or its sender
@@ -124,42 +125,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// How reading the ClientHello ended without one.
-#[derive(Debug)]
-enum NoHello {
-    Closed,
-    TimedOut,
-    Io(std::io::Error),
-    Bad(HelloError),
-}
-
-/// Read from `client` until its ClientHello is whole; returns it with every byte read.
-async fn read_hello<R: AsyncRead + Unpin>(
-    client: &mut R,
-    limits: &Limits,
-) -> Result<(crate::engine::input::ClientHello, Vec<u8>), NoHello> {
-    let mut reader = HelloReader::new(limits.max_header_bytes);
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; READ_CHUNK];
-    let read = async {
-        loop {
-            let n = client.read(&mut chunk).await.map_err(NoHello::Io)?;
-            if n == 0 {
-                return Err(NoHello::Closed);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(h) = reader.push(&chunk[..n]).map_err(NoHello::Bad)? {
-                return Ok(h);
-            }
-        }
-    };
-    match tokio::time::timeout(limits.request_header_timeout, read).await {
-        Ok(Ok(h)) => Ok((h, buf)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(NoHello::TimedOut),
-    }
-}
-
 /// Last activity in either direction, for the idle timeout.
 struct Activity {
     start: Instant,
@@ -237,7 +202,14 @@ impl Conn {
             opened: false,
         };
         let peer = self.info.client;
-        let (hello, first) = match read_hello(&mut client, &self.limits).await {
+        let (hello, first) = match read_client_hello(
+            &mut client,
+            Vec::new(),
+            self.limits.max_header_bytes,
+            self.limits.request_header_timeout,
+        )
+        .await
+        {
             Ok(h) => h,
             Err(NoHello::Bad(e)) => {
                 self.stats.count(Count::TlsHelloError);

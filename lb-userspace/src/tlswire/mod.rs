@@ -12,7 +12,22 @@
 #[cfg(test)]
 mod tests;
 
-use crate::engine::input::ClientHello;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The parts of a TLS ClientHello that persistence can key on, read before the handshake is
+/// completed or passed through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// server_name extension (host name), if sent.
+    pub sni: Option<String>,
+    /// legacy_session_id (0 to 32 bytes).
+    pub session_id: Vec<u8>,
+    /// The ticket offered to resume: the session_ticket extension (RFC 5077) if sent and not
+    /// empty, else TLS 1.3's first pre_shared_key identity (RFC 8446 4.2.11).
+    pub session_ticket: Option<Vec<u8>>,
+}
 
 /// Record content types (RFC 8446 5.1).
 const CT_HANDSHAKE: u8 = 22;
@@ -24,6 +39,7 @@ const HT_NEW_SESSION_TICKET: u8 = 4;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_SESSION_TICKET: u16 = 35;
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
+const EXT_PRE_SHARED_KEY: u16 = 41;
 /// A record's fragment is at most 2^14 bytes (plus 2048 for ciphertext; cleartext here).
 const MAX_FRAGMENT: usize = (1 << 14) + 2048;
 /// TLS 1.3's version number, as `supported_versions` selects it.
@@ -235,6 +251,7 @@ pub fn parse_client_hello(body: &[u8]) -> Result<ClientHello, HelloError> {
         return Err(HelloError::Malformed("bytes after the extensions"));
     }
     let mut seen: Vec<u16> = Vec::new();
+    let mut psk = None;
     while !exts.is_empty() {
         let kind = exts.u16("extension type")?;
         let data = exts.vec16("extension data")?;
@@ -245,10 +262,27 @@ pub fn parse_client_hello(body: &[u8]) -> Result<ClientHello, HelloError> {
         match kind {
             EXT_SERVER_NAME => hello.sni = server_name(data)?,
             EXT_SESSION_TICKET if !data.is_empty() => hello.session_ticket = Some(data.to_vec()),
+            EXT_PRE_SHARED_KEY => psk = Some(first_psk_identity(data)?),
             _ => {}
         }
     }
+    if hello.session_ticket.is_none() {
+        hello.session_ticket = psk;
+    }
     Ok(hello)
+}
+
+/// The first identity of a pre_shared_key extension: identities<7..2^16-1> of
+/// (identity<1..2^16-1>, obfuscated_ticket_age u32), then the binders.
+fn first_psk_identity(data: &[u8]) -> Result<Vec<u8>, HelloError> {
+    let mut outer = Reader::new(data);
+    let mut ids = Reader::new(outer.vec16("psk identities")?);
+    let first = ids.vec16("psk identity")?;
+    ids.take(4, "obfuscated_ticket_age")?;
+    if first.is_empty() {
+        return Err(HelloError::Malformed("empty psk identity"));
+    }
+    Ok(first.to_vec())
 }
 
 /// The host_name of a server_name extension (RFC 6066 3), lowercased.
@@ -411,4 +445,50 @@ pub fn parse_server_hello(body: &[u8]) -> Result<ServerHello, HelloError> {
         session_id: session_id.to_vec(),
         version,
     })
+}
+
+/// How reading a ClientHello from a socket ended without one.
+#[derive(Debug)]
+pub enum NoHello {
+    /// The client closed first.
+    Closed,
+    /// Not whole within the timeout.
+    TimedOut,
+    Io(std::io::Error),
+    Bad(HelloError),
+}
+
+/// Read from `client` until its ClientHello is whole, within `timeout`; returns it with every
+/// byte read, after `already` (bytes the caller read before, e.g. past a PROXY header).
+pub async fn read_client_hello<R: AsyncRead + Unpin>(
+    client: &mut R,
+    already: Vec<u8>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(ClientHello, Vec<u8>), NoHello> {
+    let mut reader = HelloReader::new(limit);
+    let mut buf = already;
+    if !buf.is_empty()
+        && let Some(h) = reader.push(&buf).map_err(NoHello::Bad)?
+    {
+        return Ok((h, buf));
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    let read = async {
+        loop {
+            let n = client.read(&mut chunk).await.map_err(NoHello::Io)?;
+            if n == 0 {
+                return Err(NoHello::Closed);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(h) = reader.push(&chunk[..n]).map_err(NoHello::Bad)? {
+                return Ok(h);
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(h)) => Ok((h, buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(NoHello::TimedOut),
+    }
 }

@@ -343,4 +343,16 @@ fn reads_real_rustls_handshakes_tls12_session_id_and_ticket_and_tls13() {
         matches!(&events[..], [ServerEvent::Hello(h)] if h.is_tls13()),
         "{events:?}"
     );
+    // A resuming TLS 1.3 client offers its ticket as a pre_shared_key identity.
+    let (server, client) = configs(&[&rustls::version::TLS13], true);
+    let (first, _) = handshake_bytes(&server, &client);
+    assert_eq!(client_hello(&first).unwrap().unwrap().session_ticket, None);
+    let (again, _) = handshake_bytes(&server, &client);
+    let offered = client_hello(&again).unwrap().unwrap().session_ticket;
+    assert!(
+        offered
+            .as_ref()
+            .is_some_and(|t| server.ticketer.decrypt(t).is_some()),
+        "the PSK identity is the server's ticket: {offered:?}"
+    );
 }
