@@ -288,6 +288,10 @@ pub enum PersistenceKind {
     /// Kemp SSL session ID (TLS passed through): {session ID or TLS 1.2 ticket -> backend}
     /// learned from the server's handshake, for `timeout_s`.
     SslSessionId { fallback: Option<ClientIpFallback> },
+    /// Avi TLS persistence (TLS terminated by tether): the backend travels in the session
+    /// tickets tether issues, sealed with `keys` (cookie key format; empty: a random key per
+    /// process), valid `timeout_s`.
+    TlsTicket { keys: Vec<(u8, String)> },
 }
 
 /// What a persistence method reads of a connection.
@@ -299,6 +303,8 @@ pub enum MethodInput {
     Http,
     /// The TLS ClientHello: a `tls_passthrough` service.
     TlsHello,
+    /// The TLS session tether terminates: a service with `tls`.
+    TlsSession,
 }
 
 /// Where a key-based method finds its key.
@@ -345,6 +351,7 @@ impl PersistenceKind {
                 key: KeySource::Sni,
                 ..
             } => MethodInput::TlsHello,
+            PersistenceKind::TlsTicket { .. } => MethodInput::TlsSession,
             _ => MethodInput::Http,
         }
     }
@@ -356,7 +363,9 @@ impl PersistenceKind {
             PersistenceKind::AppCookie(a) => a.fallback.as_ref(),
             PersistenceKind::KeyHash { fallback, .. } => fallback.as_ref(),
             PersistenceKind::SslSessionId { fallback } => fallback.as_ref(),
-            PersistenceKind::ClientIp | PersistenceKind::CustomHeader { .. } => None,
+            PersistenceKind::ClientIp
+            | PersistenceKind::CustomHeader { .. }
+            | PersistenceKind::TlsTicket { .. } => None,
         }
     }
 }

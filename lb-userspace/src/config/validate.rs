@@ -269,6 +269,15 @@ fn services(
                         ),
                     ));
                 }
+                (MethodInput::TlsSession, _) if o.tls.is_none() => {
+                    return Err(ConfigError::new(
+                        at("persistence"),
+                        format!(
+                            "profile {:?} keeps the backend in TLS session tickets: the service needs \"tls\" (TLS terminated by tether)",
+                            p.name
+                        ),
+                    ));
+                }
                 _ => {}
             }
         }

@@ -87,6 +87,8 @@ pub enum Head<'a> {
 pub struct Input<'a> {
     client: SocketAddr,
     head: Head<'a>,
+    /// The backend the connection's TLS session is bound to (TLS persistence).
+    session: Option<u32>,
 }
 
 impl<'a> Input<'a> {
@@ -94,6 +96,7 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::Http(req),
+            session: None,
         }
     }
 
@@ -101,6 +104,7 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::TlsHello(hello),
+            session: None,
         }
     }
 
@@ -108,7 +112,19 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::Sip(msg),
+            session: None,
         }
+    }
+
+    /// The input came on a connection whose TLS session is bound to backend `session`.
+    pub fn in_session(mut self, session: Option<u32>) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// The backend identity the connection's TLS session is bound to.
+    pub fn tls_session(&self) -> Option<u32> {
+        self.session
     }
 
     /// The client (with the PROXY protocol, the address it carries).

@@ -42,8 +42,9 @@ use crate::{
     },
     config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
     cookie::{self, KeyError},
-    proxy::{ConnInfo, Route, Router},
+    proxy::{ConnInfo, Route, Router, TlsSession},
     state::{BackendState, RouterStats, SharedSnapshot, Snapshot},
+    tlswire::ClientHello,
 };
 use input::Input;
 use methods::{Binding, Context, Decision, Key, Method, Reply, TABLE_CAPACITY};
@@ -80,8 +81,10 @@ impl EngineSpec {
     pub fn of(cfg: &Config, svc: &VirtualService) -> EngineSpec {
         let profile = cfg.profile(svc).map(|p| {
             let mut p = p.clone();
-            if let crate::config::PersistenceKind::HttpCookie(c) = &mut p.kind {
-                c.keys.clear();
+            match &mut p.kind {
+                crate::config::PersistenceKind::HttpCookie(c) => c.keys.clear(),
+                crate::config::PersistenceKind::TlsTicket { keys } => keys.clear(),
+                _ => {}
             }
             p
         });
@@ -402,7 +405,10 @@ impl Router for Engine {
         tried: &[SocketAddr],
     ) -> Result<Route, StatusCode> {
         let choice = self
-            .decide(&mut Input::http(req, conn.client), tried)
+            .decide(
+                &mut Input::http(req, conn.client).in_session(conn.session),
+                tried,
+            )
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(Route {
             backend: choice.backend,
@@ -427,6 +433,25 @@ impl Router for Engine {
         if let Some(d) = decision(route) {
             self.ended(d);
         }
+    }
+
+    fn uses_tls_sessions(&self) -> bool {
+        self.method.as_ref().is_some_and(|m| m.issues_tickets())
+    }
+
+    /// The connection's backend, decided on its ClientHello, sealed into its tickets. The
+    /// connection-level decision is counted like a request's.
+    fn tls_session(&self, conn: &ConnInfo, hello: &ClientHello) -> Option<TlsSession> {
+        let m = self.method.as_ref()?;
+        let choice = self
+            .decide(&mut Input::tls_hello(hello, conn.client), &[])
+            .ok()?;
+        self.ended(&choice.decision);
+        let ticketer = m.ticketer(choice.decision.identity, &self.context(Instant::now()))?;
+        Some(TlsSession {
+            ticketer,
+            backend: choice.decision.identity,
+        })
     }
 
     fn connection_opened(&self, conn: &ConnInfo) {

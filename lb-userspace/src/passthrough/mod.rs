@@ -91,7 +91,7 @@ pub async fn serve(
                             engine: engine.clone(),
                             stats: stats.clone(),
                             limits,
-                            info: ConnInfo { client: peer, local, tls: true, alpn_h2: false },
+                            info: ConnInfo { client: peer, local, tls: true, alpn_h2: false, session: None },
                         };
                         tasks.spawn(async move {
                             conn.run(tcp).await;

@@ -88,6 +88,24 @@ pub trait Router: Send + Sync + 'static {
         let _ = route;
     }
 
+    /// TLS persistence: the router keeps each connection's backend in its TLS session
+    /// tickets. The proxy then reads the ClientHello before the handshake and asks
+    /// [`Router::tls_session`].
+    fn uses_tls_sessions(&self) -> bool {
+        false
+    }
+
+    /// The session of a new TLS connection, from its ClientHello; `None`: the listener's
+    /// default ticket and session handling.
+    fn tls_session(
+        &self,
+        conn: &ConnInfo,
+        hello: &crate::tlswire::ClientHello,
+    ) -> Option<TlsSession> {
+        let _ = (conn, hello);
+        None
+    }
+
     /// A client connection opened (after the PROXY header and the TLS handshake).
     fn connection_opened(&self, conn: &ConnInfo) {
         let _ = conn;
@@ -110,6 +128,16 @@ pub struct ConnInfo {
     pub tls: bool,
     /// ALPN chose HTTP/2.
     pub alpn_h2: bool,
+    /// The backend identity the connection's TLS session is bound to ([`Router::tls_session`]).
+    pub session: Option<u32>,
+}
+
+/// A TLS connection's session as its router keeps it.
+pub struct TlsSession {
+    /// Issues and opens the connection's tickets (rustls' session state plus the backend).
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The backend identity the connection is bound to.
+    pub backend: u32,
 }
 
 /// A routing decision.

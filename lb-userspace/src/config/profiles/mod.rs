@@ -9,6 +9,7 @@ mod custom_header;
 mod http_cookie;
 mod key_hash;
 mod ssl_session_id;
+mod tls_ticket;
 
 use std::collections::HashMap;
 
@@ -35,6 +36,7 @@ pub enum RawProfile {
     ConsistentHash(key_hash::Consistent),
     CustomHeader(custom_header::Raw),
     SslSessionId(ssl_session_id::Raw),
+    TlsTicket(tls_ticket::Raw),
 }
 
 /// Fields every profile has, with their defaults applied later.
@@ -63,6 +65,7 @@ impl RawProfile {
             RawProfile::ConsistentHash(p) => p.common(),
             RawProfile::CustomHeader(p) => p.common(),
             RawProfile::SslSessionId(p) => p.common(),
+            RawProfile::TlsTicket(p) => p.common(),
         }
     }
 
@@ -81,6 +84,7 @@ impl RawProfile {
             RawProfile::ConsistentHash(p) => p.kind(at),
             RawProfile::CustomHeader(p) => p.kind(at),
             RawProfile::SslSessionId(p) => p.kind(at),
+            RawProfile::TlsTicket(p) => p.kind(at),
         }
     }
 }
@@ -103,6 +107,7 @@ pub fn locate(kind: &str, body: serde_json::Value) -> Option<(String, String)> {
         "consistent-hash" => read::<key_hash::Consistent>(body),
         "custom-header" => read::<custom_header::Raw>(body),
         "ssl-session-id" => read::<ssl_session_id::Raw>(body),
+        "tls-ticket" => read::<tls_ticket::Raw>(body),
         _ => None,
     }
 }

@@ -12,6 +12,7 @@ mod custom_header;
 mod http_cookie;
 mod key_hash;
 mod ssl_session_id;
+mod tls_ticket;
 
 use std::{net::IpAddr, time::Instant};
 
@@ -126,6 +127,22 @@ pub trait Method: Send + Sync {
         let _ = (client, now);
     }
 
+    /// TLS persistence: the method keeps each connection's backend in the TLS session
+    /// tickets tether issues (the proxy then decides a connection from its ClientHello).
+    fn issues_tickets(&self) -> bool {
+        false
+    }
+
+    /// The ticketer of one connection bound to backend `identity`.
+    fn ticketer(
+        &self,
+        identity: u32,
+        cx: &Context<'_>,
+    ) -> Option<std::sync::Arc<dyn rustls::server::ProducesTickets>> {
+        let _ = (identity, cx);
+        None
+    }
+
     /// Take what a reload may change in place (cookie keys); the rest of the profile is
     /// the same, or the engine would have been replaced.
     fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
@@ -150,6 +167,11 @@ pub fn build(service: &str, profile: &PersistenceProfile) -> Result<Box<dyn Meth
         PersistenceKind::SslSessionId { .. } => {
             Box::new(ssl_session_id::SslSessionId::new(timeout))
         }
+        PersistenceKind::TlsTicket { keys } => Box::new(tls_ticket::TlsTicket::new(
+            service,
+            keys,
+            profile.timeout_s,
+        )?),
     })
 }
 
