@@ -131,6 +131,42 @@ pub fn s_client(ns: &str, addr: &str, args: &[&str], timeout: Duration) -> Resul
     })
 }
 
+/// Like [`s_client`], writing `input` after the handshake and keeping the connection until
+/// the server closes it (`-ign_eof`); returns the report and everything s_client printed.
+pub fn s_client_send(
+    ns: &str,
+    addr: &str,
+    args: &[&str],
+    input: &[u8],
+    timeout: Duration,
+) -> Result<(Handshake, String)> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "timeout"])
+        .arg(format!("{}", timeout.as_secs().max(1)))
+        .args(["openssl", "s_client", "-ign_eof", "-connect", addr])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning openssl s_client")?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(input).context("writing to s_client")?;
+    }
+    let out = child.wait_with_output().context("waiting for s_client")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let h = parse_s_client(&text).with_context(|| {
+        format!(
+            "s_client {args:?} to {addr} ({}): stdout:\n{text}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((h, text))
+}
+
 /// The subject CN, "New"/"Reused" and protocol of s_client's report.
 pub fn parse_s_client(text: &str) -> Result<Handshake> {
     let subject = text

@@ -7,6 +7,10 @@
 //!   reaches the backend that holds it ("Reused"), by session ID (`-no_ticket` servers) and
 //!   by TLS 1.2 ticket; TLS 1.3 handshakes are counted and kept in place by the client-IP
 //!   fallback; malformed ClientHellos and silent clients are closed and counted.
+//! - `tls-ticket` on a service terminating TLS (Avi TLS persistence): TLS 1.2 and 1.3
+//!   sessions resumed by ticket reach the backend of their first connection (echo backends
+//!   answer with their name), also after a tether restart with the keys from the config;
+//!   renegotiation is refused.
 //!
 //! Needs root, `openssl` and `TETHER_BIN`: run with `cargo xtask test`, or
 //! `TETHER_BIN=target/debug/tether cargo test -p tether-tests --test e2e_tls -- --test-threads=1`.
@@ -17,14 +21,17 @@ use std::{
     collections::BTreeSet,
     io::{Read, Write},
     net::TcpStream,
+    process::Command,
     time::Duration,
 };
 
 use serde_json::{Value, json};
 use tether_tests::{
     daemon::{ConfigBuilder, Daemon, metric_value, tether_bin},
+    http::Echo,
+    l7lab::L7Lab,
     netns::{Topology, wait_until},
-    tlslab::{Handshake, TlsBackends, s_client},
+    tlslab::{Handshake, TlsBackends, s_client, s_client_send, self_signed},
 };
 
 /// The backends' and the pass-through service's port.
@@ -166,7 +173,8 @@ fn sessions_stick(lab: &Lab, protocol_args: &[&str]) {
         ));
     }
     for round in 0..3 {
-        for (n, backend) in first.iter().enumerate() {
+        // Each session twice in a row: round robin alone would send the second elsewhere.
+        for (n, backend) in first.iter().enumerate().flat_map(|e| [e, e]) {
             let f = lab.session_file(n);
             let h = lab.hs(&[protocol_args, &["-sess_in", &f]].concat());
             if !h.reused || &h.subject != backend {
@@ -194,7 +202,7 @@ fn ssl_session_id_resumes_on_the_backend_holding_the_session() {
     if learned < 4 {
         lab.fail(format!("tls_sessions_learned {learned} < 4"));
     }
-    if lab.l7("persist_hits") < 12 {
+    if lab.l7("persist_hits") < 24 {
         lab.fail("every resumption is a persistence hit");
     }
 
@@ -296,5 +304,140 @@ fn ssl_session_id_follows_tls12_tickets_and_tls13_falls_back_to_the_client_ip() 
     if !matches!(closed, Ok(0)) {
         lab.fail(format!("a silent client is closed by tether: {closed:?}"));
     }
+    lab.stop();
+}
+
+/// The `tls-ticket` profile's keys: in the config, so a restarted daemon (or another
+/// instance) opens the tickets the previous one sealed.
+fn ticket_keys() -> Value {
+    json!([{"id": 7, "secret": "7777777777777777777777777777777777777777777777777777777777777777"}])
+}
+
+const GET: &[u8] = b"GET /t HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n";
+
+/// A request through s_client: the report and the echo backend that answered.
+fn ticket_get(lab: &L7Lab, args: &[&str]) -> (Handshake, String) {
+    let (h, text) = s_client_send(
+        &lab.topo.client.ns,
+        &format!("{}:{TLS_PORT}", lab.topo.vip),
+        args,
+        GET,
+        IO_TIMEOUT,
+    )
+    .unwrap_or_else(|e| lab.fail(format!("{e:#}")));
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_else(|| lab.fail(format!("no HTTP response in s_client output:\n{text}")));
+    // s_client prints its own reports after the body (a TLS 1.3 ticket, the close).
+    let body = ["\n---", "\nclosed", "\nread R BLOCK"]
+        .iter()
+        .filter_map(|m| body.find(m))
+        .min()
+        .map_or(body, |end| &body[..end + 1]);
+    match Echo::parse(body) {
+        Some(e) => (h, e.backend),
+        None => lab.fail(format!("not an echo body: {body:?}")),
+    }
+}
+
+fn wait_listening(lab: &L7Lab) {
+    let addr = format!("{}:{TLS_PORT}", lab.topo.vip);
+    lab.wait_for(IO_TIMEOUT, "the TLS service accepting", || {
+        lab.topo
+            .in_client(|| TcpStream::connect_timeout(&addr.parse().expect("addr"), IO_TIMEOUT))
+            .is_ok_and(|r| r.is_ok())
+    });
+}
+
+#[test]
+fn tls_ticket_resumption_reaches_the_same_backend_also_after_a_restart() {
+    let certs = std::env::temp_dir().join(format!("tether-e2e-tls-{}", std::process::id()));
+    let (cert, key) = self_signed(&certs, "tls.test").unwrap_or_else(|e| panic!("{e:#}"));
+    let mut lab = L7Lab::start(1, 2, |b| {
+        b.profile(json!({"name": "tk", "type": "tls-ticket", "keys": ticket_keys()}))
+            .l7_service(
+                "tls",
+                TLS_PORT,
+                Some("tk"),
+                json!({"tls": {"cert_file": cert, "key_file": key}}),
+            )
+    });
+    wait_listening(&lab);
+    let session = |n: usize| {
+        certs
+            .join(format!("ticket-{n}.pem"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    // New sessions, TLS 1.2 and 1.3, balanced by round robin over both backends.
+    let protocols = ["-tls1_2", "-tls1_3"];
+    let mut first = Vec::new();
+    for n in 0..4 {
+        let f = session(n);
+        let (h, backend) = ticket_get(&lab, &[protocols[n / 2], "-sess_out", &f]);
+        if h.reused {
+            lab.fail(format!("session {n}: a new session expected: {h:?}"));
+        }
+        first.push(backend);
+    }
+    let spread: BTreeSet<&String> = first.iter().collect();
+    if spread.len() != 2 {
+        lab.fail(format!("new sessions are balanced: {first:?}"));
+    }
+    let resume_all = |lab: &L7Lab, when: &str| {
+        // Each session twice in a row: round robin alone would send the second elsewhere.
+        for (n, backend) in first.iter().enumerate().flat_map(|e| [e, e]) {
+            let (h, got) = ticket_get(lab, &[protocols[n / 2], "-sess_in", &session(n)]);
+            if !h.reused || &got != backend {
+                lab.fail(format!(
+                    "{when}: session {n} of {backend} resumed on {got}: {h:?}"
+                ));
+            }
+        }
+    };
+    resume_all(&lab, "resumed");
+    resume_all(&lab, "resumed again");
+
+    // A restart: the new process has the same keys from the config and no state.
+    let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    if let Some(d) = lab.daemon.take() {
+        d.stop()
+            .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    }
+    lab.daemon = Some(
+        Daemon::start(&bin, &lab.topo.lb.ns, &lab.builder.build(), false)
+            .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
+    );
+    wait_listening(&lab);
+    resume_all(&lab, "after a restart");
+    if lab.l7("persist_hits", "tls") < 8 {
+        lab.fail("resumed connections and their requests are persistence hits");
+    }
+
+    // Renegotiation (TLS 1.2, client-initiated with s_client's "R"): refused by rustls with
+    // a no_renegotiation alert; the service keeps serving.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.topo.client.ns, "timeout", "5"])
+        .args(["sh", "-c"])
+        .arg(format!(
+            "(printf 'R\\n'; sleep 3) | openssl s_client -tls1_2 -connect {}:{TLS_PORT} 2>&1",
+            lab.topo.vip
+        ))
+        .output()
+        .unwrap_or_else(|e| lab.fail(format!("running s_client: {e}")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains("RENEGOTIATING") || !text.to_ascii_lowercase().contains("no renegotiation") {
+        lab.fail(format!(
+            "renegotiation is refused with no_renegotiation:\n{text}"
+        ));
+    }
+    let (_, backend) = ticket_get(&lab, &["-tls1_2"]);
+    if !first.contains(&backend) {
+        lab.fail(format!(
+            "still serving after the renegotiation attempt: {backend}"
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&certs);
     lab.stop();
 }
