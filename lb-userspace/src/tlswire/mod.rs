@@ -10,7 +10,7 @@
 //! messages (RFC 8446 5.1, RFC 5246 6.2.1).
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::time::Duration;
 

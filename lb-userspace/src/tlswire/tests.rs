@@ -226,7 +226,7 @@ proptest! {
 }
 
 /// A self-signed server config and a client trusting it, with tickets when `tickets`.
-fn configs(
+pub(crate) fn configs(
     versions: &[&'static rustls::SupportedProtocolVersion],
     tickets: bool,
 ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
@@ -254,6 +254,15 @@ fn configs(
 
 /// A full handshake in memory; returns (client bytes, server bytes) as sent.
 fn handshake_bytes(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> (Vec<u8>, Vec<u8>) {
+    let (c, s, _) = run_handshake(server, client);
+    (c, s)
+}
+
+/// A full handshake in memory; returns what each side sent and whether the server resumed.
+pub(crate) fn run_handshake(
+    server: &Arc<ServerConfig>,
+    client: &Arc<ClientConfig>,
+) -> (Vec<u8>, Vec<u8>, rustls::HandshakeKind) {
     let mut c = ClientConnection::new(
         client.clone(),
         ServerName::try_from("backend.test").unwrap(),
@@ -281,7 +290,8 @@ fn handshake_bytes(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> (V
         }
     }
     assert!(!c.is_handshaking(), "the in-memory handshake completed");
-    (from_client, from_server)
+    let kind = s.handshake_kind().expect("handshake done");
+    (from_client, from_server, kind)
 }
 
 #[test]

@@ -164,3 +164,7 @@ impl rustls::server::ProducesTickets for Ticketer {
             .map(|(_, state)| state)
     }
 }
+
+#[cfg(test)]
+#[path = "tls_ticket_tests.rs"]
+mod tests;
