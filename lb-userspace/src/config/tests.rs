@@ -831,7 +831,8 @@ fn readme_examples_validate() {
         let v: serde_json::Value =
             serde_json::from_str(block).unwrap_or_else(|e| panic!("README JSON: {e}\n{block}"));
         if v.get("interface").is_some() {
-            Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
+            let cfg = block.replace("/etc/tether/", &format!("{}/", dir.display()));
+            Config::parse(&cfg).unwrap_or_else(|e| panic!("README config: {e}\n{block}"));
             configs += 1;
         } else if v.get("vip").is_some() {
             let svc = block.replace("/etc/tether/", &format!("{}/", dir.display()));

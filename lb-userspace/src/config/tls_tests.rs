@@ -144,3 +144,66 @@ fn tls_termination_and_passthrough_exclude_each_other() {
     assert_eq!(e.path, "virtual_services[0].tls_passthrough", "{e}");
     assert!(e.reason.contains("not both"), "{e}");
 }
+
+#[test]
+fn tls_ticket_profiles_need_a_terminating_service() {
+    let dir = std::env::temp_dir().join(format!("tether-tk-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    std::fs::write(&cert, "x").unwrap();
+    std::fs::write(&key, "x").unwrap();
+    let tls = format!(
+        r#""tls":{{"cert_file":"{}","key_file":"{}"}},"persistence":"tk""#,
+        cert.display(),
+        key.display()
+    );
+    let profile = r#"{"name":"tk","type":"tls-ticket","timeout_s":3600,
+        "keys":[{"id":1,"secret":"0101010101010101010101010101010101010101010101010101010101010101"}]},
+    {"name":"ck""#;
+    let good = pass_with(r#""tls_passthrough":true,"persistence":"sess""#, &tls).replacen(
+        r#"{"name":"ck""#,
+        profile,
+        1,
+    );
+    let c = Config::parse(&good).expect("valid");
+    let p = c.profile(&c.services[0]).expect("profile");
+    assert_eq!(p.timeout_s, 3600);
+    assert!(matches!(&p.kind, PersistenceKind::TlsTicket { keys } if keys.len() == 1));
+    assert_eq!(p.kind.input(), MethodInput::TlsSession);
+    let cases = [
+        (
+            good.replacen(&tls, r#""persistence":"tk""#, 1),
+            "virtual_services[0].persistence",
+            "needs \"tls\"",
+        ),
+        (
+            good.replacen(r#""timeout_s":3600"#, r#""timeout_s":0"#, 1),
+            "persistence_profiles[2].timeout_s",
+            "lifetime",
+        ),
+        (
+            good.replacen("0101010101", "01010101", 1),
+            "persistence_profiles[2].keys",
+            "64 hex",
+        ),
+        (
+            good.replacen(
+                r#""timeout_s":3600,"#,
+                r#""timeout_s":3600,"fallback":{"type":"client-ip"},"#,
+                1,
+            ),
+            "persistence_profiles[2].fallback",
+            "does not apply",
+        ),
+    ];
+    let _ = std::fs::remove_dir_all(&dir);
+    for (text, path, reason) in cases {
+        let e = refused(&text);
+        assert_eq!(e.path, path, "{e}");
+        assert!(
+            e.reason.contains(reason),
+            "{path}: {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+}
