@@ -20,6 +20,8 @@ pub mod table;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_session_tests;
 
 use std::{
     collections::HashMap,
@@ -391,6 +393,29 @@ impl Engine {
         }
     }
 
+    /// The backend identity the method binds a ClientHello to, whatever its state.
+    fn bound_identity(
+        &self,
+        m: &dyn Method,
+        hello: &ClientHello,
+        client: SocketAddr,
+    ) -> Option<u32> {
+        let snap = self.snapshot.load();
+        let prep = self.prepared(&snap)?;
+        let pool = &snap.config.pools[snap.config.services[prep.service].pool];
+        let cx = self.context(Instant::now());
+        match m
+            .lookup(&mut Input::tls_hello(hello, client), pool, &cx)
+            .binding?
+        {
+            Binding::Identity(id) => Some(id),
+            Binding::Index(i) => pool
+                .backends
+                .get(i)
+                .map(|b| backend_identity(&pool.name, &b.name)),
+        }
+    }
+
     /// The input decided as `d` is over (answered, failed or retried elsewhere).
     pub fn ended(&self, d: &Decision) {
         self.selection.ended(d.index);
@@ -443,15 +468,18 @@ impl Router for Engine {
     /// connection-level decision is counted like a request's.
     fn tls_session(&self, conn: &ConnInfo, hello: &ClientHello) -> Option<TlsSession> {
         let m = self.method.as_ref()?;
-        let choice = self
-            .decide(&mut Input::tls_hello(hello, conn.client), &[])
-            .ok()?;
-        self.ended(&choice.decision);
-        let ticketer = m.ticketer(choice.decision.identity, &self.context(Instant::now()))?;
-        Some(TlsSession {
-            ticketer,
-            backend: choice.decision.identity,
-        })
+        let backend = match self.decide(&mut Input::tls_hello(hello, conn.client), &[]) {
+            Ok(choice) => {
+                self.ended(&choice.decision);
+                choice.decision.identity
+            }
+            // Policy `never`: the session stays bound to its down backend, so each request
+            // on it is refused (503) until the backend is back.
+            Err(Refusal::BackendDown) => self.bound_identity(m.as_ref(), hello, conn.client)?,
+            Err(Refusal::NoService | Refusal::NoBackend) => return None,
+        };
+        let ticketer = m.ticketer(backend, &self.context(Instant::now()))?;
+        Some(TlsSession { ticketer, backend })
     }
 
     fn connection_opened(&self, conn: &ConnInfo) {
