@@ -246,8 +246,9 @@ fn ssl_session_id_resumes_on_the_backend_holding_the_session() {
 }
 
 #[test]
-fn ssl_session_id_follows_tls12_tickets_and_tls13_falls_back_to_the_client_ip() {
+fn ssl_session_id_follows_tls12_tickets_tls13_falls_back_to_the_client_ip_and_sni_hashes() {
     const FALLBACK_PORT: u16 = 9443;
+    const SNI_PORT: u16 = 10443;
     let lab = Lab::start(
         &[],
         &[
@@ -260,6 +261,11 @@ fn ssl_session_id_follows_tls12_tickets_and_tls13_falls_back_to_the_client_ip() 
                 "tls-fb",
                 FALLBACK_PORT,
                 json!({"name": "sess-fb", "type": "ssl-session-id", "fallback": {"type": "client-ip"}}),
+            ),
+            (
+                "tls-sni",
+                SNI_PORT,
+                json!({"name": "by-sni", "type": "consistent-hash", "hash_key": "sni"}),
             ),
         ],
     );
@@ -288,6 +294,27 @@ fn ssl_session_id_follows_tls12_tickets_and_tls13_falls_back_to_the_client_ip() 
     }
     if lab.l7_of("fallback_hits", "tls-fb") != 3 {
         lab.fail("the fallback decided every TLS 1.3 handshake after the first");
+    }
+
+    // SNI as the hash key: each name keeps its backend (TLS 1.3 too), names spread.
+    let mut by_name = Vec::new();
+    for i in 0..8 {
+        let name = format!("host{i}.test");
+        let a = lab
+            .hs_to(SNI_PORT, &["-tls1_3", "-servername", &name])
+            .subject;
+        let b = lab
+            .hs_to(SNI_PORT, &["-tls1_3", "-servername", &name])
+            .subject;
+        if a != b {
+            lab.fail(format!("{name} went to {a} then {b}"));
+        }
+        by_name.push(a);
+    }
+    if by_name.iter().collect::<BTreeSet<_>>().len() != 2 {
+        lab.fail(format!(
+            "server names spread over both backends: {by_name:?}"
+        ));
     }
 
     // A client that sends nothing is closed after the header timeout (500 ms here).
