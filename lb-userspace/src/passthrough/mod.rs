@@ -10,6 +10,9 @@
 //! (`tls_hello_errors`); one that sends nothing usable within the header timeout is closed
 //! and counted as a handshake error. Neither reaches a backend.
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     net::SocketAddr,
     sync::{
