@@ -22,7 +22,6 @@ use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
     cookie::{self, CookieKeys, CookiePayload, KeyError},
     engine::input::Input,
-    state::RouterStats,
 };
 
 pub struct TlsTicket {
@@ -100,7 +99,6 @@ impl Method for TlsTicket {
         identity: u32,
         cx: &Context<'_>,
     ) -> Option<Arc<dyn rustls::server::ProducesTickets>> {
-        RouterStats::bump(&cx.stats.cookies_issued);
         Some(Arc::new(Ticketer {
             keys: self.keys.load_full(),
             service: self.service.clone(),

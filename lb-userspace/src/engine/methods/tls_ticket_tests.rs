@@ -6,6 +6,7 @@ use super::*;
 use crate::{
     config::Algorithm,
     cookie::Reject,
+    state::RouterStats,
     tlswire::{ClientHello, tests as tls},
 };
 
