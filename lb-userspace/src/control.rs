@@ -27,12 +27,18 @@ use crate::{
     balancer::{self, IdError, Ids, L2},
     config::{BackendConfig, Config, L7Options, LoadError, ServiceMode, VirtualService},
     dataplane::{Attached, Dataplane, DataplaneError, net},
-    engine::{Engine, EngineSpec},
+    engine::{
+        Engine, EngineSpec,
+        saved::{self, SavedEngine},
+    },
     health::{self, HealthEvent, PoolMonitor},
     passthrough,
     proxy::{self, ProxyStats},
     state::{BackendState, Health, L7Counters, SharedSnapshot, Snapshot},
 };
+
+/// How often the L7 tables are written to `state_dir` (the bindings a crash can lose).
+const L7_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long to wait for a backend's neighbour entry.
 const RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -169,6 +175,8 @@ struct Daemon {
     started: SystemTime,
     /// One proxy per L7 virtual service, by name.
     proxies: HashMap<String, L7Service>,
+    /// L7 tables read from `state_dir` at start, taken by each service's first engine.
+    restored: HashMap<String, SavedEngine>,
 }
 
 /// A running L7 proxy and what it was started with.
@@ -268,6 +276,16 @@ impl Daemon {
                             reason: e.to_string(),
                         },
                     )?);
+                    // The bindings carry over: from the engine this one replaces (a reload
+                    // that changed the profile or the pool), else from the saved state.
+                    let saved = match self.proxies.get(&svc.name) {
+                        Some(old) => Some(old.router.export()),
+                        None => self.restored.remove(&svc.name),
+                    };
+                    if let Some(saved) = saved {
+                        let n = r.import(&self.cfg, &saved);
+                        log::info!("L7 tables of {}: {n} bindings carried over", svc.name);
+                    }
                     (r, Arc::new(ProxyStats::default()))
                 }
             };
@@ -365,8 +383,39 @@ impl Daemon {
                     service: name.clone(),
                     router: p.router.stats.clone(),
                     proxy: p.stats.clone(),
+                    tables: p.router.clone(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Write the L7 tables of every running service to `state_dir` (atomically): called every
+    /// second, at shutdown, and by anything that hands the daemon over to another process.
+    /// Returns the number of bindings written.
+    pub fn save_l7_state(&self) -> std::io::Result<usize> {
+        let state = saved::collect(self.proxies.values().map(|p| &*p.router));
+        let n = state
+            .services
+            .iter()
+            .flat_map(|s| &s.tables)
+            .map(|t| t.entries.len())
+            .sum();
+        saved::write(&self.cfg.state_dir, &state)?;
+        Ok(n)
+    }
+
+    /// Read the L7 tables saved in `state_dir` for the services' first engines.
+    pub fn load_l7_state(&mut self) {
+        match saved::read(&self.cfg.state_dir) {
+            Ok(Some(state)) => {
+                self.restored = state
+                    .services
+                    .into_iter()
+                    .map(|s| (s.service.clone(), s))
+                    .collect();
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("L7 tables not restored: {e}"),
         }
     }
 
@@ -448,7 +497,7 @@ impl Daemon {
     /// Apply a new config file, or change nothing and say why.
     async fn reload(&mut self) -> Result<()> {
         let new = Arc::new(Config::load(&self.config_path)?);
-        let fixed: [(&'static str, String, String); 5] = [
+        let fixed: [(&'static str, String, String); 6] = [
             (
                 "interface",
                 self.cfg.interface.clone(),
@@ -473,6 +522,11 @@ impl Daemon {
                 "admin_listen",
                 self.cfg.admin_listen.to_string(),
                 new.admin_listen.to_string(),
+            ),
+            (
+                "state_dir",
+                self.cfg.state_dir.display().to_string(),
+                new.state_dir.display().to_string(),
             ),
         ];
         if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
@@ -548,6 +602,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         generation: 0,
         started,
         proxies: HashMap::new(),
+        restored: HashMap::new(),
     };
     let shared = d.shared.clone();
     // Tables before the attach: the first packet the new program sees finds complete services.
@@ -566,7 +621,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let (stop_admin, admin_stopped) = watch::channel(false);
     let admin = tokio::spawn(crate::admin::serve(listener, shared.clone(), admin_stopped));
     d.start_monitors();
+    d.load_l7_state();
     d.sync_proxies().await?;
+    d.restored.clear();
 
     let mut term = signal(SignalKind::terminate()).map_err(ControlError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ControlError::Signal)?;
@@ -579,8 +636,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
         cfg.pin_dir.display(),
         cfg.admin_listen
     );
+    // The L7 tables go to disk every second: a crash loses at most the last second's.
+    let mut save_tick = tokio::time::interval(L7_SAVE_INTERVAL);
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal = loop {
         tokio::select! {
+            _ = save_tick.tick(), if !d.proxies.is_empty() => {
+                if let Err(e) = tokio::task::block_in_place(|| d.save_l7_state()) {
+                    log::warn!("saving the L7 tables to {}: {e}", d.cfg.state_dir.display());
+                }
+            }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => match d.reload().await {
@@ -597,6 +662,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     d.monitors.clear();
     for p in d.proxies.values() {
         let _ = p.stop.send(true);
+    }
+    if !d.proxies.is_empty() {
+        match d.save_l7_state() {
+            Ok(n) => log::info!("saved {n} L7 bindings to {}", d.cfg.state_dir.display()),
+            Err(e) => log::error!("saving the L7 tables to {}: {e}", d.cfg.state_dir.display()),
+        }
     }
     let _ = stop_admin.send(true);
     let _ = admin.await;

@@ -48,7 +48,8 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminTarget,
     },
-    /// Read and edit the source-IP persistence table.
+    /// Read and edit the persistence tables: the kernel's source-IP table and the L7
+    /// proxies' tables (client addresses, session and key digests).
     Persist {
         #[command(subcommand)]
         cmd: PersistCmd,
@@ -76,7 +77,7 @@ struct AdminTarget {
 
 #[derive(Subcommand)]
 enum PersistCmd {
-    /// One line per entry: service, client or prefix, backend, age.
+    /// One line per entry: service, client or prefix (or key digest), backend, age.
     List(PersistFilter),
     /// Delete the matching entries (all with no filter).
     Flush(PersistFilter),

@@ -2,12 +2,14 @@
 //! snapshot swapped atomically with arc-swap, so readers never wait on the control loop.
 
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -114,6 +116,49 @@ pub struct L7Counters {
     pub service: String,
     pub router: Arc<RouterStats>,
     pub proxy: Arc<crate::proxy::ProxyStats>,
+    /// The service's persistence tables, for listing and flushing.
+    pub tables: Arc<dyn L7Tables>,
+}
+
+/// One binding of an L7 persistence table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L7Binding {
+    /// The table: the method's type (`client-ip`, `app-cookie`, `url-hash`, ...) or
+    /// `fallback` for the "... or source IP" table.
+    pub table: &'static str,
+    /// Client tables: the stored (masked) address and its prefix length.
+    pub client: Option<(IpAddr, u8)>,
+    /// Key tables: the 128-bit digest of the key (cookie value, header, ...); the key itself
+    /// is never stored.
+    pub key_digest: Option<u128>,
+    /// Backend identity (`lb_common::backend_identity`).
+    pub backend: u32,
+    /// Since the binding was last used (or its last connection closed).
+    pub idle: Duration,
+    /// Open client connections holding it (client tables of `client-ip`).
+    pub open_connections: u32,
+    /// Idle past the timeout with no connection open: the next request is balanced anew.
+    pub expired: bool,
+}
+
+/// Which L7 bindings an operation applies to; empty matches all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct L7Filter {
+    /// Any address of the client, masked with each table's prefix (key tables never match).
+    pub client: Option<IpAddr>,
+    /// Backend identity.
+    pub backend: Option<u32>,
+}
+
+/// The L7 persistence tables of one service, as the admin API sees them (implemented by the
+/// engine; defined here so that readers of the snapshot need not know the engine).
+pub trait L7Tables: Send + Sync + std::fmt::Debug {
+    /// Bindings matching `f`.
+    fn bindings(&self, f: &L7Filter) -> Vec<L7Binding>;
+    /// Remove the bindings matching `f`; returns how many were removed.
+    fn flush(&self, f: &L7Filter) -> usize;
+    /// Live (not expired) bindings per backend identity.
+    fn bound(&self) -> HashMap<u32, u64>;
 }
 
 /// Counters of one L7 service's persistence decisions. Kept here, below the engine that
@@ -144,7 +189,62 @@ pub struct RouterStats {
     pub rejected: [AtomicU64; 5],
 }
 
+/// Reads one counter of [`RouterStats`].
+pub type RouterField = fn(&RouterStats) -> u64;
+
 impl RouterStats {
+    /// Every counter but `rejected`: (name, help, value).
+    pub const FIELDS: [(&'static str, &'static str, RouterField); 10] = [
+        (
+            "persist_hits",
+            "Requests sent where a cookie, table entry or fallback said.",
+            |r| r.persist_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "new_assignments",
+            "Requests balanced by the pool's algorithm.",
+            |r| r.new_assignments.load(Ordering::Relaxed),
+        ),
+        (
+            "cookies_issued",
+            "Persistence cookies issued (Set-Cookie added).",
+            |r| r.cookies_issued.load(Ordering::Relaxed),
+        ),
+        (
+            "cookies_learned",
+            "Server cookie values learned from backends.",
+            |r| r.cookies_learned.load(Ordering::Relaxed),
+        ),
+        (
+            "fallback_hits",
+            "Requests decided by the source-IP fallback.",
+            |r| r.fallback_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "reassigned_down",
+            "Persisted clients moved off a down backend.",
+            |r| r.reassigned_down.load(Ordering::Relaxed),
+        ),
+        (
+            "refused_down",
+            "Requests answered 503 because the persisted backend is down (policy never).",
+            |r| r.refused_down.load(Ordering::Relaxed),
+        ),
+        ("expired", "Persistence table entries found expired.", |r| {
+            r.expired.load(Ordering::Relaxed)
+        }),
+        (
+            "tls_sessions_learned",
+            "TLS session IDs and tickets learned from passed-through servers.",
+            |r| r.tls_sessions_learned.load(Ordering::Relaxed),
+        ),
+        (
+            "tls13_unpersisted",
+            "Passed-through TLS 1.3 handshakes, which carry no session ID to persist on.",
+            |r| r.tls13_unpersisted.load(Ordering::Relaxed),
+        ),
+    ];
+
     pub fn reject(&self, r: Reject) {
         let i = Reject::ALL.iter().position(|x| *x == r).expect("listed");
         self.rejected[i].fetch_add(1, Ordering::Relaxed);

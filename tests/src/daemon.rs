@@ -276,6 +276,7 @@ impl ConfigBuilder {
             "interface": self.interface,
             "xdp_mode": self.xdp_mode,
             "pin_dir": self.pin_dir.to_string_lossy(),
+            "state_dir": state_dir_for(&self.pin_dir).to_string_lossy(),
             "persist_table_entries": self.persist_table_entries,
             "virtual_services": self.services,
             "pools": [pool],
@@ -348,6 +349,12 @@ impl Daemon {
         if !reuse_pins && pin_dir.exists() {
             std::fs::remove_dir_all(&pin_dir)
                 .with_context(|| format!("removing stale {}", pin_dir.display()))?;
+        }
+        // The state directory (cookie key, L7 tables' snapshot) lives and dies with the pins.
+        let state_dir = state_dir_for(&pin_dir);
+        if !reuse_pins && state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)
+                .with_context(|| format!("removing stale {}", state_dir.display()))?;
         }
         let config_path = std::env::temp_dir().join(format!(
             "tether-{}-{}-config.json",
@@ -647,6 +654,24 @@ impl Daemon {
         self.terminate()
     }
 
+    /// SIGKILL (a crash): nothing is saved on the way out; pins and state stay for a next
+    /// daemon. Returns the output up to the kill.
+    pub fn kill_keep_pins(mut self) -> Result<String> {
+        self.keep_pins = true;
+        let Some(mut child) = self.child.take() else {
+            bail!("tether is not running; output:\n{}", self.logs());
+        };
+        child.kill()?;
+        child.wait()?;
+        self.join_readers();
+        Ok(self.logs())
+    }
+
+    /// The daemon's state directory (see [`state_dir_for`]).
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir_for(&self.pin_dir)
+    }
+
     fn terminate(&mut self) -> Result<String> {
         let Some(mut child) = self.child.take() else {
             bail!("tether is not running; output:\n{}", self.logs());
@@ -695,6 +720,15 @@ impl Daemon {
     }
 }
 
+/// The daemon's `state_dir` for a test's unique `pin_dir`: unique too, so no test reads
+/// another's cookie key or L7 tables.
+pub fn state_dir_for(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "tether".into(), |n| n.to_string_lossy().into_owned());
+    std::env::temp_dir().join(format!("{name}-state"))
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -708,6 +742,10 @@ impl Drop for Daemon {
             && let Err(e) = std::fs::remove_dir_all(&self.pin_dir)
         {
             eprintln!("warning: removing {}: {e}", self.pin_dir.display());
+        }
+        let state_dir = state_dir_for(&self.pin_dir);
+        if !self.keep_pins && state_dir.exists() {
+            let _ = std::fs::remove_dir_all(&state_dir);
         }
     }
 }

@@ -155,6 +155,26 @@ impl L7Lab {
         line
     }
 
+    /// Stop tether (SIGTERM, or SIGKILL with `crash`) and start it again with the same
+    /// config, its pins and its state directory, as an operator's restart does.
+    pub fn restart(&mut self, crash: bool) {
+        let d = self
+            .daemon
+            .take()
+            .unwrap_or_else(|| panic!("tether is not running"));
+        let r = if crash {
+            d.kill_keep_pins()
+        } else {
+            d.stop_keep_pins()
+        };
+        r.unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+        let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+        let d =
+            Daemon::start_with_existing_pins(&bin, &self.topo.lb.ns, &self.builder.build(), false)
+                .unwrap_or_else(|e| panic!("restarting tether: {e:#}"));
+        self.daemon = Some(d);
+    }
+
     /// Stop tether cleanly (its exit is checked).
     pub fn stop(mut self) {
         if let Some(d) = self.daemon.take() {

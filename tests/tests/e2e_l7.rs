@@ -800,6 +800,132 @@ fn app_cookie_is_learned_and_followed() {
             .iter(),
     );
     assert!(s.len() >= 2, "unknown session ids spread: {s:?}");
+
+    // `tether persist list` shows the three learned sessions as L7 bindings, each on the
+    // backend that set it; `tether persist flush --backend` removes that backend's one.
+    let admin = lab.d().admin_addr().to_string();
+    let list = lab.ok(
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        "tether persist list",
+    );
+    let app_rows: Vec<&str> = list.lines().filter(|l| l.contains("app-cookie")).collect();
+    assert_eq!(app_rows.len(), 3, "three learned sessions listed:\n{list}");
+    for (backend, _) in &sessions {
+        assert!(
+            app_rows.iter().any(|l| l.contains(&format!("{backend} ("))),
+            "the session on {backend} is listed:\n{list}"
+        );
+    }
+    assert!(list.contains("3 L7 bindings"), "{list}");
+    let (gone, id) = &sessions[0];
+    let flushed = lab.ok(
+        lab.d().cli(&[
+            "persist",
+            "flush",
+            "--service",
+            "web",
+            "--backend",
+            gone,
+            "--admin",
+            &admin,
+        ]),
+        "tether persist flush",
+    );
+    assert!(
+        flushed.contains("flushed 1 L7 binding"),
+        "flush --backend {gone}: {flushed}"
+    );
+    let list = lab.ok(
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        "tether persist list",
+    );
+    assert!(
+        list.contains("2 L7 bindings") && !list.contains(&format!("{gone} (")),
+        "{gone}'s session is gone:\n{list}"
+    );
+    // Its session id is now unknown: balanced like no session at all.
+    let jsession = format!("JSESSIONID={id}");
+    let s = spread(
+        (0..6)
+            .map(|_| {
+                lab.get_echo(src, PORT, "/", &[("Cookie", &jsession)])
+                    .1
+                    .backend
+            })
+            .collect::<Vec<_>>()
+            .iter(),
+    );
+    assert!(s.len() >= 2, "the flushed session is balanced anew: {s:?}");
+    lab.stop();
+}
+
+/// Learned sessions survive a restart (SIGTERM: saved at shutdown) and a crash (SIGKILL:
+/// what was saved, every second, before it), each session from clients it never came from.
+#[test]
+fn app_cookie_sessions_survive_a_restart_and_a_crash() {
+    let mut lab = Lab::new(6, 3, |b, _| {
+        b.profile(json!({
+            "name": "app",
+            "type": "app-cookie",
+            "cookie_name": "JSESSIONID",
+            "timeout_s": 1800,
+        }))
+        .l7_service("web", PORT, Some("app"), json!({}))
+    });
+    let login = |lab: &Lab, i: usize| -> (String, String) {
+        let (r, e) = lab.get_echo(lab.client(i), PORT, "/login", &[]);
+        let id = r
+            .set_cookie_value("JSESSIONID")
+            .unwrap_or_else(|| lab.fail(format!("no JSESSIONID: {r:?}")));
+        (e.backend, id)
+    };
+    let check = |lab: &Lab, sessions: &[(String, String)], when: &str| {
+        for (n, (backend, id)) in sessions.iter().enumerate() {
+            let cookie = format!("JSESSIONID={id}");
+            for i in 0..6 {
+                let (_, e) = lab.get_echo(lab.client(i), PORT, "/cart", &[("Cookie", &cookie)]);
+                if &e.backend != backend {
+                    lab.fail(format!(
+                        "{when}: session {n} ({id}) from client {i} went to {} instead of {backend}",
+                        e.backend
+                    ));
+                }
+            }
+        }
+    };
+    let mut sessions: Vec<(String, String)> = (0..3).map(|i| login(&lab, i)).collect();
+    let backends: BTreeSet<&String> = sessions.iter().map(|(b, _)| b).collect();
+    assert_eq!(backends.len(), 3, "{sessions:?}");
+    lab.restart(false);
+    check(&lab, &sessions, "after a SIGTERM restart");
+    // One more session, then a crash once it has been written (every second).
+    sessions.push(login(&lab, 3));
+    let file = lab.d().state_dir().join("l7-tables.json");
+    let saved = || -> usize {
+        let Ok(body) = std::fs::read(&file) else {
+            return 0;
+        };
+        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+        v["services"][0]["tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["id"] == "app-cookie:JSESSIONID")
+            .map(|t| t["entries"].as_array().map_or(0, Vec::len))
+            .sum()
+    };
+    lab.wait_for(Duration::from_secs(10), "the fourth session saved", || {
+        saved() == 4
+    });
+    lab.restart(true);
+    check(&lab, &sessions, "after a SIGKILL restart");
+    assert!(
+        lab.logs().contains("4 bindings carried over"),
+        "{}",
+        lab.logs()
+    );
     lab.stop();
 }
 
@@ -1282,6 +1408,58 @@ fn app_cookie_sessions_survive_a_reload_of_the_service() {
                 .collect::<Vec<_>>()
                 .join("\n")
         ));
+    }
+    lab.stop();
+}
+
+/// A reload that changes the profile (timeout) and the pool's algorithm replaces the
+/// engine, and its learned sessions and fallback bindings carry over: no client moves.
+#[test]
+fn sessions_survive_a_reload_that_changes_the_profile_and_algorithm() {
+    let config = |b: ConfigBuilder, timeout_s: u32, algorithm: &str| {
+        b.profile(json!({
+            "name": "app",
+            "type": "app-cookie",
+            "cookie_name": "JSESSIONID",
+            "timeout_s": timeout_s,
+            "fallback": { "type": "client-ip", "timeout_s": 600 },
+        }))
+        .pool_field("algorithm", json!(algorithm))
+        .l7_service("web", PORT, Some("app"), json!({}))
+    };
+    let mut lab = Lab::new(6, 3, |b, _| config(b, 1800, "round-robin"));
+    let mut sessions: Vec<(String, String)> = Vec::new();
+    for i in 0..3 {
+        let (r, e) = lab.get_echo(lab.client(i), PORT, "/login", &[]);
+        let id = r
+            .set_cookie_value("JSESSIONID")
+            .unwrap_or_else(|| lab.fail(format!("no JSESSIONID: {r:?}")));
+        sessions.push((e.backend, id));
+    }
+    // Clients 3..6 without a session: bound by the fallback.
+    let anonymous: Vec<String> = (3..6)
+        .map(|i| lab.get_echo(lab.client(i), PORT, "/", &[]).1.backend)
+        .collect();
+    let reloaded = config(base_builder(&lab.topo), 3600, "least-connections");
+    lab.reload(reloaded);
+    assert!(
+        lab.logs().contains("9 bindings carried over"),
+        "{}",
+        lab.logs()
+    );
+    for (backend, id) in &sessions {
+        let cookie = format!("JSESSIONID={id}");
+        for i in 3..6 {
+            let (_, e) = lab.get_echo(lab.client(i), PORT, "/cart", &[("Cookie", &cookie)]);
+            assert_eq!(&e.backend, backend, "session {id} after the reload");
+        }
+    }
+    for (i, backend) in (3..6).zip(&anonymous) {
+        let (_, e) = lab.get_echo(lab.client(i), PORT, "/", &[]);
+        assert_eq!(
+            &e.backend, backend,
+            "client {i} without a session after the reload"
+        );
     }
     lab.stop();
 }

@@ -31,6 +31,20 @@ pub struct ServiceStatus {
     pub persistence: Option<PersistenceStatus>,
     pub counters: Counters,
     pub backends: Vec<BackendStatus>,
+    /// `l7` services: the proxy's persistence decisions and tables (absent for `l4-dsr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<L7Status>,
+}
+
+/// The L7 engine of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct L7Status {
+    /// Decision counters by name (`persist_hits`, `new_assignments`, `cookies_issued`,
+    /// `cookies_learned`, `fallback_hits`, `reassigned_down`, `refused_down`, `expired`,
+    /// and `rejected_<reason>` for invalid cookies).
+    pub counters: BTreeMap<String, u64>,
+    /// Bindings in the service's L7 tables (expired included).
+    pub entries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +75,10 @@ pub struct BackendStatus {
     pub bound_clients: Option<u64>,
     /// Counters of the backend (shared by every service whose pool holds it).
     pub counters: Counters,
+    /// `l7` services: live bindings of the service's L7 tables to this backend (absent for
+    /// `l4-dsr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7_bound_clients: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +120,29 @@ pub struct PersistList {
     pub entries: Vec<PersistRow>,
     /// More entries matched than the response holds (`MAX_PERSIST_ROWS`).
     pub truncated: bool,
+    /// Bindings of the L7 proxies' tables (at most `MAX_PERSIST_ROWS`, then `truncated`);
+    /// absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l7: Vec<L7Row>,
+}
+
+/// One binding of an L7 table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct L7Row {
+    pub service: String,
+    /// The method's type (`client-ip`, `app-cookie`, `url-hash`, ...) or `fallback`.
+    pub table: String,
+    /// Client tables: the stored (masked) address and its prefix length.
+    pub client: Option<IpAddr>,
+    pub prefix_len: Option<u8>,
+    /// Key tables: the key's 128-bit digest in hex (the key itself is not kept).
+    pub key_digest: Option<String>,
+    /// Backend name; `null` for a backend no longer in the service's pool.
+    pub backend: Option<String>,
+    pub backend_address: Option<IpAddr>,
+    pub age_s: u64,
+    pub open_connections: u32,
+    pub expired: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,5 +164,13 @@ pub struct PersistRow {
 /// `POST /persist/flush`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlushReply {
+    /// Kernel (L4) entries deleted.
     pub flushed: usize,
+    /// L7 bindings deleted (absent when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub l7_flushed: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

@@ -180,14 +180,27 @@ pub fn persist_flush(
     let q = filter_query(service, client, backend);
     let body = call(admin, "POST", &format!("/persist/flush{q}"))?;
     let r: api::FlushReply = serde_json::from_slice(&body)?;
-    Ok(format!(
-        "flushed {} persistence entr{}\n",
-        r.flushed,
-        if r.flushed == 1 { "y" } else { "ies" }
-    ))
+    Ok(render_flush(&r))
 }
 
 /// `1h02m03s`, `4m05s`, `7s`.
+pub fn render_flush(r: &api::FlushReply) -> String {
+    let mut out = format!(
+        "flushed {} persistence entr{}\n",
+        r.flushed,
+        if r.flushed == 1 { "y" } else { "ies" }
+    );
+    if r.l7_flushed > 0 {
+        let _ = writeln!(
+            out,
+            "flushed {} L7 binding{}",
+            r.l7_flushed,
+            if r.l7_flushed == 1 { "" } else { "s" }
+        );
+    }
+    out
+}
+
 pub fn duration(s: u64) -> String {
     let (d, h, m, s) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
     match (d, h, m) {
@@ -287,6 +300,29 @@ pub fn render_status(s: &api::Status) -> String {
             c.reassigned_down,
             c.no_backend
         );
+        if let Some(l7) = &svc.l7 {
+            let get = |n: &str| l7.counters.get(n).copied().unwrap_or(0);
+            let rejected: u64 = l7
+                .counters
+                .iter()
+                .filter(|(k, _)| k.starts_with("rejected_"))
+                .map(|(_, v)| v)
+                .sum();
+            let _ = writeln!(
+                out,
+                "  l7: {} bindings  hits {}  new {}  cookies issued {}  learned {}  fallback {}  reassigned {}  refused {}  expired {}  rejected {}",
+                l7.entries,
+                get("persist_hits"),
+                get("new_assignments"),
+                get("cookies_issued"),
+                get("cookies_learned"),
+                get("fallback_hits"),
+                get("reassigned_down"),
+                get("refused_down"),
+                get("expired"),
+                rejected
+            );
+        }
         let mut rows = vec![
             [
                 "BACKEND",
@@ -304,6 +340,9 @@ pub fn render_status(s: &api::Status) -> String {
             .map(String::from)
             .to_vec(),
         ];
+        if svc.l7.is_some() {
+            rows[0].push("L7 BOUND".into());
+        }
         let mut notes = Vec::new();
         for b in &svc.backends {
             let state = if b.admin_state != "enabled" && b.admin_state != b.state {
@@ -325,6 +364,9 @@ pub fn render_status(s: &api::Status) -> String {
                 c.expired.to_string(),
                 c.reassigned_down.to_string(),
             ]);
+            if let Some(n) = b.l7_bound_clients {
+                rows.last_mut().expect("just pushed").push(n.to_string());
+            }
             if let Some(h) = &b.health
                 && !h.up
                 && !h.detail.is_empty()
@@ -401,5 +443,47 @@ pub fn render_persist(l: &api::PersistList) -> String {
             ""
         }
     );
+    if !l.l7.is_empty() {
+        out.push_str(&render_l7_rows(&l.l7));
+    }
+    out
+}
+
+/// The L7 bindings of `GET /persist`: the client prefix or the key digest, then the backend.
+fn render_l7_rows(l7: &[api::L7Row]) -> String {
+    let mut rows = vec![
+        ["SERVICE", "L7 TABLE", "CLIENT / KEY", "BACKEND", "AGE", ""]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for e in l7 {
+        let who = match (e.client, e.prefix_len, &e.key_digest) {
+            (Some(c), Some(p), _) => format!("{c}/{p}"),
+            (_, _, Some(d)) => format!("key {}", &d[..d.len().min(16)]),
+            _ => "-".into(),
+        };
+        let backend = match (&e.backend, e.backend_address) {
+            (Some(n), Some(a)) => format!("{n} ({a})"),
+            (Some(n), None) => n.clone(),
+            _ => "(not configured)".into(),
+        };
+        let note = match (e.expired, e.open_connections) {
+            (true, _) => "expired".to_string(),
+            (false, 0) => String::new(),
+            (false, n) => format!("{n} open"),
+        };
+        rows.push(vec![
+            e.service.clone(),
+            e.table.clone(),
+            who,
+            backend,
+            duration(e.age_s),
+            note,
+        ]);
+    }
+    let n = l7.len();
+    let mut out = String::from("\n");
+    out.push_str(&table(&rows, 4, ""));
+    let _ = writeln!(out, "{n} L7 binding{}", if n == 1 { "" } else { "s" });
     out
 }

@@ -362,58 +362,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
     if snap.l7.is_empty() {
         return;
     }
-    type RouterField = fn(&RouterStats) -> u64;
-    let router: [(&str, &str, RouterField); 10] = [
-        (
-            "persist_hits",
-            "Requests sent where a cookie, table entry or fallback said.",
-            |r| r.persist_hits.load(Relaxed),
-        ),
-        (
-            "new_assignments",
-            "Requests balanced by the pool's algorithm.",
-            |r| r.new_assignments.load(Relaxed),
-        ),
-        (
-            "cookies_issued",
-            "Persistence cookies issued (Set-Cookie added).",
-            |r| r.cookies_issued.load(Relaxed),
-        ),
-        (
-            "cookies_learned",
-            "Server cookie values learned from backends.",
-            |r| r.cookies_learned.load(Relaxed),
-        ),
-        (
-            "fallback_hits",
-            "Requests decided by the source-IP fallback.",
-            |r| r.fallback_hits.load(Relaxed),
-        ),
-        (
-            "reassigned_down",
-            "Persisted clients moved off a down backend.",
-            |r| r.reassigned_down.load(Relaxed),
-        ),
-        (
-            "refused_down",
-            "Requests answered 503 because the persisted backend is down (policy never).",
-            |r| r.refused_down.load(Relaxed),
-        ),
-        ("expired", "Persistence table entries found expired.", |r| {
-            r.expired.load(Relaxed)
-        }),
-        (
-            "tls_sessions_learned",
-            "TLS session IDs and tickets learned from passed-through servers.",
-            |r| r.tls_sessions_learned.load(Relaxed),
-        ),
-        (
-            "tls13_unpersisted",
-            "Passed-through TLS 1.3 handshakes, which carry no session ID to persist on.",
-            |r| r.tls13_unpersisted.load(Relaxed),
-        ),
-    ];
-    for (name, help, get) in router {
+    for (name, help, get) in RouterStats::FIELDS {
         let metric = format!("tether_l7_{name}_total");
         family(out, &metric, "counter", help);
         for l in &snap.l7 {

@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text format 0.0.4 (see [`metrics`]) |
 //! | `GET /status` | JSON [`api::Status`], below |
 //! | `GET /persist?service=&client=&backend=` | JSON [`api::PersistList`], at most [`MAX_PERSIST_ROWS`] rows |
-//! | `POST /persist/flush?service=&client=&backend=` | deletes the matching entries: `{"flushed": n}` |
+//! | `POST /persist/flush?service=&client=&backend=` | deletes the matching entries: `{"flushed": n, "l7_flushed": n}` |
 //!
 //! Query parameters are all optional: `service` is a virtual service name, `client` any
 //! address of the client (it is masked with each service's prefix, so `10.0.0.7` finds the
@@ -40,7 +40,14 @@
 //! `GET /persist` rows: `{ "service": name|null, "service_index", "client", "prefix_len",
 //! "backend": name|null, "backend_id", "backend_address": addr|null, "age_s", "expired" }`
 //! (`null` names belong to entries of a service or backend no longer configured), plus
-//! `"truncated"`.
+//! `"truncated"`, plus `"l7"`: the bindings of the L7 proxies' tables, `{ "service", "table"
+//! (the method's type or "fallback"), "client", "prefix_len" (client tables) | "key_digest"
+//! (key tables), "backend", "backend_address", "age_s", "open_connections", "expired" }`.
+//! A client filter matches client tables only; a flush removes kernel entries and L7
+//! bindings alike.
+//!
+//! `/status` adds, for `l7` services, `"l7": { "counters": {name: n}, "entries" }` and per
+//! backend `"l7_bound_clients"` (live bindings of the service's L7 tables).
 //!
 //! Counting bound clients walks the whole persistence table (about a second per million
 //! entries), so `/metrics` and `/status` read a census cached for [`CENSUS_MAX_AGE`] and
@@ -79,9 +86,11 @@ use tokio::{
     sync::{Notify, Semaphore, watch},
 };
 
+use lb_common::backend_identity;
+
 use crate::{
     dataplane::persist_table::{self as persist, Census},
-    state::{SharedSnapshot, Snapshot},
+    state::{L7Counters, L7Filter, SharedSnapshot, Snapshot},
 };
 
 /// Rows of `GET /persist` before `truncated` is set.
@@ -328,17 +337,20 @@ async fn route(
                 Err(e) => return text(StatusCode::BAD_REQUEST, e.0),
             };
             let dir = snap.pin_dir().clone();
+            let s = Arc::clone(&snap);
             match walk(srv, move || {
-                persist::list_capped(&dir, &f, MAX_PERSIST_ROWS)
+                let kernel = persist::list_capped(&dir, &f, MAX_PERSIST_ROWS)?;
+                Ok((kernel, l7_rows(&s, &f, MAX_PERSIST_ROWS)))
             })
             .await
             {
-                Ok((entries, truncated)) => json(&api::PersistList {
+                Ok(((entries, truncated), (l7, l7_truncated))) => json(&api::PersistList {
                     entries: entries
                         .iter()
                         .map(|e| status::persist_row(&snap, e))
                         .collect(),
-                    truncated,
+                    truncated: truncated || l7_truncated,
+                    l7,
                 }),
                 Err(r) => r,
             }
@@ -349,21 +361,83 @@ async fn route(
                 Err(e) => return text(StatusCode::BAD_REQUEST, e.0),
             };
             let dir = snap.pin_dir().clone();
-            let r = walk(srv, move || persist::flush(&dir, &f)).await;
+            let s = Arc::clone(&snap);
+            let r = walk(srv, move || {
+                let kernel = persist::flush(&dir, &f)?;
+                let (engines, l7f) = l7_targets(&s, &f);
+                Ok((kernel, engines.iter().map(|l| l.tables.flush(&l7f)).sum()))
+            })
+            .await;
             srv.census.invalidate();
             match r {
-                Ok(n) => {
+                Ok((n, l7)) => {
                     log::info!(
-                        "admin API: flushed {n} persistence entries ({})",
+                        "admin API: flushed {n} persistence entries and {l7} L7 bindings ({})",
                         query.unwrap_or("all")
                     );
-                    json(&api::FlushReply { flushed: n })
+                    json(&api::FlushReply {
+                        flushed: n,
+                        l7_flushed: l7,
+                    })
                 }
                 Err(r) => r,
             }
         }
         _ => unreachable!("every routed path is matched above"),
     }
+}
+
+/// The L7 engines a filter applies to (all, or its service's) and the filter in the
+/// engines' terms (backend identity instead of kernel id).
+fn l7_targets<'a>(snap: &'a Snapshot, f: &persist::Filter) -> (Vec<&'a L7Counters>, L7Filter) {
+    let cfg = &snap.config;
+    let service = f.service_index.map(|i| {
+        snap.service_by_index(i)
+            .map(|s| cfg.services[s].name.as_str())
+    });
+    let backend = f.backend_id.map(|id| {
+        snap.backend_by_id(id).map(|(p, b)| {
+            let pool = &cfg.pools[p];
+            backend_identity(&pool.name, &pool.backends[b].name)
+        })
+    });
+    // A service or backend the filter names but the snapshot does not know matches nothing.
+    if matches!(service, Some(None)) || matches!(backend, Some(None)) {
+        return (Vec::new(), L7Filter::default());
+    }
+    let engines = snap
+        .l7
+        .iter()
+        .filter(|l| service.flatten().is_none_or(|s| s == l.service))
+        .collect();
+    (
+        engines,
+        L7Filter {
+            client: f.client,
+            backend: backend.flatten(),
+        },
+    )
+}
+
+/// L7 rows matching `f`, at most `max`; the flag says whether more matched.
+fn l7_rows(snap: &Snapshot, f: &persist::Filter, max: usize) -> (Vec<api::L7Row>, bool) {
+    let (engines, l7f) = l7_targets(snap, f);
+    let mut rows = Vec::new();
+    let mut truncated = false;
+    for l in engines {
+        let mut bindings = l.tables.bindings(&l7f);
+        bindings.sort_by(|a, b| {
+            (a.table, a.client, a.key_digest).cmp(&(b.table, b.client, b.key_digest))
+        });
+        for b in &bindings {
+            if rows.len() == max {
+                truncated = true;
+                break;
+            }
+            rows.push(status::l7_row(snap, &l.service, b));
+        }
+    }
+    (rows, truncated)
 }
 
 async fn read_counters(snap: Arc<Snapshot>) -> Result<metrics::KernelCounters, Response<Body>> {
@@ -434,5 +508,7 @@ fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
     }
 }
 
+#[cfg(test)]
+mod l7_tests;
 #[cfg(test)]
 mod tests;

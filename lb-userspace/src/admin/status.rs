@@ -1,8 +1,12 @@
 //! Building the JSON bodies from a snapshot (pure, tested without BPF).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::Ordering,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
-use lb_common::reason;
+use lb_common::{backend_identity, reason};
 
 use super::{
     api,
@@ -10,8 +14,9 @@ use super::{
 };
 use crate::{
     config::{AdminState, DownPolicy},
+    cookie::Reject,
     dataplane::persist_table::{Census, Entry},
-    state::Snapshot,
+    state::{L7Binding, L7Counters, L7Filter, RouterStats, Snapshot},
 };
 
 fn unix_s(t: SystemTime) -> u64 {
@@ -47,6 +52,8 @@ pub fn build(
         .zip(&snap.service_index)
         .map(|(s, &index)| {
             let pool = &cfg.pools[s.pool];
+            let engine = snap.l7.iter().find(|l| l.service == s.name);
+            let l7_bound = engine.map(|l| l.tables.bound());
             let backends = pool
                 .backends
                 .iter()
@@ -79,6 +86,11 @@ pub fn build(
                         bound_clients: census
                             .map(|c| c.live.get(&(index, id)).copied().unwrap_or(0)),
                         counters: c.backend(id).into(),
+                        l7_bound_clients: l7_bound.as_ref().map(|m| {
+                            m.get(&backend_identity(&pool.name, &b.name))
+                                .copied()
+                                .unwrap_or(0)
+                        }),
                     })
                 })
                 .collect();
@@ -97,6 +109,7 @@ pub fn build(
                 }),
                 counters: c.service(index).into(),
                 backends,
+                l7: engine.map(l7_status),
             }
         })
         .collect();
@@ -111,6 +124,51 @@ pub fn build(
             .zip(c.reasons)
             .map(|(n, v)| (n.to_string(), v))
             .collect(),
+    }
+}
+
+/// The L7 engine's counters and table size.
+fn l7_status(l: &L7Counters) -> api::L7Status {
+    let mut counters: BTreeMap<String, u64> = RouterStats::FIELDS
+        .iter()
+        .map(|(name, _, get)| (name.to_string(), get(&l.router)))
+        .collect();
+    for (i, r) in Reject::ALL.iter().enumerate() {
+        counters.insert(
+            format!("rejected_{}", r.as_str()),
+            l.router.rejected[i].load(Ordering::Relaxed),
+        );
+    }
+    api::L7Status {
+        counters,
+        entries: l.tables.bindings(&L7Filter::default()).len() as u64,
+    }
+}
+
+/// One `GET /persist` row of an L7 table, with names from the snapshot.
+pub fn l7_row(snap: &Snapshot, service: &str, b: &L7Binding) -> api::L7Row {
+    let cfg = &snap.config;
+    let backend = cfg
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| &cfg.pools[s.pool])
+        .and_then(|p| {
+            p.backends
+                .iter()
+                .find(|x| backend_identity(&p.name, &x.name) == b.backend)
+        });
+    api::L7Row {
+        service: service.to_string(),
+        table: b.table.to_string(),
+        client: b.client.map(|(a, _)| a),
+        prefix_len: b.client.map(|(_, p)| p),
+        key_digest: b.key_digest.map(|d| format!("{d:032x}")),
+        backend: backend.map(|x| x.name.clone()),
+        backend_address: backend.map(|x| x.address),
+        age_s: b.idle.as_secs(),
+        open_connections: b.open_connections,
+        expired: b.expired,
     }
 }
 

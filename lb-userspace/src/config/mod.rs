@@ -106,6 +106,9 @@ pub struct Config {
     pub interface: String,
     pub xdp_mode: XdpMode,
     pub pin_dir: PathBuf,
+    /// Where the daemon keeps what must outlive it: the generated cookie key, the L7
+    /// tables' snapshot.
+    pub state_dir: PathBuf,
     pub persist_table_entries: u32,
     /// Admin API and Prometheus metrics (`/metrics`, `/status`, `/persist`).
     pub admin_listen: std::net::SocketAddr,
@@ -289,8 +292,8 @@ pub enum PersistenceKind {
     /// learned from the server's handshake, for `timeout_s`.
     SslSessionId { fallback: Option<ClientIpFallback> },
     /// Avi TLS persistence (TLS terminated by tether): the backend travels in the session
-    /// tickets tether issues, sealed with `keys` (cookie key format; empty: a random key per
-    /// process), valid `timeout_s`.
+    /// tickets tether issues, sealed with `keys` (cookie key format; empty: the generated
+    /// cookie key kept in `state_dir`), valid `timeout_s`.
     TlsTicket { keys: Vec<(u8, String)> },
 }
 
@@ -410,6 +413,7 @@ pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_TIMEOUT_S: u32 = 365 * 24 * 3600;
 pub const MAX_PERSIST_ENTRIES: u32 = 64 << 20;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, LoadError> {

@@ -15,6 +15,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub pin_dir: Option<String>,
     #[serde(default)]
+    pub state_dir: Option<String>,
+    #[serde(default)]
     pub persist_table_entries: Option<u32>,
     #[serde(default)]
     pub admin_listen: Option<String>,

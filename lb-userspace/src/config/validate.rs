@@ -11,9 +11,9 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 
 use super::{
     AdminState, Algorithm, BackendConfig, Config, ConfigError, DEFAULT_ADMIN_LISTEN,
-    HealthCheckKind, HealthMonitor, L7Limits, L7Options, MAX_PERSIST_ENTRIES, MAX_WEIGHT,
-    MethodInput, PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles,
-    VirtualService, XdpMode, profiles,
+    DEFAULT_STATE_DIR, HealthCheckKind, HealthMonitor, L7Limits, L7Options, MAX_PERSIST_ENTRIES,
+    MAX_WEIGHT, MethodInput, PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch,
+    TlsFiles, VirtualService, XdpMode, profiles,
     raw::{MonitorType, RawConfig, RawHealthMonitor, RawMode, RawPool, RawService},
 };
 
@@ -62,6 +62,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         interface: raw.interface,
         xdp_mode: globals.xdp_mode,
         pin_dir: globals.pin_dir,
+        state_dir: globals.state_dir,
         persist_table_entries: globals.persist_table_entries,
         admin_listen: globals.admin_listen,
         services,
@@ -74,6 +75,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 struct Globals {
     xdp_mode: XdpMode,
     pin_dir: PathBuf,
+    state_dir: PathBuf,
     persist_table_entries: u32,
     admin_listen: std::net::SocketAddr,
 }
@@ -119,9 +121,20 @@ fn globals(raw: &RawConfig) -> Result<Globals, ConfigError> {
             format!("{admin_listen:?} is not an address:port such as 127.0.0.1:9180"),
         )
     })?;
+    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() || state_dir == Path::new("/") {
+        return Err(ConfigError::new(
+            "state_dir",
+            format!(
+                "{}: must be an absolute directory path",
+                state_dir.display()
+            ),
+        ));
+    }
     Ok(Globals {
         xdp_mode,
         pin_dir,
+        state_dir,
         persist_table_entries,
         admin_listen,
     })
@@ -212,30 +225,7 @@ fn services(
                 ),
             ));
         }
-        let mode = match s.mode {
-            RawMode::L4Dsr => {
-                for (field, set) in [
-                    ("tls", s.tls.is_some()),
-                    ("tls_passthrough", s.tls_passthrough.is_some()),
-                    ("proxy_protocol", s.proxy_protocol.is_some()),
-                    ("limits", s.limits.is_some()),
-                ] {
-                    if set {
-                        return Err(ConfigError::new(at(field), "applies to mode \"l7\" only"));
-                    }
-                }
-                ServiceMode::L4Dsr
-            }
-            RawMode::L7 => {
-                if protocol != Protocol::Tcp {
-                    return Err(ConfigError::new(
-                        at("protocol"),
-                        "mode \"l7\" serves HTTP over TCP",
-                    ));
-                }
-                ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
-            }
-        };
+        let mode = service_mode(i, s)?;
         let pool = *pool_idx
             .get(&s.pool)
             .ok_or_else(|| ConfigError::new(at("pool"), format!("no pool named {:?}", s.pool)))?;
@@ -379,6 +369,35 @@ fn backends(i: usize, p: &RawPool) -> Result<Vec<BackendConfig>, ConfigError> {
     Ok(backends)
 }
 
+/// How service `i` is served: `l4-dsr` takes no proxy settings, `l7` serves HTTP over TCP.
+fn service_mode(i: usize, s: &RawService) -> Result<ServiceMode, ConfigError> {
+    let at = |f: &str| format!("virtual_services[{i}].{f}");
+    Ok(match s.mode {
+        RawMode::L4Dsr => {
+            for (field, set) in [
+                ("tls", s.tls.is_some()),
+                ("tls_passthrough", s.tls_passthrough.is_some()),
+                ("proxy_protocol", s.proxy_protocol.is_some()),
+                ("limits", s.limits.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::new(at(field), "applies to mode \"l7\" only"));
+                }
+            }
+            ServiceMode::L4Dsr
+        }
+        RawMode::L7 => {
+            if s.protocol != Protocol::Tcp {
+                return Err(ConfigError::new(
+                    at("protocol"),
+                    "mode \"l7\" serves HTTP over TCP",
+                ));
+            }
+            ServiceMode::L7(l7_options(&format!("virtual_services[{i}]"), s)?)
+        }
+    })
+}
+
 fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {
     let at = |f: &str| format!("{base}.{f}");
     let tls = match &s.tls {
@@ -506,6 +525,20 @@ fn health_monitor(base: &str, h: &RawHealthMonitor) -> Result<HealthMonitor, Con
     };
     let rise = count("rise", h.rise, 2)?;
     let fall = count("fall", h.fall, 3)?;
+    let kind = check_kind(base, h)?;
+    Ok(HealthMonitor {
+        kind,
+        port: h.port,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+/// What a monitor checks; fields of another type are refused.
+fn check_kind(base: &str, h: &RawHealthMonitor) -> Result<HealthCheckKind, ConfigError> {
+    let at = |f: &str| format!("{base}.{f}");
     let http_only = [
         ("http_path", h.http_path.is_some()),
         ("http_host", h.http_host.is_some()),
@@ -590,14 +623,7 @@ fn health_monitor(base: &str, h: &RawHealthMonitor) -> Result<HealthMonitor, Con
             }
         }
     };
-    Ok(HealthMonitor {
-        kind,
-        port: h.port,
-        interval,
-        timeout,
-        rise,
-        fall,
-    })
+    Ok(kind)
 }
 
 fn parse_status(s: &str) -> Option<StatusMatch> {

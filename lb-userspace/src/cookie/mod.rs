@@ -49,6 +49,7 @@ use ring::{
 
 mod b64;
 mod header;
+pub mod keyfile;
 #[cfg(test)]
 mod tests;
 mod ticket;
@@ -104,6 +105,11 @@ pub enum KeyError {
          (64 hex characters, or 43 base64 characters without padding)"
     )]
     Length { id: u8, len: usize },
+    #[error("cookie key file {}: {reason}", path.display())]
+    Stored {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]

@@ -15,7 +15,9 @@
 //! backend keeps its clients.
 
 pub mod input;
+mod inspect;
 pub mod methods;
+pub mod saved;
 pub mod table;
 
 #[cfg(test)]
@@ -104,6 +106,8 @@ struct Fallback {
     table: Table<[u8; 16]>,
     v4_mask: [u8; 4],
     v6_mask: [u8; 16],
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
 }
 
 impl Fallback {
@@ -113,6 +117,8 @@ impl Fallback {
             table: Table::new(TABLE_CAPACITY, Duration::from_secs(f.timeout_s as u64)),
             v4_mask,
             v6_mask,
+            ipv4_prefix: f.ipv4_prefix,
+            ipv6_prefix: f.ipv6_prefix,
         }
     }
 
@@ -214,7 +220,7 @@ impl Engine {
     ) -> Result<Self, KeyError> {
         let method = cfg
             .profile(svc)
-            .map(|p| methods::build(&svc.name, p))
+            .map(|p| methods::build(&svc.name, p, &cfg.state_dir))
             .transpose()?;
         Ok(Self::with_method(cfg, svc, snapshot, method))
     }
@@ -245,7 +251,7 @@ impl Engine {
     /// Take the new config's in-place settings (rotated cookie keys).
     pub fn update(&self, cfg: &Config, svc: &VirtualService) -> Result<(), KeyError> {
         match (&self.method, cfg.profile(svc)) {
-            (Some(m), Some(p)) => m.update(&svc.name, p),
+            (Some(m), Some(p)) => m.update(&svc.name, p, &cfg.state_dir),
             _ => Ok(()),
         }
     }

@@ -112,6 +112,51 @@ impl<K: Hash + Eq + Clone> Table<K> {
         }
     }
 
+    /// Every entry: (key, backend identity, idle time, open connections, expired). Does not
+    /// refresh anything.
+    pub fn entries(&self, now: Instant) -> Vec<(K, u32, Duration, u32, bool)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, (backend, seen)) in s.entries.iter() {
+                let idle = now.saturating_duration_since(*seen);
+                let open = s.open.get(k).copied().unwrap_or(0);
+                out.push((
+                    k.clone(),
+                    *backend,
+                    idle,
+                    open,
+                    open == 0 && idle > self.timeout,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Remove the entries `matches` selects; returns how many were removed.
+    pub fn remove_where(&self, matches: impl Fn(&K, u32) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let doomed: Vec<K> = s
+                .entries
+                .iter()
+                .filter(|(k, (b, _))| matches(k, *b))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &doomed {
+                s.entries.pop(k);
+            }
+            removed += doomed.len();
+        }
+        removed
+    }
+
+    /// Idle time after which an entry with no open connection expires.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -198,6 +243,30 @@ mod tests {
         }
         assert!(t.len() <= 160, "len {}", t.len());
         assert!(t.get(&9_999, now).is_ok(), "the newest survives");
+    }
+
+    #[test]
+    fn entries_are_listed_and_removed_by_predicate() {
+        let t: Table<u32> = Table::new(64, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for k in 0..6 {
+            t.insert(k, k % 2, t0);
+        }
+        assert!(!t.opened(&4, t0));
+        let later = t0 + Duration::from_secs(30);
+        let mut listed = t.entries(later);
+        listed.sort_by_key(|e| e.0);
+        assert_eq!(listed.len(), 6);
+        assert_eq!(listed[1], (1, 1, Duration::from_secs(30), 0, true));
+        assert_eq!(
+            listed[4],
+            (4, 0, Duration::from_secs(30), 1, false),
+            "an open connection keeps it live"
+        );
+        assert_eq!(t.remove_where(|_, b| b == 1), 3);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(&1, t0), Err(false));
+        assert_eq!(t.get(&2, t0), Ok(0));
     }
 
     #[test]

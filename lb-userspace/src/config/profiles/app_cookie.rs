@@ -1,22 +1,14 @@
 //! `app-cookie`: the backend's own session cookie, learned from its Set-Cookie.
 
-use serde::Deserialize;
-
 use super::{At, Common, RawFallback, cookie_name, fallback};
-use crate::config::{AppCookieProfile, ConfigError, DownPolicy, PersistenceKind};
+use crate::config::{AppCookieProfile, ConfigError, PersistenceKind};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    cookie_name: Option<String>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
+profile_fields! {
+    pub struct Raw {
+        timeout_s: u32,
+        cookie_name: String,
+        fallback: RawFallback,
+    }
 }
 
 impl Raw {

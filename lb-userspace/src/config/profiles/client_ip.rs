@@ -1,22 +1,14 @@
 //! `client-ip`: the client's address, masked to the prefixes, for `timeout_s`.
 
-use serde::Deserialize;
-
 use super::{At, Common};
-use crate::config::{ConfigError, DownPolicy, PersistenceKind};
+use crate::config::{ConfigError, PersistenceKind};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    ipv4_prefix: Option<u8>,
-    #[serde(default)]
-    ipv6_prefix: Option<u8>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
+profile_fields! {
+    pub struct Raw {
+        timeout_s: u32,
+        ipv4_prefix: u8,
+        ipv6_prefix: u8,
+    }
 }
 
 impl Raw {

@@ -1,25 +1,16 @@
 //! `custom-header`: a header's value matched against each backend's `header_value`.
 
-use serde::Deserialize;
-
 use super::{At, Common};
-use crate::config::{ConfigError, DownPolicy, PersistenceKind};
+use crate::config::{ConfigError, PersistenceKind};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    ipv4_prefix: Option<u8>,
-    #[serde(default)]
-    ipv6_prefix: Option<u8>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    /// The header whose value selects the backend.
-    #[serde(default)]
-    item: Option<String>,
+profile_fields! {
+    pub struct Raw {
+        timeout_s: u32,
+        ipv4_prefix: u8,
+        ipv6_prefix: u8,
+        /// The header whose value selects the backend.
+        item: String,
+    }
 }
 
 impl Raw {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{At, Common, RawFallback, cookie_name, fallback};
 use crate::{
-    config::{ConfigError, CookieProfile, DownPolicy, PersistenceKind},
+    config::{ConfigError, CookieProfile, PersistenceKind},
     cookie::SameSite,
 };
 
@@ -16,35 +16,22 @@ pub struct RawKey {
     pub secret: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    cookie_name: Option<String>,
-    #[serde(default)]
-    max_lifetime_min: Option<u32>,
-    #[serde(default)]
-    always_send: Option<bool>,
-    #[serde(default)]
-    add_port: Option<bool>,
-    #[serde(default)]
-    http_only: Option<bool>,
-    #[serde(default)]
-    secure: Option<bool>,
-    /// Outer `None`: not given (Lax); inner `None`: "omit".
-    #[serde(default, deserialize_with = "same_site")]
-    same_site: Option<Option<SameSite>>,
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    domain: Option<String>,
-    #[serde(default)]
-    keys: Option<Vec<RawKey>>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
+profile_fields! {
+    pub struct Raw {
+        cookie_name: String,
+        max_lifetime_min: u32,
+        always_send: bool,
+        add_port: bool,
+        http_only: bool,
+        secure: bool,
+        /// Outer `None`: not given (Lax); inner `None`: "omit".
+        #[serde(deserialize_with = "same_site")]
+        same_site: Option<SameSite>,
+        path: String,
+        domain: String,
+        keys: Vec<RawKey>,
+        fallback: RawFallback,
+    }
 }
 
 /// `lax`, `strict`, `none`, or `omit` (no attribute).

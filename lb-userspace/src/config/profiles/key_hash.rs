@@ -1,66 +1,42 @@
 //! Key-hash profiles: Kemp's sticky hash methods (`all-cookies`, `super-http`, `url-hash`,
 //! `host-header`, `query-item`, `header`) and Avi's `consistent-hash` (the hash alone).
 
-use serde::Deserialize;
-
 use super::{At, Common, RawFallback, fallback};
 use crate::config::{ConfigError, DownPolicy, KeySource, PersistenceKind};
 
-/// `all-cookies`, `url-hash`, `host-header`: the key needs no setting.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sticky {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
+profile_fields! {
+    /// `all-cookies`, `url-hash`, `host-header`: the key needs no setting.
+    pub struct Sticky {
+        timeout_s: u32,
+        fallback: RawFallback,
+    }
 }
 
-/// `super-http`: User-Agent (or Authorization for MSRPC), optionally with the address.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SuperHttp {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
-    /// Kemp "Super HTTP and Source IP".
-    #[serde(default)]
-    with_source_ip: Option<bool>,
+profile_fields! {
+    /// `super-http`: User-Agent (or Authorization for MSRPC), optionally with the address.
+    pub struct SuperHttp {
+        timeout_s: u32,
+        fallback: RawFallback,
+        /// Kemp "Super HTTP and Source IP".
+        with_source_ip: bool,
+    }
 }
 
-/// `query-item`, `header`: a named query item or header.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Item {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
-    #[serde(default)]
-    item: Option<String>,
+profile_fields! {
+    /// `query-item`, `header`: a named query item or header.
+    pub struct Item {
+        timeout_s: u32,
+        fallback: RawFallback,
+        item: String,
+    }
 }
 
-/// `consistent-hash`: Avi's hash of `hash_key`, with no table and no fallback.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Consistent {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    hash_key: Option<String>,
+profile_fields! {
+    /// `consistent-hash`: Avi's hash of `hash_key`, with no table and no fallback.
+    pub struct Consistent {
+        timeout_s: u32,
+        hash_key: String,
+    }
 }
 
 /// The common fields of every key-hash profile.

@@ -3,6 +3,24 @@
 //! itself). Each method's fields and their validation live in a file of their own here; its
 //! behaviour lives in `engine::methods`.
 
+/// A profile type's fields: `name` and `select_new_server_when_down`, which every type has,
+/// then its own, each optional (`#[serde(default)]`). Unknown fields are refused.
+macro_rules! profile_fields {
+    ($(#[$doc:meta])* pub struct $name:ident {
+        $($(#[$fm:meta])* $field:ident: $ty:ty),* $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            name: String,
+            #[serde(default)]
+            select_new_server_when_down: Option<crate::config::DownPolicy>,
+            $($(#[$fm])* #[serde(default)] $field: Option<$ty>,)*
+        }
+    };
+}
+
 mod app_cookie;
 mod client_ip;
 mod custom_header;

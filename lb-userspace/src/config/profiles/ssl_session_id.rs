@@ -3,21 +3,14 @@
 //! server's cleartext handshake, for `timeout_s`. TLS 1.3 has no such ID (the client's
 //! legacy ID is random each time): the `fallback` (client IP) decides those.
 
-use serde::Deserialize;
-
 use super::{At, Common, RawFallback, fallback};
-use crate::config::{ConfigError, DownPolicy, PersistenceKind};
+use crate::config::{ConfigError, PersistenceKind};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
+profile_fields! {
+    pub struct Raw {
+        timeout_s: u32,
+        fallback: RawFallback,
+    }
 }
 
 impl Raw {

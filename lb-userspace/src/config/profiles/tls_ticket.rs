@@ -1,22 +1,15 @@
 //! `tls-ticket`: Avi's TLS persistence for services that terminate TLS (`tls`): the backend
 //! travels in the session tickets tether issues, sealed with `keys` (the cookie key format),
-//! valid `timeout_s`. Nothing is kept locally.
-
-use serde::Deserialize;
+//! valid `timeout_s` (without `keys`: the cookies' key kept in `state_dir`). Nothing else is kept.
 
 use super::{At, Common, http_cookie::RawKey};
-use crate::config::{ConfigError, DownPolicy, PersistenceKind};
+use crate::config::{ConfigError, PersistenceKind};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    keys: Option<Vec<RawKey>>,
+profile_fields! {
+    pub struct Raw {
+        timeout_s: u32,
+        keys: Vec<RawKey>,
+    }
 }
 
 impl Raw {

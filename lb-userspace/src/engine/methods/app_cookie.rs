@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::header;
 
-use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, from_table};
+use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, TableRef, from_table};
 use crate::{
     config::AppCookieProfile,
     config::Pool,
@@ -32,23 +32,16 @@ impl AppCookie {
     }
 
     /// The session value: the cookie, else a query item of the same name, else a path
-    /// parameter (Avi: "look for a URI query of the same name").
+    /// parameter (Avi: "look for a URI query of the same name"). The cookie's name is exact
+    /// (RFC 6265); in the URL it is matched without regard to case, because servlet
+    /// containers rewrite URLs as `;jsessionid=` for the cookie `JSESSIONID`.
     fn value<'a>(&self, input: &'a Input<'_>) -> Option<&'a str> {
         let name = self.cookie_name.as_str();
+        let named = |(k, v): &(&str, &str)| k.eq_ignore_ascii_case(name) && !v.is_empty();
         input
             .cookie(name)
-            .or_else(|| {
-                input
-                    .query_items()
-                    .find(|(k, v)| *k == name && !v.is_empty())
-                    .map(|(_, v)| v)
-            })
-            .or_else(|| {
-                input
-                    .path_params()
-                    .find(|(k, v)| *k == name && !v.is_empty())
-                    .map(|(_, v)| v)
-            })
+            .or_else(|| input.query_items().find(named).map(|(_, v)| v))
+            .or_else(|| input.path_params().find(named).map(|(_, v)| v))
     }
 }
 
@@ -64,6 +57,14 @@ impl Method for AppCookie {
                 .and_then(|v| from_table(&self.table, &digest(v.as_bytes()), cx)),
             ..Lookup::default()
         }
+    }
+
+    fn table_id(&self) -> String {
+        format!("app-cookie:{}", self.cookie_name)
+    }
+
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Keys(&self.table)]
     }
 
     fn on_reply(&self, d: &Decision, reply: &mut Reply<'_>, cx: &Context<'_>) {

@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, time::Duration, time::Instant};
 
-use super::{Context, Lookup, Method, TABLE_CAPACITY, from_table, masks};
+use super::{Context, Lookup, Method, TABLE_CAPACITY, TableRef, from_table, masks};
 use crate::{
     balancer::masked_addr,
     config::PersistenceProfile,
@@ -14,6 +14,8 @@ use crate::{
 
 pub struct ClientIp {
     table: Table<[u8; 16]>,
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
     v4_mask: [u8; 4],
     v6_mask: [u8; 16],
 }
@@ -23,6 +25,8 @@ impl ClientIp {
         let (v4_mask, v6_mask) = masks(profile.ipv4_prefix, profile.ipv6_prefix);
         ClientIp {
             table: Table::new(TABLE_CAPACITY, timeout),
+            ipv4_prefix: profile.ipv4_prefix,
+            ipv6_prefix: profile.ipv6_prefix,
             v4_mask,
             v6_mask,
         }
@@ -48,6 +52,14 @@ impl Method for ClientIp {
     fn record(&self, input: &Input<'_>, _: &Lookup, identity: u32, cx: &Context<'_>) {
         self.table
             .insert(self.key(input.client().ip()), identity, cx.now);
+    }
+
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Clients {
+            table: &self.table,
+            ipv4_prefix: self.ipv4_prefix,
+            ipv6_prefix: self.ipv6_prefix,
+        }]
     }
 
     fn connection_opened(&self, client: IpAddr, now: Instant) -> bool {

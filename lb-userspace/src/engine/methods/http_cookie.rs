@@ -3,6 +3,7 @@
 //! and strips it before the request is forwarded, so backends never see it.
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -35,21 +36,23 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn keys(service: &str, c: &CookieProfile) -> Result<CookieKeys, KeyError> {
+/// The configured ring, else the key generated once and kept in `state_dir`.
+fn keys(service: &str, c: &CookieProfile, state_dir: &Path) -> Result<CookieKeys, KeyError> {
     if c.keys.is_empty() {
-        log::warn!(
-            "profile of {service}: no cookie keys configured, using a random one: cookies will not survive a restart and other instances will not accept them"
+        log::info!(
+            "profile of {service}: no cookie keys configured, using the key kept in {}",
+            state_dir.display()
         );
-        Ok(CookieKeys::generate())
+        cookie::keyfile::load_or_create(state_dir)
     } else {
         CookieKeys::from_config(&c.keys)
     }
 }
 
 impl HttpCookie {
-    pub fn new(service: &str, profile: &CookieProfile) -> Result<Self, KeyError> {
+    pub fn new(service: &str, profile: &CookieProfile, state_dir: &Path) -> Result<Self, KeyError> {
         Ok(HttpCookie {
-            keys: ArcSwap::from_pointee(keys(service, profile)?),
+            keys: ArcSwap::from_pointee(keys(service, profile, state_dir)?),
             profile: profile.clone(),
         })
     }
@@ -138,12 +141,15 @@ impl Method for HttpCookie {
         }
     }
 
-    /// Configured keys rotate in place (an empty list keeps the generated key).
-    fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
-        if let PersistenceKind::HttpCookie(c) = &profile.kind
-            && !c.keys.is_empty()
-        {
-            self.keys.store(Arc::new(keys(service, c)?));
+    /// Keys rotate in place: configured ones, or the stored one when they are removed.
+    fn update(
+        &self,
+        service: &str,
+        profile: &PersistenceProfile,
+        state_dir: &Path,
+    ) -> Result<(), KeyError> {
+        if let PersistenceKind::HttpCookie(c) = &profile.kind {
+            self.keys.store(Arc::new(keys(service, c, state_dir)?));
         }
         Ok(())
     }

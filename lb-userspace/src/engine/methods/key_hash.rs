@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, from_table};
+use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, TableRef, from_table};
 use crate::{
     config::KeySource,
     config::Pool,
@@ -110,6 +110,25 @@ impl Method for KeyHash {
                 .and_then(|t| from_table(t, &digest(&k), cx)),
             key: Key::Hash(k),
         }
+    }
+
+    fn table_id(&self) -> String {
+        let source = match &self.source {
+            KeySource::AllCookies => "all-cookies".to_string(),
+            KeySource::SuperHttp { with_source_ip } => format!("super-http:{with_source_ip}"),
+            KeySource::Url => "url".into(),
+            KeySource::Host => "host".into(),
+            KeySource::QueryItem(q) => format!("query:{q}"),
+            KeySource::Header(h) => format!("header:{h}"),
+            KeySource::SourceIp => "source-ip".into(),
+            KeySource::SourceIpPort => "source-ip-port".into(),
+            KeySource::Sni => "sni".into(),
+        };
+        format!("{}:{source}", self.kind())
+    }
+
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        self.table.iter().map(TableRef::Keys).collect()
     }
 
     fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {

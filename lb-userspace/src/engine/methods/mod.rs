@@ -14,12 +14,12 @@ mod key_hash;
 mod ssl_session_id;
 mod tls_ticket;
 
-use std::{net::IpAddr, time::Instant};
+use std::{net::IpAddr, path::Path, time::Instant};
 
 use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
     cookie::KeyError,
-    engine::input::Input,
+    engine::{input::Input, table::Table},
     state::RouterStats,
 };
 
@@ -89,6 +89,18 @@ pub enum Reply<'a> {
     TlsServer(&'a crate::tlswire::ServerEvent),
 }
 
+/// A table a method keeps, for listing and flushing.
+pub enum TableRef<'a> {
+    /// Client addresses masked to these prefix lengths.
+    Clients {
+        table: &'a Table<[u8; 16]>,
+        ipv4_prefix: u8,
+        ipv6_prefix: u8,
+    },
+    /// Digests of keys (cookie values, headers, ...).
+    Keys(&'a Table<u128>),
+}
+
 /// One persistence method.
 pub trait Method: Send + Sync {
     /// The profile `type` it implements (for listings and logs).
@@ -143,20 +155,42 @@ pub trait Method: Send + Sync {
         None
     }
 
+    /// What identifies the method's tables across a reload or restart: its type and key
+    /// source. A successor with another id starts with empty tables.
+    fn table_id(&self) -> String {
+        self.kind().to_string()
+    }
+
+    /// The tables the method keeps (for the admin API and the saved state).
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        Vec::new()
+    }
+
     /// Take what a reload may change in place (cookie keys); the rest of the profile is
     /// the same, or the engine would have been replaced.
-    fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
-        let _ = (service, profile);
+    fn update(
+        &self,
+        service: &str,
+        profile: &PersistenceProfile,
+        state_dir: &Path,
+    ) -> Result<(), KeyError> {
+        let _ = (service, profile, state_dir);
         Ok(())
     }
 }
 
-/// The method a profile names.
-pub fn build(service: &str, profile: &PersistenceProfile) -> Result<Box<dyn Method>, KeyError> {
+/// The method a profile names; `state_dir` keeps a generated cookie key.
+pub fn build(
+    service: &str,
+    profile: &PersistenceProfile,
+    state_dir: &Path,
+) -> Result<Box<dyn Method>, KeyError> {
     let timeout = std::time::Duration::from_secs(profile.timeout_s as u64);
     Ok(match &profile.kind {
         PersistenceKind::ClientIp => Box::new(client_ip::ClientIp::new(profile, timeout)),
-        PersistenceKind::HttpCookie(c) => Box::new(http_cookie::HttpCookie::new(service, c)?),
+        PersistenceKind::HttpCookie(c) => {
+            Box::new(http_cookie::HttpCookie::new(service, c, state_dir)?)
+        }
         PersistenceKind::AppCookie(a) => Box::new(app_cookie::AppCookie::new(a, timeout)),
         PersistenceKind::KeyHash { key, sticky, .. } => {
             Box::new(key_hash::KeyHash::new(key, *sticky, timeout))
@@ -171,6 +205,7 @@ pub fn build(service: &str, profile: &PersistenceProfile) -> Result<Box<dyn Meth
             service,
             keys,
             profile.timeout_s,
+            state_dir,
         )?),
     })
 }
@@ -185,7 +220,7 @@ pub fn masks(v4: u8, v6: u8) -> ([u8; 4], [u8; 16]) {
 
 /// A table's binding for `k`; an expired entry is counted and is no binding.
 fn from_table<K: std::hash::Hash + Eq + Clone>(
-    table: &super::table::Table<K>,
+    table: &Table<K>,
     k: &K,
     cx: &Context<'_>,
 ) -> Option<Binding> {

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, from_table};
+use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, TableRef, from_table};
 use crate::{
     config::Pool,
     engine::{
@@ -64,6 +64,11 @@ impl Method for SslSessionId {
             binding,
             ..Lookup::default()
         }
+    }
+
+    /// Saved and listed like the other key tables (session IDs and tickets as digests).
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Keys(&self.table)]
     }
 
     fn on_reply(&self, d: &Decision, reply: &mut Reply<'_>, cx: &Context<'_>) {

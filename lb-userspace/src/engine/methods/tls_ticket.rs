@@ -11,6 +11,7 @@
 //! keep no session cache instead, so TLS 1.2 clients resume by ticket (RFC 5077).
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -36,22 +37,29 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn ring(service: &str, keys: &[(u8, String)]) -> Result<CookieKeys, KeyError> {
+/// The configured ring, else the cookies' key generated once and kept in `state_dir`.
+fn ring(service: &str, keys: &[(u8, String)], state_dir: &Path) -> Result<CookieKeys, KeyError> {
     if keys.is_empty() {
-        log::warn!(
-            "profile of {service}: no ticket keys configured, using a random one: TLS sessions will not resume after a restart or on other instances"
+        log::info!(
+            "profile of {service}: no ticket keys configured, using the key kept in {}",
+            state_dir.display()
         );
-        Ok(CookieKeys::generate())
+        cookie::keyfile::load_or_create(state_dir)
     } else {
         CookieKeys::from_config(keys)
     }
 }
 
 impl TlsTicket {
-    pub fn new(service: &str, keys: &[(u8, String)], lifetime_s: u32) -> Result<Self, KeyError> {
+    pub fn new(
+        service: &str,
+        keys: &[(u8, String)],
+        lifetime_s: u32,
+        state_dir: &Path,
+    ) -> Result<Self, KeyError> {
         Ok(TlsTicket {
             service: service.to_string(),
-            keys: ArcSwap::from_pointee(ring(service, keys)?),
+            keys: ArcSwap::from_pointee(ring(service, keys, state_dir)?),
             lifetime_s,
         })
     }
@@ -108,11 +116,15 @@ impl Method for TlsTicket {
         }))
     }
 
-    fn update(&self, service: &str, profile: &PersistenceProfile) -> Result<(), KeyError> {
-        if let PersistenceKind::TlsTicket { keys } = &profile.kind
-            && !keys.is_empty()
-        {
-            self.keys.store(Arc::new(ring(service, keys)?));
+    /// Keys rotate in place: configured ones, or the stored one when they are removed.
+    fn update(
+        &self,
+        service: &str,
+        profile: &PersistenceProfile,
+        state_dir: &Path,
+    ) -> Result<(), KeyError> {
+        if let PersistenceKind::TlsTicket { keys } = &profile.kind {
+            self.keys.store(Arc::new(ring(service, keys, state_dir)?));
         }
         Ok(())
     }

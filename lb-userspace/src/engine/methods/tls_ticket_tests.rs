@@ -13,7 +13,14 @@ use crate::{
 const KEYS: &str = "5555555555555555555555555555555555555555555555555555555555555555";
 
 fn method(secret: &str) -> TlsTicket {
-    TlsTicket::new("tls", &[(5, secret.to_string())], 300).expect("keys")
+    // Keys are configured: the state directory (for a generated key) is not read.
+    TlsTicket::new(
+        "tls",
+        &[(5, secret.to_string())],
+        300,
+        std::path::Path::new("/nonexistent"),
+    )
+    .expect("keys")
 }
 
 fn pool() -> Pool {

@@ -1,0 +1,199 @@
+//! Persistence profiles: the key-based types, and errors inside a profile (serde buffers
+//! tagged enums, so their field paths are recovered).
+
+use super::*;
+
+#[test]
+fn key_based_profiles_validate() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"super-http","with_source_ip":true,"timeout_s":60}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::SuperHttp {
+                with_source_ip: true
+            },
+            sticky: true,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"header","item":"X-Session"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::Header("x-session".into()),
+            sticky: true,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"consistent-hash","hash_key":"query:sid"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::QueryItem("sid".into()),
+            sticky: false,
+            fallback: None
+        }
+    );
+    let c =
+        Config::parse(&with_profile(r#"{"name":"anon","type":"consistent-hash"}"#)).expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::SourceIp,
+            sticky: false,
+            fallback: None
+        }
+    );
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"all-cookies","fallback":{"type":"client-ip"}}"#,
+    ))
+    .expect("valid");
+    assert!(matches!(
+        &c.profiles[2].kind,
+        PersistenceKind::KeyHash {
+            key: KeySource::AllCookies,
+            fallback: Some(_),
+            ..
+        }
+    ));
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"custom-header","item":"X-Tenant"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.profiles[2].kind,
+        PersistenceKind::CustomHeader {
+            header: "x-tenant".into()
+        }
+    );
+
+    let cases = [
+        (
+            r#"{"name":"anon","type":"query-item"}"#,
+            "persistence_profiles[2].item",
+            "required",
+        ),
+        (
+            r#"{"name":"anon","type":"header","item":"bad header"}"#,
+            "persistence_profiles[2].item",
+            "not a valid",
+        ),
+        (
+            r#"{"name":"anon","type":"url-hash","item":"x"}"#,
+            "persistence_profiles[2].item",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"url-hash","with_source_ip":true}"#,
+            "persistence_profiles[2].with_source_ip",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"consistent-hash","hash_key":"moon"}"#,
+            "persistence_profiles[2].hash_key",
+            "expected source-ip",
+        ),
+        (
+            r#"{"name":"anon","type":"consistent-hash","fallback":{"type":"client-ip"}}"#,
+            "persistence_profiles[2].fallback",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","item":"x"}"#,
+            "persistence_profiles[2].item",
+            "does not apply",
+        ),
+        (
+            r#"{"name":"anon","type":"custom-header"}"#,
+            "persistence_profiles[2].item",
+            "required",
+        ),
+        (
+            r#"{"name":"anon","type":"host-header","cookie_name":"x"}"#,
+            "persistence_profiles[2].cookie_name",
+            "does not apply",
+        ),
+    ];
+    for (profile, path, reason) in cases {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, path, "{profile}: {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{profile}: {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+    let e = err(&l7_with(
+        r#""port":8080"#,
+        r#""port":8080,"header_value":"""#,
+    ));
+    assert_eq!(e.path, "pools[0].backends[0].header_value");
+}
+
+#[test]
+fn errors_inside_a_profile_name_the_field() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let cases = [
+        (
+            r#"{"name":"anon","type":"http-cookie","always_send":"yes"}"#,
+            "persistence_profiles[2].always_send",
+            "invalid type",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","fallback":{"type":"client-ip","timeout_s":-1}}"#,
+            "persistence_profiles[2].fallback.timeout_s",
+            "invalid value",
+        ),
+        (
+            r#"{"name":"anon","type":"client-ip","colour":"red"}"#,
+            "persistence_profiles[2].colour",
+            "does not apply to a \"client-ip\" profile (unknown field `colour`",
+        ),
+        (
+            r#"{"name":"anon","type":"client-ip","select_new_server_when_down":"later"}"#,
+            "persistence_profiles[2].select_new_server_when_down",
+            "\"later\": expected \"immediate\" or \"never\"",
+        ),
+        (
+            r#"{"name":"anon"}"#,
+            "persistence_profiles[2]",
+            "missing field `type`",
+        ),
+    ];
+    for (profile, path, reason) in cases {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, path, "{profile}: {e}");
+        assert!(
+            e.reason.contains(reason),
+            "{profile}: {:?} lacks {reason:?}",
+            e.reason
+        );
+    }
+}
+
+#[test]
+fn serde_variant_errors_are_worded_like_the_others() {
+    assert_eq!(
+        reword("unknown variant `x`, expected one of `a`, `b`, `c` at line 1 column 9"),
+        "\"x\": expected \"a\", \"b\" or \"c\""
+    );
+    assert_eq!(
+        reword("unknown variant `x`, expected `a` or `b`"),
+        "\"x\": expected \"a\" or \"b\""
+    );
+    assert_eq!(
+        reword("unknown variant `x`, expected `a`"),
+        "\"x\": expected \"a\""
+    );
+    assert_eq!(reword("invalid type: string"), "invalid type: string");
+}
