@@ -6,7 +6,8 @@
 //!   terminated): a TLS 1.2 session saved with `-sess_out` and resumed with `-sess_in`
 //!   reaches the backend that holds it ("Reused"), by session ID (`-no_ticket` servers) and
 //!   by TLS 1.2 ticket; TLS 1.3 handshakes are counted and kept in place by the client-IP
-//!   fallback; malformed ClientHellos and silent clients are closed and counted.
+//!   fallback; malformed ClientHellos and silent clients are closed and counted; the
+//!   learned sessions survive a restart (saved with the L7 tables).
 //! - `tls-ticket` on a service terminating TLS (Avi TLS persistence): TLS 1.2 and 1.3
 //!   sessions resumed by ticket reach the backend of their first connection (echo backends
 //!   answer with their name), also after a tether restart with the keys from the config;
@@ -44,6 +45,7 @@ struct Lab {
     servers: TlsBackends,
     topo: Topology,
     files: std::path::PathBuf,
+    config: Value,
 }
 
 impl Lab {
@@ -71,7 +73,8 @@ impl Lab {
                 json!({"tls_passthrough": true, "limits": {"request_timeout_ms": 500}}),
             );
         }
-        let daemon = Daemon::start(&bin, &topo.lb.ns, &b.build(), false)
+        let config = b.build();
+        let daemon = Daemon::start(&bin, &topo.lb.ns, &config, false)
             .unwrap_or_else(|e| panic!("starting tether: {e:#}"));
         let files = servers.dir.clone();
         let lab = Lab {
@@ -79,6 +82,7 @@ impl Lab {
             servers,
             topo,
             files,
+            config,
         };
         // The proxies are started by the control loop right after `ready`.
         for (name, port, _) in services {
@@ -95,6 +99,29 @@ impl Lab {
             }
         }
         lab
+    }
+
+    /// SIGTERM, then a new daemon with the same config and state directory (as users
+    /// restart it).
+    fn restart(&mut self) {
+        let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+        if let Some(d) = self.daemon.take() {
+            d.stop_keep_pins()
+                .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+        }
+        self.daemon = Some(
+            Daemon::start_with_existing_pins(&bin, &self.topo.lb.ns, &self.config, false)
+                .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
+        );
+        let addr = self.vip(TLS_PORT);
+        let ok = wait_until(IO_TIMEOUT, || {
+            self.topo
+                .in_client(|| TcpStream::connect_timeout(&addr.parse().expect("addr"), IO_TIMEOUT))
+                .is_ok_and(|r| r.is_ok())
+        });
+        if !ok {
+            self.fail("the restarted service never accepted a connection");
+        }
     }
 
     fn d(&self) -> &Daemon {
@@ -153,8 +180,8 @@ impl Lab {
 }
 
 /// New TLS 1.2 sessions (spread by round robin), then each resumed several times: every
-/// resumption is "Reused" on the backend of its first handshake.
-fn sessions_stick(lab: &Lab, protocol_args: &[&str]) {
+/// resumption is "Reused" on the backend of its first handshake. Returns those backends.
+fn sessions_stick(lab: &Lab, protocol_args: &[&str]) -> Vec<String> {
     let mut first = Vec::new();
     for n in 0..4 {
         let f = lab.session_file(n);
@@ -184,11 +211,12 @@ fn sessions_stick(lab: &Lab, protocol_args: &[&str]) {
             }
         }
     }
+    first
 }
 
 #[test]
 fn ssl_session_id_resumes_on_the_backend_holding_the_session() {
-    let lab = Lab::start(
+    let mut lab = Lab::start(
         &["-no_ticket"],
         &[(
             "tls",
@@ -196,7 +224,7 @@ fn ssl_session_id_resumes_on_the_backend_holding_the_session() {
             json!({"name": "sess", "type": "ssl-session-id"}),
         )],
     );
-    sessions_stick(&lab, &["-tls1_2", "-no_ticket"]);
+    let first = sessions_stick(&lab, &["-tls1_2", "-no_ticket"]);
     // 4 sessions learned from their ServerHello, each refreshed by every resumption.
     let learned = lab.l7("tls_sessions_learned");
     if learned < 4 {
@@ -241,6 +269,21 @@ fn ssl_session_id_resumes_on_the_backend_holding_the_session() {
     let h = lab.hs(&["-tls1_2", "-no_ticket", "-sess_in", &lab.session_file(0)]);
     if !h.reused {
         lab.fail(format!("still serving, still resuming: {h:?}"));
+    }
+
+    // A restart (SIGTERM, same config and state directory): the learned session IDs were
+    // saved with the other L7 tables, so resumptions still reach their backends. Sessions 0
+    // and 2 are on one backend, 1 and 3 on the other: in this order, round robin alone (or
+    // relearning from the first resumption) cannot pass.
+    lab.restart();
+    for n in [0, 2, 1, 3] {
+        let backend = &first[n];
+        let h = lab.hs(&["-tls1_2", "-no_ticket", "-sess_in", &lab.session_file(n)]);
+        if !h.reused || &h.subject != backend {
+            lab.fail(format!(
+                "after a restart: session {n} of {backend} resumed as {h:?}"
+            ));
+        }
     }
     lab.stop();
 }
