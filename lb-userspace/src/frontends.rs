@@ -61,6 +61,7 @@ pub enum FrontendError {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Settings {
     tls: bool,
+    tls_passthrough: bool,
     proxy_protocol: Option<crate::cidr::Cidrs>,
     trusted_forwarders: crate::cidr::Cidrs,
     limits: crate::config::L7Limits,
@@ -70,6 +71,7 @@ impl Settings {
     pub(crate) fn of(o: &L7Options) -> Settings {
         Settings {
             tls: o.tls.is_some(),
+            tls_passthrough: o.tls_passthrough,
             proxy_protocol: o.proxy_protocol.clone(),
             trusted_forwarders: o.trusted_forwarders.clone(),
             limits: o.limits,
@@ -455,17 +457,35 @@ impl Frontends {
     ) {
         let (stop, stopped) = watch::channel(false);
         let name = name.to_string();
-        let task = proxy::serve_with_stats(
-            listener,
-            proxy_config(fe, o, drain),
-            fe.router.clone(),
-            stopped,
-            fe.stats.clone(),
-        );
+        let cfg = proxy_config(fe, o, drain);
+        let task: std::pin::Pin<Box<dyn Future<Output = Result<(), proxy::ProxyError>> + Send>> =
+            if o.tls_passthrough {
+                Box::pin(crate::passthrough::serve(
+                    listener,
+                    cfg,
+                    fe.router.clone(),
+                    stopped,
+                    fe.stats.clone(),
+                ))
+            } else {
+                Box::pin(proxy::serve_with_stats(
+                    listener,
+                    cfg,
+                    fe.router.clone(),
+                    stopped,
+                    fe.stats.clone(),
+                ))
+            };
         log::info!(
             "L7 proxy of {name} listening on {}{}",
             fe.addr,
-            if fe.tls.is_some() { " (TLS)" } else { "" }
+            if fe.tls.is_some() {
+                " (TLS)"
+            } else if o.tls_passthrough {
+                " (TLS pass-through)"
+            } else {
+                ""
+            }
         );
         self.tasks.spawn(async move {
             if let Err(e) = task.await {

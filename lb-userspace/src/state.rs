@@ -183,6 +183,10 @@ pub struct RouterStats {
     pub refused_down: AtomicU64,
     /// Table entries found expired.
     pub expired: AtomicU64,
+    /// TLS session IDs and TLS 1.2 tickets learned from passed-through servers.
+    pub tls_sessions_learned: AtomicU64,
+    /// Passed-through TLS 1.3 handshakes: no session ID to persist on.
+    pub tls13_unpersisted: AtomicU64,
     /// Invalid cookies, by `Reject` (treated as absent and re-issued).
     pub rejected: [AtomicU64; 5],
     /// Persistence scripts that failed (a Lua error, a bad answer, an unknown backend name):
@@ -197,7 +201,7 @@ pub type RouterField = fn(&RouterStats) -> u64;
 
 impl RouterStats {
     /// Every counter but `rejected`: (name, help, value).
-    pub const FIELDS: [(&'static str, &'static str, RouterField); 10] = [
+    pub const FIELDS: [(&'static str, &'static str, RouterField); 12] = [
         (
             "persist_hits",
             "Requests sent where a cookie, table entry or fallback said.",
@@ -245,6 +249,16 @@ impl RouterStats {
             "script_cutoffs",
             "Persistence scripts cut off by their instruction budget or memory cap; balanced by the pool.",
             |r| r.script_cutoffs.load(Ordering::Relaxed),
+        ),
+        (
+            "tls_sessions_learned",
+            "TLS session IDs and tickets learned from passed-through servers.",
+            |r| r.tls_sessions_learned.load(Ordering::Relaxed),
+        ),
+        (
+            "tls13_unpersisted",
+            "Passed-through TLS 1.3 handshakes, which carry no session ID to persist on.",
+            |r| r.tls13_unpersisted.load(Ordering::Relaxed),
         ),
     ];
 

@@ -9,3 +9,4 @@ pub mod l7lab;
 pub mod netns;
 pub mod packet;
 pub mod pinned;
+pub mod tlslab;

@@ -23,6 +23,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("haproxy", "/usr/sbin/haproxy"),
     ("curl", "/usr/bin/curl"),
+    // s_server backends and s_client in the TLS end-to-end tests.
+    ("openssl", "/usr/bin/openssl"),
     ("util-linux", "/usr/bin/nsenter"),
     // sipp: the SIP peers of the SIP-header persistence end-to-end test.
     ("sip-tester", "/usr/bin/sipp"),

@@ -181,6 +181,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_security",
                     "--test",
                     "e2e_sip_script",
+                    "--test",
+                    "e2e_tls",
                 ],
                 &["--test-threads=1"],
             )

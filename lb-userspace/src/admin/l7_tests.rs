@@ -42,6 +42,7 @@ fn lab() -> (Arc<Snapshot>, Arc<Engine>) {
         local: "192.0.2.10:80".parse().unwrap(),
         tls: false,
         alpn_h2: false,
+        session: None,
     };
     let request = |uri: &str| http::Request::get(uri).body(()).unwrap().into_parts().0;
     // A client without a session: the fallback binds 198.51.100.0/24.

@@ -601,6 +601,20 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
             l.proxy.snapshot().retries
         );
     }
+    family(
+        out,
+        "tether_l7_tls_hello_errors_total",
+        "counter",
+        "TLS pass-through connections closed on a malformed, truncated or oversized ClientHello.",
+    );
+    for l in &snap.l7 {
+        let _ = writeln!(
+            out,
+            "tether_l7_tls_hello_errors_total{} {}",
+            labels(&[("service", &l.service)]),
+            l.proxy.snapshot().tls_hello_errors
+        );
+    }
 }
 
 /// Counters of the L7 UDP (SIP) services.

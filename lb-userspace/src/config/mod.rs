@@ -152,6 +152,9 @@ pub enum ServiceMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct L7Options {
     pub tls: Option<TlsFiles>,
+    /// TLS is passed through to the backends, not terminated: the proxy reads the
+    /// ClientHello and the ServerHello and splices bytes (Kemp service type "Generic").
+    pub tls_passthrough: bool,
     /// Peers that must send a PROXY protocol header; `None`: off. Any other peer's header
     /// closes its connection.
     pub proxy_protocol: Option<crate::cidr::Cidrs>,
@@ -312,6 +315,13 @@ pub enum PersistenceKind {
     SipHeader { header: String },
     /// Avi DataScript: a Lua script names a key, a backend or nothing for each request.
     Script(ScriptProfile),
+    /// Kemp SSL session ID (TLS passed through): {session ID or TLS 1.2 ticket -> backend}
+    /// learned from the server's handshake, for `timeout_s`.
+    SslSessionId { fallback: Option<ClientIpFallback> },
+    /// Avi TLS persistence (TLS terminated by tether): the backend travels in the session
+    /// tickets tether issues, sealed with `keys` (cookie key format; empty: the generated
+    /// cookie key kept in `state_dir`), valid `timeout_s`.
+    TlsTicket { keys: Vec<(u8, String)> },
 }
 
 /// A `script` profile: the script's text as validated (compiled) with the config.
@@ -321,6 +331,19 @@ pub struct ScriptProfile {
     pub source: String,
     pub limits: crate::script::Limits,
     pub fallback: Option<ClientIpFallback>,
+}
+
+/// What a persistence method reads of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodInput {
+    /// The client's address only: any L7 service.
+    Address,
+    /// The HTTP request: TLS terminated by tether, or cleartext.
+    Http,
+    /// The TLS ClientHello: a `tls_passthrough` service.
+    TlsHello,
+    /// The TLS session tether terminates: a service with `tls`.
+    TlsSession,
 }
 
 /// Where a key-based method finds its key.
@@ -344,6 +367,8 @@ pub enum KeySource {
     /// Avi consistent hash by source address / address and port.
     SourceIp,
     SourceIpPort,
+    /// The server name of the TLS ClientHello (pass-through services).
+    Sni,
 }
 
 impl PersistenceKind {
@@ -357,6 +382,24 @@ impl PersistenceKind {
         matches!(self, PersistenceKind::SipHeader { .. })
     }
 
+    /// What the method reads, which decides the services it can serve.
+    pub fn input(&self) -> MethodInput {
+        match self {
+            PersistenceKind::ClientIp
+            | PersistenceKind::KeyHash {
+                key: KeySource::SourceIp | KeySource::SourceIpPort,
+                ..
+            } => MethodInput::Address,
+            PersistenceKind::SslSessionId { .. }
+            | PersistenceKind::KeyHash {
+                key: KeySource::Sni,
+                ..
+            } => MethodInput::TlsHello,
+            PersistenceKind::TlsTicket { .. } => MethodInput::TlsSession,
+            _ => MethodInput::Http,
+        }
+    }
+
     /// The "... or source IP" fallback, for the methods that have one.
     pub fn fallback(&self) -> Option<&ClientIpFallback> {
         match self {
@@ -364,9 +407,11 @@ impl PersistenceKind {
             PersistenceKind::AppCookie(a) => a.fallback.as_ref(),
             PersistenceKind::KeyHash { fallback, .. } => fallback.as_ref(),
             PersistenceKind::Script(s) => s.fallback.as_ref(),
+            PersistenceKind::SslSessionId { fallback } => fallback.as_ref(),
             PersistenceKind::ClientIp
             | PersistenceKind::CustomHeader { .. }
-            | PersistenceKind::SipHeader { .. } => None,
+            | PersistenceKind::SipHeader { .. }
+            | PersistenceKind::TlsTicket { .. } => None,
         }
     }
 }
@@ -523,3 +568,5 @@ fn reword(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -60,6 +60,9 @@ pub struct RawService {
     /// `l7` only: TLS termination.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// `l7` only: pass TLS through to the backends (routing on the ClientHello).
+    #[serde(default)]
+    pub tls_passthrough: Option<bool>,
     /// `l7` only: the sources (CIDRs) that must send a PROXY protocol (v1 or v2) header;
     /// `false` is off. A JSON value: `true` gets its own error message.
     #[serde(default)]

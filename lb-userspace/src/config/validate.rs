@@ -12,7 +12,7 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 use super::{
     AdminState, Algorithm, BackendConfig, Config, ConfigError, DEFAULT_ADMIN_LISTEN,
     DEFAULT_DRAIN_TIMEOUT_MS, HealthCheckKind, HealthMonitor, L7Limits, L7Options,
-    MAX_DRAIN_TIMEOUT_MS, MAX_NEW_BINDINGS_PER_CPU_S, MAX_PERSIST_ENTRIES, MAX_WEIGHT,
+    MAX_DRAIN_TIMEOUT_MS, MAX_NEW_BINDINGS_PER_CPU_S, MAX_PERSIST_ENTRIES, MAX_WEIGHT, MethodInput,
     PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles, VirtualService,
     XdpMode, profiles,
     raw::{MonitorType, RawConfig, RawHealthMonitor, RawMode, RawPool, RawService},
@@ -276,6 +276,39 @@ fn services(
                 )
             })?),
         };
+        if let (Some(pi), ServiceMode::L7(o)) = (persistence, &mode) {
+            let p = &profiles[pi];
+            match (p.kind.input(), o.tls_passthrough) {
+                (MethodInput::Http, true) => {
+                    return Err(ConfigError::new(
+                        at("persistence"),
+                        format!(
+                            "profile {:?} inspects HTTP: a \"tls_passthrough\" service sees only the TLS handshake",
+                            p.name
+                        ),
+                    ));
+                }
+                (MethodInput::TlsHello, false) => {
+                    return Err(ConfigError::new(
+                        at("persistence"),
+                        format!(
+                            "profile {:?} reads the TLS ClientHello: it needs \"tls_passthrough\": true",
+                            p.name
+                        ),
+                    ));
+                }
+                (MethodInput::TlsSession, _) if o.tls.is_none() => {
+                    return Err(ConfigError::new(
+                        at("persistence"),
+                        format!(
+                            "profile {:?} keeps the backend in TLS session tickets: the service needs \"tls\" (TLS terminated by tether)",
+                            p.name
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
         if let Some(pi) = persistence
             && profiles[pi].kind.is_http()
             && mode == ServiceMode::L4Dsr
@@ -382,6 +415,7 @@ fn service_mode(i: usize, s: &RawService, sip: bool) -> Result<ServiceMode, Conf
         RawMode::L4Dsr => {
             for (field, set) in [
                 ("tls", s.tls.is_some()),
+                ("tls_passthrough", s.tls_passthrough.is_some()),
                 ("proxy_protocol", s.proxy_protocol.is_some()),
                 ("trusted_forwarders", s.trusted_forwarders.is_some()),
                 ("limits", s.limits.is_some()),
@@ -466,6 +500,23 @@ fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {
             })
         }
     };
+    let tls_passthrough = s.tls_passthrough.unwrap_or(false);
+    if tls_passthrough && tls.is_some() {
+        return Err(ConfigError::new(
+            at("tls_passthrough"),
+            "TLS is either terminated (\"tls\") or passed through, not both",
+        ));
+    }
+    if tls_passthrough
+        && s.proxy_protocol
+            .as_ref()
+            .is_some_and(|v| v != &serde_json::Value::Bool(false))
+    {
+        return Err(ConfigError::new(
+            at("proxy_protocol"),
+            "not supported with \"tls_passthrough\" yet",
+        ));
+    }
     let l = s.limits.as_ref();
     let num =
         |f: &str, v: Option<u32>, default: u32, min: u32, max: u32| -> Result<u32, ConfigError> {
@@ -545,6 +596,7 @@ fn l7_options(base: &str, s: &RawService) -> Result<L7Options, ConfigError> {
     };
     Ok(L7Options {
         tls,
+        tls_passthrough,
         proxy_protocol: super::trusted::proxy_protocol(
             &at("proxy_protocol"),
             s.proxy_protocol.as_ref(),

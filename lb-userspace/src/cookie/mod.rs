@@ -52,6 +52,9 @@ mod header;
 pub mod keyfile;
 #[cfg(test)]
 mod tests;
+mod ticket;
+
+pub use ticket::{MAX_TICKET_LEN, TICKET_VERSION, open_ticket, seal_ticket};
 
 pub use header::{
     Cookies, SameSite, SetCookie, SetCookieError, cookies, find, strip, valid_cookie_name,

@@ -9,17 +9,8 @@ use http::header;
 
 use crate::cookie;
 
-/// The parts of a TLS ClientHello that persistence can key on, as a TLS peeker extracts them
-/// before the handshake is completed or passed through.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientHello {
-    /// server_name extension (host name), if sent.
-    pub sni: Option<String>,
-    /// legacy_session_id (0 to 32 bytes).
-    pub session_id: Vec<u8>,
-    /// session_ticket extension (RFC 5077), if sent and not empty.
-    pub session_ticket: Option<Vec<u8>>,
-}
+/// The parts of a TLS ClientHello that persistence can key on (read by `tlswire`).
+pub use crate::tlswire::ClientHello;
 
 /// A SIP request or response head (RFC 3261): the start line and the header fields in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -162,6 +153,8 @@ pub enum Head<'a> {
 pub struct Input<'a> {
     client: SocketAddr,
     head: Head<'a>,
+    /// The backend the connection's TLS session is bound to (TLS persistence).
+    session: Option<u32>,
 }
 
 impl<'a> Input<'a> {
@@ -169,6 +162,7 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::Http(req),
+            session: None,
         }
     }
 
@@ -176,6 +170,7 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::TlsHello(hello),
+            session: None,
         }
     }
 
@@ -183,7 +178,19 @@ impl<'a> Input<'a> {
         Input {
             client,
             head: Head::Sip(msg),
+            session: None,
         }
+    }
+
+    /// The input came on a connection whose TLS session is bound to backend `session`.
+    pub fn in_session(mut self, session: Option<u32>) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// The backend identity the connection's TLS session is bound to.
+    pub fn tls_session(&self) -> Option<u32> {
+        self.session
     }
 
     /// The client (with the PROXY protocol, the address it carries).

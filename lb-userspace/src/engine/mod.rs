@@ -22,6 +22,8 @@ pub mod table;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_session_tests;
 
 use std::{
     collections::HashMap,
@@ -44,8 +46,9 @@ use crate::{
     },
     config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
     cookie::{self, KeyError},
-    proxy::{ConnInfo, Route, Router},
+    proxy::{ConnInfo, Route, Router, TlsSession},
     state::{BackendState, RouterStats, SharedSnapshot, Snapshot},
+    tlswire::ClientHello,
 };
 use input::Input;
 use methods::{Binding, Context, Decision, Key, Method, Reply, TABLE_CAPACITY};
@@ -82,8 +85,10 @@ impl EngineSpec {
     pub fn of(cfg: &Config, svc: &VirtualService) -> EngineSpec {
         let profile = cfg.profile(svc).map(|p| {
             let mut p = p.clone();
-            if let crate::config::PersistenceKind::HttpCookie(c) = &mut p.kind {
-                c.keys.clear();
+            match &mut p.kind {
+                crate::config::PersistenceKind::HttpCookie(c) => c.keys.clear(),
+                crate::config::PersistenceKind::TlsTicket { keys } => keys.clear(),
+                _ => {}
             }
             p
         });
@@ -394,6 +399,29 @@ impl Engine {
         }
     }
 
+    /// The backend identity the method binds a ClientHello to, whatever its state.
+    fn bound_identity(
+        &self,
+        m: &dyn Method,
+        hello: &ClientHello,
+        client: SocketAddr,
+    ) -> Option<u32> {
+        let snap = self.snapshot.load();
+        let prep = self.prepared(&snap)?;
+        let pool = &snap.config.pools[snap.config.services[prep.service].pool];
+        let cx = self.context(Instant::now());
+        match m
+            .lookup(&mut Input::tls_hello(hello, client), pool, &cx)
+            .binding?
+        {
+            Binding::Identity(id) => Some(id),
+            Binding::Index(i) => pool
+                .backends
+                .get(i)
+                .map(|b| backend_identity(&pool.name, &b.name)),
+        }
+    }
+
     /// The input decided as `d` is over (answered, failed or retried elsewhere).
     pub fn ended(&self, d: &Decision) {
         self.selection.ended(d.index);
@@ -408,7 +436,10 @@ impl Router for Engine {
         tried: &[SocketAddr],
     ) -> Result<Route, StatusCode> {
         let choice = self
-            .decide(&mut Input::http(req, conn.client), tried)
+            .decide(
+                &mut Input::http(req, conn.client).in_session(conn.session),
+                tried,
+            )
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(Route {
             backend: choice.backend,
@@ -433,6 +464,28 @@ impl Router for Engine {
         if let Some(d) = decision(route) {
             self.ended(d);
         }
+    }
+
+    fn uses_tls_sessions(&self) -> bool {
+        self.method.as_ref().is_some_and(|m| m.issues_tickets())
+    }
+
+    /// The connection's backend, decided on its ClientHello, sealed into its tickets. The
+    /// connection-level decision is counted like a request's.
+    fn tls_session(&self, conn: &ConnInfo, hello: &ClientHello) -> Option<TlsSession> {
+        let m = self.method.as_ref()?;
+        let backend = match self.decide(&mut Input::tls_hello(hello, conn.client), &[]) {
+            Ok(choice) => {
+                self.ended(&choice.decision);
+                choice.decision.identity
+            }
+            // Policy `never`: the session stays bound to its down backend, so each request
+            // on it is refused (503) until the backend is back.
+            Err(Refusal::BackendDown) => self.bound_identity(m.as_ref(), hello, conn.client)?,
+            Err(Refusal::NoService | Refusal::NoBackend) => return None,
+        };
+        let ticketer = m.ticketer(backend, &self.context(Instant::now()))?;
+        Some(TlsSession { ticketer, backend })
     }
 
     fn connection_opened(&self, conn: &ConnInfo) {

@@ -30,6 +30,7 @@ use super::{
     proxy_protocol,
     tls::ALPN_H2,
 };
+use crate::tlswire::{NoHello, read_client_hello};
 
 /// hyper's default HTTP/1 read buffer limit; raised only for larger header limits.
 const H1_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
@@ -138,20 +139,60 @@ pub(super) async fn run(
         );
         return;
     };
-    let io = ClientIo::new(tcp, rest, clock.clone());
-
     match &shared.tls {
         None => {
+            let io = ClientIo::new(tcp, rest, clock.clone());
             let info = ConnInfo {
                 client,
                 local,
                 tls: false,
                 alpn_h2: false,
+                session: None,
             };
             serve_http(shared.clone(), info, io, clock, shutdown).await;
         }
         Some(handle) => {
             let acceptor = handle.acceptor();
+            let mut info = ConnInfo {
+                client,
+                local,
+                tls: true,
+                alpn_h2: false,
+                session: None,
+            };
+            let (io, session_acceptor) = if shared.router.uses_tls_sessions() {
+                // TLS persistence: the router decides the connection's backend from the
+                // ClientHello and seals it into the tickets of a per-connection config.
+                let wait = handshake_deadline.saturating_duration_since(Instant::now());
+                let hello =
+                    read_client_hello(&mut tcp, rest.to_vec(), limits.max_header_bytes, wait).await;
+                let (hello, bytes) = match hello {
+                    Ok(h) => h,
+                    Err(e) => {
+                        if !matches!(e, NoHello::Closed) {
+                            inc(&shared.stats.handshake_errors);
+                        }
+                        log::debug!("proxy: {client}: ClientHello: {e:?}");
+                        return;
+                    }
+                };
+                let session = shared.router.tls_session(&info, &hello);
+                let per_conn = session.map(|s| {
+                    info.session = Some(s.backend);
+                    let mut cfg = (**acceptor.config()).clone();
+                    cfg.ticketer = s.ticketer;
+                    // rustls picks TLS 1.2 session IDs itself: no cache, tickets only.
+                    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+                    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+                });
+                (
+                    ClientIo::new(tcp, Bytes::from(bytes), clock.clone()),
+                    per_conn,
+                )
+            } else {
+                (ClientIo::new(tcp, rest, clock.clone()), None)
+            };
+            let acceptor = session_acceptor.as_ref().unwrap_or(&acceptor);
             let tls = match tokio::time::timeout_at(handshake_deadline, acceptor.accept(io)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -165,13 +206,7 @@ pub(super) async fn run(
                     return;
                 }
             };
-            let alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-            let info = ConnInfo {
-                client,
-                local,
-                tls: true,
-                alpn_h2,
-            };
+            info.alpn_h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
             serve_http(shared.clone(), info, tls, clock, shutdown).await;
         }
     }

@@ -221,6 +221,7 @@ mod tests {
             local: "127.0.0.1:80".parse().unwrap(),
             tls,
             alpn_h2: false,
+            session: None,
         }
     }
 

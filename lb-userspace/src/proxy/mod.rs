@@ -123,6 +123,24 @@ pub trait Router: Send + Sync + 'static {
         let _ = route;
     }
 
+    /// TLS persistence: the router keeps each connection's backend in its TLS session
+    /// tickets. The proxy then reads the ClientHello before the handshake and asks
+    /// [`Router::tls_session`].
+    fn uses_tls_sessions(&self) -> bool {
+        false
+    }
+
+    /// The session of a new TLS connection, from its ClientHello; `None`: the listener's
+    /// default ticket and session handling.
+    fn tls_session(
+        &self,
+        conn: &ConnInfo,
+        hello: &crate::tlswire::ClientHello,
+    ) -> Option<TlsSession> {
+        let _ = (conn, hello);
+        None
+    }
+
     /// A client connection opened (after the PROXY header and the TLS handshake).
     fn connection_opened(&self, conn: &ConnInfo) {
         let _ = conn;
@@ -145,6 +163,16 @@ pub struct ConnInfo {
     pub tls: bool,
     /// ALPN chose HTTP/2.
     pub alpn_h2: bool,
+    /// The backend identity the connection's TLS session is bound to ([`Router::tls_session`]).
+    pub session: Option<u32>,
+}
+
+/// A TLS connection's session as its router keeps it.
+pub struct TlsSession {
+    /// Issues and opens the connection's tickets (rustls' session state plus the backend).
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The backend identity the connection is bound to.
+    pub backend: u32,
 }
 
 /// A routing decision.
@@ -265,6 +293,7 @@ pub struct ProxyStats {
     slow_bodies: AtomicU64,
     local_errors: AtomicU64,
     backend_saturated: AtomicU64,
+    tls_hello_errors: AtomicU64,
 }
 
 /// A copy of [`ProxyStats`] at one moment.
@@ -302,6 +331,9 @@ pub struct ProxyStatsSnapshot {
     pub local_errors: u64,
     /// Requests answered 503 because their backend had `max_connections_per_backend` busy.
     pub backend_saturated: u64,
+    /// TLS pass-through: connections closed on a malformed, truncated or oversized
+    /// ClientHello.
+    pub tls_hello_errors: u64,
 }
 
 impl ProxyStatsSnapshot {
@@ -310,6 +342,20 @@ impl ProxyStatsSnapshot {
         self.connections_accepted
             .saturating_sub(self.connections_closed)
     }
+}
+
+/// Events [`ProxyStats::count`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Accepted,
+    Rejected,
+    Closed,
+    /// No usable first bytes within the header timeout.
+    HandshakeError,
+    /// A malformed, truncated or oversized ClientHello.
+    TlsHelloError,
+    ConnectError,
+    Retry,
 }
 
 fn inc(c: &AtomicU64) {
@@ -337,7 +383,21 @@ impl ProxyStats {
             slow_bodies: get(&self.slow_bodies),
             local_errors: get(&self.local_errors),
             backend_saturated: get(&self.backend_saturated),
+            tls_hello_errors: get(&self.tls_hello_errors),
         }
+    }
+
+    /// Count one event of a proxy that lives outside this module (the TLS pass-through).
+    pub fn count(&self, event: Count) {
+        inc(match event {
+            Count::Accepted => &self.connections_accepted,
+            Count::Rejected => &self.connections_rejected,
+            Count::Closed => &self.connections_closed,
+            Count::HandshakeError => &self.handshake_errors,
+            Count::TlsHelloError => &self.tls_hello_errors,
+            Count::ConnectError => &self.upstream_connect_errors,
+            Count::Retry => &self.retries,
+        });
     }
 
     fn response(&self, status: http::StatusCode) {

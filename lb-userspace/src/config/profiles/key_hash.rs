@@ -146,6 +146,7 @@ impl Consistent {
         let key = match self.hash_key.as_deref().unwrap_or("source-ip") {
             "source-ip" => KeySource::SourceIp,
             "source-ip-port" => KeySource::SourceIpPort,
+            "sni" => KeySource::Sni,
             "url" => KeySource::Url,
             "host" => KeySource::Host,
             "all-cookies" => KeySource::AllCookies,
@@ -159,7 +160,7 @@ impl Consistent {
                     return Err(ConfigError::new(
                         at("hash_key"),
                         format!(
-                            "{other:?}: expected source-ip, source-ip-port, url, host, all-cookies, super-http, header:NAME or query:NAME"
+                            "{other:?}: expected source-ip, source-ip-port, sni, url, host, all-cookies, super-http, header:NAME or query:NAME"
                         ),
                     ));
                 }

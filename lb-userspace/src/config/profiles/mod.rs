@@ -28,6 +28,8 @@ mod http_cookie;
 mod key_hash;
 mod script;
 mod sip_header;
+mod ssl_session_id;
+mod tls_ticket;
 
 use std::collections::HashMap;
 
@@ -55,6 +57,8 @@ pub enum RawProfile {
     CustomHeader(custom_header::Raw),
     SipHeader(sip_header::Raw),
     Script(script::Raw),
+    SslSessionId(ssl_session_id::Raw),
+    TlsTicket(tls_ticket::Raw),
 }
 
 /// Fields every profile has, with their defaults applied later.
@@ -84,6 +88,8 @@ impl RawProfile {
             RawProfile::CustomHeader(p) => p.common(),
             RawProfile::SipHeader(p) => p.common(),
             RawProfile::Script(p) => p.common(),
+            RawProfile::SslSessionId(p) => p.common(),
+            RawProfile::TlsTicket(p) => p.common(),
         }
     }
 
@@ -103,6 +109,8 @@ impl RawProfile {
             RawProfile::CustomHeader(p) => p.kind(at),
             RawProfile::SipHeader(p) => p.kind(at),
             RawProfile::Script(p) => p.kind(at),
+            RawProfile::SslSessionId(p) => p.kind(at),
+            RawProfile::TlsTicket(p) => p.kind(at),
         }
     }
 }
@@ -126,6 +134,8 @@ pub fn locate(kind: &str, body: serde_json::Value) -> Option<(String, String)> {
         "custom-header" => read::<custom_header::Raw>(body),
         "sip-header" => read::<sip_header::Raw>(body),
         "script" => read::<script::Raw>(body),
+        "ssl-session-id" => read::<ssl_session_id::Raw>(body),
+        "tls-ticket" => read::<tls_ticket::Raw>(body),
         _ => None,
     }
 }

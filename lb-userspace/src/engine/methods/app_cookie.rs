@@ -73,7 +73,9 @@ impl Method for AppCookie {
     }
 
     fn on_reply(&self, d: &Decision, reply: &mut Reply<'_>, cx: &Context<'_>) {
-        let Reply::Http { head, .. } = reply;
+        let Reply::Http { head, .. } = reply else {
+            return;
+        };
         for v in head.headers.get_all(header::SET_COOKIE) {
             // Set-Cookie: name=value; attributes...
             let Ok(s) = v.to_str() else { continue };

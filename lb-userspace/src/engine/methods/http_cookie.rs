@@ -118,7 +118,9 @@ impl Method for HttpCookie {
         if d.by_method && !self.profile.always_send {
             return;
         }
-        let Reply::Http { head, tls } = reply;
+        let Reply::Http { head, tls } = reply else {
+            return;
+        };
         let p = &self.profile;
         let lifetime = p.max_lifetime.map(|l| l.as_secs());
         let payload = CookiePayload::issue(d.identity, cx.pool_id, unix_now(), lifetime);

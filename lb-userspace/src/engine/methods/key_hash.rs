@@ -62,6 +62,7 @@ pub fn key_of(source: &KeySource, input: &Input<'_>) -> Option<Vec<u8>> {
         KeySource::QueryItem(name) => input.query_item(name).map(|v| v.as_bytes().to_vec()),
         KeySource::Header(name) => input.header(name).map(<[u8]>::to_vec),
         KeySource::SourceIp => Some(ip_bytes(client.ip())),
+        KeySource::Sni => input.sni().map(|s| s.as_bytes().to_vec()),
         KeySource::SourceIpPort => {
             let mut k = ip_bytes(client.ip());
             k.extend_from_slice(&client.port().to_be_bytes());
@@ -89,7 +90,9 @@ impl Method for KeyHash {
             (KeySource::Host, true) => "host-header",
             (KeySource::QueryItem(_), true) => "query-item",
             (KeySource::Header(_), true) => "header",
-            (KeySource::SourceIp | KeySource::SourceIpPort, true) => "consistent-hash",
+            (KeySource::SourceIp | KeySource::SourceIpPort | KeySource::Sni, true) => {
+                "consistent-hash"
+            }
         }
     }
 
@@ -119,6 +122,7 @@ impl Method for KeyHash {
             KeySource::Header(h) => format!("header:{h}"),
             KeySource::SourceIp => "source-ip".into(),
             KeySource::SourceIpPort => "source-ip-port".into(),
+            KeySource::Sni => "sni".into(),
         };
         format!("{}:{source}", self.kind())
     }

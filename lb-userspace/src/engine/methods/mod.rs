@@ -16,6 +16,8 @@ mod sip_header;
 
 #[cfg(test)]
 mod sip_script_tests;
+mod ssl_session_id;
+mod tls_ticket;
 
 use std::{net::IpAddr, path::Path, time::Instant};
 
@@ -89,6 +91,8 @@ pub enum Reply<'a> {
         /// The client connection is TLS.
         tls: bool,
     },
+    /// What a passed-through TLS server said in cleartext.
+    TlsServer(&'a crate::tlswire::ServerEvent),
 }
 
 /// A table a method keeps, for listing and flushing.
@@ -141,6 +145,22 @@ pub trait Method: Send + Sync {
         let _ = (client, now);
     }
 
+    /// TLS persistence: the method keeps each connection's backend in the TLS session
+    /// tickets tether issues (the proxy then decides a connection from its ClientHello).
+    fn issues_tickets(&self) -> bool {
+        false
+    }
+
+    /// The ticketer of one connection bound to backend `identity`.
+    fn ticketer(
+        &self,
+        identity: u32,
+        cx: &Context<'_>,
+    ) -> Option<std::sync::Arc<dyn rustls::server::ProducesTickets>> {
+        let _ = (identity, cx);
+        None
+    }
+
     /// What identifies the method's tables across a reload or restart: its type and key
     /// source. A successor with another id starts with empty tables.
     fn table_id(&self) -> String {
@@ -188,6 +208,15 @@ pub fn build(
             Box::new(sip_header::SipHeader::new(header, timeout))
         }
         PersistenceKind::Script(s) => Box::new(script::Script::new(s, timeout)),
+        PersistenceKind::SslSessionId { .. } => {
+            Box::new(ssl_session_id::SslSessionId::new(timeout))
+        }
+        PersistenceKind::TlsTicket { keys } => Box::new(tls_ticket::TlsTicket::new(
+            service,
+            keys,
+            profile.timeout_s,
+            state_dir,
+        )?),
     })
 }
 

@@ -62,6 +62,7 @@ fn conn(ip: &str) -> ConnInfo {
         local: "127.0.0.1:8080".parse().unwrap(),
         tls: false,
         alpn_h2: false,
+        session: None,
     }
 }
 
