@@ -17,6 +17,8 @@ pub const TARGETS: &[&str] = &[
     "cookie_header",
     "query_path_params",
     "cookie_codec",
+    "tls_hello",
+    "sip_message",
 ];
 
 #[derive(Args)]
