@@ -282,10 +282,9 @@ fn wrk_services() -> Vec<(&'static str, u16, Value, Option<&'static str>)> {
     ]
 }
 
-#[test]
-fn wrk_sees_no_error_across_restart() {
-    let services = wrk_services();
-    let mut lab = L7Lab::start_as_user(8, 3, |b| {
+/// A config with one L7 service per entry of [`wrk_services`], all reaching the backends.
+fn wrk_lab(clients: usize, services: &[(&'static str, u16, Value, Option<&'static str>)]) -> L7Lab {
+    L7Lab::start_as_user(clients, 3, |b| {
         // The backends serve on PORT, behind every service.
         let b = (1..=3).fold(b, |b, i| {
             b.backend_field(&format!("b{i}"), "port", json!(PORT))
@@ -295,8 +294,20 @@ fn wrk_sees_no_error_across_restart() {
             b.profile(profile.clone())
                 .l7_service(name, *port, Some(&profile_name), json!({}))
         })
-    });
-    let runs: Vec<(&str, JoinHandle<std::io::Result<std::process::Output>>)> = services
+    })
+}
+
+type WrkRun = (
+    &'static str,
+    JoinHandle<std::io::Result<std::process::Output>>,
+);
+
+/// One wrk per service (10 s, 4 connections) from the client namespace.
+fn spawn_wrk(
+    lab: &L7Lab,
+    services: &[(&'static str, u16, Value, Option<&'static str>)],
+) -> Vec<WrkRun> {
+    services
         .iter()
         .map(|(name, port, _, header)| {
             let url = format!("http://{VIP}:{port}/");
@@ -313,16 +324,12 @@ fn wrk_sees_no_error_across_restart() {
             });
             (*name, run)
         })
-        .collect();
-    // Restart once the old daemon has served some of every wrk's requests.
-    for (name, ..) in &services {
-        lab.wait_for(
-            PHASE_WAIT,
-            &format!("wrk's requests reaching {name}"),
-            || lab.l7("requests", name) >= 100,
-        );
-    }
-    lab.restart();
+        .collect()
+}
+
+/// Waits for every wrk and fails the test on any socket error or non-2xx/3xx response, or
+/// if the daemon now running served none of wrk's requests.
+fn check_wrk(lab: &L7Lab, runs: Vec<WrkRun>) {
     for (name, run) in runs {
         let out = run
             .join()
@@ -352,6 +359,306 @@ fn wrk_sees_no_error_across_restart() {
             "{name}: the new daemon served none of wrk's requests:\n{text}"
         );
     }
+}
+
+/// Waits until the old daemon has served some of every wrk's requests.
+fn wait_for_wrk(lab: &L7Lab, services: &[(&'static str, u16, Value, Option<&'static str>)]) {
+    for (name, ..) in services {
+        lab.wait_for(
+            PHASE_WAIT,
+            &format!("wrk's requests reaching {name}"),
+            || lab.l7("requests", name) >= 100,
+        );
+    }
+}
+
+#[test]
+fn wrk_sees_no_error_across_restart() {
+    let services = wrk_services();
+    let mut lab = wrk_lab(8, &services);
+    let runs = spawn_wrk(&lab, &services);
+    // Restart once the old daemon has served some of every wrk's requests.
+    wait_for_wrk(&lab, &services);
+    lab.restart();
+    check_wrk(&lab, runs);
+    let d = lab.daemon.as_mut().expect("running");
+    if let Err(e) = d.wait_retired(RETIRE_WAIT) {
+        lab.fail(format!("{e:#}"));
+    }
+    lab.stop();
+}
+
+/// One client session of [`sessions_keep_their_backend_across_restart`]: what it sends, and
+/// the backend it was bound to before the restart.
+#[derive(Clone, Debug)]
+struct Session {
+    service: &'static str,
+    port: u16,
+    src: Ipv4Addr,
+    target: String,
+    /// A `Cookie` field, for the cookie methods.
+    cookie: Option<String>,
+    backend: String,
+}
+
+impl Session {
+    fn label(&self) -> String {
+        format!(
+            "{} from {} {} cookie {:?} (bound to {})",
+            self.service, self.src, self.target, self.cookie, self.backend
+        )
+    }
+}
+
+/// Sessions per service (client-IP: one per client address).
+const SESSIONS: usize = 24;
+/// Client addresses of the sessions test.
+const SESSION_CLIENTS: usize = 16;
+/// Bound on the passes of the session loop.
+const SESSION_PASSES_MAX: usize = 400;
+
+/// Opens [`SESSIONS`] sessions on each service of [`wrk_services`] (cookie: the cookie tether
+/// issued; app-cookie: the `JSESSIONID` a backend's `/login` set; client-IP: a source
+/// address; URL hash: a URL of its own) and records each one's backend.
+fn open_sessions(lab: &L7Lab) -> Vec<Session> {
+    let mut sessions = Vec::new();
+    let echo = |service: &str, r: anyhow::Result<tether_tests::http::HttpResponse>| {
+        let r = lab.ok(r, &format!("opening a session on {service}"));
+        if r.status != 200 {
+            lab.fail(format!(
+                "opening a session on {service}: status {}",
+                r.status
+            ));
+        }
+        let backend = lab.ok(r.echo(), "an echo body").backend;
+        (r, backend)
+    };
+    for i in 0..SESSIONS {
+        let src = lab.client(i);
+        let (r, backend) = echo("cookie", lab.topo.request(src, PORT, "/", &[], IO_TIMEOUT));
+        // The echo backend sets no cookie on `/`: this is tether's.
+        let cookie = r
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| lab.fail("tether issued no cookie"));
+        sessions.push(Session {
+            service: "cookie",
+            port: PORT,
+            src,
+            target: "/".into(),
+            cookie: Some(cookie),
+            backend,
+        });
+        let (r, backend) = echo(
+            "app",
+            lab.topo.request(src, PORT + 1, "/login", &[], IO_TIMEOUT),
+        );
+        let id = r
+            .set_cookie_value("JSESSIONID")
+            .unwrap_or_else(|| lab.fail("the backend set no JSESSIONID on /login"));
+        sessions.push(Session {
+            service: "app",
+            port: PORT + 1,
+            src,
+            target: "/".into(),
+            cookie: Some(format!("JSESSIONID={id}")),
+            backend,
+        });
+        let target = format!("/item/{i}");
+        let (_, backend) = echo(
+            "url",
+            lab.topo.request(src, PORT + 3, &target, &[], IO_TIMEOUT),
+        );
+        sessions.push(Session {
+            service: "url",
+            port: PORT + 3,
+            src,
+            target,
+            cookie: None,
+            backend,
+        });
+    }
+    for i in 0..SESSION_CLIENTS {
+        let src = lab.client(i);
+        let (_, backend) = echo(
+            "source",
+            lab.topo.request(src, PORT + 2, "/", &[], IO_TIMEOUT),
+        );
+        sessions.push(Session {
+            service: "source",
+            port: PORT + 2,
+            src,
+            target: "/".into(),
+            cookie: None,
+            backend,
+        });
+    }
+    // Every method spread its sessions: a test where all went to one backend could not see
+    // one move.
+    for service in ["cookie", "app", "source", "url"] {
+        let backends: std::collections::BTreeSet<&str> = sessions
+            .iter()
+            .filter(|s| s.service == service)
+            .map(|s| s.backend.as_str())
+            .collect();
+        assert!(
+            backends.len() > 1,
+            "{service}: every session on {backends:?}"
+        );
+    }
+    sessions
+}
+
+/// What one session request of the loop saw: the session's index and the backend or error.
+type Seen = (usize, Result<String, String>);
+
+/// Replays every session, in the reverse of the order they were opened (so a round-robin
+/// that forgot them would not land them where they were), pass after pass until stopped.
+struct SessionLoop {
+    stop: Arc<AtomicBool>,
+    passes: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SessionLoop {
+    fn start(lab: &L7Lab, sessions: &[Session]) -> SessionLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let passes = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sessions = sessions.to_vec();
+        let vip = lab.topo.vip;
+        let (stop2, passes2, seen2) = (stop.clone(), passes.clone(), seen.clone());
+        let thread = spawn_in_netns(&lab.topo.client.ns, "session-loop", move || {
+            let start = Instant::now();
+            for _ in 0..SESSION_PASSES_MAX {
+                for (i, s) in sessions.iter().enumerate().rev() {
+                    if stop2.load(Ordering::SeqCst) || start.elapsed() > LOOP_MAX {
+                        return;
+                    }
+                    let headers: Vec<(&str, &str)> = s
+                        .cookie
+                        .as_deref()
+                        .map(|c| vec![("Cookie", c)])
+                        .unwrap_or_default();
+                    let dst = SocketAddrV4::new(vip, s.port);
+                    let got = match request_from(s.src, dst, &s.target, &headers, IO_TIMEOUT) {
+                        Ok(r) if r.status == 200 => {
+                            r.echo().map(|e| e.backend).map_err(|e| e.to_string())
+                        }
+                        Ok(r) => Err(format!("status {}", r.status)),
+                        Err(e) => Err(format!("{:?}: {e}", e.kind())),
+                    };
+                    seen2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, got));
+                }
+                passes2.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .unwrap_or_else(|e| panic!("starting the session loop: {e:#}"));
+        SessionLoop {
+            stop,
+            passes,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn passes(&self) -> usize {
+        self.passes.load(Ordering::SeqCst)
+    }
+
+    fn finish(mut self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take()
+            && let Err(p) = t.join()
+        {
+            std::panic::resume_unwind(p);
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for SessionLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 9: sessions of http-cookie (generated key), app-cookie, client-IP and URL hash
+/// clients, replayed while wrk loads every service, keep their backend across `tether
+/// restart` (0 moved) and no request fails.
+#[test]
+fn sessions_keep_their_backend_across_restart() {
+    let services = wrk_services();
+    let mut lab = wrk_lab(SESSION_CLIENTS, &services);
+    let sessions = open_sessions(&lab);
+    let replay = SessionLoop::start(&lab, &sessions);
+    let runs = spawn_wrk(&lab, &services);
+    wait_for_wrk(&lab, &services);
+    lab.wait_for(
+        PHASE_WAIT,
+        "a pass of the sessions before the restart",
+        || replay.passes() >= 1,
+    );
+    lab.restart();
+    let after = replay.passes();
+    // Two whole passes after `tether restart` returned, by the new daemon.
+    lab.wait_for(
+        PHASE_WAIT,
+        "two passes of the sessions after the restart",
+        || replay.passes() >= after + 2,
+    );
+    let seen = replay.finish();
+    check_wrk(&lab, runs);
+    let mut failed = Vec::new();
+    let mut moved = BTreeMap::<String, (String, BTreeMap<String, usize>)>::new();
+    for (i, got) in &seen {
+        let s = &sessions[*i];
+        match got {
+            Ok(b) if *b == s.backend => {}
+            Ok(b) => {
+                *moved
+                    .entry(s.label())
+                    .or_insert_with(|| (s.service.to_string(), BTreeMap::new()))
+                    .1
+                    .entry(b.clone())
+                    .or_default() += 1
+            }
+            Err(e) => failed.push(format!("{}: {e}", s.label())),
+        }
+    }
+    let mut per_service = BTreeMap::<String, usize>::new();
+    for (service, _) in moved.values() {
+        *per_service.entry(service.clone()).or_default() += 1;
+    }
+    if !failed.is_empty() || !moved.is_empty() {
+        lab.fail(format!(
+            "{} session requests of {}: {} failed, sessions moved per service {per_service:?}\n\
+             failed: {:?}\nmoved (session: other backends seen): {:?}",
+            seen.len(),
+            sessions.len(),
+            failed.len(),
+            &failed[..failed.len().min(10)],
+            moved.iter().take(10).collect::<Vec<_>>()
+        ));
+    }
+    assert!(
+        seen.len() >= 3 * sessions.len(),
+        "{} session requests",
+        seen.len()
+    );
+    let logs = lab.logs();
+    assert!(
+        logs.contains("bindings restored"),
+        "the new daemon restores the saved tables:\n{logs}"
+    );
     let d = lab.daemon.as_mut().expect("running");
     if let Err(e) = d.wait_retired(RETIRE_WAIT) {
         lab.fail(format!("{e:#}"));
