@@ -1,12 +1,12 @@
 //! Reading and writing the daemon's pinned maps from tests and the demo.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use anyhow::{Result, anyhow};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     maps::{
         BACKEND_UNUSED, Backend, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
@@ -15,6 +15,7 @@ use lb_common::{
     },
     stats::{TrafficCounters, reason},
 };
+use tether::dataplane::persist_table::{entry_addr, open_pinned};
 
 /// CLOCK_MONOTONIC_COARSE now, in ns: the clock `bpf_ktime_get_coarse_ns()` reads. (The
 /// coarse clock never runs ahead of the XDP program's reading, so an entry written with it is
@@ -39,8 +40,10 @@ pub fn persist_key_v4(service: u32, client: Ipv4Addr) -> PersistKey {
 
 /// The IPv4 address in an IPv4-mapped key field, if it is one.
 pub fn mapped_v4(addr_be: &[u8; 16]) -> Option<Ipv4Addr> {
-    (addr_be[..10].iter().all(|&b| b == 0) && addr_be[10..12] == [0xff, 0xff])
-        .then(|| Ipv4Addr::new(addr_be[12], addr_be[13], addr_be[14], addr_be[15]))
+    match entry_addr(*addr_be) {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
 }
 
 /// The maps a daemon pinned in one directory. Each call opens the pin afresh.
@@ -60,16 +63,14 @@ impl Pins {
         self.dir.join(map)
     }
 
-    fn open(&self, map: &str) -> Result<Map> {
-        let p = self.path(map);
-        let data =
-            MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-        Map::from_map_data(data).with_context(|| format!("{}: unsupported map type", p.display()))
+    /// The pinned map `map` as the typed map `T` (the daemon's own reader).
+    fn open<T: TryFrom<Map, Error = MapError>>(&self, map: &'static str) -> Result<T> {
+        Ok(open_pinned(&self.dir, map)?)
     }
 
     /// `Service` entries.
     pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>> {
-        let m: HashMap<MapData, ServiceKey, Service> = self.open(MAP_SERVICES)?.try_into()?;
+        let m: HashMap<MapData, ServiceKey, Service> = self.open(MAP_SERVICES)?;
         m.iter().map(|r| r.map_err(Into::into)).collect()
     }
 
@@ -93,7 +94,7 @@ impl Pins {
 
     /// Configured backend slots (state not `BACKEND_UNUSED`), by id.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?.try_into()?;
+        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?;
         let mut v = Vec::new();
         for id in 0..m.len() {
             let b = m.get(&id, 0)?;
@@ -120,7 +121,7 @@ impl Pins {
 
     /// IPv4 address of backend `id`.
     pub fn backend_addr(&self, id: u32) -> Result<Ipv4Addr> {
-        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?.try_into()?;
+        let m: Array<MapData, Backend> = self.open(MAP_BACKENDS)?;
         let b = m.get(&id, 0)?;
         mapped_v4(&b.addr_be).ok_or_else(|| anyhow!("backend {id} has no IPv4 address: {b:?}"))
     }
@@ -134,7 +135,7 @@ impl Pins {
             .find(|(_, s)| s.index == index)
             .map(|(_, s)| s.maglev_slot)
             .ok_or_else(|| anyhow!("no service with index {index}"))?;
-        let m: Array<MapData, u32> = self.open(MAP_MAGLEV)?.try_into()?;
+        let m: Array<MapData, u32> = self.open(MAP_MAGLEV)?;
         (0..MAGLEV_TABLE_SIZE)
             .map(|h| Ok(m.get(&maglev_index(index, slot, h), 0)?))
             .collect()
@@ -142,13 +143,13 @@ impl Pins {
 
     /// Every persistence entry.
     pub fn persist_entries(&self) -> Result<Vec<(PersistKey, PersistValue)>> {
-        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?.try_into()?;
+        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         m.iter().map(|r| r.map_err(Into::into)).collect()
     }
 
     /// The entry of an IPv4 client (/32 profile) in service `service`.
     pub fn persist_get(&self, service: u32, client: Ipv4Addr) -> Result<Option<PersistValue>> {
-        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?.try_into()?;
+        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         match m.get(&persist_key_v4(service, client), 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -158,14 +159,13 @@ impl Pins {
 
     /// Writes (creates or replaces) the entry of an IPv4 client (/32 profile).
     pub fn persist_set(&self, service: u32, client: Ipv4Addr, value: PersistValue) -> Result<()> {
-        let mut m: HashMap<MapData, PersistKey, PersistValue> =
-            self.open(MAP_PERSIST)?.try_into()?;
+        let mut m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         m.insert(persist_key_v4(service, client), value, 0)?;
         Ok(())
     }
 
-    fn counters(&self, map: &str, index: u32) -> Result<TrafficCounters> {
-        let m: PerCpuArray<MapData, TrafficCounters> = self.open(map)?.try_into()?;
+    fn counters(&self, map: &'static str, index: u32) -> Result<TrafficCounters> {
+        let m: PerCpuArray<MapData, TrafficCounters> = self.open(map)?;
         let v: PerCpuValues<TrafficCounters> = m.get(&index, 0)?;
         Ok(TrafficCounters::sum(v.iter()))
     }
@@ -182,7 +182,7 @@ impl Pins {
 
     /// Verdict counters `(name, packets)`, summed over CPUs, in `reason` order.
     pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>> {
-        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?.try_into()?;
+        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?;
         (0..reason::COUNT)
             .map(|i| Ok((reason::NAMES[i as usize], m.get(&i, 0)?.iter().sum())))
             .collect()
@@ -190,7 +190,7 @@ impl Pins {
 
     /// One verdict counter.
     pub fn reason(&self, r: u32) -> Result<u64> {
-        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?.try_into()?;
+        let m: PerCpuArray<MapData, u64> = self.open(MAP_REASONS)?;
         Ok(m.get(&r, 0)?.iter().sum())
     }
 }

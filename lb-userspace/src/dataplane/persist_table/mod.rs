@@ -188,35 +188,31 @@ pub fn monotonic_ns() -> Result<u64> {
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn open(pin_dir: &Path, name: &str) -> Result<MapData> {
+/// The map `name` pinned in `pin_dir`, as the typed map `T` (a `HashMap`, `Array`,
+/// `PerCpuArray`, ... over `MapData`). Shared with the test harness's pinned-map reads.
+pub fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
     let path = pin_dir.join(name);
-    MapData::from_pin(&path).map_err(|source| PersistError::Open { path, source })
+    let md = MapData::from_pin(&path).map_err(|source| PersistError::Open { path, source })?;
+    let err = |source| PersistError::Map { name, source };
+    T::try_from(Map::from_map_data(md).map_err(err)?).map_err(err)
 }
 
 type PersistMap = BpfHashMap<MapData, PersistKey, PersistValue>;
 
 fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
-    let md = open(pin_dir, MAP_PERSIST)?;
-    let map = Map::from_map_data(md).map_err(|source| PersistError::Map {
-        name: MAP_PERSIST,
-        source,
-    })?;
-    BpfHashMap::try_from(map).map_err(|source| PersistError::Map {
-        name: MAP_PERSIST,
-        source,
-    })
+    open_pinned(pin_dir, MAP_PERSIST)
 }
 
 /// Parameters of every service in `TETHER_SERVICES`, by kernel index.
 pub fn service_params(pin_dir: &Path) -> Result<HashMap<u32, ServiceParams>> {
-    let md = open(pin_dir, MAP_SERVICES)?;
+    let services: BpfHashMap<MapData, ServiceKey, Service> = open_pinned(pin_dir, MAP_SERVICES)?;
     let err = |source| PersistError::Map {
         name: MAP_SERVICES,
         source,
     };
-    let map = Map::from_map_data(md).map_err(err)?;
-    let services: BpfHashMap<MapData, ServiceKey, Service> =
-        BpfHashMap::try_from(map).map_err(err)?;
     let mut out = HashMap::new();
     for r in services.iter() {
         let (_, s) = r.map_err(err)?;

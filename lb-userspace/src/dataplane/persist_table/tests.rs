@@ -280,3 +280,21 @@ fn missing_pins_name_the_path() {
         "{e}"
     );
 }
+
+#[test]
+fn open_pinned_reads_a_map_as_its_type_and_names_a_wrong_one() {
+    let mut pins = TestPins::new("open");
+    pins.add_service(ip("192.0.2.1"), 80, 3, 32, 128, 60);
+    let services: BpfHashMap<MapData, ServiceKey, Service> =
+        open_pinned(pins.dir(), MAP_SERVICES).expect("the services map");
+    let indexes: Vec<u32> = services.iter().map(|r| r.expect("entry").1.index).collect();
+    assert_eq!(indexes, vec![3]);
+    // The services map is a hash map: read as an array it is refused, by name.
+    let Err(e) = open_pinned::<aya::maps::Array<MapData, u32>>(pins.dir(), MAP_SERVICES) else {
+        panic!("the services map read as an array");
+    };
+    assert!(
+        matches!(e, PersistError::Map { name, .. } if name == MAP_SERVICES),
+        "{e}"
+    );
+}
