@@ -410,17 +410,17 @@ impl Session {
     }
 }
 
-/// Sessions per service (client-IP: one per client address).
-const SESSIONS: usize = 24;
-/// Client addresses of the sessions test.
-const SESSION_CLIENTS: usize = 16;
+/// Sessions per service opened before the load starts, and just before the restart.
+const SESSIONS: usize = 16;
+const LATE_SESSIONS: usize = 8;
 /// Bound on the passes of the session loop.
 const SESSION_PASSES_MAX: usize = 400;
 
-/// Opens [`SESSIONS`] sessions on each service of [`wrk_services`] (cookie: the cookie tether
-/// issued; app-cookie: the `JSESSIONID` a backend's `/login` set; client-IP: a source
-/// address; URL hash: a URL of its own) and records each one's backend.
-fn open_sessions(lab: &L7Lab) -> Vec<Session> {
+/// Opens one session on each service of [`wrk_services`] from each client address
+/// `first..first + n` (cookie: the cookie tether issued; app-cookie: the `JSESSIONID` a
+/// backend's `/login` set; client-IP: the address; URL hash: a URL of its own) and records
+/// each one's backend.
+fn open_sessions(lab: &L7Lab, first: usize, n: usize) -> Vec<Session> {
     let mut sessions = Vec::new();
     let echo = |service: &str, r: anyhow::Result<tether_tests::http::HttpResponse>| {
         let r = lab.ok(r, &format!("opening a session on {service}"));
@@ -433,7 +433,7 @@ fn open_sessions(lab: &L7Lab) -> Vec<Session> {
         let backend = lab.ok(r.echo(), "an echo body").backend;
         (r, backend)
     };
-    for i in 0..SESSIONS {
+    for i in first..first + n {
         let src = lab.client(i);
         let (r, backend) = echo("cookie", lab.topo.request(src, PORT, "/", &[], IO_TIMEOUT));
         // The echo backend sets no cookie on `/`: this is tether's.
@@ -465,6 +465,18 @@ fn open_sessions(lab: &L7Lab) -> Vec<Session> {
             cookie: Some(format!("JSESSIONID={id}")),
             backend,
         });
+        let (_, backend) = echo(
+            "source",
+            lab.topo.request(src, PORT + 2, "/", &[], IO_TIMEOUT),
+        );
+        sessions.push(Session {
+            service: "source",
+            port: PORT + 2,
+            src,
+            target: "/".into(),
+            cookie: None,
+            backend,
+        });
         let target = format!("/item/{i}");
         let (_, backend) = echo(
             "url",
@@ -479,35 +491,23 @@ fn open_sessions(lab: &L7Lab) -> Vec<Session> {
             backend,
         });
     }
-    for i in 0..SESSION_CLIENTS {
-        let src = lab.client(i);
-        let (_, backend) = echo(
-            "source",
-            lab.topo.request(src, PORT + 2, "/", &[], IO_TIMEOUT),
-        );
-        sessions.push(Session {
-            service: "source",
-            port: PORT + 2,
-            src,
-            target: "/".into(),
-            cookie: None,
-            backend,
-        });
-    }
-    // Every method spread its sessions: a test where all went to one backend could not see
-    // one move.
-    for service in ["cookie", "app", "source", "url"] {
-        let backends: std::collections::BTreeSet<&str> = sessions
-            .iter()
-            .filter(|s| s.service == service)
-            .map(|s| s.backend.as_str())
-            .collect();
-        assert!(
-            backends.len() > 1,
-            "{service}: every session on {backends:?}"
-        );
-    }
     sessions
+}
+
+/// One request of session `s` from the calling thread (in the client namespace): the
+/// backend that answered, or what went wrong.
+fn replay_one(vip: Ipv4Addr, s: &Session) -> Result<String, String> {
+    let headers: Vec<(&str, &str)> = s
+        .cookie
+        .as_deref()
+        .map(|c| vec![("Cookie", c)])
+        .unwrap_or_default();
+    let dst = SocketAddrV4::new(vip, s.port);
+    match request_from(s.src, dst, &s.target, &headers, IO_TIMEOUT) {
+        Ok(r) if r.status == 200 => r.echo().map(|e| e.backend).map_err(|e| e.to_string()),
+        Ok(r) => Err(format!("status {}", r.status)),
+        Err(e) => Err(format!("{:?}: {e}", e.kind())),
+    }
 }
 
 /// What one session request of the loop saw: the session's index and the backend or error.
@@ -537,19 +537,7 @@ impl SessionLoop {
                     if stop2.load(Ordering::SeqCst) || start.elapsed() > LOOP_MAX {
                         return;
                     }
-                    let headers: Vec<(&str, &str)> = s
-                        .cookie
-                        .as_deref()
-                        .map(|c| vec![("Cookie", c)])
-                        .unwrap_or_default();
-                    let dst = SocketAddrV4::new(vip, s.port);
-                    let got = match request_from(s.src, dst, &s.target, &headers, IO_TIMEOUT) {
-                        Ok(r) if r.status == 200 => {
-                            r.echo().map(|e| e.backend).map_err(|e| e.to_string())
-                        }
-                        Ok(r) => Err(format!("status {}", r.status)),
-                        Err(e) => Err(format!("{:?}: {e}", e.kind())),
-                    };
+                    let got = replay_one(vip, s);
                     seen2
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -593,12 +581,26 @@ impl Drop for SessionLoop {
 
 /// Issue 9: sessions of http-cookie (generated key), app-cookie, client-IP and URL hash
 /// clients, replayed while wrk loads every service, keep their backend across `tether
-/// restart` (0 moved) and no request fails.
+/// restart` (0 moved) and no request fails. Sessions opened just before the restart (within
+/// the periodic save's second) keep theirs too.
 #[test]
 fn sessions_keep_their_backend_across_restart() {
     let services = wrk_services();
-    let mut lab = wrk_lab(SESSION_CLIENTS, &services);
-    let sessions = open_sessions(&lab);
+    let mut lab = wrk_lab(SESSIONS + LATE_SESSIONS, &services);
+    let sessions = open_sessions(&lab, 0, SESSIONS);
+    // Every method spread its sessions: a test where all went to one backend could not see
+    // one move.
+    for (service, ..) in &services {
+        let backends: std::collections::BTreeSet<&str> = sessions
+            .iter()
+            .filter(|s| s.service == *service)
+            .map(|s| s.backend.as_str())
+            .collect();
+        assert!(
+            backends.len() > 1,
+            "{service}: every session on {backends:?}"
+        );
+    }
     let replay = SessionLoop::start(&lab, &sessions);
     let runs = spawn_wrk(&lab, &services);
     wait_for_wrk(&lab, &services);
@@ -607,6 +609,7 @@ fn sessions_keep_their_backend_across_restart() {
         "a pass of the sessions before the restart",
         || replay.passes() >= 1,
     );
+    let late = open_sessions(&lab, SESSIONS, LATE_SESSIONS);
     lab.restart();
     let after = replay.passes();
     // Two whole passes after `tether restart` returned, by the new daemon.
@@ -615,12 +618,25 @@ fn sessions_keep_their_backend_across_restart() {
         "two passes of the sessions after the restart",
         || replay.passes() >= after + 2,
     );
-    let seen = replay.finish();
+    let mut seen = replay.finish();
     check_wrk(&lab, runs);
+    let vip = lab.topo.vip;
+    let late_seen: Vec<Seen> = lab.ok(
+        lab.topo.in_client(|| {
+            late.iter()
+                .enumerate()
+                .rev()
+                .map(|(i, s)| (sessions.len() + i, replay_one(vip, s)))
+                .collect()
+        }),
+        "replaying the late sessions",
+    );
+    seen.extend(late_seen);
+    let all: Vec<&Session> = sessions.iter().chain(&late).collect();
     let mut failed = Vec::new();
     let mut moved = BTreeMap::<String, (String, BTreeMap<String, usize>)>::new();
     for (i, got) in &seen {
-        let s = &sessions[*i];
+        let s = all[*i];
         match got {
             Ok(b) if *b == s.backend => {}
             Ok(b) => {
@@ -640,17 +656,17 @@ fn sessions_keep_their_backend_across_restart() {
     }
     if !failed.is_empty() || !moved.is_empty() {
         lab.fail(format!(
-            "{} session requests of {}: {} failed, sessions moved per service {per_service:?}\n\
-             failed: {:?}\nmoved (session: other backends seen): {:?}",
+            "{} session requests of {} sessions: {} failed, sessions moved per service \
+             {per_service:?}\nfailed: {:?}\nmoved (session: other backends seen): {:?}",
             seen.len(),
-            sessions.len(),
+            all.len(),
             failed.len(),
             &failed[..failed.len().min(10)],
             moved.iter().take(10).collect::<Vec<_>>()
         ));
     }
     assert!(
-        seen.len() >= 3 * sessions.len(),
+        seen.len() >= 3 * sessions.len() + late.len(),
         "{} session requests",
         seen.len()
     );
