@@ -595,6 +595,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             _ = save_tick.tick(), if d.frontends.has_l7_tables() => {
                 let r = tokio::task::block_in_place(|| {
+                    // What a predecessor learned while it drained, once it has finished.
+                    if let Err(e) = handoff::merge_drained_l7_state(&d.cfg, d.frontends.routers()) {
+                        log::warn!("merging the previous process's L7 tables: {e}");
+                    }
                     handoff::save_l7_state(&d.cfg, d.frontends.routers())
                 });
                 if let Err(e) = r {
@@ -657,6 +661,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 () = d.frontends.drain(d.cfg.drain_timeout) => {}
                 _ = term.recv() => log::info!("SIGTERM: connections still draining are cut"),
                 _ = int.recv() => log::info!("SIGINT: connections still draining are cut"),
+            }
+            // Bindings learned on the connections that drained, which the successor loaded
+            // before they were: it merges them on its next save tick.
+            if let Err(e) = handoff::save_drained_l7_state(&d.cfg, d.frontends.routers()) {
+                log::error!("saving the L7 tables learned while draining: {e}");
             }
         }
     }

@@ -697,6 +697,136 @@ fn sessions_keep_their_backend_across_restart() {
     lab.stop();
 }
 
+/// Clients whose login the replaced daemon answers while it drains.
+const DRAIN_LOGINS: usize = 6;
+
+/// Reads one HTTP/1 response with a `Content-Length` from `s`: (status, the `JSESSIONID`
+/// it sets, the echo backend).
+fn read_login(s: &mut std::net::TcpStream) -> std::io::Result<(u16, Option<String>, String)> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .ok_or_else(|| bad(format!("no length: {head:?}")))?;
+            if body.len() >= len {
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| bad(format!("no status: {head:?}")))?;
+                let session = head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    let v = v.trim().strip_prefix("JSESSIONID=")?;
+                    k.eq_ignore_ascii_case("set-cookie")
+                        .then(|| v.split(';').next().unwrap_or("").to_string())
+                });
+                let echo = tether_tests::http::Echo::parse(&body[..len])
+                    .ok_or_else(|| bad(format!("not an echo body: {body:?}")))?;
+                return Ok((status, session, echo.backend));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("response did not end in time: {text:?}"),
+            ));
+        }
+        match s.read(&mut chunk)? {
+            0 => return Err(bad(format!("closed before the response ended: {text:?}"))),
+            n => raw.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Issue 9: a session a backend sets on a connection the replaced daemon still serves
+/// (its request was on its way when `tether restart` handed the sockets over) is learned
+/// after the handoff snapshot; it reaches its backend through the new daemon too, once the
+/// old one has drained.
+#[test]
+fn a_session_learned_while_the_old_daemon_drains_keeps_its_backend() {
+    let mut lab = L7Lab::start_as_user(2 * DRAIN_LOGINS, 3, |b| {
+        b.profile(json!({ "name": "app", "type": "app-cookie", "cookie_name": "JSESSIONID" }))
+            .l7_service("app", PORT, Some("app"), json!({}))
+    });
+    let dst = lab.topo.vip_addr(PORT);
+    // Each login's head half sent to the old daemon: it keeps these connections while they
+    // drain, and answers them once the head is complete.
+    let mut conns: Vec<std::net::TcpStream> = (0..DRAIN_LOGINS)
+        .map(|i| {
+            let src = lab.client(i);
+            let mut s = lab.ok(
+                lab.ok(
+                    lab.topo
+                        .in_client(move || connect_from(src, dst, IO_TIMEOUT)),
+                    "in the client namespace",
+                ),
+                "connecting to the VIP",
+            );
+            lab.ok(
+                s.write_all(format!("GET /login HTTP/1.1\r\nHost: {VIP}\r\n").as_bytes()),
+                "sending half a head",
+            );
+            s
+        })
+        .collect();
+    let old = pid(&lab);
+    lab.restart();
+    assert_ne!(pid(&lab), old, "a new process serves");
+    let mut sessions = Vec::new();
+    for s in &mut conns {
+        lab.ok(
+            s.write_all(b"Connection: close\r\n\r\n"),
+            "completing the head",
+        );
+        let (status, session, backend) = lab.ok(read_login(s), "the old daemon's answer");
+        assert_eq!(status, 200, "login answered");
+        let id = session.unwrap_or_else(|| lab.fail("the login set no JSESSIONID"));
+        sessions.push((id, backend));
+    }
+    let d = lab.daemon.as_mut().expect("running");
+    if let Err(e) = d.wait_retired(RETIRE_WAIT) {
+        lab.fail(format!("{e:#}"));
+    }
+    lab.wait_for(
+        PHASE_WAIT,
+        "the new daemon merging what the old one learned while draining",
+        || lab.logs().contains("learned while draining merged"),
+    );
+    // Other clients (no client-IP binding anywhere) present the sessions, in reverse.
+    let mut moved = Vec::new();
+    for (i, (id, backend)) in sessions.iter().enumerate().rev() {
+        let src = lab.client(DRAIN_LOGINS + i);
+        let cookie = format!("JSESSIONID={id}");
+        let r = lab.ok(
+            lab.topo
+                .request(src, PORT, "/", &[("Cookie", cookie.as_str())], IO_TIMEOUT),
+            "a request of the session",
+        );
+        assert_eq!(r.status, 200, "{id}");
+        let now = lab.ok(r.echo(), "an echo body").backend;
+        if now != *backend {
+            moved.push(format!("{id}: {backend} -> {now}"));
+        }
+    }
+    if !moved.is_empty() {
+        lab.fail(format!(
+            "{} of {DRAIN_LOGINS} sessions learned while draining moved: {moved:?}",
+            moved.len()
+        ));
+    }
+    lab.stop();
+}
+
 #[test]
 fn reload_that_changes_the_listener_refuses_no_connection() {
     let lab = web_lab();

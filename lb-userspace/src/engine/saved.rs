@@ -21,11 +21,13 @@ use std::{
 use lb_common::backend_identity;
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, methods::TableRef};
+use super::{Engine, methods::TableRef, table::Table};
 use crate::{balancer::masked_addr, config::Config, engine::methods::masks};
 
 /// File name of the snapshot in `state_dir`.
 pub const STATE_FILE: &str = "l7-tables.json";
+/// What a daemon that handed over learned while it drained, for its successor to merge.
+pub const DRAINED_FILE: &str = "l7-tables.drained.json";
 const VERSION: u32 = 1;
 
 /// The L7 tables of every service.
@@ -91,6 +93,16 @@ impl Engine {
     /// in the service's pool in `cfg`; entries idle past their table's timeout are left out.
     /// Returns how many were taken.
     pub fn import(&self, cfg: &Config, saved: &SavedEngine) -> usize {
+        self.import_with(cfg, saved, false)
+    }
+
+    /// Like [`Engine::import`], but a key this engine already binds keeps its binding:
+    /// what a predecessor learned while it drained only fills the gaps.
+    pub fn merge(&self, cfg: &Config, saved: &SavedEngine) -> usize {
+        self.import_with(cfg, saved, true)
+    }
+
+    fn import_with(&self, cfg: &Config, saved: &SavedEngine, only_absent: bool) -> usize {
         let Some(svc) = cfg.services.iter().find(|s| s.name == self.service) else {
             return 0;
         };
@@ -123,13 +135,12 @@ impl Engine {
                         // Masked again: the prefixes may have changed.
                         let (v4, v6) = masks(*ipv4_prefix, *ipv6_prefix);
                         let ip = Ipv6Addr::from(key.to_be_bytes()).to_canonical();
-                        (idle <= table.timeout())
-                            .then(|| table.insert(masked_addr(ip, &v4, &v6), backend, at))
-                            .is_some()
+                        idle <= table.timeout()
+                            && put(table, masked_addr(ip, &v4, &v6), backend, at, only_absent)
                     }
-                    TableRef::Keys(table) => (idle <= table.timeout())
-                        .then(|| table.insert(key, backend, at))
-                        .is_some(),
+                    TableRef::Keys(table) => {
+                        idle <= table.timeout() && put(table, key, backend, at, only_absent)
+                    }
                 };
                 taken += usize::from(kept);
             }
@@ -138,12 +149,33 @@ impl Engine {
     }
 }
 
+/// Binds `k` in `table`, or with `only_absent` only when it has no binding; whether it did.
+fn put<K: std::hash::Hash + Eq + Clone>(
+    table: &Table<K>,
+    k: K,
+    backend: u32,
+    at: Instant,
+    only_absent: bool,
+) -> bool {
+    if only_absent {
+        table.insert_absent(k, backend, at)
+    } else {
+        table.insert(k, backend, at);
+        true
+    }
+}
+
 /// Write `state` to `dir/STATE_FILE` atomically: a temporary file, synced, renamed over the
 /// old one, and the directory synced (a crash leaves the old snapshot or the new one).
 pub fn write(dir: &Path, state: &SavedState) -> std::io::Result<()> {
+    write_file(dir, STATE_FILE, state)
+}
+
+/// [`write`] to `dir/name`.
+pub fn write_file(dir: &Path, name: &str, state: &SavedState) -> std::io::Result<()> {
     crate::cookie::keyfile::ensure_dir(dir)?;
-    let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
     let body = serde_json::to_vec(state).map_err(std::io::Error::other)?;
     {
         let mut f = fs::OpenOptions::new()
@@ -160,7 +192,12 @@ pub fn write(dir: &Path, state: &SavedState) -> std::io::Result<()> {
 
 /// The snapshot in `dir`, if there is a readable one of this version.
 pub fn read(dir: &Path) -> Result<Option<SavedState>, String> {
-    let path: PathBuf = dir.join(STATE_FILE);
+    read_file(dir, STATE_FILE)
+}
+
+/// [`read`] from `dir/name`.
+pub fn read_file(dir: &Path, name: &str) -> Result<Option<SavedState>, String> {
+    let path: PathBuf = dir.join(name);
     let body = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -74,6 +74,17 @@ impl<K: Hash + Eq + Clone> Table<K> {
         self.shard(&k).entries.put(k, (backend, now));
     }
 
+    /// Like [`Table::insert`], but keeps an existing binding of `k` (whatever its age).
+    /// Returns whether `k` was added.
+    pub fn insert_absent(&self, k: K, backend: u32, now: Instant) -> bool {
+        let mut s = self.shard(&k);
+        if s.entries.contains(&k) {
+            return false;
+        }
+        s.entries.put(k, (backend, now));
+        true
+    }
+
     pub fn remove(&self, k: &K) {
         self.shard(k).entries.pop(k);
     }

@@ -137,6 +137,43 @@ pub fn load_l7_state<'a>(
     Ok(())
 }
 
+/// After a handoff, when its connections have drained: write what this process's engines
+/// hold (the bindings learned on connections it served after [`save_l7_state`]) for the
+/// successor to merge ([`merge_drained_l7_state`]).
+pub fn save_drained_l7_state<'a>(
+    cfg: &Config,
+    routers: impl Iterator<Item = (&'a str, &'a Arc<Engine>)>,
+) -> Result<()> {
+    let state = saved::collect(routers.map(|(_, e)| &**e));
+    saved::write_file(&cfg.state_dir, saved::DRAINED_FILE, &state)
+        .map_err(|e| HandoffError::State(format!("writing {}: {e}", cfg.state_dir.display())))
+}
+
+/// Merge what a predecessor wrote when it finished draining ([`save_drained_l7_state`]),
+/// if it has, into the engines: keys bound here keep their binding. The file is removed.
+/// Returns how many bindings were added.
+pub fn merge_drained_l7_state<'a>(
+    cfg: &Config,
+    routers: impl Iterator<Item = (&'a str, &'a Arc<Engine>)>,
+) -> Result<usize> {
+    let Some(state) =
+        saved::read_file(&cfg.state_dir, saved::DRAINED_FILE).map_err(HandoffError::State)?
+    else {
+        return Ok(0);
+    };
+    let path = cfg.state_dir.join(saved::DRAINED_FILE);
+    std::fs::remove_file(&path)
+        .map_err(|e| HandoffError::State(format!("removing {}: {e}", path.display())))?;
+    let mut added = 0;
+    for (name, engine) in routers {
+        if let Some(s) = state.services.iter().find(|s| s.service == name) {
+            added += engine.merge(cfg, s);
+        }
+    }
+    log::info!("L7 tables: {added} bindings the previous process learned while draining merged");
+    Ok(added)
+}
+
 /// A request that reached the running daemon's handoff socket.
 pub enum Request {
     /// A starting daemon wants the sockets.

@@ -203,3 +203,58 @@ fn the_snapshot_file_round_trips_and_a_bad_one_is_refused() {
     assert!(saved::read(&dir).unwrap_err().contains("version 99"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn what_a_predecessor_learned_while_draining_fills_only_the_gaps() {
+    let dir = std::env::temp_dir().join(format!("tether-drained-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = cfg_with(APP).as_ref().clone();
+    cfg.state_dir = dir.clone();
+    let cfg = Arc::new(cfg);
+    // The predecessor learned three sessions (and their clients by the fallback) after the
+    // successor had loaded its tables.
+    let (old, sessions) = learned(&cfg);
+    let new = Arc::new(router(&cfg, &shared(&cfg, &UP), 0));
+    // Meanwhile the successor bound session s0 itself, to another backend.
+    let elsewhere = (1..=3)
+        .map(|i| conn(&format!("192.0.2.{i}")))
+        .find(|c| exchange(&new, c, "/", None, None).0 != sessions[0].0)
+        .expect("round robin reaches another backend");
+    let (moved_to, _, _) = exchange(
+        &new,
+        &elsewhere,
+        "/login",
+        None,
+        Some(&format!("JSESSIONID={}; Path=/", sessions[0].1)),
+    );
+    assert_ne!(moved_to, sessions[0].0);
+    let routers = || std::iter::once(("web", &new));
+    assert_eq!(
+        crate::handoff::merge_drained_l7_state(&cfg, routers()).expect("nothing to merge"),
+        0
+    );
+    crate::handoff::save_drained_l7_state(&cfg, std::iter::once(("web", &Arc::new(old))))
+        .expect("written");
+    let added = crate::handoff::merge_drained_l7_state(&cfg, routers()).expect("merged");
+    assert_eq!(
+        added, 5,
+        "s1, s2 and the three clients; s0 is bound here already"
+    );
+    assert!(
+        followed(&new, &sessions[1..]),
+        "the predecessor's sessions are followed"
+    );
+    assert!(
+        followed(&new, &[(moved_to, sessions[0].1.clone())],),
+        "s0 keeps the successor's binding"
+    );
+    assert!(
+        !dir.join(saved::DRAINED_FILE).exists(),
+        "merged once: the file is removed"
+    );
+    assert_eq!(
+        crate::handoff::merge_drained_l7_state(&cfg, routers()).expect("nothing left"),
+        0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
