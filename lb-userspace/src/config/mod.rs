@@ -287,6 +287,10 @@ pub struct PersistenceProfile {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     pub down_policy: DownPolicy,
+    /// Entries of each table the method and its fallback keep.
+    pub table_capacity: usize,
+    /// New table entries one client source may create per minute; 0: no quota.
+    pub max_new_keys_per_source_per_min: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

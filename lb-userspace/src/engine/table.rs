@@ -70,8 +70,22 @@ impl<K: Hash + Eq + Clone> Table<K> {
         Ok(*backend)
     }
 
-    pub fn insert(&self, k: K, backend: u32, now: Instant) {
-        self.shard(&k).entries.put(k, (backend, now));
+    /// Bind `k`; `true` when that evicted another client's live (unexpired) entry to make
+    /// room.
+    pub fn insert(&self, k: K, backend: u32, now: Instant) -> bool {
+        let mut s = self.shard(&k);
+        let existed = s.entries.contains(&k);
+        match s.entries.push(k, (backend, now)) {
+            Some((old, (_, seen))) if !existed => {
+                s.open.contains_key(&old) || now.saturating_duration_since(seen) <= self.timeout
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `k` has an entry (live or not), without refreshing it.
+    pub fn contains(&self, k: &K) -> bool {
+        self.shard(k).entries.contains(k)
     }
 
     pub fn remove(&self, k: &K) {
@@ -243,6 +257,41 @@ mod tests {
         }
         assert!(t.len() <= 160, "len {}", t.len());
         assert!(t.get(&9_999, now).is_ok(), "the newest survives");
+    }
+
+    #[test]
+    fn insert_reports_evicting_a_live_entry_only() {
+        // 16 shards of one entry each: a key evicts whatever its shard held.
+        let t0 = Instant::now();
+        // Insert fresh keys at `at` until `victim` is gone; what that insert said.
+        let evict = |t: &Table<u32>, victim: u32, at: Instant| {
+            for k in 1000..100_000 {
+                let said = t.insert(k, 1, at);
+                if !t.contains(&victim) {
+                    return said;
+                }
+            }
+            panic!("{victim} never evicted");
+        };
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        assert!(!t.insert(1, 1, t0), "an empty shard evicts nothing");
+        assert!(!t.insert(1, 2, t0), "re-binding a key evicts nothing");
+        assert!(evict(&t, 1, t0), "a live entry evicted is reported");
+
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        t.insert(1, 1, t0);
+        assert!(
+            !evict(&t, 1, t0 + Duration::from_secs(60)),
+            "an expired entry dropped is no eviction"
+        );
+
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        t.insert(1, 1, t0);
+        assert!(!t.opened(&1, t0));
+        assert!(
+            evict(&t, 1, t0 + Duration::from_secs(60)),
+            "an entry held by an open connection is live"
+        );
     }
 
     #[test]

@@ -197,3 +197,34 @@ fn serde_variant_errors_are_worded_like_the_others() {
     );
     assert_eq!(reword("invalid type: string"), "invalid type: string");
 }
+
+#[test]
+fn table_limits_have_defaults_and_bounds() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"url-hash"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].table_capacity, 1 << 20);
+    assert_eq!(c.profiles[2].max_new_keys_per_source_per_min, 1000);
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"sip-header","table_capacity":5000,"max_new_keys_per_source_per_min":0}"#,
+    ))
+    .expect("valid");
+    assert_eq!(c.profiles[2].table_capacity, 5000);
+    assert_eq!(c.profiles[2].max_new_keys_per_source_per_min, 0);
+    for (value, reason) in [
+        ("0", "0: must be 1 to 67108864 entries"),
+        ("67108865", "67108865: must be 1 to 67108864 entries"),
+    ] {
+        let e = err(&with_profile(&format!(
+            r#"{{"name":"anon","type":"client-ip","table_capacity":{value}}}"#
+        )));
+        assert_eq!(e.path, "persistence_profiles[2].table_capacity", "{e}");
+        assert_eq!(e.reason, reason);
+    }
+    let e = err(&with_profile(
+        r#"{"name":"anon","type":"app-cookie","cookie_name":"S","max_new_keys_per_source_per_min":-1}"#,
+    ));
+    assert_eq!(
+        e.path, "persistence_profiles[2].max_new_keys_per_source_per_min",
+        "{e}"
+    );
+}
