@@ -423,8 +423,11 @@ impl PersistenceKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CookieProfile {
     pub cookie_name: String,
-    /// `None`: a session cookie (no Max-Age) whose payload never expires.
+    /// `None`: a session cookie (no Max-Age), honoured up to `session_max_age` after issue.
     pub max_lifetime: Option<std::time::Duration>,
+    /// Server-side maximum age of a session cookie (from its issued-at), so an old replayed
+    /// one stops pinning.
+    pub session_max_age: std::time::Duration,
     /// Set-Cookie on every response, not only when the cookie was missing or invalid.
     pub always_send: bool,
     /// Kemp "add port": mix the client's port into the choice of a new backend.

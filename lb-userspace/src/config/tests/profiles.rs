@@ -228,3 +228,33 @@ fn table_limits_have_defaults_and_bounds() {
         "{e}"
     );
 }
+
+#[test]
+fn session_max_age_has_a_default_bounds_and_applies_to_session_cookies_only() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let age = |c: &Config| match &c.profiles[2].kind {
+        PersistenceKind::HttpCookie(p) => p.session_max_age.as_secs(),
+        k => panic!("not a cookie profile: {k:?}"),
+    };
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"http-cookie"}"#)).expect("valid");
+    assert_eq!(age(&c), 86_400, "24 h by default");
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"http-cookie","session_max_age_s":3600}"#,
+    ))
+    .expect("valid");
+    assert_eq!(age(&c), 3600);
+    for (profile, reason) in [
+        (
+            r#"{"name":"anon","type":"http-cookie","session_max_age_s":59}"#,
+            "59: must be 60 to 31536000 seconds",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","max_lifetime_min":60,"session_max_age_s":3600}"#,
+            "applies to session cookies only: leave it out with max_lifetime_min",
+        ),
+    ] {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, "persistence_profiles[2].session_max_age_s", "{e}");
+        assert_eq!(e.reason, reason);
+    }
+}
