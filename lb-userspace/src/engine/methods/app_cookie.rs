@@ -85,8 +85,9 @@ impl Method for AppCookie {
                 && !val.trim().is_empty()
             {
                 let key = digest(val.trim().as_bytes());
-                store(&self.table, key, d.identity, d.client, cx);
-                RouterStats::bump(&cx.stats.cookies_learned);
+                if store(&self.table, key, d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.cookies_learned);
+                }
             }
         }
     }

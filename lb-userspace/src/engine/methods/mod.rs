@@ -24,7 +24,11 @@ use std::{net::IpAddr, path::Path, time::Instant};
 use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
     cookie::KeyError,
-    engine::{input::Input, quota::SourceQuota, table::Table},
+    engine::{
+        input::Input,
+        quota::SourceQuota,
+        table::{Inserted, Table},
+    },
     state::RouterStats,
 };
 
@@ -232,21 +236,23 @@ pub fn masks(v4: u8, v6: u8) -> ([u8; 4], [u8; 16]) {
 
 /// Bind `k` in `table` for `client`'s request: a key already there is refreshed; a new one
 /// is stored only within the client's new-key quota (else counted and not stored), and a live
-/// entry evicted to make room is counted.
+/// entry evicted to make room is counted. `false` when nothing was stored.
 pub fn store<K: std::hash::Hash + Eq + Clone>(
     table: &Table<K>,
     k: K,
     identity: u32,
     client: IpAddr,
     cx: &Context<'_>,
-) {
-    if !table.contains(&k) && !cx.quota.allow(client, cx.now) {
-        RouterStats::bump(&cx.stats.keys_refused);
-        return;
+) -> bool {
+    match table.insert_admitted(k, identity, cx.now, || cx.quota.allow(client, cx.now)) {
+        Inserted::Refused => {
+            RouterStats::bump(&cx.stats.keys_refused);
+            return false;
+        }
+        Inserted::Evicted => RouterStats::bump(&cx.stats.table_evictions),
+        Inserted::Added | Inserted::Refreshed => {}
     }
-    if table.insert(k, identity, cx.now) {
-        RouterStats::bump(&cx.stats.table_evictions);
-    }
+    true
 }
 
 /// A table's binding for `k`; an expired entry is counted and is no binding.

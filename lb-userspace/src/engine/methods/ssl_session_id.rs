@@ -79,13 +79,15 @@ impl Method for SslSessionId {
             ServerEvent::Hello(h) if h.is_tls13() => RouterStats::bump(&cx.stats.tls13_unpersisted),
             ServerEvent::Hello(h) if !h.session_id.is_empty() => {
                 let key = session_key(&h.session_id);
-                store(&self.table, key, d.identity, d.client, cx);
-                RouterStats::bump(&cx.stats.tls_sessions_learned);
+                if store(&self.table, key, d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.tls_sessions_learned);
+                }
             }
             ServerEvent::Hello(_) => {}
             ServerEvent::Ticket(t) => {
-                store(&self.table, ticket_key(t), d.identity, d.client, cx);
-                RouterStats::bump(&cx.stats.tls_sessions_learned);
+                if store(&self.table, ticket_key(t), d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.tls_sessions_learned);
+                }
             }
         }
     }

@@ -176,3 +176,42 @@ fn old_session_cookies_stop_pinning_after_the_server_side_max_age() {
     let (b, _, set) = exchange(&r, &c, "/", Some(&format!("SRV={v}")), None);
     assert_eq!((b, set.len()), (b3, 0));
 }
+
+#[test]
+fn fresh_app_cookies_past_the_quota_are_not_learned() {
+    let cfg = config(
+        r#"{"name":"p","type":"app-cookie","cookie_name":"JSESSIONID","max_new_keys_per_source_per_min":5}"#,
+    );
+    let r = router(&cfg, &shared(&cfg, &UP), 0);
+    let c = conn("192.0.2.1");
+    for n in 0..20 {
+        exchange(
+            &r,
+            &c,
+            "/login",
+            None,
+            Some(&format!("JSESSIONID=s{n}; Path=/")),
+        );
+    }
+    assert_eq!(r.stats.cookies_learned.load(Ordering::Relaxed), 5);
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 15);
+    // A session the backend sets again (already known) is refreshed, not refused.
+    exchange(
+        &r,
+        &c,
+        "/x",
+        Some("JSESSIONID=s0"),
+        Some("JSESSIONID=s0; Path=/"),
+    );
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 15);
+    assert_eq!(r.stats.cookies_learned.load(Ordering::Relaxed), 6);
+    // Another client's sessions are learned.
+    exchange(
+        &r,
+        &conn("192.0.2.2"),
+        "/login",
+        None,
+        Some("JSESSIONID=other; Path=/"),
+    );
+    assert_eq!(r.stats.cookies_learned.load(Ordering::Relaxed), 7);
+}

@@ -458,3 +458,24 @@ fn the_fallback_table_takes_the_profile_capacity_and_quota() {
     }
     assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 7);
 }
+
+#[test]
+fn client_ip_bindings_of_one_ipv6_64_are_one_source_for_the_quota() {
+    let cfg = key_config(
+        3,
+        r#"{"name":"p","type":"client-ip","max_new_keys_per_source_per_min":4}"#,
+    );
+    let r = router(&cfg, &shared(&cfg, &[BackendState::Up; 3]), 0);
+    for i in 1..=50 {
+        pick(&r, &conn(&format!("2001:db8:7:7::{i:x}")), "/", &[]);
+    }
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 46);
+    // The four stored ones keep their backends; another /64 is not held back.
+    let hits = r.stats.persist_hits.load(Ordering::Relaxed);
+    for i in 1..=4 {
+        pick(&r, &conn(&format!("2001:db8:7:7::{i:x}")), "/", &[]);
+    }
+    assert_eq!(r.stats.persist_hits.load(Ordering::Relaxed), hits + 4);
+    pick(&r, &conn("2001:db8:7:8::1"), "/", &[]);
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 46);
+}
