@@ -816,19 +816,9 @@ fn app_cookie_is_learned_and_followed() {
     // `tether persist list` shows the three learned sessions as L7 bindings, each on the
     // backend that set it; `tether persist flush --backend` removes that backend's one.
     let admin = lab.d().admin_addr().to_string();
-    // The daemon's own token (not the host default, /var/lib/tether/admin.token).
-    let token = lab.d().admin_token_file().display().to_string();
     let list = lab.ok(
-        lab.d().cli(&[
-            "persist",
-            "list",
-            "--service",
-            "web",
-            "--admin",
-            &admin,
-            "--token-file",
-            &token,
-        ]),
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
         "tether persist list",
     );
     let app_rows: Vec<&str> = list.lines().filter(|l| l.contains("app-cookie")).collect();
@@ -851,8 +841,6 @@ fn app_cookie_is_learned_and_followed() {
             gone,
             "--admin",
             &admin,
-            "--token-file",
-            &token,
         ]),
         "tether persist flush",
     );
@@ -861,16 +849,8 @@ fn app_cookie_is_learned_and_followed() {
         "flush --backend {gone}: {flushed}"
     );
     let list = lab.ok(
-        lab.d().cli(&[
-            "persist",
-            "list",
-            "--service",
-            "web",
-            "--admin",
-            &admin,
-            "--token-file",
-            &token,
-        ]),
+        lab.d()
+            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
         "tether persist list",
     );
     assert!(
