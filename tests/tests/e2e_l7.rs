@@ -816,9 +816,18 @@ fn app_cookie_is_learned_and_followed() {
     // `tether persist list` shows the three learned sessions as L7 bindings, each on the
     // backend that set it; `tether persist flush --backend` removes that backend's one.
     let admin = lab.d().admin_addr().to_string();
+    let token = lab.d().admin_token_file().to_string_lossy().into_owned();
     let list = lab.ok(
-        lab.d()
-            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        lab.d().cli(&[
+            "persist",
+            "list",
+            "--service",
+            "web",
+            "--admin",
+            &admin,
+            "--token-file",
+            &token,
+        ]),
         "tether persist list",
     );
     let app_rows: Vec<&str> = list.lines().filter(|l| l.contains("app-cookie")).collect();
@@ -841,6 +850,8 @@ fn app_cookie_is_learned_and_followed() {
             gone,
             "--admin",
             &admin,
+            "--token-file",
+            &token,
         ]),
         "tether persist flush",
     );
@@ -849,8 +860,16 @@ fn app_cookie_is_learned_and_followed() {
         "flush --backend {gone}: {flushed}"
     );
     let list = lab.ok(
-        lab.d()
-            .cli(&["persist", "list", "--service", "web", "--admin", &admin]),
+        lab.d().cli(&[
+            "persist",
+            "list",
+            "--service",
+            "web",
+            "--admin",
+            &admin,
+            "--token-file",
+            &token,
+        ]),
         "tether persist list",
     );
     assert!(

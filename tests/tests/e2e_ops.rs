@@ -848,6 +848,7 @@ fn status_persist_and_metrics_agree_with_the_maps() {
     let ops = Ops::new(CLIENTS, 3, |b| b);
     let d = ops.d();
     let admin = d.admin_addr().to_string();
+    let token = d.admin_token_file().to_string_lossy().into_owned();
     let cfg = d.config_path().display().to_string();
     let plan: Vec<Ipv4Addr> = (0..CLIENTS).map(|i| ops.client(i)).collect();
     let got = ops.fetch_all(&plan);
@@ -861,7 +862,10 @@ fn status_persist_and_metrics_agree_with_the_maps() {
         CENSUS_WAIT,
         "`tether status` bound counts match TETHER_PERSIST",
         || {
-            out = ops.ok(d.cli(&["status", "--admin", &admin]), "tether status");
+            out = ops.ok(
+                d.cli(&["status", "--admin", &admin, "--token-file", &token]),
+                "tether status",
+            );
             rows = parse_status_rows(&out, "web");
             ops.backend_names().iter().all(|n| {
                 rows.get(n)

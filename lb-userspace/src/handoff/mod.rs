@@ -131,7 +131,10 @@ pub fn load_l7_state<'a>(
     for (name, engine) in routers {
         if let Some(s) = state.services.iter().find(|s| s.service == name) {
             let n = engine.import(cfg, s);
-            log::info!("L7 tables of {name}: {n} bindings restored");
+            log::info!(
+                "L7 tables of {name}: {n} bindings carried over from {}",
+                cfg.state_dir.display()
+            );
         }
     }
     Ok(())
