@@ -187,6 +187,10 @@ pub struct RouterStats {
     pub tls_sessions_learned: AtomicU64,
     /// Passed-through TLS 1.3 handshakes: no session ID to persist on.
     pub tls13_unpersisted: AtomicU64,
+    /// Live table entries evicted (least recently used) to make room for a new key.
+    pub table_evictions: AtomicU64,
+    /// New table entries not stored: the client was over its new-key quota.
+    pub keys_refused: AtomicU64,
     /// Invalid cookies, by `Reject` (treated as absent and re-issued).
     pub rejected: [AtomicU64; 5],
     /// Persistence scripts that failed (a Lua error, a bad answer, an unknown backend name):
@@ -201,7 +205,7 @@ pub type RouterField = fn(&RouterStats) -> u64;
 
 impl RouterStats {
     /// Every counter but `rejected`: (name, help, value).
-    pub const FIELDS: [(&'static str, &'static str, RouterField); 12] = [
+    pub const FIELDS: [(&'static str, &'static str, RouterField); 14] = [
         (
             "persist_hits",
             "Requests sent where a cookie, table entry or fallback said.",
@@ -240,6 +244,16 @@ impl RouterStats {
         ("expired", "Persistence table entries found expired.", |r| {
             r.expired.load(Ordering::Relaxed)
         }),
+        (
+            "table_evictions",
+            "Live persistence table entries evicted to make room for a new key (table full).",
+            |r| r.table_evictions.load(Ordering::Relaxed),
+        ),
+        (
+            "keys_refused",
+            "New persistence keys not stored: the client source was over its per-minute quota.",
+            |r| r.keys_refused.load(Ordering::Relaxed),
+        ),
         (
             "script_errors",
             "Persistence scripts that failed (error, bad answer, unknown backend); balanced by the pool.",

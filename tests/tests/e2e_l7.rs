@@ -450,6 +450,11 @@ fn cookie_is_opaque_and_stripped_before_the_backend() {
             assert!(sc.contains(attr), "{attr} missing: {sc}");
         }
         assert!(!sc.contains("Secure"), "no Secure over cleartext: {sc}");
+        assert_eq!(
+            r.headers_named("cache-control"),
+            ["private"],
+            "a response setting the cookie is private to shared caches: {r:?}"
+        );
         assert!(
             !sc.contains("Max-Age") && !sc.contains("Expires"),
             "a session cookie: {sc}"
@@ -492,6 +497,8 @@ fn cookie_is_opaque_and_stripped_before_the_backend() {
             (format!("{COOKIE}={v}; z=2"), Some("z=2")),
             (format!("a=1; {COOKIE}={v}"), Some("a=1")),
             (format!("{COOKIE}={v}"), None),
+            // A cookie of the same name planted in front does not hide the valid one.
+            (format!("{COOKIE}=planted; a=1; {COOKIE}={v}"), Some("a=1")),
         ];
         for (sent, want) in &cases {
             let (r, e) = lab.get_echo(other, PORT, "/x?q=1", &[("Cookie", sent)]);
@@ -500,6 +507,10 @@ fn cookie_is_opaque_and_stripped_before_the_backend() {
             assert!(
                 r.set_cookie(COOKIE).is_none(),
                 "no new cookie for a valid one"
+            );
+            assert!(
+                r.headers_named("cache-control").is_empty(),
+                "no Cache-Control added without a Set-Cookie: {r:?}"
             );
             assert_eq!(
                 e.x_forwarded_for.as_deref(),

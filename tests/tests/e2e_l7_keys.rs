@@ -944,6 +944,66 @@ fn removing_one_of_ten_backends_moves_about_a_tenth() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flood of new keys
+
+/// One client floods a url-hash service with 600 distinct URLs on a keep-alive connection:
+/// every request is served (balanced by Maglev), but past its quota of new keys per minute
+/// none is stored, so another client's binding is not evicted from the (small) table. The
+/// refused keys are counted in /metrics and `tether status`.
+#[test]
+fn a_flood_of_urls_from_one_client_cannot_evict_another_clients_binding() {
+    const FLOOD: usize = 600;
+    const QUOTA: u64 = 50;
+    let lab = Lab::new(2, 3, |b| {
+        keyed_service(
+            b,
+            "url",
+            PORT,
+            json!({
+                "type": "url-hash",
+                "table_capacity": 256,
+                "max_new_keys_per_source_per_min": QUOTA,
+            }),
+        )
+    });
+    let mine = Req::new("/cart/alice");
+    let x = lab.backend(lab.client(0), PORT, &mine);
+    let maglev = Maglev::new(&lab.backend_names());
+    let mut ka = lab.keep_alive(lab.client(1), PORT);
+    for n in 0..FLOOD {
+        let target = format!("/flood/{n}");
+        let b = lab.backend_on(&mut ka, &Req::new(target.as_str()));
+        let want = maglev.pick(target.as_bytes());
+        if b != want {
+            lab.fail(format!("{target}: on {b}, Maglev says {want}"));
+        }
+    }
+    assert_eq!(
+        lab.l7("keys_refused", "url"),
+        FLOOD as u64 - QUOTA,
+        "every new key past the quota refused"
+    );
+    assert_eq!(lab.l7("table_evictions", "url"), 0, "nothing evicted");
+    let hits = lab.l7("persist_hits", "url");
+    assert_eq!(lab.backend(lab.client(0), PORT, &mine), x);
+    assert_eq!(
+        lab.l7("persist_hits", "url"),
+        hits + 1,
+        "alice's binding is still in the table"
+    );
+    let cfg = lab.d().config_path().display().to_string();
+    let status = lab.ok(lab.d().cli(&["status", "--config", &cfg]), "tether status");
+    let want = format!(
+        "evicted 0  new keys refused (per-source quota) {}",
+        FLOOD as u64 - QUOTA
+    );
+    if !status.contains(&want) {
+        lab.fail(format!("tether status lacks {want:?}:\n{status}"));
+    }
+    lab.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Expiry
 
 /// `timeout_s: 1`: a header key bound to X stays on X while it keeps coming, also after X is

@@ -399,6 +399,12 @@ pub fn render_status(s: &api::Status) -> String {
                 get("expired"),
                 rejected
             );
+            let _ = writeln!(
+                out,
+                "  l7 tables: evicted {}  new keys refused (per-source quota) {}",
+                get("table_evictions"),
+                get("keys_refused"),
+            );
         }
         let mut rows = vec![
             [

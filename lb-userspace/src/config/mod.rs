@@ -287,6 +287,10 @@ pub struct PersistenceProfile {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     pub down_policy: DownPolicy,
+    /// Entries of each table the method and its fallback keep.
+    pub table_capacity: usize,
+    /// New table entries one client source may create per minute; 0: no quota.
+    pub max_new_keys_per_source_per_min: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -419,8 +423,11 @@ impl PersistenceKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CookieProfile {
     pub cookie_name: String,
-    /// `None`: a session cookie (no Max-Age) whose payload never expires.
+    /// `None`: a session cookie (no Max-Age), honoured up to `session_max_age` after issue.
     pub max_lifetime: Option<std::time::Duration>,
+    /// Server-side maximum age of a session cookie (from its issued-at), so an old replayed
+    /// one stops pinning.
+    pub session_max_age: std::time::Duration,
     /// Set-Cookie on every response, not only when the cookie was missing or invalid.
     pub always_send: bool,
     /// Kemp "add port": mix the client's port into the choice of a new backend.

@@ -247,6 +247,50 @@ where
     }
 }
 
+/// The values of every cookie named `name`, in order (a client may send several: one per
+/// path or domain that set it, or one planted by a sibling subdomain).
+pub fn find_all<'a, I>(header_values: I, name: &str) -> impl Iterator<Item = &'a str>
+where
+    I: IntoIterator<Item = &'a [u8]>,
+{
+    cookies(header_values).filter_map(move |(n, v)| (n == name).then_some(v))
+}
+
+/// The `Cache-Control` value for a response that sets a persistence cookie, so no shared
+/// cache stores the cookie and hands it to other clients (HAProxy's `nocache`), given the
+/// response's own values (`None`: keep them as they are):
+/// - none: `private`;
+/// - one that already forbids shared caching (`private`, `no-store` or `no-cache`, with or
+///   without a value): unchanged;
+/// - others: `private` first, then the response's directives without `public`.
+pub fn private_cache_control<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let directives: Vec<&str> = values
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "private" | "no-store" | "no-cache"))
+    {
+        return None;
+    }
+    let mut out = String::from("private");
+    for d in directives.iter().filter(|d| name(d) != "public") {
+        out.push_str(", ");
+        out.push_str(d);
+    }
+    Some(out)
+}
+
 /// Value of the first cookie named `name` (names are case-sensitive).
 pub fn find<'a, I>(header_values: I, name: &str) -> Option<&'a str>
 where

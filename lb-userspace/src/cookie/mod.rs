@@ -57,7 +57,8 @@ mod ticket;
 pub use ticket::{MAX_TICKET_LEN, TICKET_VERSION, open_ticket, seal_ticket};
 
 pub use header::{
-    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, strip, valid_cookie_name,
+    Cookies, SameSite, SetCookie, SetCookieError, cookies, find, find_all, private_cache_control,
+    strip, valid_cookie_name,
 };
 
 /// Version byte of the only wire format.

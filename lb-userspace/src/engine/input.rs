@@ -238,6 +238,11 @@ impl<'a> Input<'a> {
         cookie::find(self.cookie_headers(), name)
     }
 
+    /// The values of every cookie called `name`, in order.
+    pub fn cookies_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        cookie::find_all(self.cookie_headers(), name)
+    }
+
     /// The request target's path and query (HTTP).
     pub fn path_and_query(&self) -> Option<&str> {
         self.http_request()?

@@ -17,6 +17,7 @@
 pub mod input;
 mod inspect;
 pub mod methods;
+pub mod quota;
 pub mod saved;
 pub mod table;
 
@@ -51,7 +52,8 @@ use crate::{
     tlswire::ClientHello,
 };
 use input::Input;
-use methods::{Binding, Context, Decision, Key, Method, Reply, TABLE_CAPACITY};
+use methods::{Binding, Context, Decision, Key, Method, Reply};
+use quota::SourceQuota;
 use table::Table;
 
 /// Why an input gets no backend (the HTTP adapter answers 503).
@@ -111,10 +113,10 @@ struct Fallback {
 }
 
 impl Fallback {
-    fn new(f: &ClientIpFallback) -> Self {
+    fn new(f: &ClientIpFallback, capacity: usize) -> Self {
         let (v4_mask, v6_mask) = methods::masks(f.ipv4_prefix, f.ipv6_prefix);
         Fallback {
-            table: Table::new(TABLE_CAPACITY, Duration::from_secs(f.timeout_s as u64)),
+            table: Table::new(capacity, Duration::from_secs(f.timeout_s as u64)),
             v4_mask,
             v6_mask,
             ipv4_prefix: f.ipv4_prefix,
@@ -208,6 +210,8 @@ pub struct Engine {
     selection: Box<dyn BackendSelection>,
     pool_id: u32,
     prepared: ArcSwapOption<Prepared>,
+    /// New table entries per client source per minute, shared by the method and fallback.
+    quota: SourceQuota,
     pub stats: Arc<RouterStats>,
 }
 
@@ -239,7 +243,11 @@ impl Engine {
             service: svc.name.clone(),
             snapshot,
             method,
-            fallback: profile.and_then(|p| p.kind.fallback()).map(Fallback::new),
+            fallback: profile.and_then(|p| {
+                let f = p.kind.fallback()?;
+                Some(Fallback::new(f, p.table_capacity))
+            }),
+            quota: SourceQuota::new(profile.map_or(0, |p| p.max_new_keys_per_source_per_min)),
             down_policy: profile.map_or(DownPolicy::Immediate, |p| p.down_policy),
             selection: select::for_algorithm(pool.algorithm, pool.backends.len()),
             pool_id: cookie::pool_id(&pool.name),
@@ -262,6 +270,7 @@ impl Engine {
             pool_id: self.pool_id,
             stats: &self.stats,
             now,
+            quota: &self.quota,
         }
     }
 
@@ -379,7 +388,8 @@ impl Engine {
             m.record(input, &lookup, identity, &cx);
         }
         if absent && let Some(f) = &self.fallback {
-            f.table.insert(f.key(input.client()), identity, cx.now);
+            let client = input.client();
+            methods::store(&f.table, f.key(client), identity, client.ip(), &cx);
         }
         self.selection.started(index);
         Ok(Choice {
@@ -388,6 +398,7 @@ impl Engine {
                 identity,
                 index,
                 by_method: by_method && honoured.is_some(),
+                client: input.client().ip(),
             },
         })
     }

@@ -22,6 +22,19 @@ struct Shard<K: Hash + Eq> {
     open: HashMap<K, u32>,
 }
 
+/// What [`Table::insert_admitted`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The key was present: re-bound and refreshed.
+    Refreshed,
+    /// A new entry, in free room or in place of an expired one.
+    Added,
+    /// A new entry that evicted another key's live entry.
+    Evicted,
+    /// A new key not admitted: nothing stored.
+    Refused,
+}
+
 /// key -> backend identity (`lb_common::backend_identity`), stable across reloads.
 pub struct Table<K: Hash + Eq> {
     shards: Vec<Mutex<Shard<K>>>,
@@ -70,8 +83,43 @@ impl<K: Hash + Eq + Clone> Table<K> {
         Ok(*backend)
     }
 
-    pub fn insert(&self, k: K, backend: u32, now: Instant) {
-        self.shard(&k).entries.put(k, (backend, now));
+    /// Bind `k`; `true` when that evicted another client's live (unexpired) entry to make
+    /// room.
+    pub fn insert(&self, k: K, backend: u32, now: Instant) -> bool {
+        self.insert_admitted(k, backend, now, || true) == Inserted::Evicted
+    }
+
+    /// Bind `k`: a present key is re-bound and refreshed; a new one only when `admit` says
+    /// so (asked under the shard's lock, once, only for a new key).
+    pub fn insert_admitted(
+        &self,
+        k: K,
+        backend: u32,
+        now: Instant,
+        admit: impl FnOnce() -> bool,
+    ) -> Inserted {
+        let mut s = self.shard(&k);
+        let existed = s.entries.contains(&k);
+        if !existed && !admit() {
+            return Inserted::Refused;
+        }
+        match s.entries.push(k, (backend, now)) {
+            Some((old, (_, seen))) if !existed => {
+                if s.open.contains_key(&old) || now.saturating_duration_since(seen) <= self.timeout
+                {
+                    Inserted::Evicted
+                } else {
+                    Inserted::Added
+                }
+            }
+            _ if existed => Inserted::Refreshed,
+            _ => Inserted::Added,
+        }
+    }
+
+    /// Whether `k` has an entry (live or not), without refreshing it.
+    pub fn contains(&self, k: &K) -> bool {
+        self.shard(k).entries.contains(k)
     }
 
     /// Like [`Table::insert`], but keeps an existing binding of `k` (whatever its age).
@@ -254,6 +302,55 @@ mod tests {
         }
         assert!(t.len() <= 160, "len {}", t.len());
         assert!(t.get(&9_999, now).is_ok(), "the newest survives");
+    }
+
+    #[test]
+    fn insert_reports_evicting_a_live_entry_only() {
+        // 16 shards of one entry each: a key evicts whatever its shard held.
+        let t0 = Instant::now();
+        // Insert fresh keys at `at` until `victim` is gone; what that insert said.
+        let evict = |t: &Table<u32>, victim: u32, at: Instant| {
+            for k in 1000..100_000 {
+                let said = t.insert(k, 1, at);
+                if !t.contains(&victim) {
+                    return said;
+                }
+            }
+            panic!("{victim} never evicted");
+        };
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        assert!(!t.insert(1, 1, t0), "an empty shard evicts nothing");
+        assert!(!t.insert(1, 2, t0), "re-binding a key evicts nothing");
+        assert!(evict(&t, 1, t0), "a live entry evicted is reported");
+
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        t.insert(1, 1, t0);
+        assert!(
+            !evict(&t, 1, t0 + Duration::from_secs(60)),
+            "an expired entry dropped is no eviction"
+        );
+
+        let t: Table<u32> = Table::new(16, Duration::from_secs(10));
+        t.insert(1, 1, t0);
+        assert!(!t.opened(&1, t0));
+        assert!(
+            evict(&t, 1, t0 + Duration::from_secs(60)),
+            "an entry held by an open connection is live"
+        );
+    }
+
+    #[test]
+    fn admission_is_asked_for_new_keys_only() {
+        let t: Table<u32> = Table::new(64, Duration::from_secs(10));
+        let now = Instant::now();
+        assert_eq!(t.insert_admitted(1, 7, now, || false), Inserted::Refused);
+        assert!(!t.contains(&1), "a refused key is not stored");
+        assert_eq!(t.insert_admitted(1, 7, now, || true), Inserted::Added);
+        assert_eq!(
+            t.insert_admitted(1, 8, now, || panic!("asked for a present key")),
+            Inserted::Refreshed
+        );
+        assert_eq!(t.get(&1, now), Ok(8), "re-bound");
     }
 
     #[test]

@@ -9,6 +9,10 @@ use crate::{
     cookie::SameSite,
 };
 
+/// Default server-side maximum age of a session cookie (24 h), and its bound (a year).
+const DEFAULT_SESSION_MAX_AGE_S: u32 = 86_400;
+const MAX_SESSION_MAX_AGE_S: u32 = 365 * 86_400;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
@@ -20,6 +24,7 @@ profile_fields! {
     pub struct Raw {
         cookie_name: String,
         max_lifetime_min: u32,
+        session_max_age_s: u32,
         always_send: bool,
         add_port: bool,
         http_only: bool,
@@ -77,6 +82,19 @@ impl Raw {
                 ));
             }
         };
+        let session_max_age_s = self.session_max_age_s.unwrap_or(DEFAULT_SESSION_MAX_AGE_S);
+        if !(60..=MAX_SESSION_MAX_AGE_S).contains(&session_max_age_s) {
+            return Err(ConfigError::new(
+                at("session_max_age_s"),
+                format!("{session_max_age_s}: must be 60 to {MAX_SESSION_MAX_AGE_S} seconds"),
+            ));
+        }
+        if max_lifetime.is_some() && self.session_max_age_s.is_some() {
+            return Err(ConfigError::new(
+                at("session_max_age_s"),
+                "applies to session cookies only: leave it out with max_lifetime_min",
+            ));
+        }
         let path = self.path.clone().unwrap_or_else(|| "/".into());
         if !path.starts_with('/') || path.chars().any(|c| c.is_ascii_control() || c == ';') {
             return Err(ConfigError::new(
@@ -108,6 +126,7 @@ impl Raw {
         Ok(PersistenceKind::HttpCookie(CookieProfile {
             cookie_name: cookie_name(at, &self.name, self.cookie_name.as_deref(), false)?,
             max_lifetime,
+            session_max_age: std::time::Duration::from_secs(session_max_age_s as u64),
             always_send: self.always_send.unwrap_or(false),
             add_port: self.add_port.unwrap_or(false),
             http_only: self.http_only.unwrap_or(true),

@@ -3,7 +3,8 @@
 //! itself). Each method's fields and their validation live in a file of their own here; its
 //! behaviour lives in `engine::methods`.
 
-/// A profile type's fields: `name` and `select_new_server_when_down`, which every type has,
+/// A profile type's fields: `name`, `select_new_server_when_down`, `table_capacity` and
+/// `max_new_keys_per_source_per_min`, which every type has,
 /// then its own, each optional (`#[serde(default)]`). Unknown fields are refused.
 macro_rules! profile_fields {
     ($(#[$doc:meta])* pub struct $name:ident {
@@ -16,7 +17,18 @@ macro_rules! profile_fields {
             name: String,
             #[serde(default)]
             select_new_server_when_down: Option<crate::config::DownPolicy>,
+            #[serde(default)]
+            table_capacity: Option<u64>,
+            #[serde(default)]
+            max_new_keys_per_source_per_min: Option<u32>,
             $($(#[$fm])* #[serde(default)] $field: Option<$ty>,)*
+        }
+
+        impl $name {
+            /// `table_capacity` and `max_new_keys_per_source_per_min`, as given.
+            pub fn limits(&self) -> (Option<u64>, Option<u32>) {
+                (self.table_capacity, self.max_new_keys_per_source_per_min)
+            }
         }
     };
 }
@@ -70,6 +82,12 @@ pub struct Common<'a> {
     pub down_policy: Option<DownPolicy>,
 }
 
+/// Default entries per table, and the bounds of `table_capacity`.
+pub const DEFAULT_TABLE_CAPACITY: u64 = 1 << 20;
+pub const MAX_TABLE_CAPACITY: u64 = 64 << 20;
+/// Default new keys per client source per minute.
+pub const DEFAULT_NEW_KEYS_PER_SOURCE_PER_MIN: u32 = 1000;
+
 /// The field path of a field of the profile being validated.
 type At<'a> = &'a dyn Fn(&str) -> String;
 
@@ -90,6 +108,26 @@ impl RawProfile {
             RawProfile::Script(p) => p.common(),
             RawProfile::SslSessionId(p) => p.common(),
             RawProfile::TlsTicket(p) => p.common(),
+        }
+    }
+
+    /// `table_capacity` and `max_new_keys_per_source_per_min`, as given.
+    fn limits(&self) -> (Option<u64>, Option<u32>) {
+        match self {
+            RawProfile::ClientIp(p) => p.limits(),
+            RawProfile::HttpCookie(p) => p.limits(),
+            RawProfile::AppCookie(p) => p.limits(),
+            RawProfile::AllCookies(p) | RawProfile::UrlHash(p) | RawProfile::HostHeader(p) => {
+                p.limits()
+            }
+            RawProfile::SuperHttp(p) => p.limits(),
+            RawProfile::QueryItem(p) | RawProfile::Header(p) => p.limits(),
+            RawProfile::ConsistentHash(p) => p.limits(),
+            RawProfile::CustomHeader(p) => p.limits(),
+            RawProfile::SipHeader(p) => p.limits(),
+            RawProfile::Script(p) => p.limits(),
+            RawProfile::SslSessionId(p) => p.limits(),
+            RawProfile::TlsTicket(p) => p.limits(),
         }
     }
 
@@ -164,6 +202,15 @@ pub fn validate(
                 format!("{timeout_s}: must be 0 (no persistence) to {MAX_TIMEOUT_S}"),
             ));
         }
+        let (table_capacity, max_new_keys) = p.limits();
+        let table_capacity = table_capacity.unwrap_or(DEFAULT_TABLE_CAPACITY);
+        if !(1..=MAX_TABLE_CAPACITY).contains(&table_capacity) {
+            return Err(ConfigError::new(
+                at("table_capacity"),
+                format!("{table_capacity}: must be 1 to {MAX_TABLE_CAPACITY} entries"),
+            ));
+        }
+        let table_capacity = table_capacity as usize;
         profiles.push(PersistenceProfile {
             name: c.name.to_string(),
             kind,
@@ -171,6 +218,9 @@ pub fn validate(
             ipv4_prefix: prefix(&at("ipv4_prefix"), c.ipv4_prefix, 32)?,
             ipv6_prefix: prefix(&at("ipv6_prefix"), c.ipv6_prefix, 128)?,
             down_policy: c.down_policy.unwrap_or(DownPolicy::Immediate),
+            table_capacity,
+            max_new_keys_per_source_per_min: max_new_keys
+                .unwrap_or(DEFAULT_NEW_KEYS_PER_SOURCE_PER_MIN),
         });
     }
     Ok((profiles, index))

@@ -27,6 +27,10 @@ pub struct Raw {
     #[serde(default)]
     select_new_server_when_down: Option<DownPolicy>,
     #[serde(default)]
+    table_capacity: Option<u64>,
+    #[serde(default)]
+    max_new_keys_per_source_per_min: Option<u32>,
+    #[serde(default)]
     fallback: Option<RawFallback>,
     /// Lua instructions per call (default 1 000 000).
     #[serde(default)]
@@ -37,6 +41,11 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// `table_capacity` and `max_new_keys_per_source_per_min`, as given.
+    pub fn limits(&self) -> (Option<u64>, Option<u32>) {
+        (self.table_capacity, self.max_new_keys_per_source_per_min)
+    }
+
     pub fn common(&self) -> Common<'_> {
         Common {
             name: &self.name,

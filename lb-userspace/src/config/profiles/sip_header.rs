@@ -13,12 +13,21 @@ pub struct Raw {
     timeout_s: Option<u32>,
     #[serde(default)]
     select_new_server_when_down: Option<DownPolicy>,
+    #[serde(default)]
+    table_capacity: Option<u64>,
+    #[serde(default)]
+    max_new_keys_per_source_per_min: Option<u32>,
     /// The SIP header field (full or compact name); default `Call-ID`.
     #[serde(default)]
     header: Option<String>,
 }
 
 impl Raw {
+    /// `table_capacity` and `max_new_keys_per_source_per_min`, as given.
+    pub fn limits(&self) -> (Option<u64>, Option<u32>) {
+        (self.table_capacity, self.max_new_keys_per_source_per_min)
+    }
+
     pub fn common(&self) -> Common<'_> {
         Common {
             name: &self.name,

@@ -197,3 +197,64 @@ fn serde_variant_errors_are_worded_like_the_others() {
     );
     assert_eq!(reword("invalid type: string"), "invalid type: string");
 }
+
+#[test]
+fn table_limits_have_defaults_and_bounds() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"url-hash"}"#)).expect("valid");
+    assert_eq!(c.profiles[2].table_capacity, 1 << 20);
+    assert_eq!(c.profiles[2].max_new_keys_per_source_per_min, 1000);
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"sip-header","table_capacity":5000,"max_new_keys_per_source_per_min":0}"#,
+    ))
+    .expect("valid");
+    assert_eq!(c.profiles[2].table_capacity, 5000);
+    assert_eq!(c.profiles[2].max_new_keys_per_source_per_min, 0);
+    for (value, reason) in [
+        ("0", "0: must be 1 to 67108864 entries"),
+        ("67108865", "67108865: must be 1 to 67108864 entries"),
+    ] {
+        let e = err(&with_profile(&format!(
+            r#"{{"name":"anon","type":"client-ip","table_capacity":{value}}}"#
+        )));
+        assert_eq!(e.path, "persistence_profiles[2].table_capacity", "{e}");
+        assert_eq!(e.reason, reason);
+    }
+    let e = err(&with_profile(
+        r#"{"name":"anon","type":"app-cookie","cookie_name":"S","max_new_keys_per_source_per_min":-1}"#,
+    ));
+    assert_eq!(
+        e.path, "persistence_profiles[2].max_new_keys_per_source_per_min",
+        "{e}"
+    );
+}
+
+#[test]
+fn session_max_age_has_a_default_bounds_and_applies_to_session_cookies_only() {
+    let with_profile = |p: &str| l7_with(r#"{"name":"anon","type":"http-cookie"}"#, p);
+    let age = |c: &Config| match &c.profiles[2].kind {
+        PersistenceKind::HttpCookie(p) => p.session_max_age.as_secs(),
+        k => panic!("not a cookie profile: {k:?}"),
+    };
+    let c = Config::parse(&with_profile(r#"{"name":"anon","type":"http-cookie"}"#)).expect("valid");
+    assert_eq!(age(&c), 86_400, "24 h by default");
+    let c = Config::parse(&with_profile(
+        r#"{"name":"anon","type":"http-cookie","session_max_age_s":3600}"#,
+    ))
+    .expect("valid");
+    assert_eq!(age(&c), 3600);
+    for (profile, reason) in [
+        (
+            r#"{"name":"anon","type":"http-cookie","session_max_age_s":59}"#,
+            "59: must be 60 to 31536000 seconds",
+        ),
+        (
+            r#"{"name":"anon","type":"http-cookie","max_lifetime_min":60,"session_max_age_s":3600}"#,
+            "applies to session cookies only: leave it out with max_lifetime_min",
+        ),
+    ] {
+        let e = err(&with_profile(profile));
+        assert_eq!(e.path, "persistence_profiles[2].session_max_age_s", "{e}");
+        assert_eq!(e.reason, reason);
+    }
+}

@@ -349,3 +349,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn every_cookie_of_a_name_is_found_in_order() {
+    let h: [&[u8]; 2] = [b"a=1; SRV=x; b=2", b"SRV=y;SRV = z"];
+    assert_eq!(find_all(h, "SRV").collect::<Vec<_>>(), ["x", "y", "z"]);
+    assert_eq!(find_all(h, "srv").count(), 0, "names are case-sensitive");
+}
+
+#[test]
+fn cache_control_for_a_response_setting_a_cookie() {
+    let cc = |v: &[&str]| private_cache_control(v.iter().copied());
+    assert_eq!(cc(&[]).as_deref(), Some("private"));
+    assert_eq!(cc(&[""]).as_deref(), Some("private"));
+    assert_eq!(
+        cc(&["Public, max-age=60", " must-revalidate "]).as_deref(),
+        Some("private, max-age=60, must-revalidate")
+    );
+    for kept in [
+        "private",
+        "PRIVATE=\"set-cookie\"",
+        "no-store",
+        "max-age=0, No-Cache",
+        "no-cache=\"Set-Cookie\"",
+    ] {
+        assert_eq!(cc(&[kept]), None, "{kept}");
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::header;
 
-use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, TableRef, from_table};
+use super::{Context, Decision, Lookup, Method, Reply, TableRef, from_table, store};
 use crate::{
     config::AppCookieProfile,
     config::Pool,
@@ -24,10 +24,10 @@ pub struct AppCookie {
 }
 
 impl AppCookie {
-    pub fn new(profile: &AppCookieProfile, timeout: Duration) -> Self {
+    pub fn new(profile: &AppCookieProfile, capacity: usize, timeout: Duration) -> Self {
         AppCookie {
             cookie_name: profile.cookie_name.clone(),
-            table: Table::new(TABLE_CAPACITY, timeout),
+            table: Table::new(capacity, timeout),
         }
     }
 
@@ -84,9 +84,10 @@ impl Method for AppCookie {
                 && n.trim() == self.cookie_name
                 && !val.trim().is_empty()
             {
-                self.table
-                    .insert(digest(val.trim().as_bytes()), d.identity, cx.now);
-                RouterStats::bump(&cx.stats.cookies_learned);
+                let key = digest(val.trim().as_bytes());
+                if store(&self.table, key, d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.cookies_learned);
+                }
             }
         }
     }

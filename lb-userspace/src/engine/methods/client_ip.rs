@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, time::Duration, time::Instant};
 
-use super::{Context, Lookup, Method, TABLE_CAPACITY, TableRef, from_table, masks};
+use super::{Context, Lookup, Method, TableRef, from_table, masks, store};
 use crate::{
     balancer::masked_addr,
     config::PersistenceProfile,
@@ -21,10 +21,10 @@ pub struct ClientIp {
 }
 
 impl ClientIp {
-    pub fn new(profile: &PersistenceProfile, timeout: Duration) -> Self {
+    pub fn new(profile: &PersistenceProfile, capacity: usize, timeout: Duration) -> Self {
         let (v4_mask, v6_mask) = masks(profile.ipv4_prefix, profile.ipv6_prefix);
         ClientIp {
-            table: Table::new(TABLE_CAPACITY, timeout),
+            table: Table::new(capacity, timeout),
             ipv4_prefix: profile.ipv4_prefix,
             ipv6_prefix: profile.ipv6_prefix,
             v4_mask,
@@ -50,8 +50,8 @@ impl Method for ClientIp {
     }
 
     fn record(&self, input: &Input<'_>, _: &Lookup, identity: u32, cx: &Context<'_>) {
-        self.table
-            .insert(self.key(input.client().ip()), identity, cx.now);
+        let ip = input.client().ip();
+        store(&self.table, self.key(ip), identity, ip, cx);
     }
 
     fn tables(&self) -> Vec<TableRef<'_>> {

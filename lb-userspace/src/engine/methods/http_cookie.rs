@@ -58,6 +58,29 @@ impl HttpCookie {
     }
 }
 
+impl HttpCookie {
+    /// The backend identity a cookie value names, if it opens, has not expired (by its own
+    /// lifetime, or a session cookie by `session_max_age`) and is this pool's.
+    fn open(&self, v: &str, cx: &Context<'_>, now: u64) -> Result<u32, Reject> {
+        let p = cookie::decode(
+            &self.keys.load(),
+            &self.profile.cookie_name,
+            cx.service,
+            v,
+            now,
+        )?;
+        if p.pool != cx.pool_id {
+            return Err(Reject::ForeignService);
+        }
+        if self.profile.max_lifetime.is_none()
+            && now.saturating_sub(p.issued_at) >= self.profile.session_max_age.as_secs()
+        {
+            return Err(Reject::Expired);
+        }
+        Ok(p.backend)
+    }
+}
+
 impl Method for HttpCookie {
     fn kind(&self) -> &'static str {
         "http-cookie"
@@ -65,21 +88,44 @@ impl Method for HttpCookie {
 
     fn lookup(&self, input: &mut Input<'_>, _: &Pool, cx: &Context<'_>) -> Lookup {
         let name = self.profile.cookie_name.as_str();
+        let now = unix_now();
+        // Several cookies may carry the name (another path or a sibling domain set one, or a
+        // client planted one in front): the first that opens, is current and is this pool's
+        // wins. When none does, the first one's reason is counted.
+        let mut first: Option<(String, Reject)> = None;
+        let mut chosen: Option<(String, u32)> = None;
+        for v in input.cookies_named(name) {
+            match self.open(v, cx, now) {
+                Ok(identity) => {
+                    chosen = Some((v.to_owned(), identity));
+                    break;
+                }
+                Err(r) if first.is_none() => first = Some((v.to_owned(), r)),
+                Err(_) => {}
+            }
+        }
         // On a retry the cookie was stripped by the first attempt: use what it saw.
-        let presented = input.cookie(name).map(str::to_owned).or_else(|| {
-            input
+        if chosen.is_none()
+            && first.is_none()
+            && let Some(v) = input
                 .http_request()
                 .and_then(|r| r.extensions.get::<StrippedCookie>())
                 .map(|s| s.0.clone())
-        });
-        let mut binding = None;
-        if let Some(v) = &presented {
-            match cookie::decode(&self.keys.load(), name, cx.service, v, unix_now()) {
-                Ok(p) if p.pool == cx.pool_id => binding = Some(Binding::Identity(p.backend)),
-                Ok(_) => cx.stats.reject(Reject::ForeignService),
-                Err(r) => cx.stats.reject(r),
+        {
+            match self.open(&v, cx, now) {
+                Ok(identity) => chosen = Some((v, identity)),
+                Err(r) => first = Some((v, r)),
             }
         }
+        let binding = chosen.as_ref().map(|(_, id)| Binding::Identity(*id));
+        let presented = match (chosen, first) {
+            (Some((v, _)), _) => Some(v),
+            (None, Some((v, r))) => {
+                cx.stats.reject(r);
+                Some(v)
+            }
+            (None, None) => None,
+        };
         // The persistence cookie is tether's: the backend never sees it.
         if let Some(req) = input.http_request_mut() {
             let stripped = cookie::strip(
@@ -138,6 +184,18 @@ impl Method for HttpCookie {
         if let Ok(v) = HeaderValue::from_str(&sc.render()) {
             head.headers.append(header::SET_COOKIE, v);
             RouterStats::bump(&cx.stats.cookies_issued);
+            // A shared cache must not keep one client's persistence cookie for others.
+            let existing: Vec<String> = head
+                .headers
+                .get_all(header::CACHE_CONTROL)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            if let Some(cc) = cookie::private_cache_control(existing.iter().map(String::as_str))
+                && let Ok(v) = HeaderValue::from_str(&cc)
+            {
+                head.headers.insert(header::CACHE_CONTROL, v);
+            }
         }
     }
 

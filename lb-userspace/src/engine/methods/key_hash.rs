@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, TableRef, from_table};
+use super::{Context, Key, Lookup, Method, TableRef, from_table, store};
 use crate::{
     config::KeySource,
     config::Pool,
@@ -72,10 +72,10 @@ pub fn key_of(source: &KeySource, input: &Input<'_>) -> Option<Vec<u8>> {
 }
 
 impl KeyHash {
-    pub fn new(source: &KeySource, sticky: bool, timeout: Duration) -> Self {
+    pub fn new(source: &KeySource, sticky: bool, capacity: usize, timeout: Duration) -> Self {
         KeyHash {
             source: source.clone(),
-            table: sticky.then(|| Table::new(TABLE_CAPACITY, timeout)),
+            table: sticky.then(|| Table::new(capacity, timeout)),
         }
     }
 }
@@ -131,9 +131,9 @@ impl Method for KeyHash {
         self.table.iter().map(TableRef::Keys).collect()
     }
 
-    fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
+    fn record(&self, input: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
         if let (Some(t), Key::Hash(k)) = (&self.table, &lookup.key) {
-            t.insert(digest(k), identity, cx.now);
+            store(t, digest(k), identity, input.client().ip(), cx);
         }
     }
 }

@@ -24,15 +24,16 @@ use std::{net::IpAddr, path::Path, time::Instant};
 use crate::{
     config::{PersistenceKind, PersistenceProfile, Pool},
     cookie::KeyError,
-    engine::{input::Input, table::Table},
+    engine::{
+        input::Input,
+        quota::SourceQuota,
+        table::{Inserted, Table},
+    },
     state::RouterStats,
 };
 
 pub use app_cookie::session_value;
 pub use http_cookie::StrippedCookie;
-
-/// Capacity of each userspace table (entries); least recently used go first.
-pub const TABLE_CAPACITY: usize = 1 << 20;
 
 /// What a method may read while deciding.
 pub struct Context<'a> {
@@ -42,6 +43,8 @@ pub struct Context<'a> {
     pub pool_id: u32,
     pub stats: &'a RouterStats,
     pub now: Instant,
+    /// The service's per-source quota of new table entries.
+    pub quota: &'a SourceQuota,
 }
 
 /// A backend named by a method.
@@ -82,6 +85,8 @@ pub struct Decision {
     pub index: usize,
     /// The method's own binding was honoured (not the fallback, not a new or moved client).
     pub by_method: bool,
+    /// The client's address (for the new-key quota of what a reply teaches).
+    pub client: IpAddr,
 }
 
 /// The head going back to the client, for methods that add to it or learn from it.
@@ -192,24 +197,25 @@ pub fn build(
     state_dir: &Path,
 ) -> Result<Box<dyn Method>, KeyError> {
     let timeout = std::time::Duration::from_secs(profile.timeout_s as u64);
+    let cap = profile.table_capacity;
     Ok(match &profile.kind {
-        PersistenceKind::ClientIp => Box::new(client_ip::ClientIp::new(profile, timeout)),
+        PersistenceKind::ClientIp => Box::new(client_ip::ClientIp::new(profile, cap, timeout)),
         PersistenceKind::HttpCookie(c) => {
             Box::new(http_cookie::HttpCookie::new(service, c, state_dir)?)
         }
-        PersistenceKind::AppCookie(a) => Box::new(app_cookie::AppCookie::new(a, timeout)),
+        PersistenceKind::AppCookie(a) => Box::new(app_cookie::AppCookie::new(a, cap, timeout)),
         PersistenceKind::KeyHash { key, sticky, .. } => {
-            Box::new(key_hash::KeyHash::new(key, *sticky, timeout))
+            Box::new(key_hash::KeyHash::new(key, *sticky, cap, timeout))
         }
         PersistenceKind::CustomHeader { header } => {
             Box::new(custom_header::CustomHeader::new(header))
         }
         PersistenceKind::SipHeader { header } => {
-            Box::new(sip_header::SipHeader::new(header, timeout))
+            Box::new(sip_header::SipHeader::new(header, cap, timeout))
         }
-        PersistenceKind::Script(s) => Box::new(script::Script::new(s, timeout)),
+        PersistenceKind::Script(s) => Box::new(script::Script::new(s, cap, timeout)),
         PersistenceKind::SslSessionId { .. } => {
-            Box::new(ssl_session_id::SslSessionId::new(timeout))
+            Box::new(ssl_session_id::SslSessionId::new(cap, timeout))
         }
         PersistenceKind::TlsTicket { keys } => Box::new(tls_ticket::TlsTicket::new(
             service,
@@ -226,6 +232,27 @@ pub fn masks(v4: u8, v6: u8) -> ([u8; 4], [u8; 16]) {
         lb_common::prefix_mask::<4>(v4),
         lb_common::prefix_mask::<16>(v6),
     )
+}
+
+/// Bind `k` in `table` for `client`'s request: a key already there is refreshed; a new one
+/// is stored only within the client's new-key quota (else counted and not stored), and a live
+/// entry evicted to make room is counted. `false` when nothing was stored.
+pub fn store<K: std::hash::Hash + Eq + Clone>(
+    table: &Table<K>,
+    k: K,
+    identity: u32,
+    client: IpAddr,
+    cx: &Context<'_>,
+) -> bool {
+    match table.insert_admitted(k, identity, cx.now, || cx.quota.allow(client, cx.now)) {
+        Inserted::Refused => {
+            RouterStats::bump(&cx.stats.keys_refused);
+            return false;
+        }
+        Inserted::Evicted => RouterStats::bump(&cx.stats.table_evictions),
+        Inserted::Added | Inserted::Refreshed => {}
+    }
+    true
 }
 
 /// A table's binding for `k`; an expired entry is counted and is no binding.

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::{Binding, Context, Key, Lookup, Method, TABLE_CAPACITY, from_table};
+use super::{Binding, Context, Key, Lookup, Method, from_table, store};
 use crate::{
     config::{Pool, ScriptProfile},
     cookie,
@@ -32,10 +32,10 @@ fn states() -> usize {
 }
 
 impl Script {
-    pub fn new(s: &ScriptProfile, timeout: Duration) -> Self {
+    pub fn new(s: &ScriptProfile, capacity: usize, timeout: Duration) -> Self {
         Script {
             pool: ScriptPool::new(&s.file.display().to_string(), &s.source, s.limits, states()),
-            table: Table::new(TABLE_CAPACITY, timeout),
+            table: Table::new(capacity, timeout),
         }
     }
 }
@@ -105,9 +105,9 @@ impl Method for Script {
         }
     }
 
-    fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
+    fn record(&self, input: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
         if let Key::Hash(k) = &lookup.key {
-            self.table.insert(digest(k), identity, cx.now);
+            store(&self.table, digest(k), identity, input.client().ip(), cx);
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use super::{Context, Key, Lookup, Method, TABLE_CAPACITY, from_table};
+use super::{Context, Key, Lookup, Method, from_table, store};
 use crate::{
     config::Pool,
     engine::{
@@ -23,10 +23,10 @@ pub struct SipHeader {
 }
 
 impl SipHeader {
-    pub fn new(header: &str, timeout: Duration) -> Self {
+    pub fn new(header: &str, capacity: usize, timeout: Duration) -> Self {
         SipHeader {
             header: header.to_string(),
-            table: Table::new(TABLE_CAPACITY, timeout),
+            table: Table::new(capacity, timeout),
         }
     }
 
@@ -65,9 +65,9 @@ impl Method for SipHeader {
         }
     }
 
-    fn record(&self, _: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
+    fn record(&self, input: &Input<'_>, lookup: &Lookup, identity: u32, cx: &Context<'_>) {
         if let Key::Hash(k) = &lookup.key {
-            self.table.insert(digest(k), identity, cx.now);
+            store(&self.table, digest(k), identity, input.client().ip(), cx);
         }
     }
 }

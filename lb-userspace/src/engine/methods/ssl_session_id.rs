@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::{Context, Decision, Lookup, Method, Reply, TABLE_CAPACITY, TableRef, from_table};
+use super::{Context, Decision, Lookup, Method, Reply, TableRef, from_table, store};
 use crate::{
     config::Pool,
     engine::{
@@ -37,9 +37,9 @@ fn ticket_key(ticket: &[u8]) -> u128 {
 }
 
 impl SslSessionId {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(capacity: usize, timeout: Duration) -> Self {
         SslSessionId {
-            table: Table::new(TABLE_CAPACITY, timeout),
+            table: Table::new(capacity, timeout),
         }
     }
 }
@@ -78,14 +78,16 @@ impl Method for SslSessionId {
         match event {
             ServerEvent::Hello(h) if h.is_tls13() => RouterStats::bump(&cx.stats.tls13_unpersisted),
             ServerEvent::Hello(h) if !h.session_id.is_empty() => {
-                self.table
-                    .insert(session_key(&h.session_id), d.identity, cx.now);
-                RouterStats::bump(&cx.stats.tls_sessions_learned);
+                let key = session_key(&h.session_id);
+                if store(&self.table, key, d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.tls_sessions_learned);
+                }
             }
             ServerEvent::Hello(_) => {}
             ServerEvent::Ticket(t) => {
-                self.table.insert(ticket_key(t), d.identity, cx.now);
-                RouterStats::bump(&cx.stats.tls_sessions_learned);
+                if store(&self.table, ticket_key(t), d.identity, d.client, cx) {
+                    RouterStats::bump(&cx.stats.tls_sessions_learned);
+                }
             }
         }
     }

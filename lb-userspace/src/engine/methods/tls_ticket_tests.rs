@@ -32,12 +32,16 @@ fn pool() -> Pool {
     }
 }
 
+static NO_QUOTA: std::sync::LazyLock<crate::engine::quota::SourceQuota> =
+    std::sync::LazyLock::new(|| crate::engine::quota::SourceQuota::new(0));
+
 fn context(stats: &RouterStats, pool_id: u32) -> Context<'_> {
     Context {
         service: "tls",
         pool_id,
         stats,
         now: Instant::now(),
+        quota: &NO_QUOTA,
     }
 }
 

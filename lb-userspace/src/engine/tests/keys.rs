@@ -270,17 +270,18 @@ fn removing_one_of_ten_moves_about_a_tenth_and_nothing_bound_elsewhere() {
         let cfg = key_config(10, profile);
         let snap = shared(&cfg, &[BackendState::Up; 10]);
         let r = router(&cfg, &snap, 0);
-        let c = conn("192.0.2.1");
+        // Many clients (each within its new-key quota), a few keys each.
+        let c = |k: usize| conn(&format!("198.51.100.{}", k % 200));
         let keys = 2000;
         let before: Vec<SocketAddr> = (0..keys)
-            .map(|k| pick(&r, &c, &format!("/k/{k}"), &[]))
+            .map(|k| pick(&r, &c(k), &format!("/k/{k}"), &[]))
             .collect();
         let victim: SocketAddr = "10.0.1.4:8080".parse().unwrap();
         let mut st = [BackendState::Up; 10];
         st[3] = BackendState::Down;
         set_states(&snap, &st);
         let after: Vec<SocketAddr> = (0..keys)
-            .map(|k| pick(&r, &c, &format!("/k/{k}"), &[]))
+            .map(|k| pick(&r, &c(k), &format!("/k/{k}"), &[]))
             .collect();
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
         let on_victim = before.iter().filter(|b| **b == victim).count();
@@ -374,4 +375,107 @@ fn custom_header_maps_to_the_backend_with_that_value() {
         4,
         "a huge unmatched value is balanced normally"
     );
+}
+
+/// Client A binds a key, then client B sends `flood` fresh URLs; whether A's next request is
+/// still honoured by its binding, and the service's (evictions, refused) counters.
+fn flood_after_binding(profile: &str, flood: usize) -> (bool, u64, u64) {
+    let cfg = key_config(10, profile);
+    let r = router(&cfg, &shared(&cfg, &[BackendState::Up; 10]), 0);
+    let a = conn("192.0.2.1");
+    pick(&r, &a, "/mine", &[]);
+    let b = conn("203.0.113.9");
+    for k in 0..flood {
+        pick(&r, &b, &format!("/flood/{k}"), &[]);
+    }
+    let hits = r.stats.persist_hits.load(Ordering::Relaxed);
+    pick(&r, &a, "/mine", &[]);
+    (
+        r.stats.persist_hits.load(Ordering::Relaxed) == hits + 1,
+        r.stats.table_evictions.load(Ordering::Relaxed),
+        r.stats.keys_refused.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn one_source_flooding_new_keys_cannot_evict_another_clients_binding() {
+    // No quota and a small table: the flood evicts A's binding, and evictions are counted.
+    let (kept, evictions, refused) = flood_after_binding(
+        r#"{"name":"p","type":"url-hash","table_capacity":64,"max_new_keys_per_source_per_min":0}"#,
+        2000,
+    );
+    assert!(!kept, "without a quota the flood evicts A's binding");
+    assert!(evictions > 0, "evictions counted");
+    assert_eq!(refused, 0);
+    // The same table with a quota of 10 new keys a minute: B stores 10, A keeps its binding.
+    let (kept, evictions, refused) = flood_after_binding(
+        r#"{"name":"p","type":"url-hash","table_capacity":1024,"max_new_keys_per_source_per_min":10}"#,
+        2000,
+    );
+    assert!(kept, "A's binding survives the flood");
+    assert_eq!(evictions, 0, "nothing evicted");
+    assert_eq!(refused, 1990, "every key beyond the quota refused");
+    // The default quota (1000) applies with no field given.
+    let (kept, _, refused) =
+        flood_after_binding(r#"{"name":"p","type":"url-hash","timeout_s":60}"#, 1500);
+    assert!(kept);
+    assert_eq!(refused, 500);
+}
+
+#[test]
+fn keys_refused_by_the_quota_are_still_balanced_by_maglev() {
+    // Two engines, one with a quota of one new key a minute: its refused keys land where
+    // Maglev puts them, as the unlimited engine's new keys do.
+    let limited = key_config(
+        10,
+        r#"{"name":"p","type":"url-hash","max_new_keys_per_source_per_min":1}"#,
+    );
+    let open = key_config(
+        10,
+        r#"{"name":"p","type":"url-hash","max_new_keys_per_source_per_min":0}"#,
+    );
+    let a = router(&limited, &shared(&limited, &[BackendState::Up; 10]), 0);
+    let b = router(&open, &shared(&open, &[BackendState::Up; 10]), 0);
+    let c = conn("192.0.2.1");
+    for k in 0..200 {
+        let uri = format!("/k/{k}");
+        assert_eq!(pick(&a, &c, &uri, &[]), pick(&b, &c, &uri, &[]), "{uri}");
+    }
+    assert_eq!(a.stats.keys_refused.load(Ordering::Relaxed), 199);
+    assert_eq!(b.stats.keys_refused.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn the_fallback_table_takes_the_profile_capacity_and_quota() {
+    // IPv6 sources of one /64 are one client for the quota: the fallback stores 3 of them.
+    let cfg = key_config(
+        4,
+        r#"{"name":"p","type":"query-item","item":"sid","max_new_keys_per_source_per_min":3,"fallback":{"type":"client-ip"}}"#,
+    );
+    let r = router(&cfg, &shared(&cfg, &[BackendState::Up; 4]), 0);
+    for i in 0..10 {
+        pick(&r, &conn(&format!("2001:db8:0:1::{i:x}")), "/", &[]);
+    }
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 7);
+}
+
+#[test]
+fn client_ip_bindings_of_one_ipv6_64_are_one_source_for_the_quota() {
+    let cfg = key_config(
+        3,
+        r#"{"name":"p","type":"client-ip","max_new_keys_per_source_per_min":4}"#,
+    );
+    let r = router(&cfg, &shared(&cfg, &[BackendState::Up; 3]), 0);
+    for i in 1..=50 {
+        pick(&r, &conn(&format!("2001:db8:7:7::{i:x}")), "/", &[]);
+    }
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 46);
+    // The four stored ones keep their backends; another /64 is not held back.
+    let hits = r.stats.persist_hits.load(Ordering::Relaxed);
+    for i in 1..=4 {
+        pick(&r, &conn(&format!("2001:db8:7:7::{i:x}")), "/", &[]);
+    }
+    assert_eq!(r.stats.persist_hits.load(Ordering::Relaxed), hits + 4);
+    pick(&r, &conn("2001:db8:7:8::1"), "/", &[]);
+    assert_eq!(r.stats.keys_refused.load(Ordering::Relaxed), 46);
 }
