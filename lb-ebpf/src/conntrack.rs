@@ -14,8 +14,7 @@ use crate::{
     Verdict,
     maps::{TETHER_BACKENDS, TETHER_FLOWS},
     parse::{Aligned, Flow, addr_bytes, store_addr},
-    persist::{Choice, usable},
-    select,
+    select::{self, Choice, usable},
     stats::Event,
 };
 

@@ -9,25 +9,17 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP, Backend, DOWN_POLICY_NEVER, PERSIST_REFRESH_NS,
-    PersistKey, PersistValue, RATE_WINDOW_NS, Service, TrafficCounters, elapsed_ns,
-    event as events, hash::client_hash, identity_matches,
+    PERSIST_REFRESH_NS, PersistKey, PersistValue, RATE_WINDOW_NS, Service, TrafficCounters,
+    elapsed_ns, event as events, hash::client_hash, identity_matches,
 };
 
 use crate::{
     Verdict, conntrack,
     maps::{TETHER_BACKENDS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
     parse::{Addr, Aligned, Flow, Kind, store_addr},
-    select,
+    select::{self, Choice, usable},
     stats::{self, Event},
 };
-
-/// The backend a packet goes to, and what happened to the client's binding.
-pub struct Choice {
-    pub id: u32,
-    pub backend: &'static Backend,
-    pub event: Event,
-}
 
 /// Client address masked to the service's prefix (for IPv4 only the last word of the mapped
 /// form; the `::ffff` prefix stays).
@@ -44,15 +36,6 @@ fn masked_source(svc: &Service, flow: &Flow) -> Addr {
         a[3] &= u32::from_ne_bytes(svc.v4_mask_be);
     }
     a
-}
-
-/// Whether a client (or flow) bound to `be` keeps going there.
-#[inline(always)]
-pub fn usable(svc: &Service, be: &Backend) -> bool {
-    let st = be.state;
-    st == BACKEND_UP
-        || st == BACKEND_DRAINING
-        || (st != BACKEND_UNUSED && svc.down_policy == DOWN_POLICY_NEVER)
 }
 
 /// Choose the backend for `flow` on `svc`.

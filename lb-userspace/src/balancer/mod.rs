@@ -175,6 +175,20 @@ pub fn service_keys(cfg: &Config) -> Vec<ServiceKey> {
         .collect()
 }
 
+/// Possible CPUs: `BPF_F_NO_COMMON_LRU` gives each one an equal share of the persistence
+/// table (a CPU that fills its share evicts from it even while others have room).
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32)
+}
+
+/// New bindings each CPU may make per second. Unset: a 64th of the CPU's share of the table,
+/// so a flood of new sources needs over a minute to turn the table over while bound clients
+/// (whose lookups keep them recent in the LRU) stay; an unbound client is still sent where
+/// its binding would have sent it (Maglev), so the cap costs legitimate clients little.
+pub fn new_binding_cap(configured: Option<u32>, table_entries: u32, cpus: u32) -> u32 {
+    configured.unwrap_or_else(|| (table_entries / cpus.max(1) / 64).max(1000))
+}
+
 /// Build the plan. `states[p][b]` is each backend's effective state: it is written to the
 /// kernel, and only `Up` backends enter the Maglev tables (with their weights).
 /// `l2(pool, backend)` gives each backend's link-layer facts.
@@ -260,10 +274,10 @@ pub fn plan<E>(
         services,
         tx_ports,
         globals: lb_common::Globals {
-            new_bindings_per_cpu: crate::dataplane::new_binding_cap(
+            new_bindings_per_cpu: new_binding_cap(
                 cfg.persist_new_bindings_per_cpu_s,
                 cfg.persist_table_entries,
-                crate::dataplane::possible_cpus(),
+                possible_cpus(),
             ),
             _pad: 0,
         },

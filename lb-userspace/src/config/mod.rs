@@ -6,6 +6,7 @@
 //! persistence profile.
 
 mod admin;
+mod names;
 mod profiles;
 mod raw;
 mod trusted;

@@ -14,7 +14,9 @@ use super::{
     DEFAULT_DRAIN_TIMEOUT_MS, HealthCheckKind, HealthMonitor, L7Limits, L7Options,
     MAX_DRAIN_TIMEOUT_MS, MAX_NEW_BINDINGS_PER_CPU_S, MAX_PERSIST_ENTRIES, MAX_WEIGHT, MethodInput,
     PersistenceProfile, Pool, Protocol, ServiceMode, StatusMatch, TlsFiles, VirtualService,
-    XdpMode, profiles,
+    XdpMode,
+    names::check_name,
+    profiles,
     raw::{MonitorType, RawConfig, RawHealthMonitor, RawMode, RawPool, RawService},
 };
 
@@ -34,23 +36,6 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(p, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
-}
-
-pub(super) fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() {
-        return Err(ConfigError::new(path, "must not be empty"));
-    }
-    if name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(ConfigError::new(
-            path,
-            format!("{name:?}: use 1-64 characters of A-Z a-z 0-9 - _ ."),
-        ));
-    }
-    Ok(())
 }
 
 /// The whole config, section by section; nothing is returned until all of it is valid.

@@ -84,19 +84,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-/// Possible CPUs: `BPF_F_NO_COMMON_LRU` gives each one an equal share of the persistence
-/// table (a CPU that fills its share evicts from it even while others have room).
-pub fn possible_cpus() -> u32 {
-    aya::util::nr_cpus().map_or(1, |n| n.max(1) as u32)
-}
-
-/// New bindings each CPU may make per second. Unset: a 64th of the CPU's share of the table,
-/// so a flood of new sources needs over a minute to turn the table over while bound clients
-/// (whose lookups keep them recent in the LRU) stay; an unbound client is still sent where
-/// its binding would have sent it (Maglev), so the cap costs legitimate clients little.
-pub fn new_binding_cap(configured: Option<u32>, table_entries: u32, cpus: u32) -> u32 {
-    configured.unwrap_or_else(|| (table_entries / cpus.max(1) / 64).max(1000))
-}
+pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence table).

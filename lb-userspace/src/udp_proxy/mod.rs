@@ -45,46 +45,7 @@ pub struct UdpConfig {
     pub idle_timeout: Duration,
 }
 
-/// Counters of one UDP service.
-#[derive(Debug, Default)]
-pub struct UdpStats {
-    /// Datagrams received from clients.
-    pub received: AtomicU64,
-    /// Datagrams sent to a backend.
-    pub forwarded: AtomicU64,
-    /// Datagrams from backends sent on to their client.
-    pub replies: AtomicU64,
-    /// Not a SIP message (or a malformed one): dropped.
-    pub dropped_malformed: AtomicU64,
-    /// No backend could take it (or, policy `never`, its backend is down): dropped.
-    pub dropped_no_backend: AtomicU64,
-    /// A new client over `max_flows`: dropped.
-    pub dropped_flow_limit: AtomicU64,
-    /// A datagram to a flow's socket from an address the flow never sent to: dropped.
-    pub dropped_foreign: AtomicU64,
-    /// A send failed (to a backend or to a client).
-    pub send_errors: AtomicU64,
-    pub flows_opened: AtomicU64,
-    pub flows_closed: AtomicU64,
-}
-
-impl UdpStats {
-    /// (name, counter) for listings.
-    pub fn fields(&self) -> [(&'static str, &AtomicU64); 10] {
-        [
-            ("received", &self.received),
-            ("forwarded", &self.forwarded),
-            ("replies", &self.replies),
-            ("dropped_malformed", &self.dropped_malformed),
-            ("dropped_no_backend", &self.dropped_no_backend),
-            ("dropped_flow_limit", &self.dropped_flow_limit),
-            ("dropped_foreign", &self.dropped_foreign),
-            ("send_errors", &self.send_errors),
-            ("flows_opened", &self.flows_opened),
-            ("flows_closed", &self.flows_closed),
-        ]
-    }
-}
+pub use crate::state::UdpStats;
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);

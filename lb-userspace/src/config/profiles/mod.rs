@@ -49,7 +49,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 
 use super::{
     ClientIpFallback, ConfigError, DownPolicy, KeySource, MAX_TIMEOUT_S, PersistenceKind,
-    PersistenceProfile, validate::check_name,
+    PersistenceProfile, names::check_name,
 };
 
 /// One entry of `persistence_profiles`.
