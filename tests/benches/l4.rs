@@ -193,7 +193,7 @@ fn client(i: usize) -> Ipv4Addr {
 
 fn config(pin_dir: &Path, entries: u32) -> Config {
     Config::parse(&format!(
-        r#"{{"interface":"tba","pin_dir":"{}","persist_table_entries":{entries},"new_bindings_per_cpu_s":0,
+        r#"{{"interface":"tba","pin_dir":"{}","persist_table_entries":{entries},"persist_new_bindings_per_cpu_s":0,
         "virtual_services":[{{"name":"bench","vip":"{VIP}","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"p","persistence":"ip"}}],
         "pools":[{{"name":"p","backends":[
             {{"name":"b1","address":"10.99.0.11","mac":"02:be:00:00:00:0b"}},
