@@ -59,13 +59,7 @@ fn same_site<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<SameSite>>
 
 impl Raw {
     pub fn common(&self) -> Common<'_> {
-        Common {
-            name: &self.name,
-            timeout_s: None,
-            ipv4_prefix: None,
-            ipv6_prefix: None,
-            down_policy: self.select_new_server_when_down,
-        }
+        Common::unprefixed(&self.name, None, self.select_new_server_when_down)
     }
 
     pub fn kind(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {

@@ -2,7 +2,7 @@
 //! `host-header`, `query-item`, `header`) and Avi's `consistent-hash` (the hash alone).
 
 use super::{At, Common, RawFallback, fallback};
-use crate::config::{ConfigError, DownPolicy, KeySource, PersistenceKind};
+use crate::config::{ConfigError, KeySource, PersistenceKind};
 
 profile_fields! {
     /// `all-cookies`, `url-hash`, `host-header`: the key needs no setting.
@@ -36,21 +36,6 @@ profile_fields! {
     pub struct Consistent {
         timeout_s: u32,
         hash_key: String,
-    }
-}
-
-/// The common fields of every key-hash profile.
-fn common<'a>(
-    name: &'a str,
-    timeout_s: Option<u32>,
-    down_policy: Option<DownPolicy>,
-) -> Common<'a> {
-    Common {
-        name,
-        timeout_s,
-        ipv4_prefix: None,
-        ipv6_prefix: None,
-        down_policy,
     }
 }
 
@@ -89,7 +74,7 @@ fn item_name(at: At<'_>, item: Option<&str>, what: &str) -> Result<String, Confi
 
 impl Sticky {
     pub fn common(&self) -> Common<'_> {
-        common(&self.name, self.timeout_s, self.select_new_server_when_down)
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     /// `key` is the type's: all cookies, URL or Host.
@@ -100,7 +85,7 @@ impl Sticky {
 
 impl SuperHttp {
     pub fn common(&self) -> Common<'_> {
-        common(&self.name, self.timeout_s, self.select_new_server_when_down)
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     pub fn kind(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {
@@ -113,7 +98,7 @@ impl SuperHttp {
 
 impl Item {
     pub fn common(&self) -> Common<'_> {
-        common(&self.name, self.timeout_s, self.select_new_server_when_down)
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     pub fn query(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {
@@ -139,7 +124,7 @@ impl Item {
 
 impl Consistent {
     pub fn common(&self) -> Common<'_> {
-        common(&self.name, self.timeout_s, self.select_new_server_when_down)
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     pub fn kind(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {

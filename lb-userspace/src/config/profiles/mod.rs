@@ -82,6 +82,23 @@ pub struct Common<'a> {
     pub down_policy: Option<DownPolicy>,
 }
 
+impl<'a> Common<'a> {
+    /// The common fields of a profile whose method keeps no address prefixes.
+    pub fn unprefixed(
+        name: &'a str,
+        timeout_s: Option<u32>,
+        down_policy: Option<DownPolicy>,
+    ) -> Common<'a> {
+        Common {
+            name,
+            timeout_s,
+            ipv4_prefix: None,
+            ipv6_prefix: None,
+            down_policy,
+        }
+    }
+}
+
 /// Default entries per table, and the bounds of `table_capacity`.
 pub const DEFAULT_TABLE_CAPACITY: u64 = 1 << 20;
 pub const MAX_TABLE_CAPACITY: u64 = 64 << 20;

@@ -4,56 +4,31 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
-
 use super::{At, Common, RawFallback, fallback};
 use crate::{
-    config::{ConfigError, DownPolicy, PersistenceKind, ScriptProfile},
+    config::{ConfigError, PersistenceKind, ScriptProfile},
     script::{self, Limits},
 };
 
 /// Largest script file read.
 const MAX_SCRIPT_BYTES: u64 = 1 << 20;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Raw {
-    name: String,
-    /// Path of the Lua script.
-    #[serde(default)]
-    file: Option<String>,
-    #[serde(default)]
-    timeout_s: Option<u32>,
-    #[serde(default)]
-    select_new_server_when_down: Option<DownPolicy>,
-    #[serde(default)]
-    table_capacity: Option<u64>,
-    #[serde(default)]
-    max_new_keys_per_source_per_min: Option<u32>,
-    #[serde(default)]
-    fallback: Option<RawFallback>,
-    /// Lua instructions per call (default 1 000 000).
-    #[serde(default)]
-    max_instructions: Option<u64>,
-    /// Memory of each Lua state, in KiB (default 8192).
-    #[serde(default)]
-    max_memory_kb: Option<u32>,
+profile_fields! {
+    pub struct Raw {
+        /// Path of the Lua script.
+        file: String,
+        timeout_s: u32,
+        fallback: RawFallback,
+        /// Lua instructions per call (default 1 000 000).
+        max_instructions: u64,
+        /// Memory of each Lua state, in KiB (default 8192).
+        max_memory_kb: u32,
+    }
 }
 
 impl Raw {
-    /// `table_capacity` and `max_new_keys_per_source_per_min`, as given.
-    pub fn limits(&self) -> (Option<u64>, Option<u32>) {
-        (self.table_capacity, self.max_new_keys_per_source_per_min)
-    }
-
     pub fn common(&self) -> Common<'_> {
-        Common {
-            name: &self.name,
-            timeout_s: self.timeout_s,
-            ipv4_prefix: None,
-            ipv6_prefix: None,
-            down_policy: self.select_new_server_when_down,
-        }
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     pub fn kind(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {

@@ -14,13 +14,7 @@ profile_fields! {
 
 impl Raw {
     pub fn common(&self) -> Common<'_> {
-        Common {
-            name: &self.name,
-            timeout_s: self.timeout_s,
-            ipv4_prefix: None,
-            ipv6_prefix: None,
-            down_policy: self.select_new_server_when_down,
-        }
+        Common::unprefixed(&self.name, self.timeout_s, self.select_new_server_when_down)
     }
 
     pub fn kind(&self, at: At<'_>) -> Result<PersistenceKind, ConfigError> {
