@@ -18,13 +18,11 @@ use std::{
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
-    Backend, DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey,
-    FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
-    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
-    PROTO_UDP, PersistKey, PersistValue, RateWindow, SERVICE_F_L7, Service, ServiceKey,
-    TrafficCounters, event,
+    DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS,
+    MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
+    PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP,
+    PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -33,6 +31,7 @@ use tether_tests::packet::{
     TCP_ACK, TCP_SYN,
 };
 
+use tether::dataplane::MAP_LAYOUTS;
 use tether_tests::fixture::*;
 
 // ---------------------------------------------------------------------------------------
@@ -1459,75 +1458,34 @@ fn auxiliary_programs() {
 #[test]
 fn maps_match_the_contract() {
     let fx = Fixture::new();
-    let expect: [(&str, MapType, usize, usize, u32); 13] = [
-        (
-            MAP_SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<Service>(),
-            MAX_SERVICES,
-        ),
-        (
-            MAP_BACKENDS,
-            MapType::Array,
-            4,
-            size_of::<Backend>(),
-            MAX_BACKENDS,
-        ),
-        (MAP_MAGLEV, MapType::Array, 4, 4, MAGLEV_ENTRIES),
-        (
-            MAP_PERSIST,
-            MapType::LruHash,
-            size_of::<PersistKey>(),
-            size_of::<PersistValue>(),
-            PERSIST_ENTRIES,
-        ),
-        // Devmap values are struct bpf_devmap_val (ifindex + program fd/id).
-        (MAP_TX_PORTS, MapType::DevMapHash, 4, 8, MAX_TX_PORTS),
-        (
-            MAP_SERVICE_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<TrafficCounters>(),
-            MAX_SERVICES,
-        ),
-        (
-            MAP_BACKEND_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<TrafficCounters>(),
-            MAX_BACKENDS,
-        ),
-        (MAP_REASONS, MapType::PerCpuArray, 4, 8, reason::SLOTS),
-        (MAP_EVENTS, MapType::PerCpuArray, 4, 8, event::SLOTS),
-        (MAP_GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
-        (
-            MAP_RATE,
-            MapType::PerCpuArray,
-            4,
-            size_of::<RateWindow>(),
-            1,
-        ),
-        (
-            MAP_FRAGS,
-            MapType::LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragValue>(),
-            FRAG_ENTRIES,
-        ),
-        (
-            MAP_FLOWS,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<FlowValue>(),
-            FLOW_DEFAULT_ENTRIES,
-        ),
+    // Sizes and capacities: the daemon's own table (it replaces pins that differ from it),
+    // so this also proves that table matches the object. Types are checked here.
+    let types = [
+        (MAP_SERVICES, MapType::Hash),
+        (MAP_BACKENDS, MapType::Array),
+        (MAP_MAGLEV, MapType::Array),
+        (MAP_PERSIST, MapType::LruHash),
+        (MAP_TX_PORTS, MapType::DevMapHash),
+        (MAP_SERVICE_STATS, MapType::PerCpuArray),
+        (MAP_BACKEND_STATS, MapType::PerCpuArray),
+        (MAP_REASONS, MapType::PerCpuArray),
+        (MAP_EVENTS, MapType::PerCpuArray),
+        (MAP_GLOBALS, MapType::Array),
+        (MAP_RATE, MapType::PerCpuArray),
+        (MAP_FRAGS, MapType::LruHash),
+        (MAP_FLOWS, MapType::LruHash),
     ];
     assert_eq!(
-        expect.iter().map(|e| e.0).collect::<Vec<_>>(),
+        types.iter().map(|e| e.0).collect::<Vec<_>>(),
         ALL_MAPS.to_vec()
     );
-    for (name, ty, k, v, max) in expect {
+    assert_eq!(
+        MAP_LAYOUTS.iter().map(|e| e.0).collect::<Vec<_>>(),
+        ALL_MAPS.to_vec()
+    );
+    for ((name, ty), (_, k, v, max)) in types.into_iter().zip(MAP_LAYOUTS) {
+        // The persistence table's size is set at load: the fixture's.
+        let max = max.unwrap_or(PERSIST_ENTRIES);
         assert!(fx.ebpf.map(name).is_some(), "{name} not in the object");
         let info = MapInfo::from_pin(fx.dir.join(name))
             .unwrap_or_else(|e| panic!("{name} not pinned in {}: {e}", fx.dir.display()));
