@@ -397,7 +397,7 @@ fn profiles_are_validated() {
             SIP_SERVICE,
             r#"{"name":"x","type":"sip-header","item":"a"}"#
         ),
-        "persistence_profiles[0].item: does not apply to a \"sip-header\" profile (unknown field `item`, expected one of `name`, `timeout_s`, `select_new_server_when_down`, `table_capacity`, `max_new_keys_per_source_per_min`, `header`)"
+        "persistence_profiles[0].item: does not apply to a \"sip-header\" profile (unknown field `item`, expected one of `name`, `select_new_server_when_down`, `table_capacity`, `max_new_keys_per_source_per_min`, `timeout_s`, `header`)"
     );
     // Scripts: compiled with the config.
     let bad = script_file("function persist(req)\n  return req.headers[\"x\"\nend\n");
