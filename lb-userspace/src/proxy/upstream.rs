@@ -3,7 +3,7 @@
 //! and one that did.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
@@ -23,8 +23,6 @@ use tokio::{
 
 use super::{Limits, body::ProxyBody};
 
-/// Idle connections kept per backend (the most recently used are reused first).
-const MAX_IDLE_PER_BACKEND: usize = 64;
 /// An idle backend connection older than this is closed rather than reused: backends
 /// commonly close idle keep-alive connections after a few seconds (Apache, Node: 5 s), and
 /// reusing one as it closes costs a failed request. HAProxy's `pool-purge-delay` is 5 s too.
@@ -80,7 +78,10 @@ impl Drop for Checkin {
 }
 
 struct Inner {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Idle connections per backend, oldest first; the most recently used are reused first.
+    /// As many may wait here as the backend has slots (`max_connections_per_backend`): with
+    /// fewer, a burst of concurrent requests would close and reopen connections each time.
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     /// Connection slots per backend (`max_connections_per_backend`): a connection holds its
     /// permit for as long as it is open, idle in the pool or busy.
     slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
@@ -279,7 +280,7 @@ impl Inner {
             && !conns.is_empty()
         {
             // The oldest: the likeliest to be closed by the backend anyway.
-            conns.remove(0);
+            conns.pop_front();
         }
     }
 
@@ -287,7 +288,7 @@ impl Inner {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
         let now = Instant::now();
-        while let Some(c) = conns.pop() {
+        while let Some(c) = conns.pop_back() {
             if c.usable(self.max_age, now) && c.tx.is_ready() {
                 return Some(c.tx);
             }
@@ -302,11 +303,12 @@ impl Inner {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(backend).or_default();
-        conns.retain(|c| c.usable(self.max_age, now));
-        if conns.len() >= MAX_IDLE_PER_BACKEND {
-            conns.remove(0);
+        // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of
+        // the whole list per request.
+        if conns.len() >= self.max_per_backend {
+            conns.pop_front();
         }
-        conns.push(Idle { tx, since: now });
+        conns.push_back(Idle { tx, since: now });
         drop(idle);
         if let Some(s) = self
             .slots
