@@ -24,7 +24,7 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
-    MAP_PERSIST, PROG_DROP, PROG_SWAP_TX, PROG_XDP, PersistKey, PersistValue, v4_mapped,
+    MAP_PERSIST4, PROG_DROP, PROG_SWAP_TX, PROG_XDP, PersistKey4, PersistValue4, mono_seconds,
 };
 use tether::{
     balancer::{self, L2},
@@ -295,19 +295,19 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
         for cpu in 0..cpus {
             s.spawn(move || {
                 pin_cpu(cpu);
-                let md = MapData::from_pin(pin_dir.join(MAP_PERSIST)).expect("persist pin");
-                let mut m: BpfHashMap<MapData, PersistKey, PersistValue> =
+                let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
+                let mut m: BpfHashMap<MapData, PersistKey4, PersistValue4> =
                     BpfHashMap::try_from(aya::maps::Map::LruHashMap(md)).expect("lru map");
                 let now = monotonic_ns();
                 for i in (cpu..n).step_by(cpus) {
-                    let key = PersistKey {
+                    let key = PersistKey4 {
+                        addr_be: client(i).octets(),
                         service: 0,
-                        addr_be: v4_mapped(client(i).octets()),
                     };
-                    let v = PersistValue {
-                        backend: (i % 3) as u32,
-                        backend_identity: 0,
-                        last_seen_ns: now,
+                    let v = PersistValue4 {
+                        backend: (i % 3) as u16,
+                        identity_tag: 0,
+                        last_seen_s: mono_seconds(now),
                     };
                     m.insert(key, v, 0).expect("insert");
                 }
@@ -317,9 +317,9 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
     t.elapsed()
 }
 
-/// The kernel's memory accounting for the pinned persistence table.
+/// The kernel's memory accounting for the pinned IPv4 persistence table.
 fn persist_memory(pin_dir: &Path) -> (u64, u32) {
-    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST)).expect("persist pin");
+    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
     let fd = md.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
     let get = |k: &str| {
@@ -451,7 +451,7 @@ fn main() {
                 ),
             ));
             rows.push((
-                format!("table of {}M entries: kernel memory", entries >> 20),
+                format!("IPv4 table of {}M entries: kernel memory", entries >> 20),
                 format!(
                     "{:.0} MiB, {:.0} bytes/entry",
                     mem as f64 / (1 << 20) as f64,

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use aya::{EbpfLoader, maps::MapInfo};
-use lb_common::{MAP_PERSIST, MAP_REASONS, reason};
+use lb_common::{MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, reason};
 
 use super::*;
 
@@ -29,7 +29,8 @@ fn pins_of_an_older_layout_are_replaced_and_the_table_size_kept() {
     {
         let mut old = EbpfLoader::new();
         old.map_max_entries(MAP_REASONS, 16)
-            .map_max_entries(MAP_PERSIST, 2048);
+            .map_max_entries(MAP_PERSIST, 2048)
+            .map_max_entries(MAP_PERSIST4, 2048);
         for name in ALL_MAPS {
             old.map_pin_path(name, dir.join(name));
         }
@@ -48,6 +49,7 @@ fn pins_of_an_older_layout_are_replaced_and_the_table_size_kept() {
         assert_eq!(loaded, Ok(()), "load over old pins");
         assert_eq!(entries(MAP_REASONS), reason::SLOTS, "reasons map replaced");
         assert_eq!(entries(MAP_PERSIST), 2048, "the table keeps its size");
+        assert_eq!(entries(MAP_PERSIST4), 2048, "the IPv4 table keeps its size");
     });
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = r {
