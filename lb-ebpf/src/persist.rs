@@ -71,7 +71,7 @@ fn choose_v4(
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
-    if let Some(v) = TETHER_PERSIST4.get_ptr_mut(&key) {
+    if let Some(v) = TETHER_PERSIST4.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_s (a u32, written whole) or replace the element.
         let (bound, tag, last_seen) =
@@ -105,7 +105,7 @@ fn choose_v4(
             identity_tag: identity_tag16(be.identity),
             last_seen_s: now,
         };
-        TETHER_PERSIST4.insert(&key, value, BPF_ANY as u64).is_ok()
+        TETHER_PERSIST4.insert(key, value, BPF_ANY as u64).is_ok()
     })
 }
 

@@ -315,12 +315,51 @@ impl Dataplane {
                 );
             }
         }
+        let moved = persist_table::monotonic_ns()
+            .map_err(|e| e.to_string())
+            .and_then(|now| dp.move_v4_bindings(now).map_err(|e| e.to_string()));
+        match moved {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "moved {n} IPv4 bindings from {MAP_PERSIST} (an earlier build's layout) to {MAP_PERSIST4}"
+            ),
+            Err(e) => log::warn!("moving IPv4 bindings to {MAP_PERSIST4}: {e}"),
+        }
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
             name: PROG_XDP,
             source,
         })?;
         Ok(dp)
+    }
+
+    /// Builds before the IPv4 table kept IPv4 clients (as mapped addresses) in
+    /// `TETHER_PERSIST`: move them, so an upgrade keeps every client on its backend. Entries
+    /// already in the IPv4 table win. Returns how many moved.
+    fn move_v4_bindings(&mut self, now: u64) -> Result<usize> {
+        let mut old: HashMap<&mut MapData, PersistKey, PersistValue> =
+            self.typed_mut(MAP_PERSIST)?;
+        let found: Vec<(PersistKey, PersistValue)> = old
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.to_v4().is_some())
+            .collect();
+        for (k, _) in &found {
+            let _ = old.remove(k);
+        }
+        let mut table4: HashMap<&mut MapData, PersistKey4, PersistValue4> =
+            self.typed_mut(MAP_PERSIST4)?;
+        let mut moved = 0;
+        for (k, v) in &found {
+            let (Some(k4), Some(v4)) = (k.to_v4(), PersistValue4::from_value(v, now)) else {
+                continue;
+            };
+            // BPF_NOEXIST: a binding the new layout already holds is newer.
+            if table4.insert(k4, v4, 1).is_ok() {
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// A map of the object as aya's typed wrapper (`Array`, `HashMap`, ...).
