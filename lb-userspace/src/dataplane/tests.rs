@@ -79,7 +79,7 @@ fn ipv4_bindings_of_the_one_table_layout_move_to_the_ipv4_table() {
     let value = |backend| PersistValue {
         backend,
         backend_identity: 0,
-        last_seen_ns: now - 30_000_000_000,
+        last_seen_ns: now.wrapping_sub(30_000_000_000),
     };
     {
         let mut old = super::pinned_loader(&dir, 1024)
