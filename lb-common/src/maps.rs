@@ -242,11 +242,13 @@ pub struct PersistValue4 {
 const _: () = assert!(size_of::<PersistValue4>() == 8);
 const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32 + 1);
 
-/// The 16 bits of a backend identity an IPv4 binding keeps (the low half: a reused slot is
-/// told apart from its previous server except when both identities share those bits).
+/// The 16 bits of a backend identity an IPv4 binding keeps: the low half, so a reused slot is
+/// told apart from its previous server unless both identities share those bits. A nonzero
+/// identity never gets tag 0 (which matches any backend, for bindings written without one).
 #[inline(always)]
 pub const fn identity_tag16(identity: u32) -> u16 {
-    identity as u16
+    let t = identity as u16;
+    if t == 0 && identity != 0 { 1 } else { t }
 }
 
 /// Whether an IPv4 binding tagged `tag` still belongs to the backend `be` now in its slot.
