@@ -9,6 +9,7 @@ mod admin;
 mod names;
 mod profiles;
 mod raw;
+mod system;
 mod trusted;
 mod validate;
 
@@ -21,6 +22,7 @@ use lb_common::{DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 pub use admin::TOKEN_FILE_NAME;
+pub use system::{SYSTEM_PROFILES, is_system_profile, system_profile};
 use raw::RawConfig;
 pub use validate::parse_mac;
 

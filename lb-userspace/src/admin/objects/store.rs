@@ -1,0 +1,153 @@
+//! The config file as the store of objects. Every change runs under one lock: read the
+//! file, edit a copy of the whole document ([`super::edit`]), validate it with the loader's
+//! own validator ([`Config::parse`]), then hand it to the control loop, which prepares
+//! everything the reload path prepares, writes the file back atomically ([`write_atomic`])
+//! and switches over. A refused change leaves the file and the running daemon as they were.
+
+use std::{
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::edit::EditError;
+use crate::config::{Config, ConfigError};
+
+/// A validated document for the control loop to apply and write to the file.
+#[derive(Debug)]
+pub struct ApplyRequest {
+    pub config: Arc<Config>,
+    /// The file's new text.
+    pub text: String,
+    /// The generation now serving, or why nothing changed.
+    pub reply: oneshot::Sender<Result<u64, String>>,
+}
+
+/// Why a change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// 422: the changed config does not validate, as the loader words it.
+    #[error("{0}")]
+    Invalid(ConfigError),
+    /// 422: the control loop could not apply it (a name that does not resolve, a field
+    /// that needs a restart, a certificate that does not load); nothing changed.
+    #[error("not applied, nothing changed: {0}")]
+    NotApplied(String),
+    /// 500: the file cannot be read or is not JSON.
+    #[error("{0}")]
+    File(String),
+    /// 503: the daemon is stopping.
+    #[error("the daemon is not taking changes (stopping)")]
+    Unavailable,
+}
+
+/// The objects' store: the config file and the way to the control loop.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    /// read-modify-validate-write-apply runs for one writer at a time.
+    lock: Mutex<()>,
+    apply: mpsc::Sender<ApplyRequest>,
+}
+
+/// What a change returns on success.
+#[derive(Debug)]
+pub struct Applied {
+    pub object: Value,
+    pub generation: u64,
+}
+
+impl Store {
+    pub fn new(path: PathBuf, apply: mpsc::Sender<ApplyRequest>) -> Store {
+        Store {
+            path,
+            lock: Mutex::new(()),
+            apply,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's document as it is now.
+    pub async fn read(&self) -> Result<Value, StoreError> {
+        let text = tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|e| StoreError::File(format!("reading {}: {e}", self.path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| StoreError::File(format!("{} is not JSON: {e}", self.path.display())))
+    }
+
+    /// Run `edit` on the document, validate the result as a whole, apply it and write it
+    /// back; all or nothing.
+    pub async fn change(
+        &self,
+        edit: impl FnOnce(&mut Value) -> Result<Value, EditError>,
+    ) -> Result<Applied, StoreError> {
+        let _one_writer = self.lock.lock().await;
+        let mut doc = self.read().await?;
+        let object = edit(&mut doc)?;
+        let mut text = serde_json::to_string_pretty(&doc)
+            .map_err(|e| StoreError::File(format!("encoding the config: {e}")))?;
+        text.push('\n');
+        let config = Config::parse(&text).map_err(StoreError::Invalid)?;
+        let (reply, answer) = oneshot::channel();
+        let req = ApplyRequest {
+            config: Arc::new(config),
+            text,
+            reply,
+        };
+        self.apply
+            .send(req)
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
+        match answer.await {
+            Ok(Ok(generation)) => Ok(Applied { object, generation }),
+            Ok(Err(why)) => Err(StoreError::NotApplied(why)),
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+}
+
+/// Replace `path` with `text` atomically: a temporary file in the same directory (the
+/// original's permissions), fsync, rename over, fsync the directory. A crash leaves either
+/// the old file or the new one, never a mix.
+pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the config path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
