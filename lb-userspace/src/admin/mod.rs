@@ -406,7 +406,10 @@ async fn object_route(
         Err(e) => {
             return text(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("reading the body (at most {} bytes): {e}", objects::MAX_BODY),
+                format!(
+                    "reading the body (at most {} bytes): {e}",
+                    objects::MAX_BODY
+                ),
             );
         }
     };

@@ -22,8 +22,8 @@ use lb_common::{DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
 pub use admin::TOKEN_FILE_NAME;
-pub use system::{SYSTEM_PROFILES, is_system_profile, system_profile};
 use raw::RawConfig;
+pub use system::{SYSTEM_PROFILES, is_system_profile, system_profile};
 pub use validate::parse_mac;
 
 /// A configuration error: where, and why.

@@ -201,7 +201,12 @@ pub fn vs(admin: &Endpoint, cmd: VsCmd) -> Result<String> {
             if no_persistence {
                 o.insert("persistence".into(), Value::Null);
             }
-            edited(admin, &format!("{VS}/{name}"), &format!("virtual service {name}"), o)
+            edited(
+                admin,
+                &format!("{VS}/{name}"),
+                &format!("virtual service {name}"),
+                o,
+            )
         }
         VsCmd::Delete { name } => deleted(admin, &format!("{VS}/{name}"), "virtual service"),
     }
@@ -239,7 +244,12 @@ pub fn pool(admin: &Endpoint, cmd: PoolCmd) -> Result<String> {
             let mut out = String::new();
             for b in &add_backend {
                 let body = backend_spec(b)?;
-                call(admin, "POST", &format!("{POOL}/{name}/backend"), Some(&body))?;
+                call(
+                    admin,
+                    "POST",
+                    &format!("{POOL}/{name}/backend"),
+                    Some(&body),
+                )?;
                 let _ = writeln!(out, "pool {name}: added backend {}", body["name"]);
             }
             for b in &remove_backend {
@@ -342,7 +352,11 @@ impl JsonInput {
         let mut o = match text {
             Some(t) => match serde_json::from_str(&t) {
                 Ok(Value::Object(o)) => o,
-                Ok(_) => return Err(ObjectCliError::Usage("--json/--file: not a JSON object".into())),
+                Ok(_) => {
+                    return Err(ObjectCliError::Usage(
+                        "--json/--file: not a JSON object".into(),
+                    ));
+                }
                 Err(e) => return Err(ObjectCliError::Usage(format!("--json/--file: {e}"))),
             },
             None => Map::new(),
@@ -381,9 +395,8 @@ fn put_opt(o: &mut Map<String, Value>, k: &str, v: Option<Value>) {
 fn call(admin: &Endpoint, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     let bytes = body.map(|b| serde_json::to_vec(b).expect("a JSON value encodes"));
     let r = request_with_body(admin, method, path, bytes.as_deref())?;
-    let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| {
-        json!({"error": String::from_utf8_lossy(&r.body).trim().to_string()})
-    });
+    let v: Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|_| json!({"error": String::from_utf8_lossy(&r.body).trim().to_string()}));
     if !(200..300).contains(&r.status) {
         let mut message = v
             .get("error")
@@ -404,7 +417,10 @@ fn call(admin: &Endpoint, method: &str, path: &str, body: Option<&Value>) -> Res
 
 fn show(admin: &Endpoint, path: &str) -> Result<String> {
     let v = call(admin, "GET", path, None)?;
-    Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))
+    Ok(format!(
+        "{}\n",
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    ))
 }
 
 fn created(admin: &Endpoint, path: &str, noun: &str, o: Map<String, Value>) -> Result<String> {
@@ -468,7 +484,10 @@ pub fn render_pools(v: &Value) -> String {
             .into_iter()
             .flatten()
             .map(|b| {
-                let state = b.get("admin_state").and_then(Value::as_str).unwrap_or("enabled");
+                let state = b
+                    .get("admin_state")
+                    .and_then(Value::as_str)
+                    .unwrap_or("enabled");
                 format!("{}={} ({state})", s(b, "name"), s(b, "address"))
             })
             .collect();
@@ -486,7 +505,9 @@ pub fn render_profiles(v: &Value) -> String {
         } else {
             ""
         };
-        let timeout = o.get("timeout_s").map_or("default".to_string(), Value::to_string);
+        let timeout = o
+            .get("timeout_s")
+            .map_or("default".to_string(), Value::to_string);
         let _ = writeln!(
             out,
             "{name:<36} {:<16} timeout_s {timeout}{system}",

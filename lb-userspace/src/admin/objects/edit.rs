@@ -262,14 +262,18 @@ fn put(doc: &mut Value, kind: Kind, name: &str, body: Value) -> Result<Value, Ed
 }
 
 fn builtin(kind: Kind, name: &str) -> Option<Value> {
-    (kind == Kind::Profile).then(|| system_profile(name)).flatten()
+    (kind == Kind::Profile)
+        .then(|| system_profile(name))
+        .flatten()
 }
 
 /// The body's `name`: required and a string; equal to `expected` when given (an absent
 /// name is then taken as `expected` by the caller).
 fn body_name(body: &Value, expected: Option<&str>) -> Result<String, EditError> {
     let Some(o) = body.as_object() else {
-        return Err(EditError::BadRequest("the body must be a JSON object".into()));
+        return Err(EditError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
     };
     match (o.get("name"), expected) {
         (Some(Value::String(n)), Some(e)) if n != e => Err(EditError::BadRequest(format!(
@@ -299,7 +303,10 @@ fn section_mut(doc: &mut Value, kind: Kind) -> Result<&mut Vec<Value>, EditError
         .entry(kind.section())
         .or_insert_with(|| Value::Array(Vec::new()));
     s.as_array_mut().ok_or_else(|| {
-        EditError::BadRequest(format!("{} in the config file is not a list", kind.section()))
+        EditError::BadRequest(format!(
+            "{} in the config file is not a list",
+            kind.section()
+        ))
     })
 }
 

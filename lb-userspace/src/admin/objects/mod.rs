@@ -49,7 +49,10 @@ pub async fn handle(
         .and_then(|r| r.split('/').next())
         .and_then(Kind::from_segment);
     let Some(kind) = kind else {
-        return error(StatusCode::NOT_FOUND, json!({"error": "no such object kind"}));
+        return error(
+            StatusCode::NOT_FOUND,
+            json!({"error": "no such object kind"}),
+        );
     };
     let body = if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         match serde_json::from_slice::<Value>(body) {
@@ -76,8 +79,12 @@ pub async fn handle(
             .change(|d| edit::add_backend(d, pool, body))
             .await
             .map(|a| (StatusCode::CREATED, a.object)),
-        (&Method::PUT, [name]) => changed(store.change(|d| edit::replace(d, kind, name, body))).await,
-        (&Method::PATCH, [name]) => changed(store.change(|d| edit::patch(d, kind, name, &body))).await,
+        (&Method::PUT, [name]) => {
+            changed(store.change(|d| edit::replace(d, kind, name, body))).await
+        }
+        (&Method::PATCH, [name]) => {
+            changed(store.change(|d| edit::patch(d, kind, name, &body))).await
+        }
         (&Method::PATCH, [pool, b]) => {
             changed(store.change(|d| edit::patch_backend(d, pool, b, &body))).await
         }
@@ -129,7 +136,9 @@ async fn changed(
 /// The status and JSON body of a refusal.
 pub fn error_body(e: &StoreError) -> (StatusCode, Value) {
     match e {
-        StoreError::Edit(EditError::BadRequest(m)) => (StatusCode::BAD_REQUEST, json!({"error": m})),
+        StoreError::Edit(EditError::BadRequest(m)) => {
+            (StatusCode::BAD_REQUEST, json!({"error": m}))
+        }
         StoreError::Edit(EditError::NotFound(m)) => (StatusCode::NOT_FOUND, json!({"error": m})),
         StoreError::Edit(EditError::Forbidden(m)) => (StatusCode::FORBIDDEN, json!({"error": m})),
         StoreError::Edit(EditError::Conflict {

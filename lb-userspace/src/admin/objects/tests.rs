@@ -96,7 +96,9 @@ async fn call(store: &Store, method: Method, path: &str, body: Option<Value>) ->
         route.methods.contains(&method.as_str()),
         "{path} does not take {method}"
     );
-    let body = body.map(|b| serde_json::to_vec(&b).expect("encode")).unwrap_or_default();
+    let body = body
+        .map(|b| serde_json::to_vec(&b).expect("encode"))
+        .unwrap_or_default();
     let r = super::handle(Some(store), &method, path, &params, &body).await;
     let status = r.status().as_u16();
     let bytes = r.into_body().collect().await.expect("body").to_bytes();
@@ -125,24 +127,65 @@ async fn virtual_service_round_trip() {
     let s = &f.store;
     let vs = json!({"name": "new", "vip": "192.0.2.12", "port": 443, "protocol": "tcp",
                     "mode": "l4-dsr", "pool": "spare"});
-    assert_eq!(call(s, Method::POST, "/api/v1/virtualservice", Some(vs.clone())).await, (201, vs.clone()));
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/virtualservice", Some(vs.clone())).await,
+        (201, vs.clone())
+    );
     let (st, list) = call(s, Method::GET, "/api/v1/virtualservice", None).await;
-    assert_eq!((st, names(&list)), (200, vec!["web".into(), "web-alt".into(), "api".into(), "new".into()]));
-    assert_eq!(call(s, Method::GET, "/api/v1/virtualservice/new", None).await, (200, vs.clone()));
+    assert_eq!(
+        (st, names(&list)),
+        (
+            200,
+            vec!["web".into(), "web-alt".into(), "api".into(), "new".into()]
+        )
+    );
+    assert_eq!(
+        call(s, Method::GET, "/api/v1/virtualservice/new", None).await,
+        (200, vs.clone())
+    );
     // PATCH: merge, the rest kept.
-    let (st, v) = call(s, Method::PATCH, "/api/v1/virtualservice/new",
-                       Some(json!({"persistence": "src", "port": 444}))).await;
-    assert_eq!((st, &v["port"], &v["persistence"], &v["pool"]), (200, &json!(444), &json!("src"), &json!("spare")));
+    let (st, v) = call(
+        s,
+        Method::PATCH,
+        "/api/v1/virtualservice/new",
+        Some(json!({"persistence": "src", "port": 444})),
+    )
+    .await;
+    assert_eq!(
+        (st, &v["port"], &v["persistence"], &v["pool"]),
+        (200, &json!(444), &json!("src"), &json!("spare"))
+    );
     // PUT replaces the whole object (the name may be left out).
     let put = json!({"vip": "192.0.2.13", "port": 80, "protocol": "udp", "mode": "l4-dsr", "pool": "spare"});
     let (st, v) = call(s, Method::PUT, "/api/v1/virtualservice/new", Some(put)).await;
-    assert_eq!((st, v.get("persistence"), &v["name"]), (200, None, &json!("new")));
-    assert_eq!(file(&f)["virtual_services"][3], v, "the file holds what the API answered");
-    assert_eq!(call(s, Method::DELETE, "/api/v1/virtualservice/new", None).await,
-               (200, json!({"deleted": "new"})));
-    assert_eq!(call(s, Method::GET, "/api/v1/virtualservice/new", None).await.0, 404);
-    assert_eq!(names(&file(&f)["virtual_services"]), vec!["web", "web-alt", "api"]);
-    assert_eq!(f.applied.load(Ordering::SeqCst), 4, "each change applied once");
+    assert_eq!(
+        (st, v.get("persistence"), &v["name"]),
+        (200, None, &json!("new"))
+    );
+    assert_eq!(
+        file(&f)["virtual_services"][3],
+        v,
+        "the file holds what the API answered"
+    );
+    assert_eq!(
+        call(s, Method::DELETE, "/api/v1/virtualservice/new", None).await,
+        (200, json!({"deleted": "new"}))
+    );
+    assert_eq!(
+        call(s, Method::GET, "/api/v1/virtualservice/new", None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        names(&file(&f)["virtual_services"]),
+        vec!["web", "web-alt", "api"]
+    );
+    assert_eq!(
+        f.applied.load(Ordering::SeqCst),
+        4,
+        "each change applied once"
+    );
 }
 
 #[tokio::test]
@@ -151,27 +194,77 @@ async fn pool_and_backend_round_trip() {
     let s = &f.store;
     let pool = json!({"name": "p2", "backends": [{"name": "x1", "address": "10.0.1.1"}],
                       "health_monitor": {"type": "tcp", "port": 80, "interval_ms": 3000}});
-    assert_eq!(call(s, Method::POST, "/api/v1/pool", Some(pool.clone())).await, (201, pool.clone()));
-    assert_eq!(call(s, Method::POST, "/api/v1/pool", Some(pool)).await.0, 409, "a name is taken once");
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/pool", Some(pool.clone())).await,
+        (201, pool.clone())
+    );
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/pool", Some(pool)).await.0,
+        409,
+        "a name is taken once"
+    );
     let b2 = json!({"name": "x2", "address": "10.0.1.2", "weight": 3});
-    assert_eq!(call(s, Method::POST, "/api/v1/pool/p2/backend", Some(b2.clone())).await, (201, b2));
-    let (st, b) = call(s, Method::PATCH, "/api/v1/pool/p2/backend/x2",
-                       Some(json!({"admin_state": "draining"}))).await;
-    assert_eq!((st, &b["admin_state"], &b["weight"]), (200, &json!("draining"), &json!(3)));
-    assert_eq!(call(s, Method::GET, "/api/v1/pool/p2/backend/x2", None).await.1, b);
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/pool/p2/backend", Some(b2.clone())).await,
+        (201, b2)
+    );
+    let (st, b) = call(
+        s,
+        Method::PATCH,
+        "/api/v1/pool/p2/backend/x2",
+        Some(json!({"admin_state": "draining"})),
+    )
+    .await;
+    assert_eq!(
+        (st, &b["admin_state"], &b["weight"]),
+        (200, &json!("draining"), &json!(3))
+    );
+    assert_eq!(
+        call(s, Method::GET, "/api/v1/pool/p2/backend/x2", None)
+            .await
+            .1,
+        b
+    );
     let (_, p) = call(s, Method::GET, "/api/v1/pool/p2", None).await;
     assert_eq!(names(&p["backends"]), vec!["x1", "x2"]);
     assert_eq!(p["health_monitor"]["interval_ms"], json!(3000));
     // The monitor is edited as part of the pool; null removes it.
-    let (_, p) = call(s, Method::PATCH, "/api/v1/pool/p2",
-                      Some(json!({"health_monitor": {"rise": 3}}))).await;
-    assert_eq!(p["health_monitor"], json!({"type": "tcp", "port": 80, "interval_ms": 3000, "rise": 3}));
-    let (_, p) = call(s, Method::PATCH, "/api/v1/pool/p2", Some(json!({"health_monitor": null}))).await;
+    let (_, p) = call(
+        s,
+        Method::PATCH,
+        "/api/v1/pool/p2",
+        Some(json!({"health_monitor": {"rise": 3}})),
+    )
+    .await;
+    assert_eq!(
+        p["health_monitor"],
+        json!({"type": "tcp", "port": 80, "interval_ms": 3000, "rise": 3})
+    );
+    let (_, p) = call(
+        s,
+        Method::PATCH,
+        "/api/v1/pool/p2",
+        Some(json!({"health_monitor": null})),
+    )
+    .await;
     assert!(p.get("health_monitor").is_none(), "{p}");
-    assert_eq!(call(s, Method::DELETE, "/api/v1/pool/p2/backend/x1", None).await.0, 200);
+    assert_eq!(
+        call(s, Method::DELETE, "/api/v1/pool/p2/backend/x1", None)
+            .await
+            .0,
+        200
+    );
     assert_eq!(names(&file(&f)["pools"][3]["backends"]), vec!["x2"]);
-    assert_eq!(call(s, Method::DELETE, "/api/v1/pool/p2/backend/x1", None).await.0, 404);
-    assert_eq!(call(s, Method::DELETE, "/api/v1/pool/p2", None).await.0, 200);
+    assert_eq!(
+        call(s, Method::DELETE, "/api/v1/pool/p2/backend/x1", None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(s, Method::DELETE, "/api/v1/pool/p2", None).await.0,
+        200
+    );
     assert_eq!(names(&file(&f)["pools"]), vec!["web", "api", "spare"]);
 }
 
@@ -180,9 +273,21 @@ async fn profile_round_trip() {
     let f = fixture("profile");
     let s = &f.store;
     let p = json!({"name": "web-ck", "type": "http-cookie", "cookie_name": "SRV", "max_lifetime_min": 60});
-    assert_eq!(call(s, Method::POST, "/api/v1/profile", Some(p.clone())).await, (201, p));
-    let (_, v) = call(s, Method::PATCH, "/api/v1/profile/web-ck", Some(json!({"max_lifetime_min": 90}))).await;
-    assert_eq!((&v["max_lifetime_min"], &v["cookie_name"]), (&json!(90), &json!("SRV")));
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/profile", Some(p.clone())).await,
+        (201, p)
+    );
+    let (_, v) = call(
+        s,
+        Method::PATCH,
+        "/api/v1/profile/web-ck",
+        Some(json!({"max_lifetime_min": 90})),
+    )
+    .await;
+    assert_eq!(
+        (&v["max_lifetime_min"], &v["cookie_name"]),
+        (&json!(90), &json!("SRV"))
+    );
     // The type changes with a PUT of the whole profile.
     let put = json!({"type": "app-cookie", "cookie_name": "JSESSIONID"});
     let (st, v) = call(s, Method::PUT, "/api/v1/profile/web-ck", Some(put)).await;
@@ -190,8 +295,17 @@ async fn profile_round_trip() {
     let (_, list) = call(s, Method::GET, "/api/v1/profile", None).await;
     let listed = names(&list);
     assert_eq!(&listed[..2], &["src".to_string(), "web-ck".to_string()]);
-    assert_eq!(listed.len(), 2 + SYSTEM_PROFILES.len(), "the system profiles are listed: {listed:?}");
-    assert_eq!(call(s, Method::DELETE, "/api/v1/profile/web-ck", None).await.0, 200);
+    assert_eq!(
+        listed.len(),
+        2 + SYSTEM_PROFILES.len(),
+        "the system profiles are listed: {listed:?}"
+    );
+    assert_eq!(
+        call(s, Method::DELETE, "/api/v1/profile/web-ck", None)
+            .await
+            .0,
+        200
+    );
     assert_eq!(names(&file(&f)["persistence_profiles"]), vec!["src"]);
 }
 
@@ -200,14 +314,34 @@ async fn in_use_delete_names_every_service() {
     let f = fixture("inuse");
     let before = std::fs::read(&f.path).expect("file");
     let (st, v) = call(&f.store, Method::DELETE, "/api/v1/pool/web", None).await;
-    assert_eq!((st, &v["virtual_services"]), (409, &json!(["web", "web-alt"])), "{v}");
+    assert_eq!(
+        (st, &v["virtual_services"]),
+        (409, &json!(["web", "web-alt"])),
+        "{v}"
+    );
     let (st, v) = call(&f.store, Method::DELETE, "/api/v1/profile/src", None).await;
-    assert_eq!((st, &v["virtual_services"]), (409, &json!(["web", "web-alt"])), "{v}");
-    assert!(v["error"].as_str().expect("error").contains("web, web-alt"), "{v}");
-    assert_eq!(std::fs::read(&f.path).expect("file"), before, "nothing written");
+    assert_eq!(
+        (st, &v["virtual_services"]),
+        (409, &json!(["web", "web-alt"])),
+        "{v}"
+    );
+    assert!(
+        v["error"].as_str().expect("error").contains("web, web-alt"),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read(&f.path).expect("file"),
+        before,
+        "nothing written"
+    );
     assert_eq!(f.applied.load(Ordering::SeqCst), 0);
     // Once no service uses it, it goes.
-    assert_eq!(call(&f.store, Method::DELETE, "/api/v1/pool/spare", None).await.0, 200);
+    assert_eq!(
+        call(&f.store, Method::DELETE, "/api/v1/pool/spare", None)
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test]
@@ -219,24 +353,60 @@ async fn system_profiles_are_usable_editable_not_deletable() {
         assert_eq!((st, v), (200, json!({"name": name, "type": kind})));
         let (st, v) = call(s, Method::DELETE, &format!("/api/v1/profile/{name}"), None).await;
         assert_eq!(st, 403, "{name}: {v}");
-        assert!(v["error"].as_str().expect("error").contains("system profile"), "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .expect("error")
+                .contains("system profile"),
+            "{v}"
+        );
     }
     // Used by "api" without being in the file; an edit puts the edited copy in the file.
     let path = "/api/v1/profile/System-Persistence-Http-Cookie";
-    let (st, v) = call(s, Method::PATCH, path, Some(json!({"session_max_age_s": 3600}))).await;
+    let (st, v) = call(
+        s,
+        Method::PATCH,
+        path,
+        Some(json!({"session_max_age_s": 3600})),
+    )
+    .await;
     assert_eq!((st, &v["session_max_age_s"]), (200, &json!(3600)), "{v}");
     let profiles = file(&f)["persistence_profiles"].clone();
-    assert_eq!(profiles[1], json!({"name": "System-Persistence-Http-Cookie", "type": "http-cookie", "session_max_age_s": 3600}));
+    assert_eq!(
+        profiles[1],
+        json!({"name": "System-Persistence-Http-Cookie", "type": "http-cookie", "session_max_age_s": 3600})
+    );
     let cfg = Config::load(&f.path).expect("loads");
-    let p = cfg.profiles.iter().find(|p| p.name == "System-Persistence-Http-Cookie").expect("there");
+    let p = cfg
+        .profiles
+        .iter()
+        .find(|p| p.name == "System-Persistence-Http-Cookie")
+        .expect("there");
     let crate::config::PersistenceKind::HttpCookie(ck) = &p.kind else {
         panic!("not a cookie profile: {p:?}")
     };
-    assert_eq!(ck.session_max_age.as_secs(), 3600, "the file's copy replaces the built-in one");
-    assert_eq!(call(s, Method::DELETE, path, None).await.0, 403, "still not deletable once edited");
-    assert_eq!(call(s, Method::POST, "/api/v1/profile",
-                    Some(json!({"name": "System-Persistence-Client-IP", "type": "client-ip"}))).await.0,
-               409, "a system name is taken");
+    assert_eq!(
+        ck.session_max_age.as_secs(),
+        3600,
+        "the file's copy replaces the built-in one"
+    );
+    assert_eq!(
+        call(s, Method::DELETE, path, None).await.0,
+        403,
+        "still not deletable once edited"
+    );
+    assert_eq!(
+        call(
+            s,
+            Method::POST,
+            "/api/v1/profile",
+            Some(json!({"name": "System-Persistence-Client-IP", "type": "client-ip"}))
+        )
+        .await
+        .0,
+        409,
+        "a system name is taken"
+    );
 }
 
 #[tokio::test]
@@ -245,11 +415,31 @@ async fn invalid_change_is_refused_as_the_loader_words_it_and_nothing_changes() 
     let before = std::fs::read(&f.path).expect("file");
     let s = &f.store;
     let bad = [
-        (Method::POST, "/api/v1/pool/web/backend", json!({"name": "b2", "address": "not-an-ip"})),
-        (Method::PATCH, "/api/v1/profile/src", json!({"timeout_s": 999_999_999})),
-        (Method::PATCH, "/api/v1/virtualservice/web", json!({"pool": "nope"})),
-        (Method::PATCH, "/api/v1/pool/web/backend/b1", json!({"admin_state": "sleepy"})),
-        (Method::PATCH, "/api/v1/profile/src", json!({"cookie_name": "X"})),
+        (
+            Method::POST,
+            "/api/v1/pool/web/backend",
+            json!({"name": "b2", "address": "not-an-ip"}),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/profile/src",
+            json!({"timeout_s": 999_999_999}),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/virtualservice/web",
+            json!({"pool": "nope"}),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/pool/web/backend/b1",
+            json!({"admin_state": "sleepy"}),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/profile/src",
+            json!({"cookie_name": "X"}),
+        ),
     ];
     for (m, path, body) in bad {
         // What the loader says of the same change made to the file by hand.
@@ -271,24 +461,76 @@ async fn invalid_change_is_refused_as_the_loader_words_it_and_nothing_changes() 
         let loader = Config::parse(&doc.to_string()).expect_err("the loader refuses it too");
         let (st, v) = call(s, m.clone(), path, Some(body)).await;
         assert_eq!(st, 422, "{m} {path}: {v}");
-        assert_eq!((v["field"].as_str(), v["reason"].as_str()),
-                   (Some(loader.path.as_str()), Some(loader.reason.as_str())), "{m} {path}");
-        assert_eq!(std::fs::read(&f.path).expect("file"), before, "{m} {path}: file unchanged");
+        assert_eq!(
+            (v["field"].as_str(), v["reason"].as_str()),
+            (Some(loader.path.as_str()), Some(loader.reason.as_str())),
+            "{m} {path}"
+        );
+        assert_eq!(
+            std::fs::read(&f.path).expect("file"),
+            before,
+            "{m} {path}: file unchanged"
+        );
     }
-    assert_eq!(f.applied.load(Ordering::SeqCst), 0, "nothing reached the control loop");
+    assert_eq!(
+        f.applied.load(Ordering::SeqCst),
+        0,
+        "nothing reached the control loop"
+    );
     // The control loop refusing (a backend that does not resolve) changes nothing either.
     f.refuse.store(true, Ordering::SeqCst);
-    let (st, v) = call(s, Method::POST, "/api/v1/pool/web/backend",
-                       Some(json!({"name": "b9", "address": "10.9.9.9"}))).await;
+    let (st, v) = call(
+        s,
+        Method::POST,
+        "/api/v1/pool/web/backend",
+        Some(json!({"name": "b9", "address": "10.9.9.9"})),
+    )
+    .await;
     assert_eq!(st, 422, "{v}");
-    assert!(v["error"].as_str().expect("error").contains("no route"), "{v}");
-    assert_eq!(std::fs::read(&f.path).expect("file"), before, "file unchanged");
+    assert!(
+        v["error"].as_str().expect("error").contains("no route"),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read(&f.path).expect("file"),
+        before,
+        "file unchanged"
+    );
     // Malformed requests: 400.
     f.refuse.store(false, Ordering::SeqCst);
-    assert_eq!(call(s, Method::PATCH, "/api/v1/pool/web", Some(json!({"name": "other"}))).await.0, 400);
-    assert_eq!(call(s, Method::POST, "/api/v1/pool", Some(json!([1, 2]))).await.0, 400);
-    assert_eq!(call(s, Method::POST, "/api/v1/pool", Some(json!({"backends": []}))).await.0, 400);
-    assert_eq!(std::fs::read(&f.path).expect("file"), before, "file unchanged");
+    assert_eq!(
+        call(
+            s,
+            Method::PATCH,
+            "/api/v1/pool/web",
+            Some(json!({"name": "other"}))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        call(s, Method::POST, "/api/v1/pool", Some(json!([1, 2])))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        call(
+            s,
+            Method::POST,
+            "/api/v1/pool",
+            Some(json!({"backends": []}))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        std::fs::read(&f.path).expect("file"),
+        before,
+        "file unchanged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -312,7 +554,10 @@ async fn concurrent_writers_lose_no_update() {
     assert_eq!(backends.len(), 1 + 2 * EACH, "{backends:?}");
     for i in 0..EACH {
         for p in ["x", "y"] {
-            assert!(backends.contains(&format!("{p}{i}")), "{p}{i} lost: {backends:?}");
+            assert!(
+                backends.contains(&format!("{p}{i}")),
+                "{p}{i} lost: {backends:?}"
+            );
         }
     }
 }
@@ -320,7 +565,10 @@ async fn concurrent_writers_lose_no_update() {
 #[test]
 fn merge_patch_follows_rfc7386() {
     let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]});
-    edit::merge(&mut t, &json!({"a": "z", "c": {"f": null}, "l": [3], "n": 1}));
+    edit::merge(
+        &mut t,
+        &json!({"a": "z", "c": {"f": null}, "l": [3], "n": 1}),
+    );
     assert_eq!(t, json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": 1}));
 }
 
@@ -337,7 +585,10 @@ fn atomic_write_keeps_the_mode_and_leaves_no_temporary() {
     assert_eq!(std::fs::read_to_string(&p).expect("read"), "new");
     let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o640);
-    let left: Vec<_> = std::fs::read_dir(&dir).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("c.json")]);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -345,8 +596,14 @@ fn atomic_write_keeps_the_mode_and_leaves_no_temporary() {
 #[test]
 fn routes_match_with_parameters() {
     let (r, p) = routes::find("/api/v1/pool/web/backend/b2").expect("route");
-    assert_eq!((r.path, p), ("/api/v1/pool/{name}/backend/{backend}", vec!["web", "b2"]));
+    assert_eq!(
+        (r.path, p),
+        ("/api/v1/pool/{name}/backend/{backend}", vec!["web", "b2"])
+    );
     assert!(routes::find("/api/v1/pool//backend").is_none());
     assert!(routes::find("/api/v1/nothing").is_none());
-    assert_eq!(routes::find("/metrics").expect("route").0.methods, &["GET", "HEAD"]);
+    assert_eq!(
+        routes::find("/metrics").expect("route").0.methods,
+        &["GET", "HEAD"]
+    );
 }
