@@ -544,7 +544,8 @@ fn live_changes_under_load_keep_sessions() {
     let wrk_text = String::from_utf8_lossy(&out.stdout).into_owned();
     let changed_for = t0.elapsed();
 
-    let seen = seen.lock().unwrap();
+    let seen_all = seen.lock().unwrap().clone();
+    let seen = &seen_all;
     let failed: Vec<_> = seen.iter().filter(|(_, _, g)| g.is_err()).collect();
     let moved: Vec<_> = seen
         .iter()
@@ -582,6 +583,27 @@ fn live_changes_under_load_keep_sessions() {
     eprintln!(
         "live changes over {changed_for:?}: {} session and L4 requests, 0 failed, 0 moved; wrk {requests} requests, 0 errors",
         seen.len()
+    );
+    // Changing the L4 profile's key (its prefix) flushes that service's kernel entries only.
+    let entries = |svc: &str| {
+        d.admin_json(&format!("/persist?service={svc}"))
+            .expect("/persist")["entries"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let bound = entries("web-l4");
+    assert!(bound >= L4_CLIENTS, "every L4 client is bound: {bound}");
+    let (st, v) = api(
+        d,
+        "PATCH",
+        "/api/v1/profile/sticky-web-l4",
+        Some(&json!({"ipv4_prefix": 24})),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        entries("web-l4"),
+        0,
+        "the rekeyed service's entries are flushed"
     );
     lab.stop();
 }
