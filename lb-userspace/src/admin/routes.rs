@@ -86,3 +86,6 @@ pub fn find(path: &str) -> Option<(&'static Route, Vec<&str>)> {
         Some((r, params))
     })
 }
+
+#[cfg(test)]
+mod tests;
