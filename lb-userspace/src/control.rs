@@ -149,32 +149,6 @@ async fn health_of(
     out
 }
 
-/// What keys an L4 service's kernel persistence entries: `None` without persistence, else
-/// the prefixes client addresses are masked to.
-fn l4_persist_key(cfg: &Config, svc: &crate::config::VirtualService) -> Option<(u8, u8)> {
-    if !matches!(svc.mode, crate::config::ServiceMode::L4Dsr) {
-        return None;
-    }
-    cfg.profile(svc)
-        .filter(|p| p.timeout_s > 0)
-        .map(|p| (p.ipv4_prefix, p.ipv6_prefix))
-}
-
-/// Kernel indexes of the L4 services that stay (same index) but whose persistence key
-/// changes from one that stored entries: persistence turned off, or other prefixes. A
-/// timeout or policy change keeps the entries (they are read with the new values).
-fn rekeyed_l4(old: &Config, old_ids: &Ids, new: &Config, new_ids: &Ids) -> Vec<u32> {
-    new.services
-        .iter()
-        .zip(&new_ids.services)
-        .filter_map(|(svc, &index)| {
-            let was = old_ids.services.iter().position(|&i| i == index)?;
-            let before = l4_persist_key(old, &old.services[was])?;
-            (l4_persist_key(new, svc) != Some(before)).then_some(index)
-        })
-        .collect()
-}
-
 fn states(cfg: &Config, health: &[Vec<Option<Health>>]) -> Vec<Vec<BackendState>> {
     cfg.pools
         .iter()
@@ -274,28 +248,6 @@ impl Daemon {
             );
         }
         Ok(())
-    }
-
-    /// Delete the kernel persistence entries of services whose key changed: they no longer
-    /// mean what they meant (and would pin again were the old key restored). A failure is
-    /// logged: what runs is already right, the stale entries only waste room until expiry.
-    fn flush_rekeyed(&self, services: &[u32]) {
-        for &index in services {
-            let f = crate::dataplane::persist_table::Filter {
-                service_index: Some(index),
-                client: None,
-                backend_id: None,
-            };
-            let pin_dir = self.cfg.pin_dir.clone();
-            match tokio::task::block_in_place(|| {
-                crate::dataplane::persist_table::flush(&pin_dir, &f)
-            }) {
-                Ok(n) => log::info!(
-                    "service index {index}: persistence key changed, {n} entries flushed"
-                ),
-                Err(e) => log::warn!("flushing the entries of service index {index}: {e}"),
-            }
-        }
     }
 
     /// Serve the admin API on a duplicate of its socket.
@@ -467,14 +419,14 @@ impl Daemon {
                 source,
             })?;
         }
-        let rekeyed = rekeyed_l4(&self.cfg, &self.ids, &new, &ids);
+        let rekeyed = rekey::rekeyed_l4(&self.cfg, &self.ids, &new, &ids);
         // Everything is known: switch over.
         self.cfg = new;
         self.ids = ids;
         self.l2 = l2;
         self.health = health;
         self.program()?;
-        self.flush_rekeyed(&rekeyed);
+        rekey::flush(&self.cfg.pin_dir, &rekeyed);
         self.start_monitors();
         self.frontends.commit(prepared);
         self.shared.store(Arc::new(self.snapshot()));
@@ -801,5 +753,6 @@ fn remove_pid_if_ours(path: &Path) {
     }
 }
 
+mod rekey;
 #[cfg(test)]
 mod tests;

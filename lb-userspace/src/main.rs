@@ -196,12 +196,16 @@ fn main() -> Result<()> {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(
-                "{}: ok: {} virtual services, {} pools, {} backends, {} persistence profiles",
+                "{}: ok: {} virtual services, {} pools, {} backends, {} persistence profiles ({} of them system profiles)",
                 config.display(),
                 cfg.services.len(),
                 cfg.pools.len(),
                 cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
-                cfg.profiles.len()
+                cfg.profiles.len(),
+                cfg.profiles
+                    .iter()
+                    .filter(|p| tether::config::is_system_profile(&p.name))
+                    .count()
             );
             Ok(())
         }

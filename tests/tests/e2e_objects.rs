@@ -42,7 +42,7 @@ fn api(d: &Daemon, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
         body.len()
     );
     let raw = run_in_netns(d.ns(), move || -> std::io::Result<Vec<u8>> {
-        let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(10))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.write_all(head.as_bytes())?;
         s.write_all(body.as_bytes())?;

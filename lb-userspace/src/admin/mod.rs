@@ -367,9 +367,12 @@ async fn handle(srv: &Arc<Server>, peer: Peer, req: Request<Incoming>) -> Respon
 }
 
 /// The route of `path` when it takes `method`, else the 404 or 405 to answer.
-fn allowed<'p>(method: &Method, path: &'p str) -> Result<Vec<&'p str>, Response<Body>> {
+fn allowed<'p>(method: &Method, path: &'p str) -> Result<Vec<&'p str>, Box<Response<Body>>> {
     let Some((r, params)) = routes::find(path) else {
-        return Err(text(StatusCode::NOT_FOUND, format!("no such path {path}")));
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            format!("no such path {path}"),
+        )));
     };
     if !r.methods.contains(&method.as_str()) {
         let allow = r.methods.join(", ");
@@ -380,7 +383,7 @@ fn allowed<'p>(method: &Method, path: &'p str) -> Result<Vec<&'p str>, Response<
         if let Ok(v) = allow.parse() {
             resp.headers_mut().insert(ALLOW, v);
         }
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     Ok(params)
 }
@@ -394,7 +397,7 @@ async fn object_route(
 ) -> Response<Body> {
     let params = match allowed(method, path) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
         body,
@@ -423,7 +426,7 @@ async fn route(
     query: Option<&str>,
 ) -> Response<Body> {
     if let Err(r) = allowed(method, path) {
-        return r;
+        return *r;
     }
     let snap = srv.snapshot.load_full();
     match path {

@@ -135,14 +135,12 @@ fn only_a_changed_l4_persistence_key_flushes_the_services_entries() {
     let (base, ids) = l4_config(Some(&ip("")));
     let rekeyed = |p: Option<&str>| {
         let (new, new_ids) = l4_config(p);
-        rekeyed_l4(&base, &ids, &new, &new_ids)
+        rekey::rekeyed_l4(&base, &ids, &new, &new_ids)
     };
     // The timeout and the policy are read with each lookup: entries stay.
     assert_eq!(rekeyed(Some(&ip(""))), Vec::<u32>::new());
     assert_eq!(
-        rekeyed(Some(
-            &r#"{"name":"p","type":"client-ip","timeout_s":60}"#.to_string()
-        )),
+        rekeyed(Some(r#"{"name":"p","type":"client-ip","timeout_s":60}"#)),
         Vec::<u32>::new()
     );
     assert_eq!(
@@ -153,9 +151,7 @@ fn only_a_changed_l4_persistence_key_flushes_the_services_entries() {
     assert_eq!(rekeyed(Some(&ip(r#","ipv4_prefix":24"#))), vec![7]);
     assert_eq!(rekeyed(Some(&ip(r#","ipv6_prefix":64"#))), vec![7]);
     assert_eq!(
-        rekeyed(Some(
-            &r#"{"name":"p","type":"client-ip","timeout_s":0}"#.to_string()
-        )),
+        rekeyed(Some(r#"{"name":"p","type":"client-ip","timeout_s":0}"#)),
         vec![7]
     );
     assert_eq!(rekeyed(None), vec![7]);
@@ -163,7 +159,7 @@ fn only_a_changed_l4_persistence_key_flushes_the_services_entries() {
     let (none, none_ids) = l4_config(None);
     let (new, new_ids) = l4_config(Some(&ip("")));
     assert_eq!(
-        rekeyed_l4(&none, &none_ids, &new, &new_ids),
+        rekey::rekeyed_l4(&none, &none_ids, &new, &new_ids),
         Vec::<u32>::new()
     );
 }
