@@ -628,3 +628,73 @@ fn parse_wrk(text: &str) -> (u64, u64) {
     }
     (requests, errors)
 }
+
+/// `tether pool edit web --backend B --admin-state draining` on an L4 source-IP service: B
+/// keeps its bound clients (their entries are not flushed), takes no new ones, and its
+/// bound-client count in `tether status` falls to 0 as the idle entries expire.
+#[test]
+fn draining_through_the_cli_keeps_then_empties_a_backend() {
+    const CLIENTS: usize = 16;
+    let lab = L7Lab::start_as_user(CLIENTS, 2, |b| b.service("web-l4", PORT, Some(3)));
+    let d = lab.d();
+    let backend_of = |i: usize| -> String {
+        let body = lab.ok(lab.topo.fetch(lab.client(i), PORT, IO_TIMEOUT), "L4 fetch");
+        let b = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
+        Echo::parse(b)
+            .map(|e| e.backend)
+            .unwrap_or_else(|| lab.fail(format!("not an echo: {b:?}")))
+    };
+    // The first half of the clients get bound.
+    let bound: Vec<(usize, String)> = (0..CLIENTS / 2).map(|i| (i, backend_of(i))).collect();
+    let victim = bound[0].1.clone();
+    let on_victim = bound.iter().filter(|(_, b)| *b == victim).count();
+    let count = |what: &str| -> u64 {
+        status_backend(d, "web-l4", &victim)
+            .and_then(|b| b["bound_clients"].as_u64())
+            .unwrap_or_else(|| lab.fail(format!("{what}: no bound_clients for {victim}")))
+    };
+    lab.wait_for(
+        Duration::from_secs(15),
+        "the census counting the bound clients",
+        || count("before") == on_victim as u64,
+    );
+
+    let out = lab.ok(
+        cli(
+            d,
+            &[
+                "pool",
+                "edit",
+                "web",
+                "--backend",
+                &victim,
+                "--admin-state",
+                "draining",
+            ],
+        ),
+        "tether pool edit --admin-state draining",
+    );
+    assert!(out.contains("draining"), "{out}");
+    let b = status_backend(d, "web-l4", &victim).expect("victim");
+    assert_eq!(b["state"], "draining", "{b}");
+    // Its bound clients stay with it; new clients go elsewhere.
+    for (i, b) in &bound {
+        if *b == victim {
+            assert_eq!(&backend_of(*i), b, "client {i} keeps its draining backend");
+        }
+    }
+    for i in CLIENTS / 2..CLIENTS {
+        assert_ne!(
+            backend_of(i),
+            victim,
+            "new client {i} went to the draining backend"
+        );
+    }
+    // Idle, their entries expire (timeout 3 s) and the count falls to 0.
+    lab.wait_for(
+        Duration::from_secs(30),
+        "the draining backend's bound clients falling to 0",
+        || count("after") == 0,
+    );
+    lab.stop();
+}

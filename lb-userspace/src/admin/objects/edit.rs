@@ -137,6 +137,9 @@ pub fn patch(doc: &mut Value, kind: Kind, name: &str, patch: &Value) -> Result<V
     let mut obj = get(doc, kind, name)?;
     merge(&mut obj, patch);
     body_name(&obj, Some(name))?;
+    if let Some(o) = obj.as_object_mut() {
+        o.insert("name".into(), Value::String(name.into()));
+    }
     put(doc, kind, name, obj)
 }
 
@@ -219,6 +222,9 @@ pub fn patch_backend(
     let mut new = b.clone();
     merge(&mut new, patch);
     body_name(&new, Some(name))?;
+    if let Some(o) = new.as_object_mut() {
+        o.insert("name".into(), Value::String(name.into()));
+    }
     *b = new.clone();
     Ok(new)
 }
