@@ -698,3 +698,64 @@ fn draining_through_the_cli_keeps_then_empties_a_backend() {
     );
     lab.stop();
 }
+
+/// Changing a profile's type through the API starts only its services' L7 tables empty; a
+/// timeout change of another profile keeps that one's bindings.
+#[test]
+fn a_profile_type_change_flushes_only_its_services_tables() {
+    let lab = L7Lab::start_as_user(4, 2, |mut b| {
+        for n in ["b1", "b2"] {
+            b = b.backend_field(n, "port", json!(PORT));
+        }
+        b.profile(json!({"name": "pa", "type": "client-ip", "timeout_s": 600}))
+            .profile(json!({"name": "pb", "type": "client-ip", "timeout_s": 600}))
+            .l7_service("a", PORT, Some("pa"), json!({}))
+            .l7_service("b", PORT + 1, Some("pb"), json!({}))
+    });
+    let d = lab.d();
+    for i in 0..4 {
+        for port in [PORT, PORT + 1] {
+            let r = lab.ok(
+                lab.topo.request(lab.client(i), port, "/", &[], IO_TIMEOUT),
+                "request",
+            );
+            assert_eq!(r.status, 200);
+        }
+    }
+    let l7_rows = |svc: &str| -> usize {
+        let v = d
+            .admin_json(&format!("/persist?service={svc}"))
+            .expect("/persist");
+        v["l7"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(
+        (l7_rows("a"), l7_rows("b")),
+        (4, 4),
+        "one binding per client and service"
+    );
+    let (st, v) = api(
+        d,
+        "PATCH",
+        "/api/v1/profile/pb",
+        Some(&json!({"timeout_s": 900})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = api(
+        d,
+        "PUT",
+        "/api/v1/profile/pa",
+        Some(&json!({"type": "url-hash", "timeout_s": 600})),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        l7_rows("a"),
+        0,
+        "the retyped profile's service starts empty"
+    );
+    assert_eq!(
+        l7_rows("b"),
+        4,
+        "the other profile's bindings stay through its timeout change"
+    );
+    lab.stop();
+}

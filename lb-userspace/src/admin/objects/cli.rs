@@ -326,7 +326,7 @@ pub fn profile(admin: &Endpoint, cmd: ProfileCmd) -> Result<String> {
 
 impl JsonInput {
     /// The object given by --json or --file, with --set applied.
-    fn object(&self) -> Result<Map<String, Value>> {
+    pub fn object(&self) -> Result<Map<String, Value>> {
         let text = match (&self.json, &self.file) {
             (Some(j), _) => Some(j.clone()),
             (None, Some(p)) if p.as_os_str() == "-" => {

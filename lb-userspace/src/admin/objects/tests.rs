@@ -607,3 +607,64 @@ fn routes_match_with_parameters() {
         &["GET", "HEAD"]
     );
 }
+
+#[test]
+fn cli_backend_specs_and_set_values() {
+    use super::cli::{JsonInput, backend_spec};
+    assert_eq!(
+        backend_spec("b3=10.0.0.13").expect("spec"),
+        json!({"name": "b3", "address": "10.0.0.13"})
+    );
+    assert_eq!(
+        backend_spec("b3=10.0.0.13:8080").expect("spec"),
+        json!({"name": "b3", "address": "10.0.0.13", "port": 8080})
+    );
+    assert_eq!(
+        backend_spec("v6=[2001:db8::1]:80").expect("spec"),
+        json!({"name": "v6", "address": "2001:db8::1", "port": 80})
+    );
+    for bad in ["b3", "=10.0.0.1", "b3="] {
+        assert!(backend_spec(bad).is_err(), "{bad:?} is refused");
+    }
+    let input = JsonInput {
+        json: Some(r#"{"type": "http-cookie", "path": "/"}"#.into()),
+        file: None,
+        set: vec![
+            "cookie_name=SRV".into(),
+            "max_lifetime_min=30".into(),
+            "http_only=false".into(),
+            "path=/app".into(),
+        ],
+    };
+    assert_eq!(
+        serde_json::Value::Object(input.object().expect("object")),
+        json!({"type": "http-cookie", "cookie_name": "SRV", "max_lifetime_min": 30,
+               "http_only": false, "path": "/app"})
+    );
+    let bad = JsonInput {
+        json: None,
+        file: None,
+        set: vec!["novalue".into()],
+    };
+    assert!(bad.object().is_err());
+}
+
+#[test]
+fn cli_lists_mark_system_profiles() {
+    let text = super::cli::render_profiles(&json!([
+        {"name": "src", "type": "client-ip", "timeout_s": 1800},
+        {"name": "System-Persistence-Http-Cookie", "type": "http-cookie"}
+    ]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("src ")
+            && lines[0].contains("timeout_s 1800")
+            && !lines[0].contains("(system)"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("http-cookie") && lines[1].ends_with("(system)"),
+        "{text}"
+    );
+}
