@@ -94,9 +94,7 @@ impl Store {
         let _one_writer = self.lock.lock().await;
         let mut doc = self.read().await?;
         let object = edit(&mut doc)?;
-        let mut text = serde_json::to_string_pretty(&doc)
-            .map_err(|e| StoreError::File(format!("encoding the config: {e}")))?;
-        text.push('\n');
+        let text = render(&doc);
         let config = Config::parse(&text).map_err(StoreError::Invalid)?;
         let (reply, answer) = oneshot::channel();
         let req = ApplyRequest {
@@ -114,6 +112,80 @@ impl Store {
             Err(_) => Err(StoreError::Unavailable),
         }
     }
+}
+
+/// Keys written first, in this order (the rest follow alphabetically): the top-level
+/// settings as the README lists them, then each object's identity.
+const KEY_ORDER: &[&str] = &[
+    "interface",
+    "xdp_mode",
+    "pin_dir",
+    "state_dir",
+    "persist_table_entries",
+    "persist_new_bindings_per_cpu_s",
+    "admin_listen",
+    "admin_token_file",
+    "drain_timeout_ms",
+    "virtual_services",
+    "pools",
+    "persistence_profiles",
+    "name",
+    "type",
+    "vip",
+    "address",
+    "port",
+    "protocol",
+    "mode",
+    "pool",
+    "persistence",
+    "weight",
+    "admin_state",
+    "backends",
+];
+
+/// The config document as the file's text: pretty-printed (two spaces), keys in
+/// [`KEY_ORDER`] then alphabetical, so `name` leads every object.
+pub fn render(doc: &Value) -> String {
+    fn write(out: &mut String, v: &Value, indent: usize) {
+        let pad = |n: usize| "  ".repeat(n);
+        match v {
+            Value::Object(o) if !o.is_empty() => {
+                let mut keys: Vec<&String> = o.keys().collect();
+                keys.sort_by_key(|k| {
+                    (
+                        KEY_ORDER.iter().position(|o| o == k).unwrap_or(usize::MAX),
+                        k.as_str(),
+                    )
+                });
+                out.push_str("{\n");
+                for (i, k) in keys.iter().enumerate() {
+                    out.push_str(&pad(indent + 1));
+                    out.push_str(&Value::String((*k).clone()).to_string());
+                    out.push_str(": ");
+                    write(out, &o[k.as_str()], indent + 1);
+                    out.push_str(if i + 1 < keys.len() { ",\n" } else { "\n" });
+                }
+                out.push_str(&pad(indent));
+                out.push('}');
+            }
+            Value::Array(a) if !a.is_empty() => {
+                out.push_str("[\n");
+                for (i, item) in a.iter().enumerate() {
+                    out.push_str(&pad(indent + 1));
+                    write(out, item, indent + 1);
+                    out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
+                }
+                out.push_str(&pad(indent));
+                out.push(']');
+            }
+            // Scalars, `{}` and `[]` as serde_json writes them.
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(&mut out, doc, 0);
+    out.push('\n');
+    out
 }
 
 /// Replace `path` with `text` atomically: a temporary file in the same directory (the

@@ -458,7 +458,8 @@ async fn invalid_change_is_refused_as_the_loader_words_it_and_nothing_changes() 
                 edit::patch(&mut doc, kind, name, &body).expect("edit");
             }
         }
-        let loader = Config::parse(&doc.to_string()).expect_err("the loader refuses it too");
+        let loader =
+            Config::parse(&super::store::render(&doc)).expect_err("the loader refuses it too");
         let (st, v) = call(s, m.clone(), path, Some(body)).await;
         assert_eq!(st, 422, "{m} {path}: {v}");
         assert_eq!(
@@ -666,5 +667,22 @@ fn cli_lists_mark_system_profiles() {
     assert!(
         lines[1].contains("http-cookie") && lines[1].ends_with("(system)"),
         "{text}"
+    );
+}
+
+#[test]
+fn the_file_is_rendered_with_names_first_and_round_trips() {
+    let doc: Value = serde_json::from_str(BASE).expect("JSON");
+    let text = super::store::render(&doc);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("renders JSON"),
+        doc
+    );
+    assert!(text.starts_with("{\n  \"interface\": \"lo\",\n  \"virtual_services\": [\n    {\n      \"name\": \"web\",\n"), "{text}");
+    assert!(text.contains("\"backends\": [\n        {\n          \"name\": \"b1\",\n          \"address\": \"10.0.0.11\"\n        }\n      ]"), "{text}");
+    let odd = json!({"s": "quote \" and \\ and \u{1}", "e": {}, "a": [], "n": null, "f": 1.5});
+    assert_eq!(
+        serde_json::from_str::<Value>(&super::store::render(&odd)).expect("JSON"),
+        odd
     );
 }
