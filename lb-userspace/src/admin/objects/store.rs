@@ -6,7 +6,7 @@
 
 use std::{
     io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -189,9 +189,12 @@ pub fn render(doc: &Value) -> String {
 }
 
 /// Replace `path` with `text` atomically: a temporary file in the same directory (the
-/// original's permissions), fsync, rename over, fsync the directory. A crash leaves either
-/// the old file or the new one, never a mix.
+/// original's mode and owner), fsync, rename over, fsync the directory. A crash leaves either
+/// the old file or the new one, never a mix. A symbolic link is followed: its target is
+/// replaced and the link stays.
 pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let resolved = std::fs::canonicalize(path);
+    let path = resolved.as_deref().unwrap_or(path);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -203,7 +206,10 @@ pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = dir.join(tmp_name);
-    let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+    let meta = std::fs::metadata(path).ok();
+    let mode = meta
+        .as_ref()
+        .map_or(0o600, |m| m.permissions().mode() & 0o7777);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -211,6 +217,9 @@ pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
             .truncate(true)
             .mode(mode)
             .open(&tmp)?;
+        if let Some(m) = &meta {
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+        }
         // The umask may have narrowed the mode.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(text.as_bytes())?;

@@ -591,6 +591,18 @@ fn atomic_write_keeps_the_mode_and_leaves_no_temporary() {
         .map(|e| e.expect("entry").file_name())
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("c.json")]);
+
+    // Through a symbolic link: the target is replaced, the link stays a link.
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&p, &link).expect("symlink");
+    write_atomic(&link, "newer").expect("atomic write through the link");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("lstat")
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_to_string(&p).expect("read"), "newer");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
