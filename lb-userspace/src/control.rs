@@ -29,7 +29,7 @@ use tokio::{
 };
 
 use crate::{
-    admin::objects::store::{ApplyRequest, Store, write_atomic},
+    admin::objects::store::{ApplyRequest, Refused, Store, write_atomic},
     balancer::{self, IdError, Ids, L2},
     config::{BackendConfig, Config, LoadError},
     dataplane::{Attached, Dataplane, DataplaneError, Removed, net},
@@ -640,6 +640,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 Err(e) => log::error!("reload refused, still serving generation {}: {e}", d.generation),
             },
             Some(req) = applies.recv() => {
+                if !req.base_is_current(&d.config_path) {
+                    log::warn!(
+                        "admin API change refused: {} changed since the change read it",
+                        d.config_path.display()
+                    );
+                    let _ = req.reply.send(Err(Refused::Stale));
+                    continue;
+                }
                 let r = d.apply(req.config, Some(&req.text)).await;
                 match &r {
                     Ok(()) => log::info!(
@@ -652,7 +660,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
                         d.generation
                     ),
                 }
-                let _ = req.reply.send(r.map(|()| d.generation).map_err(|e| e.to_string()));
+                let _ = req
+                    .reply
+                    .send(r.map(|()| d.generation).map_err(|e| Refused::Failed(e.to_string())));
             }
             Some(ev) = rx.recv() => {
                 if let Err(e) = d.on_health(ev) {

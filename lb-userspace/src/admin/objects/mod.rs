@@ -160,6 +160,7 @@ pub fn error_body(e: &StoreError) -> (StatusCode, Value) {
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({"error": e.to_string()}),
         ),
+        StoreError::Stale => (StatusCode::CONFLICT, json!({"error": e.to_string()})),
         StoreError::File(m) => (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": m})),
         StoreError::Unavailable => (
             StatusCode::SERVICE_UNAVAILABLE,

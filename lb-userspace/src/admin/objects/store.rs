@@ -23,8 +23,27 @@ pub struct ApplyRequest {
     pub config: Arc<Config>,
     /// The file's new text.
     pub text: String,
+    /// The file's text the change was made to: when the file holds anything else by the
+    /// time the change would be written (edited by hand meanwhile), nothing is applied.
+    pub base: String,
     /// The generation now serving, or why nothing changed.
-    pub reply: oneshot::Sender<Result<u64, String>>,
+    pub reply: oneshot::Sender<Result<u64, Refused>>,
+}
+
+/// Why the control loop did not apply a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The file no longer holds the text the change was made to.
+    Stale,
+    /// Preparing or writing failed: the reason.
+    Failed(String),
+}
+
+impl ApplyRequest {
+    /// Whether the file at `path` still holds the text this change was made to.
+    pub fn base_is_current(&self, path: &Path) -> bool {
+        std::fs::read_to_string(path).is_ok_and(|t| t == self.base)
+    }
 }
 
 /// Why a change was not made.
@@ -39,6 +58,11 @@ pub enum StoreError {
     /// that needs a restart, a certificate that does not load); nothing changed.
     #[error("not applied, nothing changed: {0}")]
     NotApplied(String),
+    /// 409: the file changed on disk between the read and the write.
+    #[error(
+        "the config file changed while this change was made (edited by hand?): nothing applied; retry"
+    )]
+    Stale,
     /// 500: the file cannot be read or is not JSON.
     #[error("{0}")]
     File(String),
@@ -78,11 +102,17 @@ impl Store {
 
     /// The file's document as it is now.
     pub async fn read(&self) -> Result<Value, StoreError> {
+        Ok(self.read_text().await?.1)
+    }
+
+    /// The file's text and its document.
+    async fn read_text(&self) -> Result<(String, Value), StoreError> {
         let text = tokio::fs::read_to_string(&self.path)
             .await
             .map_err(|e| StoreError::File(format!("reading {}: {e}", self.path.display())))?;
-        serde_json::from_str(&text)
-            .map_err(|e| StoreError::File(format!("{} is not JSON: {e}", self.path.display())))
+        let doc = serde_json::from_str(&text)
+            .map_err(|e| StoreError::File(format!("{} is not JSON: {e}", self.path.display())))?;
+        Ok((text, doc))
     }
 
     /// Run `edit` on the document, validate the result as a whole, apply it and write it
@@ -92,7 +122,7 @@ impl Store {
         edit: impl FnOnce(&mut Value) -> Result<Value, EditError>,
     ) -> Result<Applied, StoreError> {
         let _one_writer = self.lock.lock().await;
-        let mut doc = self.read().await?;
+        let (base, mut doc) = self.read_text().await?;
         let object = edit(&mut doc)?;
         let text = render(&doc);
         let config = Config::parse(&text).map_err(StoreError::Invalid)?;
@@ -100,6 +130,7 @@ impl Store {
         let req = ApplyRequest {
             config: Arc::new(config),
             text,
+            base,
             reply,
         };
         self.apply
@@ -108,7 +139,8 @@ impl Store {
             .map_err(|_| StoreError::Unavailable)?;
         match answer.await {
             Ok(Ok(generation)) => Ok(Applied { object, generation }),
-            Ok(Err(why)) => Err(StoreError::NotApplied(why)),
+            Ok(Err(Refused::Stale)) => Err(StoreError::Stale),
+            Ok(Err(Refused::Failed(why))) => Err(StoreError::NotApplied(why)),
             Err(_) => Err(StoreError::Unavailable),
         }
     }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{
     edit,
-    store::{ApplyRequest, Store, write_atomic},
+    store::{ApplyRequest, Refused, Store, write_atomic},
 };
 use crate::{
     admin::routes,
@@ -50,6 +50,8 @@ struct Fixture {
     store: Arc<Store>,
     applied: Arc<AtomicUsize>,
     refuse: Arc<AtomicBool>,
+    /// The stand-in control loop edits the file "by hand" before it looks at a change.
+    tamper: Arc<AtomicBool>,
 }
 
 impl Drop for Fixture {
@@ -68,11 +70,28 @@ fn fixture(name: &str) -> Fixture {
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(4);
     let applied = Arc::new(AtomicUsize::new(0));
     let refuse = Arc::new(AtomicBool::new(false));
-    let (a, r, p) = (applied.clone(), refuse.clone(), path.clone());
+    let tamper = Arc::new(AtomicBool::new(false));
+    let (a, r, t, p) = (
+        applied.clone(),
+        refuse.clone(),
+        tamper.clone(),
+        path.clone(),
+    );
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
             if r.load(Ordering::SeqCst) {
-                let _ = req.reply.send(Err("backend b9: no route (test)".into()));
+                let _ = req
+                    .reply
+                    .send(Err(Refused::Failed("backend b9: no route (test)".into())));
+                continue;
+            }
+            if t.load(Ordering::SeqCst) {
+                let mut text = std::fs::read_to_string(&p).expect("read");
+                text.push(' ');
+                std::fs::write(&p, text).expect("hand edit");
+            }
+            if !req.base_is_current(&p) {
+                let _ = req.reply.send(Err(Refused::Stale));
                 continue;
             }
             write_atomic(&p, &req.text).expect("writing the config");
@@ -86,6 +105,7 @@ fn fixture(name: &str) -> Fixture {
         path,
         applied,
         refuse,
+        tamper,
     }
 }
 
@@ -697,4 +717,39 @@ fn the_file_is_rendered_with_names_first_and_round_trips() {
         serde_json::from_str::<Value>(&super::store::render(&odd)).expect("JSON"),
         odd
     );
+}
+
+#[tokio::test]
+async fn a_hand_edit_between_read_and_write_is_not_overwritten() {
+    let f = fixture("stale");
+    f.tamper.store(true, Ordering::SeqCst);
+    let (st, v) = call(
+        &f.store,
+        Method::POST,
+        "/api/v1/pool/web/backend",
+        Some(json!({"name": "b2", "address": "10.0.0.12"})),
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"].as_str().expect("error").contains("changed"),
+        "{v}"
+    );
+    let text = std::fs::read_to_string(&f.path).expect("file");
+    assert_eq!(
+        text,
+        format!("{BASE} "),
+        "the hand edit stays, the change is not written"
+    );
+    assert_eq!(f.applied.load(Ordering::SeqCst), 0);
+    // Retried on the edited file, it applies.
+    f.tamper.store(false, Ordering::SeqCst);
+    let (st, v) = call(
+        &f.store,
+        Method::POST,
+        "/api/v1/pool/web/backend",
+        Some(json!({"name": "b2", "address": "10.0.0.12"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
 }
