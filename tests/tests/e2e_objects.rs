@@ -110,6 +110,16 @@ fn objects_are_managed_live_and_written_back() {
 
     // List, then a profile created and put to use: new clients get its cookie at once.
     let list = lab.ok(cli(d, &["vs", "list"]), "tether vs list");
+    // The same over TCP with the bearer token.
+    let (addr, token) = (
+        d.admin_addr().to_string(),
+        d.admin_token_file().to_string_lossy().into_owned(),
+    );
+    let tcp_list = lab.ok(
+        d.cli(&["vs", "list", "--admin", &addr, "--token-file", &token]),
+        "tether vs list --admin",
+    );
+    assert_eq!(tcp_list, list, "the Unix socket and TCP agree");
     assert!(
         list.contains("web") && list.contains("l7") && list.contains("ck"),
         "{list}"
