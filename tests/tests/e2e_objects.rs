@@ -687,6 +687,12 @@ fn draining_through_the_cli_keeps_then_empties_a_backend() {
     assert!(out.contains("draining"), "{out}");
     let b = status_backend(d, "web-l4", &victim).expect("victim");
     assert_eq!(b["state"], "draining", "{b}");
+    let text = lab.ok(cli(d, &["status"]), "tether status");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!(" {victim} ")) && l.contains("draining")),
+        "tether status shows {victim} draining:\n{text}"
+    );
     // Its bound clients stay with it; new clients go elsewhere.
     for (i, b) in &bound {
         if *b == victim {
