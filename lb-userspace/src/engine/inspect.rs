@@ -10,7 +10,7 @@ use super::{Engine, methods::TableRef};
 use crate::{
     balancer::masked_addr,
     engine::methods::masks,
-    state::{L7Binding, L7Filter, L7Tables},
+    state::{L7Binding, L7Filter, L7TableSize, L7Tables},
 };
 
 impl std::fmt::Debug for Engine {
@@ -139,5 +139,26 @@ impl L7Tables for Engine {
             }
         }
         out
+    }
+
+    fn method(&self) -> &'static str {
+        self.method.as_ref().map_or("none", |m| m.kind())
+    }
+
+    fn sizes(&self) -> Vec<L7TableSize> {
+        self.tables()
+            .into_iter()
+            .map(|(table, _, t)| {
+                let (entries, capacity) = match t {
+                    TableRef::Clients { table, .. } => (table.len(), table.capacity()),
+                    TableRef::Keys(table) => (table.len(), table.capacity()),
+                };
+                L7TableSize {
+                    table,
+                    entries: entries as u64,
+                    capacity: capacity as u64,
+                }
+            })
+            .collect()
     }
 }

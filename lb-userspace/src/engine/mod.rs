@@ -48,7 +48,7 @@ use crate::{
     config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
     cookie::{self, KeyError},
     proxy::{ConnInfo, Route, Router, TlsSession},
-    state::{BackendState, RouterStats, SharedSnapshot, Snapshot},
+    state::{BackendL7Stats, BackendState, RouterStats, SharedSnapshot, Snapshot},
     tlswire::ClientHello,
 };
 use input::Input;
@@ -140,10 +140,12 @@ struct Prepared {
     /// The pool's Maglev table over its up backends (entries are backend indexes), built on
     /// first use by a keyed method.
     maglev: OnceLock<Vec<u32>>,
+    /// Each pool backend's counters (by index), looked up once per generation.
+    backend_stats: Vec<Arc<BackendL7Stats>>,
 }
 
 impl Prepared {
-    fn new(snap: &Snapshot, service: &str) -> Option<Prepared> {
+    fn new(snap: &Snapshot, service: &str, stats: &RouterStats) -> Option<Prepared> {
         let si = snap
             .config
             .services
@@ -156,12 +158,18 @@ impl Prepared {
                 .entry(backend_identity(&pool.name, &b.name))
                 .or_insert(i);
         }
+        let backend_stats = pool
+            .backends
+            .iter()
+            .map(|b| stats.backend(backend_identity(&pool.name, &b.name)))
+            .collect();
         Some(Prepared {
             generation: snap.generation,
             config: snap.config.clone(),
             service: si,
             identities,
             maglev: OnceLock::new(),
+            backend_stats,
         })
     }
 
@@ -280,7 +288,7 @@ impl Engine {
         {
             return Some(p);
         }
-        let fresh = Arc::new(Prepared::new(snap, &self.service)?);
+        let fresh = Arc::new(Prepared::new(snap, &self.service, &self.stats)?);
         self.prepared.store(Some(fresh.clone()));
         Some(fresh)
     }
@@ -337,12 +345,15 @@ impl Engine {
             if usable && !tried.contains(&addr_of(i)) {
                 honoured = Some(i);
                 RouterStats::bump(&stats.persist_hits);
+                RouterStats::bump(&prep.backend_stats[i].hits);
             } else if self.down_policy == DownPolicy::Never {
                 // Down, or refusing connections: the client waits for its server.
                 RouterStats::bump(&stats.refused_down);
+                RouterStats::bump(&prep.backend_stats[i].reassigned_down);
                 return Err(Refusal::BackendDown);
             } else {
                 RouterStats::bump(&stats.reassigned_down);
+                RouterStats::bump(&prep.backend_stats[i].reassigned_down);
             }
         }
         let index = match honoured {
@@ -379,6 +390,7 @@ impl Engine {
                     }
                 };
                 RouterStats::bump(&stats.new_assignments);
+                RouterStats::bump(&prep.backend_stats[i].new_assignments);
                 i
             }
         };

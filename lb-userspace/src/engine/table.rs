@@ -39,6 +39,8 @@ pub enum Inserted {
 pub struct Table<K: Hash + Eq> {
     shards: Vec<Mutex<Shard<K>>>,
     timeout: Duration,
+    /// Entries all shards hold together.
+    capacity: usize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -56,6 +58,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
                 })
                 .collect(),
             timeout,
+            capacity: per.get() * SHARDS,
             hasher: Default::default(),
         }
     }
@@ -216,6 +219,11 @@ impl<K: Hash + Eq + Clone> Table<K> {
         self.timeout
     }
 
+    /// Entries the table holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -301,6 +309,7 @@ mod tests {
             t.insert(k, k, now);
         }
         assert!(t.len() <= 160, "len {}", t.len());
+        assert_eq!(t.capacity(), 160);
         assert!(t.get(&9_999, now).is_ok(), "the newest survives");
     }
 
