@@ -538,12 +538,7 @@ fn render_l7_method(l7: &api::L7Status) -> String {
             .iter()
             .map(|t| format!("{} {}/{}", t.table, t.entries, t.capacity))
             .collect();
-        let _ = writeln!(
-            out,
-            "  l7 table size: {}  evicted {}",
-            tables.join(", "),
-            get("table_evictions")
-        );
+        let _ = writeln!(out, "  l7 table size: {}", tables.join(", "));
     }
     let invalid: Vec<String> = l7
         .counters

@@ -298,7 +298,7 @@ fn status_shows_the_method_tables_and_each_backends_decisions() {
         "{out}"
     );
     assert!(
-        out.contains("  l7 table size: fallback 2/64  evicted 0"),
+        out.contains("  l7 table size: fallback 2/64\n"),
         "{out}"
     );
     assert!(out.contains("  l7 invalid cookies: 1 ("), "{out}");
