@@ -40,7 +40,10 @@ fn backend_of(lab: &L7Lab, r: &HttpResponse) -> String {
 fn row(text: &str, first: &str, second: Option<&str>) -> Option<Vec<String>> {
     text.lines()
         .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
-        .find(|w| w.first().is_some_and(|f| f == first) && second.is_none_or(|s| w.get(1).is_some_and(|x| x == s)))
+        .find(|w| {
+            w.first().is_some_and(|f| f == first)
+                && second.is_none_or(|s| w.get(1).is_some_and(|x| x == s))
+        })
 }
 
 /// Two clients with `http-cookie` (and the source-IP fallback): A opens a session and comes
@@ -61,8 +64,11 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
     });
     let (a, b) = (lab.client(0), lab.client(1));
     // (hits, new) per backend, as the traffic below decides them.
-    let mut expect: BTreeMap<String, (u64, u64)> =
-        lab.backend_names().into_iter().map(|n| (n, (0, 0))).collect();
+    let mut expect: BTreeMap<String, (u64, u64)> = lab
+        .backend_names()
+        .into_iter()
+        .map(|n| (n, (0, 0)))
+        .collect();
 
     let first = get(&lab, a, &[]);
     let x = backend_of(&lab, &first);
@@ -106,35 +112,69 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
         l
     };
     assert_eq!(lab.metric("tether_l7_persistence_hits_total", &svc), 13);
-    assert_eq!(lab.metric("tether_l7_persistence_new_bindings_total", &svc), 2);
-    assert_eq!(lab.metric("tether_l7_persistence_expirations_total", &svc), 0);
-    assert_eq!(lab.metric("tether_l7_persistence_table_evictions_total", &svc), 0);
     assert_eq!(
-        lab.metric("tether_l7_persistence_invalid_cookies_total", &with(&[("reason", "tampered")])),
+        lab.metric("tether_l7_persistence_new_bindings_total", &svc),
+        2
+    );
+    assert_eq!(
+        lab.metric("tether_l7_persistence_expirations_total", &svc),
+        0
+    );
+    assert_eq!(
+        lab.metric("tether_l7_persistence_table_evictions_total", &svc),
+        0
+    );
+    assert_eq!(
+        lab.metric(
+            "tether_l7_persistence_invalid_cookies_total",
+            &with(&[("reason", "tampered")])
+        ),
         1,
         "B's cookie"
     );
     for reason in ["malformed", "unknown_key", "foreign_service", "expired"] {
         assert_eq!(
-            lab.metric("tether_l7_persistence_invalid_cookies_total", &with(&[("reason", reason)])),
+            lab.metric(
+                "tether_l7_persistence_invalid_cookies_total",
+                &with(&[("reason", reason)])
+            ),
             0,
             "{reason}"
         );
     }
     assert_eq!(
-        lab.metric("tether_l7_persistence_table_entries", &with(&[("table", "fallback")])),
+        lab.metric(
+            "tether_l7_persistence_table_entries",
+            &with(&[("table", "fallback")])
+        ),
         2,
         "A and B in the fallback table"
     );
     for (name, (hits, new)) in &expect {
-        let be = [("service", "web"), ("method", "http-cookie"), ("backend", name.as_str())];
+        let be = [
+            ("service", "web"),
+            ("method", "http-cookie"),
+            ("backend", name.as_str()),
+        ];
         let mut hit = be.to_vec();
         hit.push(("decision", "hit"));
         let mut fresh = be.to_vec();
         fresh.push(("decision", "new"));
-        assert_eq!(lab.metric("tether_l7_backend_requests_total", &hit), *hits, "{name} hits");
-        assert_eq!(lab.metric("tether_l7_backend_requests_total", &fresh), *new, "{name} new");
-        assert_eq!(lab.metric("tether_l7_backend_reassigned_down_total", &be), 0, "{name}");
+        assert_eq!(
+            lab.metric("tether_l7_backend_requests_total", &hit),
+            *hits,
+            "{name} hits"
+        );
+        assert_eq!(
+            lab.metric("tether_l7_backend_requests_total", &fresh),
+            *new,
+            "{name} new"
+        );
+        assert_eq!(
+            lab.metric("tether_l7_backend_reassigned_down_total", &be),
+            0,
+            "{name}"
+        );
         assert_eq!(
             lab.metric("tether_l7_backend_bound_clients", &be),
             bound[name],
@@ -158,23 +198,49 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
         let words = row(&status, name, None)
             .unwrap_or_else(|| lab.fail(format!("no row for {name}:\n{status}")));
         // ... L7 BOUND, L7 HITS, L7 NEW, L7 MOVED OFF, HEALTH (no monitor).
-        let want = [bound[name].to_string(), hits.to_string(), new.to_string(), "0".into(), "-".into()];
-        assert_eq!(words[words.len() - 5..], want, "{name} in tether status:\n{status}");
+        let want = [
+            bound[name].to_string(),
+            hits.to_string(),
+            new.to_string(),
+            "0".into(),
+            "-".into(),
+        ];
+        assert_eq!(
+            words[words.len() - 5..],
+            want,
+            "{name} in tether status:\n{status}"
+        );
     }
 
     // tether top --once: two samples 0.3 s apart with no traffic between them.
     let top = lab.ok(
-        lab.d().cli(&["top", "--once", "--interval", "0.3", "--config", &cfg]),
+        lab.d()
+            .cli(&["top", "--once", "--interval", "0.3", "--config", &cfg]),
         "tether top --once",
     );
     if !top.starts_with("tether top: generation ") || !top.contains(", rates over ") {
         lab.fail(format!("tether top header:\n{top}"));
     }
-    let web = row(&top, "web", Some("l7")).unwrap_or_else(|| lab.fail(format!("no web row:\n{top}")));
+    let web =
+        row(&top, "web", Some("l7")).unwrap_or_else(|| lab.fail(format!("no web row:\n{top}")));
     // SERVICE MODE METHOD REQ/S PKT/S HIT%NOW HIT%ALL BOUND NEW EXPIRED INVALID MOVED TABLE
     assert_eq!(
         web,
-        ["web", "l7", "http-cookie", "0.0", "-", "-", "86.7%", "2", "2", "0", "1", "0", "2"],
+        [
+            "web",
+            "l7",
+            "http-cookie",
+            "0.0",
+            "-",
+            "-",
+            "86.7%",
+            "2",
+            "2",
+            "0",
+            "1",
+            "0",
+            "2"
+        ],
         "{top}"
     );
     for (name, (hits, new)) in &expect {
@@ -228,14 +294,18 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
     // L7 BOUND of X in `tether status` (5th column from the end) and X's state.
     let status_of_x = |lab: &L7Lab| {
         let text = lab.ok(lab.d().cli(&["status", "--config", &cfg]), "tether status");
-        let words = row(&text, &x, None).unwrap_or_else(|| lab.fail(format!("no row {x}:\n{text}")));
+        let words =
+            row(&text, &x, None).unwrap_or_else(|| lab.fail(format!("no row {x}:\n{text}")));
         let bound: u64 = words[words.len() - 5]
             .parse()
             .unwrap_or_else(|_| lab.fail(format!("L7 BOUND of {x}:\n{text}")));
         (words[2].clone(), bound, text)
     };
 
-    let drained = lab.builder.clone().backend_field(&x, "admin_state", json!("draining"));
+    let drained = lab
+        .builder
+        .clone()
+        .backend_field(&x, "admin_state", json!("draining"));
     lab.reload(drained);
     let (state, first, text) = status_of_x(&lab);
     assert_eq!(state, "draining", "{text}");
@@ -251,13 +321,21 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
         n == 1
     });
     let r = lab.ok(held.request("/", &[]), "A's request on its connection");
-    assert_eq!(backend_of(&lab, &r), x, "a draining backend keeps its bound client");
+    assert_eq!(
+        backend_of(&lab, &r),
+        x,
+        "a draining backend keeps its bound client"
+    );
     drop(held);
-    lab.wait_for(EXPIRY_WAIT, "A's entry expiring after its connection closed", || {
-        let (_, n, _) = status_of_x(&lab);
-        seen.push(n);
-        n == 0
-    });
+    lab.wait_for(
+        EXPIRY_WAIT,
+        "A's entry expiring after its connection closed",
+        || {
+            let (_, n, _) = status_of_x(&lab);
+            seen.push(n);
+            n == 0
+        },
+    );
     assert!(
         seen.windows(2).all(|w| w[1] <= w[0]),
         "X's bound clients only fall while it drains: {seen:?}"
@@ -274,10 +352,12 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
     );
     assert_eq!(bound, 0);
     let top = lab.ok(
-        lab.d().cli(&["top", "--once", "--interval", "0.2", "--config", &cfg]),
+        lab.d()
+            .cli(&["top", "--once", "--interval", "0.2", "--config", &cfg]),
         "tether top --once",
     );
-    let words = row(&top, "web", Some(&x)).unwrap_or_else(|| lab.fail(format!("no row {x}:\n{top}")));
+    let words =
+        row(&top, "web", Some(&x)).unwrap_or_else(|| lab.fail(format!("no row {x}:\n{top}")));
     assert_eq!(
         (words[2].as_str(), words[4].as_str(), words[8].as_str()),
         ("draining", "draining", "0"),

@@ -173,7 +173,11 @@ fn l7_status(l: &L7Counters) -> api::L7Status {
         counters,
         entries: tables.iter().map(|t| t.entries).sum(),
         method: l.tables.method().into(),
-        requests: l.proxy.snapshot().requests,
+        // A SIP service's requests are its datagrams from clients.
+        requests: l.udp.as_ref().map_or_else(
+            || l.proxy.snapshot().requests,
+            |u| u.received.load(Ordering::Relaxed),
+        ),
         expirations: l.router.expirations(),
         tables,
     }

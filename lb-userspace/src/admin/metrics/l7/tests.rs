@@ -297,10 +297,7 @@ fn status_shows_the_method_tables_and_each_backends_decisions() {
         out.contains("  l7 method http-cookie: requests 0  hits 1  new 3  hit ratio 25.0%  expired 0  reassigned (backend down) 1"),
         "{out}"
     );
-    assert!(
-        out.contains("  l7 table size: fallback 2/64\n"),
-        "{out}"
-    );
+    assert!(out.contains("  l7 table size: fallback 2/64\n"), "{out}");
     assert!(out.contains("  l7 invalid cookies: 1 ("), "{out}");
     let words = |name: &str| {
         out.lines()
