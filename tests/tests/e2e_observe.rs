@@ -7,10 +7,20 @@
 //! `TETHER_BIN=target/debug/tether cargo test -p tether-tests --test e2e_observe -- --test-threads=1`.
 //! Every loop and wait is bounded; nothing asserts how long anything took.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{Read, Write},
+    net::Ipv4Addr,
+    os::fd::{FromRawFd, OwnedFd},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 use serde_json::json;
 use tether_tests::{
+    daemon::tether_bin,
     http::{HttpResponse, KeepAlive},
     l7lab::{IO_TIMEOUT, L7Lab, PORT},
 };
@@ -44,6 +54,139 @@ fn row(text: &str, first: &str, second: Option<&str>) -> Option<Vec<String>> {
             w.first().is_some_and(|f| f == first)
                 && second.is_none_or(|s| w.get(1).is_some_and(|x| x == s))
         })
+}
+
+/// A pseudo-terminal of `rows` x `cols`: (master, slave).
+fn pty(rows: u16, cols: u16) -> (File, OwnedFd) {
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into the locals; the winsize outlives the call.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nobody else.
+    unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Escape sequences removed (a cursor move becomes one space): the text the terminal was sent.
+fn strip_escapes(raw: &str) -> String {
+    let mut out = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte. ratatui moves the cursor
+            // over blank cells instead of writing them: a move counts as a space.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    if c == 'H' {
+                        out.push(' ');
+                    }
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// `tether top` on a terminal (a pty, as an operator's): it draws every text of `want`, and
+/// the key `quit` (`q`, or Ctrl-C: raw mode makes it a key) ends it with status 0 after it
+/// left the alternate screen.
+fn live_top(lab: &L7Lab, cfg: &str, want: &[&str], quit: &[u8]) {
+    const WAIT: Duration = Duration::from_secs(20);
+    let (mut master, slave) = pty(40, 160);
+    let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let stdin = lab.ok(slave.try_clone(), "dup pty");
+    let stdout = lab.ok(slave.try_clone(), "dup pty");
+    let mut child = lab.ok(
+        Command::new(&bin)
+            .args([
+                "--netns",
+                lab.d().ns(),
+                "top",
+                "--interval",
+                "0.3",
+                "--config",
+                cfg,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(slave))
+            .spawn(),
+        "starting tether top on a pty",
+    );
+    let mut reader = lab.ok(master.try_clone(), "dup pty master");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    // Reads until the pty closes (EIO once the child and every slave copy are gone).
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let drawn = |raw: &[u8]| {
+        let text = strip_escapes(&String::from_utf8_lossy(raw));
+        want.iter().all(|w| text.contains(w))
+    };
+    while !drawn(&raw) && Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+            raw.extend(chunk);
+        }
+    }
+    if !drawn(&raw) {
+        let _ = child.kill();
+        let _ = child.wait();
+        lab.fail(format!(
+            "tether top did not draw {want:?}:\n{}",
+            strip_escapes(&String::from_utf8_lossy(&raw))
+        ));
+    }
+    lab.ok(master.write_all(quit), "typing the quit key");
+    let status = loop {
+        if let Some(st) = lab.ok(child.try_wait(), "waiting for tether top") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            lab.fail(format!("tether top did not quit on {quit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        raw.extend(chunk);
+    }
+    assert!(status.success(), "tether top exited with {status}");
+    let text = String::from_utf8_lossy(&raw);
+    let (enter, leave) = ("\u{1b}[?1049h", "\u{1b}[?1049l");
+    assert!(
+        text.contains(enter) && text.rfind(leave) > text.rfind(enter),
+        "tether top left the alternate screen it entered"
+    );
 }
 
 /// Two clients with `http-cookie` (and the source-IP fallback): A opens a session and comes
@@ -265,6 +408,12 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
         ];
         assert_eq!(words, want, "{name} in tether top:\n{top}");
     }
+    live_top(
+        &lab,
+        &cfg,
+        &["http-cookie", "86.7%", "90.0%", "q: quit"],
+        b"q",
+    );
     lab.stop();
 }
 
@@ -363,5 +512,6 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
         ("draining", "draining", "0"),
         "{top}"
     );
+    live_top(&lab, &cfg, &["client-ip", "draining"], b"\x03");
     lab.stop();
 }
