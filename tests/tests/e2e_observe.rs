@@ -500,6 +500,17 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
         &[("service", "web"), ("method", "client-ip"), ("backend", &x)],
     );
     assert_eq!(bound, 0);
+    // A's entry was found expired when its next connection opened; the others, never looked
+    // up again, were not. New bindings: A twice, the five others once.
+    let cip = [("service", "web"), ("method", "client-ip")];
+    assert_eq!(
+        lab.metric("tether_l7_persistence_expirations_total", &cip),
+        1
+    );
+    assert_eq!(
+        lab.metric("tether_l7_persistence_new_bindings_total", &cip),
+        7
+    );
     let top = lab.ok(
         lab.d()
             .cli(&["top", "--once", "--interval", "0.2", "--config", &cfg]),

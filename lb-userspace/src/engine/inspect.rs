@@ -132,10 +132,12 @@ impl L7Tables for Engine {
     }
 
     fn bound(&self) -> HashMap<u32, u64> {
+        let now = Instant::now();
         let mut out = HashMap::new();
-        for b in self.bindings(&L7Filter::default()) {
-            if !b.expired {
-                *out.entry(b.backend).or_insert(0) += 1;
+        for (_, _, t) in self.tables() {
+            match t {
+                TableRef::Clients { table, .. } => table.count_live(now, &mut out),
+                TableRef::Keys(table) => table.count_live(now, &mut out),
             }
         }
         out

@@ -195,6 +195,20 @@ impl<K: Hash + Eq + Clone> Table<K> {
         out
     }
 
+    /// Add the live (unexpired) entries per backend identity to `out`, shard by shard,
+    /// without copying keys.
+    pub fn count_live(&self, now: Instant, out: &mut HashMap<u32, u64>) {
+        for shard in &self.shards {
+            let s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, (backend, seen)) in s.entries.iter() {
+                let open = s.open.get(k).copied().unwrap_or(0);
+                if open > 0 || now.saturating_duration_since(*seen) <= self.timeout {
+                    *out.entry(*backend).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+
     /// Remove the entries `matches` selects; returns how many were removed.
     pub fn remove_where(&self, matches: impl Fn(&K, u32) -> bool) -> usize {
         let mut removed = 0;
@@ -379,6 +393,15 @@ mod tests {
             listed[4],
             (4, 0, Duration::from_secs(30), 1, false),
             "an open connection keeps it live"
+        );
+        let mut live = HashMap::new();
+        t.count_live(later, &mut live);
+        assert_eq!(live, HashMap::from([(0, 1)]), "only the held entry is live");
+        t.count_live(t0, &mut live);
+        assert_eq!(
+            live,
+            HashMap::from([(0, 4), (1, 3)]),
+            "all live at first, added"
         );
         assert_eq!(t.remove_where(|_, b| b == 1), 3);
         assert_eq!(t.len(), 3);
