@@ -29,7 +29,7 @@ mod tls_session_tests;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -171,6 +171,13 @@ impl Prepared {
             maglev: OnceLock::new(),
             backend_stats,
         })
+    }
+
+    /// Add one to a counter of pool backend `i`.
+    fn count(&self, i: usize, counter: impl Fn(&BackendL7Stats) -> &AtomicU64) {
+        if let Some(b) = self.backend_stats.get(i) {
+            RouterStats::bump(counter(b));
+        }
     }
 
     fn is_for(&self, snap: &Snapshot) -> bool {
@@ -345,15 +352,15 @@ impl Engine {
             if usable && !tried.contains(&addr_of(i)) {
                 honoured = Some(i);
                 RouterStats::bump(&stats.persist_hits);
-                RouterStats::bump(&prep.backend_stats[i].hits);
+                prep.count(i, |b| &b.hits);
             } else if self.down_policy == DownPolicy::Never {
                 // Down, or refusing connections: the client waits for its server.
                 RouterStats::bump(&stats.refused_down);
-                RouterStats::bump(&prep.backend_stats[i].reassigned_down);
+                prep.count(i, |b| &b.reassigned_down);
                 return Err(Refusal::BackendDown);
             } else {
                 RouterStats::bump(&stats.reassigned_down);
-                RouterStats::bump(&prep.backend_stats[i].reassigned_down);
+                prep.count(i, |b| &b.reassigned_down);
             }
         }
         let index = match honoured {
@@ -390,7 +397,7 @@ impl Engine {
                     }
                 };
                 RouterStats::bump(&stats.new_assignments);
-                RouterStats::bump(&prep.backend_stats[i].new_assignments);
+                prep.count(i, |b| &b.new_assignments);
                 i
             }
         };
