@@ -414,6 +414,19 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
         &["http-cookie", "86.7%", "90.0%", "q: quit"],
         b"q",
     );
+    match lab
+        .d()
+        .cli(&["top", "--once", "--interval", "0", "--config", &cfg])
+    {
+        Ok(out) => lab.fail(format!("--interval 0 was accepted:\n{out}")),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("--interval") && e.contains("not between 0.1 and 60 seconds"),
+                "{e}"
+            );
+        }
+    }
     lab.stop();
 }
 
