@@ -508,6 +508,10 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
     assert_ne!(now, x, "a draining backend takes no new clients");
     let (state, n, text) = status_of_x(&lab);
     assert_eq!((state.as_str(), n), ("draining", 0), "{text}");
+    assert!(
+        text.contains("  l7 method client-ip: ") && !text.contains("l7 invalid cookies"),
+        "a method without cookies shows none:\n{text}"
+    );
     let bound = lab.metric(
         "tether_l7_backend_bound_clients",
         &[("service", "web"), ("method", "client-ip"), ("backend", &x)],

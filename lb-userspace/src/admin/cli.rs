@@ -553,8 +553,11 @@ fn render_l7_method(l7: &api::L7Status) -> String {
         .filter(|(k, _)| k.starts_with("rejected_"))
         .map(|(_, v)| v)
         .sum();
+    // Only cookie and ticket methods (or a method that somehow saw one) have any to show.
     if invalid.is_empty() {
-        let _ = writeln!(out, "  l7 invalid cookies: {total}");
+        if matches!(l7.method.as_str(), "http-cookie" | "tls-ticket") {
+            let _ = writeln!(out, "  l7 invalid cookies: {total}");
+        }
     } else {
         let _ = writeln!(
             out,
