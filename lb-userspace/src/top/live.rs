@@ -41,10 +41,7 @@ fn run_on(
             // Keep the last frame and say why it is stale; the daemon may be restarting.
             Err(e) => (last.clone(), format!("{FOOTER}  |  {e}")),
         };
-        terminal.draw(|f| match &frame {
-            Some(v) => render::draw(f, v, &footer),
-            None => f.render_widget(ratatui::widgets::Paragraph::new(footer.as_str()), f.area()),
-        })?;
+        terminal.draw(|f| paint(f, frame.as_ref(), &footer))?;
         // Wait out the interval, answering keys (and redrawing on resize) meanwhile.
         while let Some(left) = interval.checked_sub(tick.elapsed()) {
             if !event::poll(left)? {
@@ -59,16 +56,18 @@ fn run_on(
                     }
                 }
                 Event::Resize(..) => {
-                    terminal.draw(|f| match &frame {
-                        Some(v) => render::draw(f, v, &footer),
-                        None => f.render_widget(
-                            ratatui::widgets::Paragraph::new(footer.as_str()),
-                            f.area(),
-                        ),
-                    })?;
+                    terminal.draw(|f| paint(f, frame.as_ref(), &footer))?;
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// The frame, or only the footer before the first sample.
+fn paint(f: &mut ratatui::Frame<'_>, frame: Option<&View>, footer: &str) {
+    match frame {
+        Some(v) => render::draw(f, v, footer),
+        None => f.render_widget(ratatui::widgets::Paragraph::new(footer), f.area()),
     }
 }

@@ -282,3 +282,25 @@ fn once_text_has_every_service_and_backend_in_aligned_columns() {
     assert_eq!(&b1[end - 4..end], "11.0", "{out}");
     assert!(out.lines().all(|l| l == l.trim_end()), "lines are trimmed");
 }
+
+#[test]
+fn a_terminal_smaller_than_the_frame_cuts_it_off() {
+    let s = status((100, 60, 40), (30, 0, 0), (10, 0, 0), dns(1000, 90, 10));
+    let v = view(
+        None,
+        &Sample {
+            status: s,
+            elapsed: None,
+        },
+    );
+    let mut term =
+        ratatui::Terminal::new(ratatui::backend::TestBackend::new(24, 4)).expect("test backend");
+    term.draw(|f| render::draw(f, &v, "q: quit"))
+        .expect("drawn without panicking");
+    let buf = term.backend().buffer();
+    let first: String = (0..24).map(|x| buf[(x, 0)].symbol()).collect();
+    assert_eq!(
+        first, "tether top: generation 4",
+        "the header, cut at the width"
+    );
+}
