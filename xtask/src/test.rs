@@ -185,6 +185,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_tls",
                     "--test",
                     "e2e_observe",
+                    "--test",
+                    "e2e_objects",
                 ],
                 &["--test-threads=1"],
             )

@@ -9,6 +9,7 @@ mod admin;
 mod names;
 mod profiles;
 mod raw;
+mod system;
 mod trusted;
 mod validate;
 
@@ -22,6 +23,7 @@ use serde::Deserialize;
 
 pub use admin::TOKEN_FILE_NAME;
 use raw::RawConfig;
+pub use system::{SYSTEM_PROFILES, is_system_profile, system_profile};
 pub use validate::parse_mac;
 
 /// A configuration error: where, and why.
