@@ -431,12 +431,12 @@ fn cookie_traffic_is_counted_per_method_in_metrics_status_and_top() {
 }
 
 /// `client-ip` persistence (timeout 1 s) on the L7 proxy, six clients over two backends.
-/// Backend X is set `draining` by a reload (SIGHUP): its bound clients stay while a client
-/// keeps a connection open and fall as the others' entries expire; once the last one is
-/// closed and idle, X is bound to nobody and that client is served elsewhere.
+/// Backend X is edited to `draining` (`tether pool edit`, applied live): its bound clients
+/// stay while a client keeps a connection open and fall as the others' entries expire; once
+/// the last one is closed and idle, X is bound to nobody and that client is served elsewhere.
 #[test]
 fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
-    let mut lab = L7Lab::start_as_user(6, 2, |b| {
+    let lab = L7Lab::start_as_user(6, 2, |b| {
         b.profile(json!({"name": "cip", "type": "client-ip", "timeout_s": 1}))
             .l7_service("web", PORT, Some("cip"), json!({}))
     });
@@ -464,11 +464,21 @@ fn a_draining_backends_bound_clients_fall_in_status_as_sessions_expire() {
         (words[2].clone(), bound, text)
     };
 
-    let drained = lab
-        .builder
-        .clone()
-        .backend_field(&x, "admin_state", json!("draining"));
-    lab.reload(drained);
+    let out = lab.ok(
+        lab.d().cli(&[
+            "pool",
+            "edit",
+            "web",
+            "--backend",
+            &x,
+            "--admin-state",
+            "draining",
+            "--config",
+            &cfg,
+        ]),
+        "tether pool edit --admin-state draining",
+    );
+    assert!(out.contains("draining"), "{out}");
     let (state, first, text) = status_of_x(&lab);
     assert_eq!(state, "draining", "{text}");
     assert!(
