@@ -190,7 +190,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     }
     Ok(Response::from_parts(
         parts,
-        ProxyBody::stream(body, idle).with_checkin(checkin),
+        ProxyBody::stream(body, idle).keep_until_end(checkin),
     ))
 }
 
