@@ -48,8 +48,17 @@ pub const MAP_FRAGS: &str = "TETHER_FRAGS";
 /// an established flow keeps its backend when the Maglev table changes (as Katran's LRU).
 pub const MAP_FLOWS: &str = "TETHER_FLOWS";
 
+/// Source-IP bindings the data path writes (new, expired and re-bound ones): a BPF ring
+/// buffer of `BindingEvent`s, drained in batches by the daemon when it mirrors its tables
+/// to other instances. When nobody reads it, it fills and further events are dropped by
+/// the kernel at no cost to forwarding.
+pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
+/// Size of `MAP_BINDINGS` in bytes (a power of two, a multiple of the page size): 8192
+/// events of 32 bytes plus the kernel's 8-byte record headers.
+pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
+
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -63,6 +72,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_RATE,
     MAP_FRAGS,
     MAP_FLOWS,
+    MAP_BINDINGS,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -206,6 +216,23 @@ pub struct PersistValue {
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<PersistValue>() == 16);
+
+/// One record of `MAP_BINDINGS`: a binding the data path wrote to `TETHER_PERSIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BindingEvent {
+    /// `PersistKey::service`.
+    pub service: u32,
+    /// `Backend::identity` of the new backend.
+    pub backend_identity: u32,
+    /// The identity the key was bound to before (a binding moved off a down backend); 0
+    /// for a new or expired one.
+    pub previous_identity: u32,
+    pub _pad: u32,
+    /// `PersistKey::addr_be`.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<BindingEvent>() == 32);
 
 /// Value of `TETHER_GLOBALS[0]`: data-path settings that are not per service.
 #[repr(C)]

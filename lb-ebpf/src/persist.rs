@@ -9,13 +9,13 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    PERSIST_REFRESH_NS, PersistKey, PersistValue, RATE_WINDOW_NS, Service, TrafficCounters,
-    elapsed_ns, event as events, hash::client_hash, identity_matches,
+    BindingEvent, PERSIST_REFRESH_NS, PersistKey, PersistValue, RATE_WINDOW_NS, Service,
+    TrafficCounters, elapsed_ns, event as events, hash::client_hash, identity_matches,
 };
 
 use crate::{
     Verdict, conntrack,
-    maps::{TETHER_BACKENDS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
+    maps::{TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
     parse::{Addr, Aligned, Flow, Kind, store_addr},
     select::{self, Choice, usable},
     stats::{self, Event},
@@ -59,6 +59,7 @@ pub fn choose(
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut event = Event::New;
+    let mut previous_identity = 0;
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_ns (a u64, written whole) or replace the element.
@@ -86,6 +87,7 @@ pub fn choose(
                 });
             }
             event = Event::ReassignedDown;
+            previous_identity = tag;
         }
     }
 
@@ -121,10 +123,27 @@ pub fn choose(
         // Not stored (should not happen with an LRU map): the packet still goes to the
         // backend the hash picked, but no binding was made.
         event = Event::None;
-    } else if event == Event::New {
-        stats::count_event(events::BINDING_CREATED);
+    } else {
+        if event == Event::New {
+            stats::count_event(events::BINDING_CREATED);
+        }
+        emit_binding(key, backend.identity, previous_identity);
     }
     Ok(Choice { id, backend, event })
+}
+
+/// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
+#[inline(always)]
+fn emit_binding(key: &PersistKey, identity: u32, previous_identity: u32) {
+    let ev = BindingEvent {
+        service: key.service,
+        backend_identity: identity,
+        previous_identity,
+        _pad: 0,
+        addr_be: key.addr_be,
+    };
+    // BPF_RB_NO_WAKEUP: the reader polls.
+    let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
 }
 
 /// Whether this CPU may create one more binding in the current window (and count it).

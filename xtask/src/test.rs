@@ -183,6 +183,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_sip_script",
                     "--test",
                     "e2e_tls",
+                    "--test",
+                    "e2e_multi",
                 ],
                 &["--test-threads=1"],
             )

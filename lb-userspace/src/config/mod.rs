@@ -6,6 +6,7 @@
 //! persistence profile.
 
 mod admin;
+pub mod mirroring;
 mod names;
 mod profiles;
 mod raw;
@@ -126,6 +127,8 @@ pub struct Config {
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
+    /// Stored tables shared with other instances through Redis; `None`: off.
+    pub mirroring: Option<mirroring::Mirroring>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -36,6 +36,9 @@ pub struct RawConfig {
     pub pools: Vec<RawPool>,
     #[serde(default)]
     pub persistence_profiles: Vec<RawProfile>,
+    /// Stored tables mirrored through Redis (off when absent).
+    #[serde(default)]
+    pub mirroring: Option<super::mirroring::RawMirroring>,
 }
 
 /// How a virtual service is served.

@@ -44,6 +44,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let (profiles, profile_idx) = profiles::validate(&raw.persistence_profiles)?;
     let (pools, pool_idx) = pools(&raw.pools)?;
     let services = services(&raw.virtual_services, &pool_idx, &profile_idx, &profiles)?;
+    let mirroring = super::mirroring::validate(raw.mirroring.as_ref())?;
     Ok(Config {
         interface: raw.interface,
         xdp_mode: globals.xdp_mode,
@@ -57,6 +58,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         services,
         pools,
         profiles,
+        mirroring,
     })
 }
 

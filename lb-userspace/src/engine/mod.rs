@@ -17,6 +17,7 @@
 pub mod input;
 mod inspect;
 pub mod methods;
+mod mirrored;
 pub mod quota;
 pub mod saved;
 pub mod table;
