@@ -311,13 +311,15 @@ fn stored_bindings_follow_the_client_through_redis() {
     f.stop(0);
 }
 
+/// The backends each (client, port) reached.
+type Seen = std::collections::HashMap<(String, u16), HashSet<String>>;
+
 /// Scale-out from one instance to three under a steady stream: while clients keep
 /// connecting (L4 source IP and L7 client IP), instances B and C start and the stream is
 /// moved to each in turn, then back to A. No client ever reaches another backend.
 #[test]
 fn scale_out_from_one_to_three_moves_no_client() {
     use std::{
-        collections::HashMap,
         sync::{
             Arc, Mutex,
             atomic::{AtomicBool, AtomicU64, Ordering},
@@ -329,7 +331,7 @@ fn scale_out_from_one_to_three_moves_no_client() {
     f.start(0);
     f.topo.steer_client(0).expect("steer");
     let clients = f.topo.client_addrs.clone();
-    let seen: Arc<Mutex<HashMap<(String, u16), HashSet<String>>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let (stop, served, failed) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),

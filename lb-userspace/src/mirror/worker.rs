@@ -114,7 +114,7 @@ async fn session(
 
     // What waited, then everything live (Redis may have restarted empty), then what the
     // others hold.
-    while let Some(ev) = w.rx.try_recv().ok() {
+    while let Ok(ev) = w.rx.try_recv() {
         queue(pending, ev, &w.stats);
     }
     while !pending.is_empty() {

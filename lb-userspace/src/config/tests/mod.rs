@@ -716,4 +716,5 @@ fn state_dir_defaults_and_must_be_absolute() {
     assert!(e.reason.contains("absolute"), "{e}");
 }
 
+mod mirroring;
 mod profiles;
