@@ -138,14 +138,14 @@ pub struct Fleet {
 impl Fleet {
     /// `instances` LB namespaces (none running yet), `backends` echo backends on [`PORT`],
     /// `clients` source addresses; with `redis`, a Redis server and a `mirroring` section in
-    /// every instance's config. `configure` adds the services and profiles, the same for
-    /// every instance.
+    /// every instance's config. `configure(i, builder)` adds instance `i`'s services and
+    /// profiles (the same for every instance, unless the test models sites).
     pub fn new(
         clients: usize,
         backends: usize,
         instances: usize,
         redis: bool,
-        configure: impl Fn(ConfigBuilder) -> ConfigBuilder,
+        configure: impl Fn(usize, ConfigBuilder) -> ConfigBuilder,
     ) -> Fleet {
         let topo = Topology::builder()
             .client_addrs(clients)
@@ -172,7 +172,7 @@ impl Fleet {
                         json!({"redis": RedisServer::url(), "instance": instance_name(i)}),
                     );
                 }
-                configure(b)
+                configure(i, b)
             })
             .collect();
         Fleet {
@@ -210,6 +210,21 @@ impl Fleet {
         }
         let d = Daemon::start_with_existing_pins(&bin, &self.topo.lb_node(i).ns, &cfg, false)
             .unwrap_or_else(|e| panic!("starting instance {i}: {e:#}"));
+        self.daemons[i] = Some(d);
+    }
+
+    /// Stops instance `i` (SIGTERM) and starts it again with its pins and state directory
+    /// (its cookie key) and the config in `builders[i]`, as an operator's restart does.
+    pub fn restart(&mut self, i: usize) {
+        let d = self.daemons[i]
+            .take()
+            .unwrap_or_else(|| panic!("instance {i} is not running"));
+        d.stop_keep_pins()
+            .unwrap_or_else(|e| panic!("stopping instance {i}: {e:#}"));
+        let bin = tether_bin().unwrap_or_else(|e| panic!("{e:#}"));
+        let cfg = self.builders[i].build();
+        let d = Daemon::start_with_existing_pins(&bin, &self.topo.lb_node(i).ns, &cfg, false)
+            .unwrap_or_else(|e| panic!("restarting instance {i}: {e:#}"));
         self.daemons[i] = Some(d);
     }
 

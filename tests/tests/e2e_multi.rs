@@ -17,7 +17,7 @@ const COOKIE: &str = "TLB";
 /// session's key (cookie, header, URL, tenant header) and always reaches one backend.
 #[test]
 fn deterministic_methods_agree_across_instances() {
-    let mut f = Fleet::new(4, 3, 2, false, |b| {
+    let mut f = Fleet::new(4, 3, 2, false, |_, b| {
         b.backend_field("b2", "header_value", json!("tenant-b"))
             .profile(json!({"name": "ck", "type": "http-cookie", "cookie_name": COOKIE}))
             .profile(
@@ -215,7 +215,7 @@ fn wait_metric(f: &Fleet, i: usize, name: &str, at_least: f64, what: &str) {
 /// every binding, those made while Redis was down included.
 #[test]
 fn stored_bindings_follow_the_client_through_redis() {
-    let mut f = Fleet::new(12, 3, 2, true, stored);
+    let mut f = Fleet::new(12, 3, 2, true, |_, b| stored(b));
     f.start(0);
     f.start(1);
     let clients = f.topo.client_addrs.clone();
@@ -327,7 +327,7 @@ fn scale_out_from_one_to_three_moves_no_client() {
         time::Duration,
     };
     use tether_tests::http::request_from;
-    let mut f = Fleet::new(20, 3, 3, true, stored);
+    let mut f = Fleet::new(20, 3, 3, true, |_, b| stored(b));
     f.start(0);
     f.topo.steer_client(0).expect("steer");
     let clients = f.topo.client_addrs.clone();

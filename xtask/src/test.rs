@@ -185,6 +185,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_tls",
                     "--test",
                     "e2e_multi",
+                    "--test",
+                    "e2e_gslb",
                 ],
                 &["--test-threads=1"],
             )

@@ -39,6 +39,9 @@ pub struct RawConfig {
     /// Stored tables mirrored through Redis (off when absent).
     #[serde(default)]
     pub mirroring: Option<super::mirroring::RawMirroring>,
+    /// GSLB site persistence (off when absent).
+    #[serde(default)]
+    pub gslb: Option<super::gslb::RawGslb>,
 }
 
 /// How a virtual service is served.

@@ -45,6 +45,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let (pools, pool_idx) = pools(&raw.pools)?;
     let services = services(&raw.virtual_services, &pool_idx, &profile_idx, &profiles)?;
     let mirroring = super::mirroring::validate(raw.mirroring.as_ref())?;
+    let gslb = super::gslb::validate(raw.gslb.as_ref(), &services)?;
     Ok(Config {
         interface: raw.interface,
         xdp_mode: globals.xdp_mode,
@@ -59,6 +60,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         pools,
         profiles,
         mirroring,
+        gslb,
     })
 }
 
