@@ -419,3 +419,66 @@ fn scale_out_from_one_to_three_moves_no_client() {
         f.stop(i);
     }
 }
+
+/// The key tables (a sticky URL hash, a script's keys) reach the other instance too: B
+/// answers every key A bound from its own table (persistence hits, not new choices).
+#[test]
+fn stored_key_tables_follow_the_client_through_redis() {
+    let script = std::env::temp_dir().join(format!("tether-mirror-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        "function persist(req)\n  return req.headers[\"x-user\"]\nend\n",
+    )
+    .expect("writing the script");
+    let file = script.to_string_lossy().into_owned();
+    let mut f = Fleet::new(4, 3, 2, true, |_, b| {
+        b.profile(json!({"name": "url", "type": "url-hash", "timeout_s": 600}))
+            .profile(json!({"name": "lua", "type": "script", "file": file, "timeout_s": 600}))
+            .l7_service("url", PORT + 1, Some("url"), json!({}))
+            .l7_service("lua", PORT + 2, Some("lua"), json!({}))
+    });
+    f.start(0);
+    f.start(1);
+    let mut want = Vec::new();
+    for n in 0..10 {
+        let src = f.topo.client_addrs[n % 4];
+        let path = format!("/doc/{n}");
+        let user = format!("user-{n}");
+        want.push((
+            path.clone(),
+            f.backend_via(0, src, PORT + 1, &path, &[]),
+            user.clone(),
+            f.backend_via(0, src, PORT + 2, "/", &[("X-User", &user)]),
+        ));
+    }
+    wait_metric(
+        &f,
+        1,
+        "tether_mirror_applied_total",
+        20.0,
+        "A's keys applied on B",
+    );
+    for (n, (path, url_b, user, lua_b)) in want.iter().enumerate() {
+        let src = f.topo.client_addrs[(n + 1) % 4];
+        assert_eq!(
+            &f.backend_via(1, src, PORT + 1, path, &[]),
+            url_b,
+            "{path} via B"
+        );
+        assert_eq!(
+            &f.backend_via(1, src, PORT + 2, "/", &[("X-User", user)]),
+            lua_b,
+            "{user} via B"
+        );
+    }
+    for svc in ["url", "lua"] {
+        let hits = f.metric(1, "tether_l7_persist_hits_total", &[("service", svc)]);
+        assert!(
+            hits >= 10.0,
+            "B found {svc}'s keys in its own table: {hits} hits"
+        );
+    }
+    f.stop(1);
+    f.stop(0);
+    let _ = std::fs::remove_file(&script);
+}
