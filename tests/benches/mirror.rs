@@ -78,7 +78,9 @@ fn measure(f: &Fleet, n: usize, round: usize, tag: &str) -> (f64, f64, f64) {
             }
             let secs = t0.elapsed().as_secs_f64();
             lat.sort();
-            let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+            let q = |p: f64| {
+                lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6
+            };
             (n as f64 / secs, q(0.5), q(0.99))
         })
         .expect("the client namespace")
@@ -111,13 +113,18 @@ fn main() {
             "the mirror notices Redis is gone"
         );
         down.push(measure(&f, o.requests, round, "down"));
-        f.redis.as_mut().expect("redis").restart().expect("restarting Redis");
+        f.redis
+            .as_mut()
+            .expect("redis")
+            .restart()
+            .expect("restarting Redis");
         eprintln!(
             "round {round}: running {:.0} req/s p50 {:.0} µs p99 {:.0} µs | stopped {:.0} req/s p50 {:.0} µs p99 {:.0} µs",
             up[round].0, up[round].1, up[round].2, down[round].0, down[round].1, down[round].2
         );
     }
-    let col = |v: &[(f64, f64, f64)], k: usize| median(v.iter().map(|t| [t.0, t.1, t.2][k]).collect());
+    let col =
+        |v: &[(f64, f64, f64)], k: usize| median(v.iter().map(|t| [t.0, t.1, t.2][k]).collect());
     let (ur, u50, u99) = (col(&up, 0), col(&up, 1), col(&up, 2));
     let (dr, d50, d99) = (col(&down, 0), col(&down, 1), col(&down, 2));
     let published = f.metric(0, "tether_mirror_published_total", &[]);

@@ -482,3 +482,72 @@ fn stored_key_tables_follow_the_client_through_redis() {
     f.stop(0);
     let _ = std::fs::remove_file(&script);
 }
+
+/// TLS persistence in session tickets (same `keys` in the config of both instances): a
+/// session started on A resumes on B (TLS 1.2 ticket and TLS 1.3 PSK) and reaches the
+/// backend A chose, twice in a row, with no shared state.
+#[test]
+fn tls_tickets_resume_on_the_other_instance() {
+    use tether_tests::{
+        http::Echo,
+        tlslab::{s_client_send, self_signed},
+    };
+    const TLS_PORT: u16 = 8443;
+    let certs = std::env::temp_dir().join(format!("tether-e2e-multi-{}", std::process::id()));
+    let (cert, key) = self_signed(&certs, "tls.test").unwrap_or_else(|e| panic!("{e:#}"));
+    let keys = json!([{"id": 3, "secret": "3333333333333333333333333333333333333333333333333333333333333333"}]);
+    let mut f = Fleet::new(1, 2, 2, false, |_, b| {
+        b.profile(json!({"name": "tk", "type": "tls-ticket", "keys": keys}))
+            .l7_service(
+                "tls",
+                TLS_PORT,
+                Some("tk"),
+                json!({"tls": {"cert_file": cert, "key_file": key}}),
+            )
+    });
+    f.start(0);
+    f.start(1);
+    let get = |f: &Fleet, via: usize, args: &[&str]| {
+        f.topo.steer_client(via).expect("steer");
+        let (h, text) = s_client_send(
+            &f.topo.client.ns,
+            &format!("{}:{TLS_PORT}", f.topo.vip),
+            args,
+            b"GET /t HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n",
+            tether_tests::l7lab::IO_TIMEOUT,
+        )
+        .unwrap_or_else(|e| f.fail(format!("{e:#}")));
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        // s_client prints its own reports after the body (a TLS 1.3 ticket, the close).
+        let body = ["\n---", "\nclosed", "\nread R BLOCK"]
+            .iter()
+            .filter_map(|m| body.find(m))
+            .min()
+            .map_or(body, |end| &body[..end + 1]);
+        let backend = body.lines().next().unwrap_or("").trim().to_string();
+        if Echo::parse(body).is_none() {
+            f.fail(format!("via {via}: no echo answer in:\n{text}"));
+        }
+        (h.reused, backend)
+    };
+    let session = |n: usize| {
+        certs
+            .join(format!("s{n}.pem"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let protocols = ["-tls1_2", "-tls1_3"];
+    for n in 0..4 {
+        let p = protocols[n % 2];
+        let (reused, want) = get(&f, 0, &[p, "-sess_out", &session(n)]);
+        assert!(!reused, "session {n}: a new session on A");
+        for _ in 0..2 {
+            let (reused, got) = get(&f, 1, &[p, "-sess_in", &session(n)]);
+            assert!(reused, "session {n} ({p}) resumed on B");
+            assert_eq!(got, want, "session {n} ({p}) on B reached A's backend");
+        }
+    }
+    f.stop(1);
+    f.stop(0);
+    let _ = std::fs::remove_dir_all(&certs);
+}

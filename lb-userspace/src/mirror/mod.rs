@@ -92,13 +92,25 @@ pub struct Event {
     pub at: Instant,
 }
 
+/// A live binding of the XDP table, for the sweeps.
+#[derive(Debug, Clone)]
+pub struct XdpBinding {
+    pub service: String,
+    pub key: u128,
+    pub backend: u32,
+    pub ttl_ms: u64,
+    /// Since the data path last used it.
+    pub age: std::time::Duration,
+}
+
 /// Where other instances' bindings go, besides the L7 engines: the XDP persistence table.
 pub trait XdpTarget: Send + Sync {
     /// Bind `key` (a masked client address, IPv4-mapped) of L4 service `service` to
     /// backend identity `backend`.
     fn apply(&self, service: &str, key: u128, backend: u32) -> bool;
-    /// Every live binding, for the sweeps: (service, key, backend, TTL in ms).
-    fn live(&self) -> Vec<(String, u128, u32, u64)>;
+    /// Every live binding, for the sweeps: (service, key, backend, TTL in ms, age). A walk
+    /// of the kernel table: blocking, about a second per million entries.
+    fn live(&self) -> Vec<XdpBinding>;
 }
 
 /// The running mirror of one daemon.

@@ -56,3 +56,12 @@ fn the_watcher_hears_new_and_moved_bindings_not_refreshes_nor_applied_ones() {
         "new, then moved; the refresh and the applied ones are not heard"
     );
 }
+
+#[test]
+fn logged_urls_hide_the_password() {
+    assert_eq!(
+        super::redact("redis://:secret@10.0.0.5:6379/0"),
+        "redis://***@10.0.0.5:6379/0"
+    );
+    assert_eq!(super::redact("redis://10.0.0.5"), "redis://10.0.0.5");
+}

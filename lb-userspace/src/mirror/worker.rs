@@ -22,6 +22,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BATCH: usize = 256;
 /// How often tables are looked at for refreshes.
 const SWEEP_TICK: Duration = Duration::from_secs(1);
+/// How often the XDP table's used bindings are written again (its TTLs renewed in Redis):
+/// well under any useful source-IP timeout, and one table walk per period.
+const XDP_SWEEP: Duration = Duration::from_secs(10);
 
 pub(super) struct Worker {
     pub caught_up: tokio::sync::watch::Sender<bool>,
@@ -307,18 +310,28 @@ async fn sweep(
             swept.insert(slot, now);
         }
     }
-    if all && let Some(x) = &w.xdp {
-        for (service, key, backend, ttl_ms) in x.live() {
-            batch.push(Event {
-                service: service.into(),
-                table: codec::XDP_TABLE.into(),
-                key,
-                backend,
-                previous: None,
-                ttl_ms,
-                at: now,
-            });
+    // The XDP table: the data path refreshes its entries without telling anyone, so the
+    // used ones are written again every XDP_SWEEP (a walk of the kernel table).
+    let xdp_slot = (Arc::<str>::from(codec::XDP_TABLE), Arc::<str>::from(""));
+    let xdp_last = swept.get(&xdp_slot).copied();
+    let xdp_due = all || xdp_last.is_none_or(|l| now.duration_since(l) >= XDP_SWEEP);
+    if xdp_due && let Some(x) = &w.xdp {
+        let window = xdp_last.map_or(Duration::MAX, |l| now.duration_since(l) + SWEEP_TICK);
+        let live = tokio::task::block_in_place(|| x.live());
+        for b in live {
+            if all || b.age <= window {
+                batch.push(Event {
+                    service: b.service.into(),
+                    table: codec::XDP_TABLE.into(),
+                    key: b.key,
+                    backend: b.backend,
+                    previous: None,
+                    ttl_ms: b.ttl_ms,
+                    at: now,
+                });
+            }
         }
+        swept.insert(xdp_slot, now);
     }
     for chunk in batch.chunks(BATCH) {
         write(w, con, script, chunk).await?;

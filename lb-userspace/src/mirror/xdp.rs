@@ -17,7 +17,7 @@ use std::{
 use lb_common::backend_identity;
 use tokio::sync::mpsc;
 
-use super::{Event, MirrorStats, XdpTarget, codec, offer};
+use super::{Event, MirrorStats, XdpBinding, XdpTarget, codec, offer};
 use crate::{
     config::ServiceMode,
     dataplane::persist_table::{self, BindingEvents, Writer},
@@ -165,19 +165,20 @@ impl XdpTarget for XdpMirror {
         }
     }
 
-    fn live(&self) -> Vec<(String, u128, u32, u64)> {
+    fn live(&self) -> Vec<XdpBinding> {
         let snap = self.shared.load();
         match persist_table::live_bindings(&self.pin_dir) {
             Ok(v) => v
                 .into_iter()
                 .filter_map(|b| {
                     let (name, _) = l4_service(&snap, b.service_index)?;
-                    Some((
-                        name.to_string(),
-                        u128::from_be_bytes(b.addr_be),
-                        b.backend_identity,
-                        b.timeout.as_millis() as u64,
-                    ))
+                    Some(XdpBinding {
+                        service: name.to_string(),
+                        key: u128::from_be_bytes(b.addr_be),
+                        backend: b.backend_identity,
+                        ttl_ms: b.timeout.as_millis() as u64,
+                        age: b.age,
+                    })
                 })
                 .collect(),
             Err(e) => {

@@ -17,6 +17,8 @@ pub struct Binding {
     pub backend_identity: u32,
     /// The service's persistence timeout.
     pub timeout: Duration,
+    /// Since the data path last refreshed it.
+    pub age: Duration,
 }
 
 /// Every live (non-expired) binding.
@@ -25,12 +27,14 @@ pub fn live_bindings(pin_dir: &Path) -> Result<Vec<Binding>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     walk(pin_dir, |k, v, p| {
-        if !is_expired(age(now, v.last_seen_ns), p) && seen.insert(*k) {
+        let a = age(now, v.last_seen_ns);
+        if !is_expired(a, p) && seen.insert(*k) {
             out.push(Binding {
                 service_index: k.service,
                 addr_be: k.addr_be,
                 backend_identity: v.backend_identity,
                 timeout: Duration::from_nanos(p.timeout_ns),
+                age: a,
             });
         }
     })?;
