@@ -94,7 +94,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let o = opts();
     let mut f = Fleet::new(1, 3, 1, true, |_, b| {
-        b.profile(json!({"name": "url", "type": "url-hash", "timeout_s": 600}))
+        // No per-source quota: the one client's every request must make a binding.
+        b.profile(json!({"name": "url", "type": "url-hash", "timeout_s": 600,
+                         "max_new_keys_per_source_per_min": 0}))
             .l7_service("url", PORT + 1, Some("url"), json!({}))
     });
     f.start(0);
@@ -128,6 +130,7 @@ fn main() {
     let (ur, u50, u99) = (col(&up, 0), col(&up, 1), col(&up, 2));
     let (dr, d50, d99) = (col(&down, 0), col(&down, 1), col(&down, 2));
     let published = f.metric(0, "tether_mirror_published_total", &[]);
+    let bound = f.metric(0, "tether_l7_new_assignments_total", &[("service", "url")]);
     let dropped = f.metric(0, "tether_mirror_dropped_total", &[]);
     let failures = f.metric(0, "tether_mirror_failures_total", &[]);
     let text = format!(
@@ -136,7 +139,8 @@ fn main() {
          | Redis running (every binding written) | {ur:.0} | {u50:.0} µs | {u99:.0} µs |\n\
          | Redis stopped (queued, failures counted) | {dr:.0} | {d50:.0} µs | {d99:.0} µs |\n\
          | stopped / running | {:.2}x | {:.2}x | {:.2}x |\n\n\
-         mirror counters at the end: {published} bindings written, {dropped} dropped, {failures} failures\n",
+         {bound} bindings made; mirror counters at the end: {published} bindings written (new, then \
+         again after each Redis restart), {dropped} dropped, {failures} failures\n",
         o.rounds,
         o.requests,
         dr / ur,
