@@ -29,6 +29,7 @@ use tokio::{
 };
 
 use crate::{
+    admin::objects::store::{ApplyRequest, Refused, Store, write_atomic},
     balancer::{self, IdError, Ids, L2},
     config::{BackendConfig, Config, LoadError},
     dataplane::{Attached, Dataplane, DataplaneError, Removed, net},
@@ -71,6 +72,11 @@ pub enum ControlError {
     },
     #[error(transparent)]
     AdminToken(#[from] crate::admin::access::TokenError),
+    #[error("writing the config back to {path}: {source}")]
+    WriteBack {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
     #[error(
@@ -187,6 +193,9 @@ struct Daemon {
     admin_unix: std::os::unix::net::UnixListener,
     _admin_unix_file: crate::admin::access::SocketFile,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// The config file as the admin API's object store; its changes come back to the
+    /// control loop as [`ApplyRequest`]s.
+    objects: Arc<Store>,
     /// While a starting daemon has not committed, persistence entries of removed services
     /// and backends are kept (a failed start must lose nothing): they collect here.
     deferred_forget: Option<Removed>,
@@ -262,6 +271,7 @@ impl Daemon {
                 unix: Some(unix),
             },
             self.shared.clone(),
+            Some(Arc::clone(&self.objects)),
             stopped,
         ));
         self.admin = Some((stop, task));
@@ -333,6 +343,14 @@ impl Daemon {
     /// Apply a new config file, or change nothing and say why.
     async fn reload(&mut self) -> Result<()> {
         let new = Arc::new(Config::load(&self.config_path)?);
+        self.apply(new, None).await
+    }
+
+    /// Apply a validated config, or change nothing and say why. With `write_back` (a change
+    /// made through the admin API) the config file is replaced with that text once
+    /// everything is prepared and before anything changes: a restart or a SIGHUP then
+    /// finds what runs.
+    async fn apply(&mut self, new: Arc<Config>, write_back: Option<&str>) -> Result<()> {
         let fixed: [(&'static str, String, String); 7] = [
             (
                 "interface",
@@ -395,12 +413,20 @@ impl Daemon {
         let prepared = self
             .frontends
             .prepare(&new, &self.shared, &mut HashMap::new())?;
+        if let Some(text) = write_back {
+            write_atomic(&self.config_path, text).map_err(|source| ControlError::WriteBack {
+                path: self.config_path.clone(),
+                source,
+            })?;
+        }
+        let rekeyed = rekey::rekeyed_l4(&self.cfg, &self.ids, &new, &ids);
         // Everything is known: switch over.
         self.cfg = new;
         self.ids = ids;
         self.l2 = l2;
         self.health = health;
         self.program()?;
+        rekey::flush(&self.cfg.pin_dir, &rekeyed);
         self.start_monitors();
         self.frontends.commit(prepared);
         self.shared.store(Arc::new(self.snapshot()));
@@ -506,6 +532,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     })?;
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (apply_tx, mut applies) = mpsc::channel::<ApplyRequest>(16);
     let mut d = Daemon {
         config_path: config_path.to_owned(),
         cfg: cfg.clone(),
@@ -526,6 +553,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         admin_unix,
         _admin_unix_file: crate::admin::access::SocketFile::new(unix_path),
         admin: None,
+        objects: Arc::new(Store::new(config_path.to_owned(), apply_tx)),
         deferred_forget: takeover.as_ref().map(|_| Removed::default()),
     };
     let shared = d.shared.clone();
@@ -633,6 +661,31 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 Ok(()) => log::info!("reloaded {}: generation {}", d.config_path.display(), d.generation),
                 Err(e) => log::error!("reload refused, still serving generation {}: {e}", d.generation),
             },
+            Some(req) = applies.recv() => {
+                if !req.base_is_current(&d.config_path) {
+                    log::warn!(
+                        "admin API change refused: {} changed since the change read it",
+                        d.config_path.display()
+                    );
+                    let _ = req.reply.send(Err(Refused::Stale));
+                    continue;
+                }
+                let r = d.apply(req.config, Some(&req.text)).await;
+                match &r {
+                    Ok(()) => log::info!(
+                        "applied a change made through the admin API and wrote {}: generation {}",
+                        d.config_path.display(),
+                        d.generation
+                    ),
+                    Err(e) => log::warn!(
+                        "admin API change refused, still serving generation {}: {e}",
+                        d.generation
+                    ),
+                }
+                let _ = req
+                    .reply
+                    .send(r.map(|()| d.generation).map_err(|e| Refused::Failed(e.to_string())));
+            }
             Some(ev) = rx.recv() => {
                 if let Err(e) = d.on_health(ev) {
                     log::error!("reprogramming after a health change failed: {e}");
@@ -732,5 +785,6 @@ fn remove_pid_if_ours(path: &Path) {
     }
 }
 
+mod rekey;
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tether::{
-    admin::{access, cli},
+    admin::{access, cli, objects::cli as objects},
     config::Config,
     control, dataplane, handoff,
 };
@@ -70,6 +70,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PersistCmd,
     },
+    /// Virtual services through the admin API: list, show, create, edit, delete (applied
+    /// live and written to the config file).
+    Vs {
+        #[command(subcommand)]
+        cmd: objects::VsCmd,
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
+    /// Pools and their backends through the admin API (`pool edit web --backend b2
+    /// --admin-state draining`).
+    Pool {
+        #[command(subcommand)]
+        cmd: objects::PoolCmd,
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
+    /// Persistence profiles through the admin API (`profile create --type http-cookie
+    /// --name web-ck`); system profiles can be edited, not deleted.
+    Profile {
+        #[command(subcommand)]
+        cmd: objects::ProfileCmd,
+        #[command(flatten)]
+        admin: AdminTarget,
+    },
 }
 
 #[derive(Args)]
@@ -86,18 +110,18 @@ struct Target {
 struct AdminTarget {
     /// Use the admin API over TCP at this address (with the bearer token) instead of the
     /// daemon's Unix socket.
-    #[arg(long)]
+    #[arg(long, global = true)]
     admin: Option<SocketAddr>,
     /// The daemon's config: its pin_dir names the Unix socket, its admin_token_file the token.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// The Unix socket (default: /run/tether/<pin-dir-name>.sock of the config, else of the
     /// default pin directory).
-    #[arg(long, conflicts_with = "admin")]
+    #[arg(long, conflicts_with = "admin", global = true)]
     socket: Option<PathBuf>,
     /// With --admin: the file holding the bearer token (default: the config's
     /// admin_token_file, else /var/lib/tether/admin.token).
-    #[arg(long, requires = "admin")]
+    #[arg(long, requires = "admin", global = true)]
     token_file: Option<PathBuf>,
 }
 
@@ -172,12 +196,16 @@ fn main() -> Result<()> {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
             println!(
-                "{}: ok: {} virtual services, {} pools, {} backends, {} persistence profiles",
+                "{}: ok: {} virtual services, {} pools, {} backends, {} persistence profiles ({} of them system profiles)",
                 config.display(),
                 cfg.services.len(),
                 cfg.pools.len(),
                 cfg.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
-                cfg.profiles.len()
+                cfg.profiles.len(),
+                cfg.profiles
+                    .iter()
+                    .filter(|p| tether::config::is_system_profile(&p.name))
+                    .count()
             );
             Ok(())
         }
@@ -210,6 +238,18 @@ fn main() -> Result<()> {
         Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),
         Cmd::Status { admin } => {
             print!("{}", cli::status(&admin.addr()?)?);
+            Ok(())
+        }
+        Cmd::Vs { cmd, admin } => {
+            print!("{}", objects::vs(&admin.addr()?, cmd)?);
+            Ok(())
+        }
+        Cmd::Pool { cmd, admin } => {
+            print!("{}", objects::pool(&admin.addr()?, cmd)?);
+            Ok(())
+        }
+        Cmd::Profile { cmd, admin } => {
+            print!("{}", objects::profile(&admin.addr()?, cmd)?);
             Ok(())
         }
         Cmd::Persist {

@@ -85,6 +85,16 @@ pub struct Reply {
 
 /// One request, `Connection: close`, body read to its end.
 pub fn request(admin: &Endpoint, method: &str, path_and_query: &str) -> Result<Reply, CliError> {
+    request_with_body(admin, method, path_and_query, None)
+}
+
+/// One request with an optional JSON body.
+pub fn request_with_body(
+    admin: &Endpoint,
+    method: &str,
+    path_and_query: &str,
+    json: Option<&[u8]>,
+) -> Result<Reply, CliError> {
     let io = |source| CliError::Io {
         admin: admin.clone(),
         source,
@@ -100,24 +110,30 @@ pub fn request(admin: &Endpoint, method: &str, path_and_query: &str) -> Result<R
             format!("Authorization: Bearer {token}\r\n"),
         ),
     };
-    let req = format!(
+    let (len, ctype) = match json {
+        Some(b) => (b.len(), "Content-Type: application/json\r\n"),
+        None => (0, ""),
+    };
+    let mut req = format!(
         "{method} {path_and_query} HTTP/1.1\r\nHost: {host}\r\n{auth}User-Agent: tether-cli\r\n\
-         Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
+         Accept: */*\r\n{ctype}Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend_from_slice(json.unwrap_or_default());
     let mut raw = Vec::new();
     match admin {
         Endpoint::Unix(path) => {
             let mut s = UnixStream::connect(path).map_err(unreachable)?;
             s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
             s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-            s.write_all(req.as_bytes()).map_err(io)?;
+            s.write_all(&req).map_err(io)?;
             s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
         }
         Endpoint::Tcp { addr, .. } => {
             let mut s = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).map_err(unreachable)?;
             s.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
             s.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-            s.write_all(req.as_bytes()).map_err(io)?;
+            s.write_all(&req).map_err(io)?;
             s.take(MAX_RESPONSE).read_to_end(&mut raw).map_err(io)?;
         }
     }

@@ -11,6 +11,9 @@
 //! | `GET /status` | JSON [`api::Status`], below |
 //! | `GET /persist?service=&client=&backend=` | JSON [`api::PersistList`], at most [`MAX_PERSIST_ROWS`] rows |
 //! | `POST /persist/flush?service=&client=&backend=` | deletes the matching entries: `{"flushed": n, "l7_flushed": n}` |
+//! | `/api/v1/...` | object management: virtual services, pools, profiles (see [`objects`]) |
+//!
+//! The table is [`routes::ROUTES`]; `docs/openapi.json` documents it.
 //!
 //! Query parameters are all optional: `service` is a virtual service name, `client` any
 //! address of the client (it is masked with each service's prefix, so `10.0.0.7` finds the
@@ -61,7 +64,9 @@ pub mod access;
 pub mod api;
 pub mod cli;
 pub mod metrics;
+pub mod objects;
 pub mod query;
+pub mod routes;
 pub mod status;
 
 use std::{
@@ -202,6 +207,8 @@ struct Server {
     census: Arc<CensusCache>,
     /// Operator walks (`/persist`, flushes), one at a time: each may cost a second of CPU.
     walks: Arc<Semaphore>,
+    /// The config file as the objects' store; `None`: `/api/v1` answers 503.
+    objects: Option<Arc<objects::store::Store>>,
 }
 
 /// Where the admin API listens.
@@ -233,6 +240,7 @@ async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::Un
 pub async fn serve(
     listeners: Listeners,
     snapshot: SharedSnapshot,
+    objects: Option<Arc<objects::store::Store>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tcp, access) = match listeners.tcp {
@@ -245,6 +253,7 @@ pub async fn serve(
         access,
         census: Arc::default(),
         walks: Arc::new(Semaphore::new(1)),
+        objects,
     });
     let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = http1::Builder::new();
@@ -346,11 +355,68 @@ async fn handle(srv: &Arc<Server>, peer: Peer, req: Request<Incoming>) -> Respon
         log::debug!("admin API {method} {uri} from {peer:?}: refused: {d:?}");
         return denied(d);
     }
-    let resp = route(srv, &method, uri.path(), uri.query()).await;
+    let resp = if uri.path().starts_with("/api/") {
+        object_route(srv, &method, uri.path(), req.into_body()).await
+    } else {
+        route(srv, &method, uri.path(), uri.query()).await
+    };
     if resp.status().is_server_error() {
         log::warn!("admin API {method} {uri}: {}", resp.status());
     }
     resp
+}
+
+/// The route of `path` when it takes `method`, else the 404 or 405 to answer.
+fn allowed<'p>(method: &Method, path: &'p str) -> Result<Vec<&'p str>, Box<Response<Body>>> {
+    let Some((r, params)) = routes::find(path) else {
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            format!("no such path {path}"),
+        )));
+    };
+    if !r.methods.contains(&method.as_str()) {
+        let allow = r.methods.join(", ");
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} takes {allow}"),
+        );
+        if let Ok(v) = allow.parse() {
+            resp.headers_mut().insert(ALLOW, v);
+        }
+        return Err(Box::new(resp));
+    }
+    Ok(params)
+}
+
+/// `/api/v1/...`: the body is read (at most [`objects::MAX_BODY`]) and the objects answer.
+async fn object_route(
+    srv: &Arc<Server>,
+    method: &Method,
+    path: &str,
+    body: Incoming,
+) -> Response<Body> {
+    let params = match allowed(method, path) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        objects::MAX_BODY,
+    ))
+    .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "reading the body (at most {} bytes): {e}",
+                    objects::MAX_BODY
+                ),
+            );
+        }
+    };
+    objects::handle(srv.objects.as_deref(), method, path, &params, &body).await
 }
 
 async fn route(
@@ -359,21 +425,8 @@ async fn route(
     path: &str,
     query: Option<&str>,
 ) -> Response<Body> {
-    let allowed: &[Method] = match path {
-        "/metrics" | "/status" | "/persist" => &[Method::GET, Method::HEAD],
-        "/persist/flush" => &[Method::POST],
-        _ => return text(StatusCode::NOT_FOUND, format!("no such path {path}")),
-    };
-    if !allowed.contains(method) {
-        let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{path} takes {}", allow.join(", ")),
-        );
-        if let Ok(v) = allow.join(", ").parse() {
-            r.headers_mut().insert(ALLOW, v);
-        }
-        return r;
+    if let Err(r) = allowed(method, path) {
+        return *r;
     }
     let snap = srv.snapshot.load_full();
     match path {

@@ -537,6 +537,7 @@ async fn serve_end_to_end() {
             unix: None,
         },
         Arc::clone(&shared),
+        None,
         stop_rx,
     ));
 
@@ -746,6 +747,7 @@ async fn missing_maps_are_503() {
         access: None,
         census: Arc::default(),
         walks: Arc::new(Semaphore::new(1)),
+        objects: None,
     });
     for (m, p) in [
         (Method::GET, "/metrics"),

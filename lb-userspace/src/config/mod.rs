@@ -11,6 +11,7 @@ pub mod mirroring;
 mod names;
 mod profiles;
 mod raw;
+mod system;
 mod trusted;
 mod validate;
 
@@ -24,6 +25,7 @@ use serde::Deserialize;
 
 pub use admin::TOKEN_FILE_NAME;
 use raw::RawConfig;
+pub use system::{SYSTEM_PROFILES, is_system_profile, system_profile};
 pub use validate::parse_mac;
 
 /// A configuration error: where, and why.

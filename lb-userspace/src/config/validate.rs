@@ -39,8 +39,17 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 /// The whole config, section by section; nothing is returned until all of it is valid.
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     let globals = globals(&raw)?;
+    // The built-in profiles the file does not redefine, after the file's own.
+    let system = {
+        let defined: Vec<&str> = raw.persistence_profiles.iter().map(|p| p.name()).collect();
+        super::system::missing_system_profiles(&defined)
+    };
+    for p in system {
+        raw.persistence_profiles
+            .push(serde_json::from_value(p).expect("the system profiles deserialize"));
+    }
     let (profiles, profile_idx) = profiles::validate(&raw.persistence_profiles)?;
     let (pools, pool_idx) = pools(&raw.pools)?;
     let services = services(&raw.virtual_services, &pool_idx, &profile_idx, &profiles)?;

@@ -108,3 +108,58 @@ fn only_pools_of_l4_services_need_l2_resolution() {
     let cfg = config(&cookie(&[(1, KEY_A)], 30), "{}", "round-robin");
     assert_eq!(l4_pools(&cfg), vec![false, true]);
 }
+
+/// An l4 service `web` at kernel index 7 with `profile` (a client-ip profile `p`, or none).
+fn l4_config(profile: Option<&str>) -> (Config, Ids) {
+    let (persistence, profiles) = match profile {
+        Some(p) => (r#","persistence":"p""#, format!("[{p}]")),
+        None => ("", "[]".to_string()),
+    };
+    let cfg = Config::parse(&format!(
+        r#"{{"interface":"lo",
+        "virtual_services":[{{"name":"web","vip":"127.0.0.1","port":80,"protocol":"tcp","mode":"l4-dsr","pool":"web"{persistence}}}],
+        "pools":[{{"name":"web","backends":[{{"name":"b1","address":"10.0.0.1"}}]}}],
+        "persistence_profiles":{profiles}}}"#
+    ))
+    .unwrap_or_else(|e| panic!("test config: {e}"));
+    let ids = Ids {
+        services: vec![7],
+        backends: vec![vec![1]],
+    };
+    (cfg, ids)
+}
+
+#[test]
+fn only_a_changed_l4_persistence_key_flushes_the_services_entries() {
+    let ip = |extra: &str| format!(r#"{{"name":"p","type":"client-ip","timeout_s":600{extra}}}"#);
+    let (base, ids) = l4_config(Some(&ip("")));
+    let rekeyed = |p: Option<&str>| {
+        let (new, new_ids) = l4_config(p);
+        rekey::rekeyed_l4(&base, &ids, &new, &new_ids)
+    };
+    // The timeout and the policy are read with each lookup: entries stay.
+    assert_eq!(rekeyed(Some(&ip(""))), Vec::<u32>::new());
+    assert_eq!(
+        rekeyed(Some(r#"{"name":"p","type":"client-ip","timeout_s":60}"#)),
+        Vec::<u32>::new()
+    );
+    assert_eq!(
+        rekeyed(Some(&ip(r#","select_new_server_when_down":"never""#))),
+        Vec::<u32>::new()
+    );
+    // Another prefix, or persistence off: the entries of index 7 go.
+    assert_eq!(rekeyed(Some(&ip(r#","ipv4_prefix":24"#))), vec![7]);
+    assert_eq!(rekeyed(Some(&ip(r#","ipv6_prefix":64"#))), vec![7]);
+    assert_eq!(
+        rekeyed(Some(r#"{"name":"p","type":"client-ip","timeout_s":0}"#)),
+        vec![7]
+    );
+    assert_eq!(rekeyed(None), vec![7]);
+    // A service that had no entries has nothing to flush.
+    let (none, none_ids) = l4_config(None);
+    let (new, new_ids) = l4_config(Some(&ip("")));
+    assert_eq!(
+        rekey::rekeyed_l4(&none, &none_ids, &new, &new_ids),
+        Vec::<u32>::new()
+    );
+}

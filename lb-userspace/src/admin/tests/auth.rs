@@ -27,6 +27,7 @@ async fn socket_is_open_to_its_owner_and_tcp_needs_the_token() {
             unix: Some(unix),
         },
         Arc::clone(&shared),
+        None,
         stop_rx,
     ));
 

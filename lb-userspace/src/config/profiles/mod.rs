@@ -109,6 +109,11 @@ pub const DEFAULT_NEW_KEYS_PER_SOURCE_PER_MIN: u32 = 1000;
 type At<'a> = &'a dyn Fn(&str) -> String;
 
 impl RawProfile {
+    /// The profile's `name`.
+    pub fn name(&self) -> &str {
+        self.common().name
+    }
+
     fn common(&self) -> Common<'_> {
         match self {
             RawProfile::ClientIp(p) => p.common(),
