@@ -24,8 +24,12 @@ pub const MAP_SERVICES: &str = "TETHER_SERVICES";
 pub const MAP_BACKENDS: &str = "TETHER_BACKENDS";
 /// Maglev tables: array of backend ids, `(service.index * 2 + slot) * MAGLEV_TABLE_SIZE + entry`.
 pub const MAP_MAGLEV: &str = "TETHER_MAGLEV";
-/// Source-IP persistence: LRU hash `PersistKey` -> `PersistValue`, shared by all CPUs.
+/// Source-IP persistence of IPv6 clients: LRU hash `PersistKey` -> `PersistValue`, shared by
+/// all CPUs.
 pub const MAP_PERSIST: &str = "TETHER_PERSIST";
+/// Source-IP persistence of IPv4 clients: LRU hash `PersistKey4` -> `PersistValue4` (8-byte
+/// key and value: a 64-byte element, one cache line), shared by all CPUs.
+pub const MAP_PERSIST4: &str = "TETHER_PERSIST4";
 /// Egress ports for backends behind another interface: devmap-hash keyed by ifindex.
 pub const MAP_TX_PORTS: &str = "TETHER_TX_PORTS";
 /// Per-CPU counters per service (array indexed by `Service::index`) -> `TrafficCounters`.
@@ -58,11 +62,12 @@ pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_PERSIST,
+    MAP_PERSIST4,
     MAP_TX_PORTS,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,
@@ -89,6 +94,9 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const PERSIST_DEFAULT_ENTRIES: u32 = 1 << 20;
 /// last-seen is rewritten only once it has aged by this much (a store, not a map update).
 pub const PERSIST_REFRESH_NS: u64 = 1_000_000_000;
+/// The same step for the IPv4 table, whose ages are whole seconds: more than one second means
+/// at least one full second has passed.
+pub const PERSIST_REFRESH_S: u32 = 1;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Datagrams in flight as fragments that are tracked at once (LRU: the oldest go first).
 pub const FRAG_ENTRIES: u32 = 8192;
@@ -217,7 +225,8 @@ pub struct PersistValue {
 }
 const _: () = assert!(size_of::<PersistValue>() == 16);
 
-/// One record of `MAP_BINDINGS`: a binding the data path wrote to `TETHER_PERSIST`.
+/// One record of `MAP_BINDINGS`: a binding the data path wrote to `TETHER_PERSIST` or
+/// `TETHER_PERSIST4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BindingEvent {
@@ -226,13 +235,133 @@ pub struct BindingEvent {
     /// `Backend::identity` of the new backend.
     pub backend_identity: u32,
     /// The identity the key was bound to before (a binding moved off a down backend); 0
-    /// for a new or expired one.
+    /// for a new or expired one. For IPv4 (`TETHER_PERSIST4`) only its 16-bit tag
+    /// (`identity_tag16`) is known: then `flags` has `BINDING_PREVIOUS_TAG16`.
     pub previous_identity: u32,
-    pub _pad: u32,
+    pub flags: u32,
     /// `PersistKey::addr_be`.
     pub addr_be: [u8; 16],
 }
 const _: () = assert!(size_of::<BindingEvent>() == 32);
+/// `BindingEvent::flags`: `previous_identity` is a 16-bit identity tag.
+pub const BINDING_PREVIOUS_TAG16: u32 = 1;
+
+/// Key of `TETHER_PERSIST4`: an IPv4 client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PersistKey4 {
+    /// Client address masked to the profile's IPv4 prefix.
+    pub addr_be: [u8; 4],
+    pub service: u32,
+}
+const _: () = assert!(size_of::<PersistKey4>() == 8);
+
+/// Value of `TETHER_PERSIST4`: what a hit needs and nothing more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PersistValue4 {
+    /// Backend id (`< MAX_BACKENDS`).
+    pub backend: u16,
+    /// `identity_tag16(Backend::identity)` when the binding was made; 0 matches any identity
+    /// (as `PersistValue::backend_identity`, with 16 of its bits).
+    pub identity_tag: u16,
+    /// CLOCK_MONOTONIC seconds (`coarse ns / 1e9`, wrapping) of the last packet, refreshed once
+    /// its age exceeds `PERSIST_REFRESH_S`. Ages are whole seconds: timeouts are given in
+    /// seconds.
+    pub last_seen_s: u32,
+}
+const _: () = assert!(size_of::<PersistValue4>() == 8);
+const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32 + 1);
+
+/// The 16 bits of a backend identity an IPv4 binding keeps: the low half, so a reused slot is
+/// told apart from its previous server unless both identities share those bits. A nonzero
+/// identity never gets tag 0 (which matches any backend, for bindings written without one).
+#[inline(always)]
+pub const fn identity_tag16(identity: u32) -> u16 {
+    let t = identity as u16;
+    if t == 0 && identity != 0 { 1 } else { t }
+}
+
+/// Whether an IPv4 binding tagged `tag` still belongs to the backend `be` now in its slot.
+#[inline(always)]
+pub const fn identity_matches16(tag: u16, be: &Backend) -> bool {
+    tag == 0 || tag == identity_tag16(be.identity)
+}
+
+/// Whole seconds of a CLOCK_MONOTONIC time in nanoseconds, as `PersistValue4` stores them.
+#[inline(always)]
+pub const fn mono_seconds(ns: u64) -> u32 {
+    (ns / 1_000_000_000) as u32
+}
+
+/// Seconds from `then` to `now` (both `mono_seconds`), a signed difference like
+/// [`elapsed_ns`]: a time slightly ahead of `now` is age 0.
+#[inline(always)]
+pub const fn elapsed_s(now: u32, then: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if (d as i32) < 0 { 0 } else { d }
+}
+
+#[cfg(feature = "user")]
+impl PersistKey {
+    /// The IPv4 table's key for this key, if its address is IPv4-mapped.
+    pub const fn to_v4(&self) -> Option<PersistKey4> {
+        let a = &self.addr_be;
+        if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] != 0
+            || a[10] != 0xff
+            || a[11] != 0xff
+        {
+            return None;
+        }
+        Some(PersistKey4 {
+            addr_be: [a[12], a[13], a[14], a[15]],
+            service: self.service,
+        })
+    }
+}
+
+#[cfg(feature = "user")]
+impl PersistKey4 {
+    /// The same key in the one-layout form (IPv4-mapped address).
+    pub const fn to_mapped(&self) -> PersistKey {
+        PersistKey {
+            service: self.service,
+            addr_be: v4_mapped(self.addr_be),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+impl PersistValue4 {
+    /// The compact form of `v`: last-seen becomes the whole second it falls in. `now_ns`
+    /// (CLOCK_MONOTONIC) anchors the wrapping arithmetic, so a time "before boot" (written as
+    /// `now - age`) or slightly ahead of now keeps its distance from now. `None`: a backend id
+    /// the compact form cannot hold.
+    pub const fn from_value(v: &PersistValue, now_ns: u64) -> Option<PersistValue4> {
+        if v.backend > u16::MAX as u32 {
+            return None;
+        }
+        let age = now_ns.wrapping_sub(v.last_seen_ns) as i64;
+        let t = now_ns as i128 - age as i128;
+        Some(PersistValue4 {
+            backend: v.backend as u16,
+            identity_tag: identity_tag16(v.backend_identity),
+            last_seen_s: t.div_euclid(1_000_000_000) as i64 as u32,
+        })
+    }
+
+    /// The one-layout form: last-seen as the start of its second, unwrapped around `now_ns`.
+    pub const fn to_value(&self, now_ns: u64) -> PersistValue {
+        let now_s = mono_seconds(now_ns);
+        let age_s = now_s.wrapping_sub(self.last_seen_s) as i32 as i64;
+        let t = (now_ns / 1_000_000_000) as i64 - age_s;
+        PersistValue {
+            backend: self.backend as u32,
+            backend_identity: self.identity_tag as u32,
+            last_seen_ns: t.wrapping_mul(1_000_000_000) as u64,
+        }
+    }
+}
 
 /// Value of `TETHER_GLOBALS[0]`: data-path settings that are not per service.
 #[repr(C)]
@@ -343,6 +472,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PersistKey {}
     unsafe impl aya::Pod for super::PersistValue {}
+    unsafe impl aya::Pod for super::PersistKey4 {}
+    unsafe impl aya::Pod for super::PersistValue4 {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::RateWindow {}
     unsafe impl aya::Pod for super::FragKey {}
@@ -388,6 +519,64 @@ mod tests {
         assert!(identity_matches(7, &be));
         assert!(identity_matches(0, &be), "legacy entries match");
         assert!(!identity_matches(8, &be), "a reused slot is a miss");
+    }
+
+    #[test]
+    fn v4_forms_round_trip() {
+        let k = PersistKey {
+            service: 3,
+            addr_be: v4_mapped([10, 1, 2, 0]),
+        };
+        let k4 = k.to_v4().expect("mapped");
+        assert_eq!(k4.addr_be, [10, 1, 2, 0]);
+        assert_eq!(k4.to_mapped(), k);
+        let mut v6 = k;
+        v6.addr_be[0] = 0x20;
+        assert_eq!(v6.to_v4(), None, "an IPv6 key stays in the IPv6 table");
+
+        let now = 5_000_000_000_000;
+        let v = PersistValue {
+            backend: 9,
+            backend_identity: 0x0001_0022,
+            last_seen_ns: now - 7_000_000_000,
+        };
+        let v4 = PersistValue4::from_value(&v, now).expect("fits");
+        assert_eq!((v4.backend, v4.identity_tag), (9, 0x22));
+        assert_eq!(elapsed_s(mono_seconds(now), v4.last_seen_s), 7);
+        assert_eq!(v4.to_value(now).last_seen_ns, v.last_seen_ns);
+        // An age longer than the uptime survives the conversion.
+        let old = PersistValue {
+            last_seen_ns: 5u64.wrapping_sub(7_200_000_000_000),
+            ..v
+        };
+        let o4 = PersistValue4::from_value(&old, 5).expect("fits");
+        assert_eq!(elapsed_s(mono_seconds(5), o4.last_seen_s), 7200);
+        assert_eq!(
+            o4.to_value(5).last_seen_ns,
+            0u64.wrapping_sub(7_200_000_000_000)
+        );
+        // Ahead of now stays ahead.
+        let ahead = PersistValue {
+            last_seen_ns: now + 3_600_000_000_000,
+            ..v
+        };
+        let a4 = PersistValue4::from_value(&ahead, now).expect("fits");
+        assert_eq!(elapsed_s(mono_seconds(now), a4.last_seen_s), 0);
+        assert_eq!(a4.to_value(now + 1).last_seen_ns, ahead.last_seen_ns);
+        assert!(identity_matches16(
+            0x22,
+            &Backend {
+                identity: 0x0005_0022,
+                ..Backend::default()
+            }
+        ));
+        assert!(!identity_matches16(
+            0x23,
+            &Backend {
+                identity: 0x22,
+                ..Backend::default()
+            }
+        ));
     }
 
     #[test]

@@ -16,8 +16,8 @@ use aya_ebpf::{
 use lb_common::{
     BINDINGS_RING_BYTES, Backend, BindingEvent, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey,
     FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistValue, RateWindow, Service,
-    ServiceKey, TrafficCounters, event, reason,
+    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistKey4, PersistValue, PersistValue4,
+    RateWindow, Service, ServiceKey, TrafficCounters, event, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -37,13 +37,23 @@ pub static TETHER_BACKENDS: Array<Backend, BACKENDS> = Array::new();
 #[btf_map]
 pub static TETHER_MAGLEV: Array<u32, { MAGLEV_ENTRIES as usize }> = Array::new();
 
-/// `MAP_PERSIST`: service + masked client address -> bound backend and last-seen time.
+/// `MAP_PERSIST`: service + masked IPv6 client address -> bound backend and last-seen time.
 /// One table shared by all CPUs (a client's flows land on different CPUs); per-CPU LRU lists
 /// (`BPF_F_NO_COMMON_LRU`) avoid a global lock. Userspace sets the size.
 #[btf_map]
 pub static TETHER_PERSIST: LruHashMap<
     PersistKey,
     PersistValue,
+    { PERSIST_DEFAULT_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// `MAP_PERSIST4`: as `TETHER_PERSIST` for IPv4 clients, with an 8-byte key and value so an
+/// element is one cache line (64 bytes) and the key hashes and compares in one word.
+#[btf_map]
+pub static TETHER_PERSIST4: LruHashMap<
+    PersistKey4,
+    PersistValue4,
     { PERSIST_DEFAULT_ENTRIES as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();

@@ -128,7 +128,7 @@ pub type Addr = [u32; 4];
 const _: () = assert!(cfg!(target_endian = "little"));
 
 /// Third word of an IPv4-mapped address (`::ffff:a.b.c.d`: bytes 8..12 are 0, 0, ff, ff).
-const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+pub const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// The 32-bit word whose wire bytes are those of `lo` then `hi`.
 #[inline(always)]

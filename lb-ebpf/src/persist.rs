@@ -1,5 +1,6 @@
 //! Source-IP persistence: the client's (masked) address is bound to a backend in the shared
-//! LRU table. A hit costs one lookup; last-seen is refreshed by a plain store at most every
+//! LRU table of its family (IPv4: `TETHER_PERSIST4`, 8-byte key and value; IPv6:
+//! `TETHER_PERSIST`). A hit costs one lookup; last-seen is refreshed by a plain store at most every
 //! `PERSIST_REFRESH_NS`; the table is only updated when a binding is made or changed.
 //!
 //! Only a packet that may start a flow (UDP, a TCP SYN) writes the table, and each CPU makes
@@ -9,32 +10,33 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BindingEvent, PERSIST_REFRESH_NS, PersistKey, PersistValue, RATE_WINDOW_NS, Service,
-    TrafficCounters, elapsed_ns, event as events, hash::client_hash, identity_matches,
+    BINDING_PREVIOUS_TAG16, Backend, BindingEvent, PERSIST_REFRESH_NS, PERSIST_REFRESH_S,
+    PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters,
+    elapsed_ns, elapsed_s, event as events,
+    hash::{FLOW_SEED, client_hash, hash_words},
+    identity_matches, identity_matches16, identity_tag16, mono_seconds,
 };
 
 use crate::{
     Verdict, conntrack,
-    maps::{TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_RATE},
-    parse::{Addr, Aligned, Flow, Kind, store_addr},
+    maps::{
+        TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4,
+        TETHER_RATE,
+    },
+    parse::{Addr, Aligned, Flow, Kind, V4_MAPPED_WORD2, store_addr},
     select::{self, Choice, usable},
     stats::{self, Event},
 };
 
-/// Client address masked to the service's prefix (for IPv4 only the last word of the mapped
-/// form; the `::ffff` prefix stays).
+/// IPv6 client address masked to the service's prefix.
 #[inline(always)]
-fn masked_source(svc: &Service, flow: &Flow) -> Addr {
+fn masked_v6(svc: &Service, flow: &Flow) -> Addr {
     let mut a = flow.src;
-    if flow.is_v6 {
-        let m = &svc.v6_mask_be;
-        a[0] &= u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
-        a[1] &= u32::from_ne_bytes([m[4], m[5], m[6], m[7]]);
-        a[2] &= u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
-        a[3] &= u32::from_ne_bytes([m[12], m[13], m[14], m[15]]);
-    } else {
-        a[3] &= u32::from_ne_bytes(svc.v4_mask_be);
-    }
+    let m = &svc.v6_mask_be;
+    a[0] &= u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
+    a[1] &= u32::from_ne_bytes([m[4], m[5], m[6], m[7]]);
+    a[2] &= u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
+    a[3] &= u32::from_ne_bytes([m[12], m[13], m[14], m[15]]);
     a
 }
 
@@ -49,12 +51,87 @@ pub fn choose(
         // No persistence: each flow is balanced on its own and keeps its backend.
         return conntrack::choose(svc, flow, svc_stat);
     }
+    if flow.is_v6 {
+        choose_v6(svc, flow, svc_stat)
+    } else {
+        choose_v4(svc, flow, svc_stat)
+    }
+}
 
+/// IPv4 clients: the compact table, ages in whole seconds.
+#[inline(always)]
+fn choose_v4(
+    svc: &Service,
+    flow: &Flow,
+    svc_stat: &mut TrafficCounters,
+) -> Result<Choice, Verdict> {
+    let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
+    let key = PersistKey4 {
+        addr_be: addr.to_ne_bytes(),
+        service: svc.index,
+    };
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = mono_seconds(now_ns);
+    let mut event = Event::New;
+    let mut previous = (0, 0);
+    if let Some(v) = TETHER_PERSIST4.get_ptr_mut(key) {
+        // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
+        // CPUs only store last_seen_s (a u32, written whole) or replace the element.
+        let (bound, tag, last_seen) =
+            unsafe { ((*v).backend as u32, (*v).identity_tag, (*v).last_seen_s) };
+        let age = elapsed_s(now, last_seen);
+        if age as u64 * 1_000_000_000 > svc.timeout_ns {
+            event = Event::Expired;
+        } else {
+            if let Some(be) = TETHER_BACKENDS.get(bound)
+                && identity_matches16(tag, be)
+                && usable(svc, be)
+            {
+                if age > PERSIST_REFRESH_S {
+                    // SAFETY: as above; a plain store, no map update.
+                    unsafe { (*v).last_seen_s = now };
+                }
+                return Ok(Choice {
+                    id: bound,
+                    backend: be,
+                    event: Event::PersistHit,
+                });
+            }
+            event = Event::ReassignedDown;
+            previous = (tag as u32, BINDING_PREVIOUS_TAG16);
+        }
+    }
+    // The hash of the IPv4-mapped form, as for every other client key.
+    let hash = hash_words(&[svc.index, 0, 0, V4_MAPPED_WORD2, addr], FLOW_SEED);
+    let mapped = lb_common::v4_mapped(key.addr_be);
+    let bound = Bound {
+        service: svc.index,
+        addr_be: &mapped,
+        previous,
+    };
+    rebind(svc, flow, hash, event, now_ns, svc_stat, bound, |id, be| {
+        let value = PersistValue4 {
+            backend: id as u16,
+            identity_tag: identity_tag16(be.identity),
+            last_seen_s: now,
+        };
+        TETHER_PERSIST4.insert(key, value, BPF_ANY as u64).is_ok()
+    })
+}
+
+/// IPv6 clients.
+#[inline(always)]
+fn choose_v6(
+    svc: &Service,
+    flow: &Flow,
+    svc_stat: &mut TrafficCounters,
+) -> Result<Choice, Verdict> {
     let mut key = Aligned(PersistKey {
         service: svc.index,
         addr_be: [0; 16],
     });
-    store_addr(&mut key.0.addr_be, &masked_source(svc, flow));
+    store_addr(&mut key.0.addr_be, &masked_v6(svc, flow));
     let key = &key.0;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -90,8 +167,46 @@ pub fn choose(
             previous_identity = tag;
         }
     }
+    let hash = client_hash(svc.index, &key.addr_be);
+    let bound = Bound {
+        service: svc.index,
+        addr_be: &key.addr_be,
+        previous: (previous_identity, 0),
+    };
+    rebind(svc, flow, hash, event, now, svc_stat, bound, |id, be| {
+        let value = PersistValue {
+            backend: id,
+            backend_identity: be.identity,
+            last_seen_ns: now,
+        };
+        TETHER_PERSIST.insert(key, value, BPF_ANY as u64).is_ok()
+    })
+}
 
-    let (id, backend) = select::pick(svc, client_hash(svc.index, &key.addr_be), svc_stat)?;
+/// The client a binding is for, as the mirror's ring buffer reports it.
+struct Bound<'a> {
+    service: u32,
+    /// IPv4-mapped for IPv4 clients.
+    addr_be: &'a [u8; 16],
+    /// (identity or tag it replaces, `BindingEvent::flags`).
+    previous: (u32, u32),
+}
+
+/// A client without a usable binding (`event` says why): the Maglev choice for `hash`,
+/// stored with `store` when the packet may start a binding and the rate cap allows it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rebind(
+    svc: &Service,
+    flow: &Flow,
+    hash: u32,
+    mut event: Event,
+    now_ns: u64,
+    svc_stat: &mut TrafficCounters,
+    bound: Bound<'_>,
+    store: impl FnOnce(u32, &Backend) -> bool,
+) -> Result<Choice, Verdict> {
+    let (id, backend) = select::pick(svc, hash, svc_stat)?;
     if !flow.may_bind() {
         // Forwarded where a new binding would go, with nothing stored. An ICMP error or a
         // later fragment is not a new client; a TCP packet without SYN is counted.
@@ -106,7 +221,7 @@ pub fn choose(
     }
     // A new key grows the table (and may evict someone once this CPU's share is full);
     // rewriting an expired or re-assigned entry does not.
-    if event == Event::New && !take_new_binding(now) {
+    if event == Event::New && !take_new_binding(now_ns) {
         stats::count_event(events::BINDING_RATE_LIMITED);
         return Ok(Choice {
             id,
@@ -114,12 +229,7 @@ pub fn choose(
             event: Event::None,
         });
     }
-    let value = PersistValue {
-        backend: id,
-        backend_identity: backend.identity,
-        last_seen_ns: now,
-    };
-    if TETHER_PERSIST.insert(key, value, BPF_ANY as u64).is_err() {
+    if !store(id, backend) {
         // Not stored (should not happen with an LRU map): the packet still goes to the
         // backend the hash picked, but no binding was made.
         event = Event::None;
@@ -127,20 +237,20 @@ pub fn choose(
         if event == Event::New {
             stats::count_event(events::BINDING_CREATED);
         }
-        emit_binding(key, backend.identity, previous_identity);
+        emit_binding(&bound, backend.identity);
     }
     Ok(Choice { id, backend, event })
 }
 
 /// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
 #[inline(always)]
-fn emit_binding(key: &PersistKey, identity: u32, previous_identity: u32) {
+fn emit_binding(bound: &Bound<'_>, identity: u32) {
     let ev = BindingEvent {
-        service: key.service,
+        service: bound.service,
         backend_identity: identity,
-        previous_identity,
-        _pad: 0,
-        addr_be: key.addr_be,
+        previous_identity: bound.previous.0,
+        flags: bound.previous.1,
+        addr_be: *bound.addr_be,
     };
     // BPF_RB_NO_WAKEUP: the reader polls.
     let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);

@@ -23,9 +23,10 @@ use aya::{
 use lb_common::{
     Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, PROG_DROP, PROG_PASS,
-    PROG_SWAP_TX, PROG_XDP, PersistKey, PersistValue, RATE_WINDOW_NS, RateWindow, Service,
-    ServiceKey, TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
+    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, PROG_DROP,
+    PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4,
+    RATE_WINDOW_NS, RateWindow, Service, ServiceKey, TrafficCounters, maglev_index, prefix_mask,
+    reason, v4_mapped,
 };
 use tether::dataplane::EBPF_OBJECT;
 
@@ -206,22 +207,39 @@ impl Fixture {
             .expect("set maglev entry");
     }
 
+    /// Write a binding; an IPv4-mapped key goes to the IPv4 table in its compact form.
     pub fn set_persist(&mut self, key: PersistKey, value: PersistValue) {
+        if let Some(k4) = key.to_v4() {
+            let v4 = PersistValue4::from_value(&value, coarse_now_ns()).expect("backend id fits");
+            let mut m: HashMap<_, PersistKey4, PersistValue4> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_PERSIST4).unwrap()).unwrap();
+            m.insert(k4, v4, 0).expect("insert persist4 entry");
+            return;
+        }
         let mut m: HashMap<_, PersistKey, PersistValue> =
             HashMap::try_from(self.ebpf.map_mut(MAP_PERSIST).unwrap()).unwrap();
         m.insert(key, value, 0).expect("insert persist entry");
     }
 
+    /// A binding in the one-layout form (IPv4: last-seen at the start of its second).
     pub fn persist(&self, key: &PersistKey) -> Option<PersistValue> {
+        if let Some(k4) = key.to_v4() {
+            let m: HashMap<_, PersistKey4, PersistValue4> =
+                HashMap::try_from(self.ebpf.map(MAP_PERSIST4).unwrap()).unwrap();
+            return m.get(&k4, 0).ok().map(|v| v.to_value(coarse_now_ns()));
+        }
         let m: HashMap<_, PersistKey, PersistValue> =
             HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
         m.get(key, 0).ok()
     }
 
+    /// Entries in both persistence tables.
     pub fn persist_len(&self) -> usize {
         let m: HashMap<_, PersistKey, PersistValue> =
             HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
-        m.keys().count()
+        let m4: HashMap<_, PersistKey4, PersistValue4> =
+            HashMap::try_from(self.ebpf.map(MAP_PERSIST4).unwrap()).unwrap();
+        m.keys().count() + m4.keys().count()
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {

@@ -10,12 +10,12 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use lb_common::{
     maps::{
         BACKEND_UNUSED, Backend, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
-        MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue,
-        Service, ServiceKey, maglev_index, v4_mapped,
+        MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey,
+        PersistKey4, PersistValue, PersistValue4, Service, ServiceKey, maglev_index, v4_mapped,
     },
     stats::{TrafficCounters, reason},
 };
-use tether::dataplane::persist_table::{entry_addr, open_pinned};
+use tether::dataplane::persist_table::{self, entry_addr, open_pinned};
 
 /// CLOCK_MONOTONIC_COARSE now, in ns: the clock `bpf_ktime_get_coarse_ns()` reads. (The
 /// coarse clock never runs ahead of the XDP program's reading, so an entry written with it is
@@ -141,26 +141,33 @@ impl Pins {
             .collect()
     }
 
-    /// Every persistence entry.
+    /// Every persistence entry of both tables (IPv4 ones in the one-layout form, last-seen at
+    /// the start of its second).
     pub fn persist_entries(&self) -> Result<Vec<(PersistKey, PersistValue)>> {
+        let now = monotonic_coarse_ns();
+        let m4: HashMap<MapData, PersistKey4, PersistValue4> = self.open(MAP_PERSIST4)?;
+        let mut out: Vec<(PersistKey, PersistValue)> = m4
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.to_mapped(), v.to_value(now))))
+            .collect::<std::result::Result<_, _>>()?;
         let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
-        m.iter().map(|r| r.map_err(Into::into)).collect()
+        for r in m.iter() {
+            out.push(r?);
+        }
+        Ok(out)
     }
 
     /// The entry of an IPv4 client (/32 profile) in service `service`.
     pub fn persist_get(&self, service: u32, client: Ipv4Addr) -> Result<Option<PersistValue>> {
-        let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
-        match m.get(&persist_key_v4(service, client), 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(persist_table::get(
+            &self.dir,
+            &persist_key_v4(service, client),
+        )?)
     }
 
     /// Writes (creates or replaces) the entry of an IPv4 client (/32 profile).
     pub fn persist_set(&self, service: u32, client: Ipv4Addr, value: PersistValue) -> Result<()> {
-        let mut m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
-        m.insert(persist_key_v4(service, client), value, 0)?;
+        persist_table::insert(&self.dir, &persist_key_v4(service, client), &value)?;
         Ok(())
     }
 

@@ -19,10 +19,10 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE,
-    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
-    PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
+    MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
+    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS,
+    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX,
+    PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -821,7 +821,9 @@ fn persistence() {
                 let written = written.clone();
                 move |fx: &mut Fixture| {
                     let v = fx.persist(&key).expect("binding");
-                    assert_eq!(v, pval(BE_B, written.get()), "entry untouched");
+                    // The IPv4 table keeps whole seconds: the second it was written in.
+                    let second = written.get() / 1_000_000_000 * 1_000_000_000;
+                    assert_eq!(v, pval(BE_B, second), "entry untouched");
                     assert_counters("service", fx.svc_stat(SVC_TCP), counted(1, 0, 0, 0));
                 }
             },
@@ -1050,9 +1052,14 @@ fn bindings_written_reach_the_ring_buffer() {
     assert_eq!(fx.run(&syn.bytes).0, XDP_TX);
     let events = ring.drain(16);
     assert_eq!(events.len(), 1, "one binding moved: {events:?}");
+    // IPv4 bindings keep 16 bits of the identity: the replaced one is reported as its tag.
     assert_eq!(
-        (events[0].backend_identity, events[0].previous_identity),
-        (22, 11)
+        (
+            events[0].backend_identity,
+            events[0].previous_identity,
+            events[0].flags
+        ),
+        (22, 11, lb_common::BINDING_PREVIOUS_TAG16)
     );
 }
 
@@ -1506,6 +1513,7 @@ fn maps_match_the_contract() {
         (MAP_BACKENDS, MapType::Array),
         (MAP_MAGLEV, MapType::Array),
         (MAP_PERSIST, MapType::LruHash),
+        (MAP_PERSIST4, MapType::LruHash),
         (MAP_TX_PORTS, MapType::DevMapHash),
         (MAP_SERVICE_STATS, MapType::PerCpuArray),
         (MAP_BACKEND_STATS, MapType::PerCpuArray),
@@ -1539,5 +1547,6 @@ fn maps_match_the_contract() {
     let flags = |n: &str| MapInfo::from_pin(fx.dir.join(n)).unwrap().map_flags();
     assert_eq!(flags(MAP_SERVICES) & 1, 1, "services: BPF_F_NO_PREALLOC");
     assert_eq!(flags(MAP_PERSIST) & 2, 2, "persist: BPF_F_NO_COMMON_LRU");
+    assert_eq!(flags(MAP_PERSIST4) & 2, 2, "persist4: BPF_F_NO_COMMON_LRU");
     assert_eq!(flags(MAP_FLOWS) & 2, 2, "flows: BPF_F_NO_COMMON_LRU");
 }

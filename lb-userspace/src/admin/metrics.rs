@@ -7,7 +7,7 @@ use std::{collections::HashMap, fmt::Write as _, path::Path};
 
 use aya::maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray};
 use lb_common::{
-    Globals, MAP_BACKEND_STATS, MAP_EVENTS, MAP_GLOBALS, MAP_PERSIST, MAP_REASONS,
+    Globals, MAP_BACKEND_STATS, MAP_EVENTS, MAP_GLOBALS, MAP_PERSIST4, MAP_REASONS,
     MAP_SERVICE_STATS, TrafficCounters, event, reason,
 };
 
@@ -130,7 +130,8 @@ pub fn read(pin_dir: &Path, snap: &Snapshot) -> Result<KernelCounters, CountersE
             })?;
         *slot = v.iter().sum();
     }
-    let path = pin_dir.join(MAP_PERSIST);
+    // Both families' tables are created with the same size; the IPv4 one stands for both.
+    let path = pin_dir.join(MAP_PERSIST4);
     out.table.capacity = MapInfo::from_pin(&path)
         .map_err(|source| CountersError::Open { path, source })?
         .max_entries();

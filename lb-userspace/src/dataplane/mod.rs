@@ -29,9 +29,10 @@ use lb_common::{
     ALL_MAPS, BACKEND_UP, BINDINGS_RING_BYTES, Backend, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES,
     FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
     MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS,
-    MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey,
-    PersistValue, RateWindow, Service, ServiceKey, TrafficCounters, event, maglev_index, reason,
+    MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
+    PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RateWindow, Service,
+    ServiceKey, TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -87,8 +88,8 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
-/// defines it; `None` max entries: set at load (the persistence table).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 14] = {
+/// defines it; `None` max entries: set at load (the persistence tables).
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 15] = {
     use core::mem::size_of;
     [
         (
@@ -103,6 +104,12 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 14] = {
             MAP_PERSIST,
             size_of::<PersistKey>(),
             size_of::<PersistValue>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4,
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
             None,
         ),
         // Devmap values are struct bpf_devmap_val (ifindex + program fd/id).
@@ -215,10 +222,11 @@ pub struct KernelState {
 
 /// A loader that pins every map by name under `pin_dir`: an existing pin is opened and
 /// reused (the table and counters survive a restart), a missing one is created and pinned.
-/// The persistence table gets `persist_entries` entries when it is created.
+/// Each persistence table (IPv4 and IPv6) gets `persist_entries` entries when it is created.
 pub fn pinned_loader(pin_dir: &Path, persist_entries: u32) -> EbpfLoader<'static> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(MAP_PERSIST, persist_entries);
+    loader.map_max_entries(MAP_PERSIST4, persist_entries);
     for name in ALL_MAPS {
         loader.map_pin_path(name, pin_dir.join(name));
     }
@@ -275,18 +283,20 @@ impl Dataplane {
     /// restarts) and pinning the ones it creates.
     pub fn load(pin_dir: &Path, persist_entries: u32) -> Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
-        let persist_pin = pin_dir.join(MAP_PERSIST);
-        if persist_pin.exists()
-            && let Ok(existing) = MapData::from_pin(&persist_pin)
-            && let Ok(info) = existing.info()
-            && info.max_entries() != persist_entries
-        {
-            log::warn!(
-                "{} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
-                MAP_PERSIST,
-                info.max_entries(),
-                persist_pin.display()
-            );
+        for name in [MAP_PERSIST4, MAP_PERSIST] {
+            let persist_pin = pin_dir.join(name);
+            if persist_pin.exists()
+                && let Ok(existing) = MapData::from_pin(&persist_pin)
+                && let Ok(info) = existing.info()
+                && info.max_entries() != persist_entries
+            {
+                log::warn!(
+                    "{} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
+                    name,
+                    info.max_entries(),
+                    persist_pin.display()
+                );
+            }
         }
         drop_incompatible_pins(pin_dir);
         let ebpf = pinned_loader(pin_dir, persist_entries).load(EBPF_OBJECT)?;
@@ -295,11 +305,11 @@ impl Dataplane {
             pin_dir: pin_dir.to_owned(),
             live_tables: Default::default(),
         };
-        if let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_PERSIST)) {
+        if let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_PERSIST4)) {
             let cpus = possible_cpus();
             let per_cpu = info.max_entries() / cpus;
             log::info!(
-                "persistence table: {} entries, {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share)",
+                "persistence tables (IPv4, IPv6): {} entries each, {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share)",
                 info.max_entries()
             );
             if per_cpu < 1024 {
@@ -308,12 +318,51 @@ impl Dataplane {
                 );
             }
         }
+        let moved = persist_table::monotonic_ns()
+            .map_err(|e| e.to_string())
+            .and_then(|now| dp.move_v4_bindings(now).map_err(|e| e.to_string()));
+        match moved {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "moved {n} IPv4 bindings from {MAP_PERSIST} (an earlier build's layout) to {MAP_PERSIST4}"
+            ),
+            Err(e) => log::warn!("moving IPv4 bindings to {MAP_PERSIST4}: {e}"),
+        }
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
             name: PROG_XDP,
             source,
         })?;
         Ok(dp)
+    }
+
+    /// Builds before the IPv4 table kept IPv4 clients (as mapped addresses) in
+    /// `TETHER_PERSIST`: move them, so an upgrade keeps every client on its backend. Entries
+    /// already in the IPv4 table win. Returns how many moved.
+    fn move_v4_bindings(&mut self, now: u64) -> Result<usize> {
+        let mut old: HashMap<&mut MapData, PersistKey, PersistValue> =
+            self.typed_mut(MAP_PERSIST)?;
+        let found: Vec<(PersistKey, PersistValue)> = old
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, _)| k.to_v4().is_some())
+            .collect();
+        for (k, _) in &found {
+            let _ = old.remove(k);
+        }
+        let mut table4: HashMap<&mut MapData, PersistKey4, PersistValue4> =
+            self.typed_mut(MAP_PERSIST4)?;
+        let mut moved = 0;
+        for (k, v) in &found {
+            let (Some(k4), Some(v4)) = (k.to_v4(), PersistValue4::from_value(v, now)) else {
+                continue;
+            };
+            // BPF_NOEXIST: a binding the new layout already holds is newer.
+            if table4.insert(k4, v4, 1).is_ok() {
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// A map of the object as aya's typed wrapper (`Array`, `HashMap`, ...).
@@ -647,20 +696,34 @@ impl Dataplane {
         if removed.services.is_empty() && removed.backends.is_empty() {
             return Ok(0);
         }
+        let gone = |service: u32, backend: u32| {
+            removed.services.contains(&service) || removed.backends.contains(&backend)
+        };
+        let mut n = 0;
         let mut table: HashMap<&mut MapData, PersistKey, PersistValue> =
             self.typed_mut(MAP_PERSIST)?;
         let doomed: Vec<PersistKey> = table
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(k, v)| {
-                removed.services.contains(&k.service) || removed.backends.contains(&v.backend)
-            })
+            .filter(|(k, v)| gone(k.service, v.backend))
             .map(|(k, _)| k)
             .collect();
-        let mut n = 0;
         for k in &doomed {
             // An entry the LRU evicted meanwhile is already gone: not an error.
             if table.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        let mut table4: HashMap<&mut MapData, PersistKey4, PersistValue4> =
+            self.typed_mut(MAP_PERSIST4)?;
+        let doomed: Vec<PersistKey4> = table4
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| gone(k.service, v.backend as u32))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            if table4.remove(k).is_ok() {
                 n += 1;
             }
         }

@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::backend_identity;
+use lb_common::{BINDING_PREVIOUS_TAG16, backend_identity, identity_tag16};
 use tokio::sync::mpsc;
 
 use super::{Event, MirrorStats, XdpBinding, XdpTarget, codec, offer};
 use crate::{
     config::ServiceMode,
-    dataplane::persist_table::{self, BindingEvents, Writer},
+    dataplane::persist_table::{self, BindingEvents},
     state::{SharedSnapshot, Snapshot},
 };
 
@@ -31,7 +31,8 @@ const DRAIN_BATCH: usize = 4096;
 pub struct XdpMirror {
     pin_dir: PathBuf,
     shared: SharedSnapshot,
-    writer: Mutex<Option<Writer>>,
+    /// Writes to the kernel tables one at a time.
+    writing: Mutex<()>,
     stop: Arc<AtomicBool>,
 }
 
@@ -40,7 +41,7 @@ impl XdpMirror {
         Arc::new(XdpMirror {
             pin_dir,
             shared,
-            writer: Mutex::new(None),
+            writing: Mutex::new(()),
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -76,6 +77,14 @@ impl XdpMirror {
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
                         for ev in batch {
                             if let Some((service, ttl_ms)) = l4_service(&snap, ev.service) {
+                                // IPv4 bindings keep 16 bits of the identity they replace.
+                                let previous = match ev.previous_identity {
+                                    0 => None,
+                                    p if ev.flags & BINDING_PREVIOUS_TAG16 != 0 => {
+                                        identity_of_tag(&snap, ev.service, p)
+                                    }
+                                    p => Some(p),
+                                };
                                 offer(
                                     &tx,
                                     &stats,
@@ -84,8 +93,7 @@ impl XdpMirror {
                                         table: codec::XDP_TABLE.into(),
                                         key: u128::from_be_bytes(ev.addr_be),
                                         backend: ev.backend_identity,
-                                        previous: (ev.previous_identity != 0)
-                                            .then_some(ev.previous_identity),
+                                        previous,
                                         ttl_ms,
                                         at: Instant::now(),
                                     },
@@ -118,6 +126,28 @@ fn l4_service(snap: &Snapshot, index: u32) -> Option<(&str, u64)> {
     Some((&svc.name, u64::from(timeout_s) * 1000))
 }
 
+/// The identity of the backend in kernel slot `id`.
+fn identity_of_slot(snap: &Snapshot, id: u32) -> Option<u32> {
+    for (p, ids) in snap.backend_ids.iter().enumerate() {
+        if let Some(b) = ids.iter().position(|&x| x == id) {
+            let pool = &snap.config.pools[p];
+            return Some(backend_identity(&pool.name, &pool.backends[b].name));
+        }
+    }
+    None
+}
+
+/// The identity whose 16-bit tag is `tag` among the backends of the L4 service with kernel
+/// index `index`.
+fn identity_of_tag(snap: &Snapshot, index: u32, tag: u32) -> Option<u32> {
+    let i = snap.service_index.iter().position(|&x| x == index)?;
+    let pool = &snap.config.pools[snap.config.services[i].pool];
+    pool.backends
+        .iter()
+        .map(|b| backend_identity(&pool.name, &b.name))
+        .find(|&id| u32::from(identity_tag16(id)) == tag)
+}
+
 impl XdpTarget for XdpMirror {
     fn apply(&self, service: &str, key: u128, identity: u32) -> bool {
         let snap = self.shared.load();
@@ -144,22 +174,11 @@ impl XdpTarget for XdpMirror {
         ) else {
             return false;
         };
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if w.is_none() {
-            match Writer::open(&self.pin_dir) {
-                Ok(o) => *w = Some(o),
-                Err(e) => {
-                    log::warn!("mirroring: opening the persistence table: {e}");
-                    return false;
-                }
-            }
-        }
-        let writer = w.as_mut().expect("opened above");
-        match writer.bind(index, key.to_be_bytes(), id, identity) {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        match persist_table::bind(&self.pin_dir, index, key.to_be_bytes(), id, identity) {
             Ok(changed) => changed,
             Err(e) => {
                 log::warn!("mirroring: writing an XDP binding: {e}");
-                *w = None;
                 false
             }
         }
@@ -172,10 +191,18 @@ impl XdpTarget for XdpMirror {
                 .into_iter()
                 .filter_map(|b| {
                     let (name, _) = l4_service(&snap, b.service_index)?;
+                    // The slot's backend, if it is the one the binding was made for (IPv4
+                    // bindings keep 16 bits of its identity).
+                    let identity = identity_of_slot(&snap, b.backend_id)?;
+                    if b.backend_identity != identity
+                        && b.backend_identity != u32::from(identity_tag16(identity))
+                    {
+                        return None;
+                    }
                     Some(XdpBinding {
                         service: name.to_string(),
                         key: u128::from_be_bytes(b.addr_be),
-                        backend: b.backend_identity,
+                        backend: identity,
                         ttl_ms: b.timeout.as_millis() as u64,
                         age: b.age,
                     })

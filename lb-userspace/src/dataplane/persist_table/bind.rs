@@ -1,12 +1,12 @@
 //! Writing bindings another instance made (mirroring) and reading the live ones to share:
-//! the only writes to the persistence table from userspace besides flushes.
+//! the only writes to the persistence tables from userspace besides flushes.
 
 use std::{collections::HashSet, path::Path, time::Duration};
 
-use aya::maps::{MapData, MapError, RingBuf};
-use lb_common::{BindingEvent, MAP_BINDINGS, MAP_PERSIST, PersistKey, PersistValue};
+use aya::maps::{MapData, RingBuf};
+use lb_common::{BindingEvent, MAP_BINDINGS, PersistKey, PersistValue, identity_tag16};
 
-use super::{PersistError, PersistMap, Result, age, is_expired, monotonic_ns, open_persist, walk};
+use super::{Result, age, get, insert, is_expired, monotonic_ns, walk};
 
 /// A live binding, as another instance takes it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,10 @@ pub struct Binding {
     pub service_index: u32,
     /// The stored (masked) client address, IPv4-mapped.
     pub addr_be: [u8; 16],
+    /// The backend slot it names.
+    pub backend_id: u32,
+    /// The identity it was made for: whole for IPv6 clients, its 16-bit tag
+    /// (`identity_tag16`) for IPv4 ones.
     pub backend_identity: u32,
     /// The service's persistence timeout.
     pub timeout: Duration,
@@ -21,7 +25,7 @@ pub struct Binding {
     pub age: Duration,
 }
 
-/// Every live (non-expired) binding.
+/// Every live binding of both tables.
 pub fn live_bindings(pin_dir: &Path) -> Result<Vec<Binding>> {
     let now = monotonic_ns()?;
     let mut seen = HashSet::new();
@@ -32,6 +36,7 @@ pub fn live_bindings(pin_dir: &Path) -> Result<Vec<Binding>> {
             out.push(Binding {
                 service_index: k.service,
                 addr_be: k.addr_be,
+                backend_id: v.backend,
                 backend_identity: v.backend_identity,
                 timeout: Duration::from_nanos(p.timeout_ns),
                 age: a,
@@ -41,51 +46,33 @@ pub fn live_bindings(pin_dir: &Path) -> Result<Vec<Binding>> {
     Ok(out)
 }
 
-/// Writes bindings into the pinned table, keeping it open.
-pub struct Writer {
-    map: PersistMap,
-}
-
-impl Writer {
-    pub fn open(pin_dir: &Path) -> Result<Writer> {
-        Ok(Writer {
-            map: open_persist(pin_dir)?,
-        })
+/// Bind the client `addr_be` (IPv4-mapped for IPv4) of service `service_index` to backend
+/// slot `backend_id` (identity `identity`), last seen now, as the data path would have. A
+/// binding to the same backend is left as it is. Returns whether the table changed.
+pub fn bind(
+    pin_dir: &Path,
+    service_index: u32,
+    addr_be: [u8; 16],
+    backend_id: u32,
+    identity: u32,
+) -> Result<bool> {
+    let key = PersistKey {
+        service: service_index,
+        addr_be,
+    };
+    if let Some(v) = get(pin_dir, &key)?
+        && v.backend == backend_id
+        && (v.backend_identity == identity || v.backend_identity == identity_tag16(identity) as u32)
+    {
+        return Ok(false);
     }
-
-    /// Bind the client `addr_be` of service `service_index` to backend slot `backend_id`
-    /// (identity `identity`), last seen now, as the data path would have. A binding to the
-    /// same identity is left as it is. Returns whether the table changed.
-    pub fn bind(
-        &mut self,
-        service_index: u32,
-        addr_be: [u8; 16],
-        backend_id: u32,
-        identity: u32,
-    ) -> Result<bool> {
-        let key = PersistKey {
-            service: service_index,
-            addr_be,
-        };
-        let err = |source| PersistError::Map {
-            name: MAP_PERSIST,
-            source,
-        };
-        match self.map.get(&key, 0) {
-            Ok(v) if v.backend_identity == identity && v.backend == backend_id => {
-                return Ok(false);
-            }
-            Ok(_) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(err(e)),
-        }
-        let value = PersistValue {
-            backend: backend_id,
-            backend_identity: identity,
-            last_seen_ns: monotonic_ns()?,
-        };
-        self.map.insert(key, value, 0).map_err(err)?;
-        Ok(true)
-    }
+    let value = PersistValue {
+        backend: backend_id,
+        backend_identity: identity,
+        last_seen_ns: monotonic_ns()?,
+    };
+    insert(pin_dir, &key, &value)?;
+    Ok(true)
 }
 
 /// The ring buffer of bindings the data path wrote (`MAP_BINDINGS`).

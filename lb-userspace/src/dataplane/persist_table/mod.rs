@@ -1,5 +1,7 @@
-//! The persistence table (`TETHER_PERSIST`) seen from userspace: list, filter and flush
-//! client bindings, and count live bindings per backend.
+//! The persistence tables (`TETHER_PERSIST4` for IPv4 clients, `TETHER_PERSIST` for IPv6)
+//! seen from userspace: list, filter and flush client bindings, read and write one binding,
+//! and count live bindings per backend. Callers see one layout (`PersistKey` with IPv4 as a
+//! mapped address, `PersistValue`); the IPv4 table's compact form is converted here.
 //!
 //! Everything here walks the pinned LRU hash with one `get_next_key` and one lookup per entry:
 //! about a second for a million entries. Callers on a hot path (metrics scrapes) must cache
@@ -17,7 +19,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError};
-use lb_common::{MAP_PERSIST, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey};
+use lb_common::{
+    MAP_PERSIST, MAP_PERSIST4, MAP_SERVICES, PersistKey, PersistKey4, PersistValue, PersistValue4,
+    Service, ServiceKey,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -30,6 +35,8 @@ pub enum PersistError {
     },
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(std::io::Error),
+    #[error("backend id {0} does not fit the IPv4 table's 16-bit field")]
+    BackendId(u32),
 }
 
 type Result<T> = std::result::Result<T, PersistError>;
@@ -201,9 +208,70 @@ where
 }
 
 type PersistMap = BpfHashMap<MapData, PersistKey, PersistValue>;
+type PersistMap4 = BpfHashMap<MapData, PersistKey4, PersistValue4>;
 
 fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
     open_pinned(pin_dir, MAP_PERSIST)
+}
+
+fn open_persist4(pin_dir: &Path) -> Result<PersistMap4> {
+    open_pinned(pin_dir, MAP_PERSIST4)
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
+    move |source| PersistError::Map { name, source }
+}
+
+/// The binding stored under `key` (IPv4 clients as mapped addresses), if any.
+pub fn get(pin_dir: &Path, key: &PersistKey) -> Result<Option<PersistValue>> {
+    let found = match key.to_v4() {
+        Some(k4) => match open_persist4(pin_dir)?.get(&k4, 0) {
+            Ok(v) => Ok(v.to_value(monotonic_ns()?)),
+            Err(e) => Err((MAP_PERSIST4, e)),
+        },
+        None => open_persist(pin_dir)?
+            .get(key, 0)
+            .map_err(|e| (MAP_PERSIST, e)),
+    };
+    match found {
+        Ok(v) => Ok(Some(v)),
+        Err((_, MapError::KeyNotFound)) => Ok(None),
+        Err((name, source)) => Err(PersistError::Map { name, source }),
+    }
+}
+
+/// Create or replace the binding under `key` (IPv4 clients as mapped addresses; the IPv4
+/// table keeps the age in whole seconds and 16 bits of the identity).
+pub fn insert(pin_dir: &Path, key: &PersistKey, value: &PersistValue) -> Result<()> {
+    match key.to_v4() {
+        Some(k4) => {
+            let v4 = PersistValue4::from_value(value, monotonic_ns()?)
+                .ok_or(PersistError::BackendId(value.backend))?;
+            open_persist4(pin_dir)?
+                .insert(k4, v4, 0)
+                .map_err(map_err(MAP_PERSIST4))
+        }
+        None => open_persist(pin_dir)?
+            .insert(key, value, 0)
+            .map_err(map_err(MAP_PERSIST)),
+    }
+}
+
+/// Delete the binding under `key`; `false` if there was none.
+pub fn remove(pin_dir: &Path, key: &PersistKey) -> Result<bool> {
+    let r = match key.to_v4() {
+        Some(k4) => open_persist4(pin_dir)?
+            .remove(&k4)
+            .map_err(|e| (MAP_PERSIST4, e)),
+        None => open_persist(pin_dir)?
+            .remove(key)
+            .map_err(|e| (MAP_PERSIST, e)),
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err((_, MapError::KeyNotFound)) => Ok(false),
+        Err((name, source)) => Err(PersistError::Map { name, source }),
+    }
 }
 
 /// Parameters of every service in `TETHER_SERVICES`, by kernel index.
@@ -221,28 +289,39 @@ pub fn service_params(pin_dir: &Path) -> Result<HashMap<u32, ServiceParams>> {
     Ok(out)
 }
 
-/// Visit every entry once (bounded by the table's capacity), with its service's parameters.
+/// Visit every entry of both tables once (each walk bounded by its table's capacity), with
+/// its service's parameters; IPv4 entries in the one-layout form.
 fn walk(
     pin_dir: &Path,
     mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams),
 ) -> Result<()> {
     let params = service_params(pin_dir)?;
-    let map = open_persist(pin_dir)?;
-    let err = |source| PersistError::Map {
-        name: MAP_PERSIST,
-        source,
-    };
-    let capacity = map.map().info().map_err(err)?.max_entries() as usize;
+    let p = |service: u32| *params.get(&service).unwrap_or(&ServiceParams::STALE);
+    let map = open_persist4(pin_dir)?;
+    let err = map_err(MAP_PERSIST4);
+    let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
+    let now = monotonic_ns()?;
     for key in map.keys().take(capacity.max(1)) {
-        let key = key.map_err(err)?;
+        let key = key.map_err(&err)?;
         let value = match map.get(&key, 0) {
             Ok(v) => v,
             // Evicted or flushed since get_next_key returned it.
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(err(e)),
         };
-        let p = params.get(&key.service).unwrap_or(&ServiceParams::STALE);
-        visit(&key, &value, p);
+        visit(&key.to_mapped(), &value.to_value(now), &p(key.service));
+    }
+    let map = open_persist(pin_dir)?;
+    let err = map_err(MAP_PERSIST);
+    let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
+    for key in map.keys().take(capacity.max(1)) {
+        let key = key.map_err(&err)?;
+        let value = match map.get(&key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(err(e)),
+        };
+        visit(&key, &value, &p(key.service));
     }
     Ok(())
 }
@@ -284,18 +363,19 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
             keys.insert(*k);
         }
     })?;
-    let mut map = open_persist(pin_dir)?;
+    let (mut map, mut map4) = (open_persist(pin_dir)?, open_persist4(pin_dir)?);
     let mut deleted = 0;
     for k in &keys {
-        match map.remove(k) {
+        let r = match k.to_v4() {
+            Some(k4) => map4.remove(&k4).map_err(|e| (MAP_PERSIST4, e)),
+            None => map.remove(k).map_err(|e| (MAP_PERSIST, e)),
+        };
+        match r {
             Ok(()) => deleted += 1,
-            Err(MapError::KeyNotFound) => {}
-            Err(source) => {
+            Err((_, MapError::KeyNotFound)) => {}
+            Err((name, source)) => {
                 crate::dataplane::note_deleted(pin_dir, deleted as u64);
-                return Err(PersistError::Map {
-                    name: MAP_PERSIST,
-                    source,
-                });
+                return Err(PersistError::Map { name, source });
             }
         }
     }
@@ -322,7 +402,7 @@ pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
 }
 
 mod bind;
-pub use bind::{Binding, BindingEvents, Writer, live_bindings};
+pub use bind::{Binding, BindingEvents, bind, live_bindings};
 
 #[cfg(test)]
 pub(crate) mod testpins;

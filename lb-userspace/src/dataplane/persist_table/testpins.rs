@@ -12,8 +12,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    MAP_PERSIST, MAP_REASONS, MAP_SERVICES, PersistKey, PersistValue, Service, ServiceKey,
-    TrafficCounters,
+    MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, MAP_SERVICES, PersistKey, PersistKey4, PersistValue,
+    PersistValue4, Service, ServiceKey, TrafficCounters,
 };
 
 use crate::dataplane::EBPF_OBJECT;
@@ -80,8 +80,6 @@ impl TestPins {
 
     /// A binding as the data path writes it: `addr` must already be masked.
     pub fn bind(&mut self, service: u32, addr: IpAddr, backend: u32, age_s: u64) {
-        let mut m: HashMap<&mut MapData, PersistKey, PersistValue> =
-            HashMap::try_from(self.map_mut(MAP_PERSIST)).expect("persist map type");
         let now = super::monotonic_ns().expect("clock");
         let key = PersistKey {
             service,
@@ -94,7 +92,16 @@ impl TestPins {
             backend_identity: 0,
             last_seen_ns: now.wrapping_sub(age_s * 1_000_000_000),
         };
-        m.insert(key, value, 0).expect("insert binding");
+        if let Some(k4) = key.to_v4() {
+            let mut m: HashMap<&mut MapData, PersistKey4, PersistValue4> =
+                HashMap::try_from(self.map_mut(MAP_PERSIST4)).expect("persist4 map type");
+            let v4 = PersistValue4::from_value(&value, now).expect("backend id fits");
+            m.insert(k4, v4, 0).expect("insert binding");
+        } else {
+            let mut m: HashMap<&mut MapData, PersistKey, PersistValue> =
+                HashMap::try_from(self.map_mut(MAP_PERSIST)).expect("persist map type");
+            m.insert(key, value, 0).expect("insert binding");
+        }
     }
 
     /// Counters on CPU 0 (and `extra` on CPU 1 when there is one) of a service or backend.
