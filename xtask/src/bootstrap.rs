@@ -22,6 +22,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "/usr/bin/iperf3"),
     ("wrk", "/usr/bin/wrk"),
     ("haproxy", "/usr/sbin/haproxy"),
+    // h2load: the HTTP/2-over-TLS rows of `cargo xtask bench l7`.
+    ("nghttp2-client", "/usr/bin/h2load"),
     ("curl", "/usr/bin/curl"),
     // s_server backends and s_client in the TLS end-to-end tests.
     ("openssl", "/usr/bin/openssl"),

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::{sync::oneshot, time::Sleep};
 
-use super::io::InFlight;
+use super::{io::InFlight, upstream::Checkin};
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,11 +71,14 @@ enum Inner {
 struct OnEnd {
     inflight: Option<InFlight>,
     done: Option<oneshot::Sender<()>>,
+    checkin: Option<Checkin>,
 }
 
 impl OnEnd {
     fn fire(&mut self) {
         self.inflight = None;
+        // The backend connection that carried this body goes back to the pool.
+        self.checkin = None;
         if let Some(tx) = self.done.take() {
             let _ = tx.send(());
         }
@@ -141,6 +144,13 @@ impl ProxyBody {
     /// Ends `inflight` when the body is done or dropped.
     pub(super) fn with_inflight(mut self, inflight: InFlight) -> ProxyBody {
         self.on_end.inflight = Some(inflight);
+        self
+    }
+
+    /// Returns the backend connection of `checkin` to the pool when the body is done or
+    /// dropped.
+    pub(super) fn with_checkin(mut self, checkin: Checkin) -> ProxyBody {
+        self.on_end.checkin = Some(checkin);
         self
     }
 

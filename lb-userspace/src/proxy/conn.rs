@@ -25,7 +25,7 @@ use tokio::{
 use super::{
     ConnInfo, Limits, ProxyStats, Router, Shared,
     handler::{self, ConnCtx},
-    inc,
+    headers, inc,
     io::{ClientIo, Clock},
     proxy_protocol,
     tls::ALPN_H2,
@@ -227,6 +227,9 @@ async fn serve_http<I>(
         info,
     };
     let limits = shared.limits;
+    let Some(client_value) = headers::client_value(&info) else {
+        return;
+    };
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         info,
@@ -234,6 +237,7 @@ async fn serve_http<I>(
         h2: info.alpn_h2,
         tunnel: Mutex::new(None),
         draining: shutdown.clone(),
+        client_value,
     });
     let service = {
         let ctx = ctx.clone();

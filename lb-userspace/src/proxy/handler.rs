@@ -36,6 +36,8 @@ pub(super) struct ConnCtx {
     pub(super) tunnel: Mutex<Option<Tunnel>>,
     /// True once the proxy drains (reload or restart): HTTP/1 answers close the connection.
     pub(super) draining: tokio::sync::watch::Receiver<bool>,
+    /// [`headers::client_value`] of `info`, for the forwarding headers.
+    pub(super) client_value: HeaderValue,
 }
 
 pub(super) async fn handle(
@@ -92,7 +94,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     }
     let upgrade = !ctx.h2 && client_upgrade.is_some() && headers::wants_upgrade(&parts);
     let trusted = shared.trusted_forwarders.contains(ctx.info.client.ip());
-    headers::prepare_request(&mut parts, &ctx.info, upgrade, trusted)?;
+    headers::prepare_request_for(&mut parts, &ctx.info, &ctx.client_value, upgrade, trusted)?;
     if let Some(location) = shared.router.redirect(&parts, &ctx.info) {
         let mut resp = Response::new(ProxyBody::empty());
         *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
@@ -107,7 +109,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         .with_min_rate(limits.min_body_rate, limits.request_header_timeout);
     let mut req = Request::from_parts(parts, body);
     let mut tried = Vec::new();
-    let (route, resp, _attempt) = loop {
+    let (route, (resp, checkin), _attempt) = loop {
         let (mut parts, body) = req.into_parts();
         let route = shared.router.route(&mut parts, &ctx.info, &tried)?;
         // Reports the end of this attempt however the handler leaves (answer, error, retry).
@@ -194,7 +196,10 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         *ctx.tunnel.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::pin(tunnel));
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
-    Ok(Response::from_parts(parts, ProxyBody::stream(body, idle)))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::stream(body, idle).with_checkin(checkin),
+    ))
 }
 
 /// Splices the upgraded client and backend connections until either side closes or nothing

@@ -119,9 +119,28 @@ pub(super) fn merge_cookies(headers: &mut HeaderMap) {
 /// from the authority, hop-by-hop headers gone, cookies merged, forwarding headers set by the
 /// trusted-hop policy (module docs; `trusted`: the client is in `trusted_forwarders`).
 /// `Err(400)` for a request with no host to forward (HTTP/1.1 without `Host`).
+#[cfg(test)]
 pub(super) fn prepare_request(
     parts: &mut request::Parts,
     conn: &ConnInfo,
+    upgrade: bool,
+    trusted: bool,
+) -> Result<(), StatusCode> {
+    let client = client_value(conn).ok_or(StatusCode::BAD_REQUEST)?;
+    prepare_request_for(parts, conn, &client, upgrade, trusted)
+}
+
+/// The client's address as a header value (an IPv4-mapped IPv6 address as IPv4), rendered
+/// once per connection rather than once per request.
+pub(super) fn client_value(conn: &ConnInfo) -> Option<HeaderValue> {
+    HeaderValue::from_str(&conn.client.ip().to_canonical().to_string()).ok()
+}
+
+/// [`prepare_request`] with the connection's [`client_value`].
+pub(super) fn prepare_request_for(
+    parts: &mut request::Parts,
+    conn: &ConnInfo,
+    client_value: &HeaderValue,
     upgrade: bool,
     trusted: bool,
 ) -> Result<(), StatusCode> {
@@ -165,8 +184,6 @@ pub(super) fn prepare_request(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     merge_cookies(&mut parts.headers);
 
-    let client = conn.client.ip().to_canonical().to_string();
-    let client_value = HeaderValue::from_str(&client).map_err(|_| StatusCode::BAD_REQUEST)?;
     if !trusted {
         for h in [
             &X_FORWARDED_FOR,
@@ -179,21 +196,20 @@ pub(super) fn prepare_request(
         }
     }
     // X-Forwarded-For: a trusted hop's list (all fields, in order), then the client.
-    let mut xff = Vec::new();
-    for v in parts.headers.get_all(X_FORWARDED_FOR) {
-        if !xff.is_empty() {
+    let xff = if parts.headers.contains_key(X_FORWARDED_FOR) {
+        let mut xff = Vec::new();
+        for v in parts.headers.get_all(X_FORWARDED_FOR) {
+            xff.extend_from_slice(v.as_bytes());
             xff.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(v.as_bytes());
-    }
-    if !xff.is_empty() {
-        xff.extend_from_slice(b", ");
-    }
-    xff.extend_from_slice(client.as_bytes());
-    let xff = HeaderValue::from_bytes(&xff).map_err(|_| StatusCode::BAD_REQUEST)?;
+        xff.extend_from_slice(client_value.as_bytes());
+        HeaderValue::from_bytes(&xff).map_err(|_| StatusCode::BAD_REQUEST)?
+    } else {
+        client_value.clone()
+    };
     parts.headers.insert(X_FORWARDED_FOR, xff);
     if !parts.headers.contains_key(X_REAL_IP) {
-        parts.headers.insert(X_REAL_IP, client_value);
+        parts.headers.insert(X_REAL_IP, client_value.clone());
     }
     if !parts.headers.contains_key(X_FORWARDED_PROTO) {
         parts.headers.insert(

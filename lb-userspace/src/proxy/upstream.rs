@@ -3,7 +3,7 @@
 //! and one that did.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
@@ -23,8 +23,6 @@ use tokio::{
 
 use super::{Limits, body::ProxyBody};
 
-/// Idle connections kept per backend (the most recently used are reused first).
-const MAX_IDLE_PER_BACKEND: usize = 64;
 /// An idle backend connection older than this is closed rather than reused: backends
 /// commonly close idle keep-alive connections after a few seconds (Apache, Node: 5 s), and
 /// reusing one as it closes costs a failed request. HAProxy's `pool-purge-delay` is 5 s too.
@@ -41,8 +39,49 @@ pub(super) struct Pool {
     inner: Arc<Inner>,
 }
 
+/// A backend connection lent to one response: dropped once the response body is done (or
+/// abandoned), it puts the connection back in the pool. Usually the connection is idle again
+/// by then and goes back at once; otherwise (a body cut short, an upgrade, the connection
+/// task not yet run) a task waits until it is idle, or closed.
+pub(super) struct Checkin {
+    tx: Option<Sender>,
+    backend: SocketAddr,
+    pool: Weak<Inner>,
+}
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        let Some(mut tx) = self.tx.take() else {
+            return;
+        };
+        if tx.is_closed() {
+            return;
+        }
+        if tx.is_ready() {
+            if let Some(pool) = Weak::upgrade(&self.pool) {
+                pool.put(self.backend, tx);
+            }
+            return;
+        }
+        let (pool, backend) = (self.pool.clone(), self.backend);
+        // Outside a runtime (nothing to wait with) the connection is just closed.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if tx.ready().await.is_ok()
+                    && let Some(pool) = Weak::upgrade(&pool)
+                {
+                    pool.put(backend, tx);
+                }
+            });
+        }
+    }
+}
+
 struct Inner {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Idle connections per backend, oldest first; the most recently used are reused first.
+    /// As many may wait here as the backend has slots (`max_connections_per_backend`): with
+    /// fewer, a burst of concurrent requests would close and reopen connections each time.
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     /// Connection slots per backend (`max_connections_per_backend`): a connection holds its
     /// permit for as long as it is open, idle in the pool or busy.
     slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
@@ -87,13 +126,14 @@ impl Pool {
     }
 
     /// Sends `req` to `backend` on an idle pooled connection or a new one. The connection
-    /// returns to the pool once the response body has been read. With every connection slot
-    /// of the backend busy, waits up to the connect timeout for one.
+    /// returns to the pool when the [`Checkin`] is dropped, which the caller does once the
+    /// response body has been read. With every connection slot of the backend busy, waits up
+    /// to the connect timeout for one.
     pub(super) async fn request(
         &self,
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
         let deadline = tokio::time::Instant::now() + self.inner.connect_timeout;
         let slots = self.inner.slots(backend);
         let mut reused = false;
@@ -109,10 +149,7 @@ impl Pool {
                 // reused one fails before a response: the backend likely closed it as we wrote.
                 let replay = replayable(&req);
                 match self.send(&mut tx, req).await {
-                    Ok(resp) => {
-                        self.recycle(backend, tx);
-                        return Ok(resp);
-                    }
+                    Ok(resp) => return Ok((resp, self.recycle(backend, tx))),
                     Err(Sent::Timeout) => return Err(UpstreamError::Timeout),
                     Err(Sent::No(back)) => {
                         log::debug!(
@@ -154,10 +191,7 @@ impl Pool {
             Err(Connect::Failed(why)) => return Err(UpstreamError::NotSent(Box::new(req), why)),
         };
         match self.send(&mut tx, req).await {
-            Ok(resp) => {
-                self.recycle(backend, tx);
-                Ok(resp)
-            }
+            Ok(resp) => Ok((resp, self.recycle(backend, tx))),
             Err(Sent::Timeout) => Err(UpstreamError::Timeout),
             Err(Sent::No(back)) => Err(UpstreamError::NotSent(
                 back,
@@ -184,27 +218,22 @@ impl Pool {
         }
     }
 
-    /// Puts `tx` back in the pool once its connection is idle again (response body read).
-    fn recycle(&self, backend: SocketAddr, mut tx: Sender) {
-        if tx.is_closed() {
-            return;
+    /// `tx`'s way back to the pool, taken when the response body is done.
+    fn recycle(&self, backend: SocketAddr, tx: Sender) -> Checkin {
+        Checkin {
+            tx: Some(tx),
+            backend,
+            pool: Arc::downgrade(&self.inner),
         }
-        let pool = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            if tx.ready().await.is_ok()
-                && let Some(pool) = Weak::upgrade(&pool)
-            {
-                pool.put(backend, tx);
-            }
-        });
     }
 
     /// Drops idle connections that closed or aged out.
     pub(super) fn sweep(&self) {
         let max_age = self.inner.max_age;
+        let now = Instant::now();
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, conns| {
-            conns.retain(|c| c.usable(max_age));
+            conns.retain(|c| c.usable(max_age, now));
             !conns.is_empty()
         });
         drop(idle);
@@ -228,8 +257,9 @@ enum Sent {
 }
 
 impl Idle {
-    fn usable(&self, max_age: Duration) -> bool {
-        self.since.elapsed() < max_age && !self.tx.is_closed()
+    /// `now`: read once by the caller for the whole list (one clock read, not one per entry).
+    fn usable(&self, max_age: Duration, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < max_age && !self.tx.is_closed()
     }
 }
 
@@ -250,15 +280,16 @@ impl Inner {
             && !conns.is_empty()
         {
             // The oldest: the likeliest to be closed by the backend anyway.
-            conns.remove(0);
+            conns.pop_front();
         }
     }
 
     fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
-        while let Some(c) = conns.pop() {
-            if c.usable(self.max_age) && c.tx.is_ready() {
+        let now = Instant::now();
+        while let Some(c) = conns.pop_back() {
+            if c.usable(self.max_age, now) && c.tx.is_ready() {
                 return Some(c.tx);
             }
         }
@@ -269,16 +300,15 @@ impl Inner {
         if tx.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(backend).or_default();
-        conns.retain(|c| c.usable(self.max_age));
-        if conns.len() >= MAX_IDLE_PER_BACKEND {
-            conns.remove(0);
+        // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of
+        // the whole list per request.
+        if conns.len() >= self.max_per_backend {
+            conns.pop_front();
         }
-        conns.push(Idle {
-            tx,
-            since: Instant::now(),
-        });
+        conns.push_back(Idle { tx, since: now });
         drop(idle);
         if let Some(s) = self
             .slots

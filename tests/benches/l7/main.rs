@@ -1,0 +1,494 @@
+//! `cargo xtask bench l7`: the L7 proxy with cookie persistence, measured on loopback side by
+//! side with a direct connection to the backends and with HAProxy doing the same job.
+//!
+//! Rows, every one against the same two backends (b1 on 127.0.0.1, b2 on 127.0.0.2, small
+//! keep-alive HTTP/1.1 servers running in this process on a tokio runtime), for each worker
+//! thread count (`--workers`, default 1 and 2; tether's `TETHER_WORKER_THREADS`, HAProxy's
+//! `nbthread`, wrk's `-t`):
+//! - direct: wrk straight to b1 (1 thread);
+//! - cookie miss: mode `l7` with an `http-cookie` profile, no cookie sent, so every response
+//!   carries a Set-Cookie; HAProxy: `cookie SRV insert indirect nocache`, roundrobin;
+//! - cookie hit: the cookie each proxy issued (captured with one request first) sent on every
+//!   request;
+//! - TLS HTTP/1.1 (wrk over https) and TLS HTTP/2 (h2load, ALPN h2, one stream in flight per
+//!   connection), both terminating TLS with the same self-signed certificate, cookie miss;
+//! - 1,000 connections: wrk with 1,000 keep-alive connections, cookie hit.
+//!
+//! HAProxy is also told to add the forwarding headers tether adds (`X-Forwarded-For`,
+//! `-Proto`, `-Host`), so both do the same edits. tether's XDP program sits on `lo` (generic
+//! mode) for the whole run, so every row pays the same per-packet hook; a `direct, before
+//! tether started` row shows what the hook costs.
+//!
+//! Each round runs every row of a thread count once (the order rotates between rounds), after
+//! one warm-up run per row; the table shows the median of the rounds for each figure. wrk and
+//! h2load report latency with coordinated omission (closed loop), which is fine for comparing
+//! rows, not as an SLO figure. CPU per request is the proxy process's user + system time over
+//! the run divided by the requests served. Results go to stdout and target/bench/l7.md.
+//! Nothing here asserts on time.
+//!
+//! Every process started here (backends are threads of this process; HAProxy, the daemon, the
+//! load generators) is stopped by pid when its guard drops, also on panic; every wait is
+//! bounded.
+
+mod backends;
+mod load;
+mod procs;
+mod proxies;
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+};
+
+use backends::{Backends, capture_cookie, probe};
+use load::{Client, Load, Sample};
+use procs::{Proc, Scratch, free_port};
+use proxies::{Cert, Frontends, start_haproxy, start_tether};
+
+const COOKIE: &str = "SRV";
+/// Connections of the 1,000-connection row.
+const MANY: u32 = 1000;
+
+struct Opts {
+    rounds: usize,
+    secs: u64,
+    warmup_secs: u64,
+    connections: u32,
+    workers: Vec<u32>,
+}
+
+const USAGE: &str = "--rounds N --duration SECS --connections N --workers N[,N...] --quick";
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        rounds: 3,
+        secs: 5,
+        warmup_secs: 1,
+        connections: 32,
+        workers: vec![1, 2],
+    };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| panic!("{a} needs a value ({USAGE})"))
+                .to_string()
+        };
+        let num = |v: String| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{a} needs a number, not {v:?}"))
+        };
+        match a.as_str() {
+            "--rounds" => o.rounds = num(val()).max(1) as usize,
+            "--duration" => o.secs = num(val()).max(1),
+            "--connections" => o.connections = num(val()).max(1) as u32,
+            "--workers" => {
+                o.workers = val()
+                    .split(',')
+                    .map(|w| num(w.to_string()).clamp(1, 64) as u32)
+                    .collect()
+            }
+            "--quick" => {
+                o.rounds = 1;
+                o.secs = 2;
+            }
+            other => panic!("unknown argument {other} ({USAGE})"),
+        }
+    }
+    let most = o.workers.iter().copied().max().unwrap_or(1);
+    assert!(
+        o.connections >= most,
+        "wrk needs at least one connection per thread"
+    );
+    o
+}
+
+/// The median of the finite values, `None` when there are none.
+fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// One row of the table.
+struct Row {
+    label: String,
+    workers: u32,
+    load: Load,
+    /// `Some(reason)`: not measured.
+    pending: Option<String>,
+    samples: Vec<Sample>,
+    /// Requests each backend answered during the measured runs.
+    per_backend: Vec<u64>,
+    /// The proxy's process, for its CPU time.
+    pid: Option<u32>,
+    /// The HAProxy row this one is compared with (an index into all rows).
+    vs: Option<usize>,
+}
+
+impl Row {
+    fn med(&self, f: impl Fn(&Sample) -> f64) -> Option<f64> {
+        median(self.samples.iter().map(f))
+    }
+}
+
+/// User + system CPU time of process `pid` so far, in µs.
+fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): state first, utime 12th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 * 1e6 / hz)
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+/// The soft RLIMIT_NOFILE raised to the hard one: wrk holds [`MANY`] connections (the
+/// proxies raise their own).
+fn raise_nofile() -> String {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return "getrlimit failed".into();
+        }
+        let before = r.rlim_cur;
+        r.rlim_cur = r.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+            return format!("RLIMIT_NOFILE stays {before}: setrlimit failed");
+        }
+        format!("RLIMIT_NOFILE of the load generators: {}", r.rlim_cur)
+    }
+}
+
+/// Runs every pending-free row of `rows[range]` once per round, rotating the order.
+fn measure(
+    o: &Opts,
+    scratch: &Scratch,
+    backends: &Backends,
+    rows: &mut [Row],
+    notes: &mut Vec<String>,
+) {
+    for r in rows.iter_mut() {
+        r.per_backend = vec![0; backends.addrs.len()];
+        if r.pending.is_none() {
+            // Warm-up: connections (and the proxies' pools to the backends) open.
+            let _ = load::run(&r.load, &scratch.0, o.warmup_secs);
+        }
+    }
+    let n = rows.len();
+    for round in 0..o.rounds {
+        // The order rotates, so no row always runs right after the same one.
+        for k in 0..n {
+            let r = &mut rows[(k + round) % n];
+            if r.pending.is_some() {
+                continue;
+            }
+            let c0 = backends.counts();
+            let cpu0 = r.pid.and_then(cpu_us);
+            match load::run(&r.load, &scratch.0, o.secs) {
+                Ok(mut s) => {
+                    if let (Some(a), Some(b)) = (cpu0, r.pid.and_then(cpu_us))
+                        && s.requests > 0.0
+                    {
+                        s.proxy_cpu_us = (b - a) / s.requests;
+                    }
+                    eprintln!(
+                        "round {}/{}: {} ({} thr): {:.0} req/s, p50 {}, p99 {}, cpu {:.1} µs",
+                        round + 1,
+                        o.rounds,
+                        r.label,
+                        r.workers,
+                        s.rps,
+                        fmt_us(s.p50_us),
+                        fmt_us(s.p99_us),
+                        s.proxy_cpu_us
+                    );
+                    r.samples.push(s);
+                }
+                Err(e) => notes.push(format!(
+                    "{} ({} threads) round {}: {e}",
+                    r.label,
+                    r.workers,
+                    round + 1
+                )),
+            }
+            for (i, (a, z)) in backends.counts().iter().zip(&c0).enumerate() {
+                r.per_backend[i] += a - z;
+            }
+        }
+    }
+}
+
+/// The rows of one worker-thread count: start both proxies, capture their cookies, measure,
+/// stop them.
+fn run_workers(
+    o: &Opts,
+    w: u32,
+    scratch: &Scratch,
+    cert: &Cert,
+    backends: &Backends,
+    notes: &mut Vec<String>,
+) -> Vec<Row> {
+    let b = &backends.addrs;
+    let ha_fe = Frontends {
+        plain: free_port(),
+        tls: free_port(),
+        workers: w,
+    };
+    let haproxy = start_haproxy(scratch, ha_fe, cert, b);
+    let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let ha_cookie = match &haproxy {
+        Ok(_) => capture_cookie(local(ha_fe.plain), "HAProxy", notes),
+        Err(e) => Err(e.clone()),
+    };
+    let t_fe = Frontends {
+        plain: free_port(),
+        tls: free_port(),
+        workers: w,
+    };
+    let tether = start_tether(scratch, t_fe, cert, b);
+    let t_cookie = match &tether {
+        Ok(_) => capture_cookie(local(t_fe.plain), "tether", notes),
+        Err(e) => Err(e.clone()),
+    };
+    if let Ok(t) = &tether {
+        notes.push(format!(
+            "{w} worker thread(s): tether daemon threads: {}",
+            t.threads()
+        ));
+    }
+    let t_pid = tether.as_ref().ok().map(|t| t.proc.pid());
+    let ha_pid = haproxy.as_ref().ok().map(Proc::pid);
+
+    // (label, tether's load, HAProxy's load); cookie: None miss, Some(true) hit.
+    let load = |client, port, connections, cookie: Option<&Result<String, String>>| {
+        let (cookie, pending) = match cookie {
+            None => (None, None),
+            Some(Ok(c)) => (Some(c.clone()), None),
+            Some(Err(e)) => (None, Some(e.clone())),
+        };
+        (
+            Load {
+                client,
+                addr: local(port),
+                cookie,
+                connections,
+                threads: w,
+            },
+            pending,
+        )
+    };
+    let plain = Client::Wrk { tls: false };
+    let kinds = [
+        (
+            "cookie miss (Set-Cookie on every response)",
+            plain,
+            false,
+            o.connections,
+            false,
+        ),
+        ("cookie hit", plain, false, o.connections, true),
+        (
+            "TLS HTTP/1.1, cookie miss",
+            Client::Wrk { tls: true },
+            true,
+            o.connections,
+            false,
+        ),
+        (
+            "TLS HTTP/2, cookie miss",
+            Client::H2load,
+            true,
+            o.connections,
+            false,
+        ),
+        ("1000 connections, cookie hit", plain, false, MANY, true),
+    ];
+    let mut rows = Vec::new();
+    for (what, client, tls, conns, hit) in kinds {
+        for (who, fe, cookie, pid) in [
+            ("tether", t_fe, &t_cookie, t_pid),
+            ("HAProxy", ha_fe, &ha_cookie, ha_pid),
+        ] {
+            let port = if tls { fe.tls } else { fe.plain };
+            let (l, pending) = load(client, port, conns, hit.then_some(cookie));
+            let pending = pending.or_else(|| match (who, &tether, &haproxy) {
+                ("tether", Err(e), _) | ("HAProxy", _, Err(e)) => Some(e.clone()),
+                _ => None,
+            });
+            rows.push(Row {
+                label: format!("{who}, {what}"),
+                workers: w,
+                load: l,
+                pending,
+                samples: Vec::new(),
+                per_backend: Vec::new(),
+                pid,
+                vs: None,
+            });
+        }
+    }
+    measure(o, scratch, backends, &mut rows, notes);
+    drop(tether);
+    drop(haproxy);
+    rows
+}
+
+fn main() {
+    let o = opts();
+    for (tool, arg) in [("wrk", "-v"), ("h2load", "--version"), ("haproxy", "-v")] {
+        assert!(
+            Command::new(tool).arg(arg).output().is_ok(),
+            "{tool} is missing: run `cargo xtask bench l7` (its bootstrap installs wrk, h2load and haproxy)"
+        );
+    }
+    let mut notes: Vec<String> = vec![raise_nofile()];
+    let scratch = Scratch::new();
+    let cert = Cert::write(&scratch);
+    let backends = Backends::start(&[Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2)]);
+    let b = backends.addrs.clone();
+    for (i, a) in b.iter().enumerate() {
+        let p = probe(*a, None).unwrap_or_else(|e| panic!("backend b{}: {e}", i + 1));
+        assert_eq!(p.status, 200, "backend b{}", i + 1);
+    }
+    let direct = |label: &str| Row {
+        label: label.to_string(),
+        workers: 1,
+        load: Load {
+            client: Client::Wrk { tls: false },
+            addr: b[0],
+            cookie: None,
+            connections: o.connections,
+            threads: 1,
+        },
+        pending: None,
+        samples: Vec::new(),
+        per_backend: Vec::new(),
+        pid: None,
+        vs: None,
+    };
+
+    // Direct, before tether's XDP program is on lo: what the generic XDP hook costs every row.
+    let mut before = [direct("direct, before tether started (no XDP on lo)")];
+    measure(&o, &scratch, &backends, &mut before, &mut notes);
+
+    let mut rows: Vec<Row> = Vec::new();
+    for (i, &w) in o.workers.iter().enumerate() {
+        let mut set = run_workers(&o, w, &scratch, &cert, &backends, &mut notes);
+        if i == 0 {
+            // Direct with tether's XDP program on lo, measured while the first set runs.
+            let mut d = [direct("direct (wrk → b1)")];
+            measure(&o, &scratch, &backends, &mut d, &mut notes);
+            rows.extend(d);
+        }
+        let base = rows.len();
+        for (k, r) in set.iter_mut().enumerate() {
+            // tether rows come first in each pair: compare with the HAProxy row after them.
+            if k % 2 == 0 {
+                r.vs = Some(base + k + 1);
+            }
+        }
+        rows.extend(set);
+    }
+    drop(backends);
+    let [before] = before;
+    rows.push(before);
+
+    // The table.
+    let direct_rps = rows[0].med(|s| s.rps);
+    let mut md = format!(
+        "wrk (HTTP/1.1) and h2load (HTTP/2) on loopback, -d{}s, {} connections unless the row \
+         says otherwise, one load-generator thread per worker thread; median of {} round(s); {} \
+         cores. tether with TETHER_WORKER_THREADS=N, HAProxy `nbthread N`, both `cookie {COOKIE}` \
+         insert.\n\n\
+         | path | threads | req/s | p50 | p99 | req/s vs direct | req/s vs HAProxy | p99 vs \
+         HAProxy | proxy CPU/req | CPU/req vs HAProxy | errors |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        o.secs,
+        o.connections,
+        o.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(why) = &r.pending {
+            let why = why.lines().next().unwrap_or_default().replace('|', "/");
+            let _ = writeln!(
+                md,
+                "| {} | {} | pending: {why} | | | | | | | | |",
+                r.label, r.workers
+            );
+            continue;
+        }
+        let h = r.vs.map(|j| &rows[j]);
+        let vs = |f: fn(&Sample) -> f64| h.map_or("–".into(), |h| ratio(r.med(f), h.med(f)));
+        let errors: f64 = r.samples.iter().map(|s| s.errors + s.bad_status).sum();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.label,
+            r.workers,
+            r.med(|s| s.rps).map_or("–".into(), |v| format!("{v:.0}")),
+            r.med(|s| s.p50_us).map_or("–".into(), fmt_us),
+            r.med(|s| s.p99_us).map_or("–".into(), fmt_us),
+            if i == 0 {
+                "1.00x".into()
+            } else {
+                ratio(r.med(|s| s.rps), direct_rps)
+            },
+            vs(|s| s.rps),
+            vs(|s| s.p99_us),
+            r.med(|s| s.proxy_cpu_us)
+                .map_or("–".into(), |v| format!("{v:.1} µs")),
+            vs(|s| s.proxy_cpu_us),
+            errors
+        );
+    }
+    let _ = writeln!(md, "\nRequests per backend during the measured runs:");
+    for r in rows.iter().filter(|r| r.pending.is_none()) {
+        let per: Vec<String> = r
+            .per_backend
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("b{} {n}", i + 1))
+            .collect();
+        let _ = writeln!(md, "- {} ({} thr): {}", r.label, r.workers, per.join(", "));
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\nNotes:");
+        for n in &notes {
+            let _ = writeln!(md, "- {}", n.replace('\n', "\n  "));
+        }
+    }
+    println!("\n{md}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).expect("target/bench");
+    std::fs::write(out.join("l7.md"), &md).expect("write l7.md");
+    println!("written to target/bench/l7.md");
+    drop(scratch);
+}
