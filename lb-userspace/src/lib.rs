@@ -22,4 +22,5 @@ pub mod rlimit;
 pub mod script;
 pub mod state;
 pub mod tlswire;
+pub mod top;
 pub mod udp_proxy;

@@ -69,6 +69,19 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminTarget,
     },
+    /// A live view per service and backend: request and packet rates, hit ratio, bound
+    /// clients, health; refreshed every interval. `q` or Ctrl-C quits.
+    Top {
+        #[command(flatten)]
+        admin: AdminTarget,
+        /// Print one frame and exit (no terminal needed): rates over two samples
+        /// `--interval` apart.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between samples (0.1 to 60).
+        #[arg(long, default_value_t = 1.0, value_parser = interval)]
+        interval: f64,
+    },
     /// Read and edit the persistence tables: the kernel's source-IP table and the L7
     /// proxies' tables (client addresses, session and key digests).
     Persist {
@@ -148,6 +161,17 @@ struct PersistFilter {
     client: Option<IpAddr>,
     #[arg(long)]
     backend: Option<String>,
+}
+
+fn interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.1..=60.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0.1 and 60 seconds"))
+    }
 }
 
 impl AdminTarget {
@@ -243,6 +267,19 @@ fn main() -> Result<()> {
         Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),
         Cmd::Status { admin } => {
             print!("{}", cli::status(&admin.addr()?)?);
+            Ok(())
+        }
+        Cmd::Top {
+            admin,
+            once,
+            interval,
+        } => {
+            let interval = Duration::from_secs_f64(interval);
+            if once {
+                print!("{}", tether::top::once(&admin.addr()?, interval)?);
+            } else {
+                tether::top::live::run(&admin.addr()?, interval).context("tether top")?;
+            }
             Ok(())
         }
         Cmd::Vs { cmd, admin } => {

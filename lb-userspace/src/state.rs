@@ -161,6 +161,15 @@ pub trait L7Tables: Send + Sync + std::fmt::Debug {
     fn flush(&self, f: &L7Filter) -> usize;
     /// Live (not expired) bindings per backend identity.
     fn bound(&self) -> HashMap<u32, u64>;
+    /// The persistence method's profile type (`http-cookie`, `client-ip`, ...); `none`
+    /// for a service without persistence.
+    fn method(&self) -> &'static str {
+        "none"
+    }
+    /// The size of each table, the method's then the fallback's.
+    fn sizes(&self) -> Vec<L7TableSize> {
+        Vec::new()
+    }
 }
 
 /// Counters of one L7 service's persistence decisions. Kept here, below the engine that
@@ -198,6 +207,49 @@ pub struct RouterStats {
     pub script_errors: AtomicU64,
     /// Persistence scripts cut off by their instruction budget or memory cap.
     pub script_cutoffs: AtomicU64,
+    /// Per-backend counters by backend identity, registered when a snapshot generation is
+    /// first prepared (not on the request path, which only adds to the atomics).
+    backends: std::sync::Mutex<HashMap<u32, Arc<BackendL7Stats>>>,
+}
+
+/// What one L7 service's engine decided for one backend.
+#[derive(Default, Debug)]
+pub struct BackendL7Stats {
+    /// Requests sent to it by a binding (cookie, table entry or fallback).
+    pub hits: AtomicU64,
+    /// New clients balanced to it.
+    pub new_assignments: AtomicU64,
+    /// Clients bound to it moved elsewhere (policy `immediate`) or refused (policy `never`)
+    /// because it was down or disabled.
+    pub reassigned_down: AtomicU64,
+}
+
+/// A reading of [`BackendL7Stats`].
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendL7Counts {
+    pub hits: u64,
+    pub new_assignments: u64,
+    pub reassigned_down: u64,
+}
+
+impl BackendL7Stats {
+    pub fn read(&self) -> BackendL7Counts {
+        BackendL7Counts {
+            hits: self.hits.load(Ordering::Relaxed),
+            new_assignments: self.new_assignments.load(Ordering::Relaxed),
+            reassigned_down: self.reassigned_down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Size of one L7 persistence table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L7TableSize {
+    /// As in [`L7Binding::table`].
+    pub table: &'static str,
+    /// Entries held, expired ones not yet removed included.
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 /// Reads one counter of [`RouterStats`].
@@ -284,6 +336,28 @@ impl RouterStats {
     /// Add one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of backend `identity` (created on first use).
+    pub fn backend(&self, identity: u32) -> Arc<BackendL7Stats> {
+        let mut m = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(identity).or_default().clone()
+    }
+
+    /// The counters of backend `identity` so far (zero when it never had a decision).
+    pub fn backend_counts(&self, identity: u32) -> BackendL7Counts {
+        let m = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&identity).map(|b| b.read()).unwrap_or_default()
+    }
+
+    /// Bindings that ended by age: table entries found idle past the timeout, and
+    /// persistence cookies (or tickets) presented after their lifetime.
+    pub fn expirations(&self) -> u64 {
+        let cookie = Reject::ALL
+            .iter()
+            .position(|r| *r == Reject::Expired)
+            .expect("listed");
+        self.expired.load(Ordering::Relaxed) + self.rejected[cookie].load(Ordering::Relaxed)
     }
 }
 

@@ -184,6 +184,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_tls",
                     "--test",
+                    "e2e_observe",
+                    "--test",
                     "e2e_objects",
                     "--test",
                     "e2e_multi",

@@ -63,6 +63,37 @@ pub struct L7Status {
     pub counters: BTreeMap<String, u64>,
     /// Bindings in the service's L7 tables (expired included).
     pub entries: u64,
+    /// The persistence method (the profile type; `none` without a profile).
+    #[serde(default)]
+    pub method: String,
+    /// HTTP requests (or TLS connections, SIP datagrams) the proxy received.
+    #[serde(default)]
+    pub requests: u64,
+    /// Bindings that ended by age (table entries and cookies or tickets past their lifetime).
+    #[serde(default)]
+    pub expirations: u64,
+    /// Each table: the method's, then `fallback`.
+    #[serde(default)]
+    pub tables: Vec<L7TableStatus>,
+}
+
+/// One L7 persistence table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7TableStatus {
+    pub table: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// What a service's L7 engine decided for one backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7BackendStatus {
+    /// Requests sent by a binding.
+    pub hits: u64,
+    /// New clients balanced to it.
+    pub new_assignments: u64,
+    /// Its clients moved elsewhere or refused because it was down or disabled.
+    pub reassigned_down: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +128,9 @@ pub struct BackendStatus {
     /// `l4-dsr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7_bound_clients: Option<u64>,
+    /// `l7` services: the engine's decisions for this backend (absent for `l4-dsr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<L7BackendStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

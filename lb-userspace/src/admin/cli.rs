@@ -230,8 +230,13 @@ fn filter_query(service: Option<&str>, client: Option<IpAddr>, backend: Option<&
 
 /// `tether status`: services, their backends and the XDP verdicts.
 pub fn status(admin: &Endpoint) -> Result<String, CliError> {
+    Ok(render_status(&fetch_status(admin)?))
+}
+
+/// `GET /status`, parsed.
+pub fn fetch_status(admin: &Endpoint) -> Result<api::Status, CliError> {
     let body = call(admin, "GET", "/status")?;
-    Ok(render_status(&serde_json::from_slice(&body)?))
+    Ok(serde_json::from_slice(&body)?)
 }
 
 /// `tether persist list`: one line per entry.
@@ -421,6 +426,7 @@ pub fn render_status(s: &api::Status) -> String {
                 get("table_evictions"),
                 get("keys_refused"),
             );
+            out.push_str(&render_l7_method(l7));
         }
         let mut rows = vec![
             [
@@ -440,7 +446,9 @@ pub fn render_status(s: &api::Status) -> String {
             .to_vec(),
         ];
         if svc.l7.is_some() {
-            rows[0].push("L7 BOUND".into());
+            for h in ["L7 BOUND", "L7 HITS", "L7 NEW", "L7 MOVED OFF", "HEALTH"] {
+                rows[0].push(h.into());
+            }
         }
         let mut notes = Vec::new();
         for b in &svc.backends {
@@ -463,8 +471,15 @@ pub fn render_status(s: &api::Status) -> String {
                 c.expired.to_string(),
                 c.reassigned_down.to_string(),
             ]);
-            if let Some(n) = b.l7_bound_clients {
-                rows.last_mut().expect("just pushed").push(n.to_string());
+            if svc.l7.is_some() {
+                let l7 = b.l7.unwrap_or_default();
+                rows.last_mut().expect("just pushed").extend([
+                    b.l7_bound_clients.map_or("-".into(), |n| n.to_string()),
+                    l7.hits.to_string(),
+                    l7.new_assignments.to_string(),
+                    l7.reassigned_down.to_string(),
+                    health(b.health.as_ref()).into(),
+                ]);
             }
             if let Some(h) = &b.health
                 && !h.up
@@ -500,6 +515,71 @@ pub fn render_status(s: &api::Status) -> String {
     } else {
         out.push_str("passed/dropped:\n");
         out.push_str(&table(&others, 1, "  "));
+    }
+    out
+}
+
+/// `up`, `down`, or `-` without a health monitor.
+pub fn health(h: Option<&api::HealthStatus>) -> &'static str {
+    match h {
+        Some(h) if h.up => "up",
+        Some(_) => "down",
+        None => "-",
+    }
+}
+
+/// `hits / (hits + new)` as a percentage; `-` when nothing was decided.
+pub fn hit_ratio(hits: u64, new: u64) -> String {
+    match hits + new {
+        0 => "-".into(),
+        n => format!("{:.1}%", hits as f64 * 100.0 / n as f64),
+    }
+}
+
+/// The per-method L7 figures of a service: its decisions, tables and invalid cookies.
+fn render_l7_method(l7: &api::L7Status) -> String {
+    let get = |n: &str| l7.counters.get(n).copied().unwrap_or(0);
+    let (hits, new) = (get("persist_hits"), get("new_assignments"));
+    let mut out = format!(
+        "  l7 method {}: requests {}  hits {hits}  new {new}  hit ratio {}  expired {}  reassigned (backend down) {}\n",
+        l7.method,
+        l7.requests,
+        hit_ratio(hits, new),
+        l7.expirations,
+        get("reassigned_down"),
+    );
+    if !l7.tables.is_empty() {
+        let tables: Vec<String> = l7
+            .tables
+            .iter()
+            .map(|t| format!("{} {}/{}", t.table, t.entries, t.capacity))
+            .collect();
+        let _ = writeln!(out, "  l7 table size: {}", tables.join(", "));
+    }
+    let invalid: Vec<String> = l7
+        .counters
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("rejected_")?, v)))
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let total: u64 = l7
+        .counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("rejected_"))
+        .map(|(_, v)| v)
+        .sum();
+    // Only cookie and ticket methods (or a method that somehow saw one) have any to show.
+    if invalid.is_empty() {
+        if matches!(l7.method.as_str(), "http-cookie" | "tls-ticket") {
+            let _ = writeln!(out, "  l7 invalid cookies: {total}");
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "  l7 invalid cookies: {total} ({})",
+            invalid.join(", ")
+        );
     }
     out
 }

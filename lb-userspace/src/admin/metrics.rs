@@ -13,6 +13,8 @@ use lb_common::{
 
 use crate::{dataplane::persist_table::Census, state::Snapshot};
 
+mod l7;
+
 /// Content type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -563,6 +565,7 @@ fn render_l7(out: &mut String, snap: &Snapshot) {
         }
     }
     render_udp(out, snap);
+    l7::render(out, snap);
     family(
         out,
         "tether_l7_refused_total",

@@ -52,8 +52,10 @@
 //! A client filter matches client tables only; a flush removes kernel entries and L7
 //! bindings alike.
 //!
-//! `/status` adds, for `l7` services, `"l7": { "counters": {name: n}, "entries" }` and per
-//! backend `"l7_bound_clients"` (live bindings of the service's L7 tables).
+//! `/status` adds, for `l7` services, `"l7": { "counters": {name: n}, "entries", "method",
+//! "requests", "expirations", "tables": [ { "table", "entries", "capacity" } ] }` and per
+//! backend `"l7_bound_clients"` (live bindings of the service's L7 tables) and `"l7": {
+//! "hits", "new_assignments", "reassigned_down" }` (the engine's decisions for it).
 //!
 //! Counting bound clients walks the whole persistence table (about a second per million
 //! entries), so `/metrics` and `/status` read a census cached for [`CENSUS_MAX_AGE`] and

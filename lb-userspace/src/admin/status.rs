@@ -16,7 +16,7 @@ use crate::{
     config::{AdminState, DownPolicy},
     cookie::Reject,
     dataplane::persist_table::{Census, Entry},
-    state::{L7Binding, L7Counters, L7Filter, RouterStats, Snapshot},
+    state::{L7Binding, L7Counters, RouterStats, Snapshot},
 };
 
 fn unix_s(t: SystemTime) -> u64 {
@@ -91,6 +91,16 @@ pub fn build(
                                 .copied()
                                 .unwrap_or(0)
                         }),
+                        l7: engine.map(|l| {
+                            let c = l
+                                .router
+                                .backend_counts(backend_identity(&pool.name, &b.name));
+                            api::L7BackendStatus {
+                                hits: c.hits,
+                                new_assignments: c.new_assignments,
+                                reassigned_down: c.reassigned_down,
+                            }
+                        }),
                     })
                 })
                 .collect();
@@ -149,9 +159,27 @@ fn l7_status(l: &L7Counters) -> api::L7Status {
             l.router.rejected[i].load(Ordering::Relaxed),
         );
     }
+    let tables: Vec<api::L7TableStatus> = l
+        .tables
+        .sizes()
+        .into_iter()
+        .map(|t| api::L7TableStatus {
+            table: t.table.into(),
+            entries: t.entries,
+            capacity: t.capacity,
+        })
+        .collect();
     api::L7Status {
         counters,
-        entries: l.tables.bindings(&L7Filter::default()).len() as u64,
+        entries: tables.iter().map(|t| t.entries).sum(),
+        method: l.tables.method().into(),
+        // A SIP service's requests are its datagrams from clients.
+        requests: l.udp.as_ref().map_or_else(
+            || l.proxy.snapshot().requests,
+            |u| u.received.load(Ordering::Relaxed),
+        ),
+        expirations: l.router.expirations(),
+        tables,
     }
 }
 

@@ -10,7 +10,7 @@ use super::{Engine, methods::TableRef};
 use crate::{
     balancer::masked_addr,
     engine::methods::masks,
-    state::{L7Binding, L7Filter, L7Tables},
+    state::{L7Binding, L7Filter, L7TableSize, L7Tables},
 };
 
 impl std::fmt::Debug for Engine {
@@ -132,12 +132,35 @@ impl L7Tables for Engine {
     }
 
     fn bound(&self) -> HashMap<u32, u64> {
+        let now = Instant::now();
         let mut out = HashMap::new();
-        for b in self.bindings(&L7Filter::default()) {
-            if !b.expired {
-                *out.entry(b.backend).or_insert(0) += 1;
+        for (_, _, t) in self.tables() {
+            match t {
+                TableRef::Clients { table, .. } => table.count_live(now, &mut out),
+                TableRef::Keys(table) => table.count_live(now, &mut out),
             }
         }
         out
+    }
+
+    fn method(&self) -> &'static str {
+        self.method.as_ref().map_or("none", |m| m.kind())
+    }
+
+    fn sizes(&self) -> Vec<L7TableSize> {
+        self.tables()
+            .into_iter()
+            .map(|(table, _, t)| {
+                let (entries, capacity) = match t {
+                    TableRef::Clients { table, .. } => (table.len(), table.capacity()),
+                    TableRef::Keys(table) => (table.len(), table.capacity()),
+                };
+                L7TableSize {
+                    table,
+                    entries: entries as u64,
+                    capacity: capacity as u64,
+                }
+            })
+            .collect()
     }
 }

@@ -31,7 +31,7 @@ mod tls_session_tests;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
@@ -50,7 +50,7 @@ use crate::{
     config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
     cookie::{self, KeyError},
     proxy::{ConnInfo, Route, Router, TlsSession},
-    state::{BackendState, RouterStats, SharedSnapshot, Snapshot},
+    state::{BackendL7Stats, BackendState, RouterStats, SharedSnapshot, Snapshot},
     tlswire::ClientHello,
 };
 use input::Input;
@@ -145,10 +145,12 @@ struct Prepared {
     /// The pool's Maglev table over its up backends (entries are backend indexes), built on
     /// first use by a keyed method.
     maglev: OnceLock<Vec<u32>>,
+    /// Each pool backend's counters (by index), looked up once per generation.
+    backend_stats: Vec<Arc<BackendL7Stats>>,
 }
 
 impl Prepared {
-    fn new(snap: &Snapshot, service: &str) -> Option<Prepared> {
+    fn new(snap: &Snapshot, service: &str, stats: &RouterStats) -> Option<Prepared> {
         let si = snap
             .config
             .services
@@ -161,13 +163,26 @@ impl Prepared {
                 .entry(backend_identity(&pool.name, &b.name))
                 .or_insert(i);
         }
+        let backend_stats = pool
+            .backends
+            .iter()
+            .map(|b| stats.backend(backend_identity(&pool.name, &b.name)))
+            .collect();
         Some(Prepared {
             generation: snap.generation,
             config: snap.config.clone(),
             service: si,
             identities,
             maglev: OnceLock::new(),
+            backend_stats,
         })
+    }
+
+    /// Add one to a counter of pool backend `i`.
+    fn count(&self, i: usize, counter: impl Fn(&BackendL7Stats) -> &AtomicU64) {
+        if let Some(b) = self.backend_stats.get(i) {
+            RouterStats::bump(counter(b));
+        }
     }
 
     fn is_for(&self, snap: &Snapshot) -> bool {
@@ -293,7 +308,7 @@ impl Engine {
         {
             return Some(p);
         }
-        let fresh = Arc::new(Prepared::new(snap, &self.service)?);
+        let fresh = Arc::new(Prepared::new(snap, &self.service, &self.stats)?);
         self.prepared.store(Some(fresh.clone()));
         Some(fresh)
     }
@@ -350,12 +365,15 @@ impl Engine {
             if usable && !tried.contains(&addr_of(i)) {
                 honoured = Some(i);
                 RouterStats::bump(&stats.persist_hits);
+                prep.count(i, |b| &b.hits);
             } else if self.down_policy == DownPolicy::Never {
                 // Down, or refusing connections: the client waits for its server.
                 RouterStats::bump(&stats.refused_down);
+                prep.count(i, |b| &b.reassigned_down);
                 return Err(Refusal::BackendDown);
             } else {
                 RouterStats::bump(&stats.reassigned_down);
+                prep.count(i, |b| &b.reassigned_down);
             }
         }
         let index = match honoured {
@@ -392,6 +410,7 @@ impl Engine {
                     }
                 };
                 RouterStats::bump(&stats.new_assignments);
+                prep.count(i, |b| &b.new_assignments);
                 i
             }
         };

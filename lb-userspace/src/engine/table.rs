@@ -45,6 +45,8 @@ pub type Watcher<K> = Box<dyn Fn(&K, u32, Option<u32>) + Send + Sync>;
 pub struct Table<K: Hash + Eq> {
     shards: Vec<Mutex<Shard<K>>>,
     timeout: Duration,
+    /// Entries all shards hold together.
+    capacity: usize,
     hasher: std::collections::hash_map::RandomState,
     watcher: OnceLock<Watcher<K>>,
 }
@@ -63,6 +65,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
                 })
                 .collect(),
             timeout,
+            capacity: per.get() * SHARDS,
             hasher: Default::default(),
             watcher: OnceLock::new(),
         }
@@ -235,6 +238,20 @@ impl<K: Hash + Eq + Clone> Table<K> {
         out
     }
 
+    /// Add the live (unexpired) entries per backend identity to `out`, shard by shard,
+    /// without copying keys.
+    pub fn count_live(&self, now: Instant, out: &mut HashMap<u32, u64>) {
+        for shard in &self.shards {
+            let s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, (backend, seen)) in s.entries.iter() {
+                let open = s.open.get(k).copied().unwrap_or(0);
+                if open > 0 || now.saturating_duration_since(*seen) <= self.timeout {
+                    *out.entry(*backend).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+
     /// Remove the entries `matches` selects; returns how many were removed.
     pub fn remove_where(&self, matches: impl Fn(&K, u32) -> bool) -> usize {
         let mut removed = 0;
@@ -257,6 +274,11 @@ impl<K: Hash + Eq + Clone> Table<K> {
     /// Idle time after which an entry with no open connection expires.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Entries the table holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn len(&self) -> usize {
@@ -344,6 +366,7 @@ mod tests {
             t.insert(k, k, now);
         }
         assert!(t.len() <= 160, "len {}", t.len());
+        assert_eq!(t.capacity(), 160);
         assert!(t.get(&9_999, now).is_ok(), "the newest survives");
     }
 
@@ -413,6 +436,15 @@ mod tests {
             listed[4],
             (4, 0, Duration::from_secs(30), 1, false),
             "an open connection keeps it live"
+        );
+        let mut live = HashMap::new();
+        t.count_live(later, &mut live);
+        assert_eq!(live, HashMap::from([(0, 1)]), "only the held entry is live");
+        t.count_live(t0, &mut live);
+        assert_eq!(
+            live,
+            HashMap::from([(0, 4), (1, 3)]),
+            "all live at first, added"
         );
         assert_eq!(t.remove_where(|_, b| b == 1), 3);
         assert_eq!(t.len(), 3);
