@@ -52,8 +52,17 @@ pub const MAP_FRAGS: &str = "TETHER_FRAGS";
 /// an established flow keeps its backend when the Maglev table changes (as Katran's LRU).
 pub const MAP_FLOWS: &str = "TETHER_FLOWS";
 
+/// Source-IP bindings the data path writes (new, expired and re-bound ones): a BPF ring
+/// buffer of `BindingEvent`s, drained in batches by the daemon when it mirrors its tables
+/// to other instances. When nobody reads it, it fills and further events are dropped by
+/// the kernel at no cost to forwarding.
+pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
+/// Size of `MAP_BINDINGS` in bytes (a power of two, a multiple of the page size): 8192
+/// events of 32 bytes plus the kernel's 8-byte record headers.
+pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
+
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -68,6 +77,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_RATE,
     MAP_FRAGS,
     MAP_FLOWS,
+    MAP_BINDINGS,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -214,6 +224,27 @@ pub struct PersistValue {
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<PersistValue>() == 16);
+
+/// One record of `MAP_BINDINGS`: a binding the data path wrote to `TETHER_PERSIST` or
+/// `TETHER_PERSIST4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BindingEvent {
+    /// `PersistKey::service`.
+    pub service: u32,
+    /// `Backend::identity` of the new backend.
+    pub backend_identity: u32,
+    /// The identity the key was bound to before (a binding moved off a down backend); 0
+    /// for a new or expired one. For IPv4 (`TETHER_PERSIST4`) only its 16-bit tag
+    /// (`identity_tag16`) is known: then `flags` has `BINDING_PREVIOUS_TAG16`.
+    pub previous_identity: u32,
+    pub flags: u32,
+    /// `PersistKey::addr_be`.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<BindingEvent>() == 32);
+/// `BindingEvent::flags`: `previous_identity` is a 16-bit identity tag.
+pub const BINDING_PREVIOUS_TAG16: u32 = 1;
 
 /// Key of `TETHER_PERSIST4`: an IPv4 client of a service.
 #[repr(C)]

@@ -10,14 +10,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
-    Backend, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals,
-    MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey,
-    PersistKey4, PersistValue, PersistValue4, RateWindow, Service, ServiceKey, TrafficCounters,
-    event, reason,
+    BINDINGS_RING_BYTES, Backend, BindingEvent, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey,
+    FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistKey4, PersistValue, PersistValue4,
+    RateWindow, Service, ServiceKey, TrafficCounters, event, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -105,3 +105,9 @@ pub static TETHER_FLOWS: LruHashMap<
     { FLOW_DEFAULT_ENTRIES as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
+
+/// `MAP_BINDINGS`: every source-IP binding written to `TETHER_PERSIST`, for the daemon's
+/// mirror (which drains it in batches, so no wakeup is asked for).
+#[btf_map]
+pub static TETHER_BINDINGS: RingBuf<BindingEvent, { BINDINGS_RING_BYTES as usize }> =
+    RingBuf::new();

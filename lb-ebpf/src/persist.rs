@@ -10,16 +10,19 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Backend, PERSIST_REFRESH_NS, PERSIST_REFRESH_S, PersistKey, PersistKey4, PersistValue,
-    PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters, elapsed_ns, elapsed_s,
-    event as events,
+    BINDING_PREVIOUS_TAG16, Backend, BindingEvent, PERSIST_REFRESH_NS, PERSIST_REFRESH_S,
+    PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters,
+    elapsed_ns, elapsed_s, event as events,
     hash::{FLOW_SEED, client_hash, hash_words},
     identity_matches, identity_matches16, identity_tag16, mono_seconds,
 };
 
 use crate::{
     Verdict, conntrack,
-    maps::{TETHER_BACKENDS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4, TETHER_RATE},
+    maps::{
+        TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4,
+        TETHER_RATE,
+    },
     parse::{Addr, Aligned, Flow, Kind, V4_MAPPED_WORD2, store_addr},
     select::{self, Choice, usable},
     stats::{self, Event},
@@ -71,6 +74,7 @@ fn choose_v4(
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
+    let mut previous = (0, 0);
     if let Some(v) = TETHER_PERSIST4.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_s (a u32, written whole) or replace the element.
@@ -95,11 +99,18 @@ fn choose_v4(
                 });
             }
             event = Event::ReassignedDown;
+            previous = (tag as u32, BINDING_PREVIOUS_TAG16);
         }
     }
     // The hash of the IPv4-mapped form, as for every other client key.
     let hash = hash_words(&[svc.index, 0, 0, V4_MAPPED_WORD2, addr], FLOW_SEED);
-    rebind(svc, flow, hash, event, now_ns, svc_stat, |id, be| {
+    let mapped = lb_common::v4_mapped(key.addr_be);
+    let bound = Bound {
+        service: svc.index,
+        addr_be: &mapped,
+        previous,
+    };
+    rebind(svc, flow, hash, event, now_ns, svc_stat, bound, |id, be| {
         let value = PersistValue4 {
             backend: id as u16,
             identity_tag: identity_tag16(be.identity),
@@ -125,6 +136,7 @@ fn choose_v6(
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut event = Event::New;
+    let mut previous_identity = 0;
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_ns (a u64, written whole) or replace the element.
@@ -152,10 +164,16 @@ fn choose_v6(
                 });
             }
             event = Event::ReassignedDown;
+            previous_identity = tag;
         }
     }
     let hash = client_hash(svc.index, &key.addr_be);
-    rebind(svc, flow, hash, event, now, svc_stat, |id, be| {
+    let bound = Bound {
+        service: svc.index,
+        addr_be: &key.addr_be,
+        previous: (previous_identity, 0),
+    };
+    rebind(svc, flow, hash, event, now, svc_stat, bound, |id, be| {
         let value = PersistValue {
             backend: id,
             backend_identity: be.identity,
@@ -165,9 +183,19 @@ fn choose_v6(
     })
 }
 
+/// The client a binding is for, as the mirror's ring buffer reports it.
+struct Bound<'a> {
+    service: u32,
+    /// IPv4-mapped for IPv4 clients.
+    addr_be: &'a [u8; 16],
+    /// (identity or tag it replaces, `BindingEvent::flags`).
+    previous: (u32, u32),
+}
+
 /// A client without a usable binding (`event` says why): the Maglev choice for `hash`,
 /// stored with `store` when the packet may start a binding and the rate cap allows it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn rebind(
     svc: &Service,
     flow: &Flow,
@@ -175,6 +203,7 @@ fn rebind(
     mut event: Event,
     now_ns: u64,
     svc_stat: &mut TrafficCounters,
+    bound: Bound<'_>,
     store: impl FnOnce(u32, &Backend) -> bool,
 ) -> Result<Choice, Verdict> {
     let (id, backend) = select::pick(svc, hash, svc_stat)?;
@@ -204,10 +233,27 @@ fn rebind(
         // Not stored (should not happen with an LRU map): the packet still goes to the
         // backend the hash picked, but no binding was made.
         event = Event::None;
-    } else if event == Event::New {
-        stats::count_event(events::BINDING_CREATED);
+    } else {
+        if event == Event::New {
+            stats::count_event(events::BINDING_CREATED);
+        }
+        emit_binding(&bound, backend.identity);
     }
     Ok(Choice { id, backend, event })
+}
+
+/// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
+#[inline(always)]
+fn emit_binding(bound: &Bound<'_>, identity: u32) {
+    let ev = BindingEvent {
+        service: bound.service,
+        backend_identity: identity,
+        previous_identity: bound.previous.0,
+        flags: bound.previous.1,
+        addr_be: *bound.addr_be,
+    };
+    // BPF_RB_NO_WAKEUP: the reader polls.
+    let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
 }
 
 /// Whether this CPU may create one more binding in the current window (and count it).

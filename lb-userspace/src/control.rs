@@ -470,6 +470,10 @@ impl handoff::Handing for Daemon {
     }
 }
 
+/// How long a starting daemon with `mirroring` waits to read Redis' bindings before it
+/// says it is ready.
+const MIRROR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Run the daemon until SIGINT/SIGTERM, or until a new daemon took over (see
 /// [`crate::handoff`]).
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -579,6 +583,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         d.forget(&removed)?;
     }
     d.frontends.commit(prepared);
+    let mirror = cfg.mirroring.as_ref().map(|m| {
+        let xdp = crate::mirror::xdp::XdpMirror::new(cfg.pin_dir.clone(), d.shared.clone());
+        let mirror = crate::mirror::Mirror::start(m, Some(xdp.clone()));
+        xdp.start_reader(mirror.sender(), mirror.stats.clone());
+        mirror.set_engines(d.frontends.routers().map(|(_, e)| e));
+        (mirror, xdp)
+    });
     d.start_admin()?;
     d.start_monitors();
     shared.store(Arc::new(d.snapshot()));
@@ -594,6 +605,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let pid_path = handoff::pid_path(&cfg.pin_dir);
     if let Err(e) = write_pid(&pid_path) {
         log::error!("writing {}: {e}", pid_path.display());
+    }
+    if let Some((m, _)) = &mirror
+        && !m.wait_caught_up(MIRROR_CATCH_UP).await
+    {
+        log::warn!(
+            "mirroring: not caught up with Redis within {MIRROR_CATCH_UP:?}; serving from local tables meanwhile"
+        );
     }
     if let Err(e) = crate::notify::ready() {
         log::warn!("telling the service manager we are ready: {e}");
@@ -631,6 +649,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 });
                 if let Err(e) = r {
                     log::warn!("saving the L7 tables to {}: {e}", d.cfg.state_dir.display());
+                }
+                // Engines a reload replaced or added.
+                if let Some((m, _)) = &mirror {
+                    m.set_engines(d.frontends.routers().map(|(_, e)| e));
                 }
             }
             _ = term.recv() => break Ended::Signal("SIGTERM"),

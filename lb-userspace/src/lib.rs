@@ -13,6 +13,7 @@ pub mod engine;
 pub mod frontends;
 pub mod handoff;
 pub mod health;
+pub mod mirror;
 pub mod neterr;
 pub mod notify;
 pub mod passthrough;

@@ -83,6 +83,7 @@ pub struct ConfigBuilder {
     backend_fields: BTreeMap<String, Map<String, Value>>,
     pool_fields: Map<String, Value>,
     admin_listen: Option<String>,
+    top_fields: Map<String, Value>,
 }
 
 impl ConfigBuilder {
@@ -106,6 +107,7 @@ impl ConfigBuilder {
             backend_fields: BTreeMap::new(),
             pool_fields: Map::new(),
             admin_listen: None,
+            top_fields: Map::new(),
         }
     }
 
@@ -267,6 +269,28 @@ impl ConfigBuilder {
         self
     }
 
+    /// The interface tether attaches to (another LB namespace's veth).
+    pub fn interface(mut self, ifname: &str) -> Self {
+        self.interface = ifname.into();
+        self
+    }
+
+    /// The pin directory (and so the state directory next to it).
+    pub fn pin_dir(mut self, dir: &Path) -> Self {
+        self.pin_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Sets a top-level field (`mirroring`, `gslb`, ...); `null` removes it.
+    pub fn top_field(mut self, field: &str, value: Value) -> Self {
+        if value.is_null() {
+            self.top_fields.remove(field);
+        } else {
+            self.top_fields.insert(field.to_string(), value);
+        }
+        self
+    }
+
     pub fn build(&self) -> Value {
         let profiles: Vec<Value> = self
             .profiles
@@ -316,6 +340,9 @@ impl ConfigBuilder {
         }
         if let Some(a) = &self.admin_listen {
             cfg["admin_listen"] = json!(a);
+        }
+        for (k, v) in &self.top_fields {
+            cfg[k] = v.clone();
         }
         cfg
     }

@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod http;
 pub mod l4lab;
 pub mod l7lab;
+pub mod multilab;
 pub mod netns;
 pub mod packet;
 pub mod pinned;

@@ -48,6 +48,8 @@ pub const FIRST_BACKEND_OCTET: u8 = 11;
 pub const FIRST_CLIENT_OCTET: u8 = 100;
 pub const MAX_BACKENDS: usize = (FIRST_CLIENT_OCTET - FIRST_BACKEND_OCTET) as usize;
 pub const MAX_CLIENT_ADDRS: usize = (255 - FIRST_CLIENT_OCTET) as usize;
+/// Extra LBs take 10.99.0.3 up to 10.99.0.9 (below the VIP).
+pub const MAX_EXTRA_LBS: usize = 7;
 
 /// Prefix of every namespace and bpffs directory the harness creates.
 const NAME_PREFIX: &str = "tether-";
@@ -257,6 +259,7 @@ pub struct Node {
 pub struct TopologyBuilder {
     client_addrs: usize,
     backends: usize,
+    extra_lbs: usize,
 }
 
 impl Default for TopologyBuilder {
@@ -264,6 +267,7 @@ impl Default for TopologyBuilder {
         TopologyBuilder {
             client_addrs: 1,
             backends: 3,
+            extra_lbs: 0,
         }
     }
 }
@@ -281,7 +285,18 @@ impl TopologyBuilder {
         self
     }
 
+    /// Further LB namespaces (`lb2`, `lb3`, ... at 10.99.0.3 ...), each with the VIP on its
+    /// veth too, for several tether instances behind one client (see
+    /// [`Topology::steer_client`]). At most [`MAX_EXTRA_LBS`].
+    pub fn extra_lbs(mut self, n: usize) -> Self {
+        self.extra_lbs = n;
+        self
+    }
+
     pub fn build(self) -> Result<Topology> {
+        if self.extra_lbs > MAX_EXTRA_LBS {
+            bail!("extra_lbs must be 0..={MAX_EXTRA_LBS}");
+        }
         if !(1..=MAX_CLIENT_ADDRS).contains(&self.client_addrs) {
             bail!("client_addrs must be 1..={MAX_CLIENT_ADDRS}");
         }
@@ -310,9 +325,18 @@ impl TopologyBuilder {
                 )
             })
             .collect();
+        let extra_lbs: Vec<Node> = (0..self.extra_lbs)
+            .map(|i| {
+                node(
+                    &format!("lb{}", i + 2),
+                    Ipv4Addr::new(10, 99, 0, 3 + i as u8),
+                )
+            })
+            .collect();
         let bridge = format!("{if_prefix}br");
         for name in backends
             .iter()
+            .chain(&extra_lbs)
             .chain([&client, &lb])
             .flat_map(|n| [&n.ifname, &n.port])
             .chain([&bridge])
@@ -332,6 +356,7 @@ impl TopologyBuilder {
             client,
             client_addrs,
             lb,
+            extra_lbs,
             backends,
             vip: VIP,
             created_ns: Vec::new(),
@@ -355,6 +380,8 @@ pub struct Topology {
     pub client_addrs: Vec<Ipv4Addr>,
     /// The LB namespace: tether runs here on `lb.ifname`.
     pub lb: Node,
+    /// Further LB namespaces ([`TopologyBuilder::extra_lbs`]).
+    pub extra_lbs: Vec<Node>,
     pub backends: Vec<Node>,
     pub vip: Ipv4Addr,
     created_ns: Vec<String>,
@@ -369,6 +396,7 @@ impl Topology {
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         [&self.client, &self.lb]
             .into_iter()
+            .chain(self.extra_lbs.iter())
             .chain(self.backends.iter())
     }
 
@@ -400,6 +428,38 @@ impl Topology {
     /// Runs `f` on a thread inside the client namespace.
     pub fn in_client<T: Send, F: FnOnce() -> T + Send>(&self, f: F) -> Result<T> {
         run_in_netns(&self.client.ns, f)
+    }
+
+    /// LB node `i`: 0 is [`Topology::lb`], then the extra ones.
+    pub fn lb_node(&self, i: usize) -> &Node {
+        if i == 0 {
+            &self.lb
+        } else {
+            &self.extra_lbs[i - 1]
+        }
+    }
+
+    /// Sends the client's VIP traffic to LB node `i` (a permanent neighbour entry for the
+    /// VIP with that LB's MAC), as an ECMP or anycast change moves a client between
+    /// instances. With several LBs on the segment, ARP alone would pick one at random.
+    pub fn steer_client(&self, i: usize) -> Result<()> {
+        let lb = self.lb_node(i);
+        let out = run_cmd(
+            Command::new("ip").args(["-n", &lb.ns, "-j", "link", "show", "dev", &lb.ifname]),
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("ip -j link output {out:?}"))?;
+        let mac = v[0]["address"]
+            .as_str()
+            .with_context(|| format!("no MAC for {} in {out}", lb.ifname))?
+            .to_string();
+        ip_batch(
+            Some(&self.client.ns),
+            &[format!(
+                "neigh replace {} lladdr {mac} dev {} nud permanent",
+                self.vip, self.client.ifname
+            )],
+        )
     }
 
     /// VIP:port.
@@ -503,13 +563,12 @@ impl Topology {
             Some(&self.client.ns),
             &node_cmds(&self.client, &client_extra),
         )?;
-        ip_batch(
-            Some(&self.lb.ns),
-            &node_cmds(
-                &self.lb,
-                &[format!("addr add {}/32 dev {}", self.vip, self.lb.ifname)],
-            ),
-        )?;
+        for lb in std::iter::once(&self.lb).chain(&self.extra_lbs) {
+            ip_batch(
+                Some(&lb.ns),
+                &node_cmds(lb, &[format!("addr add {}/32 dev {}", self.vip, lb.ifname)]),
+            )?;
+        }
         for b in &self.backends {
             ip_batch(
                 Some(&b.ns),

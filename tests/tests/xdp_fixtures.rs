@@ -18,11 +18,11 @@ use std::{
 use aya::maps::{MapInfo, MapType};
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
-    DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS,
-    MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE,
-    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
-    PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
+    DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
+    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS,
+    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX,
+    PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -1017,6 +1017,52 @@ fn persistence_bindings_only_from_syn() {
     run_table(cases);
 }
 
+/// Every binding the program writes reaches the ring buffer the mirror drains: a SYN's new
+/// binding, and a binding moved off a down backend with the identity it replaced; packets
+/// that only use a binding write nothing.
+#[test]
+fn bindings_written_reach_the_ring_buffer() {
+    let mut fx = Fixture::new();
+    setup_v4(&mut fx, 300);
+    fx.set_backend(BE_A, backend_ident(BE_A, BACKEND_UP, 11));
+    fx.set_backend(BE_B, backend_ident(BE_B, BACKEND_UP, 22));
+    fx.fill_table(SVC_TCP, 0, &[BE_A]);
+    let mut ring = tether::dataplane::persist_table::BindingEvents::open(&fx.dir)
+        .expect("the ring buffer is pinned");
+    let syn = vip_tcp4(SPORT).build();
+    let ack = vip_tcp4(SPORT).tcp_flags(TCP_ACK, 1, 1).build();
+    let key = pkey4(SVC_TCP, CLIENT, 24);
+    assert_eq!(fx.run(&syn.bytes).0, XDP_TX);
+    assert_eq!(fx.run(&ack.bytes).0, XDP_TX);
+    let events = ring.drain(16);
+    assert_eq!(events.len(), 1, "one binding made: {events:?}");
+    let e = events[0];
+    assert_eq!(
+        (
+            e.service,
+            e.backend_identity,
+            e.previous_identity,
+            e.addr_be
+        ),
+        (SVC_TCP, 11, 0, key.addr_be)
+    );
+    // A goes down: the next SYN moves the client to B, naming A as the replaced identity.
+    fx.set_backend(BE_A, backend_ident(BE_A, BACKEND_DOWN, 11));
+    fx.fill_table(SVC_TCP, 0, &[BE_B]);
+    assert_eq!(fx.run(&syn.bytes).0, XDP_TX);
+    let events = ring.drain(16);
+    assert_eq!(events.len(), 1, "one binding moved: {events:?}");
+    // IPv4 bindings keep 16 bits of the identity: the replaced one is reported as its tag.
+    assert_eq!(
+        (
+            events[0].backend_identity,
+            events[0].previous_identity,
+            events[0].flags
+        ),
+        (22, 11, lb_common::BINDING_PREVIOUS_TAG16)
+    );
+}
+
 #[test]
 fn reused_backend_slot_inherits_no_clients() {
     let p1 = vip_tcp4(SPORT).build();
@@ -1477,6 +1523,7 @@ fn maps_match_the_contract() {
         (MAP_RATE, MapType::PerCpuArray),
         (MAP_FRAGS, MapType::LruHash),
         (MAP_FLOWS, MapType::LruHash),
+        (MAP_BINDINGS, MapType::RingBuf),
     ];
     assert_eq!(
         types.iter().map(|e| e.0).collect::<Vec<_>>(),

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [l4|l7] [-- args]`: benchmarks, each measured against a baseline in the
+//! `cargo xtask bench [l4|veth|l7|chaos|mirror] [-- args]`: benchmarks, each measured against a baseline in the
 //! same run. Not tests: they assert nothing about time, they report medians.
 
 use anyhow::{Result, bail};
@@ -10,7 +10,8 @@ use crate::bootstrap::{build_tether, ensure_all, run_cmd, step, workspace_root};
 pub struct BenchArgs {
     /// Which benchmark: `l4` (XDP fast path), `veth` (iperf3 through the VIP in the default
     /// XDP mode on a veth vs direct), `l7` (HTTP proxy vs direct and HAProxy) or `chaos`
-    /// (backends killed in a loop under L4 and L7 load; `-- --secs N`).
+    /// (backends killed in a loop under L4 and L7 load; `-- --secs N`) or `mirror` (the L7
+    /// data path with Redis running and stopped).
     #[arg(default_value = "l4")]
     which: String,
     /// Passed to the benchmark (e.g. `--quick`, `--rounds 7`).
@@ -75,6 +76,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 },
             )
         }
-        other => bail!("unknown benchmark {other:?}: available: l4, veth, l7, chaos"),
+        "mirror" => {
+            let tether = build_tether(true)?;
+            step(
+                "bench mirror (cargo bench -p tether-tests --bench mirror)",
+                || {
+                    run_cmd(
+                        cargo_bench("mirror")
+                            .args(&args.extra)
+                            .env("TETHER_BIN", &tether),
+                    )
+                },
+            )
+        }
+        other => bail!("unknown benchmark {other:?}: available: l4, veth, l7, chaos, mirror"),
     }
 }

@@ -30,6 +30,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/nsenter"),
     // sipp: the SIP peers of the SIP-header persistence end-to-end test.
     ("sip-tester", "/usr/bin/sipp"),
+    // The Redis server (and redis-cli) of mirroring: the multi-instance end-to-end tests and
+    // `cargo xtask run` with a `mirroring` config.
+    ("redis-server", "/usr/bin/redis-server"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

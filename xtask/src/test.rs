@@ -187,6 +187,10 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "e2e_observe",
                     "--test",
                     "e2e_objects",
+                    "--test",
+                    "e2e_multi",
+                    "--test",
+                    "e2e_gslb",
                 ],
                 &["--test-threads=1"],
             )

@@ -474,6 +474,7 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
             c.evictions_estimate(census.entries)
         );
     }
+    crate::mirror::render_metrics(&mut out);
     out
 }
 

@@ -6,6 +6,8 @@
 //! persistence profile.
 
 mod admin;
+pub mod gslb;
+pub mod mirroring;
 mod names;
 mod profiles;
 mod raw;
@@ -128,6 +130,10 @@ pub struct Config {
     pub services: Vec<VirtualService>,
     pub pools: Vec<Pool>,
     pub profiles: Vec<PersistenceProfile>,
+    /// Stored tables shared with other instances through Redis; `None`: off.
+    pub mirroring: Option<mirroring::Mirroring>,
+    /// This instance's GSLB site and the services with site persistence; `None`: off.
+    pub gslb: Option<gslb::Gslb>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

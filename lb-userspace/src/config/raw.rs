@@ -36,6 +36,12 @@ pub struct RawConfig {
     pub pools: Vec<RawPool>,
     #[serde(default)]
     pub persistence_profiles: Vec<RawProfile>,
+    /// Stored tables mirrored through Redis (off when absent).
+    #[serde(default)]
+    pub mirroring: Option<super::mirroring::RawMirroring>,
+    /// GSLB site persistence (off when absent).
+    #[serde(default)]
+    pub gslb: Option<super::gslb::RawGslb>,
 }
 
 /// How a virtual service is served.

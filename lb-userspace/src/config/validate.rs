@@ -53,6 +53,8 @@ pub(super) fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
     let (profiles, profile_idx) = profiles::validate(&raw.persistence_profiles)?;
     let (pools, pool_idx) = pools(&raw.pools)?;
     let services = services(&raw.virtual_services, &pool_idx, &profile_idx, &profiles)?;
+    let mirroring = super::mirroring::validate(raw.mirroring.as_ref())?;
+    let gslb = super::gslb::validate(raw.gslb.as_ref(), &services)?;
     Ok(Config {
         interface: raw.interface,
         xdp_mode: globals.xdp_mode,
@@ -66,6 +68,8 @@ pub(super) fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
         services,
         pools,
         profiles,
+        mirroring,
+        gslb,
     })
 }
 

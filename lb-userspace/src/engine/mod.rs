@@ -17,8 +17,10 @@
 pub mod input;
 mod inspect;
 pub mod methods;
+mod mirrored;
 pub mod quota;
 pub mod saved;
+pub mod site;
 pub mod table;
 
 #[cfg(test)]
@@ -81,6 +83,8 @@ pub struct EngineSpec {
     profile: Option<PersistenceProfile>,
     pool: String,
     algorithm: Algorithm,
+    /// The GSLB settings, when the service has site persistence.
+    gslb: Option<crate::config::gslb::Gslb>,
 }
 
 impl EngineSpec {
@@ -99,6 +103,7 @@ impl EngineSpec {
             profile,
             pool: pool.name.clone(),
             algorithm: pool.algorithm,
+            gslb: cfg.gslb.clone().filter(|g| g.covers(&svc.name)),
         }
     }
 }
@@ -227,8 +232,13 @@ pub struct Engine {
     prepared: ArcSwapOption<Prepared>,
     /// New table entries per client source per minute, shared by the method and fallback.
     quota: SourceQuota,
+    /// GSLB site persistence, when the service has it.
+    site: Option<site::SiteCookie>,
     pub stats: Arc<RouterStats>,
 }
+
+/// Set in a route's token when its response must carry this site's cookie.
+const SITE_COOKIE_BIT: u64 = 1 << 63;
 
 impl Engine {
     /// The engine of `svc` with the method its profile names (none: balancing only).
@@ -241,7 +251,9 @@ impl Engine {
             .profile(svc)
             .map(|p| methods::build(&svc.name, p, &cfg.state_dir))
             .transpose()?;
-        Ok(Self::with_method(cfg, svc, snapshot, method))
+        let mut engine = Self::with_method(cfg, svc, snapshot, method);
+        engine.site = site::SiteCookie::of(cfg, svc)?;
+        Ok(engine)
     }
 
     /// The engine of `svc` with a given method (the profile still supplies the fallback and
@@ -267,6 +279,7 @@ impl Engine {
             selection: select::for_algorithm(pool.algorithm, pool.backends.len()),
             pool_id: cookie::pool_id(&pool.name),
             prepared: ArcSwapOption::empty(),
+            site: None,
             stats: Arc::new(RouterStats::default()),
         }
     }
@@ -465,6 +478,27 @@ impl Router for Engine {
         conn: &ConnInfo,
         tried: &[SocketAddr],
     ) -> Result<Route, StatusCode> {
+        let mut site_cookie = 0;
+        if let Some(site) = &self.site {
+            match site.locate(req) {
+                // Its site's VIP (a peer that failed leaves the request to this site).
+                site::Where::Peer(peer) if !tried.contains(&peer.addr) => {
+                    site.mark_hop(req);
+                    return Ok(Route {
+                        backend: peer.addr,
+                        token: 0,
+                        tag: None,
+                    });
+                }
+                site::Where::Local { known } => {
+                    site.strip(req);
+                    if !known {
+                        site_cookie = SITE_COOKIE_BIT;
+                    }
+                }
+                site::Where::Peer(_) => site.strip(req),
+            }
+        }
         let choice = self
             .decide(
                 &mut Input::http(req, conn.client).in_session(conn.session),
@@ -473,12 +507,25 @@ impl Router for Engine {
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(Route {
             backend: choice.backend,
-            token: choice.decision.index as u64,
+            token: choice.decision.index as u64 | site_cookie,
             tag: Some(Arc::new(choice.decision)),
         })
     }
 
+    fn redirect(&self, req: &http::request::Parts, conn: &ConnInfo) -> Option<http::HeaderValue> {
+        let site = self.site.as_ref().filter(|s| s.redirects())?;
+        match site.locate(req) {
+            site::Where::Peer(peer) => site.location(peer, req, conn.tls),
+            site::Where::Local { .. } => None,
+        }
+    }
+
     fn on_response(&self, route: &Route, conn: &ConnInfo, resp: &mut http::response::Parts) {
+        if route.token & SITE_COOKIE_BIT != 0
+            && let Some(site) = &self.site
+        {
+            site.set_cookie(resp, conn.tls);
+        }
         if let Some(d) = decision(route) {
             self.reply(
                 d,

@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash},
     num::NonZeroUsize,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,12 @@ pub enum Inserted {
     Refused,
 }
 
+/// Told of every new binding and every re-binding to another backend made through
+/// [`Table::insert_admitted`] (key, new backend, the backend it replaced), after the shard's
+/// lock is released; not of refreshes, nor of bindings taken with [`Table::apply`]. The
+/// mirror publishes through it; it must not block.
+pub type Watcher<K> = Box<dyn Fn(&K, u32, Option<u32>) + Send + Sync>;
+
 /// key -> backend identity (`lb_common::backend_identity`), stable across reloads.
 pub struct Table<K: Hash + Eq> {
     shards: Vec<Mutex<Shard<K>>>,
@@ -42,6 +48,7 @@ pub struct Table<K: Hash + Eq> {
     /// Entries all shards hold together.
     capacity: usize,
     hasher: std::collections::hash_map::RandomState,
+    watcher: OnceLock<Watcher<K>>,
 }
 
 impl<K: Hash + Eq + Clone> Table<K> {
@@ -60,6 +67,33 @@ impl<K: Hash + Eq + Clone> Table<K> {
             timeout,
             capacity: per.get() * SHARDS,
             hasher: Default::default(),
+            watcher: OnceLock::new(),
+        }
+    }
+
+    /// Install the table's watcher; `false` when it already has one (kept).
+    pub fn watch(&self, w: Watcher<K>) -> bool {
+        self.watcher.set(w).is_ok()
+    }
+
+    /// Take a binding another instance made (mirroring): bind or re-bind `k` to `backend`
+    /// with last use `at` (a binding kept to the same backend keeps the later of the two
+    /// uses). The watcher is not told. Returns whether the backend changed or `k` was new.
+    pub fn apply(&self, k: K, backend: u32, at: Instant) -> bool {
+        let mut s = self.shard(&k);
+        match s.entries.get_mut(&k) {
+            Some((b, seen)) if *b == backend => {
+                *seen = (*seen).max(at);
+                false
+            }
+            Some(entry) => {
+                *entry = (backend, at);
+                true
+            }
+            None => {
+                s.entries.put(k, (backend, at));
+                true
+            }
         }
     }
 
@@ -102,11 +136,13 @@ impl<K: Hash + Eq + Clone> Table<K> {
         admit: impl FnOnce() -> bool,
     ) -> Inserted {
         let mut s = self.shard(&k);
-        let existed = s.entries.contains(&k);
+        let previous = s.entries.peek(&k).map(|e| e.0);
+        let existed = previous.is_some();
         if !existed && !admit() {
             return Inserted::Refused;
         }
-        match s.entries.push(k, (backend, now)) {
+        let watched = self.watcher.get().map(|w| (w, k.clone()));
+        let result = match s.entries.push(k, (backend, now)) {
             Some((old, (_, seen))) if !existed => {
                 if s.open.contains_key(&old) || now.saturating_duration_since(seen) <= self.timeout
                 {
@@ -117,7 +153,14 @@ impl<K: Hash + Eq + Clone> Table<K> {
             }
             _ if existed => Inserted::Refreshed,
             _ => Inserted::Added,
+        };
+        drop(s);
+        if let Some((w, k)) = watched
+            && previous != Some(backend)
+        {
+            w(&k, backend, previous);
         }
+        result
     }
 
     /// Whether `k` has an entry (live or not), without refreshing it.

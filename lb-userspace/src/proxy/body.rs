@@ -16,7 +16,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::{sync::oneshot, time::Sleep};
 
-use super::{io::InFlight, upstream::Checkin};
+use super::io::InFlight;
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,14 +71,16 @@ enum Inner {
 struct OnEnd {
     inflight: Option<InFlight>,
     done: Option<oneshot::Sender<()>>,
-    checkin: Option<Checkin>,
+    /// Whatever must live until the body ends (the upstream's pool checkin): body.rs
+    /// only drops it, so it needs no name here.
+    keep: Option<Box<dyn Send>>,
 }
 
 impl OnEnd {
     fn fire(&mut self) {
         self.inflight = None;
         // The backend connection that carried this body goes back to the pool.
-        self.checkin = None;
+        self.keep = None;
         if let Some(tx) = self.done.take() {
             let _ = tx.send(());
         }
@@ -147,10 +149,10 @@ impl ProxyBody {
         self
     }
 
-    /// Returns the backend connection of `checkin` to the pool when the body is done or
-    /// dropped.
-    pub(super) fn with_checkin(mut self, checkin: Checkin) -> ProxyBody {
-        self.on_end.checkin = Some(checkin);
+    /// Keeps `guard` until the body is done or dropped, then drops it (the upstream pool's
+    /// checkin, which returns the backend connection).
+    pub(super) fn keep_until_end(mut self, guard: impl Send + 'static) -> ProxyBody {
+        self.on_end.keep = Some(Box::new(guard));
         self
     }
 

@@ -95,6 +95,14 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     let upgrade = !ctx.h2 && client_upgrade.is_some() && headers::wants_upgrade(&parts);
     let trusted = shared.trusted_forwarders.contains(ctx.info.client.ip());
     headers::prepare_request_for(&mut parts, &ctx.info, &ctx.client_value, upgrade, trusted)?;
+    if let Some(location) = shared.router.redirect(&parts, &ctx.info) {
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        resp.headers_mut().insert(http::header::LOCATION, location);
+        resp.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(resp);
+    }
 
     let limits = &shared.limits;
     let (body, slow) = ProxyBody::stream(body, idle)
@@ -190,7 +198,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     }
     Ok(Response::from_parts(
         parts,
-        ProxyBody::stream(body, idle).with_checkin(checkin),
+        ProxyBody::stream(body, idle).keep_until_end(checkin),
     ))
 }
 

@@ -111,6 +111,13 @@ pub trait Router: Send + Sync + 'static {
         tried: &[SocketAddr],
     ) -> Result<Route, http::StatusCode>;
 
+    /// A redirect the client gets instead of a backend's answer (GSLB site persistence:
+    /// the client belongs to another site): the `Location`, answered with 307.
+    fn redirect(&self, req: &http::request::Parts, conn: &ConnInfo) -> Option<http::HeaderValue> {
+        let _ = (req, conn);
+        None
+    }
+
     /// Adjust the response head before it goes to the client (e.g. add Set-Cookie, learn an
     /// app cookie). Not called for responses the proxy makes up itself (502, 504, ...).
     fn on_response(&self, route: &Route, req_conn: &ConnInfo, resp: &mut http::response::Parts) {

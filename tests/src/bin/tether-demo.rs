@@ -22,7 +22,8 @@ use lb_common::maps::PROTO_TCP;
 use tether_tests::{
     daemon::{ConfigBuilder, Daemon, tether_bin},
     http::BackendServers,
-    netns::{Topology, VIP},
+    multilab::RedisServer,
+    netns::{Topology, VIP, wait_until},
     pinned::Pins,
 };
 
@@ -61,6 +62,11 @@ struct Args {
     /// Show the daemon's log lines as they come.
     #[arg(long)]
     daemon_logs: bool,
+    /// Mirror the persistence table through Redis: starts `redis-server` in the LB
+    /// namespace (no persistence, stopped at the end) and adds a `mirroring` section to the
+    /// daemon's config; --smoke then also checks that the bindings reached Redis.
+    #[arg(long)]
+    mirror: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -172,11 +178,22 @@ fn run(args: &Args) -> Result<bool> {
         Some(Iperf::start(&topo))
     };
     let pin_dir = Path::new(DEMO_PIN_DIR);
-    let config = ConfigBuilder::new(&topo, pin_dir)
+    let redis = if args.mirror {
+        Some(RedisServer::start(&topo.lb.ns).context("starting redis-server for --mirror")?)
+    } else {
+        None
+    };
+    let mut builder = ConfigBuilder::new(&topo, pin_dir)
         .xdp_mode(&args.xdp_mode)
         .service("web", HTTP_PORT, Some(args.persistence_timeout))
-        .service("iperf", IPERF_PORT, Some(args.persistence_timeout))
-        .build();
+        .service("iperf", IPERF_PORT, Some(args.persistence_timeout));
+    if redis.is_some() {
+        builder = builder.top_field(
+            "mirroring",
+            serde_json::json!({"redis": RedisServer::url(), "instance": "demo"}),
+        );
+    }
+    let config = builder.build();
     let daemon =
         Daemon::start(&bin, &topo.lb.ns, &config, args.daemon_logs).context("starting tether")?;
     let mode = topo
@@ -193,13 +210,18 @@ fn run(args: &Args) -> Result<bool> {
     );
 
     let ok = if args.smoke {
-        smoke(args, &topo, &servers, &daemon)
+        let ok = smoke(args, &topo, &servers, &daemon);
+        match (&redis, ok) {
+            (Some(r), Ok(true)) => Ok(mirrored(r, topo.client_addrs.len() as u64)),
+            (_, ok) => ok,
+        }
     } else {
         interactive(&topo, &config, &daemon)
     };
 
-    // Teardown, in order: daemon (detaches XDP), servers, namespaces.
+    // Teardown, in order: daemon (detaches XDP), Redis, servers, namespaces.
     let stopped = daemon.stop();
+    drop(redis);
     drop(iperf);
     drop(servers);
     drop(topo);
@@ -290,6 +312,17 @@ Press Ctrl-C to stop and remove everything."#,
     }
     eprintln!("\ntether-demo: stopping");
     Ok(true)
+}
+
+/// --smoke --mirror: every client's binding reached Redis (one key each).
+fn mirrored(redis: &RedisServer, clients: u64) -> bool {
+    let ok = wait_until(Duration::from_secs(10), || redis.dbsize() >= clients);
+    println!(
+        "  mirroring: {} bindings in Redis: {}",
+        redis.dbsize(),
+        if ok { "PASS" } else { "FAIL" }
+    );
+    ok
 }
 
 fn smoke(args: &Args, topo: &Topology, servers: &BackendServers, daemon: &Daemon) -> Result<bool> {

@@ -716,4 +716,6 @@ fn state_dir_defaults_and_must_be_absolute() {
     assert!(e.reason.contains("absolute"), "{e}");
 }
 
+mod gslb;
+mod mirroring;
 mod profiles;

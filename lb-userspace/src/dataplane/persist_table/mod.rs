@@ -401,6 +401,9 @@ pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
     Ok(census(pin_dir)?.by_backend())
 }
 
+mod bind;
+pub use bind::{Binding, BindingEvents, bind, live_bindings};
+
 #[cfg(test)]
 pub(crate) mod testpins;
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::{Binding, Context, Key, Lookup, Method, from_table, store};
+use super::{Binding, Context, Key, Lookup, Method, TableRef, from_table, store};
 use crate::{
     config::{Pool, ScriptProfile},
     cookie,
@@ -109,5 +109,10 @@ impl Method for Script {
         if let Key::Hash(k) = &lookup.key {
             store(&self.table, digest(k), identity, input.client().ip(), cx);
         }
+    }
+
+    /// Its keys' table: listed, saved across restarts and mirrored like the others.
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Keys(&self.table)]
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use super::{Context, Key, Lookup, Method, from_table, store};
+use super::{Context, Key, Lookup, Method, TableRef, from_table, store};
 use crate::{
     config::Pool,
     engine::{
@@ -69,5 +69,10 @@ impl Method for SipHeader {
         if let Key::Hash(k) = &lookup.key {
             store(&self.table, digest(k), identity, input.client().ip(), cx);
         }
+    }
+
+    /// Its keys' table: listed, saved across restarts and mirrored like the others.
+    fn tables(&self) -> Vec<TableRef<'_>> {
+        vec![TableRef::Keys(&self.table)]
     }
 }

@@ -1,0 +1,330 @@
+//! Mirroring of the stored persistence tables between instances through Redis (Avi's
+//! persistence mirroring), so that a client moved to another instance (ECMP change,
+//! scale-out, an instance's loss) keeps its backend.
+//!
+//! - **The data path never waits.** A binding is made locally; the table's watcher
+//!   ([`crate::engine::table::Watcher`]) queues it on a bounded channel (full: dropped and
+//!   counted, `tether_mirror_dropped_total`), and one task writes batches to Redis.
+//! - **One write rule, the same on every instance** ([`codec::BIND_SCRIPT`]): a key absent
+//!   from Redis takes the first binding written (first writer wins); a re-binding replaces
+//!   Redis' value only when that value is the backend the writer moved the client off
+//!   (compare-and-swap); otherwise the writer adopts Redis' value into its own table
+//!   (`tether_mirror_conflicts_total`). Every written binding is announced on a channel, and
+//!   every instance applies the others' announcements to its tables.
+//! - **Refreshes** keep a used binding alive in Redis: every table is swept at a quarter of
+//!   its timeout (1 s to 60 s) and the keys used since are written again (TTL = the
+//!   profile's timeout).
+//! - **Redis down or slow** (1 s connect and command timeouts): tether serves from its own
+//!   tables; bindings wait in a bounded queue (`tether_mirror_pending`, the oldest one's age
+//!   in `tether_mirror_lag_seconds`), failures are counted, and the task reconnects with
+//!   backoff (0.1 s doubling to 5 s). On every (re)connection it writes what waited, then
+//!   every live binding of its tables (a restarted Redis has lost everything), then reads
+//!   every binding Redis holds (what the others wrote meanwhile).
+
+pub mod codec;
+#[cfg(test)]
+mod tests;
+mod worker;
+pub mod xdp;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use crate::{
+    config::mirroring::Mirroring,
+    engine::{Engine, methods::TableRef},
+};
+
+/// Bindings waiting for Redis, in the channel and in the task's own queue each.
+pub const QUEUE_CAPACITY: usize = 65536;
+
+/// The mirror's counters, shown in `/metrics`.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Bindings written to Redis (new, re-bound or refreshed).
+    pub published: AtomicU64,
+    /// Bindings not queued because the queue was full.
+    pub dropped: AtomicU64,
+    /// Other instances' bindings taken into this instance's tables.
+    pub applied: AtomicU64,
+    /// Local bindings replaced by Redis' (another instance bound the key first).
+    pub conflicts: AtomicU64,
+    /// Failed connections and commands.
+    pub failures: AtomicU64,
+    /// Successful (re)connections.
+    pub connections: AtomicU64,
+    /// 1 while connected.
+    pub connected: AtomicU64,
+    /// Bindings waiting to be written.
+    pub pending: AtomicU64,
+    /// Age of the oldest binding waiting, in milliseconds.
+    pub lag_ms: AtomicU64,
+    /// XDP new-binding events read from the ring buffer.
+    pub xdp_events: AtomicU64,
+}
+
+impl MirrorStats {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One binding to write.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub service: Arc<str>,
+    pub table: Arc<str>,
+    pub key: u128,
+    pub backend: u32,
+    /// The backend the key was bound to before, locally (a re-binding).
+    pub previous: Option<u32>,
+    pub ttl_ms: u64,
+    /// When it was queued (for the lag).
+    pub at: Instant,
+}
+
+/// A live binding of the XDP table, for the sweeps.
+#[derive(Debug, Clone)]
+pub struct XdpBinding {
+    pub service: String,
+    pub key: u128,
+    pub backend: u32,
+    pub ttl_ms: u64,
+    /// Since the data path last used it.
+    pub age: std::time::Duration,
+}
+
+/// Where other instances' bindings go, besides the L7 engines: the XDP persistence table.
+pub trait XdpTarget: Send + Sync {
+    /// Bind `key` (a masked client address, IPv4-mapped) of L4 service `service` to
+    /// backend identity `backend`.
+    fn apply(&self, service: &str, key: u128, backend: u32) -> bool;
+    /// Every live binding, for the sweeps: (service, key, backend, TTL in ms, age). A walk
+    /// of the kernel table: blocking, about a second per million entries.
+    fn live(&self) -> Vec<XdpBinding>;
+}
+
+/// The running mirror of one daemon.
+pub struct Mirror {
+    tx: mpsc::Sender<Event>,
+    /// True once the task has connected and read what Redis holds.
+    caught_up: tokio::sync::watch::Receiver<bool>,
+    engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
+    pub stats: Arc<MirrorStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The running mirror's counters, for `/metrics` (a daemon runs at most one mirror).
+static STATS: OnceLock<Arc<MirrorStats>> = OnceLock::new();
+
+impl Mirror {
+    /// Start the mirror task (on the current Tokio runtime). It connects in the background:
+    /// a Redis that is down delays nothing.
+    pub fn start(cfg: &Mirroring, xdp: Option<Arc<dyn XdpTarget>>) -> Mirror {
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let stats = STATS.get_or_init(Default::default).clone();
+        let engines = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let (caught_tx, caught_up) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(worker::run(worker::Worker {
+            caught_up: caught_tx,
+            url: cfg.redis.clone(),
+            instance: cfg.instance.clone(),
+            rx,
+            engines: engines.clone(),
+            xdp,
+            stats: stats.clone(),
+        }));
+        log::info!(
+            "mirroring stored persistence tables through {} as instance {:?}",
+            redact(&cfg.redis),
+            cfg.instance
+        );
+        Mirror {
+            tx,
+            caught_up,
+            engines,
+            stats,
+            task,
+        }
+    }
+
+    /// Wait until the first catch-up with Redis is done, at most `limit`; whether it was.
+    /// A new instance says it is ready only after it (or the limit), so a client moved to
+    /// it by a scale-out finds its binding.
+    pub async fn wait_caught_up(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.caught_up.clone();
+        tokio::time::timeout(limit, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A sender for bindings made outside the engines (the XDP ring buffer's reader).
+    pub fn sender(&self) -> mpsc::Sender<Event> {
+        self.tx.clone()
+    }
+
+    /// The engines that run now: their tables are watched (new ones from now on) and
+    /// other instances' bindings are applied to them.
+    pub fn set_engines<'a>(&self, engines: impl Iterator<Item = &'a Arc<Engine>>) {
+        let engines: Vec<Arc<Engine>> = engines.cloned().collect();
+        let current = self.engines.load();
+        let same = current.len() == engines.len()
+            && current.iter().zip(&engines).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return;
+        }
+        for e in &engines {
+            watch_engine(e, &self.tx, &self.stats);
+        }
+        self.engines.store(Arc::new(engines));
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Queue `ev`, never waiting: a full queue drops it (counted).
+pub fn offer(tx: &mpsc::Sender<Event>, stats: &MirrorStats, ev: Event) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(ev) {
+        MirrorStats::bump(&stats.dropped);
+    }
+}
+
+fn watch_engine(e: &Engine, tx: &mpsc::Sender<Event>, stats: &Arc<MirrorStats>) {
+    let service: Arc<str> = e.service_name().into();
+    let mut seen = HashSet::new();
+    for (id, t) in e.tables_by_id() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let table: Arc<str> = id.into();
+        let (tx, stats, service) = (tx.clone(), stats.clone(), service.clone());
+        let send = move |key: u128, backend: u32, previous: Option<u32>, ttl_ms: u64| {
+            offer(
+                &tx,
+                &stats,
+                Event {
+                    service: service.clone(),
+                    table: table.clone(),
+                    key,
+                    backend,
+                    previous,
+                    ttl_ms,
+                    at: Instant::now(),
+                },
+            );
+        };
+        match t {
+            TableRef::Clients { table, .. } => {
+                let ttl = table.timeout().as_millis() as u64;
+                table.watch(Box::new(move |k, b, p| {
+                    send(u128::from_be_bytes(*k), b, p, ttl)
+                }));
+            }
+            TableRef::Keys(table) => {
+                let ttl = table.timeout().as_millis() as u64;
+                table.watch(Box::new(move |k, b, p| send(*k, b, p, ttl)));
+            }
+        }
+    }
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The `tether_mirror_*` metrics, when this daemon mirrors.
+pub fn render_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+    let Some(s) = STATS.get() else {
+        return;
+    };
+    let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        (
+            "tether_mirror_published_total",
+            "counter",
+            "Bindings written to Redis (new, re-bound, refreshed).",
+            &s.published,
+        ),
+        (
+            "tether_mirror_dropped_total",
+            "counter",
+            "Bindings not mirrored because the queue to Redis was full.",
+            &s.dropped,
+        ),
+        (
+            "tether_mirror_applied_total",
+            "counter",
+            "Other instances' bindings taken into this instance's tables.",
+            &s.applied,
+        ),
+        (
+            "tether_mirror_conflicts_total",
+            "counter",
+            "Local bindings replaced by the one Redis holds (another instance bound the key first).",
+            &s.conflicts,
+        ),
+        (
+            "tether_mirror_failures_total",
+            "counter",
+            "Failed Redis connections and commands.",
+            &s.failures,
+        ),
+        (
+            "tether_mirror_connections_total",
+            "counter",
+            "Successful connections to Redis.",
+            &s.connections,
+        ),
+        (
+            "tether_mirror_connected",
+            "gauge",
+            "1 while connected to Redis.",
+            &s.connected,
+        ),
+        (
+            "tether_mirror_pending",
+            "gauge",
+            "Bindings waiting to be written to Redis.",
+            &s.pending,
+        ),
+        (
+            "tether_mirror_xdp_events_total",
+            "counter",
+            "New XDP bindings read from the ring buffer.",
+            &s.xdp_events,
+        ),
+        (
+            "tether_mirror_lag_seconds",
+            "gauge",
+            "Age of the oldest binding waiting to be written to Redis.",
+            &s.lag_ms,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let v = v.load(Ordering::Relaxed);
+        if name.ends_with("_seconds") {
+            let _ = writeln!(out, "{name} {:.3}", v as f64 / 1000.0);
+        } else {
+            let _ = writeln!(out, "{name} {v}");
+        }
+    }
+}

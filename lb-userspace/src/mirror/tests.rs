@@ -1,0 +1,67 @@
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use super::codec;
+use crate::engine::table::Table;
+
+#[test]
+fn keys_and_values_round_trip() {
+    let k = codec::key("web", "app-cookie:JSESSIONID", 0xdead_beef);
+    assert_eq!(
+        k,
+        "tether:b:web:app-cookie:JSESSIONID:000000000000000000000000deadbeef"
+    );
+    assert_eq!(
+        codec::parse_key(&k),
+        Some(("web", "app-cookie:JSESSIONID", 0xdead_beef))
+    );
+    assert_eq!(codec::parse_key("tether:b:web:client-ip:zz"), None);
+    assert_eq!(codec::parse_key("other:web:x:00"), None);
+    let v = codec::value(42, "lb-a");
+    assert_eq!(codec::parse_value(&v), Some((42, "lb-a")));
+    assert_eq!(codec::parse_value("x:lb-a"), None);
+    assert_eq!(
+        codec::parse_message(&format!("{k}\n{v}")),
+        Some((k.as_str(), v.as_str()))
+    );
+}
+
+#[test]
+fn the_watcher_hears_new_and_moved_bindings_not_refreshes_nor_applied_ones() {
+    let t: Table<u128> = Table::new(64, Duration::from_secs(10));
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let h = heard.clone();
+    assert!(t.watch(Box::new(move |k, b, p| h.lock().unwrap().push((*k, b, p)))));
+    assert!(!t.watch(Box::new(|_, _, _| {})), "one watcher per table");
+    let now = Instant::now();
+    t.insert(1, 7, now);
+    t.insert(1, 7, now);
+    t.insert(1, 8, now);
+    assert!(t.apply(2, 9, now), "a new key applied");
+    assert!(
+        !t.apply(2, 9, now),
+        "the same binding again changes nothing"
+    );
+    assert!(
+        t.apply(1, 5, now),
+        "another instance's binding replaces ours"
+    );
+    assert_eq!(t.get(&1, now), Ok(5));
+    assert_eq!(t.get(&2, now), Ok(9));
+    assert_eq!(
+        *heard.lock().unwrap(),
+        vec![(1, 7, None), (1, 8, Some(7))],
+        "new, then moved; the refresh and the applied ones are not heard"
+    );
+}
+
+#[test]
+fn logged_urls_hide_the_password() {
+    assert_eq!(
+        super::redact("redis://:secret@10.0.0.5:6379/0"),
+        "redis://***@10.0.0.5:6379/0"
+    );
+    assert_eq!(super::redact("redis://10.0.0.5"), "redis://10.0.0.5");
+}

@@ -1,0 +1,377 @@
+//! The mirror's task: one Redis connection for writes and reads, one for the channel.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt as _;
+use redis::{AsyncConnectionConfig, aio::MultiplexedConnection};
+use tokio::sync::mpsc;
+
+use super::{Event, MirrorStats, QUEUE_CAPACITY, XdpTarget, codec};
+use crate::engine::{Engine, methods::TableRef};
+
+/// Connect and command timeouts: a slow Redis is a failed one.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bindings per script call.
+const BATCH: usize = 256;
+/// How often tables are looked at for refreshes.
+const SWEEP_TICK: Duration = Duration::from_secs(1);
+/// How often the XDP table's used bindings are written again (its TTLs renewed in Redis):
+/// well under any useful source-IP timeout, and one table walk per period.
+const XDP_SWEEP: Duration = Duration::from_secs(10);
+
+pub(super) struct Worker {
+    pub caught_up: tokio::sync::watch::Sender<bool>,
+    pub url: String,
+    pub instance: String,
+    pub rx: mpsc::Receiver<Event>,
+    pub engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
+    pub xdp: Option<Arc<dyn XdpTarget>>,
+    pub stats: Arc<MirrorStats>,
+}
+
+/// Why a session ended.
+type SessionResult = Result<(), redis::RedisError>;
+
+pub(super) async fn run(mut w: Worker) {
+    let client = match redis::Client::open(w.url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Validated with the config: only a bug gets here.
+            log::error!("mirroring: {e}; mirroring is off");
+            return;
+        }
+    };
+    let script = redis::Script::new(codec::BIND_SCRIPT);
+    let mut pending: VecDeque<Event> = VecDeque::new();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let r = session(&mut w, &client, &script, &mut pending).await;
+        w.stats.connected.store(0, Ordering::Relaxed);
+        if let Err(e) = r {
+            MirrorStats::bump(&w.stats.failures);
+            log::warn!("mirroring: Redis: {e}; serving from local tables, retrying in {backoff:?}");
+        }
+        if started.elapsed() > BACKOFF_MAX * 2 {
+            backoff = BACKOFF_MIN;
+        }
+        // Keep queueing while we wait.
+        let deadline = tokio::time::Instant::now() + backoff;
+        loop {
+            match tokio::time::timeout_at(deadline, w.rx.recv()).await {
+                Ok(Some(ev)) => queue(&mut pending, ev, &w.stats),
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        gauges(&pending, &w.stats);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn queue(pending: &mut VecDeque<Event>, ev: Event, stats: &MirrorStats) {
+    if pending.len() >= QUEUE_CAPACITY {
+        pending.pop_front();
+        MirrorStats::bump(&stats.dropped);
+    }
+    pending.push_back(ev);
+}
+
+fn gauges(pending: &VecDeque<Event>, stats: &MirrorStats) {
+    stats.pending.store(pending.len() as u64, Ordering::Relaxed);
+    let lag = pending
+        .front()
+        .map_or(0, |e| e.at.elapsed().as_millis() as u64);
+    stats.lag_ms.store(lag, Ordering::Relaxed);
+}
+
+async fn session(
+    w: &mut Worker,
+    client: &redis::Client,
+    script: &redis::Script,
+    pending: &mut VecDeque<Event>,
+) -> SessionResult {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(IO_TIMEOUT))
+        .set_response_timeout(Some(IO_TIMEOUT));
+    let mut con = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let mut pubsub = tokio::time::timeout(IO_TIMEOUT, client.get_async_pubsub())
+        .await
+        .map_err(|_| timeout_error("connecting for the channel"))??;
+    tokio::time::timeout(IO_TIMEOUT, pubsub.subscribe(codec::CHANNEL))
+        .await
+        .map_err(|_| timeout_error("subscribing"))??;
+    let mut messages = pubsub.into_on_message();
+    MirrorStats::bump(&w.stats.connections);
+    w.stats.connected.store(1, Ordering::Relaxed);
+    log::info!("mirroring: connected to Redis; catching up");
+
+    // What waited, then everything live (Redis may have restarted empty), then what the
+    // others hold.
+    while let Ok(ev) = w.rx.try_recv() {
+        queue(pending, ev, &w.stats);
+    }
+    while !pending.is_empty() {
+        let n = pending.len().min(BATCH);
+        let batch: Vec<Event> = pending.iter().take(n).cloned().collect();
+        write(w, &mut con, script, &batch).await?;
+        pending.drain(..n);
+        gauges(pending, &w.stats);
+    }
+    let mut swept: HashMap<(Arc<str>, Arc<str>), Instant> = HashMap::new();
+    sweep(w, &mut con, script, &mut swept, true).await?;
+    let n = catch_up(w, &mut con).await?;
+    log::info!("mirroring: caught up ({n} bindings in Redis)");
+    w.caught_up.send_replace(true);
+
+    let mut tick = tokio::time::interval(SWEEP_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = w.rx.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                let mut batch = vec![ev];
+                while batch.len() < BATCH {
+                    match w.rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = write(w, &mut con, script, &batch).await {
+                    for ev in batch {
+                        queue(pending, ev, &w.stats);
+                    }
+                    gauges(pending, &w.stats);
+                    return Err(e);
+                }
+            }
+            msg = messages.next() => {
+                let Some(msg) = msg else {
+                    return Err(timeout_error("the channel connection closed"));
+                };
+                if let Ok(payload) = msg.get_payload::<String>() {
+                    on_message(w, &payload);
+                }
+            }
+            _ = tick.tick() => {
+                sweep(w, &mut con, script, &mut swept, false).await?;
+            }
+        }
+    }
+}
+
+fn timeout_error(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "timed out or closed",
+        what.to_string(),
+    ))
+}
+
+/// Write `batch` with the bind script; adopt Redis' value where it differs.
+async fn write(
+    w: &Worker,
+    con: &mut MultiplexedConnection,
+    script: &redis::Script,
+    batch: &[Event],
+) -> SessionResult {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut inv = script.prepare_invoke();
+    inv.arg(codec::CHANNEL);
+    for ev in batch {
+        inv.key(codec::key(&ev.service, &ev.table, ev.key));
+        inv.arg(codec::value(ev.backend, &w.instance))
+            .arg(ev.ttl_ms.max(1))
+            .arg(ev.previous.map(|p| p.to_string()).unwrap_or_default());
+    }
+    let held: Vec<String> = inv.invoke_async(con).await?;
+    w.stats
+        .published
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    for (ev, v) in batch.iter().zip(&held) {
+        if let Some((backend, _)) = codec::parse_value(v)
+            && backend != ev.backend
+            && apply(w, &ev.service, &ev.table, ev.key, backend)
+        {
+            MirrorStats::bump(&w.stats.conflicts);
+        }
+    }
+    Ok(())
+}
+
+/// A binding announced on the channel: another instance's is applied.
+fn on_message(w: &Worker, payload: &str) {
+    let Some((key, value)) = codec::parse_message(payload) else {
+        return;
+    };
+    let (Some((service, table, k)), Some((backend, instance))) =
+        (codec::parse_key(key), codec::parse_value(value))
+    else {
+        return;
+    };
+    if instance != w.instance && apply(w, service, table, k, backend) {
+        MirrorStats::bump(&w.stats.applied);
+    }
+}
+
+/// Bind `k` in table `table` of `service` (an engine's or the XDP table) without
+/// publishing it again; whether that changed anything.
+fn apply(w: &Worker, service: &str, table: &str, k: u128, backend: u32) -> bool {
+    if table == codec::XDP_TABLE {
+        return w.xdp.as_ref().is_some_and(|x| x.apply(service, k, backend));
+    }
+    let engines = w.engines.load();
+    let Some(e) = engines.iter().find(|e| e.service_name() == service) else {
+        return false;
+    };
+    let now = Instant::now();
+    for (id, t) in e.tables_by_id() {
+        if id != table {
+            continue;
+        }
+        return match t {
+            TableRef::Clients { table, .. } => table.apply(k.to_be_bytes(), backend, now),
+            TableRef::Keys(table) => table.apply(k, backend, now),
+        };
+    }
+    false
+}
+
+/// Write again the bindings used since each table's last sweep (a quarter of its timeout
+/// ago, 1 s to 60 s), or with `all` every live binding.
+async fn sweep(
+    w: &Worker,
+    con: &mut MultiplexedConnection,
+    script: &redis::Script,
+    swept: &mut HashMap<(Arc<str>, Arc<str>), Instant>,
+    all: bool,
+) -> SessionResult {
+    let now = Instant::now();
+    let mut batch = Vec::new();
+    let engines = w.engines.load_full();
+    for e in engines.iter() {
+        let service: Arc<str> = e.service_name().into();
+        for (id, t) in e.tables_by_id() {
+            let table: Arc<str> = id.into();
+            let timeout = match &t {
+                TableRef::Clients { table, .. } => table.timeout(),
+                TableRef::Keys(table) => table.timeout(),
+            };
+            if timeout.is_zero() {
+                continue;
+            }
+            let period = (timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            let slot = (service.clone(), table.clone());
+            let last = swept.get(&slot).copied();
+            if !all && last.is_some_and(|l| now.duration_since(l) < period) {
+                continue;
+            }
+            // Used since the last sweep (plus a tick of slack), or held by a connection.
+            let window = last.map_or(timeout, |l| now.duration_since(l) + SWEEP_TICK);
+            let ttl_ms = timeout.as_millis() as u64;
+            let mut push = |key: u128, backend: u32| {
+                batch.push(Event {
+                    service: service.clone(),
+                    table: table.clone(),
+                    key,
+                    backend,
+                    previous: None,
+                    ttl_ms,
+                    at: now,
+                })
+            };
+            match t {
+                TableRef::Clients { table, .. } => {
+                    for (k, b, idle, open, expired) in table.entries(now) {
+                        if !expired && (all || open > 0 || idle <= window) {
+                            push(u128::from_be_bytes(k), b);
+                        }
+                    }
+                }
+                TableRef::Keys(table) => {
+                    for (k, b, idle, open, expired) in table.entries(now) {
+                        if !expired && (all || open > 0 || idle <= window) {
+                            push(k, b);
+                        }
+                    }
+                }
+            }
+            swept.insert(slot, now);
+        }
+    }
+    // The XDP table: the data path refreshes its entries without telling anyone, so the
+    // used ones are written again every XDP_SWEEP (a walk of the kernel table).
+    let xdp_slot = (Arc::<str>::from(codec::XDP_TABLE), Arc::<str>::from(""));
+    let xdp_last = swept.get(&xdp_slot).copied();
+    let xdp_due = all || xdp_last.is_none_or(|l| now.duration_since(l) >= XDP_SWEEP);
+    if xdp_due && let Some(x) = &w.xdp {
+        let window = xdp_last.map_or(Duration::MAX, |l| now.duration_since(l) + SWEEP_TICK);
+        let live = tokio::task::block_in_place(|| x.live());
+        for b in live {
+            if all || b.age <= window {
+                batch.push(Event {
+                    service: b.service.into(),
+                    table: codec::XDP_TABLE.into(),
+                    key: b.key,
+                    backend: b.backend,
+                    previous: None,
+                    ttl_ms: b.ttl_ms,
+                    at: now,
+                });
+            }
+        }
+        swept.insert(xdp_slot, now);
+    }
+    for chunk in batch.chunks(BATCH) {
+        write(w, con, script, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Read every binding Redis holds into the local tables; returns how many there were.
+async fn catch_up(w: &Worker, con: &mut MultiplexedConnection) -> Result<usize, redis::RedisError> {
+    let pattern = format!("{}*", codec::PREFIX);
+    let mut cursor: u64 = 0;
+    let mut total = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        if !keys.is_empty() {
+            let values: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(con).await?;
+            for (key, value) in keys.iter().zip(values) {
+                let Some(value) = value else { continue };
+                let (Some((service, table, k)), Some((backend, _))) =
+                    (codec::parse_key(key), codec::parse_value(&value))
+                else {
+                    continue;
+                };
+                total += 1;
+                if apply(w, service, table, k, backend) {
+                    MirrorStats::bump(&w.stats.applied);
+                }
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(total);
+        }
+    }
+}
