@@ -13,6 +13,19 @@ use anyhow::{Context, Result, bail};
 
 use crate::netns::{Topology, run_cmd, wait_until};
 
+/// `der` as a PEM block with `label` (CERTIFICATE, PRIVATE KEY), 64 columns a line.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 /// A self-signed EC certificate with subject `CN=<cn>` in `dir`: (cert, key).
 pub fn self_signed(dir: &Path, cn: &str) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

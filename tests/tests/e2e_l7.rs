@@ -32,6 +32,7 @@ use tether_tests::{
     http::{Echo, HttpResponse, KeepAlive, connect_from},
     l7lab::{IO_TIMEOUT, L7Lab, PORT, base_builder},
     netns::{Topology, VIP},
+    tlslab::pem,
 };
 
 /// A second cleartext L7 service over the same pool.
@@ -123,17 +124,6 @@ struct TestCert {
     cert_file: PathBuf,
     key_file: PathBuf,
     der: CertificateDer<'static>,
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 impl TestCert {

@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::*;
+use crate::proxy::tests::pem;
 use crate::state::Snapshot;
 
 /// A scratch directory with a certificate and key, removed on drop.
@@ -21,33 +22,6 @@ impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use std::fmt::Write as _;
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::new();
-    for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            b64.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        writeln!(out, "{}", std::str::from_utf8(line).unwrap()).unwrap();
-    }
-    writeln!(out, "-----END {label}-----").unwrap();
-    out
 }
 
 impl Dir {

@@ -59,7 +59,7 @@ mod tls;
 mod upstream;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     any::Any,

@@ -468,7 +468,8 @@ impl Drop for Certs {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+/// `der` as a PEM block with `label`; also used by the frontends tests.
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for line in b64.as_bytes().chunks(64) {

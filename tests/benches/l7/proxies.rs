@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tether_tests::tlslab::pem;
+
 use crate::{
     COOKIE,
     procs::{Proc, Scratch, free_port, wait_listening},
@@ -39,18 +41,6 @@ pub struct Cert {
     pub key_pem: PathBuf,
     /// Certificate then key, as HAProxy's `crt` wants them.
     pub combined_pem: PathBuf,
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 impl Cert {
