@@ -244,12 +244,17 @@ async fn listener_settings_change_restarts_the_task_on_the_same_socket() {
 async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
     let port = free_port();
     let cfg = config(port, "");
-    let inherited_socket = bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    let inherited_socket =
+        crate::workers::listen_group(SocketAddr::from(([127, 0, 0, 1], port)), vec![], 1, 128)
+            .unwrap()
+            .remove(0);
     let ino = std::fs::metadata(format!("/proc/self/fd/{}", inherited_socket.as_raw_fd()))
         .unwrap()
         .ino();
-    let mut inherited =
-        HashMap::from([(SocketAddr::from(([127, 0, 0, 1], port)), inherited_socket)]);
+    let mut inherited = HashMap::from([(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        vec![inherited_socket],
+    )]);
     let mut f = Frontends::default();
     let prepared = f.prepare(&cfg, &shared(&cfg), &mut inherited).unwrap();
     assert!(

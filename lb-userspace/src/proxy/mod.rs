@@ -413,11 +413,12 @@ impl ProxyStats {
     }
 }
 
-/// What every connection task shares.
+/// What every connection task of one worker shares.
 struct Shared {
     router: Arc<dyn Router>,
     limits: Limits,
     stats: Arc<ProxyStats>,
+    /// This worker's backend connections (their tasks run on this worker's runtime).
     pool: upstream::Pool,
     proxy_protocol: Option<crate::cidr::Cidrs>,
     trusted_forwarders: crate::cidr::Cidrs,
@@ -425,71 +426,147 @@ struct Shared {
     tls: Option<TlsHandle>,
 }
 
+/// What the accept loops of every worker of one proxy share: the limits that hold for the
+/// whole listener.
+struct Common {
+    /// `max_connections`.
+    permits: Arc<Semaphore>,
+    sources: sources::SourceLimiter,
+    backend_slots: upstream::BackendSlots,
+}
+
+impl Common {
+    fn new(cfg: &ProxyConfig) -> Result<Common, ProxyError> {
+        let limits = cfg.limits;
+        if limits.max_connections == 0
+            || limits.max_connections_per_source == 0
+            || limits.max_connections_per_backend == 0
+            || limits.h2_max_concurrent_streams == 0
+        {
+            return Err(ProxyError::Config(format!(
+                "connection and stream limits must be positive: {limits:?}"
+            )));
+        }
+        if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
+            return Err(ProxyError::Config(format!(
+                "max_header_bytes {} out of range",
+                limits.max_header_bytes
+            )));
+        }
+        log::info!(
+            "proxy: serving {} ({}{})",
+            cfg.listen,
+            if cfg.tls.is_some() {
+                "TLS"
+            } else {
+                "cleartext"
+            },
+            if cfg.proxy_protocol.is_some() {
+                ", PROXY protocol from trusted sources"
+            } else {
+                ""
+            }
+        );
+        Ok(Common {
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            sources: sources::SourceLimiter::new(limits.max_connections_per_source),
+            backend_slots: upstream::BackendSlots::default(),
+        })
+    }
+
+    /// One worker's share.
+    fn worker(
+        &self,
+        cfg: &ProxyConfig,
+        router: &Arc<dyn Router>,
+        stats: &Arc<ProxyStats>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            router: router.clone(),
+            limits: cfg.limits,
+            stats: stats.clone(),
+            pool: upstream::Pool::new(cfg.limits, self.backend_slots.clone()),
+            proxy_protocol: cfg.proxy_protocol.clone(),
+            trusted_forwarders: cfg.trusted_forwarders.clone(),
+            sources: self.sources.clone(),
+            tls: cfg.tls.clone(),
+        })
+    }
+}
+
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often idle pooled backend connections are swept.
 const POOL_SWEEP: Duration = Duration::from_secs(5);
 
-/// Serve client connections from `listener` until `shutdown` turns true (or its sender is
-/// dropped). Then it drains: `listener` is dropped (a socket shared with another server, a
-/// reload's or a restart's, keeps its queue there), in-flight HTTP/1 requests are answered
-/// with `Connection: close`, idle HTTP/1 connections are closed once nothing arrived for a
-/// short while, HTTP/2 connections get a GOAWAY, and whatever is still open after
-/// [`Limits::shutdown_grace`] is cut.
+/// Serve client connections from `listener` on the current runtime until `shutdown` turns
+/// true (or its sender is dropped). Then it drains: `listener` is dropped (a socket shared
+/// with another server, a reload's or a restart's, keeps its queue there), in-flight HTTP/1
+/// requests are answered with `Connection: close`, idle HTTP/1 connections are closed once
+/// nothing arrived for a short while, HTTP/2 connections get a GOAWAY, and whatever is still
+/// open after [`Limits::shutdown_grace`] is cut.
 ///
 /// Errors only before serving anything (invalid limits).
 pub async fn serve_with_stats(
     listener: TcpListener,
     cfg: ProxyConfig,
     router: Arc<dyn Router>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) -> Result<(), ProxyError> {
-    let limits = cfg.limits;
-    if limits.max_connections == 0
-        || limits.max_connections_per_source == 0
-        || limits.max_connections_per_backend == 0
-        || limits.h2_max_concurrent_streams == 0
-    {
-        return Err(ProxyError::Config(format!(
-            "connection and stream limits must be positive: {limits:?}"
-        )));
-    }
-    if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
-        return Err(ProxyError::Config(format!(
-            "max_header_bytes {} out of range",
-            limits.max_header_bytes
-        )));
-    }
-    let tls = cfg.tls.clone();
-    let shared = Arc::new(Shared {
-        router,
-        limits,
-        stats: stats.clone(),
-        pool: upstream::Pool::new(limits),
-        proxy_protocol: cfg.proxy_protocol.clone(),
-        trusted_forwarders: cfg.trusted_forwarders.clone(),
-        sources: sources::SourceLimiter::new(limits.max_connections_per_source),
-        tls,
-    });
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let common = Common::new(&cfg)?;
+    let shared = common.worker(&cfg, &router, &stats);
+    accept_loop(listener, shared, common.permits, shutdown, cfg.listen).await;
+    Ok(())
+}
+
+/// [`serve_with_stats`] on every worker of `workers`, accepting on `sockets` (one
+/// `SO_REUSEPORT` socket per worker, see [`crate::workers`]). The connection limits hold for
+/// the whole listener; each worker keeps its own backend connections.
+pub async fn serve_on(
+    sockets: Vec<std::net::TcpListener>,
+    workers: crate::workers::Workers,
+    cfg: ProxyConfig,
+    router: Arc<dyn Router>,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) -> Result<(), ProxyError> {
+    let common = Common::new(&cfg)?;
+    let shared: Vec<Arc<Shared>> = (0..workers.len())
+        .map(|_| common.worker(&cfg, &router, &stats))
+        .collect();
+    let listen = cfg.listen;
+    workers
+        .run_accept_loops(sockets, |w, socket| {
+            let (shared, permits) = (shared[w].clone(), common.permits.clone());
+            let shutdown = shutdown.clone();
+            async move {
+                // Registered here, with the worker's own runtime.
+                match socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+                {
+                    Ok(l) => accept_loop(l, shared, permits, shutdown, listen).await,
+                    Err(e) => log::error!("proxy: {listen}: listening socket: {e}"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    listen: SocketAddr,
+) {
+    let limits = shared.limits;
+    let stats = shared.stats.clone();
     let mut tasks = JoinSet::new();
     let mut sweep = tokio::time::interval(POOL_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    log::info!(
-        "proxy: serving {} ({}{})",
-        listener.local_addr().map_or(cfg.listen, |a| a),
-        if shared.tls.is_some() {
-            "TLS"
-        } else {
-            "cleartext"
-        },
-        if cfg.proxy_protocol.is_some() {
-            ", PROXY protocol from trusted sources"
-        } else {
-            ""
-        }
-    );
 
     loop {
         if *shutdown.borrow_and_update() {
@@ -536,7 +613,7 @@ pub async fn serve_with_stats(
     drop(listener);
     log::info!(
         "proxy: draining {}: {} connection(s) open, grace {:?}",
-        cfg.listen,
+        listen,
         tasks.len(),
         limits.shutdown_grace
     );
@@ -551,5 +628,4 @@ pub async fn serve_with_stats(
         );
         tasks.shutdown().await;
     }
-    Ok(())
 }

@@ -1420,3 +1420,4 @@ async fn load_tls_reports_bad_files() {
 }
 
 mod security;
+mod workers;

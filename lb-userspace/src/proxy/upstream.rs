@@ -82,13 +82,49 @@ struct Inner {
     /// As many may wait here as the backend has slots (`max_connections_per_backend`): with
     /// fewer, a burst of concurrent requests would close and reopen connections each time.
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
-    /// Connection slots per backend (`max_connections_per_backend`): a connection holds its
-    /// permit for as long as it is open, idle in the pool or busy.
+    /// This pool's view of `shared`'s slots (no lock shared with other workers per request).
     slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
+    shared: BackendSlots,
     max_per_backend: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
     max_age: Duration,
+}
+
+/// Connection slots per backend (`max_connections_per_backend`), shared by the pools of
+/// every worker of one proxy: a connection holds its permit for as long as it is open, idle in
+/// a pool or busy, whatever worker it is on.
+#[derive(Clone, Default)]
+pub(super) struct BackendSlots {
+    slots: Arc<Mutex<HashMap<SocketAddr, Arc<Slots>>>>,
+    /// The pools sharing these slots: a worker short of a slot closes an idle connection of
+    /// another worker's.
+    pools: Arc<Mutex<Vec<Weak<Inner>>>>,
+}
+
+impl BackendSlots {
+    fn get(&self, backend: SocketAddr, max: usize) -> Arc<Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(backend).or_insert_with(|| {
+            Arc::new(Slots {
+                sem: Arc::new(Semaphore::new(max)),
+                idle: Notify::new(),
+            })
+        }))
+    }
+
+    /// Close one idle connection to `backend` held by a pool other than `me`; whether one was.
+    fn drop_idle_elsewhere(&self, me: &Inner, backend: SocketAddr) -> bool {
+        let pools: Vec<Arc<Inner>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.retain(|p| p.strong_count() > 0);
+            pools.iter().filter_map(Weak::upgrade).collect()
+        };
+        pools
+            .iter()
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), me))
+            .any(|p| p.drop_one_idle(backend))
+    }
 }
 
 struct Slots {
@@ -112,17 +148,25 @@ pub(super) enum UpstreamError {
 }
 
 impl Pool {
-    pub(super) fn new(limits: Limits) -> Pool {
-        Pool {
+    /// A pool of one worker; `shared` holds the per-backend limit for all the workers.
+    pub(super) fn new(limits: Limits, shared: BackendSlots) -> Pool {
+        let pool = Pool {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
                 slots: Mutex::new(HashMap::new()),
+                shared: shared.clone(),
                 max_per_backend: limits.max_connections_per_backend.max(1),
                 connect_timeout: limits.upstream_connect_timeout,
                 response_timeout: limits.upstream_response_timeout,
                 max_age: MAX_IDLE_AGE.min(limits.idle_timeout),
             }),
-        }
+        };
+        shared
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&pool.inner));
+        pool
     }
 
     /// Sends `req` to `backend` on an idle pooled connection or a new one. The connection
@@ -172,9 +216,10 @@ impl Pool {
             if let Ok(p) = Arc::clone(&slots.sem).try_acquire_owned() {
                 break p;
             }
-            if reused {
-                // Idle connections hold the slots this request needs: close one.
-                self.inner.drop_one_idle(backend);
+            // Idle connections hold the slots this request needs: close one, ours or
+            // another worker's.
+            if !(reused && self.inner.drop_one_idle(backend)) {
+                self.inner.shared.drop_idle_elsewhere(&self.inner, backend);
             }
             tokio::select! {
                 p = Arc::clone(&slots.sem).acquire_owned() => match p {
@@ -237,10 +282,19 @@ impl Pool {
             !conns.is_empty()
         });
         drop(idle);
-        // Forget the slots of backends with nothing open and nobody waiting.
+        // Forget the slots of backends with nothing open and nobody waiting: here (held by
+        // this map and the shared one), then in the shared map once no pool holds them.
         let max = self.inner.max_per_backend;
         let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|_, s| Arc::strong_count(s) > 1 || s.sem.available_permits() < max);
+        slots.retain(|_, s| Arc::strong_count(s) > 2 || s.sem.available_permits() < max);
+        drop(slots);
+        let mut shared = self
+            .inner
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        shared.retain(|_, s| Arc::strong_count(s) > 1 || s.sem.available_permits() < max);
     }
 }
 
@@ -266,22 +320,20 @@ impl Idle {
 impl Inner {
     fn slots(&self, backend: SocketAddr) -> Arc<Slots> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(slots.entry(backend).or_insert_with(|| {
-            Arc::new(Slots {
-                sem: Arc::new(Semaphore::new(self.max_per_backend)),
-                idle: Notify::new(),
-            })
-        }))
+        Arc::clone(
+            slots
+                .entry(backend)
+                .or_insert_with(|| self.shared.get(backend, self.max_per_backend)),
+        )
     }
 
-    fn drop_one_idle(&self, backend: SocketAddr) {
+    /// Close the oldest idle connection to `backend` (the likeliest to be closed by the
+    /// backend anyway); whether there was one.
+    fn drop_one_idle(&self, backend: SocketAddr) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conns) = idle.get_mut(&backend)
-            && !conns.is_empty()
-        {
-            // The oldest: the likeliest to be closed by the backend anyway.
-            conns.pop_front();
-        }
+        idle.get_mut(&backend)
+            .and_then(|conns| conns.pop_front())
+            .is_some()
     }
 
     fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
