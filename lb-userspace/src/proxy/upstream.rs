@@ -7,7 +7,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{Method, Request, Response};
@@ -21,7 +21,7 @@ use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot},
 };
 
-use super::{Limits, body::ProxyBody};
+use super::{Limits, body::ProxyBody, io::coarse_ms};
 
 /// An idle backend connection older than this is closed rather than reused: backends
 /// commonly close idle keep-alive connections after a few seconds (Apache, Node: 5 s), and
@@ -32,7 +32,8 @@ type Sender = http1::SendRequest<ProxyBody>;
 
 struct Idle {
     tx: Sender,
-    since: Instant,
+    /// [`coarse_ms`] when it went idle.
+    since: u64,
 }
 
 pub(super) struct Pool {
@@ -178,7 +179,8 @@ impl Pool {
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        let deadline = tokio::time::Instant::now() + self.inner.connect_timeout;
+        // Read only when a request has to wait for a slot.
+        let mut deadline = None;
         let slots = self.inner.slots(backend);
         let mut reused = false;
         let permit = loop {
@@ -227,7 +229,9 @@ impl Pool {
                     Err(_) => return Err(UpstreamError::Saturated),
                 },
                 () = &mut idle => {}
-                () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::Saturated),
+                () = tokio::time::sleep_until(*deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.inner.connect_timeout
+                })) => return Err(UpstreamError::Saturated),
             }
         };
         let mut tx = match self.inner.connect(backend, permit).await {
@@ -275,7 +279,7 @@ impl Pool {
     /// Drops idle connections that closed or aged out.
     pub(super) fn sweep(&self) {
         let max_age = self.inner.max_age;
-        let now = Instant::now();
+        let now = coarse_ms();
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, conns| {
             conns.retain(|c| c.usable(max_age, now));
@@ -312,8 +316,8 @@ enum Sent {
 
 impl Idle {
     /// `now`: read once by the caller for the whole list (one clock read, not one per entry).
-    fn usable(&self, max_age: Duration, now: Instant) -> bool {
-        now.saturating_duration_since(self.since) < max_age && !self.tx.is_closed()
+    fn usable(&self, max_age: Duration, now: u64) -> bool {
+        u128::from(now.saturating_sub(self.since)) < max_age.as_millis() && !self.tx.is_closed()
     }
 }
 
@@ -339,7 +343,7 @@ impl Inner {
     fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
-        let now = Instant::now();
+        let now = coarse_ms();
         while let Some(c) = conns.pop_back() {
             if c.usable(self.max_age, now) && c.tx.is_ready() {
                 return Some(c.tx);
@@ -352,7 +356,7 @@ impl Inner {
         if tx.is_closed() {
             return;
         }
-        let now = Instant::now();
+        let now = coarse_ms();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(backend).or_default();
         // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of

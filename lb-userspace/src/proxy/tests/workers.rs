@@ -66,7 +66,10 @@ async fn workers_serve_and_share_the_connection_limit() {
         // Whichever socket (and worker) the kernel picks, the limit is the listener's.
         for _ in 0..4 {
             let out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-            assert_eq!(out, "", "a connection over the limit is closed without an answer");
+            assert_eq!(
+                out, "",
+                "a connection over the limit is closed without an answer"
+            );
         }
         assert_eq!(stats.snapshot().connections_rejected, 4);
         let threads = router.threads.lock().unwrap().clone();
