@@ -15,7 +15,10 @@ use tether::{
 };
 
 /// mimalloc instead of glibc malloc: the proxy allocates and frees many small objects per
-/// request (header maps, body frames, tasks); see README, L7 benchmark.
+/// request (header maps, body frames, tasks); see README, L7 benchmark. Built without
+/// transparent huge pages (`no_thp`): with them, every page mimalloc touches again after
+/// returning it to the kernel faulted in and zeroed 2 MiB (3% of the proxy's CPU in the
+/// L7 benchmark's profile).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
