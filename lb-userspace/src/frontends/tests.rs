@@ -277,3 +277,55 @@ async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
     assert!(f.is_serving("web"));
     assert_eq!(socket_inode(&f), ino);
 }
+
+/// The inodes of every listening socket of the frontends.
+fn socket_inodes(f: &Frontends) -> Vec<u64> {
+    f.sockets()
+        .iter()
+        .map(|(_, fd)| {
+            std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .ino()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_gets_a_socket_and_a_successor_takes_them_all() {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = config(port, "");
+    let mut f = Frontends::new(Workers::start(2).unwrap());
+    reload(&mut f, &cfg).unwrap();
+    let first = socket_inodes(&f);
+    assert_eq!(first.len(), 2, "one SO_REUSEPORT socket per worker");
+    assert!(f.sockets().iter().all(|(a, _)| *a == addr));
+    // A reload that keeps the address keeps every socket.
+    reload(&mut f, &config(port, r#","limits":{"max_connections":10}"#)).unwrap();
+    assert_eq!(socket_inodes(&f), first, "a reload keeps the sockets");
+
+    // A successor with three workers (a restart) takes both and binds a third.
+    let handed: Vec<std::net::TcpListener> = f
+        .sockets()
+        .iter()
+        .map(|(_, fd)| fd.try_clone_to_owned().unwrap().into())
+        .collect();
+    let mut inherited = HashMap::from([(addr, handed)]);
+    let mut g = Frontends::new(Workers::start(3).unwrap());
+    let prepared = g.prepare(&cfg, &shared(&cfg), &mut inherited).unwrap();
+    assert!(inherited.is_empty(), "the successor took the sockets");
+    g.commit(prepared);
+    let next = socket_inodes(&g);
+    assert_eq!(
+        next.len(),
+        3,
+        "the missing worker's socket joined the group"
+    );
+    assert_eq!(
+        &next[..2],
+        &first[..],
+        "the handed sockets come first, kept"
+    );
+    f.stop_accepting("handed over");
+    g.stop_accepting("test over");
+}
