@@ -39,6 +39,11 @@ impl Workers {
         false
     }
 
+    /// One handle per worker (the caller's runtime when there are none).
+    pub fn handles(&self) -> Vec<Handle> {
+        (0..self.len()).map(|i| self.handle(i)).collect()
+    }
+
     fn handle(&self, i: usize) -> Handle {
         match self.0.get(i % self.0.len().max(1)) {
             Some(h) => h.clone(),

@@ -68,7 +68,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -424,6 +424,29 @@ struct Shared {
     trusted_forwarders: crate::cidr::Cidrs,
     sources: sources::SourceLimiter,
     tls: Option<TlsHandle>,
+    /// Client connections this worker serves now (to hand new ones to the least busy).
+    open: AtomicUsize,
+}
+
+/// The workers of one proxy, as its accept loops see them: where to serve a connection.
+type Peers = Arc<[(Arc<Shared>, tokio::runtime::Handle)]>;
+
+/// Uncounts a connection from its worker's `open` when its task ends.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker a new connection accepted by worker `me` goes to: the one with the fewest open
+/// connections, `me` on a tie. The kernel spreads connections over the workers' sockets by
+/// a hash of their addresses, which leaves a few long-lived connections unevenly spread
+/// (HAProxy balances its threads the same way).
+fn pick(peers: &Peers, me: usize) -> usize {
+    let open = |i: usize| peers[i].0.open.load(Ordering::Relaxed);
+    (0..peers.len()).fold(me, |best, i| if open(i) < open(best) { i } else { best })
 }
 
 /// What the accept loops of every worker of one proxy share: the limits that hold for the
@@ -490,6 +513,7 @@ impl Common {
             trusted_forwarders: cfg.trusted_forwarders.clone(),
             sources: self.sources.clone(),
             tls: cfg.tls.clone(),
+            open: AtomicUsize::new(0),
         })
     }
 }
@@ -515,8 +539,11 @@ pub async fn serve_with_stats(
     stats: Arc<ProxyStats>,
 ) -> Result<(), ProxyError> {
     let common = Common::new(&cfg)?;
-    let shared = common.worker(&cfg, &router, &stats);
-    accept_loop(listener, shared, common.permits, shutdown, cfg.listen).await;
+    let peers: Peers = Arc::new([(
+        common.worker(&cfg, &router, &stats),
+        tokio::runtime::Handle::current(),
+    )]);
+    accept_loop(listener, 0, peers, common.permits, shutdown, cfg.listen).await;
     Ok(())
 }
 
@@ -532,13 +559,15 @@ pub async fn serve_on(
     stats: Arc<ProxyStats>,
 ) -> Result<(), ProxyError> {
     let common = Common::new(&cfg)?;
-    let shared: Vec<Arc<Shared>> = (0..workers.len())
-        .map(|_| common.worker(&cfg, &router, &stats))
+    let peers: Peers = workers
+        .handles()
+        .into_iter()
+        .map(|h| (common.worker(&cfg, &router, &stats), h))
         .collect();
     let listen = cfg.listen;
     workers
         .run_accept_loops(sockets, |w, socket| {
-            let (shared, permits) = (shared[w].clone(), common.permits.clone());
+            let (peers, permits) = (peers.clone(), common.permits.clone());
             let shutdown = shutdown.clone();
             async move {
                 // Registered here, with the worker's own runtime.
@@ -546,7 +575,7 @@ pub async fn serve_on(
                     .set_nonblocking(true)
                     .and_then(|()| TcpListener::from_std(socket))
                 {
-                    Ok(l) => accept_loop(l, shared, permits, shutdown, listen).await,
+                    Ok(l) => accept_loop(l, w, peers, permits, shutdown, listen).await,
                     Err(e) => log::error!("proxy: {listen}: listening socket: {e}"),
                 }
             }
@@ -555,13 +584,16 @@ pub async fn serve_on(
     Ok(())
 }
 
+/// Accepts for worker `me`; each connection is served on the least busy worker of `peers`.
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    me: usize,
+    peers: Peers,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     listen: SocketAddr,
 ) {
+    let shared = peers[me].0.clone();
     let limits = shared.limits;
     let stats = shared.stats.clone();
     let mut tasks = JoinSet::new();
@@ -590,11 +622,31 @@ async fn accept_loop(
                 Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         inc(&stats.connections_accepted);
-                        let conn = conn::run(shared.clone(), tcp, peer, shutdown.clone());
-                        tasks.spawn(async move {
-                            conn.await;
-                            drop(permit);
-                        });
+                        let target = pick(&peers, me);
+                        let (to, handle) = &peers[target];
+                        to.open.fetch_add(1, Ordering::Relaxed);
+                        let open = OpenGuard(to.clone());
+                        let (to, shutdown) = (to.clone(), shutdown.clone());
+                        if target == me {
+                            tasks.spawn(async move {
+                                conn::run(to, tcp, peer, shutdown).await;
+                                drop((permit, open));
+                            });
+                        } else {
+                            // Moved to the other worker's runtime: registered there.
+                            match tcp.into_std() {
+                                Ok(std) => {
+                                    tasks.spawn_on(async move {
+                                        match tokio::net::TcpStream::from_std(std) {
+                                            Ok(tcp) => conn::run(to, tcp, peer, shutdown).await,
+                                            Err(e) => log::warn!("proxy: {peer}: handing to a worker: {e}"),
+                                        }
+                                        drop((permit, open));
+                                    }, handle);
+                                }
+                                Err(e) => log::warn!("proxy: {peer}: handing to a worker: {e}"),
+                            }
+                        }
                     }
                     Err(_) => {
                         inc(&stats.connections_rejected);

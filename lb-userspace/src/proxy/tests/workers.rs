@@ -89,6 +89,51 @@ async fn workers_serve_and_share_the_connection_limit() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_go_to_the_least_busy_worker() {
+    bounded(async {
+        let b = Backend::echo("b", Behaviour::default()).await;
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let first = listen_group(addr, vec![], 1, 128).expect("listen");
+        let addr = first[0].local_addr().unwrap();
+        let sockets = listen_group(addr, first, 2, 128).expect("a second socket in the group");
+        let router = Arc::new(ThreadRouter {
+            inner: TestRouter::new(vec![b.addr]),
+            threads: Mutex::default(),
+        });
+        let cfg = ProxyConfig {
+            listen: addr,
+            tls: None,
+            proxy_protocol: None,
+            trusted_forwarders: Default::default(),
+            limits: test_limits(),
+        };
+        let (_stop, rx) = watch::channel(false);
+        let _task = tokio::spawn(serve_on(
+            sockets,
+            Workers::start(2).expect("worker threads"),
+            cfg,
+            router.clone(),
+            rx,
+            Arc::new(ProxyStats::default()),
+        ));
+        // Whichever socket the kernel hashes each one to, the workers end up with 4 each.
+        let mut conns = Vec::new();
+        for _ in 0..8 {
+            let mut c = h1(addr).await;
+            let (status, _, _) = send(&mut c, get("/").body(empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::OK);
+            conns.push(c);
+        }
+        let threads = router.threads.lock().unwrap().clone();
+        for w in ["tether-worker-0", "tether-worker-1"] {
+            let n = threads.iter().filter(|t| *t == w).count();
+            assert_eq!(n, 4, "connections per worker: {threads:?}");
+        }
+    })
+    .await;
+}
+
 /// A request on one worker whose backend's only slot is held by an idle connection in
 /// another worker's pool closes that connection and gets through (no 503).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
