@@ -279,7 +279,7 @@ pub fn plan<E>(
                 cfg.persist_table_entries,
                 possible_cpus(),
             ),
-            _pad: 0,
+            emit_bindings: u32::from(cfg.mirroring.is_some()),
         },
     })
 }

@@ -249,12 +249,20 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// The `tether_mirror_*` metrics, when this daemon mirrors.
-pub fn render_metrics(out: &mut String) {
+/// The `tether_mirror_*` metrics, when this daemon mirrors; `ring_drops` is the data
+/// path's count of binding events the full ring buffer dropped
+/// (`lb_common::event::BINDING_EVENT_DROPPED`).
+pub fn render_metrics(out: &mut String, ring_drops: u64) {
     use std::fmt::Write as _;
     let Some(s) = STATS.get() else {
         return;
     };
+    let _ = writeln!(
+        out,
+        "# HELP tether_mirror_xdp_ring_drops_total New XDP bindings not output to the ring buffer because it was full (the reader fell behind); they reach Redis with the next sweep of the table."
+    );
+    let _ = writeln!(out, "# TYPE tether_mirror_xdp_ring_drops_total counter");
+    let _ = writeln!(out, "tether_mirror_xdp_ring_drops_total {ring_drops}");
     let rows: [(&str, &str, &str, &AtomicU64); 10] = [
         (
             "tether_mirror_published_total",
