@@ -255,3 +255,173 @@ fn sip_call_ids_follow_the_client_through_redis() {
     f.stop(0);
     drop(responders);
 }
+
+/// Waits until instance `i`'s metric `name` satisfies `ok`.
+fn wait_metric(f: &Fleet, i: usize, name: &str, ok: impl Fn(f64) -> bool, what: &str) {
+    if !wait_until(Duration::from_secs(20), || ok(f.metric(i, name, &[]))) {
+        f.fail(format!(
+            "{what}: instance {i}'s {name} is {}",
+            f.metric(i, name, &[])
+        ));
+    }
+}
+
+/// Waits until Redis holds at least `n` keys.
+fn wait_keys(f: &Fleet, n: u64, what: &str) {
+    let redis = f.redis.as_ref().expect("redis");
+    if !wait_until(Duration::from_secs(20), || redis.dbsize() >= n) {
+        f.fail(format!(
+            "{what}: Redis holds {} keys, not {n}",
+            redis.dbsize()
+        ));
+    }
+}
+
+/// Instance `i` re-reads its config (SIGHUP) with `mirroring` set to `m` (`null`: none).
+fn reload_mirroring(f: &mut Fleet, i: usize, m: serde_json::Value) {
+    f.builders[i] = f.builders[i].clone().top_field("mirroring", m);
+    let cfg = f.builders[i].build();
+    f.d(i)
+        .write_config(&cfg)
+        .unwrap_or_else(|e| f.fail(format!("writing instance {i}'s config: {e:#}")));
+    match f.d(i).reload() {
+        Ok(tether_tests::daemon::Reload::Applied(_)) => {}
+        other => f.fail(format!("reloading instance {i}: {other:?}")),
+    }
+}
+
+/// `mirroring` changes with a reload, no restart: instance A, started without it, binds
+/// clients (XDP source IP and L7 client IP); a SIGHUP that adds the section starts the
+/// mirror, which writes those bindings and the new ones to Redis, and B serves A's clients
+/// on A's backends. A reload that removes it disconnects A (its tables stay: its clients
+/// keep their backends); one that adds it back under another instance name reconnects and
+/// writes what A bound meanwhile.
+#[test]
+fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
+    let mut f = Fleet::new(6, 3, 2, true, |i, b| {
+        let b = if i == 0 {
+            b.top_field("mirroring", serde_json::Value::Null)
+        } else {
+            b
+        };
+        b.service("l4", PORT, Some(600))
+            .profile(json!({"name": "cip", "type": "client-ip", "timeout_s": 600}))
+            .l7_service("cip", PORT + 1, Some("cip"), json!({}))
+    });
+    f.start(0);
+    f.start(1);
+    let clients = f.topo.client_addrs.clone();
+    let bind = |f: &Fleet, via: usize, src: Ipv4Addr| {
+        (
+            f.backend_via(via, src, PORT, "/", &[]),
+            f.backend_via(via, src, PORT + 1, "/", &[]),
+        )
+    };
+    let check = |f: &Fleet, via: usize, src: Ipv4Addr, want: &(String, String), when: &str| {
+        let got = bind(f, via, src);
+        if &got != want {
+            f.fail(format!(
+                "{when}: client {src} via instance {via} reached {got:?}, bound {want:?}"
+            ));
+        }
+    };
+    let mut bound = Vec::new();
+    for &src in &clients[..3] {
+        bound.push(bind(&f, 0, src));
+    }
+    let text = f.d(0).metrics().expect("metrics");
+    assert!(
+        !text.contains("tether_mirror_"),
+        "A does not mirror without the section"
+    );
+    assert_eq!(
+        f.redis.as_ref().expect("redis").dbsize(),
+        0,
+        "nothing in Redis"
+    );
+
+    // On: A writes the 3 clients it bound (2 tables each), then a new one.
+    let url = tether_tests::multilab::RedisServer::url();
+    reload_mirroring(&mut f, 0, json!({"redis": url, "instance": "lb-a"}));
+    wait_metric(
+        &f,
+        0,
+        "tether_mirror_connected",
+        |v| v == 1.0,
+        "A connecting",
+    );
+    wait_keys(&f, 6, "A's bindings from before the reload");
+    bound.push(bind(&f, 0, clients[3]));
+    wait_keys(&f, 8, "A's binding after the reload");
+    wait_metric(
+        &f,
+        1,
+        "tether_mirror_applied_total",
+        |v| v >= 8.0,
+        "B applying A's bindings",
+    );
+    for (n, &src) in clients[..4].iter().enumerate() {
+        check(&f, 1, src, &bound[n], "moved to B");
+    }
+    let hits = f.metric(1, "tether_l7_persist_hits_total", &[("service", "cip")]);
+    assert!(hits >= 4.0, "B found A's clients in its own table: {hits}");
+
+    // Off: A disconnects and keeps its tables; a client it binds now stays out of Redis.
+    reload_mirroring(&mut f, 0, serde_json::Value::Null);
+    wait_metric(
+        &f,
+        0,
+        "tether_mirror_connected",
+        |v| v == 0.0,
+        "A disconnecting",
+    );
+    for (n, &src) in clients[..4].iter().enumerate() {
+        check(&f, 0, src, &bound[n], "A after mirroring was removed");
+    }
+    bound.push(bind(&f, 0, clients[4]));
+    // B still mirrors: its new client's 2 bindings are the only new keys.
+    bound.push(bind(&f, 1, clients[5]));
+    wait_keys(&f, 10, "B's new client");
+    assert_eq!(
+        f.redis.as_ref().expect("redis").dbsize(),
+        10,
+        "A wrote nothing while not mirroring"
+    );
+
+    // On again as another instance: A reconnects and writes what it bound meanwhile.
+    let connections = f.metric(0, "tether_mirror_connections_total", &[]);
+    reload_mirroring(&mut f, 0, json!({"redis": url, "instance": "lb-c"}));
+    wait_metric(
+        &f,
+        0,
+        "tether_mirror_connections_total",
+        |v| v > connections,
+        "A reconnecting",
+    );
+    wait_keys(&f, 12, "A's client bound while not mirroring");
+    wait_metric(
+        &f,
+        1,
+        "tether_mirror_applied_total",
+        |v| v >= 10.0,
+        "B applying it",
+    );
+    check(
+        &f,
+        1,
+        clients[4],
+        &bound[4],
+        "A's client from the pause, on B",
+    );
+    // B's client reached A through Redis too (A caught up on reconnecting).
+    wait_metric(
+        &f,
+        0,
+        "tether_mirror_applied_total",
+        |v| v >= 2.0,
+        "A applying B's client",
+    );
+    check(&f, 0, clients[5], &bound[5], "B's client, on A");
+    f.stop(1);
+    f.stop(0);
+}
