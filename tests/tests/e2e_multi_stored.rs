@@ -353,6 +353,14 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
     wait_keys(&f, 6, "A's bindings from before the reload");
     bound.push(bind(&f, 0, clients[3]));
     wait_keys(&f, 8, "A's binding after the reload");
+    // The new client's XDP binding came through the ring buffer (the data path writes it
+    // since the reload), not a sweep; the ring never filled.
+    let events = f.metric(0, "tether_mirror_xdp_events_total", &[]);
+    assert!(
+        events >= 1.0,
+        "A read its new XDP binding from the ring: {events}"
+    );
+    assert_eq!(f.metric(0, "tether_mirror_xdp_ring_drops_total", &[]), 0.0);
     wait_metric(
         &f,
         1,
@@ -386,6 +394,11 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
         f.redis.as_ref().expect("redis").dbsize(),
         10,
         "A wrote nothing while not mirroring"
+    );
+    assert_eq!(
+        f.metric(0, "tether_mirror_xdp_events_total", &[]),
+        events,
+        "A's data path wrote no binding event while not mirroring"
     );
 
     // On again as another instance: A reconnects and writes what it bound meanwhile.
