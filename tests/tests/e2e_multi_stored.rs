@@ -293,7 +293,8 @@ fn reload_mirroring(f: &mut Fleet, i: usize, m: serde_json::Value) {
 /// `mirroring` changes with a reload, no restart: instance A, started without it, binds
 /// clients (XDP source IP and L7 client IP); a SIGHUP that adds the section starts the
 /// mirror, which writes those bindings and the new ones to Redis, and B serves A's clients
-/// on A's backends. A reload that removes it disconnects A (its tables stay: its clients
+/// on A's backends. A bad section is refused by name and changes nothing. A reload that
+/// removes it disconnects A (its tables stay: its clients
 /// keep their backends); one that adds it back under another instance name reconnects and
 /// writes what A bound meanwhile.
 #[test]
@@ -373,6 +374,30 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
     }
     let hits = f.metric(1, "tether_l7_persist_hits_total", &[("service", "cip")]);
     assert!(hits >= 4.0, "B found A's clients in its own table: {hits}");
+
+    // A bad section is refused, naming the field, and changes nothing.
+    let good = f.builders[0].clone();
+    let bad = good.clone().top_field(
+        "mirroring",
+        json!({"redis": "http://10.0.0.5", "instance": "lb-a"}),
+    );
+    f.d(0)
+        .write_config(&bad.build())
+        .unwrap_or_else(|e| f.fail(format!("writing A's config: {e:#}")));
+    match f.d(0).reload() {
+        Ok(tether_tests::daemon::Reload::Refused(line)) if line.contains("mirroring.redis") => {}
+        other => f.fail(format!(
+            "a bad mirroring.redis is refused by name: {other:?}"
+        )),
+    }
+    f.d(0)
+        .write_config(&good.build())
+        .unwrap_or_else(|e| f.fail(format!("writing A's config: {e:#}")));
+    assert_eq!(
+        f.metric(0, "tether_mirror_connected", &[]),
+        1.0,
+        "A still mirrors"
+    );
 
     // Off: A disconnects and keeps its tables; a client it binds now stays out of Redis.
     reload_mirroring(&mut f, 0, serde_json::Value::Null);
