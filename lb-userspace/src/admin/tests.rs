@@ -404,6 +404,10 @@ fn cli_rendering_and_http_parsing() {
         out.starts_with("tether: generation 7, native XDP, up 1h02m03s, 9 persistence entries"),
         "{out}"
     );
+    assert!(
+        out.contains("mirroring: 7 new XDP bindings not sent to the mirror (ring buffer full)"),
+        "{out}"
+    );
     assert!(out.contains("service web  192.0.2.10:80/tcp  pool web  persistence p (60s, /24 /48, when down: never)"), "{out}");
     assert!(
         out.contains("service dns  [2001:db8::53]:53/udp  pool dns  no persistence"),
