@@ -46,9 +46,9 @@ fn wait_applied(f: &Fleet, i: usize, at_least: f64, what: &str) {
 /// The pass-through service's port, on the VIP and on the backends.
 const TLS_PORT: u16 = 8443;
 
-/// TLS 1.2 sessions started through A (session IDs learned from A's view of the
-/// ServerHello) resume through B on the backend that holds them: B has the session IDs
-/// from Redis.
+/// TLS 1.2 sessions started through A resume through B on the backend that holds them:
+/// B has from Redis what A learned from the servers' handshakes, the session IDs (clients
+/// with `-no_ticket`) and the TLS 1.2 session tickets (the others).
 #[test]
 fn ssl_session_ids_follow_the_client_through_redis() {
     let mut f = Fleet::new(1, 2, 2, true, |_, mut b| {
@@ -63,7 +63,7 @@ fn ssl_session_ids_follow_the_client_through_redis() {
                 json!({"tls_passthrough": true}),
             )
     });
-    let servers = TlsBackends::start(&f.topo, TLS_PORT, &["-no_ticket"])
+    let servers = TlsBackends::start(&f.topo, TLS_PORT, &[])
         .unwrap_or_else(|e| f.fail(format!("starting s_server backends: {e:#}")));
     f.start(0);
     f.start(1);
@@ -82,10 +82,18 @@ fn ssl_session_ids_follow_the_client_through_redis() {
             .to_string_lossy()
             .into_owned()
     };
-    const SESSIONS: usize = 6;
+    const SESSIONS: usize = 8;
+    // Even sessions by session ID, odd ones by ticket.
+    let mode = |n: usize| -> &'static [&'static str] {
+        if n % 2 == 0 {
+            &["-tls1_2", "-no_ticket"]
+        } else {
+            &["-tls1_2"]
+        }
+    };
     let mut first = Vec::new();
     for n in 0..SESSIONS {
-        let h = hs(&f, 0, &["-tls1_2", "-no_ticket", "-sess_out", &session(n)]);
+        let h = hs(&f, 0, &[mode(n), &["-sess_out", &session(n)]].concat());
         if h.reused || h.protocol != "TLSv1.2" {
             f.fail(format!("session {n}: a new TLS 1.2 session on A: {h:?}"));
         }
@@ -95,10 +103,21 @@ fn ssl_session_ids_follow_the_client_through_redis() {
     if spread.len() != 2 {
         f.fail(format!("new sessions use both backends: {first:?}"));
     }
-    wait_applied(&f, 1, SESSIONS as f64, "A's session IDs applied on B");
+    // Every session ID and ticket A learned (its first handshakes only) reaches B.
+    let learned = f.metric(
+        0,
+        "tether_l7_tls_sessions_learned_total",
+        &[("service", "tls")],
+    );
+    assert!(
+        learned >= SESSIONS as f64,
+        "A learned every session: {learned}"
+    );
+    eprintln!("A learned {learned} session IDs and tickets from {SESSIONS} sessions");
+    wait_applied(&f, 1, learned, "A's session IDs and tickets applied on B");
     // Each session twice through B, in an order round robin cannot follow.
     for n in (0..SESSIONS).flat_map(|n| [n, n]) {
-        let h = hs(&f, 1, &["-tls1_2", "-no_ticket", "-sess_in", &session(n)]);
+        let h = hs(&f, 1, &[mode(n), &["-sess_in", &session(n)]].concat());
         if !h.reused || h.subject != first[n] {
             f.fail(format!(
                 "session {n} of {} resumed through B as {h:?}",
@@ -109,7 +128,7 @@ fn ssl_session_ids_follow_the_client_through_redis() {
     let hits = f.metric(1, "tether_l7_persist_hits_total", &[("service", "tls")]);
     assert!(
         hits >= (2 * SESSIONS) as f64,
-        "B found every session ID in its own table: {hits} hits"
+        "B found every session ID and ticket in its own table: {hits} hits"
     );
     f.stop(1);
     f.stop(0);
