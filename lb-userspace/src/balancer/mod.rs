@@ -358,6 +358,18 @@ mod tests {
     }
 
     #[test]
+    fn the_data_path_writes_binding_events_only_when_mirroring() {
+        assert_eq!(plan_of(&cfg()).globals.emit_bindings, 0);
+        let mirrored = CFG.replacen(
+            r#"{"interface":"eth0","#,
+            r#"{"interface":"eth0","mirroring":{"redis":"redis://10.0.0.9","instance":"lb-a"},"#,
+            1,
+        );
+        let c = Config::parse(&mirrored).expect("valid");
+        assert_eq!(plan_of(&c).globals.emit_bindings, 1);
+    }
+
+    #[test]
     fn service_entries_carry_profile_and_key_in_network_order() {
         let p = plan_of(&cfg());
         let web = &p.services[0];
