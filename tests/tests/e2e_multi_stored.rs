@@ -85,7 +85,7 @@ fn ssl_session_ids_follow_the_client_through_redis() {
     const SESSIONS: usize = 8;
     // Even sessions by session ID, odd ones by ticket.
     let mode = |n: usize| -> &'static [&'static str] {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             &["-tls1_2", "-no_ticket"]
         } else {
             &["-tls1_2"]
