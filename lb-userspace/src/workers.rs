@@ -1,8 +1,9 @@
 //! The L7 proxy's worker threads: each runs its own current-thread tokio runtime and accepts
-//! on its own `SO_REUSEPORT` listening socket per virtual service, so the kernel spreads new
-//! connections over the workers and a connection, its backend connections and its timers stay
-//! on one thread (no work stealing, no cross-thread wake-up per request). The control plane
-//! (admin API, health checks, mirroring, reloads) runs on a runtime of its own.
+//! on its own `SO_REUSEPORT` listening socket per virtual service. The kernel spreads new
+//! connections over the sockets; the accepting worker hands each to the least busy worker
+//! (once, at accept), and from then on a connection, its backend connections and its timers
+//! stay on one thread (no work stealing, no cross-thread wake-up per request). The control
+//! plane (admin API, health checks, mirroring, reloads) runs on a runtime of its own.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
