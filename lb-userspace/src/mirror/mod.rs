@@ -43,7 +43,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::mirroring::Mirroring,
+    config::mirroring::{Mirroring, Redis},
     engine::{Engine, methods::TableRef},
 };
 
@@ -143,7 +143,6 @@ impl Mirror {
         let task = tokio::spawn(worker::serve(
             worker::Worker {
                 caught_up: caught_tx,
-                url: String::new(),
                 instance: String::new(),
                 rx,
                 engines: engines.clone(),
@@ -154,7 +153,7 @@ impl Mirror {
         ));
         log::info!(
             "mirroring stored persistence tables through {} as instance {:?}",
-            redact(&cfg.redis),
+            describe(&cfg.redis),
             cfg.instance
         );
         Mirror {
@@ -182,7 +181,7 @@ impl Mirror {
             match cfg {
                 Some(m) => log::info!(
                     "mirroring: now through {} as instance {:?}",
-                    redact(&m.redis),
+                    describe(&m.redis),
                     m.instance
                 ),
                 None => log::info!("mirroring: off (removed from the config)"),
@@ -271,6 +270,21 @@ fn watch_engine(e: &Engine, tx: &mpsc::Sender<Event>, stats: &Arc<MirrorStats>) 
                 let ttl = table.timeout().as_millis() as u64;
                 table.watch(Box::new(move |k, b, p| send(*k, b, p, ttl)));
             }
+        }
+    }
+}
+
+/// Which Redis, without passwords, for logs.
+fn describe(redis: &Redis) -> String {
+    match redis {
+        Redis::Server(url) => redact(url),
+        Redis::Sentinel(s) => {
+            let nodes: Vec<String> = s.nodes.iter().map(|n| redact(n)).collect();
+            format!(
+                "master {:?} of the sentinels {}",
+                s.master,
+                nodes.join(", ")
+            )
         }
     }
 }

@@ -84,10 +84,10 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
     use std::sync::atomic::Ordering;
 
-    use crate::config::mirroring::Mirroring;
+    use crate::config::mirroring::{Mirroring, Redis};
     // Nothing listens on port 1 of loopback: every connection fails at once.
     let down = Mirroring {
-        redis: "redis://127.0.0.1:1".into(),
+        redis: Redis::Server("redis://127.0.0.1:1".into()),
         instance: "lb-a".into(),
     };
     let m = super::Mirror::start(&down, None);
@@ -137,4 +137,40 @@ async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
         m.reconfigure(Some(&renamed)),
         "added back under another name"
     );
+}
+
+/// With Sentinel, each session asks the sentinels for the master: none answering is a
+/// failed connection (retried with backoff like a standalone server that is down), within
+/// the sentinel timeout, not a hang.
+#[tokio::test]
+async fn sentinels_down_is_a_failed_connection() {
+    use crate::config::mirroring::{Redis, Sentinel};
+    let redis = Redis::Sentinel(Sentinel {
+        nodes: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:2".into()],
+        master: "mymaster".into(),
+        username: None,
+        password: Some("secret".into()),
+        db: 0,
+    });
+    assert_eq!(
+        super::describe(&redis),
+        "master \"mymaster\" of the sentinels redis://127.0.0.1:1, redis://127.0.0.1:2"
+    );
+    let mut source = super::worker::Source::new(&redis).expect("a valid Sentinel client");
+    let r = tokio::time::timeout(Duration::from_secs(10), source.client())
+        .await
+        .expect("the sentinel lookup is bounded");
+    assert!(
+        r.is_err(),
+        "no sentinel answers: {:?}",
+        r.map(|c| c.get_connection_info().addr().to_string())
+    );
+
+    let server = Redis::Server("redis://127.0.0.1:1/2".into());
+    let mut source = super::worker::Source::new(&server).expect("a valid URL");
+    let c = source
+        .client()
+        .await
+        .expect("a standalone server is not looked up");
+    assert_eq!(c.get_connection_info().addr().to_string(), "127.0.0.1:1");
 }
