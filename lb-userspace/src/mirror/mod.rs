@@ -20,6 +20,9 @@
 //!   backoff (0.1 s doubling to 5 s). On every (re)connection it writes what waited, then
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
+//! - **Sentinel** (`mirroring.sentinel`): every (re)connection first asks the sentinels
+//!   which server is master, so a failover is one more reconnection, and the full write
+//!   on connecting restores what a lagging replica had not received.
 //! - **Reloads** ([`Mirror::reconfigure`]): the mirror lives as long as the daemon (the
 //!   tables keep the watcher it installed); another Redis or instance name reconnects it, a
 //!   removed section idles it (what the tables send is discarded).
