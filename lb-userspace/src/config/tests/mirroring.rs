@@ -69,6 +69,12 @@ fn bad_mirroring_names_the_field() {
             "missing field `instance`",
         ),
         (
+            // Cluster is not supported: a list of nodes is not a URL.
+            r#"{"redis": ["redis://n1:7000", "redis://n2:7000"], "instance": "a"}"#,
+            "mirroring.redis",
+            "invalid type",
+        ),
+        (
             r#"{"instance": "a"}"#,
             "mirroring.redis",
             "or a sentinel section",
