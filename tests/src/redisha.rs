@@ -95,13 +95,14 @@ impl Drop for RedisProc {
     }
 }
 
-/// A master, its replica and one sentinel (quorum 1, a master down after 1 s): killing the
-/// master promotes the replica within seconds. Fields drop in order: the sentinel first (so
-/// it promotes nothing while the rest stops), then the servers, then the config directory.
+/// Two servers, one master and its replica, and one sentinel (quorum 1, a master down
+/// after 1 s): killing the master promotes the replica within seconds, and `SENTINEL
+/// FAILOVER` swaps them. Fields drop in order: the sentinel first (so it promotes nothing
+/// while the rest stops), then the servers, then the config directory.
 pub struct SentinelSet {
     pub sentinel: RedisProc,
-    pub master: RedisProc,
-    pub replica: RedisProc,
+    /// On [`MASTER_PORT`] (master at first) and [`REPLICA_PORT`].
+    pub servers: [RedisProc; 2],
     _dir: TempDir,
 }
 
@@ -121,13 +122,30 @@ impl SentinelSet {
         let dir = TempDir(std::env::temp_dir().join(format!("{name}-sentinel")));
         let _ = std::fs::remove_dir_all(&dir.0);
         std::fs::create_dir_all(&dir.0).context("creating the sentinel's directory")?;
-        let no_disk = ["--save", "", "--appendonly", "no"];
-        let master = RedisProc::start(ns, MASTER_PORT, &no_disk)?;
+        // Writable even as a replica, so a test can make one lag behind its master.
+        let args = [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--replica-read-only",
+            "no",
+        ];
+        // A replica writes the master's snapshot to its directory (and a server loads what
+        // it finds there at start): each server gets its own, in the test's directory.
+        let server_dir = |port: u16| -> Result<String> {
+            let d = dir.0.join(port.to_string());
+            std::fs::create_dir_all(&d).context("creating a server's directory")?;
+            Ok(d.to_string_lossy().into_owned())
+        };
+        let (master_dir, replica_dir) = (server_dir(MASTER_PORT)?, server_dir(REPLICA_PORT)?);
+        let mut master_args = args.to_vec();
+        master_args.extend(["--dir", &master_dir]);
+        let master = RedisProc::start(ns, MASTER_PORT, &master_args)?;
         let replica_of = format!("{LB_ADDR} {MASTER_PORT}");
-        // Writable, so a test can make it lag behind the master (`lag_replica`).
-        let mut args = no_disk.to_vec();
-        args.extend(["--replicaof", &replica_of, "--replica-read-only", "no"]);
-        let replica = RedisProc::start(ns, REPLICA_PORT, &args)?;
+        let mut replica_args = args.to_vec();
+        replica_args.extend(["--dir", &replica_dir, "--replicaof", &replica_of]);
+        let replica = RedisProc::start(ns, REPLICA_PORT, &replica_args)?;
         // The sentinel rewrites its config file: it lives in the test's directory.
         let conf = dir.0.join("sentinel.conf");
         std::fs::write(
@@ -135,38 +153,52 @@ impl SentinelSet {
             format!(
                 "sentinel monitor {MASTER_NAME} {LB_ADDR} {MASTER_PORT} 1\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                 sentinel failover-timeout {MASTER_NAME} 10000\n"
+                 sentinel failover-timeout {MASTER_NAME} 3000\n"
             ),
         )
         .context("writing sentinel.conf")?;
         let conf = conf.to_string_lossy().into_owned();
-        let sentinel = RedisProc::start(ns, SENTINEL_PORT, &[&conf, "--sentinel"])?;
+        let sentinel_dir = dir.0.to_string_lossy().into_owned();
+        let sentinel = RedisProc::start(
+            ns,
+            SENTINEL_PORT,
+            &[&conf, "--sentinel", "--dir", &sentinel_dir],
+        )?;
         let set = SentinelSet {
             sentinel,
-            master,
-            replica,
+            servers: [master, replica],
             _dir: dir,
         };
+        set.wait_linked(REPLICA_PORT)?;
+        Ok(set)
+    }
+
+    /// Waits (30 s at most) until the sentinel lists the server on `port` as a replica
+    /// whose link to the master is up: a failover can pick it.
+    fn wait_linked(&self, port: u16) -> Result<()> {
         let linked = wait_until(Duration::from_secs(30), || {
-            set.sentinel
+            self.sentinel
                 .cli(&["sentinel", "replicas", MASTER_NAME])
                 .is_ok_and(|o| {
+                    // One replica at most: its fields are "name value" lines.
                     let words: Vec<&str> = o.split_whitespace().collect();
                     words
                         .windows(2)
                         .any(|w| w[0] == "master-link-status" && w[1] == "ok")
-                        && words.contains(&REPLICA_PORT.to_string().as_str())
+                        && words
+                            .windows(2)
+                            .any(|w| w[0] == "port" && w[1] == port.to_string())
                 })
         });
         if !linked {
             bail!(
-                "the sentinel did not see the replica linked within 30 s: {}",
-                set.sentinel
+                "the sentinel did not see the replica on port {port} linked within 30 s: {}",
+                self.sentinel
                     .cli(&["sentinel", "replicas", MASTER_NAME])
                     .unwrap_or_default()
             );
         }
-        Ok(set)
+        Ok(())
     }
 
     /// The sentinel's URL, for `mirroring.sentinel.nodes`.
@@ -183,23 +215,67 @@ impl SentinelSet {
         o.lines().nth(1)?.trim().parse().ok()
     }
 
-    /// Kills the master (SIGKILL) and waits (30 s at most) until the sentinel has promoted
-    /// the replica and the replica says it is master.
-    pub fn fail_over(&mut self) -> Result<()> {
-        self.master.kill();
+    /// The server on `port`.
+    pub fn server(&self, port: u16) -> &RedisProc {
+        self.servers
+            .iter()
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("no server on port {port}"))
+    }
+
+    fn other(port: u16) -> u16 {
+        if port == MASTER_PORT {
+            REPLICA_PORT
+        } else {
+            MASTER_PORT
+        }
+    }
+
+    /// Waits (30 s at most) until the sentinel names the server on `port` master and that
+    /// server says it is.
+    fn wait_master(&self, port: u16) -> Result<()> {
         let promoted = wait_until(Duration::from_secs(30), || {
-            self.master_port() == Some(REPLICA_PORT)
+            self.master_port() == Some(port)
                 && self
-                    .replica
+                    .server(port)
                     .cli(&["role"])
                     .is_ok_and(|o| o.lines().next() == Some("master"))
         });
         if !promoted {
             bail!(
-                "the sentinel did not promote the replica within 30 s (master now {:?})",
+                "the sentinel did not promote the server on port {port} within 30 s (master now {:?})",
                 self.master_port()
             );
         }
         Ok(())
+    }
+
+    /// A planned switchover (`SENTINEL FAILOVER`, both servers up): the replica becomes
+    /// master, the old master its replica (the sentinel disconnects the old master's
+    /// clients as it demotes it). Returns the new master's port once the demoted server
+    /// is linked to it.
+    pub fn switch_over(&self) -> Result<u16> {
+        let old = self.master_port().context("no master named")?;
+        let new = Self::other(old);
+        self.sentinel
+            .cli(&["sentinel", "failover", MASTER_NAME])
+            .context("SENTINEL FAILOVER")?;
+        self.wait_master(new)?;
+        self.wait_linked(old)?;
+        Ok(new)
+    }
+
+    /// Kills the master (SIGKILL) and waits until the sentinel has promoted the replica;
+    /// returns its port.
+    pub fn crash_master(&mut self) -> Result<u16> {
+        let old = self.master_port().context("no master named")?;
+        let new = Self::other(old);
+        self.servers
+            .iter_mut()
+            .find(|s| s.port == old)
+            .expect("the master's server")
+            .kill();
+        self.wait_master(new)?;
+        Ok(new)
     }
 }

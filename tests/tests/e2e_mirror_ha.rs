@@ -1,7 +1,8 @@
 //! Mirroring through a Redis deployment built for availability: two tether instances find
 //! the master through Redis Sentinel (`mirroring.sentinel`), a binding made on one reaches
-//! the other, and when the master dies and the sentinel promotes its replica both
-//! instances move to the new master, lose no binding they hold, and keep mirroring.
+//! the other, and when the sentinel switches masters (planned, or after the master's
+//! SIGKILL) both instances move to the new master, lose no binding they hold, and keep
+//! mirroring.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -59,7 +60,7 @@ fn wait_metric(f: &Fleet, i: usize, name: &str, at_least: f64, what: &str) {
     }
 }
 
-/// Every binding key (`tether:b:*`) a server holds.
+/// Every binding key (`tether:b:*`) a server holds, sorted.
 fn binding_keys(server: &tether_tests::redisha::RedisProc) -> Vec<String> {
     let out = server
         .cli(&["--scan", "--pattern", "tether:b:*"])
@@ -69,12 +70,59 @@ fn binding_keys(server: &tether_tests::redisha::RedisProc) -> Vec<String> {
     keys
 }
 
-/// A master, a replica and a sentinel; instances A and B configured with two sentinels,
-/// the first one down, and the master's name only. Bindings made on A reach B; the replica is then made to lag (its copies deleted,
-/// as if replication had not caught up) and the master is killed. The sentinel promotes
-/// the replica; A and B reconnect to it and write every binding they hold again, so the
-/// new master holds them all; a new B started from nothing learns them from it; and a
-/// binding made on B after the failover reaches A.
+/// Instance `to`'s XDP table and both instances serve clients `srcs`, bound through
+/// instance `from` as `bound` says.
+fn reaches(f: &Fleet, to: usize, srcs: &[Ipv4Addr], bound: &[(String, String)], when: &str) {
+    for (n, &src) in srcs.iter().enumerate() {
+        xdp_holds(f, to, src, &bound[n].0, when);
+    }
+    for i in 0..2 {
+        for (n, &src) in srcs.iter().enumerate() {
+            let got = via(f, i, src);
+            if got != bound[n] {
+                f.fail(format!(
+                    "{when}: {src} via instance {i} reached {got:?}, bound {:?}",
+                    bound[n]
+                ));
+            }
+        }
+    }
+}
+
+/// Binds `srcs` through instance `from` and waits until the other instance applied them
+/// (2 tables each).
+fn bind_and_mirror(f: &Fleet, from: usize, srcs: &[Ipv4Addr], when: &str) -> Vec<(String, String)> {
+    let to = 1 - from;
+    let applied = f.metric(to, "tether_mirror_applied_total", &[]);
+    let bound: Vec<_> = srcs.iter().map(|&src| via(f, from, src)).collect();
+    wait_metric(
+        f,
+        to,
+        "tether_mirror_applied_total",
+        applied + 2.0 * srcs.len() as f64,
+        &format!("{when}: instance {from}'s bindings applied on instance {to}"),
+    );
+    reaches(f, to, srcs, &bound, when);
+    bound
+}
+
+fn wait_connections(f: &Fleet, n: f64, when: &str) {
+    for i in 0..2 {
+        wait_metric(f, i, "tether_mirror_connections_total", n, when);
+        wait_metric(f, i, "tether_mirror_connected", 1.0, when);
+    }
+}
+
+/// Two servers and a sentinel; instances A and B configured with two sentinels, the first
+/// one down, and the master's name only.
+/// 1. Bindings made on A reach B through the master.
+/// 2. A planned switchover (`SENTINEL FAILOVER`): both reconnect to the new master, and
+///    bindings made on B reach A.
+/// 3. A crash: the replica is made to lag (its copies deleted, as if replication had not
+///    caught up) and the master is SIGKILLed. The sentinel promotes the replica; A and B
+///    reconnect to it and write every binding they hold again, so the new master holds
+///    them all; a new B started from nothing learns them from it; and bindings made on B
+///    after the failover reach A.
 #[test]
 fn sentinel_failover_keeps_mirroring() {
     let mut f = Fleet::new(8, 3, 2, false, |_, b| services(b));
@@ -98,121 +146,72 @@ fn sentinel_failover_keeps_mirroring() {
     f.start(1);
     let clients = f.topo.client_addrs.clone();
 
-    // Before the failover: A's bindings reach B through the master.
-    let mut bound = Vec::new();
-    for &src in &clients[..4] {
-        bound.push(via(&f, 0, src));
-    }
-    wait_metric(
-        &f,
-        1,
-        "tether_mirror_applied_total",
-        8.0,
-        "A's bindings applied on B",
-    );
-    for (n, &src) in clients[..4].iter().enumerate() {
-        xdp_holds(&f, 1, src, &bound[n].0, "before the failover");
-        let got = via(&f, 1, src);
-        if got != bound[n] {
-            f.fail(format!(
-                "before the failover: {src} via B reached {got:?}, bound {:?}",
-                bound[n]
-            ));
-        }
-    }
-    let before = binding_keys(&ha.master);
-    assert_eq!(before.len(), 8, "the master holds 4 clients x 2 tables");
-
-    // Replication carries them to the replica; then the replica loses them, as a replica
-    // that had not caught up when its master died.
-    let replicated = wait_until(Duration::from_secs(10), || {
-        binding_keys(&ha.replica) == before
-    });
-    assert!(replicated, "the replica holds the master's bindings");
-    let mut del = vec!["del"];
-    del.extend(before.iter().map(String::as_str));
-    ha.replica
-        .cli(&del)
-        .unwrap_or_else(|e| panic!("deleting the replica's copies: {e:#}"));
-    assert_eq!(ha.replica.dbsize(), 0, "the replica lags behind");
-
-    // The master dies; the sentinel promotes the replica.
+    // 1. Through the first master.
     assert_eq!(ha.master_port(), Some(MASTER_PORT));
+    let first = bind_and_mirror(&f, 0, &clients[..2], "through the first master");
     for i in 0..2 {
         assert_eq!(
             f.metric(i, "tether_mirror_connections_total", &[]),
             1.0,
-            "instance {i} connected once before the failover"
+            "instance {i} connected once before any failover"
         );
     }
-    ha.fail_over()
+    assert_eq!(
+        binding_keys(ha.server(MASTER_PORT)).len(),
+        4,
+        "2 clients x 2 tables"
+    );
+
+    // 2. A planned switchover.
+    let port = ha
+        .switch_over()
+        .unwrap_or_else(|e| f.fail(format!("switching over: {e:#}")));
+    assert_eq!(port, REPLICA_PORT);
+    wait_connections(&f, 2.0, "reconnecting after the switchover");
+    let second = bind_and_mirror(&f, 1, &clients[2..4], "after the switchover");
+    reaches(&f, 1, &clients[..2], &first, "after the switchover");
+    let before = binding_keys(ha.server(REPLICA_PORT));
+    assert_eq!(before.len(), 8, "the master holds 4 clients x 2 tables");
+
+    // 3. A crash with a lagging replica (the first master, demoted by the switchover).
+    let replica = ha.server(MASTER_PORT);
+    let replicated = wait_until(Duration::from_secs(10), || binding_keys(replica) == before);
+    assert!(replicated, "the replica holds the master's bindings");
+    let mut del = vec!["del"];
+    del.extend(before.iter().map(String::as_str));
+    replica
+        .cli(&del)
+        .unwrap_or_else(|e| panic!("deleting the replica's copies: {e:#}"));
+    assert_eq!(replica.dbsize(), 0, "the replica lags behind");
+    let port = ha
+        .crash_master()
         .unwrap_or_else(|e| f.fail(format!("failing over: {e:#}")));
-    for i in 0..2 {
-        wait_metric(
-            &f,
-            i,
-            "tether_mirror_connections_total",
-            2.0,
-            "reconnecting to the new master",
-        );
-        wait_metric(&f, i, "tether_mirror_connected", 1.0, "connected again");
-    }
+    assert_eq!(port, MASTER_PORT);
+    wait_connections(&f, 3.0, "reconnecting after the crash");
     // Both wrote every binding they hold again: the new master has them all.
+    let new_master = ha.server(MASTER_PORT);
     let resynced = wait_until(Duration::from_secs(20), || {
-        binding_keys(&ha.replica) == before
+        binding_keys(new_master) == before
     });
     if !resynced {
         f.fail(format!(
-            "the new master (port {REPLICA_PORT}) should hold every binding again: {:?}, want {before:?}",
-            binding_keys(&ha.replica)
+            "the new master (port {MASTER_PORT}) should hold every binding again: {:?}, want {before:?}",
+            binding_keys(new_master)
         ));
     }
-    // Both serve every client as before.
-    for i in 0..2 {
-        for (n, &src) in clients[..4].iter().enumerate() {
-            let got = via(&f, i, src);
-            if got != bound[n] {
-                f.fail(format!(
-                    "after the failover: {src} via instance {i} reached {got:?}, bound {:?}",
-                    bound[n]
-                ));
-            }
-        }
-    }
+    reaches(&f, 1, &clients[..2], &first, "after the crash");
+    reaches(&f, 0, &clients[2..4], &second, "after the crash");
 
     // A new B, started from nothing, finds the master through the sentinel and learns
     // every binding from it before it saw the clients.
     f.stop(1);
     f.start(1);
-    for (n, &src) in clients[..4].iter().enumerate() {
-        xdp_holds(&f, 1, src, &bound[n].0, "a new B after the failover");
-    }
-
-    // After the failover: B's new bindings reach A through the new master.
-    let applied = f.metric(0, "tether_mirror_applied_total", &[]);
-    let mut later = Vec::new();
-    for &src in &clients[4..] {
-        later.push(via(&f, 1, src));
-    }
-    wait_metric(
-        &f,
-        0,
-        "tether_mirror_applied_total",
-        applied + 8.0,
-        "B's bindings made after the failover applied on A",
-    );
-    for (n, &src) in clients[4..].iter().enumerate() {
-        xdp_holds(&f, 0, src, &later[n].0, "made on B after the failover");
-        let got = via(&f, 0, src);
-        if got != later[n] {
-            f.fail(format!(
-                "after the failover: {src} bound on B reached {got:?} via A, bound {:?}",
-                later[n]
-            ));
-        }
-    }
+    reaches(&f, 1, &clients[..2], &first, "a new B after the crash");
+    reaches(&f, 1, &clients[2..4], &second, "a new B after the crash");
+    let third = bind_and_mirror(&f, 1, &clients[4..], "made on B after the crash");
+    assert_eq!(third.len(), 4);
     assert_eq!(
-        binding_keys(&ha.replica).len(),
+        binding_keys(ha.server(MASTER_PORT)).len(),
         16,
         "the new master holds 8 clients x 2 tables"
     );
