@@ -20,8 +20,15 @@
 //!   backoff (0.1 s doubling to 5 s). On every (re)connection it writes what waited, then
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
+//! - **A local miss asks Redis where the input can wait** (L7 HTTP requests, TLS
+//!   pass-through connections; [`lookup`]): one `MGET` of the keys the request was looked
+//!   up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
+//!   local table and honoured. So a client reaches its backend on another instance even
+//!   before (or without) the channel's announcement. Not while disconnected: the request is
+//!   decided locally at once (`tether_mirror_lookups_skipped_total`).
 
 pub mod codec;
+mod lookup;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -70,6 +77,16 @@ pub struct MirrorStats {
     pub lag_ms: AtomicU64,
     /// XDP new-binding events read from the ring buffer.
     pub xdp_events: AtomicU64,
+    /// L7 local misses looked up in Redis.
+    pub lookups: AtomicU64,
+    /// Lookups that found a binding.
+    pub lookup_hits: AtomicU64,
+    /// Lookups Redis did not answer within the timeout.
+    pub lookup_timeouts: AtomicU64,
+    /// Lookups that failed (connection lost, command error).
+    pub lookup_errors: AtomicU64,
+    /// Local misses not looked up because Redis was not connected.
+    pub lookups_skipped: AtomicU64,
 }
 
 impl MirrorStats {
@@ -119,6 +136,8 @@ pub struct Mirror {
     /// True once the task has connected and read what Redis holds.
     caught_up: tokio::sync::watch::Receiver<bool>,
     engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
+    /// What the engines ask on a local miss.
+    lookups: Arc<lookup::Lookups>,
     pub stats: Arc<MirrorStats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -134,6 +153,11 @@ impl Mirror {
         let stats = STATS.get_or_init(Default::default).clone();
         let engines = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (caught_tx, caught_up) = tokio::sync::watch::channel(false);
+        let lookups = Arc::new(lookup::Lookups {
+            con: Default::default(),
+            timeout: cfg.lookup_timeout,
+            stats: stats.clone(),
+        });
         let task = tokio::spawn(worker::run(worker::Worker {
             caught_up: caught_tx,
             url: cfg.redis.clone(),
@@ -141,6 +165,7 @@ impl Mirror {
             rx,
             engines: engines.clone(),
             xdp,
+            lookups: lookups.clone(),
             stats: stats.clone(),
         }));
         log::info!(
@@ -152,6 +177,7 @@ impl Mirror {
             tx,
             caught_up,
             engines,
+            lookups,
             stats,
             task,
         }
@@ -184,6 +210,7 @@ impl Mirror {
         }
         for e in &engines {
             watch_engine(e, &self.tx, &self.stats);
+            e.set_remote(Some(self.lookups.clone()));
         }
         self.engines.store(Arc::new(engines));
     }
@@ -192,6 +219,10 @@ impl Mirror {
 impl Drop for Mirror {
     fn drop(&mut self) {
         self.task.abort();
+        self.lookups.con.store(None);
+        for e in self.engines.load().iter() {
+            e.set_remote(None);
+        }
     }
 }
 
@@ -255,7 +286,7 @@ pub fn render_metrics(out: &mut String) {
     let Some(s) = STATS.get() else {
         return;
     };
-    let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 15] = [
         (
             "tether_mirror_published_total",
             "counter",
@@ -309,6 +340,36 @@ pub fn render_metrics(out: &mut String) {
             "counter",
             "New XDP bindings read from the ring buffer.",
             &s.xdp_events,
+        ),
+        (
+            "tether_mirror_lookups_total",
+            "counter",
+            "L7 requests whose key no local table held, looked up in Redis.",
+            &s.lookups,
+        ),
+        (
+            "tether_mirror_lookup_hits_total",
+            "counter",
+            "Lookups in Redis that found a binding.",
+            &s.lookup_hits,
+        ),
+        (
+            "tether_mirror_lookup_timeouts_total",
+            "counter",
+            "Lookups Redis did not answer within mirroring.lookup_timeout_ms (decided locally).",
+            &s.lookup_timeouts,
+        ),
+        (
+            "tether_mirror_lookup_errors_total",
+            "counter",
+            "Lookups that failed (decided locally).",
+            &s.lookup_errors,
+        ),
+        (
+            "tether_mirror_lookups_skipped_total",
+            "counter",
+            "Local misses not looked up because Redis was not connected (decided locally at once).",
+            &s.lookups_skipped,
         ),
         (
             "tether_mirror_lag_seconds",

@@ -65,3 +65,50 @@ fn logged_urls_hide_the_password() {
     );
     assert_eq!(super::redact("redis://10.0.0.5"), "redis://10.0.0.5");
 }
+
+#[test]
+fn a_lookup_takes_the_first_binding_mget_returns() {
+    use super::lookup::found;
+    assert_eq!(found(&[None, Some("7:lb-a".into())]), Some((1, 7)));
+    assert_eq!(
+        found(&[Some("3:lb-b".into()), Some("7:lb-a".into())]),
+        Some((0, 3)),
+        "the method's key before the fallback's"
+    );
+    assert_eq!(
+        found(&[Some("garbage".into()), None]),
+        None,
+        "a value not written by tether is no binding"
+    );
+    assert_eq!(found(&[]), None);
+}
+
+#[test]
+fn lookups_are_skipped_while_disconnected_and_not_made_when_off() {
+    use std::sync::atomic::Ordering;
+
+    use super::{MirrorStats, lookup::Lookups};
+    use crate::engine::mirrored::Remote;
+
+    let stats = Arc::new(MirrorStats::default());
+    let keys = [("client-ip".to_string(), 1u128)];
+    let l = Lookups {
+        con: Default::default(),
+        timeout: Duration::from_millis(50),
+        stats: stats.clone(),
+    };
+    assert!(l.lookup("web", &keys).is_none(), "no connection: not asked");
+    assert_eq!(stats.lookups_skipped.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+    let off = Lookups {
+        con: Default::default(),
+        timeout: Duration::ZERO,
+        stats: stats.clone(),
+    };
+    assert!(off.lookup("web", &keys).is_none());
+    assert_eq!(
+        stats.lookups_skipped.load(Ordering::Relaxed),
+        1,
+        "lookups off: nothing to count"
+    );
+}

@@ -1,4 +1,5 @@
-//! The mirror's task: one Redis connection for writes and reads, one for the channel.
+//! The mirror's task: one Redis connection for writes and reads, one for the channel, and
+//! one it lends to the requests' lookups while it is connected.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -33,6 +34,7 @@ pub(super) struct Worker {
     pub rx: mpsc::Receiver<Event>,
     pub engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
     pub xdp: Option<Arc<dyn XdpTarget>>,
+    pub lookups: Arc<super::lookup::Lookups>,
     pub stats: Arc<MirrorStats>,
 }
 
@@ -55,6 +57,8 @@ pub(super) async fn run(mut w: Worker) {
         let started = Instant::now();
         let r = session(&mut w, &client, &script, &mut pending).await;
         w.stats.connected.store(0, Ordering::Relaxed);
+        // Requests stop asking at once, rather than each waiting for its timeout.
+        w.lookups.con.store(None);
         if let Err(e) = r {
             MirrorStats::bump(&w.stats.failures);
             log::warn!("mirroring: Redis: {e}; serving from local tables, retrying in {backoff:?}");
@@ -104,6 +108,10 @@ async fn session(
     let mut con = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
+    // Lookups get their own connection: a request's GET does not queue behind a batch.
+    let lookup_con = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let mut pubsub = tokio::time::timeout(IO_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| timeout_error("connecting for the channel"))??;
@@ -113,6 +121,7 @@ async fn session(
     let mut messages = pubsub.into_on_message();
     MirrorStats::bump(&w.stats.connections);
     w.stats.connected.store(1, Ordering::Relaxed);
+    w.lookups.con.store(Some(Arc::new(lookup_con)));
     log::info!("mirroring: connected to Redis; catching up");
 
     // What waited, then everything live (Redis may have restarted empty), then what the
