@@ -56,9 +56,9 @@ pub(super) async fn run(mut w: Worker) {
     loop {
         let started = Instant::now();
         let r = session(&mut w, &client, &script, &mut pending).await;
-        w.stats.connected.store(0, Ordering::Relaxed);
         // Requests stop asking at once, rather than each waiting for its timeout.
         w.lookups.con.store(None);
+        w.stats.connected.store(0, Ordering::Relaxed);
         if let Err(e) = r {
             MirrorStats::bump(&w.stats.failures);
             log::warn!("mirroring: Redis: {e}; serving from local tables, retrying in {backoff:?}");
