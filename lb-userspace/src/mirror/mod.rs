@@ -2,7 +2,7 @@
 //! persistence mirroring), so that a client moved to another instance (ECMP change,
 //! scale-out, an instance's loss) keeps its backend.
 //!
-//! - **The data path never waits.** A binding is made locally; the table's watcher
+//! - **Binding never waits on Redis.** A binding is made locally; the table's watcher
 //!   ([`crate::engine::table::Watcher`]) queues it on a bounded channel (full: dropped and
 //!   counted, `tether_mirror_dropped_total`), and one task writes batches to Redis.
 //! - **One write rule, the same on every instance** ([`codec::BIND_SCRIPT`]): a key absent

@@ -10,11 +10,14 @@ use crate::engine::{
     table::digest,
 };
 
+/// What a remote was asked: the service and its (table id, key) pairs.
+type Asked = (String, Vec<(String, u128)>);
+
 /// Answers every lookup with `answer` (`None` for "not connected"), and keeps what it was
 /// asked.
 struct FakeRemote {
     answer: Option<Found>,
-    asked: Mutex<Vec<(String, Vec<(String, u128)>)>>,
+    asked: Mutex<Vec<Asked>>,
 }
 
 impl FakeRemote {
@@ -25,7 +28,7 @@ impl FakeRemote {
         })
     }
 
-    fn asked(&self) -> Vec<(String, Vec<(String, u128)>)> {
+    fn asked(&self) -> Vec<Asked> {
         self.asked.lock().unwrap().clone()
     }
 }
