@@ -67,6 +67,18 @@ impl Engine {
         self.remote.store(remote.map(Arc::new));
     }
 
+    /// Ask nobody any more, if `remote` is the one asked now (a successor's is kept).
+    pub fn unset_remote(&self, remote: &Arc<dyn Remote>) {
+        let ours = Arc::as_ptr(remote) as *const ();
+        let current = self.remote.load();
+        if current
+            .as_ref()
+            .is_some_and(|r| Arc::as_ptr(&**r) as *const () == ours)
+        {
+            self.remote.store(None);
+        }
+    }
+
     /// Take the binding the remote found into the local table, when its backend is in the
     /// pool now (the next decision then honours it, under the profile's down policy, like
     /// a binding the channel brought). Whether one was taken.

@@ -220,8 +220,9 @@ impl Drop for Mirror {
     fn drop(&mut self) {
         self.task.abort();
         self.lookups.con.store(None);
+        let ours: Arc<dyn crate::engine::mirrored::Remote> = self.lookups.clone();
         for e in self.engines.load().iter() {
-            e.set_remote(None);
+            e.unset_remote(&ours);
         }
     }
 }

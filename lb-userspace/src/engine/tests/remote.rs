@@ -263,3 +263,23 @@ fn an_ssl_session_miss_asks_for_the_ticket_then_the_session_id() {
         ]
     );
 }
+
+#[test]
+fn a_mirror_that_ends_unsets_only_its_own_remote() {
+    let cfg = config(r#"{"name":"p","type":"client-ip","timeout_s":60}"#);
+    let snap = shared(&cfg, &UP);
+    let r = router(&cfg, &snap, 0);
+    let (old, new) = (FakeRemote::new(Some(None)), FakeRemote::new(Some(None)));
+    let old_dyn: Arc<dyn Remote> = old.clone();
+    let new_dyn: Arc<dyn Remote> = new.clone();
+    r.set_remote(Some(old_dyn.clone()));
+    r.set_remote(Some(new_dyn.clone()));
+    // The old mirror is dropped after its successor took over.
+    r.unset_remote(&old_dyn);
+    route_waiting(&r, &conn("192.0.2.20"), "/", None);
+    assert_eq!(new.asked().len(), 1, "the successor is still asked");
+    r.unset_remote(&new_dyn);
+    route_waiting(&r, &conn("192.0.2.21"), "/", None);
+    assert_eq!(new.asked().len(), 1, "nobody is asked any more");
+    assert!(old.asked().is_empty());
+}
