@@ -21,7 +21,7 @@
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
 //! - **A local miss asks Redis where the input can wait** (L7 HTTP requests, TLS
-//!   pass-through connections; [`lookup`]): one `MGET` of the keys the request was looked
+//!   pass-through connections, SIP over UDP in a task of its own; [`lookup`]): one `MGET` of the keys the request was looked
 //!   up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
 //!   local table and honoured. So a client reaches its backend on another instance even
 //!   before (or without) the channel's announcement. Not while disconnected: the request is
