@@ -242,9 +242,13 @@ fn rebind(
     Ok(Choice { id, backend, event })
 }
 
-/// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
+/// Tell the daemon's mirror about a binding written, when it mirrors (best effort: a full
+/// ring drops the event, counted).
 #[inline(always)]
 fn emit_binding(bound: &Bound<'_>, identity: u32) {
+    if TETHER_GLOBALS.get(0).is_none_or(|g| g.emit_bindings == 0) {
+        return;
+    }
     let ev = BindingEvent {
         service: bound.service,
         backend_identity: identity,
@@ -253,7 +257,12 @@ fn emit_binding(bound: &Bound<'_>, identity: u32) {
         addr_be: *bound.addr_be,
     };
     // BPF_RB_NO_WAKEUP: the reader polls.
-    let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
+    if TETHER_BINDINGS
+        .output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        stats::count_event(events::BINDING_EVENT_DROPPED);
+    }
 }
 
 /// Whether this CPU may create one more binding in the current window (and count it).

@@ -3,7 +3,13 @@
 //! by `mirroring.lookup_timeout_ms`. While the worker is not connected nothing is asked:
 //! the request is decided locally at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::BoxFuture;
@@ -15,14 +21,34 @@ use crate::engine::mirrored::{Found, Remote};
 pub(super) struct Lookups {
     /// The connection for lookups while the worker is connected.
     pub con: ArcSwapOption<MultiplexedConnection>,
-    /// Zero: lookups are off.
-    pub timeout: Duration,
+    /// `mirroring.lookup_timeout_ms` in force; zero: lookups are off (also while a reload
+    /// has removed `mirroring`).
+    timeout_ms: AtomicU64,
     pub stats: Arc<MirrorStats>,
+}
+
+impl Lookups {
+    pub fn new(timeout: Duration, stats: Arc<MirrorStats>) -> Lookups {
+        let l = Lookups {
+            con: Default::default(),
+            timeout_ms: AtomicU64::new(0),
+            stats,
+        };
+        l.set_timeout(timeout);
+        l
+    }
+
+    /// Take a reloaded timeout (zero: off).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 impl Remote for Lookups {
     fn lookup(&self, service: &str, keys: &[(String, u128)]) -> Option<BoxFuture<'static, Found>> {
-        if self.timeout.is_zero() || keys.is_empty() {
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        if timeout.is_zero() || keys.is_empty() {
             return None;
         }
         let Some(con) = self.con.load_full() else {
@@ -34,7 +60,7 @@ impl Remote for Lookups {
             .iter()
             .map(|(table, k)| codec::key(service, table, *k))
             .collect();
-        let (timeout, stats) = (self.timeout, self.stats.clone());
+        let stats = self.stats.clone();
         Some(Box::pin(async move {
             let mut con = (*con).clone();
             let mut cmd = redis::cmd("MGET");

@@ -21,11 +21,14 @@
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
 //! - **A local miss asks Redis where the input can wait** (L7 HTTP requests, TLS
-//!   pass-through connections, SIP over UDP in a task of its own; [`lookup`]): one `MGET` of the keys the request was looked
-//!   up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
+//!   pass-through connections, SIP over UDP in a task of its own; [`lookup`]): one `MGET` of the
+//!   keys the request was looked up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
 //!   local table and honoured. So a client reaches its backend on another instance even
 //!   before (or without) the channel's announcement. Not while disconnected: the request is
 //!   decided locally at once (`tether_mirror_lookups_skipped_total`).
+//! - **Reloads** ([`Mirror::reconfigure`]): the mirror lives as long as the daemon (the
+//!   tables keep the watcher it installed); another Redis or instance name reconnects it, a
+//!   removed section idles it (what the tables send is discarded).
 
 pub mod codec;
 mod lookup;
@@ -133,6 +136,8 @@ pub trait XdpTarget: Send + Sync {
 /// The running mirror of one daemon.
 pub struct Mirror {
     tx: mpsc::Sender<Event>,
+    /// The `mirroring` in force (`None`: removed by a reload; the task idles).
+    target: tokio::sync::watch::Sender<Option<Mirroring>>,
     /// True once the task has connected and read what Redis holds.
     caught_up: tokio::sync::watch::Receiver<bool>,
     engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
@@ -153,21 +158,21 @@ impl Mirror {
         let stats = STATS.get_or_init(Default::default).clone();
         let engines = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (caught_tx, caught_up) = tokio::sync::watch::channel(false);
-        let lookups = Arc::new(lookup::Lookups {
-            con: Default::default(),
-            timeout: cfg.lookup_timeout,
-            stats: stats.clone(),
-        });
-        let task = tokio::spawn(worker::run(worker::Worker {
-            caught_up: caught_tx,
-            url: cfg.redis.clone(),
-            instance: cfg.instance.clone(),
-            rx,
-            engines: engines.clone(),
-            xdp,
-            lookups: lookups.clone(),
-            stats: stats.clone(),
-        }));
+        let lookups = Arc::new(lookup::Lookups::new(cfg.lookup_timeout, stats.clone()));
+        let (target, target_rx) = tokio::sync::watch::channel(Some(cfg.clone()));
+        let task = tokio::spawn(worker::serve(
+            worker::Worker {
+                caught_up: caught_tx,
+                url: String::new(),
+                instance: String::new(),
+                rx,
+                engines: engines.clone(),
+                xdp,
+                lookups: lookups.clone(),
+                stats: stats.clone(),
+            },
+            target_rx,
+        ));
         log::info!(
             "mirroring stored persistence tables through {} as instance {:?}",
             redact(&cfg.redis),
@@ -175,12 +180,37 @@ impl Mirror {
         );
         Mirror {
             tx,
+            target,
             caught_up,
             engines,
             lookups,
             stats,
             task,
         }
+    }
+
+    /// Take a reloaded `mirroring`: another Redis or instance name reconnects (the local
+    /// tables stay, and every live binding is written to the new Redis), `None` stops
+    /// mirroring (bindings are no longer sent). Whether anything changed.
+    pub fn reconfigure(&self, cfg: Option<&Mirroring>) -> bool {
+        let changed = self.target.send_if_modified(|t| {
+            if t.as_ref() == cfg {
+                return false;
+            }
+            *t = cfg.cloned();
+            true
+        });
+        if changed {
+            match cfg {
+                Some(m) => log::info!(
+                    "mirroring: now through {} as instance {:?}",
+                    redact(&m.redis),
+                    m.instance
+                ),
+                None => log::info!("mirroring: off (removed from the config)"),
+            }
+        }
+        changed
     }
 
     /// Wait until the first catch-up with Redis is done, at most `limit`; whether it was.
@@ -281,12 +311,20 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// The `tether_mirror_*` metrics, when this daemon mirrors.
-pub fn render_metrics(out: &mut String) {
+/// The `tether_mirror_*` metrics, when this daemon mirrors; `ring_drops` is the data
+/// path's count of binding events the full ring buffer dropped
+/// (`lb_common::event::BINDING_EVENT_DROPPED`).
+pub fn render_metrics(out: &mut String, ring_drops: u64) {
     use std::fmt::Write as _;
     let Some(s) = STATS.get() else {
         return;
     };
+    let _ = writeln!(
+        out,
+        "# HELP tether_mirror_xdp_ring_drops_total New XDP bindings not output to the ring buffer because it was full (the reader fell behind); they reach Redis with the next sweep of the table."
+    );
+    let _ = writeln!(out, "# TYPE tether_mirror_xdp_ring_drops_total counter");
+    let _ = writeln!(out, "tether_mirror_xdp_ring_drops_total {ring_drops}");
     let rows: [(&str, &str, &str, &AtomicU64); 15] = [
         (
             "tether_mirror_published_total",

@@ -92,23 +92,121 @@ fn lookups_are_skipped_while_disconnected_and_not_made_when_off() {
 
     let stats = Arc::new(MirrorStats::default());
     let keys = [("client-ip".to_string(), 1u128)];
-    let l = Lookups {
-        con: Default::default(),
-        timeout: Duration::from_millis(50),
-        stats: stats.clone(),
-    };
+    let l = Lookups::new(Duration::from_millis(50), stats.clone());
     assert!(l.lookup("web", &keys).is_none(), "no connection: not asked");
     assert_eq!(stats.lookups_skipped.load(Ordering::Relaxed), 1);
     assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
-    let off = Lookups {
-        con: Default::default(),
-        timeout: Duration::ZERO,
-        stats: stats.clone(),
-    };
-    assert!(off.lookup("web", &keys).is_none());
+    l.set_timeout(Duration::ZERO);
+    assert!(l.lookup("web", &keys).is_none());
     assert_eq!(
         stats.lookups_skipped.load(Ordering::Relaxed),
         1,
         "lookups off: nothing to count"
     );
+}
+
+/// Waits (bounded) until `cond` holds, yielding to the mirror's task.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not within 5 s");
+}
+
+/// A reload's `mirroring` reaches the running mirror: a change is taken (and only a
+/// change), and with the section removed the task discards what the tables send instead
+/// of queueing it for Redis.
+#[tokio::test]
+async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
+    use std::sync::atomic::Ordering;
+
+    use crate::config::mirroring::Mirroring;
+    // Nothing listens on port 1 of loopback: every connection fails at once.
+    let down = Mirroring {
+        redis: "redis://127.0.0.1:1".into(),
+        instance: "lb-a".into(),
+        lookup_timeout: Duration::from_millis(50),
+    };
+    let m = super::Mirror::start(&down, None);
+    let tx = m.sender();
+    let send = |n: u128| {
+        super::offer(
+            &tx,
+            &m.stats,
+            super::Event {
+                service: "web".into(),
+                table: "client-ip".into(),
+                key: n,
+                backend: 1,
+                previous: None,
+                ttl_ms: 1000,
+                at: Instant::now(),
+            },
+        )
+    };
+    for n in 0..10 {
+        send(n);
+    }
+    eventually("bindings wait for the Redis that is down", || {
+        m.stats.pending.load(Ordering::Relaxed) >= 10
+    })
+    .await;
+    assert!(!m.reconfigure(Some(&down)), "the same section is no change");
+    assert!(m.reconfigure(None), "the section removed");
+    assert!(!m.reconfigure(None), "removed twice is no change");
+    eventually("nothing waits once mirroring is removed", || {
+        m.stats.pending.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    for n in 0..10 {
+        send(n);
+    }
+    eventually("the task discards what the tables send", || {
+        tx.capacity() == super::QUEUE_CAPACITY
+    })
+    .await;
+    assert_eq!(m.stats.pending.load(Ordering::Relaxed), 0);
+    let renamed = Mirroring {
+        instance: "lb-b".into(),
+        ..down.clone()
+    };
+    assert!(
+        m.reconfigure(Some(&renamed)),
+        "added back under another name"
+    );
+}
+
+/// A reload that removes `mirroring` stops the lookups (nothing asked, nothing counted);
+/// one that adds it back starts them again, skipped while that Redis is not connected.
+#[tokio::test]
+async fn removing_mirroring_by_a_reload_stops_the_lookups() {
+    use std::sync::atomic::Ordering;
+
+    use crate::{config::mirroring::Mirroring, engine::mirrored::Remote};
+    let down = Mirroring {
+        redis: "redis://127.0.0.1:1".into(),
+        instance: "lb-a".into(),
+        lookup_timeout: Duration::from_millis(50),
+    };
+    let m = super::Mirror::start(&down, None);
+    let keys = [("client-ip".to_string(), 1u128)];
+    let skipped = || m.stats.lookups_skipped.load(Ordering::Relaxed);
+    let before = skipped();
+    assert!(m.lookups.lookup("web", &keys).is_none(), "not connected");
+    assert_eq!(skipped(), before + 1, "skipped while Redis is down");
+    assert!(m.reconfigure(None));
+    eventually("lookups off once mirroring is removed", || {
+        let n = skipped();
+        m.lookups.lookup("web", &keys).is_none() && skipped() == n
+    })
+    .await;
+    assert!(m.reconfigure(Some(&down)));
+    eventually("lookups back with the section", || {
+        let n = skipped();
+        m.lookups.lookup("web", &keys).is_none() && skipped() == n + 1
+    })
+    .await;
 }
