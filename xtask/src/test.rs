@@ -194,6 +194,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_mirror_ha",
                     "--test",
+                    "e2e_multi_lookup",
+                    "--test",
                     "e2e_gslb",
                 ],
                 &["--test-threads=1"],
