@@ -40,6 +40,17 @@ fn masked_v6(svc: &Service, flow: &Flow) -> Addr {
     a
 }
 
+/// The IPv4 table's key for a (masked) client address word and a service, built as one
+/// 64-bit value: field by field, LLVM assembles the address byte by byte.
+#[inline(always)]
+fn key4(addr: u32, service: u32) -> PersistKey4 {
+    // bpfel: the low word's bytes come first, as `addr_be` comes before `service`.
+    const _: () = assert!(cfg!(target_endian = "little"));
+    const _: () = assert!(core::mem::offset_of!(PersistKey4, service) == 4);
+    // SAFETY: PersistKey4 is repr(C), 8 bytes, every bit pattern valid (checked in lb-common).
+    unsafe { core::mem::transmute::<u64, PersistKey4>(addr as u64 | (service as u64) << 32) }
+}
+
 /// Choose the backend for `flow` on `svc`.
 #[inline(always)]
 pub fn choose(
@@ -66,10 +77,7 @@ fn choose_v4(
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
     let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
-    let key = PersistKey4 {
-        addr_be: addr.to_ne_bytes(),
-        service: svc.index,
-    };
+    let key = key4(addr, svc.index);
     // SAFETY: helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let now = mono_seconds(now_ns);
@@ -104,10 +112,9 @@ fn choose_v4(
     }
     // The hash of the IPv4-mapped form, as for every other client key.
     let hash = hash_words(&[svc.index, 0, 0, V4_MAPPED_WORD2, addr], FLOW_SEED);
-    let mapped = lb_common::v4_mapped(key.addr_be);
     let bound = Bound {
         service: svc.index,
-        addr_be: &mapped,
+        addr: [0, 0, V4_MAPPED_WORD2, addr],
         previous,
     };
     rebind(svc, flow, hash, event, now_ns, svc_stat, bound, |id, be| {
@@ -127,11 +134,12 @@ fn choose_v6(
     flow: &Flow,
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
+    let addr = masked_v6(svc, flow);
     let mut key = Aligned(PersistKey {
         service: svc.index,
         addr_be: [0; 16],
     });
-    store_addr(&mut key.0.addr_be, &masked_v6(svc, flow));
+    store_addr(&mut key.0.addr_be, &addr);
     let key = &key.0;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -170,7 +178,7 @@ fn choose_v6(
     let hash = client_hash(svc.index, &key.addr_be);
     let bound = Bound {
         service: svc.index,
-        addr_be: &key.addr_be,
+        addr,
         previous: (previous_identity, 0),
     };
     rebind(svc, flow, hash, event, now, svc_stat, bound, |id, be| {
@@ -184,10 +192,10 @@ fn choose_v6(
 }
 
 /// The client a binding is for, as the mirror's ring buffer reports it.
-struct Bound<'a> {
+struct Bound {
     service: u32,
-    /// IPv4-mapped for IPv4 clients.
-    addr_be: &'a [u8; 16],
+    /// IPv4-mapped for IPv4 clients; words, so the event's address is four stores.
+    addr: Addr,
     /// (identity or tag it replaces, `BindingEvent::flags`).
     previous: (u32, u32),
 }
@@ -203,7 +211,7 @@ fn rebind(
     mut event: Event,
     now_ns: u64,
     svc_stat: &mut TrafficCounters,
-    bound: Bound<'_>,
+    bound: Bound,
     store: impl FnOnce(u32, &Backend) -> bool,
 ) -> Result<Choice, Verdict> {
     let (id, backend) = select::pick(svc, hash, svc_stat)?;
@@ -244,14 +252,17 @@ fn rebind(
 
 /// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
 #[inline(always)]
-fn emit_binding(bound: &Bound<'_>, identity: u32) {
-    let ev = BindingEvent {
+fn emit_binding(bound: &Bound, identity: u32) {
+    let mut ev = Aligned(BindingEvent {
         service: bound.service,
         backend_identity: identity,
         previous_identity: bound.previous.0,
         flags: bound.previous.1,
-        addr_be: *bound.addr_be,
-    };
+        addr_be: [0; 16],
+    });
+    store_addr(&mut ev.0.addr_be, &bound.addr);
+    // By reference: a moved copy would lose the alignment that makes the stores above cheap.
+    let ev = &ev.0;
     // BPF_RB_NO_WAKEUP: the reader polls.
     let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
 }
