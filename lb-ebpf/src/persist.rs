@@ -8,7 +8,7 @@
 //! packets and source floods are forwarded by Maglev without evicting real clients. ICMP
 //! errors and later fragments only read it.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     BINDING_PREVIOUS_TAG16, Backend, BindingEvent, PERSIST_REFRESH_NS, PERSIST_REFRESH_S,
     PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters,
@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, conntrack,
+    Verdict, clock, conntrack,
     maps::{
         TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4,
         TETHER_RATE,
@@ -78,8 +78,7 @@ fn choose_v4(
 ) -> Result<Choice, Verdict> {
     let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
     let key = key4(addr, svc.index);
-    // SAFETY: helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_ns = clock::coarse_ns();
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
     let mut previous = (0, 0);
@@ -141,8 +140,7 @@ fn choose_v6(
     });
     store_addr(&mut key.0.addr_be, &addr);
     let key = &key.0;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::coarse_ns();
     let mut event = Event::New;
     let mut previous_identity = 0;
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
