@@ -56,8 +56,9 @@ pub const MAP_FLOWS: &str = "TETHER_FLOWS";
 
 /// Source-IP bindings the data path writes (new, expired and re-bound ones): a BPF ring
 /// buffer of `BindingEvent`s, drained in batches by the daemon when it mirrors its tables
-/// to other instances. When nobody reads it, it fills and further events are dropped by
-/// the kernel at no cost to forwarding.
+/// to other instances. Written only while `Globals::emit_bindings` is set; an event that
+/// finds the ring full is dropped (forwarding goes on) and counted
+/// (`event::BINDING_EVENT_DROPPED`).
 pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 /// Size of `MAP_BINDINGS` in bytes (a power of two, a multiple of the page size): 8192
 /// events of 32 bytes plus the kernel's 8-byte record headers.
@@ -374,7 +375,10 @@ pub struct Globals {
     /// it a new client is still forwarded (by Maglev) but not stored, so a flood of new
     /// sources cannot turn over the whole table.
     pub new_bindings_per_cpu: u32,
-    pub _pad: u32,
+    /// 1: the daemon mirrors (`mirroring`) and drains `MAP_BINDINGS`, so every binding
+    /// written is also output there; 0: nothing is output (nobody would read it, and a
+    /// full ring would only count drops).
+    pub emit_bindings: u32,
 }
 const _: () = assert!(size_of::<Globals>() == 8);
 

@@ -129,7 +129,11 @@ pub mod event {
     pub const USER_DELETED: u32 = 3;
     /// First fragments whose ports were recorded for the later fragments.
     pub const FRAG_TRACKED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Bindings not output to `MAP_BINDINGS` because the ring buffer was full (the daemon's
+    /// mirror drains it too slowly): those bindings reach the other instances only with the
+    /// next sweep of the table.
+    pub const BINDING_EVENT_DROPPED: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Slots in `TETHER_EVENTS` (room to grow without resizing the pinned map).
     pub const SLOTS: u32 = 16;
 
@@ -139,6 +143,7 @@ pub mod event {
         "non_syn_unbound",
         "user_deleted",
         "frag_tracked",
+        "binding_event_dropped",
     ];
 }
 

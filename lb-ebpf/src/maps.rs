@@ -111,7 +111,8 @@ pub static TETHER_FLOWS: LruHashMap<
 > = LruHashMap::new();
 
 /// `MAP_BINDINGS`: every source-IP binding written to `TETHER_PERSIST`, for the daemon's
-/// mirror (which drains it in batches, so no wakeup is asked for).
+/// mirror (which drains it in batches, so no wakeup is asked for), while
+/// `Globals::emit_bindings` is set; a full ring drops the event and counts it.
 #[btf_map]
 pub static TETHER_BINDINGS: RingBuf<BindingEvent, { BINDINGS_RING_BYTES as usize }> =
     RingBuf::new();

@@ -248,9 +248,13 @@ fn rebind(
     Ok(Choice { id, backend, event })
 }
 
-/// Tell the daemon's mirror about a binding written (best effort: a full ring drops it).
+/// Tell the daemon's mirror about a binding written, when it mirrors (best effort: a full
+/// ring drops the event, counted).
 #[inline(always)]
 fn emit_binding(bound: &Bound, identity: u32) {
+    if TETHER_GLOBALS.get(0).is_none_or(|g| g.emit_bindings == 0) {
+        return;
+    }
     let mut ev = Aligned(BindingEvent {
         service: bound.service,
         backend_identity: identity,
@@ -262,7 +266,12 @@ fn emit_binding(bound: &Bound, identity: u32) {
     // By reference: a moved copy would lose the alignment that makes the stores above cheap.
     let ev = &ev.0;
     // BPF_RB_NO_WAKEUP: the reader polls.
-    let _ = TETHER_BINDINGS.output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
+    if TETHER_BINDINGS
+        .output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        stats::count_event(events::BINDING_EVENT_DROPPED);
+    }
 }
 
 /// Whether this CPU may create one more binding in the current window (and count it).

@@ -199,6 +199,8 @@ struct Daemon {
     /// While a starting daemon has not committed, persistence entries of removed services
     /// and backends are kept (a failed start must lose nothing): they collect here.
     deferred_forget: Option<Removed>,
+    /// The Redis mirror, once a config had `mirroring`.
+    mirror: mirroring::MirrorSlot,
 }
 
 impl Daemon {
@@ -429,6 +431,8 @@ impl Daemon {
         rekey::flush(&self.cfg.pin_dir, &rekeyed);
         self.start_monitors();
         self.frontends.commit(prepared);
+        let engines = self.frontends.routers().map(|(_, e)| e);
+        self.mirror.apply(&self.cfg, &self.shared, engines);
         self.shared.store(Arc::new(self.snapshot()));
         Ok(())
     }
@@ -555,6 +559,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         admin: None,
         objects: Arc::new(Store::new(config_path.to_owned(), apply_tx)),
         deferred_forget: takeover.as_ref().map(|_| Removed::default()),
+        mirror: Default::default(),
     };
     let shared = d.shared.clone();
     // Tables before the attach: the first packet the new program sees finds complete services.
@@ -583,13 +588,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         d.forget(&removed)?;
     }
     d.frontends.commit(prepared);
-    let mirror = cfg.mirroring.as_ref().map(|m| {
-        let xdp = crate::mirror::xdp::XdpMirror::new(cfg.pin_dir.clone(), d.shared.clone());
-        let mirror = crate::mirror::Mirror::start(m, Some(xdp.clone()));
-        xdp.start_reader(mirror.sender(), mirror.stats.clone());
-        mirror.set_engines(d.frontends.routers().map(|(_, e)| e));
-        (mirror, xdp)
-    });
+    let engines = d.frontends.routers().map(|(_, e)| e);
+    d.mirror.apply(&cfg, &d.shared, engines);
     d.start_admin()?;
     d.start_monitors();
     shared.store(Arc::new(d.snapshot()));
@@ -606,7 +606,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Err(e) = write_pid(&pid_path) {
         log::error!("writing {}: {e}", pid_path.display());
     }
-    if let Some((m, _)) = &mirror
+    if let Some(m) = d.mirror.mirror()
         && !m.wait_caught_up(MIRROR_CATCH_UP).await
     {
         log::warn!(
@@ -651,9 +651,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     log::warn!("saving the L7 tables to {}: {e}", d.cfg.state_dir.display());
                 }
                 // Engines a reload replaced or added.
-                if let Some((m, _)) = &mirror {
-                    m.set_engines(d.frontends.routers().map(|(_, e)| e));
-                }
+                d.mirror.set_engines(d.frontends.routers().map(|(_, e)| e));
             }
             _ = term.recv() => break Ended::Signal("SIGTERM"),
             _ = int.recv() => break Ended::Signal("SIGINT"),
@@ -785,6 +783,7 @@ fn remove_pid_if_ours(path: &Path) {
     }
 }
 
+mod mirroring;
 mod rekey;
 #[cfg(test)]
 mod tests;

@@ -1028,6 +1028,10 @@ fn bindings_written_reach_the_ring_buffer() {
     fx.set_backend(BE_A, backend_ident(BE_A, BACKEND_UP, 11));
     fx.set_backend(BE_B, backend_ident(BE_B, BACKEND_UP, 22));
     fx.fill_table(SVC_TCP, 0, &[BE_A]);
+    fx.set_globals(Globals {
+        new_bindings_per_cpu: 0,
+        emit_bindings: 1,
+    });
     let mut ring = tether::dataplane::persist_table::BindingEvents::open(&fx.dir)
         .expect("the ring buffer is pinned");
     let syn = vip_tcp4(SPORT).build();
@@ -1062,6 +1066,70 @@ fn bindings_written_reach_the_ring_buffer() {
         ),
         (22, 11, lb_common::BINDING_PREVIOUS_TAG16)
     );
+}
+
+/// The ring buffer is written only while the daemon mirrors (`Globals::emit_bindings`).
+/// When its reader falls behind and the ring is full, a new binding is still made and the
+/// packet forwarded, and the event is dropped and counted (`binding_event_dropped`); once
+/// drained, events flow again.
+#[test]
+fn a_full_binding_ring_drops_and_counts_events() {
+    let mut fx = Fixture::new();
+    setup_v4(&mut fx, 300);
+    let mut ring = tether::dataplane::persist_table::BindingEvents::open(&fx.dir)
+        .expect("the ring buffer is pinned");
+    // One client per /24 (the service's prefix): every SYN makes a new binding.
+    let client = |n: u32| {
+        let [_, _, a, b] = n.to_be_bytes();
+        std::net::Ipv4Addr::new(100, a, b, 1)
+    };
+    let syn_from = |n: u32| tcp4(client(n), SPORT, VIP, HTTP).build();
+    // Not mirroring: a binding is made, nothing is written or dropped.
+    assert_eq!(fx.run(&syn_from(0).bytes).0, XDP_TX);
+    assert_eq!(fx.event(event::BINDING_CREATED), 1);
+    assert!(ring.drain(16).is_empty(), "no event without emit_bindings");
+    assert_eq!(fx.event(event::BINDING_EVENT_DROPPED), 0);
+
+    fx.set_globals(Globals {
+        new_bindings_per_cpu: 0,
+        emit_bindings: 1,
+    });
+    // More bindings than the ring holds (records of 32 bytes and an 8-byte header), with
+    // nobody reading.
+    let record = (size_of::<lb_common::BindingEvent>() + 8) as u32;
+    let sent = lb_common::BINDINGS_RING_BYTES / record + 200;
+    for n in 1..=sent {
+        assert_eq!(fx.run(&syn_from(n).bytes).0, XDP_TX, "SYN {n} forwarded");
+    }
+    assert_eq!(
+        fx.event(event::BINDING_CREATED),
+        u64::from(sent) + 1,
+        "every SYN made its binding"
+    );
+    let mut drained = 0u64;
+    for _ in 0..64 {
+        let batch = ring.drain(4096);
+        if batch.is_empty() {
+            break;
+        }
+        drained += batch.len() as u64;
+    }
+    let dropped = fx.event(event::BINDING_EVENT_DROPPED);
+    assert!(
+        dropped >= 200,
+        "a full ring drops events: {dropped} dropped"
+    );
+    assert_eq!(
+        drained + dropped,
+        u64::from(sent),
+        "every binding was either output or counted as dropped ({drained} read)"
+    );
+    // Drained: the next binding is output again, nothing more is dropped.
+    assert_eq!(fx.run(&syn_from(sent + 1).bytes).0, XDP_TX);
+    let events = ring.drain(16);
+    assert_eq!(events.len(), 1, "an event after the drain: {events:?}");
+    assert_eq!(events[0].addr_be, masked4(client(sent + 1), 24));
+    assert_eq!(fx.event(event::BINDING_EVENT_DROPPED), dropped);
 }
 
 #[test]
@@ -1207,7 +1275,7 @@ fn hostile_and_control_traffic() {
                 setup_v4(fx, 300);
                 fx.set_globals(Globals {
                     new_bindings_per_cpu: 2,
-                    _pad: 0,
+                    emit_bindings: 0,
                 });
                 fx.freeze_rate_window();
             },

@@ -77,7 +77,7 @@ fn configured() -> Fixture {
     fx.set_persist(pkey4(SVC_TCP, CLIENT, 24), pval(BE_C, coarse_now_ns()));
     fx.set_globals(Globals {
         new_bindings_per_cpu: 200_000,
-        _pad: 0,
+        emit_bindings: 1,
     });
     fx
 }
@@ -285,7 +285,7 @@ fn with_legit_clients(cap: u32) -> Fixture {
     fx.fill_table(SVC_TCP, 0, &[BE_A, BE_B]);
     fx.set_globals(Globals {
         new_bindings_per_cpu: cap,
-        _pad: 0,
+        emit_bindings: 1,
     });
     // One window for the whole test: the cap is what a CPU may create in it.
     fx.freeze_rate_window();

@@ -190,6 +190,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_multi",
                     "--test",
+                    "e2e_multi_stored",
+                    "--test",
                     "e2e_gslb",
                 ],
                 &["--test-threads=1"],

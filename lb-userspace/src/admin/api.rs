@@ -34,6 +34,9 @@ pub struct PersistTableStatus {
     pub bindings_rate_limited: u64,
     /// TCP packets without SYN and without a binding: forwarded by Maglev, not stored.
     pub non_syn_unbound: u64,
+    /// New bindings not output to the mirror's ring buffer because it was full.
+    #[serde(default)]
+    pub binding_events_dropped: u64,
     /// `null` when the table could not be read.
     pub evictions_estimate: Option<u64>,
 }

@@ -369,6 +369,13 @@ pub fn render_status(s: &api::Status) -> String {
         t.evictions_estimate
             .map_or("unknown".to_string(), |n| n.to_string())
     );
+    if t.binding_events_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "mirroring: {} new XDP bindings not sent to the mirror (ring buffer full); they reach Redis with the next table sweep",
+            t.binding_events_dropped
+        );
+    }
     for svc in &s.services {
         let vip = match svc.vip {
             IpAddr::V6(a) => format!("[{a}]"),

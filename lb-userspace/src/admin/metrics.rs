@@ -415,7 +415,7 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
         &mut out,
         "tether_xdp_events_total",
         "counter",
-        "Data-path events that are not verdicts: bindings created, refused by the per-CPU cap, TCP packets without SYN and without a binding (forwarded, not stored), bindings deleted by the daemon, fragments tracked.",
+        "Data-path events that are not verdicts: bindings created, refused by the per-CPU cap, TCP packets without SYN and without a binding (forwarded, not stored), bindings deleted by the daemon, fragments tracked, binding events dropped because the mirror's ring buffer was full.",
     );
     for (name, n) in event::NAMES.iter().zip(c.events) {
         let _ = writeln!(
@@ -474,7 +474,7 @@ pub fn render(snap: &Snapshot, c: &KernelCounters, census: Option<&Census>) -> S
             c.evictions_estimate(census.entries)
         );
     }
-    crate::mirror::render_metrics(&mut out);
+    crate::mirror::render_metrics(&mut out, c.events[event::BINDING_EVENT_DROPPED as usize]);
     out
 }
 

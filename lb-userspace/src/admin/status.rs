@@ -136,6 +136,7 @@ pub fn build(
             bindings_created: c.events[event::BINDING_CREATED as usize],
             bindings_rate_limited: c.events[event::BINDING_RATE_LIMITED as usize],
             non_syn_unbound: c.events[event::NON_SYN_UNBOUND as usize],
+            binding_events_dropped: c.events[event::BINDING_EVENT_DROPPED as usize],
             evictions_estimate: census.map(|cs| c.evictions_estimate(cs.entries)),
         },
         services,

@@ -93,6 +93,7 @@ fn counters() -> KernelCounters {
     c.events[event::BINDING_CREATED as usize] = 30;
     c.events[event::USER_DELETED as usize] = 6;
     c.events[event::BINDING_RATE_LIMITED as usize] = 4;
+    c.events[event::BINDING_EVENT_DROPPED as usize] = 7;
     c.table = TableFacts {
         capacity: 1 << 20,
         possible_cpus: 4,
@@ -125,6 +126,7 @@ fn metrics_exact_lines() {
         r#"tether_service_no_backend_total{service="web",vip="192.0.2.10",port="80",protocol="tcp"} 4"#,
         "# TYPE tether_xdp_events_total counter",
         "tether_xdp_events_total{event=\"binding_rate_limited\"} 4",
+        "tether_xdp_events_total{event=\"binding_event_dropped\"} 7",
         "# TYPE tether_backend_packets_total counter",
         r#"tether_backend_packets_total{pool="web",backend="a",address="10.0.0.1"} 60"#,
         r#"tether_backend_bytes_total{pool="web",backend="b",address="10.0.0.2"} 4000"#,
@@ -228,6 +230,7 @@ fn status_json_shape() {
             &t["per_cpu_capacity"],
             &t["new_bindings_per_cpu_s"],
             &t["bindings_rate_limited"],
+            &t["binding_events_dropped"],
             &t["evictions_estimate"]
         ),
         (
@@ -235,6 +238,7 @@ fn status_json_shape() {
             &serde_json::json!(1 << 18),
             &serde_json::json!(4096),
             &serde_json::json!(4),
+            &serde_json::json!(7),
             &serde_json::json!(15)
         )
     );
@@ -398,6 +402,10 @@ fn cli_rendering_and_http_parsing() {
     let out = cli::render_status(&s);
     assert!(
         out.starts_with("tether: generation 7, native XDP, up 1h02m03s, 9 persistence entries"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mirroring: 7 new XDP bindings not sent to the mirror (ring buffer full)"),
         "{out}"
     );
     assert!(out.contains("service web  192.0.2.10:80/tcp  pool web  persistence p (60s, /24 /48, when down: never)"), "{out}");

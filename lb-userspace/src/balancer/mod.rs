@@ -279,7 +279,7 @@ pub fn plan<E>(
                 cfg.persist_table_entries,
                 possible_cpus(),
             ),
-            _pad: 0,
+            emit_bindings: u32::from(cfg.mirroring.is_some()),
         },
     })
 }
@@ -355,6 +355,18 @@ mod tests {
             "weight 0 drains"
         );
         assert_eq!(p.tx_ports, vec![7]);
+    }
+
+    #[test]
+    fn the_data_path_writes_binding_events_only_when_mirroring() {
+        assert_eq!(plan_of(&cfg()).globals.emit_bindings, 0);
+        let mirrored = CFG.replacen(
+            r#"{"interface":"eth0","#,
+            r#"{"interface":"eth0","mirroring":{"redis":"redis://10.0.0.9","instance":"lb-a"},"#,
+            1,
+        );
+        let c = Config::parse(&mirrored).expect("valid");
+        assert_eq!(plan_of(&c).globals.emit_bindings, 1);
     }
 
     #[test]

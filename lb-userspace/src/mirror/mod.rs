@@ -20,6 +20,9 @@
 //!   backoff (0.1 s doubling to 5 s). On every (re)connection it writes what waited, then
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
+//! - **Reloads** ([`Mirror::reconfigure`]): the mirror lives as long as the daemon (the
+//!   tables keep the watcher it installed); another Redis or instance name reconnects it, a
+//!   removed section idles it (what the tables send is discarded).
 
 pub mod codec;
 #[cfg(test)]
@@ -116,6 +119,8 @@ pub trait XdpTarget: Send + Sync {
 /// The running mirror of one daemon.
 pub struct Mirror {
     tx: mpsc::Sender<Event>,
+    /// The `mirroring` in force (`None`: removed by a reload; the task idles).
+    target: tokio::sync::watch::Sender<Option<Mirroring>>,
     /// True once the task has connected and read what Redis holds.
     caught_up: tokio::sync::watch::Receiver<bool>,
     engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
@@ -134,15 +139,19 @@ impl Mirror {
         let stats = STATS.get_or_init(Default::default).clone();
         let engines = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (caught_tx, caught_up) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(worker::run(worker::Worker {
-            caught_up: caught_tx,
-            url: cfg.redis.clone(),
-            instance: cfg.instance.clone(),
-            rx,
-            engines: engines.clone(),
-            xdp,
-            stats: stats.clone(),
-        }));
+        let (target, target_rx) = tokio::sync::watch::channel(Some(cfg.clone()));
+        let task = tokio::spawn(worker::serve(
+            worker::Worker {
+                caught_up: caught_tx,
+                url: String::new(),
+                instance: String::new(),
+                rx,
+                engines: engines.clone(),
+                xdp,
+                stats: stats.clone(),
+            },
+            target_rx,
+        ));
         log::info!(
             "mirroring stored persistence tables through {} as instance {:?}",
             redact(&cfg.redis),
@@ -150,11 +159,36 @@ impl Mirror {
         );
         Mirror {
             tx,
+            target,
             caught_up,
             engines,
             stats,
             task,
         }
+    }
+
+    /// Take a reloaded `mirroring`: another Redis or instance name reconnects (the local
+    /// tables stay, and every live binding is written to the new Redis), `None` stops
+    /// mirroring (bindings are no longer sent). Whether anything changed.
+    pub fn reconfigure(&self, cfg: Option<&Mirroring>) -> bool {
+        let changed = self.target.send_if_modified(|t| {
+            if t.as_ref() == cfg {
+                return false;
+            }
+            *t = cfg.cloned();
+            true
+        });
+        if changed {
+            match cfg {
+                Some(m) => log::info!(
+                    "mirroring: now through {} as instance {:?}",
+                    redact(&m.redis),
+                    m.instance
+                ),
+                None => log::info!("mirroring: off (removed from the config)"),
+            }
+        }
+        changed
     }
 
     /// Wait until the first catch-up with Redis is done, at most `limit`; whether it was.
@@ -249,12 +283,20 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// The `tether_mirror_*` metrics, when this daemon mirrors.
-pub fn render_metrics(out: &mut String) {
+/// The `tether_mirror_*` metrics, when this daemon mirrors; `ring_drops` is the data
+/// path's count of binding events the full ring buffer dropped
+/// (`lb_common::event::BINDING_EVENT_DROPPED`).
+pub fn render_metrics(out: &mut String, ring_drops: u64) {
     use std::fmt::Write as _;
     let Some(s) = STATS.get() else {
         return;
     };
+    let _ = writeln!(
+        out,
+        "# HELP tether_mirror_xdp_ring_drops_total New XDP bindings not output to the ring buffer because it was full (the reader fell behind); they reach Redis with the next sweep of the table."
+    );
+    let _ = writeln!(out, "# TYPE tether_mirror_xdp_ring_drops_total counter");
+    let _ = writeln!(out, "tether_mirror_xdp_ring_drops_total {ring_drops}");
     let rows: [(&str, &str, &str, &AtomicU64); 10] = [
         (
             "tether_mirror_published_total",

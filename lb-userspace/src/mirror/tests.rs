@@ -65,3 +65,76 @@ fn logged_urls_hide_the_password() {
     );
     assert_eq!(super::redact("redis://10.0.0.5"), "redis://10.0.0.5");
 }
+
+/// Waits (bounded) until `cond` holds, yielding to the mirror's task.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not within 5 s");
+}
+
+/// A reload's `mirroring` reaches the running mirror: a change is taken (and only a
+/// change), and with the section removed the task discards what the tables send instead
+/// of queueing it for Redis.
+#[tokio::test]
+async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
+    use std::sync::atomic::Ordering;
+
+    use crate::config::mirroring::Mirroring;
+    // Nothing listens on port 1 of loopback: every connection fails at once.
+    let down = Mirroring {
+        redis: "redis://127.0.0.1:1".into(),
+        instance: "lb-a".into(),
+    };
+    let m = super::Mirror::start(&down, None);
+    let tx = m.sender();
+    let send = |n: u128| {
+        super::offer(
+            &tx,
+            &m.stats,
+            super::Event {
+                service: "web".into(),
+                table: "client-ip".into(),
+                key: n,
+                backend: 1,
+                previous: None,
+                ttl_ms: 1000,
+                at: Instant::now(),
+            },
+        )
+    };
+    for n in 0..10 {
+        send(n);
+    }
+    eventually("bindings wait for the Redis that is down", || {
+        m.stats.pending.load(Ordering::Relaxed) >= 10
+    })
+    .await;
+    assert!(!m.reconfigure(Some(&down)), "the same section is no change");
+    assert!(m.reconfigure(None), "the section removed");
+    assert!(!m.reconfigure(None), "removed twice is no change");
+    eventually("nothing waits once mirroring is removed", || {
+        m.stats.pending.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    for n in 0..10 {
+        send(n);
+    }
+    eventually("the task discards what the tables send", || {
+        tx.capacity() == super::QUEUE_CAPACITY
+    })
+    .await;
+    assert_eq!(m.stats.pending.load(Ordering::Relaxed), 0);
+    let renamed = Mirroring {
+        instance: "lb-b".into(),
+        ..down.clone()
+    };
+    assert!(
+        m.reconfigure(Some(&renamed)),
+        "added back under another name"
+    );
+}

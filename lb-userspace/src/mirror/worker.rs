@@ -9,10 +9,13 @@ use std::{
 use arc_swap::ArcSwap;
 use futures_util::StreamExt as _;
 use redis::{AsyncConnectionConfig, aio::MultiplexedConnection};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::{Event, MirrorStats, QUEUE_CAPACITY, XdpTarget, codec};
-use crate::engine::{Engine, methods::TableRef};
+use crate::{
+    config::mirroring::Mirroring,
+    engine::{Engine, methods::TableRef},
+};
 
 /// Connect and command timeouts: a slow Redis is a failed one.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,6 +31,7 @@ const XDP_SWEEP: Duration = Duration::from_secs(10);
 
 pub(super) struct Worker {
     pub caught_up: tokio::sync::watch::Sender<bool>,
+    /// Redis and the instance name in force (set from the target before each run).
     pub url: String,
     pub instance: String,
     pub rx: mpsc::Receiver<Event>,
@@ -39,13 +43,49 @@ pub(super) struct Worker {
 /// Why a session ended.
 type SessionResult = Result<(), redis::RedisError>;
 
-pub(super) async fn run(mut w: Worker) {
+/// The mirror task for the daemon's life: mirrors through the `mirroring` in force in
+/// `target`, and when a reload changes it, drops the connections and starts again with the
+/// new Redis or instance name. Bindings waiting or being written then are not lost: the new
+/// connection's full sweep writes every live binding. With `None` (mirroring removed) what
+/// the tables send is discarded. Ends when every sender is gone.
+pub(super) async fn serve(mut w: Worker, mut target: watch::Receiver<Option<Mirroring>>) {
+    loop {
+        let current = target.borrow_and_update().clone();
+        w.caught_up.send_replace(false);
+        w.stats.connected.store(0, Ordering::Relaxed);
+        gauges(&VecDeque::new(), &w.stats);
+        match current {
+            Some(m) => {
+                w.url = m.redis;
+                w.instance = m.instance;
+                tokio::select! {
+                    () = run(&mut w) => return,
+                    changed = target.changed() => if changed.is_err() { return },
+                }
+            }
+            None => loop {
+                tokio::select! {
+                    ev = w.rx.recv() => if ev.is_none() { return },
+                    changed = target.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Mirror through `w.url` until the channel closes.
+async fn run(w: &mut Worker) {
     let client = match redis::Client::open(w.url.as_str()) {
         Ok(c) => c,
         Err(e) => {
-            // Validated with the config: only a bug gets here.
+            // Validated with the config: only a bug gets here. Wait for another config.
             log::error!("mirroring: {e}; mirroring is off");
-            return;
+            return std::future::pending().await;
         }
     };
     let script = redis::Script::new(codec::BIND_SCRIPT);
@@ -53,7 +93,7 @@ pub(super) async fn run(mut w: Worker) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let r = session(&mut w, &client, &script, &mut pending).await;
+        let r = session(w, &client, &script, &mut pending).await;
         w.stats.connected.store(0, Ordering::Relaxed);
         if let Err(e) = r {
             MirrorStats::bump(&w.stats.failures);

@@ -57,6 +57,7 @@ fn status(web: (u64, u64, u64), b1: (u64, u64, u64), b2: (u64, u64, u64), dns: C
             bindings_created: 0,
             bindings_rate_limited: 0,
             non_syn_unbound: 0,
+            binding_events_dropped: 0,
             evictions_estimate: Some(0),
         },
         services: vec![
