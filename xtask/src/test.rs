@@ -192,6 +192,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                     "--test",
                     "e2e_multi_stored",
                     "--test",
+                    "e2e_multi_lookup",
+                    "--test",
                     "e2e_gslb",
                 ],
                 &["--test-threads=1"],

@@ -12,13 +12,25 @@ pub struct RawMirroring {
     pub redis: String,
     /// This instance's name, unique among the instances sharing the Redis.
     pub instance: String,
+    /// How long an L7 local miss may wait for Redis' binding (0: never ask).
+    #[serde(default)]
+    pub lookup_timeout_ms: Option<u64>,
 }
+
+/// Default of `mirroring.lookup_timeout_ms`: far above a Redis round trip on a LAN (well
+/// under a millisecond), so a loaded Redis still answers, yet small next to the new
+/// client's own connection setup; only a local miss pays it, once per new key.
+pub const DEFAULT_LOOKUP_TIMEOUT_MS: u64 = 50;
+/// Most a request may be held for Redis.
+pub const MAX_LOOKUP_TIMEOUT_MS: u64 = 1000;
 
 /// Validated `mirroring`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mirroring {
     pub redis: String,
     pub instance: String,
+    /// How long an L7 local miss waits for Redis' binding; zero: it does not ask.
+    pub lookup_timeout: std::time::Duration,
 }
 
 pub(super) fn validate(raw: Option<&RawMirroring>) -> Result<Option<Mirroring>, ConfigError> {
@@ -45,8 +57,18 @@ pub(super) fn validate(raw: Option<&RawMirroring>) -> Result<Option<Mirroring>, 
             format!("{url:?} is not a Redis URL: {e}"),
         )
     })?;
+    let lookup_ms = raw.lookup_timeout_ms.unwrap_or(DEFAULT_LOOKUP_TIMEOUT_MS);
+    if lookup_ms > MAX_LOOKUP_TIMEOUT_MS {
+        return Err(ConfigError::new(
+            "mirroring.lookup_timeout_ms",
+            format!(
+                "{lookup_ms}: must be at most {MAX_LOOKUP_TIMEOUT_MS} (a request waits that long for Redis); 0 turns lookups off"
+            ),
+        ));
+    }
     Ok(Some(Mirroring {
         redis: url.to_string(),
         instance: raw.instance.clone(),
+        lookup_timeout: std::time::Duration::from_millis(lookup_ms),
     }))
 }

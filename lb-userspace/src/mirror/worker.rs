@@ -1,4 +1,5 @@
-//! The mirror's task: one Redis connection for writes and reads, one for the channel.
+//! The mirror's task: one Redis connection for writes and reads, one for the channel, and
+//! one it lends to the requests' lookups while it is connected.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -37,6 +38,7 @@ pub(super) struct Worker {
     pub rx: mpsc::Receiver<Event>,
     pub engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
     pub xdp: Option<Arc<dyn XdpTarget>>,
+    pub lookups: Arc<super::lookup::Lookups>,
     pub stats: Arc<MirrorStats>,
 }
 
@@ -51,6 +53,14 @@ type SessionResult = Result<(), redis::RedisError>;
 pub(super) async fn serve(mut w: Worker, mut target: watch::Receiver<Option<Mirroring>>) {
     loop {
         let current = target.borrow_and_update().clone();
+        // Not connected to the new target yet (a session dropped by the change leaves its
+        // connection here); without `mirroring`, engines ask nothing.
+        w.lookups.con.store(None);
+        w.lookups.set_timeout(
+            current
+                .as_ref()
+                .map_or(Duration::ZERO, |m| m.lookup_timeout),
+        );
         w.caught_up.send_replace(false);
         w.stats.connected.store(0, Ordering::Relaxed);
         gauges(&VecDeque::new(), &w.stats);
@@ -94,6 +104,8 @@ async fn run(w: &mut Worker) {
     loop {
         let started = Instant::now();
         let r = session(w, &client, &script, &mut pending).await;
+        // Requests stop asking at once, rather than each waiting for its timeout.
+        w.lookups.con.store(None);
         w.stats.connected.store(0, Ordering::Relaxed);
         if let Err(e) = r {
             MirrorStats::bump(&w.stats.failures);
@@ -144,6 +156,10 @@ async fn session(
     let mut con = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
+    // Lookups get their own connection: a request's GET does not queue behind a batch.
+    let lookup_con = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let mut pubsub = tokio::time::timeout(IO_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| timeout_error("connecting for the channel"))??;
@@ -153,6 +169,7 @@ async fn session(
     let mut messages = pubsub.into_on_message();
     MirrorStats::bump(&w.stats.connections);
     w.stats.connected.store(1, Ordering::Relaxed);
+    w.lookups.con.store(Some(Arc::new(lookup_con)));
     log::info!("mirroring: connected to Redis; catching up");
 
     // What waited, then everything live (Redis may have restarted empty), then what the

@@ -1,7 +1,12 @@
 //! `mirroring`: off by default, validated with the field named.
 
 use super::{GOOD, err};
-use crate::config::{Config, mirroring::Mirroring};
+use std::time::Duration;
+
+use crate::config::{
+    Config,
+    mirroring::{DEFAULT_LOOKUP_TIMEOUT_MS, Mirroring},
+};
 
 fn with_mirroring(m: &str) -> String {
     GOOD.replacen(
@@ -22,8 +27,18 @@ fn mirroring_is_off_by_default_and_validates() {
         c.mirroring,
         Some(Mirroring {
             redis: "redis://10.0.0.5:6379/0".into(),
-            instance: "lb-a".into()
+            instance: "lb-a".into(),
+            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
         })
+    );
+    let c = Config::parse(&with_mirroring(
+        r#"{"redis": "redis://h", "instance": "lb-a", "lookup_timeout_ms": 0}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.mirroring.expect("mirroring").lookup_timeout,
+        Duration::ZERO,
+        "0 turns lookups off"
     );
 }
 
@@ -59,6 +74,16 @@ fn bad_mirroring_names_the_field() {
             r#"{"redis": "redis://h", "instance": "a b"}"#,
             "mirroring.instance",
             "A-Z a-z 0-9",
+        ),
+        (
+            r#"{"redis": "redis://h", "instance": "a", "lookup_timeout_ms": 1001}"#,
+            "mirroring.lookup_timeout_ms",
+            "at most 1000",
+        ),
+        (
+            r#"{"redis": "redis://h", "instance": "a", "lookup_timeout_ms": -1}"#,
+            "mirroring.lookup_timeout_ms",
+            "invalid value",
         ),
         (
             r#"{"redis": "redis://h", "instance": ""}"#,
