@@ -10,4 +10,5 @@ pub mod multilab;
 pub mod netns;
 pub mod packet;
 pub mod pinned;
+pub mod redisha;
 pub mod tlslab;

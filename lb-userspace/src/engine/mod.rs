@@ -17,7 +17,7 @@
 pub mod input;
 mod inspect;
 pub mod methods;
-mod mirrored;
+pub mod mirrored;
 pub mod quota;
 pub mod saved;
 pub mod site;
@@ -49,7 +49,7 @@ use crate::{
     },
     config::{Algorithm, ClientIpFallback, Config, DownPolicy, PersistenceProfile, VirtualService},
     cookie::{self, KeyError},
-    proxy::{ConnInfo, Route, Router, TlsSession},
+    proxy::{ConnInfo, Resume, Route, Routed, Router, TlsSession, Wait},
     state::{BackendL7Stats, BackendState, RouterStats, SharedSnapshot, Snapshot},
     tlswire::ClientHello,
 };
@@ -67,6 +67,15 @@ pub enum Refusal {
     BackendDown,
     /// No backend can take a new client.
     NoBackend,
+}
+
+/// What [`Engine::decide_or_ask`] found.
+#[derive(Debug)]
+pub enum Decided {
+    Chosen(Choice),
+    /// No local binding of a stored table's key: the remote is being asked (nothing is
+    /// recorded yet). Await [`mirrored::Miss::answer`], [`Engine::take`] it, then decide.
+    Miss(mirrored::Miss),
 }
 
 /// Where an input goes.
@@ -234,6 +243,8 @@ pub struct Engine {
     quota: SourceQuota,
     /// GSLB site persistence, when the service has it.
     site: Option<site::SiteCookie>,
+    /// Asked about local misses (mirroring), when set.
+    remote: ArcSwapOption<Arc<dyn mirrored::Remote>>,
     pub stats: Arc<RouterStats>,
 }
 
@@ -280,6 +291,7 @@ impl Engine {
             pool_id: cookie::pool_id(&pool.name),
             prepared: ArcSwapOption::empty(),
             site: None,
+            remote: ArcSwapOption::empty(),
             stats: Arc::new(RouterStats::default()),
         }
     }
@@ -315,6 +327,54 @@ impl Engine {
 
     /// Decide where `input` goes. `tried` lists backends that already failed to accept it.
     pub fn decide(&self, input: &mut Input<'_>, tried: &[SocketAddr]) -> Result<Choice, Refusal> {
+        match self.decide_with(input, tried, false)? {
+            Decided::Chosen(c) => Ok(c),
+            // Only with `ask`.
+            Decided::Miss(_) => Err(Refusal::NoBackend),
+        }
+    }
+
+    /// Decide where `input` goes on its first attempt, or, when a remote is set and the
+    /// input's key of a stored table (the method's, or the fallback's) is bound nowhere
+    /// here, return the question to ask it. A local hit costs nothing more than
+    /// [`Engine::decide`].
+    pub fn decide_or_ask(&self, input: &mut Input<'_>) -> Result<Decided, Refusal> {
+        self.decide_with(input, &[], true)
+    }
+
+    /// The stored tables' keys `input` was looked up by: the method's, then the fallback's
+    /// when the input has none of the method's.
+    fn stored_keys(
+        &self,
+        input: &Input<'_>,
+        lookup: &methods::Lookup,
+        absent: bool,
+    ) -> Vec<(String, u128)> {
+        let mut keys: Vec<(String, u128)> = match &self.method {
+            Some(m) => {
+                let id = m.table_id();
+                m.stored_keys(input, lookup)
+                    .into_iter()
+                    .map(|k| (id.clone(), k))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        if absent && let Some(f) = &self.fallback {
+            keys.push((
+                "fallback".into(),
+                u128::from_be_bytes(f.key(input.client())),
+            ));
+        }
+        keys
+    }
+
+    fn decide_with(
+        &self,
+        input: &mut Input<'_>,
+        tried: &[SocketAddr],
+        ask: bool,
+    ) -> Result<Decided, Refusal> {
         let snap = self.snapshot.load();
         let prep = self.prepared(&snap).ok_or(Refusal::NoService)?;
         let svc = &snap.config.services[prep.service];
@@ -355,6 +415,18 @@ impl Engine {
         {
             bound = Some(i);
             RouterStats::bump(&stats.fallback_hits);
+        }
+        // A miss here: ask the remote before anything is recorded.
+        if bound.is_none()
+            && ask
+            && let Some(remote) = self.remote.load().as_ref()
+        {
+            let keys = self.stored_keys(input, &lookup, absent);
+            if !keys.is_empty()
+                && let Some(lookup) = remote.lookup(&self.service, &keys)
+            {
+                return Ok(Decided::Miss(mirrored::Miss { lookup, keys }));
+            }
         }
 
         // Honour the binding if its backend can take it.
@@ -424,7 +496,7 @@ impl Engine {
             methods::store(&f.table, f.key(client), identity, client.ip(), &cx);
         }
         self.selection.started(index);
-        Ok(Choice {
+        Ok(Decided::Chosen(Choice {
             backend: addr_of(index),
             decision: Decision {
                 identity,
@@ -432,7 +504,7 @@ impl Engine {
                 by_method: by_method && honoured.is_some(),
                 client: input.client().ip(),
             },
-        })
+        }))
     }
 
     /// Let the method add to, or learn from, the reply to a decided input.
@@ -471,24 +543,42 @@ impl Engine {
     }
 }
 
-impl Router for Engine {
-    fn route(
+/// What an HTTP request waiting for the remote carries to [`Router::resume`].
+struct Resumed {
+    /// [`SITE_COOKIE_BIT`] when the response must carry this site's cookie (the site's
+    /// cookie is already stripped from the request).
+    site_cookie: u64,
+    answer: mirrored::Answer,
+}
+
+fn http_route(choice: Choice, site_cookie: u64) -> Route {
+    Route {
+        backend: choice.backend,
+        token: choice.decision.index as u64 | site_cookie,
+        tag: Some(Arc::new(choice.decision)),
+    }
+}
+
+impl Engine {
+    /// The HTTP adapter; with `ask`, a local miss of a stored table waits for the remote.
+    fn route_with(
         &self,
         req: &mut http::request::Parts,
         conn: &ConnInfo,
         tried: &[SocketAddr],
-    ) -> Result<Route, StatusCode> {
+        ask: bool,
+    ) -> Result<Routed, StatusCode> {
         let mut site_cookie = 0;
         if let Some(site) = &self.site {
             match site.locate(req) {
                 // Its site's VIP (a peer that failed leaves the request to this site).
                 site::Where::Peer(peer) if !tried.contains(&peer.addr) => {
                     site.mark_hop(req);
-                    return Ok(Route {
+                    return Ok(Routed::Now(Route {
                         backend: peer.addr,
                         token: 0,
                         tag: None,
-                    });
+                    }));
                 }
                 site::Where::Local { known } => {
                     site.strip(req);
@@ -499,17 +589,67 @@ impl Router for Engine {
                 site::Where::Peer(_) => site.strip(req),
             }
         }
+        let mut input = Input::http(req, conn.client).in_session(conn.session);
+        let decided = if ask && tried.is_empty() {
+            self.decide_or_ask(&mut input)
+        } else {
+            self.decide(&mut input, tried).map(Decided::Chosen)
+        };
+        match decided.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)? {
+            Decided::Chosen(choice) => Ok(Routed::Now(http_route(choice, site_cookie))),
+            Decided::Miss(miss) => Ok(Routed::Wait(Wait {
+                answer: Box::pin(async move {
+                    Resume(Box::new(Resumed {
+                        site_cookie,
+                        answer: miss.answer().await,
+                    }))
+                }),
+            })),
+        }
+    }
+}
+
+impl Router for Engine {
+    fn route(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+    ) -> Result<Route, StatusCode> {
+        match self.route_with(req, conn, tried, false)? {
+            Routed::Now(route) => Ok(route),
+            // Only with `ask`.
+            Routed::Wait(_) => Err(StatusCode::SERVICE_UNAVAILABLE),
+        }
+    }
+
+    fn route_or_wait(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+    ) -> Result<Routed, StatusCode> {
+        self.route_with(req, conn, tried, true)
+    }
+
+    fn resume(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+        resume: Resume,
+    ) -> Result<Route, StatusCode> {
+        let Ok(r) = resume.0.downcast::<Resumed>() else {
+            return self.route(req, conn, tried);
+        };
+        self.take(&r.answer);
         let choice = self
             .decide(
                 &mut Input::http(req, conn.client).in_session(conn.session),
                 tried,
             )
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-        Ok(Route {
-            backend: choice.backend,
-            token: choice.decision.index as u64 | site_cookie,
-            tag: Some(Arc::new(choice.decision)),
-        })
+        Ok(http_route(choice, r.site_cookie))
     }
 
     fn redirect(&self, req: &http::request::Parts, conn: &ConnInfo) -> Option<http::HeaderValue> {

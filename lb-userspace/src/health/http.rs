@@ -475,9 +475,11 @@ mod tests {
             Err("read status line: timeout after 200 ms".to_string()),
             "silent server"
         );
+        // A lower bound only: the check waited for its timeout (an upper bound would
+        // measure the machine's load).
         assert!(
-            took >= Duration::from_millis(190) && took < Duration::from_millis(600),
-            "took {took:?}, expected about 200 ms"
+            took >= Duration::from_millis(190),
+            "took {took:?}, expected at least the 200 ms timeout"
         );
     }
 
@@ -616,13 +618,12 @@ mod tests {
                 let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
             }
         });
-        let started = Instant::now();
         let result = https(None).check(addr).await;
         task.abort();
         let err = result.expect_err("plain HTTP is not TLS");
         assert!(err.starts_with("tls handshake: "), "detail: {err}");
         assert!(
-            started.elapsed() < Duration::from_millis(1000),
+            !err.contains("timeout"),
             "fails on the bad record, not by timeout: {err}"
         );
     }

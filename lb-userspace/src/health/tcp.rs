@@ -50,13 +50,8 @@ mod tests {
             .parse()
             .expect("addr");
         let check = TcpCheck::new(Duration::from_millis(500));
-        let started = Instant::now();
         let err = check.check(addr).await.expect_err("closed port must fail");
         assert_eq!(err, "connect: connection refused", "detail");
-        assert!(
-            started.elapsed() < Duration::from_millis(400),
-            "refusal is immediate, not a timeout"
-        );
     }
 
     /// A listener whose accept queue is full drops further SYNs, so the handshake hangs
@@ -83,9 +78,11 @@ mod tests {
         let err = check.check(addr).await.expect_err("full backlog must fail");
         let took = started.elapsed();
         assert_eq!(err, "connect: timeout after 200 ms", "detail");
+        // A lower bound only: it proves the check waited for its timeout; an upper bound
+        // would measure the machine's load, not the check.
         assert!(
-            took >= Duration::from_millis(190) && took < Duration::from_millis(600),
-            "took {took:?}, expected about 200 ms"
+            took >= Duration::from_millis(190),
+            "took {took:?}, expected at least the 200 ms timeout"
         );
         drop(fillers);
     }

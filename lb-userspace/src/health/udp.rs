@@ -140,17 +140,11 @@ mod tests {
             let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
             s.local_addr().expect("socket address")
         };
-        let started = Instant::now();
         let result = check(1000, None).check(addr).await;
-        let took = started.elapsed();
         assert_eq!(
             result,
             Err("receive: connection refused (ICMP port unreachable)".to_string()),
             "refused"
-        );
-        assert!(
-            took < Duration::from_millis(500),
-            "took {took:?}: not a timeout"
         );
     }
 
@@ -167,9 +161,11 @@ mod tests {
             Err("receive: timeout after 200 ms".to_string()),
             "silent"
         );
+        // A lower bound only: the check waited for its timeout (an upper bound would
+        // measure the machine's load).
         assert!(
-            took >= Duration::from_millis(190) && took < Duration::from_millis(600),
-            "took {took:?}, expected about 200 ms"
+            took >= Duration::from_millis(190),
+            "took {took:?}, expected at least the 200 ms timeout"
         );
     }
 

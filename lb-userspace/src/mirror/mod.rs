@@ -2,7 +2,7 @@
 //! persistence mirroring), so that a client moved to another instance (ECMP change,
 //! scale-out, an instance's loss) keeps its backend.
 //!
-//! - **The data path never waits.** A binding is made locally; the table's watcher
+//! - **Binding never waits on Redis.** A binding is made locally; the table's watcher
 //!   ([`crate::engine::table::Watcher`]) queues it on a bounded channel (full: dropped and
 //!   counted, `tether_mirror_dropped_total`), and one task writes batches to Redis.
 //! - **One write rule, the same on every instance** ([`codec::BIND_SCRIPT`]): a key absent
@@ -20,11 +20,21 @@
 //!   backoff (0.1 s doubling to 5 s). On every (re)connection it writes what waited, then
 //!   every live binding of its tables (a restarted Redis has lost everything), then reads
 //!   every binding Redis holds (what the others wrote meanwhile).
+//! - **Sentinel** (`mirroring.sentinel`): every (re)connection first asks the sentinels
+//!   which server is master, so a failover is one more reconnection, and the full write
+//!   on connecting restores what a lagging replica had not received.
+//! - **A local miss asks Redis where the input can wait** (L7 HTTP requests, TLS
+//!   pass-through connections, SIP over UDP in a task of its own; [`lookup`]): one `MGET` of the
+//!   keys the request was looked up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
+//!   local table and honoured. So a client reaches its backend on another instance even
+//!   before (or without) the channel's announcement. Not while disconnected: the request is
+//!   decided locally at once (`tether_mirror_lookups_skipped_total`).
 //! - **Reloads** ([`Mirror::reconfigure`]): the mirror lives as long as the daemon (the
 //!   tables keep the watcher it installed); another Redis or instance name reconnects it, a
 //!   removed section idles it (what the tables send is discarded).
 
 pub mod codec;
+mod lookup;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -43,7 +53,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::mirroring::Mirroring,
+    config::mirroring::{Mirroring, Redis},
     engine::{Engine, methods::TableRef},
 };
 
@@ -73,6 +83,16 @@ pub struct MirrorStats {
     pub lag_ms: AtomicU64,
     /// XDP new-binding events read from the ring buffer.
     pub xdp_events: AtomicU64,
+    /// L7 local misses looked up in Redis.
+    pub lookups: AtomicU64,
+    /// Lookups that found a binding.
+    pub lookup_hits: AtomicU64,
+    /// Lookups Redis did not answer within the timeout.
+    pub lookup_timeouts: AtomicU64,
+    /// Lookups that failed (connection lost, command error).
+    pub lookup_errors: AtomicU64,
+    /// Local misses not looked up because Redis was not connected.
+    pub lookups_skipped: AtomicU64,
 }
 
 impl MirrorStats {
@@ -124,6 +144,8 @@ pub struct Mirror {
     /// True once the task has connected and read what Redis holds.
     caught_up: tokio::sync::watch::Receiver<bool>,
     engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
+    /// What the engines ask on a local miss.
+    lookups: Arc<lookup::Lookups>,
     pub stats: Arc<MirrorStats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -139,22 +161,23 @@ impl Mirror {
         let stats = STATS.get_or_init(Default::default).clone();
         let engines = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (caught_tx, caught_up) = tokio::sync::watch::channel(false);
+        let lookups = Arc::new(lookup::Lookups::new(cfg.lookup_timeout, stats.clone()));
         let (target, target_rx) = tokio::sync::watch::channel(Some(cfg.clone()));
         let task = tokio::spawn(worker::serve(
             worker::Worker {
                 caught_up: caught_tx,
-                url: String::new(),
                 instance: String::new(),
                 rx,
                 engines: engines.clone(),
                 xdp,
+                lookups: lookups.clone(),
                 stats: stats.clone(),
             },
             target_rx,
         ));
         log::info!(
             "mirroring stored persistence tables through {} as instance {:?}",
-            redact(&cfg.redis),
+            describe(&cfg.redis),
             cfg.instance
         );
         Mirror {
@@ -162,6 +185,7 @@ impl Mirror {
             target,
             caught_up,
             engines,
+            lookups,
             stats,
             task,
         }
@@ -182,7 +206,7 @@ impl Mirror {
             match cfg {
                 Some(m) => log::info!(
                     "mirroring: now through {} as instance {:?}",
-                    redact(&m.redis),
+                    describe(&m.redis),
                     m.instance
                 ),
                 None => log::info!("mirroring: off (removed from the config)"),
@@ -218,6 +242,7 @@ impl Mirror {
         }
         for e in &engines {
             watch_engine(e, &self.tx, &self.stats);
+            e.set_remote(Some(self.lookups.clone()));
         }
         self.engines.store(Arc::new(engines));
     }
@@ -226,6 +251,11 @@ impl Mirror {
 impl Drop for Mirror {
     fn drop(&mut self) {
         self.task.abort();
+        self.lookups.con.store(None);
+        let ours: Arc<dyn crate::engine::mirrored::Remote> = self.lookups.clone();
+        for e in self.engines.load().iter() {
+            e.unset_remote(&ours);
+        }
     }
 }
 
@@ -275,6 +305,21 @@ fn watch_engine(e: &Engine, tx: &mpsc::Sender<Event>, stats: &Arc<MirrorStats>) 
     }
 }
 
+/// Which Redis, without passwords, for logs.
+fn describe(redis: &Redis) -> String {
+    match redis {
+        Redis::Server(url) => redact(url),
+        Redis::Sentinel(s) => {
+            let nodes: Vec<String> = s.nodes.iter().map(|n| redact(n)).collect();
+            format!(
+                "master {:?} of the sentinels {}",
+                s.master,
+                nodes.join(", ")
+            )
+        }
+    }
+}
+
 /// The URL without its password, for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -297,7 +342,7 @@ pub fn render_metrics(out: &mut String, ring_drops: u64) {
     );
     let _ = writeln!(out, "# TYPE tether_mirror_xdp_ring_drops_total counter");
     let _ = writeln!(out, "tether_mirror_xdp_ring_drops_total {ring_drops}");
-    let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 15] = [
         (
             "tether_mirror_published_total",
             "counter",
@@ -351,6 +396,36 @@ pub fn render_metrics(out: &mut String, ring_drops: u64) {
             "counter",
             "New XDP bindings read from the ring buffer.",
             &s.xdp_events,
+        ),
+        (
+            "tether_mirror_lookups_total",
+            "counter",
+            "L7 requests whose key no local table held, looked up in Redis.",
+            &s.lookups,
+        ),
+        (
+            "tether_mirror_lookup_hits_total",
+            "counter",
+            "Lookups in Redis that found a binding.",
+            &s.lookup_hits,
+        ),
+        (
+            "tether_mirror_lookup_timeouts_total",
+            "counter",
+            "Lookups Redis did not answer within mirroring.lookup_timeout_ms (decided locally).",
+            &s.lookup_timeouts,
+        ),
+        (
+            "tether_mirror_lookup_errors_total",
+            "counter",
+            "Lookups that failed (decided locally).",
+            &s.lookup_errors,
+        ),
+        (
+            "tether_mirror_lookups_skipped_total",
+            "counter",
+            "Local misses not looked up because Redis was not connected (decided locally at once).",
+            &s.lookups_skipped,
         ),
         (
             "tether_mirror_lag_seconds",

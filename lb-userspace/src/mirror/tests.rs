@@ -66,6 +66,45 @@ fn logged_urls_hide_the_password() {
     assert_eq!(super::redact("redis://10.0.0.5"), "redis://10.0.0.5");
 }
 
+#[test]
+fn a_lookup_takes_the_first_binding_mget_returns() {
+    use super::lookup::found;
+    assert_eq!(found(&[None, Some("7:lb-a".into())]), Some((1, 7)));
+    assert_eq!(
+        found(&[Some("3:lb-b".into()), Some("7:lb-a".into())]),
+        Some((0, 3)),
+        "the method's key before the fallback's"
+    );
+    assert_eq!(
+        found(&[Some("garbage".into()), None]),
+        None,
+        "a value not written by tether is no binding"
+    );
+    assert_eq!(found(&[]), None);
+}
+
+#[test]
+fn lookups_are_skipped_while_disconnected_and_not_made_when_off() {
+    use std::sync::atomic::Ordering;
+
+    use super::{MirrorStats, lookup::Lookups};
+    use crate::engine::mirrored::Remote;
+
+    let stats = Arc::new(MirrorStats::default());
+    let keys = [("client-ip".to_string(), 1u128)];
+    let l = Lookups::new(Duration::from_millis(50), stats.clone());
+    assert!(l.lookup("web", &keys).is_none(), "no connection: not asked");
+    assert_eq!(stats.lookups_skipped.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0);
+    l.set_timeout(Duration::ZERO);
+    assert!(l.lookup("web", &keys).is_none());
+    assert_eq!(
+        stats.lookups_skipped.load(Ordering::Relaxed),
+        1,
+        "lookups off: nothing to count"
+    );
+}
+
 /// Waits (bounded) until `cond` holds, yielding to the mirror's task.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..500 {
@@ -84,11 +123,12 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
     use std::sync::atomic::Ordering;
 
-    use crate::config::mirroring::Mirroring;
+    use crate::config::mirroring::{Mirroring, Redis};
     // Nothing listens on port 1 of loopback: every connection fails at once.
     let down = Mirroring {
-        redis: "redis://127.0.0.1:1".into(),
+        redis: Redis::Server("redis://127.0.0.1:1".into()),
         instance: "lb-a".into(),
+        lookup_timeout: Duration::from_millis(50),
     };
     let m = super::Mirror::start(&down, None);
     let tx = m.sender();
@@ -137,4 +177,75 @@ async fn a_reloaded_mirroring_is_taken_and_removing_it_discards_bindings() {
         m.reconfigure(Some(&renamed)),
         "added back under another name"
     );
+}
+
+/// With Sentinel, each session asks the sentinels for the master: none answering is a
+/// failed connection (retried with backoff like a standalone server that is down), within
+/// the sentinel timeout, not a hang.
+#[tokio::test]
+async fn sentinels_down_is_a_failed_connection() {
+    use crate::config::mirroring::{Redis, Sentinel};
+    let redis = Redis::Sentinel(Sentinel {
+        nodes: vec!["redis://127.0.0.1:1".into(), "redis://127.0.0.1:2".into()],
+        master: "mymaster".into(),
+        username: None,
+        password: Some("secret".into()),
+        db: 0,
+    });
+    assert_eq!(
+        super::describe(&redis),
+        "master \"mymaster\" of the sentinels redis://127.0.0.1:1, redis://127.0.0.1:2"
+    );
+    let mut source = super::worker::Source::new(&redis).expect("a valid Sentinel client");
+    let r = tokio::time::timeout(Duration::from_secs(10), source.client())
+        .await
+        .expect("the sentinel lookup is bounded");
+    assert!(
+        r.is_err(),
+        "no sentinel answers: {:?}",
+        r.map(|c| c.get_connection_info().addr().to_string())
+    );
+
+    let server = Redis::Server("redis://127.0.0.1:1/2".into());
+    let mut source = super::worker::Source::new(&server).expect("a valid URL");
+    let c = source
+        .client()
+        .await
+        .expect("a standalone server is not looked up");
+    assert_eq!(c.get_connection_info().addr().to_string(), "127.0.0.1:1");
+}
+
+/// A reload that removes `mirroring` stops the lookups (nothing asked, nothing counted);
+/// one that adds it back starts them again, skipped while that Redis is not connected.
+#[tokio::test]
+async fn removing_mirroring_by_a_reload_stops_the_lookups() {
+    use std::sync::atomic::Ordering;
+
+    use crate::{
+        config::mirroring::{Mirroring, Redis},
+        engine::mirrored::Remote,
+    };
+    let down = Mirroring {
+        redis: Redis::Server("redis://127.0.0.1:1".into()),
+        instance: "lb-a".into(),
+        lookup_timeout: Duration::from_millis(50),
+    };
+    let m = super::Mirror::start(&down, None);
+    let keys = [("client-ip".to_string(), 1u128)];
+    let skipped = || m.stats.lookups_skipped.load(Ordering::Relaxed);
+    let before = skipped();
+    assert!(m.lookups.lookup("web", &keys).is_none(), "not connected");
+    assert_eq!(skipped(), before + 1, "skipped while Redis is down");
+    assert!(m.reconfigure(None));
+    eventually("lookups off once mirroring is removed", || {
+        let n = skipped();
+        m.lookups.lookup("web", &keys).is_none() && skipped() == n
+    })
+    .await;
+    assert!(m.reconfigure(Some(&down)));
+    eventually("lookups back with the section", || {
+        let n = skipped();
+        m.lookups.lookup("web", &keys).is_none() && skipped() == n + 1
+    })
+    .await;
 }

@@ -1,4 +1,6 @@
-//! The mirror's task: one Redis connection for writes and reads, one for the channel.
+//! The mirror's task: one Redis connection for writes and reads, one for the channel, and
+//! one it lends to the requests' lookups while it is connected, all to the one server
+//! configured or to the master the sentinels name at connection time.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -13,12 +15,14 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Event, MirrorStats, QUEUE_CAPACITY, XdpTarget, codec};
 use crate::{
-    config::mirroring::Mirroring,
+    config::mirroring::{Mirroring, Redis},
     engine::{Engine, methods::TableRef},
 };
 
 /// Connect and command timeouts: a slow Redis is a failed one.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Asking the sentinels which server is master, and checking that server's role.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bindings per script call.
@@ -31,12 +35,12 @@ const XDP_SWEEP: Duration = Duration::from_secs(10);
 
 pub(super) struct Worker {
     pub caught_up: tokio::sync::watch::Sender<bool>,
-    /// Redis and the instance name in force (set from the target before each run).
-    pub url: String,
+    /// The instance name in force (set from the target before each run).
     pub instance: String,
     pub rx: mpsc::Receiver<Event>,
     pub engines: Arc<ArcSwap<Vec<Arc<Engine>>>>,
     pub xdp: Option<Arc<dyn XdpTarget>>,
+    pub lookups: Arc<super::lookup::Lookups>,
     pub stats: Arc<MirrorStats>,
 }
 
@@ -51,15 +55,22 @@ type SessionResult = Result<(), redis::RedisError>;
 pub(super) async fn serve(mut w: Worker, mut target: watch::Receiver<Option<Mirroring>>) {
     loop {
         let current = target.borrow_and_update().clone();
+        // Not connected to the new target yet (a session dropped by the change leaves its
+        // connection here); without `mirroring`, engines ask nothing.
+        w.lookups.con.store(None);
+        w.lookups.set_timeout(
+            current
+                .as_ref()
+                .map_or(Duration::ZERO, |m| m.lookup_timeout),
+        );
         w.caught_up.send_replace(false);
         w.stats.connected.store(0, Ordering::Relaxed);
         gauges(&VecDeque::new(), &w.stats);
         match current {
             Some(m) => {
-                w.url = m.redis;
                 w.instance = m.instance;
                 tokio::select! {
-                    () = run(&mut w) => return,
+                    () = run(&mut w, &m.redis) => return,
                     changed = target.changed() => if changed.is_err() { return },
                 }
             }
@@ -78,9 +89,42 @@ pub(super) async fn serve(mut w: Worker, mut target: watch::Receiver<Option<Mirr
     }
 }
 
-/// Mirror through `w.url` until the channel closes.
-async fn run(w: &mut Worker) {
-    let client = match redis::Client::open(w.url.as_str()) {
+/// Where each session connects.
+pub(super) enum Source {
+    Server(redis::Client),
+    /// Asked again before every session: after a failover, the promoted replica.
+    Sentinel(Box<redis::sentinel::SentinelClient>),
+}
+
+impl Source {
+    pub(super) fn new(redis: &Redis) -> redis::RedisResult<Source> {
+        Ok(match redis {
+            Redis::Server(url) => Source::Server(redis::Client::open(url.as_str())?),
+            Redis::Sentinel(s) => Source::Sentinel(Box::new(s.client()?)),
+        })
+    }
+
+    /// The server to connect to now.
+    pub(super) async fn client(&mut self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Source::Server(c) => Ok(c.clone()),
+            Source::Sentinel(s) => {
+                let c = tokio::time::timeout(SENTINEL_TIMEOUT, s.async_get_client())
+                    .await
+                    .map_err(|_| timeout_error("asking the sentinels for the master"))??;
+                log::info!(
+                    "mirroring: the sentinels name {} master",
+                    c.get_connection_info().addr()
+                );
+                Ok(c)
+            }
+        }
+    }
+}
+
+/// Mirror through `redis` until the channel closes.
+async fn run(w: &mut Worker, redis: &Redis) {
+    let mut source = match Source::new(redis) {
         Ok(c) => c,
         Err(e) => {
             // Validated with the config: only a bug gets here. Wait for another config.
@@ -93,7 +137,12 @@ async fn run(w: &mut Worker) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let r = session(w, &client, &script, &mut pending).await;
+        let r = match source.client().await {
+            Ok(client) => session(w, &client, &script, &mut pending).await,
+            Err(e) => Err(e),
+        };
+        // Requests stop asking at once, rather than each waiting for its timeout.
+        w.lookups.con.store(None);
         w.stats.connected.store(0, Ordering::Relaxed);
         if let Err(e) = r {
             MirrorStats::bump(&w.stats.failures);
@@ -144,6 +193,10 @@ async fn session(
     let mut con = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
+    // Lookups get their own connection: a request's GET does not queue behind a batch.
+    let lookup_con = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let mut pubsub = tokio::time::timeout(IO_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| timeout_error("connecting for the channel"))??;
@@ -153,6 +206,7 @@ async fn session(
     let mut messages = pubsub.into_on_message();
     MirrorStats::bump(&w.stats.connections);
     w.stats.connected.store(1, Ordering::Relaxed);
+    w.lookups.con.store(Some(Arc::new(lookup_con)));
     log::info!("mirroring: connected to Redis; catching up");
 
     // What waited, then everything live (Redis may have restarted empty), then what the

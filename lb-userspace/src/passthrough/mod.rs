@@ -283,9 +283,11 @@ impl Conn {
             if !tried.is_empty() {
                 self.stats.count(Count::Retry);
             }
+            // A first attempt whose session is bound nowhere here asks the mirror.
             let choice = match self
                 .engine
-                .decide(&mut Input::tls_hello(&hello, peer), &tried)
+                .decide_asking(&mut Input::tls_hello(&hello, peer), &tried)
+                .await
             {
                 Ok(c) => c,
                 Err(why) => {

@@ -155,3 +155,68 @@ async fn oversized_malformed_and_silent_clients_are_closed_and_counted() {
     );
     assert_eq!(snap.upstream_connect_errors, 0, "no backend was tried");
 }
+
+/// Takes every key's binding to `backend` (mirroring's Redis, as the engine sees it).
+struct BindsAllTo(u32, std::sync::atomic::AtomicU64);
+
+impl crate::engine::mirrored::Remote for BindsAllTo {
+    fn lookup(
+        &self,
+        _: &str,
+        _: &[(String, u128)],
+    ) -> Option<futures_util::future::BoxFuture<'static, crate::engine::mirrored::Found>> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        let found = Some((0, self.0));
+        Some(Box::pin(async move { found }))
+    }
+}
+
+/// A listener that answers every connection with `name` once it has read something.
+async fn named_backend(ip: &str, name: &'static [u8]) -> u16 {
+    let l = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                if tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                    let _ = tcp.write_all(name).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_session_bound_nowhere_here_asks_the_mirror_and_goes_where_it_says() {
+    let b1 = named_backend("127.0.0.1", b"b1").await;
+    let b2 = named_backend("127.0.0.2", b"b2").await;
+    let e = engine(b1, b2);
+    let remote = Arc::new(BindsAllTo(
+        lb_common::backend_identity("web", "b2"),
+        Default::default(),
+    ));
+    e.set_remote(Some(remote.clone()));
+    let (addr, _stop) = start(e.clone(), Arc::new(ProxyStats::default())).await;
+    // New session IDs each time: round robin alone would reach b1 too.
+    for n in 0..4u8 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&tls::client_hello_record(&[n + 1; 32]))
+            .await
+            .unwrap();
+        let mut got = [0u8; 2];
+        tokio::time::timeout(IO, s.read_exact(&mut got))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(&got, b"b2", "connection {n}");
+    }
+    assert_eq!(
+        remote.1.load(Ordering::Relaxed),
+        4,
+        "one lookup per session"
+    );
+    assert_eq!(e.stats.persist_hits.load(Ordering::Relaxed), 4);
+    assert_eq!(e.stats.new_assignments.load(Ordering::Relaxed), 0);
+}

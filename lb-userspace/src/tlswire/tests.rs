@@ -53,6 +53,14 @@ fn hello_body(session_id: &[u8], exts: &[Vec<u8>]) -> Vec<u8> {
     b
 }
 
+/// A whole ClientHello record offering `session_id`, no extensions (other modules' tests).
+pub(crate) fn client_hello_record(session_id: &[u8]) -> Vec<u8> {
+    record(
+        CT_HANDSHAKE,
+        &handshake(HT_CLIENT_HELLO, &hello_body(session_id, &[])),
+    )
+}
+
 #[test]
 fn reads_sni_session_id_and_ticket() {
     let body = hello_body(

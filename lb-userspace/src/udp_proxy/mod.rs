@@ -11,6 +11,13 @@
 //! without a Call-ID and need a second table. A reply is accepted only from a backend the
 //! flow sent to. A flow with no datagram either way for the idle timeout is closed;
 //! `max_flows` bounds them (a new client over the bound is dropped and counted).
+//!
+//! With mirroring, a message whose key no local table holds is looked up in Redis
+//! ([`Engine::decide_or_ask`]). One task reads the VIP's datagrams, so such a message waits
+//! for the answer in a task of its own (at most [`MAX_ASKING`] at once; beyond that, decided
+//! locally at once): the other clients' datagrams are not held. Datagrams of a new call
+//! that arrive during its lookup are looked up too and reach the same backend (Redis', or
+//! the one the first decided); their order may change, as UDP allows.
 
 #[cfg(test)]
 mod tests;
@@ -29,12 +36,16 @@ use std::{
 use tokio::{net::UdpSocket, sync::watch};
 
 use crate::engine::{
-    Engine,
+    Decided, Engine,
     input::{Input, SipMessage},
+    mirrored::Miss,
 };
 
 /// Largest datagram read (the UDP maximum).
 const MAX_DATAGRAM: usize = 65_535;
+/// Messages waiting for a mirror lookup at most, per VIP (each holds its datagram for at
+/// most the lookup's timeout).
+pub const MAX_ASKING: u64 = 1024;
 
 /// How a UDP service runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +80,8 @@ struct Shared {
     stats: Arc<UdpStats>,
     config: UdpConfig,
     epoch: Instant,
+    /// Messages waiting for a mirror lookup now.
+    asking: AtomicU64,
 }
 
 impl Shared {
@@ -107,6 +120,7 @@ pub async fn serve(
         stats,
         config,
         epoch: Instant::now(),
+        asking: AtomicU64::new(0),
     });
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -131,7 +145,7 @@ pub async fn serve(
 /// Place one client datagram and send it to its backend.
 async fn on_datagram(
     shared: &Arc<Shared>,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     datagram: &[u8],
     client: SocketAddr,
     stop: &watch::Receiver<bool>,
@@ -142,17 +156,65 @@ async fn on_datagram(
         bump(&stats.dropped_malformed);
         return;
     };
-    let backend = match engine.decide(&mut Input::sip(&msg, client), &[]) {
-        Ok(choice) => {
-            // A datagram has no lifetime: it ends as it is sent.
-            engine.ended(&choice.decision);
-            choice.backend
+    let mut input = Input::sip(&msg, client);
+    let decided = if shared.asking.load(Ordering::Relaxed) < MAX_ASKING {
+        engine.decide_or_ask(&mut input)
+    } else {
+        engine.decide(&mut input, &[]).map(Decided::Chosen)
+    };
+    let choice = match decided {
+        Ok(Decided::Chosen(choice)) => choice,
+        Ok(Decided::Miss(miss)) => {
+            shared.asking.fetch_add(1, Ordering::Relaxed);
+            let (shared, engine, stop) = (shared.clone(), engine.clone(), stop.clone());
+            let datagram = datagram.to_vec();
+            tokio::spawn(async move {
+                asked(&shared, &engine, miss, &datagram, client, &stop).await;
+                shared.asking.fetch_sub(1, Ordering::Relaxed);
+            });
+            return;
         }
         Err(_) => {
             bump(&stats.dropped_no_backend);
             return;
         }
     };
+    // A datagram has no lifetime: it ends as it is sent.
+    engine.ended(&choice.decision);
+    send(shared, choice.backend, datagram, client, stop).await;
+}
+
+/// Wait for the mirror's answer to `miss`, then place and send the datagram.
+async fn asked(
+    shared: &Arc<Shared>,
+    engine: &Engine,
+    miss: Miss,
+    datagram: &[u8],
+    client: SocketAddr,
+    stop: &watch::Receiver<bool>,
+) {
+    engine.take(&miss.answer().await);
+    let Some(msg) = SipMessage::parse(datagram) else {
+        return;
+    };
+    match engine.decide(&mut Input::sip(&msg, client), &[]) {
+        Ok(choice) => {
+            engine.ended(&choice.decision);
+            send(shared, choice.backend, datagram, client, stop).await;
+        }
+        Err(_) => bump(&shared.stats.dropped_no_backend),
+    }
+}
+
+/// Send a client's datagram to `backend` through the client's flow.
+async fn send(
+    shared: &Arc<Shared>,
+    backend: SocketAddr,
+    datagram: &[u8],
+    client: SocketAddr,
+    stop: &watch::Receiver<bool>,
+) {
+    let stats = &shared.stats;
     let Some(flow) = flow_for(shared, client, backend, stop) else {
         return;
     };

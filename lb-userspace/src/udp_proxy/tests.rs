@@ -260,3 +260,68 @@ async fn a_datagram_from_an_address_the_flow_never_sent_to_is_dropped() {
     assert_eq!(from, p.vip);
     let _ = p.stop.send(true);
 }
+
+/// Binds every key to `backend`; the first lookup answers only once `hold` is released.
+struct Mirrored {
+    backend: u32,
+    hold: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    asked: AtomicU64,
+}
+
+impl crate::engine::mirrored::Remote for Mirrored {
+    fn lookup(
+        &self,
+        _: &str,
+        _: &[(String, u128)],
+    ) -> Option<futures_util::future::BoxFuture<'static, crate::engine::mirrored::Found>> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        let hold = self.hold.lock().unwrap().take();
+        let found = Some((0, self.backend));
+        Some(Box::pin(async move {
+            if let Some(h) = hold {
+                let _ = h.await;
+            }
+            found
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_call_bound_nowhere_here_goes_where_the_mirror_says_without_holding_other_clients() {
+    let (b1, _t1) = backend("b1", "127.0.0.2").await;
+    let (b2, _t2) = backend("b2", "127.0.0.3").await;
+    let p = proxy(&[b1, b2], DEFAULT).await;
+    let (release, hold) = tokio::sync::oneshot::channel();
+    // The second backend is `b1` in the config (`b0`, `b1`).
+    let remote = Arc::new(Mirrored {
+        backend: lb_common::backend_identity("p", "b1"),
+        hold: std::sync::Mutex::new(Some(hold)),
+        asked: AtomicU64::new(0),
+    });
+    p.engine.set_remote(Some(remote.clone()));
+    let held = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    held.send_to(&invite("held@10.0.0.9", false, 1), p.vip)
+        .await
+        .unwrap();
+    // Other calls are answered while the first one's lookup is pending; the new calls
+    // would spread over both backends without the mirror.
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for call in 0..8 {
+        let (name, _, _) = exchange(&other, p.vip, &invite(&format!("c{call}@x"), false, 1)).await;
+        assert_eq!(name, "b2", "call {call}: where the mirror binds it");
+    }
+    let _ = release.send(());
+    let mut buf = vec![0u8; 65_535];
+    let (n, _) = tokio::time::timeout(WAIT, held.recv_from(&mut buf))
+        .await
+        .expect("the held call is answered once its lookup is")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"b2|"), "the held call, on b2");
+    assert_eq!(remote.asked.load(Ordering::Relaxed), 9);
+    // Known here now: the next message of a call asks nothing.
+    let (name, _, _) = exchange(&other, p.vip, &invite("c0@x", false, 2)).await;
+    assert_eq!(name, "b2");
+    assert_eq!(remote.asked.load(Ordering::Relaxed), 9);
+    assert_eq!(p.engine.stats.new_assignments.load(Ordering::Relaxed), 0);
+    let _ = p.stop.send(true);
+}

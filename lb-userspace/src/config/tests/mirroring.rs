@@ -1,7 +1,12 @@
 //! `mirroring`: off by default, validated with the field named.
 
 use super::{GOOD, err};
-use crate::config::{Config, mirroring::Mirroring};
+use std::time::Duration;
+
+use crate::config::{
+    Config,
+    mirroring::{DEFAULT_LOOKUP_TIMEOUT_MS, Mirroring, Redis, Sentinel},
+};
 
 fn with_mirroring(m: &str) -> String {
     GOOD.replacen(
@@ -21,8 +26,44 @@ fn mirroring_is_off_by_default_and_validates() {
     assert_eq!(
         c.mirroring,
         Some(Mirroring {
-            redis: "redis://10.0.0.5:6379/0".into(),
-            instance: "lb-a".into()
+            redis: Redis::Server("redis://10.0.0.5:6379/0".into()),
+            instance: "lb-a".into(),
+            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
+        })
+    );
+    let c = Config::parse(&with_mirroring(
+        r#"{"redis": "redis://h", "instance": "lb-a", "lookup_timeout_ms": 0}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.mirroring.expect("mirroring").lookup_timeout,
+        Duration::ZERO,
+        "0 turns lookups off"
+    );
+}
+
+#[test]
+fn sentinel_names_the_sentinels_and_the_master() {
+    let c = Config::parse(&with_mirroring(
+        r#"{"sentinel": {"nodes": ["redis://10.0.0.5:26379", " redis://10.0.0.6:26379 "],
+                         "master": "mymaster", "password": "s3"}, "instance": "lb-a"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.mirroring,
+        Some(Mirroring {
+            redis: Redis::Sentinel(Sentinel {
+                nodes: vec![
+                    "redis://10.0.0.5:26379".into(),
+                    "redis://10.0.0.6:26379".into()
+                ],
+                master: "mymaster".into(),
+                username: None,
+                password: Some("s3".into()),
+                db: 0,
+            }),
+            instance: "lb-a".into(),
+            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
         })
     );
 }
@@ -39,6 +80,67 @@ fn bad_mirroring_names_the_field() {
             r#"{"redis": "redis://h"}"#,
             "mirroring",
             "missing field `instance`",
+        ),
+        (
+            // Cluster is not supported: a list of nodes is not a URL.
+            r#"{"redis": ["redis://n1:7000", "redis://n2:7000"], "instance": "a"}"#,
+            "mirroring.redis",
+            "invalid type",
+        ),
+        (
+            r#"{"instance": "a"}"#,
+            "mirroring.redis",
+            "or a sentinel section",
+        ),
+        (
+            r#"{"redis": "redis://h", "sentinel": {"nodes": ["redis://s:26379"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel",
+            "not both",
+        ),
+        (
+            r#"{"sentinel": {"nodes": [], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes",
+            "at least one sentinel",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s:26379", "redis+unix:///s"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes[1]",
+            "must start with redis://",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s:port"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes[0]",
+            "not a Redis URL",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["rediss://s"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes[0]",
+            "not supported",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s"]}, "instance": "a"}"#,
+            "mirroring.sentinel",
+            "missing field `master`",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s"], "master": "my master"}, "instance": "a"}"#,
+            "mirroring.sentinel.master",
+            "A-Z a-z 0-9",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s"], "master": "m", "db": -1}, "instance": "a"}"#,
+            "mirroring.sentinel.db",
+            "0 or more",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s"], "master": "m", "password": ""}, "instance": "a"}"#,
+            "mirroring.sentinel.password",
+            "must not be empty",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s"], "master": "m", "port": 1}, "instance": "a"}"#,
+            "mirroring.sentinel.port",
+            "unknown field",
         ),
         (
             r#"{"redis": "http://h", "instance": "a"}"#,
@@ -59,6 +161,16 @@ fn bad_mirroring_names_the_field() {
             r#"{"redis": "redis://h", "instance": "a b"}"#,
             "mirroring.instance",
             "A-Z a-z 0-9",
+        ),
+        (
+            r#"{"redis": "redis://h", "instance": "a", "lookup_timeout_ms": 1001}"#,
+            "mirroring.lookup_timeout_ms",
+            "at most 1000",
+        ),
+        (
+            r#"{"redis": "redis://h", "instance": "a", "lookup_timeout_ms": -1}"#,
+            "mirroring.lookup_timeout_ms",
+            "invalid value",
         ),
         (
             r#"{"redis": "redis://h", "instance": ""}"#,

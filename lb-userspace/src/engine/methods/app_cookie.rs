@@ -64,6 +64,13 @@ impl Method for AppCookie {
         }
     }
 
+    fn stored_keys(&self, input: &Input<'_>, _: &Lookup) -> Vec<u128> {
+        self.value(input)
+            .map(|v| digest(v.as_bytes()))
+            .into_iter()
+            .collect()
+    }
+
     fn table_id(&self) -> String {
         format!("app-cookie:{}", self.cookie_name)
     }

@@ -54,6 +54,10 @@ impl Method for ClientIp {
         store(&self.table, self.key(ip), identity, ip, cx);
     }
 
+    fn stored_keys(&self, input: &Input<'_>, _: &Lookup) -> Vec<u128> {
+        vec![u128::from_be_bytes(self.key(input.client().ip()))]
+    }
+
     fn tables(&self) -> Vec<TableRef<'_>> {
         vec![TableRef::Clients {
             table: &self.table,

@@ -127,6 +127,13 @@ impl Method for KeyHash {
         format!("{}:{source}", self.kind())
     }
 
+    fn stored_keys(&self, _: &Input<'_>, lookup: &Lookup) -> Vec<u128> {
+        match (&self.table, &lookup.key) {
+            (Some(_), Key::Hash(k)) => vec![digest(k)],
+            _ => Vec::new(),
+        }
+    }
+
     fn tables(&self) -> Vec<TableRef<'_>> {
         self.table.iter().map(TableRef::Keys).collect()
     }

@@ -128,6 +128,14 @@ pub trait Method: Send + Sync {
         let _ = (input, lookup, identity, cx);
     }
 
+    /// The keys of its table that `lookup` looked `input` up by, in the order it looks (none
+    /// for a method without a table): what the mirror is asked about when none was bound
+    /// here.
+    fn stored_keys(&self, input: &Input<'_>, lookup: &Lookup) -> Vec<u128> {
+        let _ = (input, lookup);
+        Vec::new()
+    }
+
     /// Mixed into the pool's choice for a new client (Kemp's cookie "add port").
     fn selection_hint(&self, input: &Input<'_>) -> u64 {
         let _ = input;

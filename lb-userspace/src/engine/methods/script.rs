@@ -111,6 +111,13 @@ impl Method for Script {
         }
     }
 
+    fn stored_keys(&self, _: &Input<'_>, lookup: &Lookup) -> Vec<u128> {
+        match &lookup.key {
+            Key::Hash(k) => vec![digest(k)],
+            _ => Vec::new(),
+        }
+    }
+
     /// Its keys' table: listed, saved across restarts and mirrored like the others.
     fn tables(&self) -> Vec<TableRef<'_>> {
         vec![TableRef::Keys(&self.table)]

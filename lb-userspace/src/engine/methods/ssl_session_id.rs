@@ -66,6 +66,12 @@ impl Method for SslSessionId {
         }
     }
 
+    fn stored_keys(&self, input: &Input<'_>, _: &Lookup) -> Vec<u128> {
+        let ticket = input.session_ticket().map(ticket_key);
+        let id = input.session_id().map(session_key);
+        ticket.into_iter().chain(id).collect()
+    }
+
     /// Saved and listed like the other key tables (session IDs and tickets as digests).
     fn tables(&self) -> Vec<TableRef<'_>> {
         vec![TableRef::Keys(&self.table)]

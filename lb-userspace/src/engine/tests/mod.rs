@@ -495,4 +495,5 @@ fn a_retry_after_a_connect_failure_still_sees_the_stripped_cookie() {
 mod cookies;
 mod inputs;
 mod keys;
+mod remote;
 mod saved;

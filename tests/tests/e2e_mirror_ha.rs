@@ -1,0 +1,221 @@
+//! Mirroring through a Redis deployment built for availability: two tether instances find
+//! the master through Redis Sentinel (`mirroring.sentinel`), a binding made on one reaches
+//! the other, and when the sentinel switches masters (planned, or after the master's
+//! SIGKILL) both instances move to the new master, lose no binding they hold, and keep
+//! mirroring.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use serde_json::json;
+use tether_tests::{
+    daemon::ConfigBuilder,
+    l7lab::PORT,
+    multilab::{Fleet, instance_name},
+    netns::wait_until,
+    redisha::{MASTER_NAME, MASTER_PORT, REPLICA_PORT, SENTINEL_PORT, SentinelSet},
+};
+
+/// L4 DSR source IP on [`PORT`] (the XDP table) and L7 client IP on `PORT + 1`.
+fn services(b: ConfigBuilder) -> ConfigBuilder {
+    b.service("l4", PORT, Some(600))
+        .profile(json!({"name": "cip", "type": "client-ip", "timeout_s": 600}))
+        .l7_service("cip", PORT + 1, Some("cip"), json!({}))
+}
+
+/// (L4 backend, L7 backend) of client `src` through instance `i`.
+fn via(f: &Fleet, i: usize, src: Ipv4Addr) -> (String, String) {
+    (
+        f.backend_via(i, src, PORT, "/", &[]),
+        f.backend_via(i, src, PORT + 1, "/", &[]),
+    )
+}
+
+/// Instance `i`'s XDP table holds client `src` on `backend` (`tether persist list`): it
+/// learnt the binding from the other instance, not from the client.
+fn xdp_holds(f: &Fleet, i: usize, src: Ipv4Addr, backend: &str, when: &str) {
+    let c = src.to_string();
+    let cfg = f.d(i).config_path().to_string_lossy().into_owned();
+    let listed = f
+        .d(i)
+        .cli(&["persist", "list", "--client", &c, "--config", &cfg])
+        .unwrap_or_else(|e| f.fail(format!("tether persist list on {i}: {e:#}")));
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&format!("{c}/32")) && l.contains("l4"));
+    if !line.is_some_and(|l| l.contains(&format!("{backend} "))) {
+        f.fail(format!(
+            "{when}: instance {i}'s XDP table should hold {c} on {backend}:\n{listed}"
+        ));
+    }
+}
+
+fn wait_metric(f: &Fleet, i: usize, name: &str, at_least: f64, what: &str) {
+    if !wait_until(Duration::from_secs(30), || {
+        f.metric(i, name, &[]) >= at_least
+    }) {
+        f.fail(format!(
+            "{what}: instance {i}'s {name} stayed below {at_least} ({})",
+            f.metric(i, name, &[])
+        ));
+    }
+}
+
+/// Every binding key (`tether:b:*`) a server holds, sorted.
+fn binding_keys(server: &tether_tests::redisha::RedisProc) -> Vec<String> {
+    let out = server
+        .cli(&["--scan", "--pattern", "tether:b:*"])
+        .unwrap_or_else(|e| panic!("redis-cli --scan on port {}: {e:#}", server.port));
+    let mut keys: Vec<String> = out.lines().map(str::to_string).collect();
+    keys.sort();
+    keys
+}
+
+/// Instance `to`'s XDP table and both instances serve clients `srcs`, bound through
+/// instance `from` as `bound` says.
+fn reaches(f: &Fleet, to: usize, srcs: &[Ipv4Addr], bound: &[(String, String)], when: &str) {
+    for (n, &src) in srcs.iter().enumerate() {
+        xdp_holds(f, to, src, &bound[n].0, when);
+    }
+    for i in 0..2 {
+        for (n, &src) in srcs.iter().enumerate() {
+            let got = via(f, i, src);
+            if got != bound[n] {
+                f.fail(format!(
+                    "{when}: {src} via instance {i} reached {got:?}, bound {:?}",
+                    bound[n]
+                ));
+            }
+        }
+    }
+}
+
+/// Binds `srcs` through instance `from` and waits until the other instance applied them
+/// (2 tables each).
+fn bind_and_mirror(f: &Fleet, from: usize, srcs: &[Ipv4Addr], when: &str) -> Vec<(String, String)> {
+    let to = 1 - from;
+    let applied = f.metric(to, "tether_mirror_applied_total", &[]);
+    let bound: Vec<_> = srcs.iter().map(|&src| via(f, from, src)).collect();
+    wait_metric(
+        f,
+        to,
+        "tether_mirror_applied_total",
+        applied + 2.0 * srcs.len() as f64,
+        &format!("{when}: instance {from}'s bindings applied on instance {to}"),
+    );
+    reaches(f, to, srcs, &bound, when);
+    bound
+}
+
+fn wait_connections(f: &Fleet, n: f64, when: &str) {
+    for i in 0..2 {
+        wait_metric(f, i, "tether_mirror_connections_total", n, when);
+        wait_metric(f, i, "tether_mirror_connected", 1.0, when);
+    }
+}
+
+/// Two servers and a sentinel; instances A and B configured with two sentinels, the first
+/// one down, and the master's name only.
+/// 1. Bindings made on A reach B through the master.
+/// 2. A planned switchover (`SENTINEL FAILOVER`): both reconnect to the new master, and
+///    bindings made on B reach A.
+/// 3. A crash: the replica is made to lag (its copies deleted, as if replication had not
+///    caught up) and the master is SIGKILLed. The sentinel promotes the replica; A and B
+///    reconnect to it and write every binding they hold again, so the new master holds
+///    them all; a new B started from nothing learns them from it; and bindings made on B
+///    after the failover reach A.
+#[test]
+fn sentinel_failover_keeps_mirroring() {
+    let mut f = Fleet::new(8, 3, 2, false, |_, b| services(b));
+    let mut ha = SentinelSet::start(&f.topo.lb.ns, &f.topo.ns_prefix)
+        .unwrap_or_else(|e| panic!("starting master, replica and sentinel: {e:#}"));
+    // The first sentinel listed is down (nothing listens there): the next one answers.
+    let down = format!(
+        "redis://{}:{}",
+        tether_tests::netns::LB_ADDR,
+        SENTINEL_PORT - 1
+    );
+    for i in 0..2 {
+        let b = f.builders[i].clone().top_field(
+            "mirroring",
+            json!({"sentinel": {"nodes": [down, ha.sentinel_url()], "master": MASTER_NAME},
+                   "instance": instance_name(i)}),
+        );
+        f.builders[i] = b;
+    }
+    f.start(0);
+    f.start(1);
+    let clients = f.topo.client_addrs.clone();
+
+    // 1. Through the first master.
+    assert_eq!(ha.master_port(), Some(MASTER_PORT));
+    let first = bind_and_mirror(&f, 0, &clients[..2], "through the first master");
+    for i in 0..2 {
+        assert_eq!(
+            f.metric(i, "tether_mirror_connections_total", &[]),
+            1.0,
+            "instance {i} connected once before any failover"
+        );
+    }
+    assert_eq!(
+        binding_keys(ha.server(MASTER_PORT)).len(),
+        4,
+        "2 clients x 2 tables"
+    );
+
+    // 2. A planned switchover.
+    let port = ha
+        .switch_over()
+        .unwrap_or_else(|e| f.fail(format!("switching over: {e:#}")));
+    assert_eq!(port, REPLICA_PORT);
+    wait_connections(&f, 2.0, "reconnecting after the switchover");
+    let second = bind_and_mirror(&f, 1, &clients[2..4], "after the switchover");
+    reaches(&f, 1, &clients[..2], &first, "after the switchover");
+    let before = binding_keys(ha.server(REPLICA_PORT));
+    assert_eq!(before.len(), 8, "the master holds 4 clients x 2 tables");
+
+    // 3. A crash with a lagging replica (the first master, demoted by the switchover).
+    let replica = ha.server(MASTER_PORT);
+    let replicated = wait_until(Duration::from_secs(10), || binding_keys(replica) == before);
+    assert!(replicated, "the replica holds the master's bindings");
+    let mut del = vec!["del"];
+    del.extend(before.iter().map(String::as_str));
+    replica
+        .cli(&del)
+        .unwrap_or_else(|e| panic!("deleting the replica's copies: {e:#}"));
+    assert_eq!(replica.dbsize(), 0, "the replica lags behind");
+    let port = ha
+        .crash_master()
+        .unwrap_or_else(|e| f.fail(format!("failing over: {e:#}")));
+    assert_eq!(port, MASTER_PORT);
+    wait_connections(&f, 3.0, "reconnecting after the crash");
+    // Both wrote every binding they hold again: the new master has them all.
+    let new_master = ha.server(MASTER_PORT);
+    let resynced = wait_until(Duration::from_secs(20), || {
+        binding_keys(new_master) == before
+    });
+    if !resynced {
+        f.fail(format!(
+            "the new master (port {MASTER_PORT}) should hold every binding again: {:?}, want {before:?}",
+            binding_keys(new_master)
+        ));
+    }
+    reaches(&f, 1, &clients[..2], &first, "after the crash");
+    reaches(&f, 0, &clients[2..4], &second, "after the crash");
+
+    // A new B, started from nothing, finds the master through the sentinel and learns
+    // every binding from it before it saw the clients.
+    f.stop(1);
+    f.start(1);
+    reaches(&f, 1, &clients[..2], &first, "a new B after the crash");
+    reaches(&f, 1, &clients[2..4], &second, "a new B after the crash");
+    let third = bind_and_mirror(&f, 1, &clients[4..], "made on B after the crash");
+    assert_eq!(third.len(), 4);
+    assert_eq!(
+        binding_keys(ha.server(MASTER_PORT)).len(),
+        16,
+        "the new master holds 8 clients x 2 tables"
+    );
+    f.stop(1);
+    f.stop(0);
+    drop(ha);
+}
