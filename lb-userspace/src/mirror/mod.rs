@@ -34,6 +34,7 @@
 //!   removed section idles it (what the tables send is discarded).
 
 pub mod codec;
+mod con;
 mod lookup;
 #[cfg(test)]
 mod tests;
@@ -316,6 +317,10 @@ fn describe(redis: &Redis) -> String {
                 s.master,
                 nodes.join(", ")
             )
+        }
+        Redis::Cluster(c) => {
+            let nodes: Vec<String> = c.nodes.iter().map(|n| redact(n)).collect();
+            format!("the cluster of {}", nodes.join(", "))
         }
     }
 }
