@@ -44,6 +44,8 @@ pub const MAP_EVENTS: &str = "TETHER_EVENTS";
 pub const MAP_GLOBALS: &str = "TETHER_GLOBALS";
 /// Per-CPU new-binding rate window: array of one `RateWindow`.
 pub const MAP_RATE: &str = "TETHER_RATE";
+/// Per-CPU copy of the coarse clock for the current tick: array of one `ClockCache`.
+pub const MAP_CLOCK: &str = "TETHER_CLOCK";
 /// Ports of IPv4 datagrams whose first fragment went to a VIP: LRU hash `FragKey` -> `FragValue`,
 /// so the later fragments (which carry no ports) follow it.
 pub const MAP_FRAGS: &str = "TETHER_FRAGS";
@@ -63,7 +65,7 @@ pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_MAGLEV,
@@ -79,6 +81,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_FRAGS,
     MAP_FLOWS,
     MAP_BINDINGS,
+    MAP_CLOCK,
 ];
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
@@ -388,6 +391,17 @@ pub struct RateWindow {
 }
 const _: () = assert!(size_of::<RateWindow>() == 16);
 
+/// Value of `TETHER_CLOCK[0]` (per CPU): `bpf_ktime_get_coarse_ns()` as read during the tick
+/// `jiffies`. The coarse clock only moves when the tick advances jiffies, so while jiffies
+/// (a plain load for the program) is unchanged this copy serves instead of a helper call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub coarse_ns: u64,
+}
+const _: () = assert!(size_of::<ClockCache>() == 16);
+
 /// Key of `TETHER_FRAGS`: one IPv4 datagram (RFC 791: source, destination, protocol, id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -480,6 +494,7 @@ mod pod {
     unsafe impl aya::Pod for super::PersistValue4 {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::RateWindow {}
+    unsafe impl aya::Pod for super::ClockCache {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::FlowKey {}

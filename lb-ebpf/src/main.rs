@@ -3,11 +3,13 @@
 //! are trivial helpers for veth peers and benchmarks.
 //!
 //! One concern per module: `maps` (definitions), `parse` (headers), `persist` (bindings),
+//! `clock` (the coarse clock, one helper call per tick),
 //! `conntrack` (flows of services without persistence), `select` (Maglev), `forward` (MAC
 //! rewrite, TX/redirect), `stats` (counters).
 #![no_std]
 #![no_main]
 
+mod clock;
 mod conntrack;
 mod forward;
 mod maps;

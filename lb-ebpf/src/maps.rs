@@ -14,8 +14,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BINDINGS_RING_BYTES, Backend, BindingEvent, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES, FlowKey,
-    FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
+    BINDINGS_RING_BYTES, Backend, BindingEvent, ClockCache, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES,
+    FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
     MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistKey4, PersistValue, PersistValue4,
     RateWindow, Service, ServiceKey, TrafficCounters, event, reason,
 };
@@ -85,6 +85,10 @@ pub static TETHER_GLOBALS: Array<Globals, 1> = Array::new();
 /// `MAP_RATE`: each CPU's current new-binding window.
 #[btf_map]
 pub static TETHER_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// `MAP_CLOCK`: each CPU's copy of the coarse clock for the current tick (`clock`).
+#[btf_map]
+pub static TETHER_CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
 
 /// `MAP_FRAGS`: ports of IPv4 datagrams to a VIP whose first fragment was seen, so later
 /// fragments go where the first went. Shared: fragments of one datagram may reach

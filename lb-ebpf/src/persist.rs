@@ -8,7 +8,7 @@
 //! packets and source floods are forwarded by Maglev without evicting real clients. ICMP
 //! errors and later fragments only read it.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     BINDING_PREVIOUS_TAG16, Backend, BindingEvent, PERSIST_REFRESH_NS, PERSIST_REFRESH_S,
     PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters,
@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, conntrack,
+    Verdict, clock, conntrack,
     maps::{
         TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4,
         TETHER_RATE,
@@ -38,6 +38,17 @@ fn masked_v6(svc: &Service, flow: &Flow) -> Addr {
     a[2] &= u32::from_ne_bytes([m[8], m[9], m[10], m[11]]);
     a[3] &= u32::from_ne_bytes([m[12], m[13], m[14], m[15]]);
     a
+}
+
+/// The IPv4 table's key for a (masked) client address word and a service, built as one
+/// 64-bit value: field by field, LLVM assembles the address byte by byte.
+#[inline(always)]
+fn key4(addr: u32, service: u32) -> PersistKey4 {
+    // bpfel: the low word's bytes come first, as `addr_be` comes before `service`.
+    const _: () = assert!(cfg!(target_endian = "little"));
+    const _: () = assert!(core::mem::offset_of!(PersistKey4, service) == 4);
+    // SAFETY: PersistKey4 is repr(C), 8 bytes, every bit pattern valid (checked in lb-common).
+    unsafe { core::mem::transmute::<u64, PersistKey4>(addr as u64 | (service as u64) << 32) }
 }
 
 /// Choose the backend for `flow` on `svc`.
@@ -66,12 +77,8 @@ fn choose_v4(
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
     let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
-    let key = PersistKey4 {
-        addr_be: addr.to_ne_bytes(),
-        service: svc.index,
-    };
-    // SAFETY: helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = key4(addr, svc.index);
+    let now_ns = clock::coarse_ns();
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
     let mut previous = (0, 0);
@@ -104,10 +111,9 @@ fn choose_v4(
     }
     // The hash of the IPv4-mapped form, as for every other client key.
     let hash = hash_words(&[svc.index, 0, 0, V4_MAPPED_WORD2, addr], FLOW_SEED);
-    let mapped = lb_common::v4_mapped(key.addr_be);
     let bound = Bound {
         service: svc.index,
-        addr_be: &mapped,
+        addr: [0, 0, V4_MAPPED_WORD2, addr],
         previous,
     };
     rebind(svc, flow, hash, event, now_ns, svc_stat, bound, |id, be| {
@@ -127,14 +133,14 @@ fn choose_v6(
     flow: &Flow,
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
+    let addr = masked_v6(svc, flow);
     let mut key = Aligned(PersistKey {
         service: svc.index,
         addr_be: [0; 16],
     });
-    store_addr(&mut key.0.addr_be, &masked_v6(svc, flow));
+    store_addr(&mut key.0.addr_be, &addr);
     let key = &key.0;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::coarse_ns();
     let mut event = Event::New;
     let mut previous_identity = 0;
     if let Some(v) = TETHER_PERSIST.get_ptr_mut(key) {
@@ -170,7 +176,7 @@ fn choose_v6(
     let hash = client_hash(svc.index, &key.addr_be);
     let bound = Bound {
         service: svc.index,
-        addr_be: &key.addr_be,
+        addr,
         previous: (previous_identity, 0),
     };
     rebind(svc, flow, hash, event, now, svc_stat, bound, |id, be| {
@@ -184,10 +190,10 @@ fn choose_v6(
 }
 
 /// The client a binding is for, as the mirror's ring buffer reports it.
-struct Bound<'a> {
+struct Bound {
     service: u32,
-    /// IPv4-mapped for IPv4 clients.
-    addr_be: &'a [u8; 16],
+    /// IPv4-mapped for IPv4 clients; words, so the event's address is four stores.
+    addr: Addr,
     /// (identity or tag it replaces, `BindingEvent::flags`).
     previous: (u32, u32),
 }
@@ -203,7 +209,7 @@ fn rebind(
     mut event: Event,
     now_ns: u64,
     svc_stat: &mut TrafficCounters,
-    bound: Bound<'_>,
+    bound: Bound,
     store: impl FnOnce(u32, &Backend) -> bool,
 ) -> Result<Choice, Verdict> {
     let (id, backend) = select::pick(svc, hash, svc_stat)?;
@@ -245,17 +251,20 @@ fn rebind(
 /// Tell the daemon's mirror about a binding written, when it mirrors (best effort: a full
 /// ring drops the event, counted).
 #[inline(always)]
-fn emit_binding(bound: &Bound<'_>, identity: u32) {
+fn emit_binding(bound: &Bound, identity: u32) {
     if TETHER_GLOBALS.get(0).is_none_or(|g| g.emit_bindings == 0) {
         return;
     }
-    let ev = BindingEvent {
+    let mut ev = Aligned(BindingEvent {
         service: bound.service,
         backend_identity: identity,
         previous_identity: bound.previous.0,
         flags: bound.previous.1,
-        addr_be: *bound.addr_be,
-    };
+        addr_be: [0; 16],
+    });
+    store_addr(&mut ev.0.addr_be, &bound.addr);
+    // By reference: a moved copy would lose the alignment that makes the stores above cheap.
+    let ev = &ev.0;
     // BPF_RB_NO_WAKEUP: the reader polls.
     if TETHER_BINDINGS
         .output(ev, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64)

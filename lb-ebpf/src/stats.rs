@@ -1,21 +1,41 @@
 //! Per-CPU counters: one verdict reason per packet, and traffic per service and backend.
 
+use core::mem::{offset_of, size_of};
+
 use lb_common::TrafficCounters;
 
 use crate::maps::{TETHER_BE_STAT, TETHER_EVENTS, TETHER_REASONS, TETHER_SVC_STAT};
 
-/// What happened to the client's persistence binding.
+/// What happened to the client's persistence binding. Each discriminant is the index of the
+/// `u64` counting it in `TrafficCounters`, so accounting is one indexed add, not a branch per
+/// variant (checked below).
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Event {
-    /// No persistence on the service (or the binding could not be stored).
-    None,
-    PersistHit,
-    New,
-    Expired,
-    ReassignedDown,
+    /// No persistence on the service (or the binding could not be stored). Index 0 is
+    /// `packets`, which an event never counts.
+    None = 0,
+    PersistHit = 2,
+    New = 3,
+    Expired = 4,
+    ReassignedDown = 5,
     /// A flow of a service without persistence followed its connection-table entry.
-    FlowHit,
+    FlowHit = 7,
 }
+
+const fn word(offset: usize) -> u32 {
+    (offset / size_of::<u64>()) as u32
+}
+const _: () = assert!(word(offset_of!(TrafficCounters, packets)) == Event::None as u32);
+const _: () = assert!(word(offset_of!(TrafficCounters, persist_hits)) == Event::PersistHit as u32);
+const _: () = assert!(word(offset_of!(TrafficCounters, new_assignments)) == Event::New as u32);
+const _: () = assert!(word(offset_of!(TrafficCounters, expired)) == Event::Expired as u32);
+const _: () =
+    assert!(word(offset_of!(TrafficCounters, reassigned_down)) == Event::ReassignedDown as u32);
+const _: () = assert!(word(offset_of!(TrafficCounters, flow_hits)) == Event::FlowHit as u32);
+/// The mask that keeps an index inside the counters (for the verifier).
+const WORDS: usize = size_of::<TrafficCounters>() / size_of::<u64>();
+const _: () = assert!(WORDS.is_power_of_two());
 
 /// Count one packet under `reason`.
 #[inline(always)]
@@ -60,13 +80,12 @@ pub unsafe fn backend(id: u32) -> Option<&'static mut TrafficCounters> {
 
 #[inline(always)]
 fn add(c: &mut TrafficCounters, event: Event, bytes: u64, forwarded: bool) {
-    match event {
-        Event::None => {}
-        Event::PersistHit => c.persist_hits += 1,
-        Event::New => c.new_assignments += 1,
-        Event::Expired => c.expired += 1,
-        Event::ReassignedDown => c.reassigned_down += 1,
-        Event::FlowHit => c.flow_hits += 1,
+    let i = event as usize;
+    if i != Event::None as usize {
+        let words = (c as *mut TrafficCounters).cast::<u64>();
+        // SAFETY: `i & (WORDS - 1)` indexes one of the struct's u64 fields (a repr(C) struct of
+        // WORDS u64s); the assertions above tie each event to its field.
+        unsafe { *words.add(i & (WORDS - 1)) += 1 };
     }
     if forwarded {
         c.packets += 1;

@@ -67,6 +67,8 @@ fn opts() -> Opts {
             "--rounds" => o.rounds = val() as usize,
             "--live-packets" => o.live_packets = val() as u32,
             "--clients" => o.clients = val() as usize,
+            // The live-frames and per-packet rows only (no prefilled big tables).
+            "--no-tables" => o.big_tables.clear(),
             "--quick" => {
                 o.rounds = 3;
                 o.live_packets = 200_000;
@@ -74,7 +76,9 @@ fn opts() -> Opts {
                 o.big_tables = vec![1 << 20];
             }
             other => {
-                panic!("unknown argument {other} (--rounds N --live-packets N --clients N --quick)")
+                panic!(
+                    "unknown argument {other} (--rounds N --live-packets N --clients N --no-tables --quick)"
+                )
             }
         }
     }

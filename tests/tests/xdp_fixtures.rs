@@ -19,10 +19,11 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS,
-    MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX,
-    PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
+    MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV,
+    MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS,
+    PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7,
+    TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -1592,6 +1593,7 @@ fn maps_match_the_contract() {
         (MAP_FRAGS, MapType::LruHash),
         (MAP_FLOWS, MapType::LruHash),
         (MAP_BINDINGS, MapType::RingBuf),
+        (MAP_CLOCK, MapType::PerCpuArray),
     ];
     assert_eq!(
         types.iter().map(|e| e.0).collect::<Vec<_>>(),

@@ -26,13 +26,13 @@ use aya::{
     },
 };
 use lb_common::{
-    ALL_MAPS, BACKEND_UP, BINDINGS_RING_BYTES, Backend, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES,
-    FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
-    MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_EVENTS, MAP_FLOWS,
-    MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS,
-    PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RateWindow, Service,
-    ServiceKey, TrafficCounters, event, maglev_index, reason,
+    ALL_MAPS, BACKEND_UP, BINDINGS_RING_BYTES, Backend, ClockCache, FLOW_DEFAULT_ENTRIES,
+    FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
+    MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS,
+    MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE,
+    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RateWindow,
+    Service, ServiceKey, TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -89,7 +89,7 @@ pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence tables).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 15] = {
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 16] = {
     use core::mem::size_of;
     [
         (
@@ -144,6 +144,7 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 15] = {
         ),
         // A ring buffer has no key or value size; its size in bytes is its max entries.
         (MAP_BINDINGS, 0, 0, Some(BINDINGS_RING_BYTES)),
+        (MAP_CLOCK, 4, size_of::<ClockCache>(), Some(1)),
     ]
 };
 
