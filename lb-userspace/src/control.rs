@@ -480,7 +480,7 @@ const MIRROR_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Run the daemon until SIGINT/SIGTERM, or until a new daemon took over (see
 /// [`crate::handoff`]).
-pub async fn run(config_path: &Path) -> Result<()> {
+pub async fn run(config_path: &Path, workers: crate::workers::Workers) -> Result<()> {
     let cfg = Arc::new(Config::load(config_path)?);
     let l2 = resolve_l2_async(cfg.clone()).await?;
     // A running daemon hands its sockets over and waits (frozen) until we commit or fail.
@@ -551,7 +551,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         mode: Attached::Native,
         generation: 0,
         started,
-        frontends: Frontends::default(),
+        frontends: Frontends::new(workers),
         admin_socket,
         admin_access: crate::admin::access::Access::new(cfg.admin_listen, token),
         admin_unix,

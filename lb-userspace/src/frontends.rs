@@ -37,10 +37,11 @@ use crate::{
     proxy::{self, ProxyStats, TlsHandle},
     state::{L7Counters, SharedSnapshot},
     udp_proxy::{self, UdpConfig, UdpStats},
+    workers::{self, Workers},
 };
 
 /// Backlog of the listening sockets tether creates.
-const BACKLOG: u32 = 1024;
+const BACKLOG: i32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
@@ -82,9 +83,10 @@ impl Settings {
 /// One L7 virtual service's frontend.
 pub struct Frontend {
     pub addr: SocketAddr,
-    /// The listening socket; serve tasks accept on duplicates of it, so stopping one never
-    /// closes the socket (and its queue of connections not yet accepted).
-    socket: Arc<std::net::TcpListener>,
+    /// The listening sockets, one `SO_REUSEPORT` socket per worker; serve tasks accept on
+    /// duplicates of them, so stopping one never closes a socket (and its queue of
+    /// connections not yet accepted).
+    sockets: Arc<Vec<std::net::TcpListener>>,
     settings: Settings,
     tls: Option<TlsHandle>,
     engine_spec: EngineSpec,
@@ -132,10 +134,10 @@ struct Entry {
     fe: Frontend,
     /// The running frontend's router is kept: its cookie keys are updated on commit.
     kept_router: bool,
-    /// `Some`: a new serve task starts on this duplicate of the socket (and the running one,
-    /// if any, drains). `None`: the running task keeps serving (its TLS configuration is
+    /// `Some`: a new serve task starts on these duplicates of the sockets (and the running
+    /// one, if any, drains). `None`: the running task keeps serving (its TLS configuration is
     /// replaced by `new_tls`).
-    serve: Option<tokio::net::TcpListener>,
+    serve: Option<Vec<std::net::TcpListener>>,
     new_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -156,25 +158,17 @@ pub struct Frontends {
     running: HashMap<String, Frontend>,
     udp: HashMap<String, UdpFrontend>,
     tasks: JoinSet<()>,
+    /// Where the L7 serve tasks accept and serve.
+    workers: Workers,
 }
 
-/// A listening socket with SO_REUSEADDR (restart while old connections are in TIME_WAIT).
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
-}
-
-/// A duplicate of `socket` registered with the runtime, for one serve task.
-fn serve_socket(socket: &std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
-    let dup = socket.try_clone()?;
-    dup.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(dup)
+/// Duplicates of `sockets`, for one serve task (its workers register them with their
+/// runtimes).
+fn serve_sockets(sockets: &[std::net::TcpListener]) -> std::io::Result<Vec<std::net::TcpListener>> {
+    sockets
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect()
 }
 
 fn proxy_config(fe: &Frontend, o: &L7Options, drain: Duration) -> proxy::ProxyConfig {
@@ -207,6 +201,14 @@ fn l7_options(cfg: &Config, service: usize) -> &L7Options {
 }
 
 impl Frontends {
+    /// No frontends yet; L7 serve tasks will run on `workers`.
+    pub fn new(workers: Workers) -> Frontends {
+        Frontends {
+            workers,
+            ..Frontends::default()
+        }
+    }
+
     /// Build the frontends `cfg` asks for, reusing what runs where it can; nothing running
     /// changes. A socket for an address nothing here listens on is taken from `inherited`
     /// (a restart's sockets, by address) or bound.
@@ -214,7 +216,7 @@ impl Frontends {
         &self,
         cfg: &Arc<Config>,
         shared: &SharedSnapshot,
-        inherited: &mut HashMap<SocketAddr, std::net::TcpListener>,
+        inherited: &mut HashMap<SocketAddr, Vec<std::net::TcpListener>>,
     ) -> Result<Prepared, FrontendError> {
         let mut entries = Vec::new();
         let mut udp = Vec::new();
@@ -277,18 +279,23 @@ impl Frontends {
                     && c.stop.is_some()
                     && Arc::ptr_eq(&c.router, &router)
             });
-            let socket = match self.running.values().find(|f| f.addr == addr) {
-                Some(f) => f.socket.clone(),
-                None => match inherited.remove(&addr) {
-                    Some(s) => Arc::new(s),
-                    None => Arc::new(bind(addr).map_err(listen_err)?),
-                },
+            let sockets = match self.running.values().find(|f| f.addr == addr) {
+                Some(f) => f.sockets.clone(),
+                None => Arc::new(
+                    workers::listen_group(
+                        addr,
+                        inherited.remove(&addr).unwrap_or_default(),
+                        self.workers.len(),
+                        BACKLOG,
+                    )
+                    .map_err(listen_err)?,
+                ),
             };
             let (tls, serve, new_tls) = match (keep_task, new_tls) {
                 (Some(c), new_tls) => (c.tls.clone(), None, new_tls),
                 (None, new_tls) => (
                     new_tls.map(TlsHandle::new),
-                    Some(serve_socket(&socket).map_err(listen_err)?),
+                    Some(serve_sockets(&sockets).map_err(listen_err)?),
                     None,
                 ),
             };
@@ -297,7 +304,7 @@ impl Frontends {
                 service: i,
                 fe: Frontend {
                     addr,
-                    socket,
+                    sockets,
                     settings,
                     tls,
                     engine_spec: spec,
@@ -451,7 +458,7 @@ impl Frontends {
         &mut self,
         name: &str,
         fe: &mut Frontend,
-        listener: tokio::net::TcpListener,
+        listeners: Vec<std::net::TcpListener>,
         o: &L7Options,
         drain: Duration,
     ) {
@@ -460,16 +467,18 @@ impl Frontends {
         let cfg = proxy_config(fe, o, drain);
         let task: std::pin::Pin<Box<dyn Future<Output = Result<(), proxy::ProxyError>> + Send>> =
             if o.tls_passthrough {
-                Box::pin(crate::passthrough::serve(
-                    listener,
+                Box::pin(crate::passthrough::serve_on(
+                    listeners,
+                    self.workers.clone(),
                     cfg,
                     fe.router.clone(),
                     stopped,
                     fe.stats.clone(),
                 ))
             } else {
-                Box::pin(proxy::serve_with_stats(
-                    listener,
+                Box::pin(proxy::serve_on(
+                    listeners,
+                    self.workers.clone(),
                     cfg,
                     fe.router.clone(),
                     stopped,
@@ -539,7 +548,7 @@ impl Frontends {
                 continue;
             };
             let mut fe = self.running.remove(&name).expect("listed above");
-            match serve_socket(&fe.socket) {
+            match serve_sockets(&fe.sockets) {
                 Ok(listener) => {
                     let o = l7_options(cfg, service);
                     self.spawn(&name, &mut fe, listener, o, cfg.drain_timeout);
@@ -590,7 +599,7 @@ impl Frontends {
     pub fn sockets(&self) -> Vec<(SocketAddr, BorrowedFd<'_>)> {
         self.running
             .values()
-            .map(|f| (f.addr, f.socket.as_fd()))
+            .flat_map(|f| f.sockets.iter().map(|s| (f.addr, s.as_fd())))
             .collect()
     }
 

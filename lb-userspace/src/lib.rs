@@ -24,3 +24,4 @@ pub mod state;
 pub mod tlswire;
 pub mod top;
 pub mod udp_proxy;
+pub mod workers;

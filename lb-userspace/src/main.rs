@@ -15,7 +15,10 @@ use tether::{
 };
 
 /// mimalloc instead of glibc malloc: the proxy allocates and frees many small objects per
-/// request (header maps, body frames, tasks); see README, L7 benchmark.
+/// request (header maps, body frames, tasks); see README, L7 benchmark. Built without
+/// transparent huge pages (`no_thp`): with them, every page mimalloc touches again after
+/// returning it to the kernel faulted in and zeroed 2 MiB (3% of the proxy's CPU in the
+/// L7 benchmark's profile).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -248,7 +251,8 @@ fn main() -> Result<()> {
                 Ok((_, after)) => log::info!("RLIMIT_NOFILE is {after} (the hard limit)"),
                 Err(e) => log::warn!("raising RLIMIT_NOFILE: {e}"),
             }
-            // Proxy and control tasks share these; benchmarks match them to HAProxy's threads.
+            // The L7 proxy's worker threads (one runtime and one listening socket per VIP
+            // each); benchmarks match them to HAProxy's threads.
             let workers = match std::env::var("TETHER_WORKER_THREADS") {
                 Ok(v) => v
                     .parse::<usize>()
@@ -257,11 +261,16 @@ fn main() -> Result<()> {
                     .context("TETHER_WORKER_THREADS must be a positive number")?,
                 Err(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
             };
+            let workers = tether::workers::Workers::start(workers).context("worker threads")?;
+            // The control plane (admin API, health checks, mirroring, reloads): one thread is
+            // plenty, multi-thread so its blocking steps can use `block_in_place`.
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
+                .worker_threads(1)
+                .thread_name("tether-control")
                 .enable_all()
                 .build()?;
-            rt.block_on(control::run(&config)).context("tether")
+            rt.block_on(control::run(&config, workers))
+                .context("tether")
         }
         Cmd::Restart { config } => restart(&config),
         Cmd::Stop { target, detach } => stop(&target.pin_dir()?, detach),

@@ -244,12 +244,17 @@ async fn listener_settings_change_restarts_the_task_on_the_same_socket() {
 async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
     let port = free_port();
     let cfg = config(port, "");
-    let inherited_socket = bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    let inherited_socket =
+        crate::workers::listen_group(SocketAddr::from(([127, 0, 0, 1], port)), vec![], 1, 128)
+            .unwrap()
+            .remove(0);
     let ino = std::fs::metadata(format!("/proc/self/fd/{}", inherited_socket.as_raw_fd()))
         .unwrap()
         .ino();
-    let mut inherited =
-        HashMap::from([(SocketAddr::from(([127, 0, 0, 1], port)), inherited_socket)]);
+    let mut inherited = HashMap::from([(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        vec![inherited_socket],
+    )]);
     let mut f = Frontends::default();
     let prepared = f.prepare(&cfg, &shared(&cfg), &mut inherited).unwrap();
     assert!(
@@ -271,4 +276,56 @@ async fn inherited_sockets_are_used_and_stopped_frontends_resume() {
     f.resume(&cfg);
     assert!(f.is_serving("web"));
     assert_eq!(socket_inode(&f), ino);
+}
+
+/// The inodes of every listening socket of the frontends.
+fn socket_inodes(f: &Frontends) -> Vec<u64> {
+    f.sockets()
+        .iter()
+        .map(|(_, fd)| {
+            std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .unwrap()
+                .ino()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_gets_a_socket_and_a_successor_takes_them_all() {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = config(port, "");
+    let mut f = Frontends::new(Workers::start(2).unwrap());
+    reload(&mut f, &cfg).unwrap();
+    let first = socket_inodes(&f);
+    assert_eq!(first.len(), 2, "one SO_REUSEPORT socket per worker");
+    assert!(f.sockets().iter().all(|(a, _)| *a == addr));
+    // A reload that keeps the address keeps every socket.
+    reload(&mut f, &config(port, r#","limits":{"max_connections":10}"#)).unwrap();
+    assert_eq!(socket_inodes(&f), first, "a reload keeps the sockets");
+
+    // A successor with three workers (a restart) takes both and binds a third.
+    let handed: Vec<std::net::TcpListener> = f
+        .sockets()
+        .iter()
+        .map(|(_, fd)| fd.try_clone_to_owned().unwrap().into())
+        .collect();
+    let mut inherited = HashMap::from([(addr, handed)]);
+    let mut g = Frontends::new(Workers::start(3).unwrap());
+    let prepared = g.prepare(&cfg, &shared(&cfg), &mut inherited).unwrap();
+    assert!(inherited.is_empty(), "the successor took the sockets");
+    g.commit(prepared);
+    let next = socket_inodes(&g);
+    assert_eq!(
+        next.len(),
+        3,
+        "the missing worker's socket joined the group"
+    );
+    assert_eq!(
+        &next[..2],
+        &first[..],
+        "the handed sockets come first, kept"
+    );
+    f.stop_accepting("handed over");
+    g.stop_accepting("test over");
 }

@@ -324,8 +324,9 @@ pub async fn connect(path: &Path) -> Result<Option<Channel>> {
 /// The new process's side of a handoff, from the sockets received to `Ready`.
 pub struct Takeover {
     chan: Channel,
-    /// The L7 listening sockets, by address (the frontends take theirs).
-    pub listeners: HashMap<SocketAddr, std::net::TcpListener>,
+    /// The L7 listening sockets, by address (the frontends take theirs): one per worker of
+    /// the old daemon (one `SO_REUSEPORT` group per address).
+    pub listeners: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
     /// The admin API's listening socket.
     pub admin: Option<(SocketAddr, std::net::TcpListener)>,
 }
@@ -363,10 +364,11 @@ impl Takeover {
             )));
         }
         let mut fds = fds.into_iter().map(std::net::TcpListener::from);
-        let listeners = listeners
-            .into_iter()
-            .zip(fds.by_ref())
-            .collect::<HashMap<_, _>>();
+        let mut by_addr: HashMap<SocketAddr, Vec<std::net::TcpListener>> = HashMap::new();
+        for (addr, fd) in listeners.into_iter().zip(fds.by_ref()) {
+            by_addr.entry(addr).or_default().push(fd);
+        }
+        let listeners = by_addr;
         let admin = admin.zip(fds.next());
         Ok(Takeover {
             chan,

@@ -15,6 +15,14 @@ fn pair() -> (Channel, Channel) {
     (Channel::new(a), Channel::new(b))
 }
 
+/// The socket's inode: the same socket, whatever descriptor holds it.
+fn inode(l: &std::net::TcpListener) -> u64 {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+        .unwrap()
+        .ino()
+}
+
 fn listener() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap()
 }
@@ -76,17 +84,23 @@ async fn listening_sockets_cross_with_their_message() {
     assert!(matches!(b.recv().await, Err(WireError::Closed)));
 }
 
-/// A daemon that records what the handoff asked of it.
+/// A daemon that records what the handoff asked of it; its L7 service listens on a
+/// `SO_REUSEPORT` group of two sockets (two workers).
 struct Fake {
-    l7: std::net::TcpListener,
+    l7: Vec<std::net::TcpListener>,
     admin: std::net::TcpListener,
     log: Vec<&'static str>,
 }
 
 impl Fake {
     fn new() -> Fake {
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let first = crate::workers::listen_group(any, vec![], 1, 16).unwrap();
+        let addr = first[0].local_addr().unwrap();
+        let l7 = crate::workers::listen_group(addr, first, 2, 16).unwrap();
+        assert_eq!(l7.len(), 2, "a second socket joins the group");
         Fake {
-            l7: listener(),
+            l7,
             admin: listener(),
             log: Vec::new(),
         }
@@ -96,7 +110,11 @@ impl Fake {
 impl Handing for Fake {
     fn sockets(&self) -> Sockets<'_> {
         Sockets {
-            listeners: vec![(self.l7.local_addr().unwrap(), self.l7.as_fd())],
+            listeners: self
+                .l7
+                .iter()
+                .map(|l| (l.local_addr().unwrap(), l.as_fd()))
+                .collect(),
             admin: Some((self.admin.local_addr().unwrap(), self.admin.as_fd())),
         }
     }
@@ -115,8 +133,9 @@ impl Handing for Fake {
 async fn a_committed_handoff_moves_every_socket() {
     let (old_end, new_end) = pair();
     let mut fake = Fake::new();
+    let l7_inodes: Vec<u64> = fake.l7.iter().map(inode).collect();
     let (l7_addr, admin_addr) = (
-        fake.l7.local_addr().unwrap(),
+        fake.l7[0].local_addr().unwrap(),
         fake.admin.local_addr().unwrap(),
     );
     let new = tokio::spawn(async move {
@@ -138,7 +157,11 @@ async fn a_committed_handoff_moves_every_socket() {
     assert_eq!(outcome, Outcome::Committed { pid, ready: true });
     assert_eq!(fake.log, ["stop"]);
     let l7 = new.await.unwrap();
-    assert_eq!(l7.local_addr().unwrap(), l7_addr);
+    assert_eq!(
+        l7.iter().map(inode).collect::<Vec<_>>(),
+        l7_inodes,
+        "every socket of the address's group handed over, in order"
+    );
 }
 
 #[tokio::test]

@@ -44,15 +44,8 @@ const SERVER_SCAN_LIMIT: usize = 256 * 1024;
 /// Bytes copied per read.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Serve pass-through connections from `listener` until `shutdown` turns true (or its sender
-/// is dropped); then in-flight connections get [`Limits::shutdown_grace`] before being cut.
-pub async fn serve(
-    listener: TcpListener,
-    cfg: ProxyConfig,
-    engine: Arc<Engine>,
-    mut shutdown: watch::Receiver<bool>,
-    stats: Arc<ProxyStats>,
-) -> Result<(), ProxyError> {
+/// The listener's settings are usable: its connection limit.
+fn check(cfg: &ProxyConfig) -> Result<Arc<Semaphore>, ProxyError> {
     let limits = cfg.limits;
     if limits.max_connections == 0 {
         return Err(ProxyError::Config("max_connections is 0".into()));
@@ -62,12 +55,64 @@ pub async fn serve(
             "TLS pass-through neither terminates TLS nor reads a PROXY header".into(),
         ));
     }
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    log::info!("proxy: serving {} (TLS pass-through)", cfg.listen);
+    Ok(Arc::new(Semaphore::new(limits.max_connections)))
+}
+
+/// Serve pass-through connections from `listener` until `shutdown` turns true (or its sender
+/// is dropped); then in-flight connections get [`Limits::shutdown_grace`] before being cut.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: ProxyConfig,
+    engine: Arc<Engine>,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) -> Result<(), ProxyError> {
+    let permits = check(&cfg)?;
+    accept_loop(listener, cfg, engine, shutdown, stats, permits).await;
+    Ok(())
+}
+
+/// [`serve`] on every worker of `workers`, accepting on `sockets` (see [`crate::workers`]);
+/// `max_connections` holds for the whole listener.
+pub async fn serve_on(
+    sockets: Vec<std::net::TcpListener>,
+    workers: crate::workers::Workers,
+    cfg: ProxyConfig,
+    engine: Arc<Engine>,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) -> Result<(), ProxyError> {
+    let permits = check(&cfg)?;
+    let listen = cfg.listen;
+    workers
+        .run_accept_loops(sockets, |_, socket| {
+            let (cfg, engine, stats) = (cfg.clone(), engine.clone(), stats.clone());
+            let (shutdown, permits) = (shutdown.clone(), permits.clone());
+            async move {
+                match socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+                {
+                    Ok(l) => accept_loop(l, cfg, engine, shutdown, stats, permits).await,
+                    Err(e) => log::error!("pass-through: {listen}: listening socket: {e}"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: ProxyConfig,
+    engine: Arc<Engine>,
+    mut shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+    permits: Arc<Semaphore>,
+) {
+    let limits = cfg.limits;
     let mut tasks = JoinSet::new();
-    log::info!(
-        "proxy: serving {} (TLS pass-through)",
-        listener.local_addr().map_or(cfg.listen, |a| a)
-    );
     loop {
         if *shutdown.borrow_and_update() {
             break;
@@ -125,7 +170,6 @@ pub async fn serve(
         );
         tasks.shutdown().await;
     }
-    Ok(())
 }
 
 /// Last activity in either direction, for the idle timeout.

@@ -35,7 +35,9 @@ pub(super) type SlowFlag = Arc<AtomicBool>;
 struct MinRate {
     bytes_per_s: u32,
     grace: Duration,
-    start: tokio::time::Instant,
+    /// Set when the body is first found waiting (a body that never waits, most requests',
+    /// costs no clock read).
+    start: Option<tokio::time::Instant>,
     received: u64,
     timer: Option<Pin<Box<Sleep>>>,
     slow: SlowFlag,
@@ -43,9 +45,9 @@ struct MinRate {
 
 impl MinRate {
     /// When the body is too slow if no more bytes come.
-    fn deadline(&self) -> tokio::time::Instant {
+    fn deadline(&self, start: tokio::time::Instant) -> tokio::time::Instant {
         let allowed_s = self.received as f64 / f64::from(self.bytes_per_s.max(1));
-        self.start + self.grace + Duration::from_secs_f64(allowed_s.min(1e9))
+        start + self.grace + Duration::from_secs_f64(allowed_s.min(1e9))
     }
 }
 
@@ -134,7 +136,7 @@ impl ProxyBody {
             *rate = Some(MinRate {
                 bytes_per_s,
                 grace,
-                start: tokio::time::Instant::now(),
+                start: None,
                 received: 0,
                 timer: None,
                 slow: slow.clone(),
@@ -170,8 +172,10 @@ impl ProxyBody {
 impl MinRate {
     /// Past the deadline now, or arms the timer for it (so the task wakes then).
     fn too_slow(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = self.deadline();
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        let start = *self.start.get_or_insert(now);
+        let deadline = self.deadline(start);
+        if now >= deadline {
             return true;
         }
         let timer = self

@@ -68,7 +68,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -452,16 +452,109 @@ impl ProxyStats {
     }
 }
 
-/// What every connection task shares.
+/// What every connection task of one worker shares.
 struct Shared {
     router: Arc<dyn Router>,
     limits: Limits,
     stats: Arc<ProxyStats>,
+    /// This worker's backend connections (their tasks run on this worker's runtime).
     pool: upstream::Pool,
     proxy_protocol: Option<crate::cidr::Cidrs>,
     trusted_forwarders: crate::cidr::Cidrs,
     sources: sources::SourceLimiter,
     tls: Option<TlsHandle>,
+    /// Client connections this worker serves now (to hand new ones to the least busy).
+    open: AtomicUsize,
+}
+
+/// The workers of one proxy, as its accept loops see them: where to serve a connection.
+type Peers = Arc<[(Arc<Shared>, tokio::runtime::Handle)]>;
+
+/// Uncounts a connection from its worker's `open` when its task ends.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker a new connection accepted by worker `me` goes to: the one with the fewest open
+/// connections, `me` on a tie. The kernel spreads connections over the workers' sockets by
+/// a hash of their addresses, which leaves a few long-lived connections unevenly spread
+/// (HAProxy balances its threads the same way).
+fn pick(peers: &Peers, me: usize) -> usize {
+    let open = |i: usize| peers[i].0.open.load(Ordering::Relaxed);
+    (0..peers.len()).fold(me, |best, i| if open(i) < open(best) { i } else { best })
+}
+
+/// What the accept loops of every worker of one proxy share: the limits that hold for the
+/// whole listener.
+struct Common {
+    /// `max_connections`.
+    permits: Arc<Semaphore>,
+    sources: sources::SourceLimiter,
+    backend_slots: upstream::BackendSlots,
+}
+
+impl Common {
+    fn new(cfg: &ProxyConfig) -> Result<Common, ProxyError> {
+        let limits = cfg.limits;
+        if limits.max_connections == 0
+            || limits.max_connections_per_source == 0
+            || limits.max_connections_per_backend == 0
+            || limits.h2_max_concurrent_streams == 0
+        {
+            return Err(ProxyError::Config(format!(
+                "connection and stream limits must be positive: {limits:?}"
+            )));
+        }
+        if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
+            return Err(ProxyError::Config(format!(
+                "max_header_bytes {} out of range",
+                limits.max_header_bytes
+            )));
+        }
+        log::info!(
+            "proxy: serving {} ({}{})",
+            cfg.listen,
+            if cfg.tls.is_some() {
+                "TLS"
+            } else {
+                "cleartext"
+            },
+            if cfg.proxy_protocol.is_some() {
+                ", PROXY protocol from trusted sources"
+            } else {
+                ""
+            }
+        );
+        Ok(Common {
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            sources: sources::SourceLimiter::new(limits.max_connections_per_source),
+            backend_slots: upstream::BackendSlots::default(),
+        })
+    }
+
+    /// One worker's share.
+    fn worker(
+        &self,
+        cfg: &ProxyConfig,
+        router: &Arc<dyn Router>,
+        stats: &Arc<ProxyStats>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            router: router.clone(),
+            limits: cfg.limits,
+            stats: stats.clone(),
+            pool: upstream::Pool::new(cfg.limits, self.backend_slots.clone()),
+            proxy_protocol: cfg.proxy_protocol.clone(),
+            trusted_forwarders: cfg.trusted_forwarders.clone(),
+            sources: self.sources.clone(),
+            tls: cfg.tls.clone(),
+            open: AtomicUsize::new(0),
+        })
+    }
 }
 
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
@@ -469,66 +562,82 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often idle pooled backend connections are swept.
 const POOL_SWEEP: Duration = Duration::from_secs(5);
 
-/// Serve client connections from `listener` until `shutdown` turns true (or its sender is
-/// dropped). Then it drains: `listener` is dropped (a socket shared with another server, a
-/// reload's or a restart's, keeps its queue there), in-flight HTTP/1 requests are answered
-/// with `Connection: close`, idle HTTP/1 connections are closed once nothing arrived for a
-/// short while, HTTP/2 connections get a GOAWAY, and whatever is still open after
-/// [`Limits::shutdown_grace`] is cut.
+/// Serve client connections from `listener` on the current runtime until `shutdown` turns
+/// true (or its sender is dropped). Then it drains: `listener` is dropped (a socket shared
+/// with another server, a reload's or a restart's, keeps its queue there), in-flight HTTP/1
+/// requests are answered with `Connection: close`, idle HTTP/1 connections are closed once
+/// nothing arrived for a short while, HTTP/2 connections get a GOAWAY, and whatever is still
+/// open after [`Limits::shutdown_grace`] is cut.
 ///
 /// Errors only before serving anything (invalid limits).
 pub async fn serve_with_stats(
     listener: TcpListener,
     cfg: ProxyConfig,
     router: Arc<dyn Router>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) -> Result<(), ProxyError> {
-    let limits = cfg.limits;
-    if limits.max_connections == 0
-        || limits.max_connections_per_source == 0
-        || limits.max_connections_per_backend == 0
-        || limits.h2_max_concurrent_streams == 0
-    {
-        return Err(ProxyError::Config(format!(
-            "connection and stream limits must be positive: {limits:?}"
-        )));
-    }
-    if limits.max_header_bytes == 0 || limits.max_header_bytes > u32::MAX as usize {
-        return Err(ProxyError::Config(format!(
-            "max_header_bytes {} out of range",
-            limits.max_header_bytes
-        )));
-    }
-    let tls = cfg.tls.clone();
-    let shared = Arc::new(Shared {
-        router,
-        limits,
-        stats: stats.clone(),
-        pool: upstream::Pool::new(limits),
-        proxy_protocol: cfg.proxy_protocol.clone(),
-        trusted_forwarders: cfg.trusted_forwarders.clone(),
-        sources: sources::SourceLimiter::new(limits.max_connections_per_source),
-        tls,
-    });
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let common = Common::new(&cfg)?;
+    let peers: Peers = Arc::new([(
+        common.worker(&cfg, &router, &stats),
+        tokio::runtime::Handle::current(),
+    )]);
+    accept_loop(listener, 0, peers, common.permits, shutdown, cfg.listen).await;
+    Ok(())
+}
+
+/// [`serve_with_stats`] on every worker of `workers`, accepting on `sockets` (one
+/// `SO_REUSEPORT` socket per worker, see [`crate::workers`]). The connection limits hold for
+/// the whole listener; each worker keeps its own backend connections.
+pub async fn serve_on(
+    sockets: Vec<std::net::TcpListener>,
+    workers: crate::workers::Workers,
+    cfg: ProxyConfig,
+    router: Arc<dyn Router>,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) -> Result<(), ProxyError> {
+    let common = Common::new(&cfg)?;
+    let peers: Peers = workers
+        .handles()
+        .into_iter()
+        .map(|h| (common.worker(&cfg, &router, &stats), h))
+        .collect();
+    let listen = cfg.listen;
+    workers
+        .run_accept_loops(sockets, |w, socket| {
+            let (peers, permits) = (peers.clone(), common.permits.clone());
+            let shutdown = shutdown.clone();
+            async move {
+                // Registered here, with the worker's own runtime.
+                match socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+                {
+                    Ok(l) => accept_loop(l, w, peers, permits, shutdown, listen).await,
+                    Err(e) => log::error!("proxy: {listen}: listening socket: {e}"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// Accepts for worker `me`; each connection is served on the least busy worker of `peers`.
+async fn accept_loop(
+    listener: TcpListener,
+    me: usize,
+    peers: Peers,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    listen: SocketAddr,
+) {
+    let shared = peers[me].0.clone();
+    let limits = shared.limits;
+    let stats = shared.stats.clone();
     let mut tasks = JoinSet::new();
     let mut sweep = tokio::time::interval(POOL_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    log::info!(
-        "proxy: serving {} ({}{})",
-        listener.local_addr().map_or(cfg.listen, |a| a),
-        if shared.tls.is_some() {
-            "TLS"
-        } else {
-            "cleartext"
-        },
-        if cfg.proxy_protocol.is_some() {
-            ", PROXY protocol from trusted sources"
-        } else {
-            ""
-        }
-    );
 
     loop {
         if *shutdown.borrow_and_update() {
@@ -552,11 +661,31 @@ pub async fn serve_with_stats(
                 Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         inc(&stats.connections_accepted);
-                        let conn = conn::run(shared.clone(), tcp, peer, shutdown.clone());
-                        tasks.spawn(async move {
-                            conn.await;
-                            drop(permit);
-                        });
+                        let target = pick(&peers, me);
+                        let (to, handle) = &peers[target];
+                        to.open.fetch_add(1, Ordering::Relaxed);
+                        let open = OpenGuard(to.clone());
+                        let (to, shutdown) = (to.clone(), shutdown.clone());
+                        if target == me {
+                            tasks.spawn(async move {
+                                conn::run(to, tcp, peer, shutdown).await;
+                                drop((permit, open));
+                            });
+                        } else {
+                            // Moved to the other worker's runtime: registered there.
+                            match tcp.into_std() {
+                                Ok(std) => {
+                                    tasks.spawn_on(async move {
+                                        match tokio::net::TcpStream::from_std(std) {
+                                            Ok(tcp) => conn::run(to, tcp, peer, shutdown).await,
+                                            Err(e) => log::warn!("proxy: {peer}: handing to a worker: {e}"),
+                                        }
+                                        drop((permit, open));
+                                    }, handle);
+                                }
+                                Err(e) => log::warn!("proxy: {peer}: handing to a worker: {e}"),
+                            }
+                        }
                     }
                     Err(_) => {
                         inc(&stats.connections_rejected);
@@ -575,7 +704,7 @@ pub async fn serve_with_stats(
     drop(listener);
     log::info!(
         "proxy: draining {}: {} connection(s) open, grace {:?}",
-        cfg.listen,
+        listen,
         tasks.len(),
         limits.shutdown_grace
     );
@@ -590,5 +719,4 @@ pub async fn serve_with_stats(
         );
         tasks.shutdown().await;
     }
-    Ok(())
 }

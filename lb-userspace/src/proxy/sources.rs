@@ -10,6 +10,8 @@ use std::{
 /// open each connection from a fresh address.
 const V6_PREFIX_MASK: u128 = !0u128 << 64;
 
+/// Clones share the counts (one limiter for all the workers of a listener).
+#[derive(Clone)]
 pub(super) struct SourceLimiter {
     max: usize,
     open: Arc<Mutex<HashMap<IpAddr, usize>>>,

@@ -1412,3 +1412,4 @@ async fn load_tls_reports_bad_files() {
 }
 
 mod security;
+mod workers;

@@ -7,7 +7,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{Method, Request, Response};
@@ -21,7 +21,7 @@ use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot},
 };
 
-use super::{Limits, body::ProxyBody};
+use super::{Limits, body::ProxyBody, io::coarse_ms};
 
 /// An idle backend connection older than this is closed rather than reused: backends
 /// commonly close idle keep-alive connections after a few seconds (Apache, Node: 5 s), and
@@ -32,7 +32,8 @@ type Sender = http1::SendRequest<ProxyBody>;
 
 struct Idle {
     tx: Sender,
-    since: Instant,
+    /// [`coarse_ms`] when it went idle.
+    since: u64,
 }
 
 pub(super) struct Pool {
@@ -82,13 +83,49 @@ struct Inner {
     /// As many may wait here as the backend has slots (`max_connections_per_backend`): with
     /// fewer, a burst of concurrent requests would close and reopen connections each time.
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
-    /// Connection slots per backend (`max_connections_per_backend`): a connection holds its
-    /// permit for as long as it is open, idle in the pool or busy.
+    /// This pool's view of `shared`'s slots (no lock shared with other workers per request).
     slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
+    shared: BackendSlots,
     max_per_backend: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
     max_age: Duration,
+}
+
+/// Connection slots per backend (`max_connections_per_backend`), shared by the pools of
+/// every worker of one proxy: a connection holds its permit for as long as it is open, idle in
+/// a pool or busy, whatever worker it is on.
+#[derive(Clone, Default)]
+pub(super) struct BackendSlots {
+    slots: Arc<Mutex<HashMap<SocketAddr, Arc<Slots>>>>,
+    /// The pools sharing these slots: a worker short of a slot closes an idle connection of
+    /// another worker's.
+    pools: Arc<Mutex<Vec<Weak<Inner>>>>,
+}
+
+impl BackendSlots {
+    fn get(&self, backend: SocketAddr, max: usize) -> Arc<Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(backend).or_insert_with(|| {
+            Arc::new(Slots {
+                sem: Arc::new(Semaphore::new(max)),
+                idle: Notify::new(),
+            })
+        }))
+    }
+
+    /// Close one idle connection to `backend` held by a pool other than `me`; whether one was.
+    fn drop_idle_elsewhere(&self, me: &Inner, backend: SocketAddr) -> bool {
+        let pools: Vec<Arc<Inner>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.retain(|p| p.strong_count() > 0);
+            pools.iter().filter_map(Weak::upgrade).collect()
+        };
+        pools
+            .iter()
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), me))
+            .any(|p| p.drop_one_idle(backend))
+    }
 }
 
 struct Slots {
@@ -112,17 +149,25 @@ pub(super) enum UpstreamError {
 }
 
 impl Pool {
-    pub(super) fn new(limits: Limits) -> Pool {
-        Pool {
+    /// A pool of one worker; `shared` holds the per-backend limit for all the workers.
+    pub(super) fn new(limits: Limits, shared: BackendSlots) -> Pool {
+        let pool = Pool {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
                 slots: Mutex::new(HashMap::new()),
+                shared: shared.clone(),
                 max_per_backend: limits.max_connections_per_backend.max(1),
                 connect_timeout: limits.upstream_connect_timeout,
                 response_timeout: limits.upstream_response_timeout,
                 max_age: MAX_IDLE_AGE.min(limits.idle_timeout),
             }),
-        }
+        };
+        shared
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&pool.inner));
+        pool
     }
 
     /// Sends `req` to `backend` on an idle pooled connection or a new one. The connection
@@ -134,7 +179,8 @@ impl Pool {
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        let deadline = tokio::time::Instant::now() + self.inner.connect_timeout;
+        // Read only when a request has to wait for a slot.
+        let mut deadline = None;
         let slots = self.inner.slots(backend);
         let mut reused = false;
         let permit = loop {
@@ -172,9 +218,10 @@ impl Pool {
             if let Ok(p) = Arc::clone(&slots.sem).try_acquire_owned() {
                 break p;
             }
-            if reused {
-                // Idle connections hold the slots this request needs: close one.
-                self.inner.drop_one_idle(backend);
+            // Idle connections hold the slots this request needs: close one, ours or
+            // another worker's.
+            if !(reused && self.inner.drop_one_idle(backend)) {
+                self.inner.shared.drop_idle_elsewhere(&self.inner, backend);
             }
             tokio::select! {
                 p = Arc::clone(&slots.sem).acquire_owned() => match p {
@@ -182,7 +229,9 @@ impl Pool {
                     Err(_) => return Err(UpstreamError::Saturated),
                 },
                 () = &mut idle => {}
-                () = tokio::time::sleep_until(deadline) => return Err(UpstreamError::Saturated),
+                () = tokio::time::sleep_until(*deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.inner.connect_timeout
+                })) => return Err(UpstreamError::Saturated),
             }
         };
         let mut tx = match self.inner.connect(backend, permit).await {
@@ -230,17 +279,26 @@ impl Pool {
     /// Drops idle connections that closed or aged out.
     pub(super) fn sweep(&self) {
         let max_age = self.inner.max_age;
-        let now = Instant::now();
+        let now = coarse_ms();
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, conns| {
             conns.retain(|c| c.usable(max_age, now));
             !conns.is_empty()
         });
         drop(idle);
-        // Forget the slots of backends with nothing open and nobody waiting.
+        // Forget the slots of backends with nothing open and nobody waiting: here (held by
+        // this map and the shared one), then in the shared map once no pool holds them.
         let max = self.inner.max_per_backend;
         let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|_, s| Arc::strong_count(s) > 1 || s.sem.available_permits() < max);
+        slots.retain(|_, s| Arc::strong_count(s) > 2 || s.sem.available_permits() < max);
+        drop(slots);
+        let mut shared = self
+            .inner
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        shared.retain(|_, s| Arc::strong_count(s) > 1 || s.sem.available_permits() < max);
     }
 }
 
@@ -258,36 +316,34 @@ enum Sent {
 
 impl Idle {
     /// `now`: read once by the caller for the whole list (one clock read, not one per entry).
-    fn usable(&self, max_age: Duration, now: Instant) -> bool {
-        now.saturating_duration_since(self.since) < max_age && !self.tx.is_closed()
+    fn usable(&self, max_age: Duration, now: u64) -> bool {
+        u128::from(now.saturating_sub(self.since)) < max_age.as_millis() && !self.tx.is_closed()
     }
 }
 
 impl Inner {
     fn slots(&self, backend: SocketAddr) -> Arc<Slots> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(slots.entry(backend).or_insert_with(|| {
-            Arc::new(Slots {
-                sem: Arc::new(Semaphore::new(self.max_per_backend)),
-                idle: Notify::new(),
-            })
-        }))
+        Arc::clone(
+            slots
+                .entry(backend)
+                .or_insert_with(|| self.shared.get(backend, self.max_per_backend)),
+        )
     }
 
-    fn drop_one_idle(&self, backend: SocketAddr) {
+    /// Close the oldest idle connection to `backend` (the likeliest to be closed by the
+    /// backend anyway); whether there was one.
+    fn drop_one_idle(&self, backend: SocketAddr) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conns) = idle.get_mut(&backend)
-            && !conns.is_empty()
-        {
-            // The oldest: the likeliest to be closed by the backend anyway.
-            conns.pop_front();
-        }
+        idle.get_mut(&backend)
+            .and_then(|conns| conns.pop_front())
+            .is_some()
     }
 
     fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
-        let now = Instant::now();
+        let now = coarse_ms();
         while let Some(c) = conns.pop_back() {
             if c.usable(self.max_age, now) && c.tx.is_ready() {
                 return Some(c.tx);
@@ -300,7 +356,7 @@ impl Inner {
         if tx.is_closed() {
             return;
         }
-        let now = Instant::now();
+        let now = coarse_ms();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(backend).or_default();
         // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of

@@ -1,0 +1,128 @@
+//! The L7 proxy's worker threads: each runs its own current-thread tokio runtime and accepts
+//! on its own `SO_REUSEPORT` listening socket per virtual service. The kernel spreads new
+//! connections over the sockets; the accepting worker hands each to the least busy worker
+//! (once, at accept), and from then on a connection, its backend connections and its timers
+//! stay on one thread (no work stealing, no cross-thread wake-up per request). The control
+//! plane (admin API, health checks, mirroring, reloads) runs on a runtime of its own.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::{runtime::Handle, task::JoinSet};
+
+/// Handles of the worker runtimes; empty (the default): everything runs on the caller's
+/// runtime as one worker (unit tests, the library used in-process).
+#[derive(Clone, Default)]
+pub struct Workers(Arc<[Handle]>);
+
+impl Workers {
+    /// Start `n` worker threads, each driving a current-thread runtime until the process exits.
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("tether-worker-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Workers(handles.into()))
+    }
+
+    /// How many workers serve (at least one: the caller's runtime).
+    pub fn len(&self) -> usize {
+        self.0.len().max(1)
+    }
+
+    /// Never empty; see [`Workers::len`].
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// One handle per worker (the caller's runtime when there are none).
+    pub fn handles(&self) -> Vec<Handle> {
+        (0..self.len()).map(|i| self.handle(i)).collect()
+    }
+
+    fn handle(&self, i: usize) -> Handle {
+        match self.0.get(i % self.0.len().max(1)) {
+            Some(h) => h.clone(),
+            None => Handle::current(),
+        }
+    }
+
+    /// Run one accept loop per listening socket and worker: `make(worker, socket)` builds the
+    /// loop, which runs on that worker's runtime (register `socket` with the runtime inside
+    /// the future, where it runs). With more workers than sockets some sockets are shared,
+    /// with more sockets than workers (a restart's predecessor had more) a worker serves
+    /// several: no socket is left without an accept loop. Returns when every loop ended.
+    pub async fn run_accept_loops<F, Fut>(&self, sockets: Vec<std::net::TcpListener>, make: F)
+    where
+        F: Fn(usize, std::net::TcpListener) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut loops = JoinSet::new();
+        let count = sockets.len();
+        // Duplicates first (for workers beyond the sockets), then the sockets themselves.
+        let mut jobs = Vec::new();
+        for k in count..self.len().max(count) {
+            if let Some(s) = sockets.get(k % count.max(1)) {
+                match s.try_clone() {
+                    Ok(dup) => jobs.push((k, dup)),
+                    Err(e) => log::warn!("L7 listener: duplicating a socket for worker {k}: {e}"),
+                }
+            }
+        }
+        jobs.extend(sockets.into_iter().enumerate());
+        for (k, socket) in jobs {
+            let w = k % self.len();
+            loops.spawn_on(make(w, socket), &self.handle(w));
+        }
+        while let Some(done) = loops.join_next().await {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                log::error!("L7 accept loop panicked: {e}");
+            }
+        }
+    }
+}
+
+/// `n` listening sockets on `addr` in one `SO_REUSEPORT` group (the kernel spreads
+/// connections over them by flow hash), starting with `have` (a restart's or a running
+/// frontend's) and binding the rest. A socket that cannot join the group (a predecessor's
+/// bound without `SO_REUSEPORT`) leaves fewer sockets: workers then share them.
+pub fn listen_group(
+    addr: SocketAddr,
+    mut have: Vec<std::net::TcpListener>,
+    n: usize,
+    backlog: i32,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    while have.len() < n {
+        match bind_reuseport(addr, backlog) {
+            Ok(s) => have.push(s),
+            Err(e) if !have.is_empty() => {
+                log::info!(
+                    "{addr}: {} listening socket(s) for {n} workers ({e}); workers share them",
+                    have.len()
+                );
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(have)
+}
+
+/// A listening socket with SO_REUSEADDR (restart while old connections are in TIME_WAIT)
+/// and SO_REUSEPORT (one per worker).
+fn bind_reuseport(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
