@@ -279,3 +279,92 @@ impl SentinelSet {
         Ok(new)
     }
 }
+
+/// The ports of the [`ClusterSet`]'s nodes (their bus ports are 10000 above).
+pub const CLUSTER_PORTS: [u16; 3] = [7001, 7002, 7003];
+
+/// A Redis Cluster of three masters (no replicas), each a `redis-server --cluster-enabled
+/// yes` on one of [`CLUSTER_PORTS`], the slots split between them by `redis-cli --cluster
+/// create`. Fields drop in order: the nodes, then their directory.
+pub struct ClusterSet {
+    pub nodes: Vec<RedisProc>,
+    _dir: TempDir,
+}
+
+impl ClusterSet {
+    /// Starts the nodes in `ns` (`name` names their directory under the temp dir), creates
+    /// the cluster and waits until every node says `cluster_state:ok`.
+    pub fn start(ns: &str, name: &str) -> Result<ClusterSet> {
+        let dir = TempDir(std::env::temp_dir().join(format!("{name}-cluster")));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        let mut nodes = Vec::new();
+        for port in CLUSTER_PORTS {
+            // Each node keeps its cluster state file (and nothing else) in its own directory.
+            let d = dir.0.join(port.to_string());
+            std::fs::create_dir_all(&d).context("creating a cluster node's directory")?;
+            let d = d.to_string_lossy().into_owned();
+            nodes.push(RedisProc::start(
+                ns,
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    &d,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+            )?);
+        }
+        let set = ClusterSet { nodes, _dir: dir };
+        let addrs: Vec<String> = CLUSTER_PORTS
+            .iter()
+            .map(|p| format!("{LB_ADDR}:{p}"))
+            .collect();
+        let out = Command::new("timeout")
+            .args([
+                "30",
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "redis-cli",
+                "--cluster",
+                "create",
+            ])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let ok = wait_until(Duration::from_secs(30), || {
+            set.nodes.iter().all(|n| {
+                n.cli(&["cluster", "info"])
+                    .is_ok_and(|o| o.lines().any(|l| l.trim() == "cluster_state:ok"))
+            })
+        });
+        if !ok {
+            bail!("the cluster did not reach cluster_state:ok within 30 s");
+        }
+        Ok(set)
+    }
+
+    /// The nodes' URLs, for `mirroring.cluster.nodes`, starting with the node `first`.
+    pub fn urls(&self, first: usize) -> Vec<String> {
+        let n = CLUSTER_PORTS.len();
+        (0..n)
+            .map(|i| format!("redis://{LB_ADDR}:{}", CLUSTER_PORTS[(first + i) % n]))
+            .collect()
+    }
+}

@@ -2,7 +2,9 @@
 //! the master through Redis Sentinel (`mirroring.sentinel`), a binding made on one reaches
 //! the other, and when the sentinel switches masters (planned, or after the master's
 //! SIGKILL) both instances move to the new master, lose no binding they hold, and keep
-//! mirroring.
+//! mirroring. And through a Redis Cluster (`mirroring.cluster`): the bindings spread over
+//! its nodes, reach the other instance whichever node each subscribes on, and a new
+//! instance learns every one of them from every node.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -12,7 +14,10 @@ use tether_tests::{
     l7lab::PORT,
     multilab::{Fleet, instance_name},
     netns::wait_until,
-    redisha::{MASTER_NAME, MASTER_PORT, REPLICA_PORT, SENTINEL_PORT, SentinelSet},
+    redisha::{
+        CLUSTER_PORTS, ClusterSet, MASTER_NAME, MASTER_PORT, REPLICA_PORT, SENTINEL_PORT,
+        SentinelSet,
+    },
 };
 
 /// L4 DSR source IP on [`PORT`] (the XDP table) and L7 client IP on `PORT + 1`.
@@ -218,4 +223,97 @@ fn sentinel_failover_keeps_mirroring() {
     f.stop(1);
     f.stop(0);
     drop(ha);
+}
+
+/// Three cluster masters (no replicas); A lists the nodes from the first, B from the
+/// second, so each subscribes to the channel on a different node.
+/// 1. Bindings made on A (L4 source IP in XDP, L7 client IP) reach B, and bindings made on
+///    B reach A: each node passes every announcement to the others.
+/// 2. The keys are spread over more than one node (their slots differ).
+/// 3. A new B started from nothing learns every binding before it sees the clients: the
+///    catch-up scans every master.
+/// 4. Bindings written straight into the cluster (`redis-cli -c SET`, no announcement) are
+///    found by B's lookups on a local miss, each on its key's node.
+#[test]
+fn cluster_mirrors_across_nodes() {
+    let mut f = Fleet::new(10, 3, 2, false, |_, b| services(b));
+    let cluster = ClusterSet::start(&f.topo.lb.ns, &f.topo.ns_prefix)
+        .unwrap_or_else(|e| panic!("starting the Redis Cluster: {e:#}"));
+    for i in 0..2 {
+        let b = f.builders[i].clone().top_field(
+            "mirroring",
+            // A loaded test machine may take longer than the default 50 ms to answer a
+            // lookup; this test asserts where requests go, not how fast Redis is.
+            json!({"cluster": {"nodes": cluster.urls(i)}, "instance": instance_name(i),
+                   "lookup_timeout_ms": 1000}),
+        );
+        f.builders[i] = b;
+    }
+    f.start(0);
+    f.start(1);
+    wait_connections(&f, 1.0, "connecting to the cluster");
+    let clients = f.topo.client_addrs.clone();
+
+    // 1. Both ways.
+    let first = bind_and_mirror(&f, 0, &clients[..4], "made on A");
+    let second = bind_and_mirror(&f, 1, &clients[4..8], "made on B");
+    reaches(&f, 1, &clients[..4], &first, "made on A, after B's");
+
+    // 2. Spread over the nodes: 8 clients x 2 tables, each key once.
+    let per_node: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|n| binding_keys(n).len())
+        .collect();
+    assert_eq!(
+        per_node.iter().sum::<usize>(),
+        16,
+        "8 clients x 2 tables over the nodes on ports {CLUSTER_PORTS:?}: {per_node:?}"
+    );
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() > 1,
+        "the bindings should land on more than one node: {per_node:?}"
+    );
+
+    // 3. A new B learns all 16 from the nodes (catch-up) before any client comes.
+    f.stop(1);
+    f.start(1);
+    wait_metric(
+        &f,
+        1,
+        "tether_mirror_applied_total",
+        16.0,
+        "a new B's catch-up from every node",
+    );
+    reaches(&f, 1, &clients[..4], &first, "a new B");
+    reaches(&f, 1, &clients[4..8], &second, "a new B");
+
+    // 4. Lookups: the L7 client-IP bindings of two new clients, written as instance lb-z
+    // would have, without PUBLISH.
+    let hits = f.metric(1, "tether_mirror_lookup_hits_total", &[]);
+    for (src, backend) in [(clients[8], "b3"), (clients[9], "b1")] {
+        let key = format!(
+            "tether:b:cip:client-ip:{:032x}",
+            u128::from_be_bytes(src.to_ipv6_mapped().octets())
+        );
+        let value = format!("{}:lb-z", lb_common::backend_identity("web", backend));
+        let out = cluster.nodes[0]
+            .cli(&["-c", "set", &key, &value, "px", "600000"])
+            .unwrap_or_else(|e| panic!("redis-cli -c set {key}: {e:#}"));
+        assert_eq!(out.trim(), "OK", "redis-cli -c set {key}: {out}");
+        let got = f.backend_via(1, src, PORT + 1, "/", &[]);
+        if got != backend {
+            f.fail(format!(
+                "{src} via B reached {got}; the cluster binds it to {backend}"
+            ));
+        }
+    }
+    assert_eq!(
+        f.metric(1, "tether_mirror_lookup_hits_total", &[]) - hits,
+        2.0,
+        "B found both bindings by lookup"
+    );
+    f.stop(1);
+    f.stop(0);
+    drop(cluster);
 }

@@ -1,6 +1,7 @@
 //! `mirroring`: the stored persistence tables shared between instances through Redis
 //! (`crate::mirror`). Off when absent: one instance needs nothing. Redis is either one
-//! server (`redis`, a URL) or the master of a Sentinel deployment (`sentinel`).
+//! server (`redis`, a URL), the master of a Sentinel deployment (`sentinel`), or a Redis
+//! Cluster (`cluster`).
 
 use serde::Deserialize;
 
@@ -15,6 +16,9 @@ pub struct RawMirroring {
     /// The master of a Sentinel deployment, found through its sentinels.
     #[serde(default)]
     pub sentinel: Option<RawSentinel>,
+    /// A Redis Cluster, found through any of its nodes.
+    #[serde(default)]
+    pub cluster: Option<RawCluster>,
     /// This instance's name, unique among the instances sharing the Redis.
     pub instance: String,
     /// How long an L7 local miss may wait for Redis' binding (0: never ask).
@@ -46,6 +50,14 @@ pub struct RawSentinel {
     pub db: Option<i64>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Some of the cluster's nodes, `redis://[user:password@]host:port`: the client learns
+    /// the rest (and which node serves which slot) from the first that answers.
+    pub nodes: Vec<String>,
+}
+
 /// Which Redis the instances share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redis {
@@ -53,6 +65,15 @@ pub enum Redis {
     Server(String),
     /// Whichever server the sentinels name master, asked on every (re)connection.
     Sentinel(Sentinel),
+    /// A Redis Cluster: each key on the node serving its slot.
+    Cluster(Cluster),
+}
+
+/// Validated `mirroring.cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Node URLs, in the order they are tried.
+    pub nodes: Vec<String>,
 }
 
 /// Validated `mirroring.sentinel`.
@@ -80,19 +101,31 @@ pub(super) fn validate(raw: Option<&RawMirroring>) -> Result<Option<Mirroring>, 
         return Ok(None);
     };
     check_name("mirroring.instance", &raw.instance)?;
-    let redis = match (&raw.redis, &raw.sentinel) {
-        (Some(url), None) => Redis::Server(server_url("mirroring.redis", url, true)?),
-        (None, Some(s)) => Redis::Sentinel(sentinel(s)?),
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::new(
-                "mirroring.sentinel",
-                "give either redis (one server) or sentinel (a master found through Sentinel), not both",
-            ));
-        }
-        (None, None) => {
+    let given: Vec<&str> = [
+        raw.redis.as_ref().map(|_| "redis"),
+        raw.sentinel.as_ref().map(|_| "sentinel"),
+        raw.cluster.as_ref().map(|_| "cluster"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let redis = match (&raw.redis, &raw.sentinel, &raw.cluster) {
+        (Some(url), None, None) => Redis::Server(server_url("mirroring.redis", url, true)?),
+        (None, Some(s), None) => Redis::Sentinel(sentinel(s)?),
+        (None, None, Some(c)) => Redis::Cluster(cluster(c)?),
+        (None, None, None) => {
             return Err(ConfigError::new(
                 "mirroring.redis",
-                "required: the URL of one Redis server, or a sentinel section naming the sentinels and the master",
+                "required: the URL of one Redis server, a sentinel section naming the sentinels and the master, or a cluster section naming cluster nodes",
+            ));
+        }
+        _ => {
+            return Err(ConfigError::new(
+                format!("mirroring.{}", given[1]),
+                format!(
+                    "give one of redis (one server), sentinel (a master found through Sentinel) or cluster (a Redis Cluster), not {}",
+                    given.join(" and ")
+                ),
             ));
         }
     };
@@ -136,6 +169,42 @@ fn server_url(at: &str, url: &str, unix: bool) -> Result<String, ConfigError> {
     redis::Client::open(url)
         .map_err(|e| ConfigError::new(at, format!("{url:?} is not a Redis URL: {e}")))?;
     Ok(url.to_string())
+}
+
+fn cluster(raw: &RawCluster) -> Result<Cluster, ConfigError> {
+    if raw.nodes.is_empty() {
+        return Err(ConfigError::new(
+            "mirroring.cluster.nodes",
+            "must list at least one cluster node (redis://host:port)",
+        ));
+    }
+    let mut nodes = Vec::with_capacity(raw.nodes.len());
+    for (i, n) in raw.nodes.iter().enumerate() {
+        nodes.push(server_url(
+            &format!("mirroring.cluster.nodes[{i}]"),
+            n,
+            false,
+        )?);
+    }
+    let c = Cluster { nodes };
+    c.client().map_err(|e| {
+        ConfigError::new(
+            "mirroring.cluster",
+            format!("not a usable Cluster client: {e}"),
+        )
+    })?;
+    Ok(c)
+}
+
+impl Cluster {
+    /// The cluster client: it asks the nodes in order for the slot map, and follows
+    /// redirections when slots move.
+    pub fn client(&self) -> redis::RedisResult<redis::cluster::ClusterClient> {
+        redis::cluster::ClusterClient::builder(self.nodes.clone())
+            .connection_timeout(std::time::Duration::from_secs(1))
+            .response_timeout(std::time::Duration::from_secs(1))
+            .build()
+    }
 }
 
 fn sentinel(raw: &RawSentinel) -> Result<Sentinel, ConfigError> {

@@ -1,5 +1,6 @@
 //! The mirror as the engines' [`Remote`]: an L7 local miss reads the key from Redis on the
-//! worker's lookup connection (one multiplexed connection shared by every request), bounded
+//! worker's lookup connection (one multiplexed connection shared by every request; with a
+//! cluster, MGET is split by hash slot and sent to each slot's node at once), bounded
 //! by `mirroring.lookup_timeout_ms`. While the worker is not connected nothing is asked:
 //! the request is decided locally at once.
 
@@ -11,16 +12,14 @@ use std::{
     time::Duration,
 };
 
+use super::{MirrorStats, codec, con::Con};
+use crate::engine::mirrored::{Found, Remote};
 use arc_swap::ArcSwapOption;
 use futures_util::future::BoxFuture;
-use redis::aio::MultiplexedConnection;
-
-use super::{MirrorStats, codec};
-use crate::engine::mirrored::{Found, Remote};
 
 pub(super) struct Lookups {
     /// The connection for lookups while the worker is connected.
-    pub con: ArcSwapOption<MultiplexedConnection>,
+    pub con: ArcSwapOption<Con>,
     /// `mirroring.lookup_timeout_ms` in force; zero: lookups are off (also while a reload
     /// has removed `mirroring`).
     timeout_ms: AtomicU64,

@@ -23,6 +23,10 @@
 //! - **Sentinel** (`mirroring.sentinel`): every (re)connection first asks the sentinels
 //!   which server is master, so a failover is one more reconnection, and the full write
 //!   on connecting restores what a lagging replica had not received.
+//! - **Cluster** (`mirroring.cluster`, `con`): a script call per key (a call's keys must
+//!   share a hash slot), the channel subscribed on one node (a cluster passes every
+//!   `PUBLISH` to every node), the catch-up's `SCAN` sent to every master, `MGET` split by
+//!   slot by the cluster client.
 //! - **A local miss asks Redis where the input can wait** (L7 HTTP requests, TLS
 //!   pass-through connections, SIP over UDP in a task of its own; [`lookup`]): one `MGET` of the
 //!   keys the request was looked up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
@@ -34,6 +38,7 @@
 //!   removed section idles it (what the tables send is discarded).
 
 pub mod codec;
+mod con;
 mod lookup;
 #[cfg(test)]
 mod tests;
@@ -316,6 +321,10 @@ fn describe(redis: &Redis) -> String {
                 s.master,
                 nodes.join(", ")
             )
+        }
+        Redis::Cluster(c) => {
+            let nodes: Vec<String> = c.nodes.iter().map(|n| redact(n)).collect();
+            format!("the cluster of {}", nodes.join(", "))
         }
     }
 }

@@ -249,3 +249,25 @@ async fn removing_mirroring_by_a_reload_stops_the_lookups() {
     })
     .await;
 }
+
+#[test]
+fn the_catch_up_scans_every_live_master_cluster_nodes_lists() {
+    let nodes = "\
+0b38 10.0.0.7:7002@17002 master - 0 1796046362034 3 connected 10923-16383
+59a7 10.0.0.5:7000@17000,n1.example master - 0 1796046361030 1 connected 0-5460
+cec6 10.0.0.6:7001@17001 myself,master - 0 1796046362000 2 connected 5461-10922
+d001 10.0.0.8:7003@17003 slave 59a7 0 1796046362000 1 connected
+d002 10.0.0.9:7004@17004 master,fail - 0 1796046362000 4 disconnected
+d003 [::1]:7005@17005 master - 0 1796046362000 5 connected
+";
+    assert_eq!(
+        super::worker::masters(nodes),
+        vec![
+            ("10.0.0.7".to_string(), 7002),
+            ("10.0.0.5".to_string(), 7000),
+            ("10.0.0.6".to_string(), 7001),
+            ("::1".to_string(), 7005),
+        ],
+        "masters only, not failed ones nor replicas"
+    );
+}

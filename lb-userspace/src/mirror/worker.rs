@@ -1,6 +1,9 @@
 //! The mirror's task: one Redis connection for writes and reads, one for the channel, and
 //! one it lends to the requests' lookups while it is connected, all to the one server
-//! configured or to the master the sentinels name at connection time.
+//! configured or to the master the sentinels name at connection time. With a Redis
+//! Cluster, writes and reads go through cluster connections (each key to its slot's node),
+//! the channel is a subscription on one node (the cluster passes every PUBLISH to every
+//! node), and the catch-up scans every master.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -10,10 +13,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt as _;
-use redis::{AsyncConnectionConfig, aio::MultiplexedConnection};
+use redis::AsyncConnectionConfig;
 use tokio::sync::{mpsc, watch};
 
-use super::{Event, MirrorStats, QUEUE_CAPACITY, XdpTarget, codec};
+use super::{Event, MirrorStats, QUEUE_CAPACITY, XdpTarget, codec, con::Con};
 use crate::{
     config::mirroring::{Mirroring, Redis},
     engine::{Engine, methods::TableRef},
@@ -27,6 +30,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bindings per script call.
 const BATCH: usize = 256;
+/// Script calls in flight at once on a cluster connection (one per key there).
+const CLUSTER_IN_FLIGHT: usize = 64;
 /// How often tables are looked at for refreshes.
 const SWEEP_TICK: Duration = Duration::from_secs(1);
 /// How often the XDP table's used bindings are written again (its TTLs renewed in Redis):
@@ -94,6 +99,20 @@ pub(super) enum Source {
     Server(redis::Client),
     /// Asked again before every session: after a failover, the promoted replica.
     Sentinel(Box<redis::sentinel::SentinelClient>),
+    /// The channel's node is the next configured one after each session.
+    Cluster {
+        client: Box<redis::cluster::ClusterClient>,
+        nodes: Vec<String>,
+        next: usize,
+    },
+}
+
+/// A session's connections.
+struct Connections {
+    con: Con,
+    lookup: Con,
+    /// The server whose channel is subscribed.
+    channel: redis::Client,
 }
 
 impl Source {
@@ -101,13 +120,56 @@ impl Source {
         Ok(match redis {
             Redis::Server(url) => Source::Server(redis::Client::open(url.as_str())?),
             Redis::Sentinel(s) => Source::Sentinel(Box::new(s.client()?)),
+            Redis::Cluster(c) => Source::Cluster {
+                client: Box::new(c.client()?),
+                nodes: c.nodes.clone(),
+                next: 0,
+            },
         })
     }
 
-    /// The server to connect to now.
+    /// Connect for a session.
+    async fn connect(&mut self) -> redis::RedisResult<Connections> {
+        if let Source::Cluster {
+            client,
+            nodes,
+            next,
+        } = self
+        {
+            // Lookups get their own connection: a request's GET does not queue behind a
+            // batch.
+            let con = cluster_connection(client).await?;
+            let lookup = cluster_connection(client).await?;
+            let url = &nodes[*next % nodes.len()];
+            *next = next.wrapping_add(1);
+            return Ok(Connections {
+                con,
+                lookup,
+                channel: redis::Client::open(url.as_str())?,
+            });
+        }
+        let client = self.client().await?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(IO_TIMEOUT))
+            .set_response_timeout(Some(IO_TIMEOUT));
+        let con = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let lookup = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Connections {
+            con: Con::Server(con),
+            lookup: Con::Server(lookup),
+            channel: client,
+        })
+    }
+
+    /// The server to connect to now (of a cluster, the first node listed).
     pub(super) async fn client(&mut self) -> redis::RedisResult<redis::Client> {
         match self {
             Source::Server(c) => Ok(c.clone()),
+            Source::Cluster { nodes, .. } => redis::Client::open(nodes[0].as_str()),
             Source::Sentinel(s) => {
                 let c = tokio::time::timeout(SENTINEL_TIMEOUT, s.async_get_client())
                     .await
@@ -137,8 +199,8 @@ async fn run(w: &mut Worker, redis: &Redis) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let r = match source.client().await {
-            Ok(client) => session(w, &client, &script, &mut pending).await,
+        let r = match source.connect().await {
+            Ok(c) => session(w, c, &script, &mut pending).await,
             Err(e) => Err(e),
         };
         // Requests stop asking at once, rather than each waiting for its timeout.
@@ -181,23 +243,25 @@ fn gauges(pending: &VecDeque<Event>, stats: &MirrorStats) {
     stats.lag_ms.store(lag, Ordering::Relaxed);
 }
 
+async fn cluster_connection(client: &redis::cluster::ClusterClient) -> redis::RedisResult<Con> {
+    let c = tokio::time::timeout(SENTINEL_TIMEOUT, client.get_async_connection())
+        .await
+        .map_err(|_| timeout_error("connecting to the cluster"))??;
+    Ok(Con::Cluster(c))
+}
+
 async fn session(
     w: &mut Worker,
-    client: &redis::Client,
+    c: Connections,
     script: &redis::Script,
     pending: &mut VecDeque<Event>,
 ) -> SessionResult {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(IO_TIMEOUT))
-        .set_response_timeout(Some(IO_TIMEOUT));
-    let mut con = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    // Lookups get their own connection: a request's GET does not queue behind a batch.
-    let lookup_con = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    let mut pubsub = tokio::time::timeout(IO_TIMEOUT, client.get_async_pubsub())
+    let Connections {
+        mut con,
+        lookup: lookup_con,
+        channel,
+    } = c;
+    let mut pubsub = tokio::time::timeout(IO_TIMEOUT, channel.get_async_pubsub())
         .await
         .map_err(|_| timeout_error("connecting for the channel"))??;
     tokio::time::timeout(IO_TIMEOUT, pubsub.subscribe(codec::CHANNEL))
@@ -207,7 +271,10 @@ async fn session(
     MirrorStats::bump(&w.stats.connections);
     w.stats.connected.store(1, Ordering::Relaxed);
     w.lookups.con.store(Some(Arc::new(lookup_con)));
-    log::info!("mirroring: connected to Redis; catching up");
+    log::info!(
+        "mirroring: connected to Redis (channel on {}); catching up",
+        channel.get_connection_info().addr()
+    );
 
     // What waited, then everything live (Redis may have restarted empty), then what the
     // others hold.
@@ -274,22 +341,47 @@ fn timeout_error(what: &'static str) -> redis::RedisError {
 /// Write `batch` with the bind script; adopt Redis' value where it differs.
 async fn write(
     w: &Worker,
-    con: &mut MultiplexedConnection,
+    con: &mut Con,
     script: &redis::Script,
     batch: &[Event],
 ) -> SessionResult {
     if batch.is_empty() {
         return Ok(());
     }
-    let mut inv = script.prepare_invoke();
-    inv.arg(codec::CHANNEL);
-    for ev in batch {
-        inv.key(codec::key(&ev.service, &ev.table, ev.key));
-        inv.arg(codec::value(ev.backend, &w.instance))
-            .arg(ev.ttl_ms.max(1))
-            .arg(ev.previous.map(|p| p.to_string()).unwrap_or_default());
-    }
-    let held: Vec<String> = inv.invoke_async(con).await?;
+    let invoke = |events: &[Event]| {
+        let mut inv = script.prepare_invoke();
+        inv.arg(codec::CHANNEL);
+        for ev in events {
+            inv.key(codec::key(&ev.service, &ev.table, ev.key));
+            inv.arg(codec::value(ev.backend, &w.instance))
+                .arg(ev.ttl_ms.max(1))
+                .arg(ev.previous.map(|p| p.to_string()).unwrap_or_default());
+        }
+        inv
+    };
+    let held: Vec<String> = if con.is_cluster() {
+        // A script's keys must share a slot: one call per key, many in flight at once,
+        // each sent to its key's node.
+        let mut calls = Vec::with_capacity(batch.len());
+        for ev in batch {
+            let inv = invoke(std::slice::from_ref(ev));
+            let mut con = con.clone();
+            calls.push(Box::pin(async move {
+                inv.invoke_async::<Vec<String>>(&mut con).await
+            }));
+        }
+        let answers: Vec<redis::RedisResult<Vec<String>>> = futures_util::stream::iter(calls)
+            .buffered(CLUSTER_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut held = Vec::with_capacity(batch.len());
+        for a in answers {
+            held.extend(a?);
+        }
+        held
+    } else {
+        invoke(batch).invoke_async(con).await?
+    };
     w.stats
         .published
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -346,7 +438,7 @@ fn apply(w: &Worker, service: &str, table: &str, k: u128, backend: u32) -> bool 
 /// ago, 1 s to 60 s), or with `all` every live binding.
 async fn sweep(
     w: &Worker,
-    con: &mut MultiplexedConnection,
+    con: &mut Con,
     script: &redis::Script,
     swept: &mut HashMap<(Arc<str>, Arc<str>), Instant>,
     all: bool,
@@ -433,20 +525,84 @@ async fn sweep(
     Ok(())
 }
 
-/// Read every binding Redis holds into the local tables; returns how many there were.
-async fn catch_up(w: &Worker, con: &mut MultiplexedConnection) -> Result<usize, redis::RedisError> {
+/// Read every binding Redis holds into the local tables (of a cluster, every master's);
+/// returns how many there were.
+async fn catch_up(w: &Worker, con: &mut Con) -> Result<usize, redis::RedisError> {
+    let Con::Cluster(cluster) = con else {
+        return catch_up_node(w, con, None).await;
+    };
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut cluster.clone())
+        .await?;
+    let masters = masters(&nodes);
+    if masters.is_empty() {
+        return Err(timeout_error("CLUSTER NODES named no master"));
+    }
+    let mut total = 0;
+    for (host, port) in masters {
+        total += catch_up_node(w, con, Some((host, port))).await?;
+    }
+    Ok(total)
+}
+
+/// (host, port) of each master CLUSTER NODES lists that is not failed.
+pub(super) fn masters(nodes: &str) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(addr), Some(flags)) = (f.get(1), f.get(2)) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+            continue;
+        }
+        // ip:port@cport[,hostname]
+        let addr = addr.split(['@', ',']).next().unwrap_or("");
+        if let Some((host, port)) = addr.rsplit_once(':')
+            && let Ok(port) = port.parse()
+            && !host.is_empty()
+        {
+            out.push((host.trim_matches(['[', ']']).to_string(), port));
+        }
+    }
+    out
+}
+
+/// The catch-up of one server, or with `node` of that cluster node (SCAN sent there, the
+/// values read through the cluster connection, which splits MGET by slot).
+async fn catch_up_node(
+    w: &Worker,
+    con: &mut Con,
+    node: Option<(String, u16)>,
+) -> Result<usize, redis::RedisError> {
     let pattern = format!("{}*", codec::PREFIX);
     let mut cursor: u64 = 0;
     let mut total = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(1000)
-            .query_async(con)
-            .await?;
+            .arg(1000);
+        let (next, keys): (u64, Vec<String>) = match (&node, &mut *con) {
+            (Some((host, port)), Con::Cluster(c)) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let v = c
+                    .route_command(
+                        scan,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        }),
+                    )
+                    .await?;
+                redis::from_redis_value(v)?
+            }
+            _ => scan.query_async(con).await?,
+        };
         if !keys.is_empty() {
             let values: Vec<Option<String>> =
                 redis::cmd("MGET").arg(&keys).query_async(con).await?;

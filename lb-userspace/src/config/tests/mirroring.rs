@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::config::{
     Config,
-    mirroring::{DEFAULT_LOOKUP_TIMEOUT_MS, Mirroring, Redis, Sentinel},
+    mirroring::{Cluster, DEFAULT_LOOKUP_TIMEOUT_MS, Mirroring, Redis, Sentinel},
 };
 
 fn with_mirroring(m: &str) -> String {
@@ -69,6 +69,28 @@ fn sentinel_names_the_sentinels_and_the_master() {
 }
 
 #[test]
+fn cluster_names_its_nodes() {
+    let c = Config::parse(&with_mirroring(
+        r#"{"cluster": {"nodes": ["redis://10.0.0.5:7000", " redis://u:p@10.0.0.6:7000 "]},
+            "instance": "lb-a"}"#,
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.mirroring,
+        Some(Mirroring {
+            redis: Redis::Cluster(Cluster {
+                nodes: vec![
+                    "redis://10.0.0.5:7000".into(),
+                    "redis://u:p@10.0.0.6:7000".into()
+                ],
+            }),
+            instance: "lb-a".into(),
+            lookup_timeout: Duration::from_millis(DEFAULT_LOOKUP_TIMEOUT_MS),
+        })
+    );
+}
+
+#[test]
 fn bad_mirroring_names_the_field() {
     for (m, path, reason) in [
         (
@@ -82,7 +104,7 @@ fn bad_mirroring_names_the_field() {
             "missing field `instance`",
         ),
         (
-            // Cluster is not supported: a list of nodes is not a URL.
+            // A cluster is `cluster.nodes`: a list of nodes is not a URL.
             r#"{"redis": ["redis://n1:7000", "redis://n2:7000"], "instance": "a"}"#,
             "mirroring.redis",
             "invalid type",
@@ -90,12 +112,42 @@ fn bad_mirroring_names_the_field() {
         (
             r#"{"instance": "a"}"#,
             "mirroring.redis",
-            "or a sentinel section",
+            "or a cluster section",
+        ),
+        (
+            r#"{"redis": "redis://h", "cluster": {"nodes": ["redis://n:7000"]}, "instance": "a"}"#,
+            "mirroring.cluster",
+            "not redis and cluster",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://s:26379"], "master": "m"}, "cluster": {"nodes": ["redis://n:7000"]}, "instance": "a"}"#,
+            "mirroring.cluster",
+            "not sentinel and cluster",
+        ),
+        (
+            r#"{"cluster": {"nodes": []}, "instance": "a"}"#,
+            "mirroring.cluster.nodes",
+            "at least one cluster node",
+        ),
+        (
+            r#"{"cluster": {"nodes": ["redis://n:7000", "redis+unix:///n"]}, "instance": "a"}"#,
+            "mirroring.cluster.nodes[1]",
+            "must start with redis://",
+        ),
+        (
+            r#"{"cluster": {"nodes": ["redis://n:port"]}, "instance": "a"}"#,
+            "mirroring.cluster.nodes[0]",
+            "not a Redis URL",
+        ),
+        (
+            r#"{"cluster": {"nodes": ["redis://n:7000"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.cluster.master",
+            "unknown field",
         ),
         (
             r#"{"redis": "redis://h", "sentinel": {"nodes": ["redis://s:26379"], "master": "m"}, "instance": "a"}"#,
             "mirroring.sentinel",
-            "not both",
+            "not redis and sentinel",
         ),
         (
             r#"{"sentinel": {"nodes": [], "master": "m"}, "instance": "a"}"#,
