@@ -5,14 +5,9 @@
 //! ([`Topology::steer_client`]). Optionally a real `redis-server` for mirroring, in the
 //! first LB's namespace on its own address.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use serde_json::json;
 
 use crate::{
@@ -20,6 +15,7 @@ use crate::{
     http::{BackendServers, HttpResponse, Reply},
     l7lab::{IO_TIMEOUT, PORT},
     netns::{LB_ADDR, Topology, wait_until},
+    redisha::RedisProc,
 };
 
 /// The port of the tests' Redis (inside the first LB's namespace only).
@@ -33,94 +29,43 @@ pub fn instance_name(i: usize) -> String {
 /// --appendonly no`), so a restart starts empty, as after losing the server.
 pub struct RedisServer {
     ns: String,
-    child: Option<Child>,
+    proc: RedisProc,
 }
 
 impl RedisServer {
+    const ARGS: [&str; 4] = ["--save", "", "--appendonly", "no"];
+
     pub fn start(ns: &str) -> Result<RedisServer> {
-        let mut r = RedisServer {
+        Ok(RedisServer {
             ns: ns.to_string(),
-            child: None,
-        };
-        r.spawn()?;
-        Ok(r)
+            proc: RedisProc::start(ns, REDIS_PORT, &Self::ARGS)?,
+        })
     }
 
     pub fn url() -> String {
         format!("redis://{LB_ADDR}:{REDIS_PORT}")
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let port = REDIS_PORT.to_string();
-        let bind = LB_ADDR.to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "redis-server", "--bind", &bind])
-            .args(["--port", &port, "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no", "--protected-mode", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server (apt-get install redis-server; cargo xtask test installs it)")?;
-        self.child = Some(child);
-        if !wait_until(Duration::from_secs(10), || self.ping()) {
-            bail!(
-                "redis-server in {} did not answer PING within 10 s",
-                self.ns
-            );
-        }
-        Ok(())
-    }
-
     /// `redis-cli` in the namespace, its output.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "redis-cli", "-h"])
-            .arg(LB_ADDR.to_string())
-            .args(["-p", &REDIS_PORT.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running redis-cli")?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn ping(&self) -> bool {
-        self.cli(&["ping"]).is_ok_and(|o| o.trim() == "PONG")
+        self.proc.cli(args)
     }
 
     /// Number of keys Redis holds.
     pub fn dbsize(&self) -> u64 {
-        self.cli(&["dbsize"])
-            .ok()
-            .and_then(|o| o.trim().parse().ok())
-            .unwrap_or(0)
+        self.proc.dbsize()
     }
 
     /// SIGKILL, as a crash: everything it held is gone.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
     }
 
     /// Kill and start again, empty.
     pub fn restart(&mut self) -> Result<()> {
-        self.kill();
-        self.spawn()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
+        self.proc = RedisProc::start(&self.ns, REDIS_PORT, &Self::ARGS)?;
+        Ok(())
     }
 }
 
@@ -293,6 +238,46 @@ impl Fleet {
         r.echo()
             .unwrap_or_else(|e| self.fail(format!("via instance {i}: {e}")))
             .backend
+    }
+
+    /// Waits (30 s at most) until instance `i`'s metric `name` satisfies `ok`; fails the test
+    /// with its value otherwise.
+    pub fn wait_metric_until(&self, i: usize, name: &str, ok: impl Fn(f64) -> bool, what: &str) {
+        if !wait_until(Duration::from_secs(30), || ok(self.metric(i, name, &[]))) {
+            self.fail(format!(
+                "{what}: instance {i}'s {name} is {}",
+                self.metric(i, name, &[])
+            ));
+        }
+    }
+
+    /// Waits until instance `i`'s metric `name` reaches `at_least`.
+    pub fn wait_metric(&self, i: usize, name: &str, at_least: f64, what: &str) {
+        self.wait_metric_until(
+            i,
+            name,
+            |v| v >= at_least,
+            &format!("{what} (at least {at_least})"),
+        );
+    }
+
+    /// Instance `i`'s XDP table holds client `src` on `backend` (`tether persist list`), as
+    /// when it learnt the binding from another instance rather than from the client.
+    pub fn xdp_holds(&self, i: usize, src: std::net::Ipv4Addr, backend: &str, when: &str) {
+        let c = src.to_string();
+        let cfg = self.d(i).config_path().to_string_lossy().into_owned();
+        let listed = self
+            .d(i)
+            .cli(&["persist", "list", "--client", &c, "--config", &cfg])
+            .unwrap_or_else(|e| self.fail(format!("tether persist list on {i}: {e:#}")));
+        let line = listed
+            .lines()
+            .find(|l| l.contains(&format!("{c}/32")) && l.contains("l4"));
+        if !line.is_some_and(|l| l.contains(&format!("{backend} "))) {
+            self.fail(format!(
+                "{when}: instance {i}'s XDP table should hold {c} on {backend}:\n{listed}"
+            ));
+        }
     }
 
     /// Value of metric `name` (with `labels`) on instance `i`, 0 when absent.

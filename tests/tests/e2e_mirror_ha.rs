@@ -35,36 +35,6 @@ fn via(f: &Fleet, i: usize, src: Ipv4Addr) -> (String, String) {
     )
 }
 
-/// Instance `i`'s XDP table holds client `src` on `backend` (`tether persist list`): it
-/// learnt the binding from the other instance, not from the client.
-fn xdp_holds(f: &Fleet, i: usize, src: Ipv4Addr, backend: &str, when: &str) {
-    let c = src.to_string();
-    let cfg = f.d(i).config_path().to_string_lossy().into_owned();
-    let listed = f
-        .d(i)
-        .cli(&["persist", "list", "--client", &c, "--config", &cfg])
-        .unwrap_or_else(|e| f.fail(format!("tether persist list on {i}: {e:#}")));
-    let line = listed
-        .lines()
-        .find(|l| l.contains(&format!("{c}/32")) && l.contains("l4"));
-    if !line.is_some_and(|l| l.contains(&format!("{backend} "))) {
-        f.fail(format!(
-            "{when}: instance {i}'s XDP table should hold {c} on {backend}:\n{listed}"
-        ));
-    }
-}
-
-fn wait_metric(f: &Fleet, i: usize, name: &str, at_least: f64, what: &str) {
-    if !wait_until(Duration::from_secs(30), || {
-        f.metric(i, name, &[]) >= at_least
-    }) {
-        f.fail(format!(
-            "{what}: instance {i}'s {name} stayed below {at_least} ({})",
-            f.metric(i, name, &[])
-        ));
-    }
-}
-
 /// Every binding key (`tether:b:*`) a server holds, sorted.
 fn binding_keys(server: &tether_tests::redisha::RedisProc) -> Vec<String> {
     let out = server
@@ -79,7 +49,7 @@ fn binding_keys(server: &tether_tests::redisha::RedisProc) -> Vec<String> {
 /// instance `from` as `bound` says.
 fn reaches(f: &Fleet, to: usize, srcs: &[Ipv4Addr], bound: &[(String, String)], when: &str) {
     for (n, &src) in srcs.iter().enumerate() {
-        xdp_holds(f, to, src, &bound[n].0, when);
+        f.xdp_holds(to, src, &bound[n].0, when);
     }
     for i in 0..2 {
         for (n, &src) in srcs.iter().enumerate() {
@@ -100,8 +70,7 @@ fn bind_and_mirror(f: &Fleet, from: usize, srcs: &[Ipv4Addr], when: &str) -> Vec
     let to = 1 - from;
     let applied = f.metric(to, "tether_mirror_applied_total", &[]);
     let bound: Vec<_> = srcs.iter().map(|&src| via(f, from, src)).collect();
-    wait_metric(
-        f,
+    f.wait_metric(
         to,
         "tether_mirror_applied_total",
         applied + 2.0 * srcs.len() as f64,
@@ -113,8 +82,8 @@ fn bind_and_mirror(f: &Fleet, from: usize, srcs: &[Ipv4Addr], when: &str) -> Vec
 
 fn wait_connections(f: &Fleet, n: f64, when: &str) {
     for i in 0..2 {
-        wait_metric(f, i, "tether_mirror_connections_total", n, when);
-        wait_metric(f, i, "tether_mirror_connected", 1.0, when);
+        f.wait_metric(i, "tether_mirror_connections_total", n, when);
+        f.wait_metric(i, "tether_mirror_connected", 1.0, when);
     }
 }
 
@@ -278,8 +247,7 @@ fn cluster_mirrors_across_nodes() {
     // 3. A new B learns all 16 from the nodes (catch-up) before any client comes.
     f.stop(1);
     f.start(1);
-    wait_metric(
-        &f,
+    f.wait_metric(
         1,
         "tether_mirror_applied_total",
         16.0,

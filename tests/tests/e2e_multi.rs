@@ -177,36 +177,6 @@ fn check_via(f: &Fleet, i: usize, src: std::net::Ipv4Addr, want: &Bound, when: &
     }
 }
 
-/// Instance `i`'s XDP table holds client `src` on `backend` (`tether persist list`).
-fn xdp_holds(f: &Fleet, i: usize, src: std::net::Ipv4Addr, backend: &str, when: &str) {
-    let c = src.to_string();
-    let cfg = f.d(i).config_path().to_string_lossy().into_owned();
-    let listed = f
-        .d(i)
-        .cli(&["persist", "list", "--client", &c, "--config", &cfg])
-        .unwrap_or_else(|e| f.fail(format!("tether persist list on {i}: {e:#}")));
-    let line = listed
-        .lines()
-        .find(|l| l.contains(&format!("{c}/32")) && l.contains("l4"));
-    if !line.is_some_and(|l| l.contains(&format!("{backend} "))) {
-        f.fail(format!(
-            "{when}: instance {i}'s XDP table should hold {c} on {backend}:\n{listed}"
-        ));
-    }
-}
-
-fn wait_metric(f: &Fleet, i: usize, name: &str, at_least: f64, what: &str) {
-    let ok = tether_tests::netns::wait_until(std::time::Duration::from_secs(20), || {
-        f.metric(i, name, &[]) >= at_least
-    });
-    if !ok {
-        f.fail(format!(
-            "{what}: instance {i}'s {name} stayed below {at_least} ({})",
-            f.metric(i, name, &[])
-        ));
-    }
-}
-
 /// Clients bound on instance A are sent to instance B (as after an ECMP change or A's loss)
 /// and reach the same backend, for the XDP source-IP table (ring buffer -> Redis -> B's
 /// XDP map), the L7 client-IP table and the app-cookie table. Redis is then killed: A keeps
@@ -224,8 +194,7 @@ fn stored_bindings_follow_the_client_through_redis() {
         bound.push(bind_via(&f, 0, src));
     }
     // 6 clients x 3 tables reach B.
-    wait_metric(
-        &f,
+    f.wait_metric(
         1,
         "tether_mirror_applied_total",
         18.0,
@@ -233,7 +202,7 @@ fn stored_bindings_follow_the_client_through_redis() {
     );
     // B has never seen these clients: its XDP table has them from the ring buffer of A.
     for (n, &src) in clients[..6].iter().enumerate() {
-        xdp_holds(&f, 1, src, &bound[n].l4, "before B saw the client");
+        f.xdp_holds(1, src, &bound[n].l4, "before B saw the client");
     }
     for (n, &src) in clients[..6].iter().enumerate() {
         check_via(&f, 1, src, &bound[n], "moved to B");
@@ -247,8 +216,7 @@ fn stored_bindings_follow_the_client_through_redis() {
     }
     // Redis dies: A serves and binds on, and counts the failures.
     f.redis.as_mut().expect("redis").kill();
-    wait_metric(
-        &f,
+    f.wait_metric(
         0,
         "tether_mirror_failures_total",
         1.0,
@@ -270,13 +238,7 @@ fn stored_bindings_follow_the_client_through_redis() {
         .expect("redis")
         .restart()
         .expect("restarting Redis");
-    wait_metric(
-        &f,
-        0,
-        "tether_mirror_connections_total",
-        2.0,
-        "A reconnecting",
-    );
+    f.wait_metric(0, "tether_mirror_connections_total", 2.0, "A reconnecting");
     let redis = f.redis.as_ref().expect("redis");
     let filled = tether_tests::netns::wait_until(std::time::Duration::from_secs(20), || {
         redis.dbsize() >= 36
@@ -296,13 +258,7 @@ fn stored_bindings_follow_the_client_through_redis() {
     f.stop(1);
     f.start(1);
     for (n, &src) in clients.iter().enumerate() {
-        xdp_holds(
-            &f,
-            1,
-            src,
-            &bound[n].l4,
-            "a new B, before it saw the client",
-        );
+        f.xdp_holds(1, src, &bound[n].l4, "a new B, before it saw the client");
     }
     for (n, &src) in clients.iter().enumerate() {
         check_via(&f, 1, src, &bound[n], "a new B after Redis came back");
@@ -451,8 +407,7 @@ fn stored_key_tables_follow_the_client_through_redis() {
             f.backend_via(0, src, PORT + 2, "/", &[("X-User", &user)]),
         ));
     }
-    wait_metric(
-        &f,
+    f.wait_metric(
         1,
         "tether_mirror_applied_total",
         20.0,

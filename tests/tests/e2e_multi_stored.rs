@@ -31,16 +31,7 @@ use tether_tests::{
 
 /// Waits until instance `i`'s `tether_mirror_applied_total` reaches `at_least`.
 fn wait_applied(f: &Fleet, i: usize, at_least: f64, what: &str) {
-    let name = "tether_mirror_applied_total";
-    let ok = wait_until(Duration::from_secs(20), || {
-        f.metric(i, name, &[]) >= at_least
-    });
-    if !ok {
-        f.fail(format!(
-            "{what}: instance {i}'s {name} stayed below {at_least} ({})",
-            f.metric(i, name, &[])
-        ));
-    }
+    f.wait_metric(i, "tether_mirror_applied_total", at_least, what);
 }
 
 /// The pass-through service's port, on the VIP and on the backends.
@@ -275,16 +266,6 @@ fn sip_call_ids_follow_the_client_through_redis() {
     drop(responders);
 }
 
-/// Waits until instance `i`'s metric `name` satisfies `ok`.
-fn wait_metric(f: &Fleet, i: usize, name: &str, ok: impl Fn(f64) -> bool, what: &str) {
-    if !wait_until(Duration::from_secs(20), || ok(f.metric(i, name, &[]))) {
-        f.fail(format!(
-            "{what}: instance {i}'s {name} is {}",
-            f.metric(i, name, &[])
-        ));
-    }
-}
-
 /// Waits until Redis holds at least `n` keys.
 fn wait_keys(f: &Fleet, n: u64, what: &str) {
     let redis = f.redis.as_ref().expect("redis");
@@ -363,13 +344,7 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
     // On: A writes the 3 clients it bound (2 tables each), then a new one.
     let url = tether_tests::multilab::RedisServer::url();
     reload_mirroring(&mut f, 0, json!({"redis": url, "instance": "lb-a"}));
-    wait_metric(
-        &f,
-        0,
-        "tether_mirror_connected",
-        |v| v == 1.0,
-        "A connecting",
-    );
+    f.wait_metric_until(0, "tether_mirror_connected", |v| v == 1.0, "A connecting");
     wait_keys(&f, 6, "A's bindings from before the reload");
     bound.push(bind(&f, 0, clients[3]));
     wait_keys(&f, 8, "A's binding after the reload");
@@ -381,8 +356,7 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
         "A read its new XDP binding from the ring: {events}"
     );
     assert_eq!(f.metric(0, "tether_mirror_xdp_ring_drops_total", &[]), 0.0);
-    wait_metric(
-        &f,
+    f.wait_metric_until(
         1,
         "tether_mirror_applied_total",
         |v| v >= 8.0,
@@ -420,8 +394,7 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
 
     // Off: A disconnects and keeps its tables; a client it binds now stays out of Redis.
     reload_mirroring(&mut f, 0, serde_json::Value::Null);
-    wait_metric(
-        &f,
+    f.wait_metric_until(
         0,
         "tether_mirror_connected",
         |v| v == 0.0,
@@ -448,16 +421,14 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
     // On again as another instance: A reconnects and writes what it bound meanwhile.
     let connections = f.metric(0, "tether_mirror_connections_total", &[]);
     reload_mirroring(&mut f, 0, json!({"redis": url, "instance": "lb-c"}));
-    wait_metric(
-        &f,
+    f.wait_metric_until(
         0,
         "tether_mirror_connections_total",
         |v| v > connections,
         "A reconnecting",
     );
     wait_keys(&f, 12, "A's client bound while not mirroring");
-    wait_metric(
-        &f,
+    f.wait_metric_until(
         1,
         "tether_mirror_applied_total",
         |v| v >= 10.0,
@@ -471,8 +442,7 @@ fn a_reload_turns_mirroring_on_off_and_renames_the_instance() {
         "A's client from the pause, on B",
     );
     // B's client reached A through Redis too (A caught up on reconnecting).
-    wait_metric(
-        &f,
+    f.wait_metric_until(
         0,
         "tether_mirror_applied_total",
         |v| v >= 2.0,
