@@ -366,10 +366,14 @@ impl Takeover {
         let mut fds = fds.into_iter().map(std::net::TcpListener::from);
         let mut by_addr: HashMap<SocketAddr, Vec<std::net::TcpListener>> = HashMap::new();
         for (addr, fd) in listeners.into_iter().zip(fds.by_ref()) {
+            check_bound(addr, &fd)?;
             by_addr.entry(addr).or_default().push(fd);
         }
         let listeners = by_addr;
         let admin = admin.zip(fds.next());
+        if let Some((addr, fd)) = &admin {
+            check_bound(*addr, fd)?;
+        }
         Ok(Takeover {
             chan,
             listeners,
@@ -402,6 +406,27 @@ impl Takeover {
             (Msg::Failed { reason }, _) => Err(HandoffError::Refused(reason)),
             (got, _) => Err(WireError::Unexpected { expected, got }.into()),
         }
+    }
+}
+
+/// A received socket must be bound to the address it was listed for (port 0 in the list
+/// stands for whatever port the kernel chose), so a socket is never served under another
+/// address's configuration.
+fn check_bound(listed: SocketAddr, l: &std::net::TcpListener) -> Result<()> {
+    let bound = l
+        .local_addr()
+        .map_err(|e| HandoffError::Protocol(format!("socket listed for {listed}: {e}")))?;
+    let same = if listed.port() == 0 {
+        bound.ip() == listed.ip()
+    } else {
+        bound == listed
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(HandoffError::Protocol(format!(
+            "socket listed for {listed} is bound to {bound}"
+        )))
     }
 }
 

@@ -84,6 +84,53 @@ async fn listening_sockets_cross_with_their_message() {
     assert!(matches!(b.recv().await, Err(WireError::Closed)));
 }
 
+#[tokio::test]
+async fn more_sockets_than_one_sendmsg_carries_cross_in_order() {
+    // 300 > SCM_MAX_FD (253): the kernel refuses that many in one message.
+    let (a, b) = pair();
+    let ls: Vec<std::net::TcpListener> = (0..300).map(|_| listener()).collect();
+    let msg = Msg::Sockets {
+        listeners: ls.iter().map(|l| l.local_addr().unwrap()).collect(),
+        admin: None,
+    };
+    let fds: Vec<_> = ls.iter().map(|l| l.as_fd()).collect();
+    // The frame (a few kilobytes) fits the socket's buffer: send all, then read.
+    a.send(&msg, &fds).await.expect("sending 300 sockets");
+    let (got, fds) = b.recv().await.expect("receiving 300 sockets");
+    assert_eq!(got, msg);
+    assert_eq!(fds.len(), ls.len(), "every socket arrives");
+    for (i, (orig, fd)) in ls.iter().zip(fds).enumerate() {
+        let r = std::net::TcpListener::from(fd);
+        assert_eq!(inode(&r), inode(orig), "socket {i} is the one sent at {i}");
+        assert_eq!(r.local_addr().unwrap(), orig.local_addr().unwrap());
+    }
+    a.send(&Msg::Stopped, &[]).await.unwrap();
+    let (next, fds) = b.recv().await.unwrap();
+    assert_eq!((next, fds.len()), (Msg::Stopped, 0), "nothing left over");
+}
+
+#[tokio::test]
+async fn a_socket_listed_under_another_address_fails_the_takeover() {
+    let (ours, theirs) = pair();
+    let (l1, l2) = (listener(), listener());
+    let old = async {
+        let (m, _) = theirs.recv().await.unwrap();
+        assert_eq!(m.name(), "takeover");
+        // The two sockets in the wrong order for their addresses.
+        let msg = Msg::Sockets {
+            listeners: vec![l1.local_addr().unwrap(), l2.local_addr().unwrap()],
+            admin: None,
+        };
+        theirs.send(&msg, &[l2.as_fd(), l1.as_fd()]).await.unwrap();
+    };
+    let (_, took) = tokio::join!(old, Takeover::begin(ours));
+    match took {
+        Err(HandoffError::Protocol(e)) => assert!(e.contains("is bound to"), "{e}"),
+        Err(e) => panic!("expected a protocol error, got {e}"),
+        Ok(_) => panic!("sockets swapped between addresses were accepted"),
+    }
+}
+
 /// A daemon that records what the handoff asked of it; its L7 service listens on a
 /// `SO_REUSEPORT` group of two sockets (two workers).
 struct Fake {

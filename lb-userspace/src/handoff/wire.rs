@@ -1,6 +1,8 @@
 //! The handoff conversation's messages and framing: each message is a 4-byte big-endian
 //! length and a JSON object; sockets travel as SCM_RIGHTS ancillary data attached to the
-//! first byte of the message that lists them.
+//! first bytes of the message that lists them, at most [`MAX_FDS`] per byte (the kernel
+//! refuses more in one `sendmsg`), in order. The receiver collects them while it reads the
+//! message, so a frame carries any number of sockets that is at most its length.
 
 use std::{
     io::{self, IoSlice, IoSliceMut},
@@ -20,7 +22,8 @@ use tokio::{io::Interest, net::UnixStream};
 
 /// Longest message accepted (a few hundred bytes in practice).
 const MAX_MESSAGE: usize = 1 << 20;
-/// Most descriptors accepted with one read (the kernel's own limit per message, SCM_MAX_FD).
+/// Most descriptors sent or received with one `sendmsg`/`recvmsg` (the kernel's own limit
+/// per message, SCM_MAX_FD).
 const MAX_FDS: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,38 +106,57 @@ impl Channel {
         Ok(self.stream.peer_cred()?.uid())
     }
 
-    /// Sends `msg` with `fds` attached.
+    /// Sends `msg` with `fds` attached: up to [`MAX_FDS`] with each of the frame's first
+    /// bytes (one `sendmsg` per byte while more than that remain), the rest with the
+    /// remainder of the frame.
     pub async fn send(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
         let body = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
         let len = u32::try_from(body.len()).expect("messages are small");
         let mut frame = len.to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
+        if fds.len().div_ceil(MAX_FDS) > frame.len() {
+            return Err(WireError::Malformed(format!(
+                "{} descriptors do not fit a {}-byte {} message",
+                fds.len(),
+                frame.len(),
+                msg.name()
+            )));
+        }
         let mut sent = 0;
         let mut pending = fds;
         while sent < frame.len() {
+            let (batch, rest) = pending.split_at(pending.len().min(MAX_FDS));
+            // While descriptors remain for later calls, this one carries a single byte, so
+            // the next byte is left for them.
+            let end = if rest.is_empty() {
+                frame.len()
+            } else {
+                sent + 1
+            };
             let n = self
                 .stream
                 .async_io(Interest::WRITABLE, || {
                     let mut space =
-                        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(pending.len()))];
+                        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(batch.len()))];
                     let mut control = SendAncillaryBuffer::new(&mut space);
-                    if !pending.is_empty()
-                        && !control.push(SendAncillaryMessage::ScmRights(pending))
-                    {
+                    if !batch.is_empty() && !control.push(SendAncillaryMessage::ScmRights(batch)) {
                         return Err(io::Error::other("ancillary buffer too small"));
                     }
                     rustix::net::sendmsg(
                         &self.stream,
-                        &[IoSlice::new(&frame[sent..])],
+                        &[IoSlice::new(&frame[sent..end])],
                         &mut control,
                         SendFlags::NOSIGNAL,
                     )
                     .map_err(io::Error::from)
                 })
                 .await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
             sent += n;
-            // The descriptors went with the first byte.
-            pending = &[];
+            // The batch went with the first byte written.
+            pending = rest;
         }
         Ok(())
     }
