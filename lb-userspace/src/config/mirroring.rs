@@ -145,7 +145,18 @@ pub(super) fn validate(raw: Option<&RawMirroring>) -> Result<Option<Mirroring>, 
     }))
 }
 
-/// A checked Redis URL (`redis://`, or with `unix` also `redis+unix://`).
+/// The URL without its password, for logs and errors: `redis://user:pw@h` gives
+/// `redis://***@h` (also without a scheme, `user:pw@h` gives `***@h`).
+pub fn redact(url: &str) -> String {
+    let start = url.find("://").map_or(0, |s| s + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => format!("{}***@{}", &url[..start], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// A checked Redis URL (`redis://`, or with `unix` also `redis+unix://`). Errors show the
+/// URL without its password: they reach logs and the admin API's reload errors.
 fn server_url(at: &str, url: &str, unix: bool) -> Result<String, ConfigError> {
     let url = url.trim();
     if url.starts_with("rediss://") {
@@ -163,11 +174,15 @@ fn server_url(at: &str, url: &str, unix: bool) -> Result<String, ConfigError> {
         };
         return Err(ConfigError::new(
             at,
-            format!("{url:?}: must start with {schemes}"),
+            format!("{:?}: must start with {schemes}", redact(url)),
         ));
     }
-    redis::Client::open(url)
-        .map_err(|e| ConfigError::new(at, format!("{url:?} is not a Redis URL: {e}")))?;
+    redis::Client::open(url).map_err(|e| {
+        let shown = redact(url);
+        // The parser's message may quote the URL.
+        let e = e.to_string().replace(url, &shown);
+        ConfigError::new(at, format!("{shown:?} is not a Redis URL: {e}"))
+    })?;
     Ok(url.to_string())
 }
 

@@ -2,7 +2,10 @@
 //! worker's lookup connection (one multiplexed connection shared by every request; with a
 //! cluster, MGET is split by hash slot and sent to each slot's node at once), bounded
 //! by `mirroring.lookup_timeout_ms`. While the worker is not connected nothing is asked:
-//! the request is decided locally at once.
+//! the request is decided locally at once. At most [`MAX_IN_FLIGHT`] lookups wait for Redis
+//! at once, process-wide: the keys come from clients (cookies, headers, TLS session IDs), so
+//! a client sending random values would otherwise flood the shared Redis; beyond the cap a
+//! miss is decided locally at once and counted (`tether_mirror_lookups_shed_total`).
 
 use std::{
     sync::{
@@ -16,6 +19,12 @@ use super::{MirrorStats, codec, con::Con};
 use crate::engine::mirrored::{Found, Remote};
 use arc_swap::ArcSwapOption;
 use futures_util::future::BoxFuture;
+use tokio::sync::Semaphore;
+
+/// Lookups waiting for Redis at once, process-wide. Enough for the misses of many new
+/// clients within one `lookup_timeout_ms`, small enough that a flood of invented keys
+/// cannot crowd out the writes (and other instances' lookups) on the shared Redis.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 pub(super) struct Lookups {
     /// The connection for lookups while the worker is connected.
@@ -24,6 +33,8 @@ pub(super) struct Lookups {
     /// has removed `mirroring`).
     timeout_ms: AtomicU64,
     pub stats: Arc<MirrorStats>,
+    /// One permit per lookup waiting for Redis ([`MAX_IN_FLIGHT`]).
+    pub(super) in_flight: Arc<Semaphore>,
 }
 
 impl Lookups {
@@ -32,6 +43,7 @@ impl Lookups {
             con: Default::default(),
             timeout_ms: AtomicU64::new(0),
             stats,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         };
         l.set_timeout(timeout);
         l
@@ -50,6 +62,11 @@ impl Remote for Lookups {
         if timeout.is_zero() || keys.is_empty() {
             return None;
         }
+        // The permit lives in the future: dropped when it ends, times out or is abandoned.
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            MirrorStats::bump(&self.stats.lookups_shed);
+            return None;
+        };
         let Some(con) = self.con.load_full() else {
             MirrorStats::bump(&self.stats.lookups_skipped);
             return None;
@@ -61,6 +78,7 @@ impl Remote for Lookups {
             .collect();
         let stats = self.stats.clone();
         Some(Box::pin(async move {
+            let _permit = permit;
             let mut con = (*con).clone();
             let mut cmd = redis::cmd("MGET");
             cmd.arg(&keys);

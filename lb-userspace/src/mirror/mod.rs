@@ -32,7 +32,8 @@
 //!   keys the request was looked up by, bounded by `mirroring.lookup_timeout_ms`; a binding found is taken into the
 //!   local table and honoured. So a client reaches its backend on another instance even
 //!   before (or without) the channel's announcement. Not while disconnected: the request is
-//!   decided locally at once (`tether_mirror_lookups_skipped_total`).
+//!   decided locally at once (`tether_mirror_lookups_skipped_total`); nor beyond
+//!   `lookup::MAX_IN_FLIGHT` lookups at once (`tether_mirror_lookups_shed_total`).
 //! - **Reloads** ([`Mirror::reconfigure`]): the mirror lives as long as the daemon (the
 //!   tables keep the watcher it installed); another Redis or instance name reconnects it, a
 //!   removed section idles it (what the tables send is discarded).
@@ -58,7 +59,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::mirroring::{Mirroring, Redis},
+    config::mirroring::{Mirroring, Redis, redact},
     engine::{Engine, methods::TableRef},
 };
 
@@ -98,6 +99,9 @@ pub struct MirrorStats {
     pub lookup_errors: AtomicU64,
     /// Local misses not looked up because Redis was not connected.
     pub lookups_skipped: AtomicU64,
+    /// Local misses not looked up because `lookup::MAX_IN_FLIGHT` lookups were already
+    /// waiting for Redis.
+    pub lookups_shed: AtomicU64,
 }
 
 impl MirrorStats {
@@ -329,14 +333,6 @@ fn describe(redis: &Redis) -> String {
     }
 }
 
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
-
 /// The `tether_mirror_*` metrics, when this daemon mirrors; `ring_drops` is the data
 /// path's count of binding events the full ring buffer dropped
 /// (`lb_common::event::BINDING_EVENT_DROPPED`).
@@ -351,7 +347,7 @@ pub fn render_metrics(out: &mut String, ring_drops: u64) {
     );
     let _ = writeln!(out, "# TYPE tether_mirror_xdp_ring_drops_total counter");
     let _ = writeln!(out, "tether_mirror_xdp_ring_drops_total {ring_drops}");
-    let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+    let rows: [(&str, &str, &str, &AtomicU64); 16] = [
         (
             "tether_mirror_published_total",
             "counter",
@@ -435,6 +431,12 @@ pub fn render_metrics(out: &mut String, ring_drops: u64) {
             "counter",
             "Local misses not looked up because Redis was not connected (decided locally at once).",
             &s.lookups_skipped,
+        ),
+        (
+            "tether_mirror_lookups_shed_total",
+            "counter",
+            "Local misses not looked up because the most lookups allowed at once were already waiting for Redis (decided locally at once).",
+            &s.lookups_shed,
         ),
         (
             "tether_mirror_lag_seconds",

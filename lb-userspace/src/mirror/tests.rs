@@ -105,6 +105,47 @@ fn lookups_are_skipped_while_disconnected_and_not_made_when_off() {
     );
 }
 
+#[test]
+fn lookups_beyond_the_cap_are_shed_and_counted() {
+    use std::sync::atomic::Ordering;
+
+    use super::{
+        MirrorStats,
+        lookup::{Lookups, MAX_IN_FLIGHT},
+    };
+    use crate::engine::mirrored::Remote;
+
+    let stats = Arc::new(MirrorStats::default());
+    let keys = [("cookie".to_string(), 7u128)];
+    let l = Lookups::new(Duration::from_millis(50), stats.clone());
+    let held = l
+        .in_flight
+        .clone()
+        .try_acquire_many_owned(MAX_IN_FLIGHT as u32)
+        .expect("all permits free at start");
+    assert!(l.lookup("web", &keys).is_none(), "cap reached: not asked");
+    assert_eq!(
+        stats.lookups_shed.load(Ordering::Relaxed),
+        1,
+        "shed counted"
+    );
+    assert_eq!(stats.lookups.load(Ordering::Relaxed), 0, "no lookup made");
+    assert_eq!(stats.lookups_skipped.load(Ordering::Relaxed), 0);
+    drop(held);
+    assert!(l.lookup("web", &keys).is_none(), "no connection: not asked");
+    assert_eq!(
+        stats.lookups_shed.load(Ordering::Relaxed),
+        1,
+        "a freed permit is not shed"
+    );
+    assert_eq!(stats.lookups_skipped.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        l.in_flight.available_permits(),
+        MAX_IN_FLIGHT,
+        "a lookup not made gives its permit back"
+    );
+}
+
 /// Waits (bounded) until `cond` holds, yielding to the mirror's task.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..500 {

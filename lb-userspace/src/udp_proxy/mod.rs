@@ -80,8 +80,26 @@ struct Shared {
     stats: Arc<UdpStats>,
     config: UdpConfig,
     epoch: Instant,
-    /// Messages waiting for a mirror lookup now.
-    asking: AtomicU64,
+    /// Messages waiting for a mirror lookup now (each held by an [`Asking`]).
+    asking: Arc<AtomicU64>,
+}
+
+/// One message waiting for a mirror lookup, counted in `Shared::asking` while it lives: a
+/// task that panics or is dropped still gives its place back (a leaked count would
+/// otherwise turn lookups off for good once it reached [`MAX_ASKING`]).
+struct Asking(Arc<AtomicU64>);
+
+impl Asking {
+    fn new(count: &Arc<AtomicU64>) -> Asking {
+        count.fetch_add(1, Ordering::Relaxed);
+        Asking(count.clone())
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -120,7 +138,7 @@ pub async fn serve(
         stats,
         config,
         epoch: Instant::now(),
-        asking: AtomicU64::new(0),
+        asking: Arc::new(AtomicU64::new(0)),
     });
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -165,12 +183,12 @@ async fn on_datagram(
     let choice = match decided {
         Ok(Decided::Chosen(choice)) => choice,
         Ok(Decided::Miss(miss)) => {
-            shared.asking.fetch_add(1, Ordering::Relaxed);
+            let asking = Asking::new(&shared.asking);
             let (shared, engine, stop) = (shared.clone(), engine.clone(), stop.clone());
             let datagram = datagram.to_vec();
             tokio::spawn(async move {
+                let _asking = asking;
                 asked(&shared, &engine, miss, &datagram, client, &stop).await;
-                shared.asking.fetch_sub(1, Ordering::Relaxed);
             });
             return;
         }

@@ -325,3 +325,21 @@ async fn a_call_bound_nowhere_here_goes_where_the_mirror_says_without_holding_ot
     assert_eq!(p.engine.stats.new_assignments.load(Ordering::Relaxed), 0);
     let _ = p.stop.send(true);
 }
+
+/// A lookup task that panics still gives its place among the `MAX_ASKING` back.
+#[tokio::test]
+async fn a_panicking_lookup_task_frees_its_asking_place() {
+    let count = Arc::new(AtomicU64::new(0));
+    let asking = Asking::new(&count);
+    assert_eq!(count.load(Ordering::Relaxed), 1, "counted while waiting");
+    let task = tokio::spawn(async move {
+        let _asking = asking;
+        panic!("lookup task panics on purpose");
+    });
+    assert!(task.await.is_err(), "the task panicked");
+    assert_eq!(
+        count.load(Ordering::Relaxed),
+        0,
+        "the panicked task's place is given back"
+    );
+}

@@ -239,3 +239,53 @@ fn bad_mirroring_names_the_field() {
         );
     }
 }
+
+/// A bad Redis URL's error (logged, and returned by a reload) never shows its password.
+#[test]
+fn bad_redis_urls_are_reported_without_their_password() {
+    for (m, path, reason) in [
+        (
+            r#"{"redis": "http://u:s3cr3t-pw@h", "instance": "a"}"#,
+            "mirroring.redis",
+            "must start with redis://",
+        ),
+        (
+            r#"{"redis": "redis://u:s3cr3t-pw@h:notaport", "instance": "a"}"#,
+            "mirroring.redis",
+            "not a Redis URL",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["redis://:s3cr3t-pw@s:port"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes[0]",
+            "not a Redis URL",
+        ),
+        (
+            r#"{"sentinel": {"nodes": ["tcp://:s3cr3t-pw@s"], "master": "m"}, "instance": "a"}"#,
+            "mirroring.sentinel.nodes[0]",
+            "must start with redis://",
+        ),
+        (
+            r#"{"cluster": {"nodes": ["redis://:s3cr3t-pw@n:port"]}, "instance": "a"}"#,
+            "mirroring.cluster.nodes[0]",
+            "not a Redis URL",
+        ),
+        (
+            r#"{"cluster": {"nodes": [":s3cr3t-pw@n:7000"]}, "instance": "a"}"#,
+            "mirroring.cluster.nodes[0]",
+            "must start with redis://",
+        ),
+    ] {
+        let e = err(&with_mirroring(m));
+        assert!(
+            e.path == path && e.reason.contains(reason),
+            "{m}: got {}: {} (want {path}: ...{reason}...)",
+            e.path,
+            e.reason
+        );
+        assert!(
+            !e.reason.contains("s3cr3t-pw") && e.reason.contains("***@"),
+            "{m}: the password shows, or no masked URL: {}",
+            e.reason
+        );
+    }
+}
