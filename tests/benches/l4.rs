@@ -32,7 +32,7 @@ use tether::{
     config::Config,
     dataplane::{Dataplane, net},
 };
-use tether_tests::{netns::run_in_netns, packet::PacketBuilder, pinned::Pins};
+use tether_tests::{bench::Args, netns::run_in_netns, packet::PacketBuilder, pinned::Pins};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
 const LB_MAC: [u8; 6] = [0x02, 0x7e, 0, 0, 0, 0x01];
@@ -51,22 +51,12 @@ fn opts() -> Opts {
         clients: 100_000,
         big_tables: vec![1 << 20, 10 << 20],
     };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| panic!("{a} needs a value"))
-                .parse::<u64>()
-                .expect("a number")
-        };
+    let mut args = Args::from_env("--rounds N --live-packets N --clients N --no-tables --quick");
+    while let Some(a) = args.next_flag() {
         match a.as_str() {
-            "--rounds" => o.rounds = val() as usize,
-            "--live-packets" => o.live_packets = val() as u32,
-            "--clients" => o.clients = val() as usize,
+            "--rounds" => o.rounds = args.value(&a),
+            "--live-packets" => o.live_packets = args.value(&a),
+            "--clients" => o.clients = args.value(&a),
             // The live-frames and per-packet rows only (no prefilled big tables).
             "--no-tables" => o.big_tables.clear(),
             "--quick" => {
@@ -75,11 +65,7 @@ fn opts() -> Opts {
                 o.clients = 10_000;
                 o.big_tables = vec![1 << 20];
             }
-            other => {
-                panic!(
-                    "unknown argument {other} (--rounds N --live-packets N --clients N --no-tables --quick)"
-                )
-            }
+            other => args.unknown(other),
         }
     }
     o
@@ -133,9 +119,8 @@ impl Drop for Bed {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    tether_tests::bench::median(v).expect("a finite value from at least one round")
 }
 
 /// Median over rounds of each round's ratio: a round measures both programs back to back,

@@ -17,6 +17,7 @@ use std::{
 
 use serde_json::json;
 use tether_tests::{
+    bench::Args,
     http::{KeepAlive, connect_from},
     l7lab::{IO_TIMEOUT, PORT},
     multilab::Fleet,
@@ -33,26 +34,16 @@ fn opts() -> Opts {
         rounds: 5,
         requests: 5000,
     };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| panic!("{a} needs a value"))
-                .parse::<usize>()
-                .expect("a number")
-        };
+    let mut args = Args::from_env("--rounds N --requests N --quick");
+    while let Some(a) = args.next_flag() {
         match a.as_str() {
-            "--rounds" => o.rounds = val(),
-            "--requests" => o.requests = val(),
+            "--rounds" => o.rounds = args.value(&a),
+            "--requests" => o.requests = args.value(&a),
             "--quick" => {
                 o.rounds = 3;
                 o.requests = 1000;
             }
-            other => panic!("unknown argument {other} (--rounds N --requests N --quick)"),
+            other => args.unknown(other),
         }
     }
     o
@@ -87,9 +78,8 @@ fn measure(f: &Fleet, n: usize, round: usize, tag: &str) -> (f64, f64, f64) {
         .expect("the client namespace")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    tether_tests::bench::median(v).expect("a finite value from at least one round")
 }
 
 fn main() {

@@ -16,6 +16,7 @@ use std::{
 };
 
 use tether_tests::{
+    bench::Args,
     daemon::{ConfigBuilder, Daemon, tether_bin},
     netns::Topology,
 };
@@ -29,26 +30,16 @@ struct Opts {
 
 fn opts() -> Opts {
     let mut o = Opts { rounds: 5, secs: 5 };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| panic!("{a} needs a value"))
-                .parse::<u64>()
-                .expect("a number")
-        };
+    let mut args = Args::from_env("--rounds N --secs N --quick");
+    while let Some(a) = args.next_flag() {
         match a.as_str() {
-            "--rounds" => o.rounds = val() as usize,
-            "--secs" => o.secs = val() as u32,
+            "--rounds" => o.rounds = args.value(&a),
+            "--secs" => o.secs = args.value(&a),
             "--quick" => {
                 o.rounds = 3;
                 o.secs = 2;
             }
-            other => panic!("unknown argument {other} (--rounds N --secs N --quick)"),
+            other => args.unknown(other),
         }
     }
     o
@@ -97,9 +88,8 @@ fn iperf(topo: &Topology, src: Ipv4Addr, dst: Ipv4Addr, secs: u32, reverse: bool
         .unwrap_or_else(|| panic!("iperf3 to {dst} failed: {}", v["error"]))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    tether_tests::bench::median(v).expect("a finite value from at least one round")
 }
 
 fn main() {

@@ -46,6 +46,7 @@ use backends::{Backends, capture_cookie, probe};
 use load::{Client, Load, Sample};
 use procs::{Proc, Scratch, free_port};
 use proxies::{Cert, Frontends, start_haproxy, start_tether};
+use tether_tests::bench::{Args, median};
 
 const COOKIE: &str = "SRV";
 /// Connections of the 1,000-connection row.
@@ -69,36 +70,30 @@ fn opts() -> Opts {
         connections: 32,
         workers: vec![1, 2],
     };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .unwrap_or_else(|| panic!("{a} needs a value ({USAGE})"))
-                .to_string()
-        };
-        let num = |v: String| {
-            v.parse::<u64>()
-                .unwrap_or_else(|_| panic!("{a} needs a number, not {v:?}"))
-        };
+    let mut args = Args::from_env(USAGE);
+    while let Some(a) = args.next_flag() {
         match a.as_str() {
-            "--rounds" => o.rounds = num(val()).max(1) as usize,
-            "--duration" => o.secs = num(val()).max(1),
-            "--connections" => o.connections = num(val()).max(1) as u32,
+            "--rounds" => o.rounds = args.value::<usize>(&a).max(1),
+            "--duration" => o.secs = args.value::<u64>(&a).max(1),
+            "--connections" => o.connections = args.value::<u32>(&a).max(1),
             "--workers" => {
-                o.workers = val()
+                o.workers = args
+                    .value::<String>(&a)
                     .split(',')
-                    .map(|w| num(w.to_string()).clamp(1, 64) as u32)
+                    .map(|w| {
+                        w.parse::<u32>()
+                            .unwrap_or_else(|_| {
+                                panic!("--workers: {w:?} is not a number ({USAGE})")
+                            })
+                            .clamp(1, 64)
+                    })
                     .collect()
             }
             "--quick" => {
                 o.rounds = 1;
                 o.secs = 2;
             }
-            other => panic!("unknown argument {other} ({USAGE})"),
+            other => args.unknown(other),
         }
     }
     let most = o.workers.iter().copied().max().unwrap_or(1);
@@ -107,13 +102,6 @@ fn opts() -> Opts {
         "wrk needs at least one connection per thread"
     );
     o
-}
-
-/// The median of the finite values, `None` when there are none.
-fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = v.into_iter().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 /// One row of the table.
