@@ -23,20 +23,29 @@ impl Router for ThreadRouter {
     }
 }
 
+/// Two `SO_REUSEPORT` sockets on one loopback address, one per worker, and a router to
+/// `backend` that records threads.
+fn group_of_two(
+    backend: SocketAddr,
+) -> (SocketAddr, Vec<std::net::TcpListener>, Arc<ThreadRouter>) {
+    let first =
+        listen_group(SocketAddr::from(([127, 0, 0, 1], 0)), vec![], 1, 128).expect("listen");
+    let addr = first[0].local_addr().unwrap();
+    let sockets = listen_group(addr, first, 2, 128).expect("a second socket in the group");
+    assert_eq!(sockets.len(), 2, "one SO_REUSEPORT socket per worker");
+    let router = Arc::new(ThreadRouter {
+        inner: TestRouter::new(vec![backend]),
+        threads: Mutex::default(),
+    });
+    (addr, sockets, router)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_serve_and_share_the_connection_limit() {
     bounded(async {
         let b = Backend::echo("b", Behaviour::default()).await;
         let workers = Workers::start(2).expect("worker threads");
-        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let first = listen_group(addr, vec![], 1, 128).expect("listen");
-        let addr = first[0].local_addr().unwrap();
-        let sockets = listen_group(addr, first, 2, 128).expect("a second socket in the group");
-        assert_eq!(sockets.len(), 2, "one SO_REUSEPORT socket per worker");
-        let router = Arc::new(ThreadRouter {
-            inner: TestRouter::new(vec![b.addr]),
-            threads: Mutex::default(),
-        });
+        let (addr, sockets, router) = group_of_two(b.addr);
         let cfg = ProxyConfig {
             listen: addr,
             tls: None,
@@ -93,14 +102,7 @@ async fn workers_serve_and_share_the_connection_limit() {
 async fn new_connections_go_to_the_least_busy_worker() {
     bounded(async {
         let b = Backend::echo("b", Behaviour::default()).await;
-        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let first = listen_group(addr, vec![], 1, 128).expect("listen");
-        let addr = first[0].local_addr().unwrap();
-        let sockets = listen_group(addr, first, 2, 128).expect("a second socket in the group");
-        let router = Arc::new(ThreadRouter {
-            inner: TestRouter::new(vec![b.addr]),
-            threads: Mutex::default(),
-        });
+        let (addr, sockets, router) = group_of_two(b.addr);
         let cfg = ProxyConfig {
             listen: addr,
             tls: None,
