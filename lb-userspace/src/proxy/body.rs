@@ -1,5 +1,6 @@
-//! The body type used in both directions: a streamed hyper body with an inactivity timeout,
-//! or a short fixed text; optionally holding an in-flight guard or an end-of-body signal.
+//! The body type used in both directions: a streamed body (the client's, from hyper, or a
+//! backend's, from the in-task client) with an inactivity timeout, or a short fixed text;
+//! optionally holding an in-flight guard.
 
 use std::{
     future::Future as _,
@@ -14,9 +15,9 @@ use std::{
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::{sync::oneshot, time::Sleep};
+use tokio::time::Sleep;
 
-use super::io::InFlight;
+use super::{h1client::ResponseBody, io::InFlight};
 
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -60,7 +61,7 @@ pub(super) struct ProxyBody {
 enum Inner {
     Text(Option<Bytes>),
     Stream {
-        body: Incoming,
+        body: Source,
         idle: Duration,
         /// Armed when a poll found no data; reset by each frame.
         sleep: Option<Pin<Box<Sleep>>>,
@@ -69,23 +70,57 @@ enum Inner {
     },
 }
 
+/// Where a streamed body comes from.
+pub(super) enum Source {
+    /// A client's request body.
+    Client(Incoming),
+    /// A backend's response body.
+    Backend(ResponseBody),
+}
+
+impl From<Incoming> for Source {
+    fn from(b: Incoming) -> Source {
+        Source::Client(b)
+    }
+}
+
+impl From<ResponseBody> for Source {
+    fn from(b: ResponseBody) -> Source {
+        Source::Backend(b)
+    }
+}
+
+impl Source {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Source::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::Backend(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Client(b) => b.is_end_stream(),
+            Source::Backend(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Client(b) => b.size_hint(),
+            Source::Backend(b) => b.size_hint(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct OnEnd {
     inflight: Option<InFlight>,
-    done: Option<oneshot::Sender<()>>,
-    /// Whatever must live until the body ends (the upstream's pool checkin): body.rs
-    /// only drops it, so it needs no name here.
-    keep: Option<Box<dyn Send>>,
 }
 
 impl OnEnd {
     fn fire(&mut self) {
         self.inflight = None;
-        // The backend connection that carried this body goes back to the pool.
-        self.keep = None;
-        if let Some(tx) = self.done.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -109,10 +144,10 @@ impl ProxyBody {
     }
 
     /// `body`, failing when no frame arrives for `idle`.
-    pub(super) fn stream(body: Incoming, idle: Duration) -> ProxyBody {
+    pub(super) fn stream(body: impl Into<Source>, idle: Duration) -> ProxyBody {
         ProxyBody {
             inner: Inner::Stream {
-                body,
+                body: body.into(),
                 idle,
                 sleep: None,
                 armed: false,
@@ -149,23 +184,6 @@ impl ProxyBody {
     pub(super) fn with_inflight(mut self, inflight: InFlight) -> ProxyBody {
         self.on_end.inflight = Some(inflight);
         self
-    }
-
-    /// Keeps `guard` until the body is done or dropped, then drops it (the upstream pool's
-    /// checkin, which returns the backend connection).
-    pub(super) fn keep_until_end(mut self, guard: impl Send + 'static) -> ProxyBody {
-        self.on_end.keep = Some(Box::new(guard));
-        self
-    }
-
-    /// The receiver fires (or errors) when the body is done or dropped.
-    pub(super) fn signal_end(&mut self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.on_end.done = Some(tx);
-        if self.is_end_stream() {
-            self.on_end.fire();
-        }
-        rx
     }
 }
 
@@ -205,7 +223,7 @@ impl Body for ProxyBody {
                 sleep,
                 armed,
                 rate,
-            } => match Pin::new(&mut *body).poll_frame(cx) {
+            } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     *armed = false;
                     if let (Some(r), Some(d)) = (rate.as_mut(), frame.data_ref()) {
@@ -213,7 +231,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending if rate.as_mut().is_some_and(|r| r.too_slow(cx)) => {
                     let r = rate.as_ref().expect("checked");

@@ -15,10 +15,12 @@ use http::{
 };
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
 
 use super::{
     ConnInfo, Route, Routed, Router, Shared,
     body::ProxyBody,
+    h1client::Upgraded,
     headers, inc,
     io::{Activity, Clock, Touch},
     upstream::UpstreamError,
@@ -109,7 +111,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         .with_min_rate(limits.min_body_rate, limits.request_header_timeout);
     let mut req = Request::from_parts(parts, body);
     let mut tried = Vec::new();
-    let (route, (resp, checkin), _attempt) = loop {
+    let (route, resp, _attempt) = loop {
         let (mut parts, body) = req.into_parts();
         let route = match shared.router.route_or_wait(&mut parts, &ctx.info, &tried)? {
             Routed::Now(route) => route,
@@ -181,8 +183,6 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     };
 
     let (mut parts, body) = resp.into_parts();
-    let upstream_upgrade = parts.extensions.remove::<OnUpgrade>();
-    parts.extensions = Extensions::new();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     if switching && !upgrade {
         inc(&stats.upstream_errors);
@@ -196,7 +196,7 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
     shared.router.on_response(&route, &ctx.info, &mut parts);
 
     if switching {
-        let (Some(client), Some(upstream)) = (client_upgrade, upstream_upgrade) else {
+        let (Some(client), Some(upstream)) = (client_upgrade, body.into_upgrade()) else {
             inc(&stats.upstream_errors);
             return Err(StatusCode::BAD_GATEWAY);
         };
@@ -204,24 +204,25 @@ async fn forward(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Proxy
         *ctx.tunnel.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::pin(tunnel));
         return Ok(Response::from_parts(parts, ProxyBody::empty()));
     }
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::stream(body, idle).keep_until_end(checkin),
-    ))
+    Ok(Response::from_parts(parts, ProxyBody::stream(body, idle)))
 }
 
 /// Splices the upgraded client and backend connections until either side closes or nothing
 /// moves for `idle`.
 async fn tunnel(
     client: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: Upgraded,
     idle: Duration,
     shared: Arc<Shared>,
     backend: std::net::SocketAddr,
 ) {
-    let both = tokio::time::timeout(idle, async { tokio::try_join!(client, upstream) }).await;
-    let (client, upstream) = match both {
-        Ok(Ok(pair)) => pair,
+    let Upgraded {
+        io: upstream,
+        read: early,
+        permit: _slot,
+    } = upstream;
+    let client = match tokio::time::timeout(idle, client).await {
+        Ok(Ok(client)) => client,
         Ok(Err(e)) => {
             log::debug!("proxy: upgrade to {backend} failed: {e}");
             return;
@@ -234,7 +235,14 @@ async fn tunnel(
     inc(&shared.stats.upgrades);
     let activity = Arc::new(Activity::new());
     let mut client = Touch::new(TokioIo::new(client), activity.clone());
-    let mut upstream = Touch::new(TokioIo::new(upstream), activity.clone());
+    // What the backend sent right after its 101 head, read with it.
+    if !early.is_empty()
+        && let Err(e) = client.write_all(&early).await
+    {
+        log::debug!("proxy: tunnel to {backend}: {e}");
+        return;
+    }
+    let mut upstream = Touch::new(upstream, activity.clone());
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match res {
             Ok((up, down)) => log::debug!("proxy: tunnel to {backend} closed ({up} bytes up, {down} down)"),

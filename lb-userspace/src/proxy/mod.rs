@@ -1,5 +1,6 @@
 //! The L7 reverse proxy: HTTP/1.1 (cleartext or TLS) and HTTP/2 (TLS, ALPN) on the client side,
-//! pooled keep-alive HTTP/1.1 on the backend side.
+//! pooled keep-alive HTTP/1.1 on the backend side, spoken by the request handler's own
+//! task ([`h1client`]).
 //!
 //! The proxy knows nothing about persistence: every decision about where a request goes, and
 //! every persistence-related edit of the request or response head, is made by a [`Router`].
@@ -50,6 +51,8 @@
 
 mod body;
 mod conn;
+mod h1client;
+mod h1codec;
 mod handler;
 mod headers;
 mod io;

@@ -4,34 +4,32 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use http::{Method, Request, Response};
-use hyper::{
-    body::{Body as _, Incoming},
-    client::conn::http1,
-};
-use hyper_util::rt::TokioIo;
+use hyper::body::Body as _;
 use tokio::{
     net::TcpStream,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
 };
 
-use super::{Limits, body::ProxyBody, io::coarse_ms};
+use super::{
+    Limits,
+    body::ProxyBody,
+    h1client::{Conn, ExchangeError, Recycle, ResponseBody},
+    io::coarse_ms,
+};
 
 /// An idle backend connection older than this is closed rather than reused: backends
 /// commonly close idle keep-alive connections after a few seconds (Apache, Node: 5 s), and
 /// reusing one as it closes costs a failed request. HAProxy's `pool-purge-delay` is 5 s too.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(5);
 
-type Sender = http1::SendRequest<ProxyBody>;
-
 struct Idle {
-    tx: Sender,
+    conn: Conn,
     /// [`coarse_ms`] when it went idle.
     since: u64,
 }
@@ -40,56 +38,26 @@ pub(super) struct Pool {
     inner: Arc<Inner>,
 }
 
-/// A backend connection lent to one response: dropped once the response body is done (or
-/// abandoned), it puts the connection back in the pool. Usually the connection is idle again
-/// by then and goes back at once; otherwise (a body cut short, an upgrade, the connection
-/// task not yet run) a task waits until it is idle, or closed.
-pub(super) struct Checkin {
-    tx: Option<Sender>,
-    backend: SocketAddr,
-    pool: Weak<Inner>,
-}
-
-impl Drop for Checkin {
-    fn drop(&mut self) {
-        let Some(mut tx) = self.tx.take() else {
-            return;
-        };
-        if tx.is_closed() {
-            return;
-        }
-        if tx.is_ready() {
-            if let Some(pool) = Weak::upgrade(&self.pool) {
-                pool.put(self.backend, tx);
-            }
-            return;
-        }
-        let (pool, backend) = (self.pool.clone(), self.backend);
-        // Outside a runtime (nothing to wait with) the connection is just closed.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if tx.ready().await.is_ok()
-                    && let Some(pool) = Weak::upgrade(&pool)
-                {
-                    pool.put(backend, tx);
-                }
-            });
-        }
-    }
-}
-
 struct Inner {
     /// Idle connections per backend, oldest first; the most recently used are reused first.
     /// As many may wait here as the backend has slots (`max_connections_per_backend`): with
     /// fewer, a burst of concurrent requests would close and reopen connections each time.
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
     /// This pool's view of `shared`'s slots (no lock shared with other workers per request).
-    slots: Mutex<HashMap<SocketAddr, Arc<Slots>>>,
+    slots: Mutex<HashMap<SocketAddr, Arc<Local>>>,
     shared: BackendSlots,
     max_per_backend: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
     max_age: Duration,
+}
+
+/// One worker's entry for a backend: the shared slots, and the waiters of this worker.
+struct Local {
+    slots: Arc<Slots>,
+    /// A connection went back to this worker's pool: a waiter of this worker may take it
+    /// (another worker's waiter could not).
+    idle: Notify,
 }
 
 /// Connection slots per backend (`max_connections_per_backend`), shared by the pools of
@@ -109,12 +77,12 @@ impl BackendSlots {
         Arc::clone(slots.entry(backend).or_insert_with(|| {
             Arc::new(Slots {
                 sem: Arc::new(Semaphore::new(max)),
-                idle: Notify::new(),
             })
         }))
     }
 
     /// Close one idle connection to `backend` held by a pool other than `me`; whether one was.
+    /// Its permit, released, wakes a waiter of whatever worker.
     fn drop_idle_elsewhere(&self, me: &Inner, backend: SocketAddr) -> bool {
         let pools: Vec<Arc<Inner>> = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,12 +94,16 @@ impl BackendSlots {
             .filter(|p| !std::ptr::eq(Arc::as_ptr(p), me))
             .any(|p| p.drop_one_idle(backend))
     }
+
+    /// Backends with an entry in the shared map (for tests of the sweep).
+    #[cfg(test)]
+    pub(super) fn backends(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 struct Slots {
     sem: Arc<Semaphore>,
-    /// A connection went back to the pool: a waiter may take it.
-    idle: Notify,
 }
 
 pub(super) enum UpstreamError {
@@ -170,52 +142,52 @@ impl Pool {
         pool
     }
 
-    /// Sends `req` to `backend` on an idle pooled connection or a new one. The connection
-    /// returns to the pool when the [`Checkin`] is dropped, which the caller does once the
-    /// response body has been read. With every connection slot of the backend busy, waits up
-    /// to the connect timeout for one.
+    /// Sends `req` to `backend` on an idle pooled connection or a new one, in the calling
+    /// task. The connection returns to the pool when the response body is done (and is
+    /// closed if the body is dropped before). With every connection slot of the backend
+    /// busy, waits up to the connect timeout for one.
     pub(super) async fn request(
         &self,
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         // Read only when a request has to wait for a slot.
         let mut deadline = None;
-        let slots = self.inner.slots(backend);
+        let local = self.inner.local(backend);
         let mut reused = false;
         let permit = loop {
-            let idle = slots.idle.notified();
+            let idle = local.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if !reused && let Some(mut tx) = self.inner.checkout(backend) {
+            if !reused && let Some(conn) = self.inner.checkout(backend) {
                 // A pooled connection is tried once; after a failure the request gets a
                 // fresh one.
                 reused = true;
                 // A bodiless idempotent request may be replayed on a fresh connection when the
                 // reused one fails before a response: the backend likely closed it as we wrote.
                 let replay = replayable(&req);
-                match self.send(&mut tx, req).await {
-                    Ok(resp) => return Ok((resp, self.recycle(backend, tx))),
-                    Err(Sent::Timeout) => return Err(UpstreamError::Timeout),
-                    Err(Sent::No(back)) => {
+                match self.send(backend, conn, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(ExchangeError::Timeout) => return Err(UpstreamError::Timeout),
+                    Err(ExchangeError::NotSent(back, why)) => {
                         log::debug!(
-                            "proxy: pooled connection to {backend} was closed, reconnecting"
+                            "proxy: pooled connection to {backend} was closed ({why}), reconnecting"
                         );
                         req = *back;
                     }
-                    Err(Sent::Failed(e)) => match replay {
-                        Some(again) => {
+                    Err(ExchangeError::Failed { why, nothing_read }) => match replay {
+                        Some(again) if nothing_read => {
                             log::debug!(
-                                "proxy: reused connection to {backend} failed ({e}), replaying"
+                                "proxy: reused connection to {backend} failed ({why}), replaying"
                             );
                             req = again;
                         }
-                        None => return Err(UpstreamError::Failed(e.to_string())),
+                        _ => return Err(UpstreamError::Failed(why)),
                     },
                 }
                 continue;
             }
-            if let Ok(p) = Arc::clone(&slots.sem).try_acquire_owned() {
+            if let Ok(p) = Arc::clone(&local.slots.sem).try_acquire_owned() {
                 break p;
             }
             // Idle connections hold the slots this request needs: close one, ours or
@@ -224,7 +196,7 @@ impl Pool {
                 self.inner.shared.drop_idle_elsewhere(&self.inner, backend);
             }
             tokio::select! {
-                p = Arc::clone(&slots.sem).acquire_owned() => match p {
+                p = Arc::clone(&local.slots.sem).acquire_owned() => match p {
                     Ok(p) => break p,
                     Err(_) => return Err(UpstreamError::Saturated),
                 },
@@ -234,64 +206,53 @@ impl Pool {
                 })) => return Err(UpstreamError::Saturated),
             }
         };
-        let mut tx = match self.inner.connect(backend, permit).await {
-            Ok(tx) => tx,
+        drop(local);
+        let conn = match self.inner.connect(backend, permit).await {
+            Ok(conn) => conn,
             Err(Connect::Local(why)) => return Err(UpstreamError::Local(why)),
             Err(Connect::Failed(why)) => return Err(UpstreamError::NotSent(Box::new(req), why)),
         };
-        match self.send(&mut tx, req).await {
-            Ok(resp) => Ok((resp, self.recycle(backend, tx))),
-            Err(Sent::Timeout) => Err(UpstreamError::Timeout),
-            Err(Sent::No(back)) => Err(UpstreamError::NotSent(
+        match self.send(backend, conn, req).await {
+            Ok(resp) => Ok(resp),
+            Err(ExchangeError::Timeout) => Err(UpstreamError::Timeout),
+            Err(ExchangeError::NotSent(back, why)) => Err(UpstreamError::NotSent(
                 back,
-                "connection closed before the request was written".into(),
+                format!("connection closed before the request was written ({why})"),
             )),
-            Err(Sent::Failed(e)) => Err(UpstreamError::Failed(e.to_string())),
+            Err(ExchangeError::Failed { why, .. }) => Err(UpstreamError::Failed(why)),
         }
     }
 
     async fn send(
         &self,
-        tx: &mut Sender,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, Sent> {
-        let body_done = req.body_mut().signal_end();
-        let fut = tx.try_send_request(req);
-        match with_response_timeout(fut, body_done, self.inner.response_timeout).await {
-            Some(Ok(resp)) => Ok(resp),
-            Some(Err(mut e)) => match e.take_message() {
-                Some(req) => Err(Sent::No(Box::new(req))),
-                None => Err(Sent::Failed(e.into_error())),
-            },
-            None => Err(Sent::Timeout),
-        }
+        backend: SocketAddr,
+        conn: Conn,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ResponseBody>, ExchangeError> {
+        let pool: Weak<dyn Recycle> = Arc::downgrade(&self.inner) as Weak<dyn Recycle>;
+        conn.exchange(req, self.inner.response_timeout, backend, pool)
+            .await
     }
 
-    /// `tx`'s way back to the pool, taken when the response body is done.
-    fn recycle(&self, backend: SocketAddr, tx: Sender) -> Checkin {
-        Checkin {
-            tx: Some(tx),
-            backend,
-            pool: Arc::downgrade(&self.inner),
-        }
-    }
-
-    /// Drops idle connections that closed or aged out.
+    /// Drops idle connections that closed or aged out, and forgets the slots of backends
+    /// nobody uses.
     pub(super) fn sweep(&self) {
         let max_age = self.inner.max_age;
         let now = coarse_ms();
         let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.retain(|_, conns| {
-            conns.retain(|c| c.usable(max_age, now));
+            conns.retain(|c| c.usable(max_age, now) && !c.conn.is_stale());
             !conns.is_empty()
         });
-        drop(idle);
-        // Forget the slots of backends with nothing open and nobody waiting: here (held by
-        // this map and the shared one), then in the shared map once no pool holds them.
-        let max = self.inner.max_per_backend;
+        // This worker's entry goes when no request of this worker holds it and it has no
+        // idle connection there (the shared slots stay alive through any open connection's
+        // permit, so an entry made again later finds the same semaphore).
         let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|_, s| Arc::strong_count(s) > 2 || s.sem.available_permits() < max);
+        slots.retain(|b, l| Arc::strong_count(l) > 1 || idle.contains_key(b));
         drop(slots);
+        drop(idle);
+        // The shared entry goes once no worker's entry holds it and no connection is open.
+        let max = self.inner.max_per_backend;
         let mut shared = self
             .inner
             .shared
@@ -307,28 +268,46 @@ enum Connect {
     Failed(String),
 }
 
-enum Sent {
-    /// Not written: the request is handed back.
-    No(Box<Request<ProxyBody>>),
-    Timeout,
-    Failed(hyper::Error),
-}
-
 impl Idle {
     /// `now`: read once by the caller for the whole list (one clock read, not one per entry).
     fn usable(&self, max_age: Duration, now: u64) -> bool {
-        u128::from(now.saturating_sub(self.since)) < max_age.as_millis() && !self.tx.is_closed()
+        u128::from(now.saturating_sub(self.since)) < max_age.as_millis()
+    }
+}
+
+impl Recycle for Inner {
+    fn put(&self, backend: SocketAddr, conn: Conn) {
+        let now = coarse_ms();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.entry(backend).or_default();
+        // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of
+        // the whole list per request.
+        if conns.len() >= self.max_per_backend {
+            conns.pop_front();
+        }
+        conns.push_back(Idle { conn, since: now });
+        drop(idle);
+        // Only a waiter of this worker can take it.
+        if let Some(l) = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&backend)
+        {
+            l.idle.notify_one();
+        }
     }
 }
 
 impl Inner {
-    fn slots(&self, backend: SocketAddr) -> Arc<Slots> {
+    fn local(&self, backend: SocketAddr) -> Arc<Local> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            slots
-                .entry(backend)
-                .or_insert_with(|| self.shared.get(backend, self.max_per_backend)),
-        )
+        Arc::clone(slots.entry(backend).or_insert_with(|| {
+            Arc::new(Local {
+                slots: self.shared.get(backend, self.max_per_backend),
+                idle: Notify::new(),
+            })
+        }))
     }
 
     /// Close the oldest idle connection to `backend` (the likeliest to be closed by the
@@ -340,40 +319,18 @@ impl Inner {
             .is_some()
     }
 
-    fn checkout(&self, backend: SocketAddr) -> Option<Sender> {
+    /// The most recently used idle connection that is still open and young enough.
+    fn checkout(&self, backend: SocketAddr) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(&backend)?;
-        let now = coarse_ms();
+        let mut now = None;
         while let Some(c) = conns.pop_back() {
-            if c.usable(self.max_age, now) && c.tx.is_ready() {
-                return Some(c.tx);
+            let now = *now.get_or_insert_with(coarse_ms);
+            if c.usable(self.max_age, now) && !c.conn.is_stale() {
+                return Some(c.conn);
             }
         }
         None
-    }
-
-    fn put(&self, backend: SocketAddr, tx: Sender) {
-        if tx.is_closed() {
-            return;
-        }
-        let now = coarse_ms();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.entry(backend).or_default();
-        // Closed and aged entries go in `sweep` and when `checkout` meets them: no scan of
-        // the whole list per request.
-        if conns.len() >= self.max_per_backend {
-            conns.pop_front();
-        }
-        conns.push_back(Idle { tx, since: now });
-        drop(idle);
-        if let Some(s) = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&backend)
-        {
-            s.idle.notify_one();
-        }
     }
 
     /// A new connection to `backend`, holding `permit` for as long as it is open.
@@ -381,7 +338,7 @@ impl Inner {
         &self,
         backend: SocketAddr,
         permit: OwnedSemaphorePermit,
-    ) -> Result<Sender, Connect> {
+    ) -> Result<Conn, Connect> {
         let tcp =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(backend)).await {
                 Ok(Ok(tcp)) => tcp,
@@ -397,17 +354,7 @@ impl Inner {
                 }
             };
         let _ = tcp.set_nodelay(true);
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| Connect::Failed(format!("handshake: {e}")))?;
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.with_upgrades().await {
-                log::debug!("proxy: backend {backend} connection: {e}");
-            }
-        });
-        Ok(tx)
+        Ok(Conn::new(tcp, permit))
     }
 }
 
@@ -431,22 +378,6 @@ fn replayable(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
     Some(copy)
 }
 
-/// The response, or `None` when none came within `timeout` of the end of the request body.
-async fn with_response_timeout<F, T>(
-    fut: F,
-    body_done: oneshot::Receiver<()>,
-    timeout: Duration,
-) -> Option<T>
-where
-    F: Future<Output = T>,
-{
-    let timer = async {
-        // Err: the body was dropped, which also means it is done.
-        let _ = body_done.await;
-        tokio::time::sleep(timeout).await;
-    };
-    tokio::select! {
-        res = fut => Some(res),
-        () = timer => None,
-    }
-}
+#[cfg(test)]
+#[path = "upstream_tests.rs"]
+mod tests;

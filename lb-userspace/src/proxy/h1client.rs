@@ -1,0 +1,438 @@
+//! An HTTP/1.1 client that runs in the request handler's own task: it writes the request and
+//! reads the response on a pooled backend connection, with no connection task and no channel
+//! between the two.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Weak,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+    sync::OwnedSemaphorePermit,
+};
+
+use super::{
+    body::ProxyBody,
+    h1codec::{self, CRLF, CodecError, Decoded, Head, LAST_CHUNK, Parsed, ReqFraming, RespFraming},
+};
+
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One open backend connection, holding its slot of `max_connections_per_backend`.
+pub(super) struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Where a connection goes back once a response is done with it.
+pub(super) trait Recycle: Send + Sync {
+    fn put(&self, backend: SocketAddr, conn: Conn);
+}
+
+/// How an exchange failed.
+pub(super) enum ExchangeError {
+    /// Nothing of the request was written: it is handed back.
+    NotSent(Box<Request<ProxyBody>>, String),
+    /// No response head within the response timeout.
+    Timeout,
+    /// Failed once the request was (partly) sent; `nothing_read`: not one response byte came.
+    Failed { why: String, nothing_read: bool },
+}
+
+/// An upgraded backend connection (after a 101): the stream, the bytes that followed the
+/// head, and its slot.
+pub(super) struct Upgraded {
+    pub(super) io: TcpStream,
+    pub(super) read: Bytes,
+    pub(super) permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    pub(super) fn new(io: TcpStream, permit: OwnedSemaphorePermit) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            _permit: permit,
+        }
+    }
+
+    /// Whether an idle connection can no longer carry a request: the backend closed it, or
+    /// sent something unasked. Costs a syscall only when the socket polled readable.
+    pub(super) fn is_stale(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `req` and reads the response head. The request body is written while the
+    /// response is watched for (a backend may answer early, e.g. 413); `response_timeout`
+    /// runs from the end of the request body.
+    pub(super) async fn exchange(
+        mut self,
+        req: Request<ProxyBody>,
+        response_timeout: Duration,
+        backend: SocketAddr,
+        pool: Weak<dyn Recycle>,
+    ) -> Result<Response<ResponseBody>, ExchangeError> {
+        let (parts, mut body) = req.into_parts();
+        let head_request = h1codec::is_head(&parts.method);
+        let (framing, add_length) = h1codec::request_framing(
+            &parts.headers,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+        );
+        let mut out = Vec::with_capacity(512);
+        h1codec::encode_head(&parts, framing, add_length, &mut out);
+        if let Err(e) = self.io.write_all(&out).await {
+            return Err(ExchangeError::NotSent(
+                Box::new(Request::from_parts(parts, body)),
+                format!("write: {e}"),
+            ));
+        }
+        drop(out);
+        let (head, sent_whole) = 'exchange: {
+            let (mut rd, mut wr) = self.io.split();
+            let read = read_head(&mut rd, &mut self.buf, head_request);
+            tokio::pin!(read);
+            let mut write_error = None;
+            if framing != ReqFraming::None {
+                let write = send_body(&mut wr, &mut body, framing);
+                tokio::pin!(write);
+                tokio::select! {
+                    res = &mut write => match res {
+                        Ok(()) => {}
+                        // The client's body failed (gone, idle, too slow): nothing to wait for.
+                        Err(SendError::Body(why)) => {
+                            return Err(ExchangeError::Failed { why, nothing_read: false });
+                        }
+                        // The backend may have answered and closed: read what it said.
+                        Err(SendError::Write(why)) => write_error = Some(why),
+                    },
+                    // Answered before the whole body went: the rest of the body is dropped
+                    // and the connection is not reused.
+                    head = &mut read => break 'exchange (head, false),
+                }
+            }
+            match tokio::time::timeout(response_timeout, read).await {
+                Err(_) => return Err(ExchangeError::Timeout),
+                Ok(Err(HeadError::Io(_, nothing_read))) if write_error.is_some() => {
+                    return Err(ExchangeError::Failed {
+                        why: write_error.unwrap_or_default(),
+                        nothing_read,
+                    });
+                }
+                Ok(head) => (head, write_error.is_none()),
+            }
+        };
+        drop(body);
+        finish(head, backend, pool, self, sent_whole)
+    }
+}
+
+enum SendError {
+    /// Reading the client's body failed.
+    Body(String),
+    /// Writing to the backend failed.
+    Write(String),
+}
+
+/// Reads until a final response head is parsed, skipping interim 1xx responses.
+async fn read_head(
+    rd: &mut ReadHalf<'_>,
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Box<Head>, HeadError> {
+    let mut nothing_read = buf.is_empty();
+    loop {
+        if !buf.is_empty() {
+            match h1codec::parse_head(buf, head_request) {
+                Ok(Parsed::Final(head)) => return Ok(head),
+                Ok(Parsed::Interim) => continue,
+                Ok(Parsed::Partial) => {}
+                Err(e) => return Err(HeadError::Codec(e)),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) => {
+                return Err(HeadError::Io(
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response"),
+                    nothing_read,
+                ));
+            }
+            Ok(_) => nothing_read = false,
+            Err(e) => return Err(HeadError::Io(e, nothing_read)),
+        }
+    }
+}
+
+enum HeadError {
+    Codec(CodecError),
+    /// Reading failed; whether no response byte had come.
+    Io(io::Error, bool),
+}
+
+/// The request body on the wire in `framing`.
+async fn send_body(
+    wr: &mut WriteHalf<'_>,
+    body: &mut ProxyBody,
+    framing: ReqFraming,
+) -> Result<(), SendError> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(SendError::Body(format!("request body: {e}"))),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) if !d.is_empty() => d,
+                // Trailers and empty frames: not forwarded.
+                _ => continue,
+            },
+        };
+        let res = if framing == ReqFraming::Chunked {
+            let mut chunk = h1codec::chunk_size_line(data.len()).chain(data).chain(CRLF);
+            wr.write_all_buf(&mut chunk).await
+        } else {
+            let mut data = data;
+            wr.write_all_buf(&mut data).await
+        };
+        res.map_err(|e| SendError::Write(format!("write: {e}")))?;
+    }
+    if framing == ReqFraming::Chunked {
+        wr.write_all(LAST_CHUNK)
+            .await
+            .map_err(|e| SendError::Write(format!("write: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The response for `head`, its body reading from `conn`.
+fn finish(
+    head: Result<Box<Head>, HeadError>,
+    backend: SocketAddr,
+    pool: Weak<dyn Recycle>,
+    conn: Conn,
+    reusable: bool,
+) -> Result<Response<ResponseBody>, ExchangeError> {
+    let head = match head {
+        Ok(h) => h,
+        Err(HeadError::Codec(e)) => {
+            return Err(ExchangeError::Failed {
+                why: e.to_string(),
+                nothing_read: false,
+            });
+        }
+        Err(HeadError::Io(e, nothing_read)) => {
+            return Err(ExchangeError::Failed {
+                why: format!("read: {e}"),
+                nothing_read,
+            });
+        }
+    };
+    let Head {
+        parts,
+        framing,
+        keep_alive,
+    } = *head;
+    let mut body = ResponseBody {
+        conn: Some(conn),
+        framing,
+        reusable: reusable && keep_alive,
+        backend,
+        pool,
+    };
+    if body.framing == RespFraming::Empty {
+        body.done();
+    }
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A response body read from the backend connection by whichever task polls it; once it
+/// is complete the connection goes back to the pool when it is reusable. Dropped early, it
+/// closes the connection.
+pub(super) struct ResponseBody {
+    conn: Option<Conn>,
+    framing: RespFraming,
+    /// Keep-alive and the request went whole: the connection may serve another request once
+    /// this body is done.
+    reusable: bool,
+    backend: SocketAddr,
+    pool: Weak<dyn Recycle>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BodyError {
+    #[error("backend closed the connection before the end of the body")]
+    Eof,
+    #[error("reading the response body: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl ResponseBody {
+    /// For a 101 response: the connection, for the tunnel.
+    pub(super) fn into_upgrade(mut self) -> Option<Upgraded> {
+        if self.framing != RespFraming::Upgrade {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some(Upgraded {
+            io: conn.io,
+            read: conn.buf.freeze(),
+            permit: conn._permit,
+        })
+    }
+
+    /// The body is complete: the connection goes back to the pool when it can carry another
+    /// request (nothing unread past the response).
+    fn done(&mut self) {
+        let framing = std::mem::replace(&mut self.framing, RespFraming::Empty);
+        let Some(conn) = self.conn.take() else { return };
+        if self.reusable
+            && conn.buf.is_empty()
+            && !matches!(framing, RespFraming::Close | RespFraming::Upgrade)
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put(self.backend, conn);
+        }
+    }
+
+    /// Reads more of the connection into its buffer; `Ok(0)` at EOF.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_CHUNK);
+        }
+        loop {
+            std::task::ready!(conn.io.poll_read_ready(cx))?;
+            match conn.io.try_read_buf(&mut conn.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                res => return Poll::Ready(res),
+            }
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut self.framing {
+                RespFraming::Empty | RespFraming::Upgrade => {
+                    self.done();
+                    return Poll::Ready(None);
+                }
+                RespFraming::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.buf.len());
+                        let data = conn.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.done();
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                RespFraming::Chunked(dec) => match dec.decode(&mut conn.buf)? {
+                    Decoded::Data(data) => {
+                        if dec.is_done() {
+                            self.done();
+                        }
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                    Decoded::Done => {
+                        self.done();
+                        return Poll::Ready(None);
+                    }
+                    Decoded::More => {}
+                },
+                RespFraming::Close => {
+                    if !conn.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(conn.buf.split().freeze())));
+                    }
+                }
+            }
+            match std::task::ready!(self.poll_read(cx)) {
+                Ok(0) if self.framing == RespFraming::Close => {
+                    self.done();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(BodyError::Eof)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match this.poll_data(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other.map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none()
+            || matches!(self.framing, RespFraming::Empty | RespFraming::Length(0))
+            || matches!(&self.framing, RespFraming::Chunked(c) if c.is_done())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            RespFraming::Length(n) if self.conn.is_some() => SizeHint::with_exact(n),
+            RespFraming::Empty => SizeHint::with_exact(0),
+            _ if self.conn.is_none() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "h1client_tests.rs"]
+mod tests;
