@@ -96,7 +96,7 @@ impl Conn {
         pool: Weak<dyn Recycle>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
         let (parts, mut body) = req.into_parts();
-        let head_request = h1codec::is_head(&parts.method);
+        let head_request = parts.method == http::Method::HEAD;
         let (framing, add_length) = h1codec::request_framing(
             &parts.headers,
             body.is_end_stream(),

@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version,
+    HeaderMap, HeaderName, HeaderValue, StatusCode, Version,
     header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
     request, response,
 };
@@ -401,12 +401,6 @@ fn chunk_size(line: &[u8]) -> Result<u64, CodecError> {
         n = n * 16 + u64::from(v);
     }
     Ok(n)
-}
-
-/// Whether a request of `method` may be answered with a body-less response regardless of its
-/// fields (only HEAD).
-pub(super) fn is_head(method: &Method) -> bool {
-    *method == Method::HEAD
 }
 
 #[cfg(test)]

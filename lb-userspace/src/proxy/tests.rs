@@ -291,7 +291,7 @@ impl Router for TestRouter {
 // ---------------------------------------------------------------------------------------------
 // Proxy under test
 
-fn test_limits() -> Limits {
+pub(super) fn test_limits() -> Limits {
     Limits {
         max_connections: 64,
         max_header_bytes: 8 * 1024,

@@ -5,7 +5,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -58,6 +61,26 @@ struct Local {
     /// A connection went back to this worker's pool: a waiter of this worker may take it
     /// (another worker's waiter could not).
     idle: Notify,
+    /// Requests of this worker waiting for a connection to the backend.
+    waiting: AtomicUsize,
+}
+
+/// Counts a request as waiting, here and in the shared slots, for as long as it lives.
+struct Waiting<'a>(&'a Local);
+
+impl<'a> Waiting<'a> {
+    fn new(local: &'a Local) -> Waiting<'a> {
+        local.waiting.fetch_add(1, Ordering::Relaxed);
+        local.slots.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(local)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.slots.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Connection slots per backend (`max_connections_per_backend`), shared by the pools of
@@ -77,6 +100,7 @@ impl BackendSlots {
         Arc::clone(slots.entry(backend).or_insert_with(|| {
             Arc::new(Slots {
                 sem: Arc::new(Semaphore::new(max)),
+                waiting: AtomicUsize::new(0),
             })
         }))
     }
@@ -104,6 +128,8 @@ impl BackendSlots {
 
 struct Slots {
     sem: Arc<Semaphore>,
+    /// Requests of every worker waiting for a connection to the backend.
+    waiting: AtomicUsize,
 }
 
 pub(super) enum UpstreamError {
@@ -195,6 +221,7 @@ impl Pool {
             if !(reused && self.inner.drop_one_idle(backend)) {
                 self.inner.shared.drop_idle_elsewhere(&self.inner, backend);
             }
+            let _waiting = Waiting::new(&local);
             tokio::select! {
                 p = Arc::clone(&local.slots.sem).acquire_owned() => match p {
                     Ok(p) => break p,
@@ -276,7 +303,22 @@ impl Idle {
 }
 
 impl Recycle for Inner {
+    /// Pools `conn`, for a waiter of this worker if there is one. With none here but some on
+    /// another worker, which could not take it from this pool, it is closed instead: its
+    /// released slot goes to one of them.
     fn put(&self, backend: SocketAddr, conn: Conn) {
+        let local = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&backend)
+            .cloned();
+        if let Some(l) = &local
+            && l.waiting.load(Ordering::Relaxed) == 0
+            && l.slots.waiting.load(Ordering::Relaxed) > 0
+        {
+            return;
+        }
         let now = coarse_ms();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(backend).or_default();
@@ -288,12 +330,7 @@ impl Recycle for Inner {
         conns.push_back(Idle { conn, since: now });
         drop(idle);
         // Only a waiter of this worker can take it.
-        if let Some(l) = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&backend)
-        {
+        if let Some(l) = local {
             l.idle.notify_one();
         }
     }
@@ -306,6 +343,7 @@ impl Inner {
             Arc::new(Local {
                 slots: self.shared.get(backend, self.max_per_backend),
                 idle: Notify::new(),
+                waiting: AtomicUsize::new(0),
             })
         }))
     }
