@@ -58,6 +58,9 @@ pub(super) struct ProxyBody {
     on_end: OnEnd,
 }
 
+// One body per request, moved rather than stored in bulk: boxing the stream (the common
+// variant) to shrink the rare text one would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
     Text(Option<Bytes>),
     Stream {
