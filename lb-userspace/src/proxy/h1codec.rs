@@ -186,7 +186,9 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
     let (framing, keep_alive) = framing(status, head_request, &mut headers, keep_alive)?;
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
-    parts.version = version;
+    // The client hears the proxy's version: an HTTP/1.0 backend's version (which decided
+    // `keep_alive` above) would make the client side close its connection.
+    parts.version = Version::HTTP_11;
     parts.headers = headers;
     Ok(Parsed::Final(Box::new(Head {
         parts,

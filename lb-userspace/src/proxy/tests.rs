@@ -1411,5 +1411,6 @@ async fn load_tls_reports_bad_files() {
     );
 }
 
+mod backend_h1;
 mod security;
 mod workers;
