@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Request, Response};
+use http::{Request, Response, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -50,8 +50,13 @@ pub(super) enum ExchangeError {
     NotSent(Box<Request<ProxyBody>>, String),
     /// No response head within the response timeout.
     Timeout,
-    /// Failed once the request was (partly) sent; `nothing_read`: not one response byte came.
-    Failed { why: String, nothing_read: bool },
+    /// Failed once the request was (partly) sent. `replay`: the request again, when it had
+    /// no body and not one response byte came (the backend may have closed the connection
+    /// as it was written).
+    Failed {
+        why: String,
+        replay: Option<Box<Request<ProxyBody>>>,
+    },
 }
 
 /// An upgraded backend connection (after a 101): the stream, the bytes that followed the
@@ -96,6 +101,7 @@ impl Conn {
         pool: Weak<dyn Recycle>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
         let (parts, mut body) = req.into_parts();
+        let bodiless = body.is_end_stream();
         let head_request = parts.method == http::Method::HEAD;
         let (framing, add_length) = h1codec::request_framing(
             &parts.headers,
@@ -124,7 +130,7 @@ impl Conn {
                         Ok(()) => {}
                         // The client's body failed (gone, idle, too slow): nothing to wait for.
                         Err(SendError::Body(why)) => {
-                            return Err(ExchangeError::Failed { why, nothing_read: false });
+                            return Err(ExchangeError::Failed { why, replay: None });
                         }
                         // The backend may have answered and closed: read what it said.
                         Err(SendError::Write(why)) => write_error = Some(why),
@@ -136,17 +142,25 @@ impl Conn {
             }
             match tokio::time::timeout(response_timeout, read).await {
                 Err(_) => return Err(ExchangeError::Timeout),
-                Ok(Err(HeadError::Io(_, nothing_read))) if write_error.is_some() => {
+                // A write error is only possible with a body: no replay.
+                Ok(Err(HeadError::Io(..))) if write_error.is_some() => {
                     return Err(ExchangeError::Failed {
                         why: write_error.unwrap_or_default(),
-                        nothing_read,
+                        replay: None,
                     });
                 }
                 Ok(head) => (head, write_error.is_none()),
             }
         };
         drop(body);
-        finish(head, backend, pool, self, sent_whole)
+        finish(
+            head,
+            backend,
+            pool,
+            self,
+            sent_whole,
+            bodiless.then_some(parts),
+        )
     }
 }
 
@@ -236,19 +250,22 @@ fn finish(
     pool: Weak<dyn Recycle>,
     conn: Conn,
     reusable: bool,
+    bodiless: Option<request::Parts>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let head = match head {
         Ok(h) => h,
         Err(HeadError::Codec(e)) => {
             return Err(ExchangeError::Failed {
                 why: e.to_string(),
-                nothing_read: false,
+                replay: None,
             });
         }
         Err(HeadError::Io(e, nothing_read)) => {
             return Err(ExchangeError::Failed {
                 why: format!("read: {e}"),
-                nothing_read,
+                replay: bodiless
+                    .filter(|_| nothing_read)
+                    .map(|p| Box::new(Request::from_parts(p, ProxyBody::empty()))),
             });
         }
     };

@@ -111,7 +111,7 @@ async fn exchange(
 
 fn failed(res: Result<http::Response<ResponseBody>, ExchangeError>) -> (String, bool) {
     match res {
-        Err(ExchangeError::Failed { why, nothing_read }) => (why, nothing_read),
+        Err(ExchangeError::Failed { why, replay }) => (why, replay.is_some()),
         Err(ExchangeError::Timeout) => panic!("timeout, not a failure"),
         Err(ExchangeError::NotSent(..)) => panic!("not sent, not a failure"),
         Ok(r) => panic!("a response: {:?}", r.status()),
@@ -269,9 +269,9 @@ async fn a_body_dropped_early_or_cut_short_closes_the_connection() {
 async fn malformed_head_and_silent_close_fail() {
     let (conn, _task, addr) = backend(vec![b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"]).await;
     let pool = Arc::new(Returned::default());
-    let (why, nothing_read) = failed(exchange(conn, get(), addr, &pool).await);
+    let (why, replay) = failed(exchange(conn, get(), addr, &pool).await);
     assert!(why.contains("malformed"), "{why}");
-    assert!(!nothing_read);
+    assert!(!replay, "the backend answered: no replay");
 
     // Closed without a byte: a candidate for a replay.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -283,8 +283,25 @@ async fn malformed_head_and_silent_close_fail() {
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    let (_, nothing_read) = failed(exchange(Conn::new(tcp, permit), get(), addr, &pool).await);
-    assert!(nothing_read);
+    let (_, replay) = failed(exchange(Conn::new(tcp, permit), get(), addr, &pool).await);
+    assert!(replay, "the bodiless request comes back to be replayed");
+
+    // The same with a body: it may have been acted on, no replay.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tcp.read(&mut buf).await;
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    let post = Request::post("/")
+        .header(header::HOST, "app")
+        .body(ProxyBody::text("x=1"))
+        .unwrap();
+    let (_, replay) = failed(exchange(Conn::new(tcp, permit), post, addr, &pool).await);
+    assert!(!replay, "a request with a body is not handed back");
 }
 
 #[tokio::test]

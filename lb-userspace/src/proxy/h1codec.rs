@@ -163,22 +163,29 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parse
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Offsets into the head, so that the values share its allocation (no copy per field).
+    // Offsets into the head, so that the values share its allocation (no copy per field),
+    // kept on the stack (no allocation per response).
     let base = buf.as_ptr() as usize;
-    let spans: Vec<(HeaderName, usize, usize)> = resp
-        .headers
-        .iter()
-        .map(|f| {
-            let name = HeaderName::from_bytes(f.name.as_bytes())
-                .map_err(|_| CodecError::Head("field name"))?;
-            let start = f.value.as_ptr() as usize - base;
-            Ok((name, start, start + f.value.len()))
-        })
-        .collect::<Result<_, CodecError>>()?;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (span, f) in spans.iter_mut().zip(resp.headers.iter()) {
+        let name = f.name.as_ptr() as usize - base;
+        let value = f.value.as_ptr() as usize - base;
+        // Within MAX_HEAD (checked above), so u32 holds them.
+        *span = (
+            name as u32,
+            f.name.len() as u32,
+            value as u32,
+            f.value.len() as u32,
+        );
+    }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, start, end) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name, name_len, value, value_len) in &spans[..count] {
+        let (name, value) = (name as usize, value as usize);
+        let name = HeaderName::from_bytes(&head[name..name + name_len as usize])
+            .map_err(|_| CodecError::Head("field name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize))
             .map_err(|_| CodecError::Head("field value"))?;
         headers.append(name, value);
     }

@@ -181,17 +181,24 @@ impl Pool {
         let mut deadline = None;
         let local = self.inner.local(backend);
         let mut reused = false;
+        // Set once the request has to wait: registered before looking again, so that a
+        // connection put back after the look wakes it.
+        let mut waiting = false;
         let permit = loop {
             let idle = local.idle.notified();
             tokio::pin!(idle);
-            idle.as_mut().enable();
+            let waiter = waiting.then(|| {
+                idle.as_mut().enable();
+                Waiting::new(&local)
+            });
             if !reused && let Some(conn) = self.inner.checkout(backend) {
+                drop(waiter);
                 // A pooled connection is tried once; after a failure the request gets a
                 // fresh one.
                 reused = true;
                 // A bodiless idempotent request may be replayed on a fresh connection when the
                 // reused one fails before a response: the backend likely closed it as we wrote.
-                let replay = replayable(&req);
+                let may_replay = replayable(&req);
                 match self.send(backend, conn, req).await {
                     Ok(resp) => return Ok(resp),
                     Err(ExchangeError::Timeout) => return Err(UpstreamError::Timeout),
@@ -201,12 +208,12 @@ impl Pool {
                         );
                         req = *back;
                     }
-                    Err(ExchangeError::Failed { why, nothing_read }) => match replay {
-                        Some(again) if nothing_read => {
+                    Err(ExchangeError::Failed { why, replay }) => match replay {
+                        Some(again) if may_replay => {
                             log::debug!(
                                 "proxy: reused connection to {backend} failed ({why}), replaying"
                             );
-                            req = again;
+                            req = *again;
                         }
                         _ => return Err(UpstreamError::Failed(why)),
                     },
@@ -216,12 +223,16 @@ impl Pool {
             if let Ok(p) = Arc::clone(&local.slots.sem).try_acquire_owned() {
                 break p;
             }
+            if !waiting {
+                // The fast path found nothing: look again registered as a waiter.
+                waiting = true;
+                continue;
+            }
             // Idle connections hold the slots this request needs: close one, ours or
             // another worker's.
             if !(reused && self.inner.drop_one_idle(backend)) {
                 self.inner.shared.drop_idle_elsewhere(&self.inner, backend);
             }
-            let _waiting = Waiting::new(&local);
             tokio::select! {
                 p = Arc::clone(&local.slots.sem).acquire_owned() => match p {
                     Ok(p) => break p,
@@ -396,24 +407,13 @@ impl Inner {
     }
 }
 
-/// A copy of a bodiless idempotent request, to replay on another connection.
-fn replayable(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    let idempotent = matches!(
+/// Whether `req` may be sent again after a failure: idempotent, no body, no upgrade.
+fn replayable(req: &Request<ProxyBody>) -> bool {
+    matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    if !idempotent
-        || !req.body().is_end_stream()
-        || req.headers().contains_key(http::header::UPGRADE)
-    {
-        return None;
-    }
-    let mut copy = Request::new(ProxyBody::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    ) && req.body().is_end_stream()
+        && !req.headers().contains_key(http::header::UPGRADE)
 }
 
 #[cfg(test)]
