@@ -39,7 +39,8 @@
 //!   second (after `request_header_timeout` of grace) ends with a 408 and the connection
 //!   closes, counted in [`ProxyStatsSnapshot::slow_bodies`].
 //! - **Backend connections**: at most [`Limits::max_connections_per_backend`] per backend,
-//!   pooled or busy; a request waits up to `upstream_connect_timeout` for one, then gets a 503
+//!   pooled, busy or carrying a WebSocket tunnel; a request waits up to
+//!   `upstream_connect_timeout` for one, then gets a 503
 //!   ([`ProxyStatsSnapshot::backend_saturated`]). A connect that fails for a local reason
 //!   (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL) is answered 503 on the spot: it says
 //!   nothing about the backend, so the request is not moved to another one
