@@ -36,7 +36,7 @@ pub(super) struct Conn {
     io: TcpStream,
     /// Bytes read and not yet used.
     buf: BytesMut,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 /// Where a connection goes back once a response is done with it.
@@ -72,7 +72,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
-            _permit: permit,
+            permit,
         }
     }
 
@@ -320,7 +320,7 @@ impl ResponseBody {
         Some(Upgraded {
             io: conn.io,
             read: conn.buf.freeze(),
-            permit: conn._permit,
+            permit: conn.permit,
         })
     }
 
