@@ -124,7 +124,7 @@ struct UdpEntry {
     fe: UdpFrontend,
     kept_router: bool,
     /// Bound; served from commit on.
-    socket: Option<tokio::net::UdpSocket>,
+    socket: Option<std::net::UdpSocket>,
 }
 
 struct Entry {
@@ -160,6 +160,8 @@ pub struct Frontends {
     tasks: JoinSet<()>,
     /// Where the L7 serve tasks accept and serve.
     workers: Workers,
+    /// UDP serve tasks started: the next one runs on worker `udp_started % workers`.
+    udp_started: usize,
 }
 
 /// Duplicates of `sockets`, for one serve task (its workers register them with their
@@ -504,7 +506,10 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
-    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: tokio::net::UdpSocket) {
+    /// Serve a UDP frontend on one worker's runtime (its flow table, Call-ID lookups and
+    /// flows stay together on that thread), never on the control runtime, so a reload, an
+    /// admin request or a table save does not hold datagrams back.
+    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: std::net::UdpSocket) {
         let (stop, stopped) = watch::channel(false);
         let task = udp_proxy::serve(
             socket,
@@ -513,13 +518,21 @@ impl Frontends {
             stopped,
             fe.udp.clone(),
         );
-        log::info!("L7 UDP proxy (SIP) of {name} listening on {}", fe.addr);
+        let worker = self.udp_started % self.workers.len();
+        self.udp_started = self.udp_started.wrapping_add(1);
+        log::info!(
+            "L7 UDP proxy (SIP) of {name} listening on {} (worker {worker})",
+            fe.addr
+        );
         let name = name.to_string();
-        self.tasks.spawn(async move {
-            if let Err(e) = task.await {
-                log::error!("UDP proxy of {name} stopped: {e}");
-            }
-        });
+        self.tasks.spawn_on(
+            async move {
+                if let Err(e) = task.await {
+                    log::error!("UDP proxy of {name} stopped: {e}");
+                }
+            },
+            &self.workers.handle(worker),
+        );
         fe.stop = Some(stop);
     }
 

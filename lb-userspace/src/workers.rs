@@ -2,8 +2,9 @@
 //! on its own `SO_REUSEPORT` listening socket per virtual service. The kernel spreads new
 //! connections over the sockets; the accepting worker hands each to the least busy worker
 //! (once, at accept), and from then on a connection, its backend connections and its timers
-//! stay on one thread (no work stealing, no cross-thread wake-up per request). The control
-//! plane (admin API, health checks, mirroring, reloads) runs on a runtime of its own.
+//! stay on one thread (no work stealing, no cross-thread wake-up per request). Each UDP (SIP)
+//! virtual service runs on one worker too. The control plane (admin API, health checks,
+//! mirroring, reloads) runs on a runtime of its own.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -45,7 +46,9 @@ impl Workers {
         (0..self.len()).map(|i| self.handle(i)).collect()
     }
 
-    fn handle(&self, i: usize) -> Handle {
+    /// Worker `i`'s runtime (`i` taken modulo their number; the caller's runtime when there
+    /// are none).
+    pub fn handle(&self, i: usize) -> Handle {
         match self.0.get(i % self.0.len().max(1)) {
             Some(h) => h.clone(),
             None => Handle::current(),
