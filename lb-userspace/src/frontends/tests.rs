@@ -9,7 +9,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 
 use super::*;
 use crate::proxy::tests::pem;
@@ -327,6 +330,76 @@ async fn each_worker_gets_a_socket_and_a_successor_takes_them_all() {
         "the handed sockets come first, kept"
     );
     f.stop_accepting("handed over");
+    g.stop_accepting("test over");
+}
+
+/// A successor with more workers than the sockets it was handed (a restart) binds the extra
+/// socket but listens on it only once it commits: the connections made while it prepares
+/// all wait on the handed sockets, which the old process still serves, so a handoff that
+/// aborts loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successors_extra_socket_takes_no_connection_before_it_commits() {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = config(port, "");
+    let mut f = Frontends::new(Workers::start(2).unwrap());
+    reload(&mut f, &cfg).unwrap();
+    let handed = |f: &Frontends| -> Vec<std::net::TcpListener> {
+        f.sockets()
+            .iter()
+            .map(|(_, fd)| fd.try_clone_to_owned().unwrap().into())
+            .collect()
+    };
+    let mut g = Frontends::new(Workers::start(3).unwrap());
+    let prepared = g
+        .prepare(
+            &cfg,
+            &shared(&cfg),
+            &mut HashMap::from([(addr, handed(&f))]),
+        )
+        .unwrap();
+    // The kernel spreads new connections over every listening socket of the group: with a
+    // third one listening, about a third of these would wait on it.
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(c);
+    }
+    drop(prepared); // The handoff aborted.
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i}: no answer"))
+            .unwrap_or_else(|e| panic!("connection {i} lost with the successor's socket: {e}"));
+        assert_eq!(
+            &head, b"HTTP/1.1 ",
+            "connection {i} answered by the old frontend"
+        );
+    }
+    // A successor that commits listens on its extra socket too.
+    let prepared = g
+        .prepare(
+            &cfg,
+            &shared(&cfg),
+            &mut HashMap::from([(addr, handed(&f))]),
+        )
+        .unwrap();
+    f.stop_accepting("handed over");
+    g.commit(prepared);
+    assert_eq!(socket_inodes(&g).len(), 3, "three listening sockets");
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut head))
+        .await
+        .expect("the successor answers")
+        .unwrap();
     g.stop_accepting("test over");
 }
 
