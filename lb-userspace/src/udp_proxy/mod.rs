@@ -213,11 +213,11 @@ async fn asked(
     client: SocketAddr,
     stop: &watch::Receiver<bool>,
 ) {
-    engine.take(&miss.answer().await);
+    let answer = miss.answer().await;
     let Some(msg) = SipMessage::parse(datagram) else {
         return;
     };
-    match engine.decide(&mut Input::sip(&msg, client), &[]) {
+    match engine.decide_answered(&mut Input::sip(&msg, client), &[], &answer) {
         Ok(choice) => {
             engine.ended(&choice.decision);
             send(shared, choice.backend, datagram, client, stop).await;
