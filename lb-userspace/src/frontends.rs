@@ -5,9 +5,9 @@
 //! - **All or nothing.** [`Frontends::prepare`] builds everything a config needs (routers,
 //!   TLS configurations read from disk, sockets for new addresses, bound but listening
 //!   only from commit on) without touching what runs; only then [`Frontends::commit`]
-//!   switches, and it cannot fail. A certificate that
-//!   does not load refuses the reload with the field and the reason
-//!   (`virtual_services[0].tls.cert_file: ...`) and the old listener keeps serving.
+//!   switches, and it cannot fail. A certificate that does not load refuses the reload
+//!   with the field and the reason (`virtual_services[0].tls.cert_file: ...`) and the old
+//!   listener keeps serving.
 //! - **Sockets are kept by address.** A service whose address stays keeps its listening
 //!   socket, so a reload never refuses a connection. When only its TLS files' contents change
 //!   (a certificate renewed in place) the running listener takes the new configuration for
