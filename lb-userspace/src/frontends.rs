@@ -12,8 +12,10 @@
 //!   socket, so a reload never refuses a connection. When only its TLS files' contents change
 //!   (a certificate renewed in place) the running listener takes the new configuration for
 //!   new connections; when its other listener settings change a new serve task starts on the
-//!   same socket before the old one drains. A restart hands the same sockets to the next
-//!   process ([`crate::handoff`]).
+//!   same socket before the old one drains. A UDP service keeps its socket the same way: a
+//!   new serve task reads it once the old one stopped, so datagrams queued in the kernel
+//!   meanwhile are read by the new task. A restart hands the same sockets, TCP and UDP, to
+//!   the next process ([`crate::handoff`]).
 //! - **Engines are kept** while the persistence profile and the pool stay (see
 //!   [`EngineSpec`]): their tables and counters carry over; cookie keys rotate in place. A
 //!   new engine (the profile or pool changed) takes the old one's bindings of backends that
@@ -98,12 +100,14 @@ pub struct Frontend {
     pub stats: Arc<ProxyStats>,
 }
 
-/// One UDP (SIP) virtual service's frontend. Its socket is bound with SO_REUSEPORT, so a
-/// reload or a restart binds the next one while this one still serves: no datagram is
-/// refused (the kernel spreads datagrams over both sockets while they overlap; a new call is
-/// placed by Maglev either way). Flows in progress end with the old socket.
+/// One UDP (SIP) virtual service's frontend. Its socket is kept by address: a reload that
+/// changes the service's settings stops the old serve task and starts the new one on the
+/// same socket, and a restart hands it to the next process, so no datagram is steered to a
+/// socket that closes. Serve tasks read duplicates of it (stopping one never closes the
+/// socket). Flows in progress end with the task that opened them.
 pub struct UdpFrontend {
     pub addr: SocketAddr,
+    socket: Arc<std::net::UdpSocket>,
     config: UdpConfig,
     engine_spec: EngineSpec,
     stop: Option<watch::Sender<bool>>,
@@ -124,8 +128,8 @@ struct UdpEntry {
     service: usize,
     fe: UdpFrontend,
     kept_router: bool,
-    /// Bound; served from commit on.
-    socket: Option<std::net::UdpSocket>,
+    /// Whether a new serve task starts at commit (the running one, if any, stops first).
+    serve: bool,
 }
 
 struct Entry {
@@ -155,6 +159,15 @@ impl Prepared {
             .map(|e| (e.name.as_str(), &e.fe.router))
             .chain(self.udp.iter().map(|e| (e.name.as_str(), &e.fe.router)))
     }
+}
+
+/// Sockets a restart's predecessor handed over, by address; the frontends take theirs.
+#[derive(Default)]
+pub struct Inherited {
+    /// The L7 listening sockets (one `SO_REUSEPORT` group per address).
+    pub listeners: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+    /// The UDP services' sockets.
+    pub udp: HashMap<SocketAddr, std::net::UdpSocket>,
 }
 
 /// The frontends that run, and the serve tasks (draining ones included).
@@ -223,7 +236,7 @@ impl Frontends {
         &self,
         cfg: &Arc<Config>,
         shared: &SharedSnapshot,
-        inherited: &mut HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+        inherited: &mut Inherited,
     ) -> Result<Prepared, FrontendError> {
         let mut entries = Vec::new();
         let mut udp = Vec::new();
@@ -232,7 +245,7 @@ impl Frontends {
                 continue;
             };
             if svc.protocol == Protocol::Udp {
-                udp.push(self.prepare_udp(cfg, shared, i, o)?);
+                udp.push(self.prepare_udp(cfg, shared, i, o, &mut inherited.udp)?);
                 continue;
             }
             let addr = SocketAddr::new(svc.vip, svc.port);
@@ -289,7 +302,7 @@ impl Frontends {
             let (sockets, pending) = match self.running.values().find(|f| f.addr == addr) {
                 Some(f) => (f.sockets.clone(), Vec::new()),
                 None => {
-                    let have = inherited.remove(&addr).unwrap_or_default();
+                    let have = inherited.listeners.remove(&addr).unwrap_or_default();
                     let pending = workers::bind_group(addr, have.len(), self.workers.len())
                         .map_err(listen_err)?;
                     (Arc::new(have), pending)
@@ -335,6 +348,7 @@ impl Frontends {
         shared: &SharedSnapshot,
         i: usize,
         o: &L7Options,
+        inherited: &mut HashMap<SocketAddr, std::net::UdpSocket>,
     ) -> Result<UdpEntry, FrontendError> {
         let svc = &cfg.services[i];
         let addr = SocketAddr::new(svc.vip, svc.port);
@@ -367,22 +381,27 @@ impl Frontends {
                 && c.stop.is_some()
                 && Arc::ptr_eq(&c.router, &router)
         });
-        let socket =
-            match keep_task {
-                Some(_) => None,
-                None => Some(udp_proxy::reuseport_socket(addr).map_err(|source| {
+        // The socket stays with its address (a queued datagram is read by the next task);
+        // one is bound only for an address neither running here nor handed over.
+        let socket = match self.udp.values().find(|f| f.addr == addr) {
+            Some(f) => f.socket.clone(),
+            None => match inherited.remove(&addr) {
+                Some(s) => Arc::new(s),
+                None => Arc::new(udp_proxy::reuseport_socket(addr).map_err(|source| {
                     FrontendError::Listen {
                         service: svc.name.clone(),
                         addr,
                         source,
                     }
                 })?),
-            };
+            },
+        };
         Ok(UdpEntry {
             name: svc.name.clone(),
             service: i,
             fe: UdpFrontend {
                 addr,
+                socket,
                 config,
                 engine_spec: spec,
                 stop: None,
@@ -391,7 +410,7 @@ impl Frontends {
                 udp,
             },
             kept_router: kept.is_some(),
-            socket,
+            serve: keep_task.is_none(),
         })
     }
 
@@ -408,17 +427,16 @@ impl Frontends {
             {
                 log::error!("virtual service {:?}: cookie keys: {err}", e.name);
             }
-            match e.socket.take() {
-                None => {
-                    let mut previous = previous.expect("a kept task has a running frontend");
-                    e.fe.stop = previous.stop.take();
+            if e.serve {
+                // Stopped first: a datagram is read by one task or the other, and the old
+                // task reads none once told to stop, so none dies with its flows.
+                if let Some(mut p) = previous {
+                    stop_udp(&e.name, &mut p, "its settings changed");
                 }
-                Some(socket) => {
-                    self.spawn_udp(&e.name, &mut e.fe, socket);
-                    if let Some(mut p) = previous {
-                        stop_udp(&e.name, &mut p, "its settings changed");
-                    }
-                }
+                self.spawn_udp(&e.name, &mut e.fe);
+            } else {
+                let mut previous = previous.expect("a kept task has a running frontend");
+                e.fe.stop = previous.stop.take();
             }
             self.udp.insert(e.name, e.fe);
         }
@@ -512,8 +530,16 @@ impl Frontends {
 
     /// Serve a UDP frontend on one worker's runtime (its flow table, Call-ID lookups and
     /// flows stay together on that thread), never on the control runtime, so a reload, an
-    /// admin request or a table save does not hold datagrams back.
-    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: std::net::UdpSocket) {
+    /// admin request or a table save does not hold datagrams back. The task reads a
+    /// duplicate of the frontend's socket.
+    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend) {
+        let socket = match fe.socket.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("UDP proxy of {name}: cannot read {}: {e}", fe.addr);
+                return;
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         let task = udp_proxy::serve(
             socket,
@@ -540,8 +566,8 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
-    /// Stop accepting on every frontend (`why` is logged; in a handoff the next process
-    /// accepts on the same TCP sockets and binds its own UDP ones); open connections drain.
+    /// Stop accepting and reading on every frontend (`why` is logged; in a handoff the next
+    /// process accepts and reads on the same sockets); open connections drain.
     pub fn stop_accepting(&mut self, why: &str) {
         for (name, fe) in &mut self.running {
             stop(name, fe, why);
@@ -581,7 +607,7 @@ impl Frontends {
     }
 
     /// Serve again on every UDP frontend [`Frontends::stop_accepting`] stopped (a handoff that
-    /// failed): its socket closed with its task, so a new one is bound.
+    /// failed), on the same socket: the datagrams that queued meanwhile are read.
     fn resume_udp(&mut self) {
         let names: Vec<String> = self
             .udp
@@ -591,10 +617,7 @@ impl Frontends {
             .collect();
         for name in names {
             let mut fe = self.udp.remove(&name).expect("listed above");
-            match udp_proxy::reuseport_socket(fe.addr) {
-                Ok(socket) => self.spawn_udp(&name, &mut fe, socket),
-                Err(e) => log::error!("UDP proxy of {name}: cannot bind {} again: {e}", fe.addr),
-            }
+            self.spawn_udp(&name, &mut fe);
             self.udp.insert(name, fe);
         }
     }
@@ -617,6 +640,14 @@ impl Frontends {
         self.running
             .values()
             .flat_map(|f| f.sockets.iter().map(|s| (f.addr, s.as_fd())))
+            .collect()
+    }
+
+    /// The UDP services' sockets, by address (handed to the next process on a restart).
+    pub fn udp_sockets(&self) -> Vec<(SocketAddr, BorrowedFd<'_>)> {
+        self.udp
+            .values()
+            .map(|f| (f.addr, f.socket.as_fd()))
             .collect()
     }
 

@@ -112,9 +112,9 @@ impl Shared {
     }
 }
 
-/// A UDP socket for `addr` with SO_REUSEPORT, so a restarted listener can be bound before
-/// the old one closes. Non-blocking, not yet registered with a runtime: [`serve`] does that
-/// on the runtime it runs on.
+/// A UDP socket for `addr` with SO_REUSEPORT, so a successor that was handed no socket for
+/// it (an older daemon's handoff) can bind while the old one still serves. Non-blocking, not
+/// yet registered with a runtime: [`serve`] does that on the runtime it runs on.
 pub fn reuseport_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -125,8 +125,9 @@ pub fn reuseport_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
-/// Serve `vip` (bound to the VIP and port, non-blocking) until `stop` turns true. The socket,
-/// its flows and its lookup tasks run on the runtime this future runs on.
+/// Serve `vip` (bound to the VIP and port, non-blocking) until `stop` turns true; no datagram
+/// is read after that, so the next task on the same socket reads every one still queued. The
+/// socket, its flows and its lookup tasks run on the runtime this future runs on.
 pub async fn serve(
     vip: std::net::UdpSocket,
     config: UdpConfig,
@@ -145,6 +146,8 @@ pub async fn serve(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, client) = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
             r = shared.vip.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 // An ICMP error queued on the socket: not the socket's failure.
@@ -154,7 +157,6 @@ pub async fn serve(
                 ) => continue,
                 Err(e) => return Err(e),
             },
-            _ = stopped(&mut stop) => break,
         };
         on_datagram(&shared, &engine, &buf[..n], client, &stop).await;
     }
