@@ -185,8 +185,8 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
         &mut probe,
         "a UAS answering an OPTIONS through the VIP",
     );
-    // A reload that changes the service's limits restarts its UDP listener (the new socket
-    // is bound before the old one closes): the service goes on answering.
+    // A reload that changes the service's limits restarts its UDP serve task on the same
+    // socket: the service goes on answering.
     let mut cfg = lab.builder.build();
     cfg["virtual_services"][0]["limits"] = json!({"idle_timeout_ms": 30000});
     lab.ok(lab.d().write_config(&cfg), "writing the config");
@@ -199,8 +199,8 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
         &mut probe,
         "the UAS answering through the VIP after a reload",
     );
-    // `tether restart`: the new daemon binds its own UDP socket (on a worker thread) before
-    // the old one stops; the service answers through the new one.
+    // `tether restart`: the new daemon is handed the UDP socket and reads it (on a worker
+    // thread) once the old one stopped; the service answers through the new one.
     lab.restart();
     answered(
         &lab,

@@ -487,8 +487,8 @@ async fn a_sip_exchange_completes_while_the_control_runtime_is_blocked() {
     assert!(f.tasks.is_empty(), "the UDP serve task ended on its worker");
 }
 
-/// A reload that changes a SIP service's limits starts its new task (on a new socket) on a
-/// worker and stops the old one; a reload without the service stops it.
+/// A reload that changes a SIP service's limits starts its new task (on the same socket) on
+/// a worker and stops the old one; a reload without the service stops it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sip_service_reloaded_or_removed_moves_or_stops_its_worker_task() {
     let backend = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -508,8 +508,8 @@ async fn a_sip_service_reloaded_or_removed_moves_or_stops_its_worker_task() {
     let mut f = Frontends::new(Workers::start(2).unwrap());
     f.commit(f.prepare(&cfg, &snap, &mut Inherited::default()).unwrap());
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    // Sent again when unanswered, as SIP over UDP does: a datagram the kernel steered to the
-    // socket of a task that just stopped is lost with that socket.
+    // Sent again when unanswered, as SIP over UDP does: the answer to a datagram the old task
+    // forwarded just before it stopped is lost with its flow.
     let exchange = async |call: &str| {
         let msg = format!(
             "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK{call}\r\nCall-ID: {call}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
@@ -532,7 +532,7 @@ async fn a_sip_service_reloaded_or_removed_moves_or_stops_its_worker_task() {
     exchange("first").await;
     let first = f.udp["sip"].router.clone();
 
-    // New limits: a new serve task on a new socket, the same engine (its Call-IDs kept).
+    // New limits: a new serve task on the same socket, the same engine (its Call-IDs kept).
     let mut changed = (*cfg).clone();
     let crate::config::ServiceMode::L7(o) = &mut changed.services[0].mode else {
         panic!("an l7 service");
