@@ -677,7 +677,8 @@ async fn a_sip_reload_keeps_the_socket_and_loses_no_queued_datagram() {
 
 /// A restart's successor reads the UDP socket it was handed from commit on and binds none
 /// of its own: datagrams sent while it prepares and then aborts are all answered by the
-/// old daemon, and those queued while the old one stopped are all answered by the new one.
+/// old daemon (also when it had stopped), and those queued while the old one stopped are
+/// all answered by the new one once it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_sip_socket_loses_no_datagram_on_abort_or_commit() {
     let backend = echo_backend().await;
@@ -708,6 +709,18 @@ async fn a_handed_sip_socket_loses_no_datagram_on_abort_or_commit() {
     expect_answers(send_calls(port, 32, "aborted").await).await;
     drop(prepared);
     assert_eq!(udp_received(&f), 32, "the old daemon read every datagram");
+    // Aborted after the old daemon stopped: it reads again, what queued meanwhile included.
+    let prepared = g.prepare(&cfg, &snap, &mut handed(&f)).unwrap();
+    f.stop_accepting("handing over");
+    let calls = send_calls(port, 32, "resumed").await;
+    drop(prepared);
+    f.resume(&cfg);
+    expect_answers(calls).await;
+    assert_eq!(
+        udp_received(&f),
+        64,
+        "the old daemon read them on its socket"
+    );
 
     // Committed: the old one stops reading while datagrams wait in the socket; the new one
     // reads them all once it commits.
@@ -719,7 +732,7 @@ async fn a_handed_sip_socket_loses_no_datagram_on_abort_or_commit() {
     drop(release);
     g.commit(prepared);
     expect_answers(calls).await;
-    assert_eq!(udp_received(&f), 32, "the old daemon read nothing more");
+    assert_eq!(udp_received(&f), 64, "the old daemon read nothing more");
     assert_eq!(udp_received(&g), 32, "the new daemon read every datagram");
     f.drain(Duration::from_secs(5)).await;
     g.drain(Duration::from_secs(5)).await;
