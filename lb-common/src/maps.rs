@@ -24,7 +24,7 @@ pub const MAP_SERVICES: &str = "TETHER_SERVICES";
 /// `Service`, looked up for IPv4 packets so they hash and compare two words instead of
 /// five. Same flags; the daemon writes every IPv4 service to both maps (and removes it
 /// from both), `MAP_SERVICES` first: it is the list the daemon reads back.
-pub const MAP_SERVICES4: &str = "TETHER_SERVICES4";
+pub const MAP_SERVICES4: &str = "TETHER_SVC4";
 /// Backends: array indexed by backend id -> `Backend`.
 pub const MAP_BACKENDS: &str = "TETHER_BACKENDS";
 /// Maglev tables: array of backend ids, `(service.index * 2 + slot) * MAGLEV_TABLE_SIZE + entry`.
@@ -89,6 +89,15 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_BINDINGS,
     MAP_CLOCK,
 ];
+/// Map names fit the kernel's 15 characters (`BPF_OBJ_NAME_LEN`), so bpftool shows them
+/// whole.
+const _: () = {
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        assert!(ALL_MAPS[i].len() <= 15);
+        i += 1;
+    }
+};
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
 pub const MAGLEV_TABLE_SIZE: u32 = 65537;
@@ -158,7 +167,7 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 
-/// Key of `TETHER_SERVICES4`: an IPv4 VIP, its port and protocol.
+/// Key of `TETHER_SVC4`: an IPv4 VIP, its port and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey4 {
@@ -173,7 +182,7 @@ const _: () = assert!(size_of::<ServiceKey4>() == 8);
 
 #[cfg(feature = "user")]
 impl ServiceKey {
-    /// The `TETHER_SERVICES4` key of this key, if its address is IPv4-mapped.
+    /// The `TETHER_SVC4` key of this key, if its address is IPv4-mapped.
     pub const fn to_v4(&self) -> Option<ServiceKey4> {
         let a = &self.addr_be;
         if !is_v4_mapped(a) {

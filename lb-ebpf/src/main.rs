@@ -96,7 +96,7 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
 }
 
-/// The service of the flow's VIP, port and protocol: IPv4 in `TETHER_SERVICES4` (an
+/// The service of the flow's VIP, port and protocol: IPv4 in `TETHER_SVC4` (an
 /// 8-byte key), IPv6 in `TETHER_SERVICES`.
 #[inline(always)]
 fn find_service(flow: &parse::Flow) -> Option<&'static Service> {
@@ -110,7 +110,7 @@ fn find_service(flow: &parse::Flow) -> Option<&'static Service> {
         let key = unsafe { core::mem::transmute::<u64, ServiceKey4>(word) };
         // SAFETY: the map is not preallocated, so an update replaces the element and the
         // old one stays valid until this run ends.
-        return unsafe { maps::TETHER_SERVICES4.get(&key) };
+        return unsafe { maps::TETHER_SVC4.get(&key) };
     }
     let mut key = parse::Aligned(ServiceKey {
         addr_be: [0; 16],

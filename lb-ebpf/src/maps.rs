@@ -33,12 +33,8 @@ pub static TETHER_SERVICES: HashMap<ServiceKey, Service, SERVICES, { BPF_F_NO_PR
 /// protocol), which IPv4 packets look up: two words to hash and compare instead of five.
 /// Not preallocated, as `TETHER_SERVICES`.
 #[btf_map]
-pub static TETHER_SERVICES4: HashMap<
-    ServiceKey4,
-    Service,
-    SERVICES,
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static TETHER_SVC4: HashMap<ServiceKey4, Service, SERVICES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// `MAP_BACKENDS`: backend id -> backend (state, MACs, egress interface).
 #[btf_map]

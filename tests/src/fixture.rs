@@ -173,7 +173,7 @@ impl Fixture {
     }
 
     /// Write a service as the daemon does: to `TETHER_SERVICES`, and an IPv4 VIP's also to
-    /// `TETHER_SERVICES4` (where IPv4 packets look it up).
+    /// `TETHER_SVC4` (where IPv4 packets look it up).
     pub fn add_service(&mut self, key: ServiceKey, svc: Service) {
         let mut m: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();

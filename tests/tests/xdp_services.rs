@@ -1,6 +1,6 @@
 //! Services as the daemon's loader writes them: `Dataplane::load` and `Dataplane::apply` from
 //! a config (not the fixtures' direct map writes), then packets through `tether_xdp` with
-//! BPF_PROG_TEST_RUN. IPv4 packets find their service in `TETHER_SERVICES4` (8-byte key),
+//! BPF_PROG_TEST_RUN. IPv4 packets find their service in `TETHER_SVC4` (8-byte key),
 //! IPv6 packets in `TETHER_SERVICES`: these cases prove the loader keeps the two in step
 //! (a service written, changed, removed; pins of a build without the IPv4 map) and that the
 //! IPv4 path honours what the service and its backends say.
@@ -110,7 +110,7 @@ fn xdp(dp: &mut Dataplane) -> &Xdp {
 }
 
 fn services4(pin_dir: &Path) -> HashMap<MapData, ServiceKey4, Service> {
-    let md = MapData::from_pin(pin_dir.join(MAP_SERVICES4)).expect("TETHER_SERVICES4 pin");
+    let md = MapData::from_pin(pin_dir.join(MAP_SERVICES4)).expect("TETHER_SVC4 pin");
     HashMap::try_from(Map::HashMap(md)).expect("hash map")
 }
 
@@ -155,7 +155,7 @@ fn to_vip(client: Ipv4Addr) -> PacketBuilder {
 }
 
 /// Every step applies its config to the kernel maps (as a reload does) and then sends one
-/// packet: the IPv4 service is found through `TETHER_SERVICES4` with the current value.
+/// packet: the IPv4 service is found through `TETHER_SVC4` with the current value.
 #[test]
 fn ipv4_services_written_by_the_loader_forward_and_follow_changes() {
     use BackendState::{Down, Draining, Up};
@@ -300,7 +300,7 @@ fn ipv4_services_written_by_the_loader_forward_and_follow_changes() {
     }
 }
 
-/// Pins of a build without `TETHER_SERVICES4` (and one left with a stale entry): loading
+/// Pins of a build without `TETHER_SVC4` (and one left with a stale entry): loading
 /// fills it from `TETHER_SERVICES` and drops what that map does not hold, before the
 /// program runs, so IPv4 packets find exactly the services the daemon knows.
 #[test]
@@ -331,7 +331,7 @@ fn loading_over_pins_without_the_ipv4_service_map_fills_it() {
             proto: PROTO_TCP,
             _pad: 0,
         }],
-        "the IPv4 service, and only it, in TETHER_SERVICES4"
+        "the IPv4 service, and only it, in TETHER_SVC4"
     );
     let frame = to_vip(FRESH).build();
     let (action, _) = run_xdp(xdp(&mut dp), &frame.bytes, 0);

@@ -349,7 +349,7 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// Make `TETHER_SERVICES4` hold exactly the IPv4 entries of `TETHER_SERVICES` (the list
+    /// Make `TETHER_SVC4` hold exactly the IPv4 entries of `TETHER_SERVICES` (the list
     /// the daemon reads back): write the missing or different ones, remove the others.
     /// Returns how many entries were written or removed.
     fn sync_services4(&mut self) -> Result<usize> {
