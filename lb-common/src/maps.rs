@@ -25,6 +25,16 @@ pub const MAP_SERVICES: &str = "TETHER_SERVICES";
 /// five. Same flags; the daemon writes every IPv4 service to both maps (and removes it
 /// from both), `MAP_SERVICES` first: it is the list the daemon reads back.
 pub const MAP_SERVICES4: &str = "TETHER_SVC4";
+/// Per-CPU copies of recently used IPv4 services: array of `SVC_CACHE_SLOTS`
+/// `ServiceCache4`, slot chosen by a hash of the `ServiceKey4`. A copy is used only while
+/// its generation equals `MAP_SVC_GEN`, so an IPv4 packet usually finds its service without
+/// a hash-map call.
+pub const MAP_SVC_CACHE: &str = "TETHER_SVCCACHE";
+/// Generation of the service maps: array of one u64 the daemon raises after every change
+/// to `MAP_SERVICES4` (never 0 once set: 0 means "do not cache").
+pub const MAP_SVC_GEN: &str = "TETHER_SVC_GEN";
+/// Slots of each CPU's `MAP_SVC_CACHE` (a power of two).
+pub const SVC_CACHE_SLOTS: u32 = 16;
 /// Backends: array indexed by backend id -> `Backend`.
 pub const MAP_BACKENDS: &str = "TETHER_BACKENDS";
 /// Maglev tables: array of backend ids, `(service.index * 2 + slot) * MAGLEV_TABLE_SIZE + entry`.
@@ -70,9 +80,11 @@ pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_SERVICES,
     MAP_SERVICES4,
+    MAP_SVC_CACHE,
+    MAP_SVC_GEN,
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_PERSIST,
@@ -196,6 +208,19 @@ impl ServiceKey {
         })
     }
 }
+
+/// Value of `TETHER_SVCCACHE` (per CPU): a copy of the `TETHER_SVC4` entry of `key`, taken
+/// when `TETHER_SVC_GEN` was `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCache4 {
+    pub key: ServiceKey4,
+    /// 0: empty (or being written).
+    pub generation: u64,
+    pub service: Service,
+}
+const _: () = assert!(size_of::<ServiceCache4>() == 64);
+const _: () = assert!(SVC_CACHE_SLOTS.is_power_of_two());
 
 /// Whether a 16-byte address is IPv4-mapped (`::ffff:a.b.c.d`).
 pub const fn is_v4_mapped(a: &[u8; 16]) -> bool {
@@ -536,6 +561,7 @@ mod pod {
     // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceKey4 {}
+    unsafe impl aya::Pod for super::ServiceCache4 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PersistKey {}

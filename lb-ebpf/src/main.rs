@@ -2,7 +2,8 @@
 //! return. `tether_xdp` is the balancer; `tether_pass`, `tether_swap_tx` and `tether_drop`
 //! are trivial helpers for veth peers and benchmarks.
 //!
-//! One concern per module: `maps` (definitions), `parse` (headers), `persist` (bindings),
+//! One concern per module: `maps` (definitions), `parse` (headers), `service` (the VIP's
+//! service), `persist` (bindings),
 //! `clock` (the coarse clock, one helper call per tick),
 //! `conntrack` (flows of services without persistence), `select` (Maglev), `forward` (MAC
 //! rewrite, TX/redirect), `stats` (counters).
@@ -16,12 +17,11 @@ mod maps;
 mod parse;
 mod persist;
 mod select;
+mod service;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{
-    FragKey, FragValue, SERVICE_F_L7, Service, ServiceKey, ServiceKey4, event, reason,
-};
+use lb_common::{FragKey, FragValue, SERVICE_F_L7, event, reason};
 use parse::Kind;
 
 /// An XDP action and the reason counted for it.
@@ -67,7 +67,7 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         flow.sport_be = ports.sport_be;
         flow.dport_be = ports.dport_be;
     }
-    let svc = find_service(&flow).ok_or(verdict::pass(reason::PASS_NOT_VIP))?;
+    let svc = service::find(&flow).ok_or(verdict::pass(reason::PASS_NOT_VIP))?;
     if svc.flags & SERVICE_F_L7 != 0 {
         return Err(verdict::pass(reason::PASS_L7));
     }
@@ -94,33 +94,6 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         (Ok((action, _)), Kind::LaterFragment) => Ok((action, reason::FWD_FRAGMENT)),
         (r, _) => r,
     }
-}
-
-/// The service of the flow's VIP, port and protocol: IPv4 in `TETHER_SVC4` (an
-/// 8-byte key), IPv6 in `TETHER_SERVICES`.
-#[inline(always)]
-fn find_service(flow: &parse::Flow) -> Option<&'static Service> {
-    if !flow.is_v6 {
-        // bpfel: the low word's bytes come first, as in `ServiceKey4`'s field order.
-        const _: () = assert!(cfg!(target_endian = "little"));
-        const _: () = assert!(core::mem::offset_of!(ServiceKey4, port_be) == 4);
-        const _: () = assert!(core::mem::offset_of!(ServiceKey4, proto) == 6);
-        let word = flow.dst[3] as u64 | (flow.dport_be as u64) << 32 | (flow.proto as u64) << 48;
-        // SAFETY: ServiceKey4 is repr(C), 8 bytes, every bit pattern valid; `_pad` is 0.
-        let key = unsafe { core::mem::transmute::<u64, ServiceKey4>(word) };
-        // SAFETY: the map is not preallocated, so an update replaces the element and the
-        // old one stays valid until this run ends.
-        return unsafe { maps::TETHER_SVC4.get(&key) };
-    }
-    let mut key = parse::Aligned(ServiceKey {
-        addr_be: [0; 16],
-        port_be: flow.dport_be,
-        proto: flow.proto,
-        _pad: 0,
-    });
-    parse::store_addr(&mut key.0.addr_be, &flow.dst);
-    // SAFETY: as above.
-    unsafe { maps::TETHER_SERVICES.get(&key.0) }
 }
 
 /// The fragment-table key of an IPv4 datagram.

@@ -24,9 +24,9 @@ use lb_common::{
     Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
     MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4,
-    MAP_TX_PORTS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey, PersistKey4,
-    PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow, Service, ServiceKey, ServiceKey4,
-    TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
+    MAP_SVC_GEN, MAP_TX_PORTS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey,
+    PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow, Service, ServiceKey,
+    ServiceKey4, TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
 };
 use tether::dataplane::EBPF_OBJECT;
 
@@ -183,6 +183,16 @@ impl Fixture {
                 HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES4).unwrap()).unwrap();
             m4.insert(k4, svc, 0).expect("insert IPv4 service");
         }
+        self.raise_services_generation();
+    }
+
+    /// As the daemon after a change to the service maps: per-CPU copies of services are
+    /// not used any more.
+    pub fn raise_services_generation(&mut self) {
+        let mut m: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(MAP_SVC_GEN).unwrap()).unwrap();
+        let g = m.get(&0, 0).expect("generation");
+        m.set(0, g + 1, 0).expect("raise generation");
     }
 
     pub fn set_backend(&mut self, id: u32, be: Backend) {

@@ -21,9 +21,9 @@ use lb_common::{
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV,
     MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_SERVICES4, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS,
-    PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue,
-    SERVICE_F_L7, TrafficCounters, event,
+    MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
+    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
+    PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -1580,6 +1580,8 @@ fn maps_match_the_contract() {
     let types = [
         (MAP_SERVICES, MapType::Hash),
         (MAP_SERVICES4, MapType::Hash),
+        (MAP_SVC_CACHE, MapType::PerCpuArray),
+        (MAP_SVC_GEN, MapType::Array),
         (MAP_BACKENDS, MapType::Array),
         (MAP_MAGLEV, MapType::Array),
         (MAP_PERSIST, MapType::LruHash),

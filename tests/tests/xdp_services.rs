@@ -1,9 +1,11 @@
 //! Services as the daemon's loader writes them: `Dataplane::load` and `Dataplane::apply` from
 //! a config (not the fixtures' direct map writes), then packets through `tether_xdp` with
 //! BPF_PROG_TEST_RUN. IPv4 packets find their service in `TETHER_SVC4` (8-byte key),
-//! IPv6 packets in `TETHER_SERVICES`: these cases prove the loader keeps the two in step
-//! (a service written, changed, removed; pins of a build without the IPv4 map) and that the
-//! IPv4 path honours what the service and its backends say.
+//! IPv6 packets in `TETHER_SERVICES`, and each CPU keeps copies of IPv4 services in
+//! `TETHER_SVCCACHE` while `TETHER_SVC_GEN` is unchanged: these cases prove the loader keeps
+//! the maps in step and raises the generation (a service written, changed, removed; pins of
+//! a build without the IPv4 map) and that the IPv4 path honours what the service and its
+//! backends say.
 //!
 //! Needs root (BPF). Run with `cargo test -p tether-tests --test xdp_services`.
 
@@ -96,6 +98,24 @@ impl Pins {
 impl Drop for Pins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Keep this thread on one CPU: its runs then share that CPU's cached copies of services
+/// (`TETHER_SVCCACHE`), which every step after the first must not serve stale.
+fn stay_on_one_cpu() {
+    // SAFETY: cpu_set_t is plain data; sched_getcpu and sched_setaffinity act on this thread.
+    unsafe {
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "pinning the test thread: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -226,6 +246,7 @@ fn ipv4_services_written_by_the_loader_forward_and_follow_changes() {
             expect: Expect::Maglev,
         },
     ];
+    stay_on_one_cpu();
     let pins = Pins::new("steps");
     let mut dp = Dataplane::load(&pins.0, 1024).expect("loading the XDP program");
     let first = config(&pins.0, "immediate");

@@ -30,9 +30,10 @@ use lb_common::{
     FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
     MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS,
     MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE,
-    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4, MAP_TX_PORTS, MAX_BACKENDS,
-    MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4,
-    RateWindow, Service, ServiceKey, ServiceKey4, TrafficCounters, event, maglev_index, reason,
+    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN,
+    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4,
+    PersistValue, PersistValue4, RateWindow, SVC_CACHE_SLOTS, Service, ServiceCache4, ServiceKey,
+    ServiceKey4, TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -89,7 +90,7 @@ pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence tables).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 17] = {
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 19] = {
     use core::mem::size_of;
     [
         (
@@ -104,6 +105,13 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 17] = {
             size_of::<Service>(),
             Some(MAX_SERVICES),
         ),
+        (
+            MAP_SVC_CACHE,
+            4,
+            size_of::<ServiceCache4>(),
+            Some(SVC_CACHE_SLOTS),
+        ),
+        (MAP_SVC_GEN, 4, 8, Some(1)),
         (MAP_BACKENDS, 4, size_of::<Backend>(), Some(MAX_BACKENDS)),
         (MAP_MAGLEV, 4, 4, Some(MAGLEV_ENTRIES)),
         (
@@ -341,6 +349,8 @@ impl Dataplane {
         if synced > 0 {
             log::info!("{MAP_SERVICES4}: wrote {synced} IPv4 services from {MAP_SERVICES}");
         }
+        // Copies cached under a generation an earlier run (or map) gave out are not used.
+        dp.raise_services_generation()?;
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
             name: PROG_XDP,
@@ -377,6 +387,20 @@ impl Dataplane {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Raise `TETHER_SVC_GEN` after the service maps changed: the XDP program stops using
+    /// its per-CPU copies of services (`TETHER_SVCCACHE`) and looks them up again. The new
+    /// value is above the old one and above CLOCK_MONOTONIC now, so it is one no copy has
+    /// been tagged with, even when the generation map was created anew (an older build's
+    /// pins, a changed layout) while the cache map was kept.
+    pub fn raise_services_generation(&mut self) -> Result<u64> {
+        let now = persist_table::monotonic_ns().unwrap_or(0);
+        let mut generation: Array<&mut MapData, u64> = self.typed_mut(MAP_SVC_GEN)?;
+        let old = generation.get(&0, 0).map_err(map_err(MAP_SVC_GEN))?;
+        let new = old.saturating_add(1).max(now).max(1);
+        generation.set(0, new, 0).map_err(map_err(MAP_SVC_GEN))?;
+        Ok(new)
     }
 
     /// Builds before the IPv4 table kept IPv4 clients (as mapped addresses) in
@@ -712,6 +736,8 @@ impl Dataplane {
             }
             self.live_tables.retain(|k, _| keep.contains(k));
         }
+        // After every service write and removal above.
+        self.raise_services_generation()?;
         {
             let mut globals: Array<&mut MapData, Globals> = self.typed_mut(MAP_GLOBALS)?;
             globals
