@@ -69,9 +69,27 @@ fn find_v4(flow: &Flow) -> Option<&'static Service> {
     // SAFETY: as above. The slot is marked empty while it is rewritten.
     unsafe {
         core::ptr::write_volatile(&raw mut (*c).generation, 0);
-        (*c).service = *svc;
+        copy_service(svc, &raw mut (*c).service);
         (*c).key = key;
         core::ptr::write_volatile(&raw mut (*c).generation, generation);
         Some(&(*c).service)
+    }
+}
+
+/// `*dst = *src` as six 64-bit moves: a plain assignment becomes a call to a byte-by-byte
+/// `memmove` on this target.
+#[inline(always)]
+unsafe fn copy_service(src: &Service, dst: *mut Service) {
+    const WORDS: usize = core::mem::size_of::<Service>() / 8;
+    const _: () = assert!(core::mem::size_of::<Service>() == WORDS * 8);
+    const _: () = assert!(core::mem::align_of::<Service>() == 8);
+    let s = (src as *const Service).cast::<u64>();
+    let d = dst.cast::<u64>();
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both are 8-aligned `Service`s of WORDS words; volatile keeps LLVM from
+        // turning the loop back into a memmove call.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
     }
 }
