@@ -30,8 +30,10 @@ pub fn find(flow: &Flow) -> Option<&'static Service> {
         _pad: 0,
     });
     store_addr(&mut key.0.addr_be, &flow.dst);
+    // By reference: a copy would lose the alignment that makes the stores above cheap.
+    let key = &key.0;
     // SAFETY: see above.
-    unsafe { TETHER_SERVICES.get(&key.0) }
+    unsafe { TETHER_SERVICES.get(key) }
 }
 
 #[inline(always)]
@@ -51,7 +53,7 @@ fn find_v4(flow: &Flow) -> Option<&'static Service> {
     let slot = (word.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) as u32 & (SVC_CACHE_SLOTS - 1);
     let Some(c) = TETHER_SVCCACHE.get_ptr_mut(slot) else {
         // SAFETY: see `find`.
-        return unsafe { TETHER_SVC4.get(&key) };
+        return unsafe { TETHER_SVC4.get(key) };
     };
     // SAFETY: this CPU's slot, written only by this CPU (see `find`); the key is compared as
     // the one word it is.
@@ -62,7 +64,7 @@ fn find_v4(flow: &Flow) -> Option<&'static Service> {
         }
     }
     // SAFETY: see `find`.
-    let svc = unsafe { TETHER_SVC4.get(&key) }?;
+    let svc = unsafe { TETHER_SVC4.get(key) }?;
     if generation == 0 {
         return Some(svc);
     }
