@@ -620,6 +620,16 @@ impl Dataplane {
     /// slot, then the service entry that flips to it; finally stale services and backends
     /// (from an earlier config in the pinned maps) are removed.
     pub fn apply(&mut self, plan: &Plan) -> Result<Removed> {
+        let applied = self.write_plan(plan);
+        // Also after a failure part-way: the XDP program's per-CPU copies of services must
+        // not keep what the service maps no longer hold.
+        let raised = self.raise_services_generation();
+        let removed = applied?;
+        raised?;
+        Ok(removed)
+    }
+
+    fn write_plan(&mut self, plan: &Plan) -> Result<Removed> {
         let mut removed = Removed::default();
         // Backends that take new clients are written before the tables that name them;
         // backends that stop taking them (down, draining, disabled) after the tables that no
@@ -736,8 +746,6 @@ impl Dataplane {
             }
             self.live_tables.retain(|k, _| keep.contains(k));
         }
-        // After every service write and removal above.
-        self.raise_services_generation()?;
         {
             let mut globals: Array<&mut MapData, Globals> = self.typed_mut(MAP_GLOBALS)?;
             globals
