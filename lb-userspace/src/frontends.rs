@@ -3,10 +3,11 @@
 //!
 //! Rules (what operators rely on):
 //! - **All or nothing.** [`Frontends::prepare`] builds everything a config needs (routers,
-//!   TLS configurations read from disk, sockets for new addresses) without touching what
-//!   runs; only then [`Frontends::commit`] switches, and it cannot fail. A certificate that
-//!   does not load refuses the reload with the field and the reason
-//!   (`virtual_services[0].tls.cert_file: ...`) and the old listener keeps serving.
+//!   TLS configurations read from disk, sockets for new addresses, bound but listening
+//!   only from commit on) without touching what runs; only then [`Frontends::commit`]
+//!   switches, and it cannot fail. A certificate that does not load refuses the reload
+//!   with the field and the reason (`virtual_services[0].tls.cert_file: ...`) and the old
+//!   listener keeps serving.
 //! - **Sockets are kept by address.** A service whose address stays keeps its listening
 //!   socket, so a reload never refuses a connection. When only its TLS files' contents change
 //!   (a certificate renewed in place) the running listener takes the new configuration for
@@ -124,7 +125,7 @@ struct UdpEntry {
     fe: UdpFrontend,
     kept_router: bool,
     /// Bound; served from commit on.
-    socket: Option<tokio::net::UdpSocket>,
+    socket: Option<std::net::UdpSocket>,
 }
 
 struct Entry {
@@ -138,6 +139,10 @@ struct Entry {
     /// one, if any, drains). `None`: the running task keeps serving (its TLS configuration is
     /// replaced by `new_tls`).
     serve: Option<Vec<std::net::TcpListener>>,
+    /// A new address's sockets beyond those it inherited (one per worker): bound, listening
+    /// only from commit on, so no connection waits on them before this generation serves
+    /// (a restart's handoff that aborts would lose it).
+    pending: Vec<socket2::Socket>,
     new_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -160,6 +165,8 @@ pub struct Frontends {
     tasks: JoinSet<()>,
     /// Where the L7 serve tasks accept and serve.
     workers: Workers,
+    /// UDP serve tasks started: the next one runs on worker `udp_started % workers`.
+    udp_started: usize,
 }
 
 /// Duplicates of `sockets`, for one serve task (its workers register them with their
@@ -279,17 +286,14 @@ impl Frontends {
                     && c.stop.is_some()
                     && Arc::ptr_eq(&c.router, &router)
             });
-            let sockets = match self.running.values().find(|f| f.addr == addr) {
-                Some(f) => f.sockets.clone(),
-                None => Arc::new(
-                    workers::listen_group(
-                        addr,
-                        inherited.remove(&addr).unwrap_or_default(),
-                        self.workers.len(),
-                        BACKLOG,
-                    )
-                    .map_err(listen_err)?,
-                ),
+            let (sockets, pending) = match self.running.values().find(|f| f.addr == addr) {
+                Some(f) => (f.sockets.clone(), Vec::new()),
+                None => {
+                    let have = inherited.remove(&addr).unwrap_or_default();
+                    let pending = workers::bind_group(addr, have.len(), self.workers.len())
+                        .map_err(listen_err)?;
+                    (Arc::new(have), pending)
+                }
             };
             let (tls, serve, new_tls) = match (keep_task, new_tls) {
                 (Some(c), new_tls) => (c.tls.clone(), None, new_tls),
@@ -314,6 +318,7 @@ impl Frontends {
                 },
                 kept_router: kept.is_some(),
                 serve,
+                pending,
                 new_tls,
             });
         }
@@ -438,7 +443,8 @@ impl Frontends {
                     }
                     e.fe.stop = previous.stop.take();
                 }
-                Some(listener) => {
+                Some(mut listener) => {
+                    listen_pending(&mut e.fe, std::mem::take(&mut e.pending), &mut listener);
                     let o = l7_options(&cfg, e.service);
                     self.spawn(&e.name, &mut e.fe, listener, o, cfg.drain_timeout);
                     if let Some(mut p) = previous {
@@ -504,7 +510,10 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
-    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: tokio::net::UdpSocket) {
+    /// Serve a UDP frontend on one worker's runtime (its flow table, Call-ID lookups and
+    /// flows stay together on that thread), never on the control runtime, so a reload, an
+    /// admin request or a table save does not hold datagrams back.
+    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: std::net::UdpSocket) {
         let (stop, stopped) = watch::channel(false);
         let task = udp_proxy::serve(
             socket,
@@ -513,13 +522,21 @@ impl Frontends {
             stopped,
             fe.udp.clone(),
         );
-        log::info!("L7 UDP proxy (SIP) of {name} listening on {}", fe.addr);
+        let worker = self.udp_started % self.workers.len();
+        self.udp_started = self.udp_started.wrapping_add(1);
+        log::info!(
+            "L7 UDP proxy (SIP) of {name} listening on {} (worker {worker})",
+            fe.addr
+        );
         let name = name.to_string();
-        self.tasks.spawn(async move {
-            if let Err(e) = task.await {
-                log::error!("UDP proxy of {name} stopped: {e}");
-            }
-        });
+        self.tasks.spawn_on(
+            async move {
+                if let Err(e) = task.await {
+                    log::error!("UDP proxy of {name} stopped: {e}");
+                }
+            },
+            &self.workers.handle(worker),
+        );
         fe.stop = Some(stop);
     }
 
@@ -645,6 +662,35 @@ impl Frontends {
     /// The TLS configuration `name`'s frontend gives new connections.
     pub fn tls_config(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
         self.running.get(name)?.tls.as_ref().map(TlsHandle::current)
+    }
+}
+
+/// Listen on a new address's `pending` sockets and add them to the frontend and to its new
+/// serve task's sockets (`serve`).
+fn listen_pending(
+    fe: &mut Frontend,
+    pending: Vec<socket2::Socket>,
+    serve: &mut Vec<std::net::TcpListener>,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    // A new address's sockets belong to its entry alone until they serve.
+    let Some(sockets) = Arc::get_mut(&mut fe.sockets) else {
+        log::error!(
+            "{}: listening sockets shared before commit; extra ones dropped",
+            fe.addr
+        );
+        return;
+    };
+    for s in workers::listen_bound(fe.addr, pending, BACKLOG) {
+        match s.try_clone() {
+            Ok(dup) => {
+                serve.push(dup);
+                sockets.push(s);
+            }
+            Err(e) => log::error!("{}: duplicating a listening socket: {e}", fe.addr),
+        }
     }
 }
 

@@ -9,7 +9,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 
 use super::*;
 use crate::proxy::tests::pem;
@@ -328,4 +331,214 @@ async fn each_worker_gets_a_socket_and_a_successor_takes_them_all() {
     );
     f.stop_accepting("handed over");
     g.stop_accepting("test over");
+}
+
+/// A successor with more workers than the sockets it was handed (a restart) binds the extra
+/// socket but listens on it only once it commits: the connections made while it prepares
+/// all wait on the handed sockets, which the old process still serves, so a handoff that
+/// aborts loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successors_extra_socket_takes_no_connection_before_it_commits() {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = config(port, "");
+    let mut f = Frontends::new(Workers::start(2).unwrap());
+    reload(&mut f, &cfg).unwrap();
+    let handed = |f: &Frontends| -> Vec<std::net::TcpListener> {
+        f.sockets()
+            .iter()
+            .map(|(_, fd)| fd.try_clone_to_owned().unwrap().into())
+            .collect()
+    };
+    let mut g = Frontends::new(Workers::start(3).unwrap());
+    let prepared = g
+        .prepare(
+            &cfg,
+            &shared(&cfg),
+            &mut HashMap::from([(addr, handed(&f))]),
+        )
+        .unwrap();
+    // The kernel spreads new connections over every listening socket of the group: with a
+    // third one listening, about a third of these would wait on it.
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        conns.push(c);
+    }
+    drop(prepared); // The handoff aborted.
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i}: no answer"))
+            .unwrap_or_else(|e| panic!("connection {i} lost with the successor's socket: {e}"));
+        assert_eq!(
+            &head, b"HTTP/1.1 ",
+            "connection {i} answered by the old frontend"
+        );
+    }
+    // A successor that commits listens on its extra socket too.
+    let prepared = g
+        .prepare(
+            &cfg,
+            &shared(&cfg),
+            &mut HashMap::from([(addr, handed(&f))]),
+        )
+        .unwrap();
+    f.stop_accepting("handed over");
+    g.commit(prepared);
+    assert_eq!(socket_inodes(&g).len(), 3, "three listening sockets");
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut head))
+        .await
+        .expect("the successor answers")
+        .unwrap();
+    g.stop_accepting("test over");
+}
+
+/// A SIP service `sip` on 127.0.0.1:`port` over one backend, every backend up.
+fn sip_config(port: u16, backend: SocketAddr) -> (Arc<Config>, SharedSnapshot) {
+    let text = format!(
+        r#"{{"interface":"lo",
+            "virtual_services":[{{"name":"sip","vip":"127.0.0.1","port":{port},"protocol":"udp",
+                                 "mode":"l7","pool":"p","persistence":"calls"}}],
+            "pools":[{{"name":"p","backends":[{{"name":"b1","address":"127.0.0.1","port":{}}}]}}],
+            "persistence_profiles":[{{"name":"calls","type":"sip-header","timeout_s":60}}]}}"#,
+        backend.port()
+    );
+    let cfg = Arc::new(Config::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}")));
+    let ids = crate::balancer::assign_ids(&cfg, &Default::default()).unwrap();
+    let mut s = Snapshot::empty(cfg.clone(), SystemTime::now());
+    s.service_index = ids.services;
+    s.backend_ids = ids.backends;
+    s.backend_state = vec![vec![crate::state::BackendState::Up]];
+    s.health = vec![vec![None]];
+    (cfg, Arc::new(ArcSwap::from_pointee(s)))
+}
+
+/// The control runtime (this test's only thread) blocked in a system call does not hold a
+/// SIP service's datagrams back: the UDP proxy runs on a worker runtime.
+#[tokio::test(flavor = "current_thread")]
+async fn a_sip_exchange_completes_while_the_control_runtime_is_blocked() {
+    // A backend on a plain thread, answering `b1|<datagram>` (no runtime involved).
+    let backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    backend
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let (n, from) = backend.recv_from(&mut buf).expect("the proxied datagram");
+        let mut reply = b"b1|".to_vec();
+        reply.extend_from_slice(&buf[..n]);
+        backend.send_to(&reply, from).unwrap();
+    });
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (cfg, snap) = sip_config(port, backend_addr);
+    let mut f = Frontends::new(Workers::start(1).unwrap());
+    f.commit(f.prepare(&cfg, &snap, &mut HashMap::new()).unwrap());
+
+    // From here on this runtime's thread blocks: nothing on the control runtime runs.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let invite = b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK1\r\nCall-ID: blocked-1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    client.send_to(invite, ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = client
+        .recv_from(&mut buf)
+        .expect("the backend's answer while the control runtime is blocked");
+    assert_eq!(from.port(), port, "the answer comes from the VIP");
+    assert_eq!(&buf[..3], b"b1|");
+    assert_eq!(&buf[3..n], invite, "the datagram went through unchanged");
+    echo.join().unwrap();
+
+    // Shutting down waits for the UDP task on its worker, as for the TCP ones.
+    f.drain(Duration::from_secs(5)).await;
+    assert!(f.tasks.is_empty(), "the UDP serve task ended on its worker");
+}
+
+/// A reload that changes a SIP service's limits starts its new task (on a new socket) on a
+/// worker and stops the old one; a reload without the service stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_service_reloaded_or_removed_moves_or_stops_its_worker_task() {
+    let backend = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = backend.recv_from(&mut buf).await {
+            let _ = backend.send_to(&buf[..n], from).await;
+        }
+    });
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (cfg, snap) = sip_config(port, backend_addr);
+    let mut f = Frontends::new(Workers::start(2).unwrap());
+    f.commit(f.prepare(&cfg, &snap, &mut HashMap::new()).unwrap());
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Sent again when unanswered, as SIP over UDP does: a datagram the kernel steered to the
+    // socket of a task that just stopped is lost with that socket.
+    let exchange = async |call: &str| {
+        let msg = format!(
+            "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK{call}\r\nCall-ID: {call}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        let mut buf = [0u8; 2048];
+        for _ in 0..10 {
+            client
+                .send_to(msg.as_bytes(), ("127.0.0.1", port))
+                .await
+                .unwrap();
+            let wait = Duration::from_millis(500);
+            if let Ok(r) = tokio::time::timeout(wait, client.recv_from(&mut buf)).await {
+                let (n, _) = r.unwrap();
+                assert_eq!(&buf[..n], msg.as_bytes());
+                return;
+            }
+        }
+        panic!("no answer to {call} in 10 tries");
+    };
+    exchange("first").await;
+    let first = f.udp["sip"].router.clone();
+
+    // New limits: a new serve task on a new socket, the same engine (its Call-IDs kept).
+    let mut changed = (*cfg).clone();
+    let crate::config::ServiceMode::L7(o) = &mut changed.services[0].mode else {
+        panic!("an l7 service");
+    };
+    o.limits.max_connections = 7;
+    let changed = Arc::new(changed);
+    f.commit(f.prepare(&changed, &snap, &mut HashMap::new()).unwrap());
+    assert!(
+        Arc::ptr_eq(&f.udp["sip"].router, &first),
+        "the engine is kept"
+    );
+    exchange("second").await;
+
+    // Removed: its task stops; back again: served again.
+    let mut without = (*cfg).clone();
+    without.services.clear();
+    f.commit(
+        f.prepare(&Arc::new(without), &snap, &mut HashMap::new())
+            .unwrap(),
+    );
+    assert!(f.udp.is_empty());
+    f.commit(f.prepare(&cfg, &snap, &mut HashMap::new()).unwrap());
+    exchange("third").await;
+    f.drain(Duration::from_secs(5)).await;
+    assert!(f.tasks.is_empty(), "every UDP serve task ended");
 }

@@ -11,13 +11,14 @@
 //! N: Takeover{pid}                 O: freezes its control loop (no reload, no reprogramming)
 //! O: Sockets{listeners, admin}     + the listening sockets (SCM_RIGHTS)
 //! N: loads and attaches the XDP program, programs the maps, builds its L7 frontends on
-//!    those sockets (nothing accepted yet)
+//!    those sockets (nothing accepted yet; sockets for its extra workers bound, not
+//!    listening, so the kernel steers no connection to them)
 //! N: Stop                          O: stops accepting, saves its L7 state
 //! O: Stopped
 //! N: loads the L7 state
 //! N: Commit
 //! O: Committed                     O: retired: drains its connections, then exits
-//! N: accepts, binds the handoff socket, writes the pid file
+//! N: listens on its extra sockets, accepts, binds the handoff socket, writes the pid file
 //! N: Ready
 //! ```
 //!

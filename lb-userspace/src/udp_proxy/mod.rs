@@ -113,27 +113,29 @@ impl Shared {
 }
 
 /// A UDP socket for `addr` with SO_REUSEPORT, so a restarted listener can be bound before
-/// the old one closes.
-pub fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// the old one closes. Non-blocking, not yet registered with a runtime: [`serve`] does that
+/// on the runtime it runs on.
+pub fn reuseport_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
-/// Serve `vip` (bound to the VIP and port) until `stop` turns true.
+/// Serve `vip` (bound to the VIP and port, non-blocking) until `stop` turns true. The socket,
+/// its flows and its lookup tasks run on the runtime this future runs on.
 pub async fn serve(
-    vip: UdpSocket,
+    vip: std::net::UdpSocket,
     config: UdpConfig,
     engine: Arc<Engine>,
     mut stop: watch::Receiver<bool>,
     stats: Arc<UdpStats>,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
-        vip: Arc::new(vip),
+        vip: Arc::new(UdpSocket::from_std(vip)?),
         flows: Mutex::new(HashMap::new()),
         stats,
         config,
@@ -211,11 +213,11 @@ async fn asked(
     client: SocketAddr,
     stop: &watch::Receiver<bool>,
 ) {
-    engine.take(&miss.answer().await);
+    let answer = miss.answer().await;
     let Some(msg) = SipMessage::parse(datagram) else {
         return;
     };
-    match engine.decide(&mut Input::sip(&msg, client), &[]) {
+    match engine.decide_answered(&mut Input::sip(&msg, client), &[], &answer) {
         Ok(choice) => {
             engine.ended(&choice.decision);
             send(shared, choice.backend, datagram, client, stop).await;
