@@ -20,6 +20,21 @@ pub const PROG_DROP: &str = "tether_drop";
 /// Virtual services: `ServiceKey` -> `Service`. Hash map, created with `BPF_F_NO_PREALLOC` so a
 /// value update replaces the element atomically (a reader never sees half of a new value).
 pub const MAP_SERVICES: &str = "TETHER_SERVICES";
+/// The IPv4 services of `MAP_SERVICES` again, under an 8-byte key: `ServiceKey4` ->
+/// `Service`, looked up for IPv4 packets so they hash and compare two words instead of
+/// five. Same flags; the daemon writes every IPv4 service to both maps (and removes it
+/// from both), `MAP_SERVICES` first: it is the list the daemon reads back.
+pub const MAP_SERVICES4: &str = "TETHER_SVC4";
+/// Per-CPU copies of recently used IPv4 services: array of `SVC_CACHE_SLOTS`
+/// `ServiceCache4`, slot chosen by a hash of the `ServiceKey4`. A copy is used only while
+/// its generation equals `MAP_SVC_GEN`, so an IPv4 packet usually finds its service without
+/// a hash-map call.
+pub const MAP_SVC_CACHE: &str = "TETHER_SVCCACHE";
+/// Generation of the service maps: array of one u64 the daemon raises after every change
+/// to `MAP_SERVICES4` (never 0 once set: 0 means "do not cache").
+pub const MAP_SVC_GEN: &str = "TETHER_SVC_GEN";
+/// Slots of each CPU's `MAP_SVC_CACHE` (a power of two).
+pub const SVC_CACHE_SLOTS: u32 = 16;
 /// Backends: array indexed by backend id -> `Backend`.
 pub const MAP_BACKENDS: &str = "TETHER_BACKENDS";
 /// Maglev tables: array of backend ids, `(service.index * 2 + slot) * MAGLEV_TABLE_SIZE + entry`.
@@ -65,8 +80,11 @@ pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_SERVICES,
+    MAP_SERVICES4,
+    MAP_SVC_CACHE,
+    MAP_SVC_GEN,
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_PERSIST,
@@ -83,6 +101,15 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_BINDINGS,
     MAP_CLOCK,
 ];
+/// Map names fit the kernel's 15 characters (`BPF_OBJ_NAME_LEN`), so bpftool shows them
+/// whole.
+const _: () = {
+    let mut i = 0;
+    while i < ALL_MAPS.len() {
+        assert!(ALL_MAPS[i].len() <= 15);
+        i += 1;
+    }
+};
 
 /// Maglev lookup table size per service (prime, as in the Maglev paper and Katran).
 pub const MAGLEV_TABLE_SIZE: u32 = 65537;
@@ -151,6 +178,56 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// Key of `TETHER_SVC4`: an IPv4 VIP, its port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey4 {
+    /// IPv4 address in network byte order.
+    pub addr_be: [u8; 4],
+    pub port_be: u16,
+    /// IP protocol number (`PROTO_TCP`, `PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey4>() == 8);
+
+#[cfg(feature = "user")]
+impl ServiceKey {
+    /// The `TETHER_SVC4` key of this key, if its address is IPv4-mapped.
+    pub const fn to_v4(&self) -> Option<ServiceKey4> {
+        let a = &self.addr_be;
+        if !is_v4_mapped(a) {
+            return None;
+        }
+        Some(ServiceKey4 {
+            addr_be: [a[12], a[13], a[14], a[15]],
+            port_be: self.port_be,
+            proto: self.proto,
+            _pad: 0,
+        })
+    }
+}
+
+/// Value of `TETHER_SVCCACHE` (per CPU): a copy of the `TETHER_SVC4` entry of `key`, taken
+/// when `TETHER_SVC_GEN` was `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCache4 {
+    pub key: ServiceKey4,
+    /// 0: empty (or being written).
+    pub generation: u64,
+    pub service: Service,
+}
+const _: () = assert!(size_of::<ServiceCache4>() == 64);
+const _: () = assert!(SVC_CACHE_SLOTS.is_power_of_two());
+
+/// Whether a 16-byte address is IPv4-mapped (`::ffff:a.b.c.d`).
+pub const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
 
 /// Value of `TETHER_SERVICES`.
 #[repr(C)]
@@ -311,10 +388,7 @@ impl PersistKey {
     /// The IPv4 table's key for this key, if its address is IPv4-mapped.
     pub const fn to_v4(&self) -> Option<PersistKey4> {
         let a = &self.addr_be;
-        if a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] != 0
-            || a[10] != 0xff
-            || a[11] != 0xff
-        {
+        if !is_v4_mapped(a) {
             return None;
         }
         Some(PersistKey4 {
@@ -486,6 +560,8 @@ pub const fn maglev_index(service_index: u32, slot: u32, hash: u32) -> u32 {
 mod pod {
     // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceKey4 {}
+    unsafe impl aya::Pod for super::ServiceCache4 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::PersistKey {}
@@ -538,6 +614,25 @@ mod tests {
         assert!(identity_matches(7, &be));
         assert!(identity_matches(0, &be), "legacy entries match");
         assert!(!identity_matches(8, &be), "a reused slot is a miss");
+    }
+
+    #[test]
+    fn service_keys_of_ipv4_vips_have_a_compact_form() {
+        let k = ServiceKey {
+            addr_be: v4_mapped([10, 0, 0, 100]),
+            port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        let k4 = k.to_v4().expect("mapped");
+        assert_eq!(k4.addr_be, [10, 0, 0, 100]);
+        assert_eq!((k4.port_be, k4.proto), (80u16.to_be(), PROTO_TCP));
+        let mut v6 = k;
+        v6.addr_be[0] = 0xfd;
+        assert_eq!(v6.to_v4(), None, "an IPv6 VIP has no IPv4 key");
+        let mut zero = k;
+        zero.addr_be[10] = 0;
+        assert_eq!(zero.to_v4(), None, "::a.b.c.d is not mapped");
     }
 
     #[test]

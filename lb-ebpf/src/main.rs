@@ -2,7 +2,8 @@
 //! return. `tether_xdp` is the balancer; `tether_pass`, `tether_swap_tx` and `tether_drop`
 //! are trivial helpers for veth peers and benchmarks.
 //!
-//! One concern per module: `maps` (definitions), `parse` (headers), `persist` (bindings),
+//! One concern per module: `maps` (definitions), `parse` (headers), `service` (the VIP's
+//! service), `persist` (bindings),
 //! `clock` (the coarse clock, one helper call per tick),
 //! `conntrack` (flows of services without persistence), `select` (Maglev), `forward` (MAC
 //! rewrite, TX/redirect), `stats` (counters).
@@ -16,10 +17,11 @@ mod maps;
 mod parse;
 mod persist;
 mod select;
+mod service;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FragKey, FragValue, SERVICE_F_L7, ServiceKey, event, reason};
+use lb_common::{FragKey, FragValue, SERVICE_F_L7, event, reason};
 use parse::Kind;
 
 /// An XDP action and the reason counted for it.
@@ -65,19 +67,7 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         flow.sport_be = ports.sport_be;
         flow.dport_be = ports.dport_be;
     }
-    let mut key = parse::Aligned(ServiceKey {
-        addr_be: [0; 16],
-        port_be: flow.dport_be,
-        proto: flow.proto,
-        _pad: 0,
-    });
-    parse::store_addr(&mut key.0.addr_be, &flow.dst);
-    // By reference: a copy would lose the alignment that makes the stores above cheap.
-    let key = &key.0;
-    // SAFETY: the services map is not preallocated, so an update replaces the element and the
-    // old one stays valid until this run ends.
-    let svc =
-        unsafe { maps::TETHER_SERVICES.get(key) }.ok_or(verdict::pass(reason::PASS_NOT_VIP))?;
+    let svc = service::find(&flow).ok_or(verdict::pass(reason::PASS_NOT_VIP))?;
     if svc.flags & SERVICE_F_L7 != 0 {
         return Err(verdict::pass(reason::PASS_L7));
     }

@@ -17,7 +17,8 @@ use lb_common::{
     BINDINGS_RING_BYTES, Backend, BindingEvent, ClockCache, FLOW_DEFAULT_ENTRIES, FRAG_ENTRIES,
     FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAX_BACKENDS, MAX_SERVICES,
     MAX_TX_PORTS, PERSIST_DEFAULT_ENTRIES, PersistKey, PersistKey4, PersistValue, PersistValue4,
-    RateWindow, Service, ServiceKey, TrafficCounters, event, reason,
+    RateWindow, SVC_CACHE_SLOTS, Service, ServiceCache4, ServiceKey, ServiceKey4, TrafficCounters,
+    event, reason,
 };
 
 const SERVICES: usize = MAX_SERVICES as usize;
@@ -28,6 +29,23 @@ const BACKENDS: usize = MAX_BACKENDS as usize;
 #[btf_map]
 pub static TETHER_SERVICES: HashMap<ServiceKey, Service, SERVICES, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// `MAP_SERVICES4`: the IPv4 entries of `TETHER_SERVICES` under an 8-byte key (VIP, port,
+/// protocol), which IPv4 packets look up: two words to hash and compare instead of five.
+/// Not preallocated, as `TETHER_SERVICES`.
+#[btf_map]
+pub static TETHER_SVC4: HashMap<ServiceKey4, Service, SERVICES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// `MAP_SVC_CACHE`: each CPU's copies of recently used IPv4 services (`service`).
+#[btf_map]
+pub static TETHER_SVCCACHE: PerCpuArray<ServiceCache4, { SVC_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// `MAP_SVC_GEN`: generation of the service maps, raised by the daemon after it changes them;
+/// a cached copy of another generation is not used.
+#[btf_map]
+pub static TETHER_SVC_GEN: Array<u64, 1> = Array::new();
 
 /// `MAP_BACKENDS`: backend id -> backend (state, MACs, egress interface).
 #[btf_map]

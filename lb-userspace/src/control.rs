@@ -33,7 +33,7 @@ use crate::{
     balancer::{self, IdError, Ids, L2},
     config::{BackendConfig, Config, LoadError},
     dataplane::{Attached, Dataplane, DataplaneError, Removed, net},
-    frontends::{FrontendError, Frontends},
+    frontends::{FrontendError, Frontends, Inherited},
     handoff::{self, HandoffError},
     health::{self, HealthEvent, PoolMonitor},
     state::{BackendState, Health, SharedSnapshot, Snapshot},
@@ -414,7 +414,7 @@ impl Daemon {
         // and sockets for new addresses, before anything changes.
         let prepared = self
             .frontends
-            .prepare(&new, &self.shared, &mut HashMap::new())?;
+            .prepare(&new, &self.shared, &mut Inherited::default())?;
         if let Some(text) = write_back {
             write_atomic(&self.config_path, text).map_err(|source| ControlError::WriteBack {
                 path: self.config_path.clone(),
@@ -443,6 +443,7 @@ impl handoff::Handing for Daemon {
         handoff::Sockets {
             listeners: self.frontends.sockets(),
             admin: Some((self.cfg.admin_listen, self.admin_socket.as_fd())),
+            udp: self.frontends.udp_sockets(),
         }
     }
 
@@ -570,7 +571,10 @@ pub async fn run(config_path: &Path, workers: crate::workers::Workers) -> Result
     let mode = d.mode;
     let mut inherited = takeover
         .as_mut()
-        .map(|t| std::mem::take(&mut t.listeners))
+        .map(|t| Inherited {
+            listeners: std::mem::take(&mut t.listeners),
+            udp: std::mem::take(&mut t.udp),
+        })
         .unwrap_or_default();
     let prepared = d.frontends.prepare(&cfg, &d.shared, &mut inherited)?;
     // Sockets of services this config no longer has: the old daemon's copies drain.

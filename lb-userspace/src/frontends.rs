@@ -3,16 +3,19 @@
 //!
 //! Rules (what operators rely on):
 //! - **All or nothing.** [`Frontends::prepare`] builds everything a config needs (routers,
-//!   TLS configurations read from disk, sockets for new addresses) without touching what
-//!   runs; only then [`Frontends::commit`] switches, and it cannot fail. A certificate that
-//!   does not load refuses the reload with the field and the reason
-//!   (`virtual_services[0].tls.cert_file: ...`) and the old listener keeps serving.
+//!   TLS configurations read from disk, sockets for new addresses, bound but listening
+//!   only from commit on) without touching what runs; only then [`Frontends::commit`]
+//!   switches, and it cannot fail. A certificate that does not load refuses the reload
+//!   with the field and the reason (`virtual_services[0].tls.cert_file: ...`) and the old
+//!   listener keeps serving.
 //! - **Sockets are kept by address.** A service whose address stays keeps its listening
 //!   socket, so a reload never refuses a connection. When only its TLS files' contents change
 //!   (a certificate renewed in place) the running listener takes the new configuration for
 //!   new connections; when its other listener settings change a new serve task starts on the
-//!   same socket before the old one drains. A restart hands the same sockets to the next
-//!   process ([`crate::handoff`]).
+//!   same socket before the old one drains. A UDP service keeps its socket the same way: a
+//!   new serve task reads it once the old one stopped, so datagrams queued in the kernel
+//!   meanwhile are read by the new task. A restart hands the same sockets, TCP and UDP, to
+//!   the next process ([`crate::handoff`]).
 //! - **Engines are kept** while the persistence profile and the pool stay (see
 //!   [`EngineSpec`]): their tables and counters carry over; cookie keys rotate in place. A
 //!   new engine (the profile or pool changed) takes the old one's bindings of backends that
@@ -97,12 +100,14 @@ pub struct Frontend {
     pub stats: Arc<ProxyStats>,
 }
 
-/// One UDP (SIP) virtual service's frontend. Its socket is bound with SO_REUSEPORT, so a
-/// reload or a restart binds the next one while this one still serves: no datagram is
-/// refused (the kernel spreads datagrams over both sockets while they overlap; a new call is
-/// placed by Maglev either way). Flows in progress end with the old socket.
+/// One UDP (SIP) virtual service's frontend. Its socket is kept by address: a reload that
+/// changes the service's settings stops the old serve task and starts the new one on the
+/// same socket, and a restart hands it to the next process, so no datagram is steered to a
+/// socket that closes. Serve tasks read duplicates of it (stopping one never closes the
+/// socket). Flows in progress end with the task that opened them.
 pub struct UdpFrontend {
     pub addr: SocketAddr,
+    socket: Arc<std::net::UdpSocket>,
     config: UdpConfig,
     engine_spec: EngineSpec,
     stop: Option<watch::Sender<bool>>,
@@ -123,8 +128,8 @@ struct UdpEntry {
     service: usize,
     fe: UdpFrontend,
     kept_router: bool,
-    /// Bound; served from commit on.
-    socket: Option<tokio::net::UdpSocket>,
+    /// Whether a new serve task starts at commit (the running one, if any, stops first).
+    serve: bool,
 }
 
 struct Entry {
@@ -138,6 +143,10 @@ struct Entry {
     /// one, if any, drains). `None`: the running task keeps serving (its TLS configuration is
     /// replaced by `new_tls`).
     serve: Option<Vec<std::net::TcpListener>>,
+    /// A new address's sockets beyond those it inherited (one per worker): bound, listening
+    /// only from commit on, so no connection waits on them before this generation serves
+    /// (a restart's handoff that aborts would lose it).
+    pending: Vec<socket2::Socket>,
     new_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -152,6 +161,15 @@ impl Prepared {
     }
 }
 
+/// Sockets a restart's predecessor handed over, by address; the frontends take theirs.
+#[derive(Default)]
+pub struct Inherited {
+    /// The L7 listening sockets (one `SO_REUSEPORT` group per address).
+    pub listeners: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+    /// The UDP services' sockets.
+    pub udp: HashMap<SocketAddr, std::net::UdpSocket>,
+}
+
 /// The frontends that run, and the serve tasks (draining ones included).
 #[derive(Default)]
 pub struct Frontends {
@@ -160,6 +178,8 @@ pub struct Frontends {
     tasks: JoinSet<()>,
     /// Where the L7 serve tasks accept and serve.
     workers: Workers,
+    /// UDP serve tasks started: the next one runs on worker `udp_started % workers`.
+    udp_started: usize,
 }
 
 /// Duplicates of `sockets`, for one serve task (its workers register them with their
@@ -216,7 +236,7 @@ impl Frontends {
         &self,
         cfg: &Arc<Config>,
         shared: &SharedSnapshot,
-        inherited: &mut HashMap<SocketAddr, Vec<std::net::TcpListener>>,
+        inherited: &mut Inherited,
     ) -> Result<Prepared, FrontendError> {
         let mut entries = Vec::new();
         let mut udp = Vec::new();
@@ -225,7 +245,7 @@ impl Frontends {
                 continue;
             };
             if svc.protocol == Protocol::Udp {
-                udp.push(self.prepare_udp(cfg, shared, i, o)?);
+                udp.push(self.prepare_udp(cfg, shared, i, o, &mut inherited.udp)?);
                 continue;
             }
             let addr = SocketAddr::new(svc.vip, svc.port);
@@ -279,17 +299,14 @@ impl Frontends {
                     && c.stop.is_some()
                     && Arc::ptr_eq(&c.router, &router)
             });
-            let sockets = match self.running.values().find(|f| f.addr == addr) {
-                Some(f) => f.sockets.clone(),
-                None => Arc::new(
-                    workers::listen_group(
-                        addr,
-                        inherited.remove(&addr).unwrap_or_default(),
-                        self.workers.len(),
-                        BACKLOG,
-                    )
-                    .map_err(listen_err)?,
-                ),
+            let (sockets, pending) = match self.running.values().find(|f| f.addr == addr) {
+                Some(f) => (f.sockets.clone(), Vec::new()),
+                None => {
+                    let have = inherited.listeners.remove(&addr).unwrap_or_default();
+                    let pending = workers::bind_group(addr, have.len(), self.workers.len())
+                        .map_err(listen_err)?;
+                    (Arc::new(have), pending)
+                }
             };
             let (tls, serve, new_tls) = match (keep_task, new_tls) {
                 (Some(c), new_tls) => (c.tls.clone(), None, new_tls),
@@ -314,6 +331,7 @@ impl Frontends {
                 },
                 kept_router: kept.is_some(),
                 serve,
+                pending,
                 new_tls,
             });
         }
@@ -330,6 +348,7 @@ impl Frontends {
         shared: &SharedSnapshot,
         i: usize,
         o: &L7Options,
+        inherited: &mut HashMap<SocketAddr, std::net::UdpSocket>,
     ) -> Result<UdpEntry, FrontendError> {
         let svc = &cfg.services[i];
         let addr = SocketAddr::new(svc.vip, svc.port);
@@ -362,22 +381,27 @@ impl Frontends {
                 && c.stop.is_some()
                 && Arc::ptr_eq(&c.router, &router)
         });
-        let socket =
-            match keep_task {
-                Some(_) => None,
-                None => Some(udp_proxy::reuseport_socket(addr).map_err(|source| {
+        // The socket stays with its address (a queued datagram is read by the next task);
+        // one is bound only for an address neither running here nor handed over.
+        let socket = match self.udp.values().find(|f| f.addr == addr) {
+            Some(f) => f.socket.clone(),
+            None => match inherited.remove(&addr) {
+                Some(s) => Arc::new(s),
+                None => Arc::new(udp_proxy::reuseport_socket(addr).map_err(|source| {
                     FrontendError::Listen {
                         service: svc.name.clone(),
                         addr,
                         source,
                     }
                 })?),
-            };
+            },
+        };
         Ok(UdpEntry {
             name: svc.name.clone(),
             service: i,
             fe: UdpFrontend {
                 addr,
+                socket,
                 config,
                 engine_spec: spec,
                 stop: None,
@@ -386,7 +410,7 @@ impl Frontends {
                 udp,
             },
             kept_router: kept.is_some(),
-            socket,
+            serve: keep_task.is_none(),
         })
     }
 
@@ -403,17 +427,16 @@ impl Frontends {
             {
                 log::error!("virtual service {:?}: cookie keys: {err}", e.name);
             }
-            match e.socket.take() {
-                None => {
-                    let mut previous = previous.expect("a kept task has a running frontend");
-                    e.fe.stop = previous.stop.take();
+            if e.serve {
+                // Stopped first: a datagram is read by one task or the other, and the old
+                // task reads none once told to stop, so none dies with its flows.
+                if let Some(mut p) = previous {
+                    stop_udp(&e.name, &mut p, "its settings changed");
                 }
-                Some(socket) => {
-                    self.spawn_udp(&e.name, &mut e.fe, socket);
-                    if let Some(mut p) = previous {
-                        stop_udp(&e.name, &mut p, "its settings changed");
-                    }
-                }
+                self.spawn_udp(&e.name, &mut e.fe);
+            } else {
+                let mut previous = previous.expect("a kept task has a running frontend");
+                e.fe.stop = previous.stop.take();
             }
             self.udp.insert(e.name, e.fe);
         }
@@ -438,7 +461,8 @@ impl Frontends {
                     }
                     e.fe.stop = previous.stop.take();
                 }
-                Some(listener) => {
+                Some(mut listener) => {
+                    listen_pending(&mut e.fe, std::mem::take(&mut e.pending), &mut listener);
                     let o = l7_options(&cfg, e.service);
                     self.spawn(&e.name, &mut e.fe, listener, o, cfg.drain_timeout);
                     if let Some(mut p) = previous {
@@ -504,7 +528,18 @@ impl Frontends {
         fe.stop = Some(stop);
     }
 
-    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend, socket: tokio::net::UdpSocket) {
+    /// Serve a UDP frontend on one worker's runtime (its flow table, Call-ID lookups and
+    /// flows stay together on that thread), never on the control runtime, so a reload, an
+    /// admin request or a table save does not hold datagrams back. The task reads a
+    /// duplicate of the frontend's socket.
+    fn spawn_udp(&mut self, name: &str, fe: &mut UdpFrontend) {
+        let socket = match fe.socket.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("UDP proxy of {name}: cannot read {}: {e}", fe.addr);
+                return;
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         let task = udp_proxy::serve(
             socket,
@@ -513,18 +548,26 @@ impl Frontends {
             stopped,
             fe.udp.clone(),
         );
-        log::info!("L7 UDP proxy (SIP) of {name} listening on {}", fe.addr);
+        let worker = self.udp_started % self.workers.len();
+        self.udp_started = self.udp_started.wrapping_add(1);
+        log::info!(
+            "L7 UDP proxy (SIP) of {name} listening on {} (worker {worker})",
+            fe.addr
+        );
         let name = name.to_string();
-        self.tasks.spawn(async move {
-            if let Err(e) = task.await {
-                log::error!("UDP proxy of {name} stopped: {e}");
-            }
-        });
+        self.tasks.spawn_on(
+            async move {
+                if let Err(e) = task.await {
+                    log::error!("UDP proxy of {name} stopped: {e}");
+                }
+            },
+            &self.workers.handle(worker),
+        );
         fe.stop = Some(stop);
     }
 
-    /// Stop accepting on every frontend (`why` is logged; in a handoff the next process
-    /// accepts on the same TCP sockets and binds its own UDP ones); open connections drain.
+    /// Stop accepting and reading on every frontend (`why` is logged; in a handoff the next
+    /// process accepts and reads on the same sockets); open connections drain.
     pub fn stop_accepting(&mut self, why: &str) {
         for (name, fe) in &mut self.running {
             stop(name, fe, why);
@@ -564,7 +607,7 @@ impl Frontends {
     }
 
     /// Serve again on every UDP frontend [`Frontends::stop_accepting`] stopped (a handoff that
-    /// failed): its socket closed with its task, so a new one is bound.
+    /// failed), on the same socket: the datagrams that queued meanwhile are read.
     fn resume_udp(&mut self) {
         let names: Vec<String> = self
             .udp
@@ -574,10 +617,7 @@ impl Frontends {
             .collect();
         for name in names {
             let mut fe = self.udp.remove(&name).expect("listed above");
-            match udp_proxy::reuseport_socket(fe.addr) {
-                Ok(socket) => self.spawn_udp(&name, &mut fe, socket),
-                Err(e) => log::error!("UDP proxy of {name}: cannot bind {} again: {e}", fe.addr),
-            }
+            self.spawn_udp(&name, &mut fe);
             self.udp.insert(name, fe);
         }
     }
@@ -600,6 +640,14 @@ impl Frontends {
         self.running
             .values()
             .flat_map(|f| f.sockets.iter().map(|s| (f.addr, s.as_fd())))
+            .collect()
+    }
+
+    /// The UDP services' sockets, by address (handed to the next process on a restart).
+    pub fn udp_sockets(&self) -> Vec<(SocketAddr, BorrowedFd<'_>)> {
+        self.udp
+            .values()
+            .map(|f| (f.addr, f.socket.as_fd()))
             .collect()
     }
 
@@ -645,6 +693,35 @@ impl Frontends {
     /// The TLS configuration `name`'s frontend gives new connections.
     pub fn tls_config(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
         self.running.get(name)?.tls.as_ref().map(TlsHandle::current)
+    }
+}
+
+/// Listen on a new address's `pending` sockets and add them to the frontend and to its new
+/// serve task's sockets (`serve`).
+fn listen_pending(
+    fe: &mut Frontend,
+    pending: Vec<socket2::Socket>,
+    serve: &mut Vec<std::net::TcpListener>,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    // A new address's sockets belong to its entry alone until they serve.
+    let Some(sockets) = Arc::get_mut(&mut fe.sockets) else {
+        log::error!(
+            "{}: listening sockets shared before commit; extra ones dropped",
+            fe.addr
+        );
+        return;
+    };
+    for s in workers::listen_bound(fe.addr, pending, BACKLOG) {
+        match s.try_clone() {
+            Ok(dup) => {
+                serve.push(dup);
+                sockets.push(s);
+            }
+            Err(e) => log::error!("{}: duplicating a listening socket: {e}", fe.addr),
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //! on its own `SO_REUSEPORT` listening socket per virtual service. The kernel spreads new
 //! connections over the sockets; the accepting worker hands each to the least busy worker
 //! (once, at accept), and from then on a connection, its backend connections and its timers
-//! stay on one thread (no work stealing, no cross-thread wake-up per request). The control
-//! plane (admin API, health checks, mirroring, reloads) runs on a runtime of its own.
+//! stay on one thread (no work stealing, no cross-thread wake-up per request). Each UDP (SIP)
+//! virtual service runs on one worker too. The control plane (admin API, health checks,
+//! mirroring, reloads) runs on a runtime of its own.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -45,7 +46,9 @@ impl Workers {
         (0..self.len()).map(|i| self.handle(i)).collect()
     }
 
-    fn handle(&self, i: usize) -> Handle {
+    /// Worker `i`'s runtime (`i` taken modulo their number; the caller's runtime when there
+    /// are none).
+    pub fn handle(&self, i: usize) -> Handle {
         match self.0.get(i % self.0.len().max(1)) {
             Some(h) => h.clone(),
             None => Handle::current(),
@@ -91,38 +94,76 @@ impl Workers {
 
 /// `n` listening sockets on `addr` in one `SO_REUSEPORT` group (the kernel spreads
 /// connections over them by flow hash), starting with `have` (a restart's or a running
-/// frontend's) and binding the rest. A socket that cannot join the group (a predecessor's
-/// bound without `SO_REUSEPORT`) leaves fewer sockets: workers then share them.
+/// frontend's) and binding and listening on the rest at once ([`bind_group`] and
+/// [`listen_bound`]).
 pub fn listen_group(
     addr: SocketAddr,
     mut have: Vec<std::net::TcpListener>,
     n: usize,
     backlog: i32,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
-    while have.len() < n {
-        match bind_reuseport(addr, backlog) {
-            Ok(s) => have.push(s),
-            Err(e) if !have.is_empty() => {
+    let bound = bind_group(addr, have.len(), n)?;
+    have.extend(listen_bound(addr, bound, backlog));
+    Ok(have)
+}
+
+/// The sockets that make `have` listening sockets on `addr` up to `n`, bound with
+/// `SO_REUSEPORT` but not listening: the kernel steers no connection to a socket before it
+/// listens, so a new daemon binds its extra sockets before a handoff commits (a bind error
+/// refuses the start while the old daemon still serves) and listens on them
+/// ([`listen_bound`]) once it serves; a handoff that aborts leaves no connection queued on
+/// them. A socket that cannot join the group (a predecessor's bound without
+/// `SO_REUSEPORT`) leaves fewer sockets: workers then share them.
+pub fn bind_group(
+    addr: SocketAddr,
+    have: usize,
+    n: usize,
+) -> std::io::Result<Vec<socket2::Socket>> {
+    let mut bound = Vec::new();
+    while have + bound.len() < n {
+        match bind_reuseport(addr) {
+            Ok(s) => bound.push(s),
+            Err(e) if have + bound.len() > 0 => {
                 log::info!(
                     "{addr}: {} listening socket(s) for {n} workers ({e}); workers share them",
-                    have.len()
+                    have + bound.len()
                 );
                 break;
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(have)
+    Ok(bound)
 }
 
-/// A listening socket with SO_REUSEADDR (restart while old connections are in TIME_WAIT)
-/// and SO_REUSEPORT (one per worker).
-fn bind_reuseport(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+/// Listen on sockets [`bind_group`] bound. One that fails (rare: bind already checked the
+/// address) is closed and logged; the workers share the others.
+pub fn listen_bound(
+    addr: SocketAddr,
+    bound: Vec<socket2::Socket>,
+    backlog: i32,
+) -> Vec<std::net::TcpListener> {
+    bound
+        .into_iter()
+        .filter_map(|s| match s.listen(backlog) {
+            Ok(()) => Some(s.into()),
+            Err(e) => {
+                log::error!(
+                    "{addr}: listening on a worker's socket: {e}; workers share the others"
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+/// A socket bound with SO_REUSEADDR (restart while old connections are in TIME_WAIT) and
+/// SO_REUSEPORT (one per worker), not listening yet.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.bind(&addr.into())?;
-    s.listen(backlog)?;
-    Ok(s.into())
+    Ok(s)
 }

@@ -23,10 +23,10 @@ use aya::{
 use lb_common::{
     Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, PROG_DROP,
-    PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4,
-    RATE_WINDOW_NS, RateWindow, Service, ServiceKey, TrafficCounters, maglev_index, prefix_mask,
-    reason, v4_mapped,
+    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4,
+    MAP_SVC_GEN, MAP_TX_PORTS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey,
+    PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow, Service, ServiceKey,
+    ServiceKey4, TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
 };
 use tether::dataplane::EBPF_OBJECT;
 
@@ -172,10 +172,27 @@ impl Fixture {
         Fixture { ebpf, dir }
     }
 
+    /// Write a service as the daemon does: to `TETHER_SERVICES`, and an IPv4 VIP's also to
+    /// `TETHER_SVC4` (where IPv4 packets look it up).
     pub fn add_service(&mut self, key: ServiceKey, svc: Service) {
         let mut m: HashMap<_, ServiceKey, Service> =
             HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
         m.insert(key, svc, 0).expect("insert service");
+        if let Some(k4) = key.to_v4() {
+            let mut m4: HashMap<_, ServiceKey4, Service> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES4).unwrap()).unwrap();
+            m4.insert(k4, svc, 0).expect("insert IPv4 service");
+        }
+        self.raise_services_generation();
+    }
+
+    /// As the daemon after a change to the service maps: per-CPU copies of services are
+    /// not used any more.
+    pub fn raise_services_generation(&mut self) {
+        let mut m: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(MAP_SVC_GEN).unwrap()).unwrap();
+        let g = m.get(&0, 0).expect("generation");
+        m.set(0, g + 1, 0).expect("raise generation");
     }
 
     pub fn set_backend(&mut self, id: u32, be: Backend) {
@@ -321,38 +338,43 @@ impl Fixture {
     /// goes into a fragment the program cannot see: to the program it is a `len`-byte frame.
     pub fn run_prog(&self, prog: &str, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
         let prog: &Xdp = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        let mut input = frame.to_vec();
-        input.resize(frame.len().max(MIN_TEST_RUN_LEN), 0);
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. No metadata; ingress 0 means the caller's loopback device.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; input.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e:?}", frame.len()));
-        out.truncate(res.data_size_out as usize);
-        if frame.len() < MIN_TEST_RUN_LEN {
-            assert_eq!(
-                out.get(frame.len()..),
-                Some(&input[frame.len()..]),
-                "hidden tail of a {}-byte frame changed",
-                frame.len()
-            );
-            out.truncate(frame.len());
-        }
-        (res.return_value, out)
+        run_xdp(prog, frame, ingress_ifindex)
     }
 
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run_prog(PROG_XDP, frame, 0)
     }
+}
+
+/// Run a loaded XDP program once on `frame`, as [`Fixture::run_prog`] describes.
+pub fn run_xdp(prog: &Xdp, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
+    let mut input = frame.to_vec();
+    input.resize(frame.len().max(MIN_TEST_RUN_LEN), 0);
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. No metadata; ingress 0 means the caller's loopback device.
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; input.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e:?}", frame.len()));
+    out.truncate(res.data_size_out as usize);
+    if frame.len() < MIN_TEST_RUN_LEN {
+        assert_eq!(
+            out.get(frame.len()..),
+            Some(&input[frame.len()..]),
+            "hidden tail of a {}-byte frame changed",
+            frame.len()
+        );
+        out.truncate(frame.len());
+    }
+    (res.return_value, out)
 }
 
 pub fn coarse_now_ns() -> u64 {

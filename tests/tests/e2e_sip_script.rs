@@ -134,7 +134,7 @@ fn received_call_ids(trace: &Path) -> Vec<String> {
 #[test]
 fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
     let scratch = Scratch::new("sip");
-    let lab = L7Lab::start(1, 2, |b| {
+    let mut lab = L7Lab::start(1, 2, |b| {
         b.profile(json!({"name": "calls", "type": "sip-header", "timeout_s": 120}))
             .l7_service("sip", SIP_PORT, Some("calls"), json!({"protocol": "udp"}))
     });
@@ -163,10 +163,10 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
     let src = lab.client(0);
     let vip = SocketAddr::V4(lab.topo.vip_addr(SIP_PORT));
     let mut probe = 0;
-    let mut answered = |what: &str| {
+    let answered = |lab: &L7Lab, probe: &mut u32, what: &str| {
         lab.wait_for(Duration::from_secs(10), what, || {
-            probe += 1;
-            match udp_exchange(&lab, src, SIP_PORT, options(&format!("probe-{probe}"), src)) {
+            *probe += 1;
+            match udp_exchange(lab, src, SIP_PORT, options(&format!("probe-{probe}"), src)) {
                 Some((reply, from)) => {
                     assert_eq!(from, vip, "the reply comes from the VIP address and port");
                     assert!(
@@ -180,9 +180,13 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
             }
         });
     };
-    answered("a UAS answering an OPTIONS through the VIP");
-    // A reload that changes the service's limits restarts its UDP listener (the new socket
-    // is bound before the old one closes): the service goes on answering.
+    answered(
+        &lab,
+        &mut probe,
+        "a UAS answering an OPTIONS through the VIP",
+    );
+    // A reload that changes the service's limits restarts its UDP serve task on the same
+    // socket: the service goes on answering.
     let mut cfg = lab.builder.build();
     cfg["virtual_services"][0]["limits"] = json!({"idle_timeout_ms": 30000});
     lab.ok(lab.d().write_config(&cfg), "writing the config");
@@ -190,7 +194,19 @@ fn sip_calls_through_the_udp_service_stay_on_one_backend_and_spread() {
         Reload::Applied(_) => {}
         Reload::Refused(line) => lab.fail(format!("a valid reload was refused: {line}")),
     }
-    answered("the UAS answering through the VIP after a reload");
+    answered(
+        &lab,
+        &mut probe,
+        "the UAS answering through the VIP after a reload",
+    );
+    // `tether restart`: the new daemon is handed the UDP socket and reads it (on a worker
+    // thread) once the old one stopped; the service answers through the new one.
+    lab.restart();
+    answered(
+        &lab,
+        &mut probe,
+        "the UAS answering through the VIP after tether restart",
+    );
     let probes_forwarded = lab.metric(
         "tether_l7_udp_datagrams_total",
         &[("service", "sip"), ("result", "forwarded")],

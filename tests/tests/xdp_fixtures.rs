@@ -21,9 +21,9 @@ use lb_common::{
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV,
     MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS,
-    PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7,
-    TrafficCounters, event,
+    MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
+    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
+    PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -1579,6 +1579,9 @@ fn maps_match_the_contract() {
     // so this also proves that table matches the object. Types are checked here.
     let types = [
         (MAP_SERVICES, MapType::Hash),
+        (MAP_SERVICES4, MapType::Hash),
+        (MAP_SVC_CACHE, MapType::PerCpuArray),
+        (MAP_SVC_GEN, MapType::Array),
         (MAP_BACKENDS, MapType::Array),
         (MAP_MAGLEV, MapType::Array),
         (MAP_PERSIST, MapType::LruHash),
@@ -1616,6 +1619,11 @@ fn maps_match_the_contract() {
     }
     let flags = |n: &str| MapInfo::from_pin(fx.dir.join(n)).unwrap().map_flags();
     assert_eq!(flags(MAP_SERVICES) & 1, 1, "services: BPF_F_NO_PREALLOC");
+    assert_eq!(
+        flags(MAP_SERVICES4) & 1,
+        1,
+        "IPv4 services: BPF_F_NO_PREALLOC"
+    );
     assert_eq!(flags(MAP_PERSIST) & 2, 2, "persist: BPF_F_NO_COMMON_LRU");
     assert_eq!(flags(MAP_PERSIST4) & 2, 2, "persist4: BPF_F_NO_COMMON_LRU");
     assert_eq!(flags(MAP_FLOWS) & 2, 2, "flows: BPF_F_NO_COMMON_LRU");

@@ -152,6 +152,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                 "xdp_fixtures",
                 "--test",
                 "xdp_hostile",
+                "--test",
+                "xdp_services",
             ],
             &[],
         ))

@@ -30,9 +30,10 @@ use lb_common::{
     FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
     MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS,
     MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE,
-    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RateWindow,
-    Service, ServiceKey, TrafficCounters, event, maglev_index, reason,
+    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN,
+    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4,
+    PersistValue, PersistValue4, RateWindow, SVC_CACHE_SLOTS, Service, ServiceCache4, ServiceKey,
+    ServiceKey4, TrafficCounters, event, maglev_index, reason,
 };
 
 use crate::{balancer::Plan, config};
@@ -89,7 +90,7 @@ pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence tables).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 16] = {
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 19] = {
     use core::mem::size_of;
     [
         (
@@ -98,6 +99,19 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 16] = {
             size_of::<Service>(),
             Some(MAX_SERVICES),
         ),
+        (
+            MAP_SERVICES4,
+            size_of::<ServiceKey4>(),
+            size_of::<Service>(),
+            Some(MAX_SERVICES),
+        ),
+        (
+            MAP_SVC_CACHE,
+            4,
+            size_of::<ServiceCache4>(),
+            Some(SVC_CACHE_SLOTS),
+        ),
+        (MAP_SVC_GEN, 4, 8, Some(1)),
         (MAP_BACKENDS, 4, size_of::<Backend>(), Some(MAX_BACKENDS)),
         (MAP_MAGLEV, 4, 4, Some(MAGLEV_ENTRIES)),
         (
@@ -329,12 +343,64 @@ impl Dataplane {
             ),
             Err(e) => log::warn!("moving IPv4 bindings to {MAP_PERSIST4}: {e}"),
         }
+        // Pins of a build without the IPv4 service map (or a daemon that died between the
+        // two writes): IPv4 packets must find every IPv4 service from the first one on.
+        let synced = dp.sync_services4()?;
+        if synced > 0 {
+            log::info!("{MAP_SERVICES4}: wrote {synced} IPv4 services from {MAP_SERVICES}");
+        }
+        // Copies cached under a generation an earlier run (or map) gave out are not used.
+        dp.raise_services_generation()?;
         let prog = dp.xdp()?;
         prog.load().map_err(|source| DataplaneError::Program {
             name: PROG_XDP,
             source,
         })?;
         Ok(dp)
+    }
+
+    /// Make `TETHER_SVC4` hold exactly the IPv4 entries of `TETHER_SERVICES` (the list
+    /// the daemon reads back): write the missing or different ones, remove the others.
+    /// Returns how many entries were written or removed.
+    fn sync_services4(&mut self) -> Result<usize> {
+        let wanted: std::collections::HashMap<ServiceKey4, Service> = {
+            let services: HashMap<&MapData, ServiceKey, Service> = self.typed(MAP_SERVICES)?;
+            services
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter_map(|(k, v)| Some((k.to_v4()?, v)))
+                .collect()
+        };
+        let mut services4: HashMap<&mut MapData, ServiceKey4, Service> =
+            self.typed_mut(MAP_SERVICES4)?;
+        let present: Vec<(ServiceKey4, Service)> =
+            services4.iter().filter_map(|r| r.ok()).collect();
+        let mut n = 0;
+        for (k, v) in &wanted {
+            if !present.contains(&(*k, *v)) {
+                services4.insert(k, v, 0).map_err(map_err(MAP_SERVICES4))?;
+                n += 1;
+            }
+        }
+        for (k, _) in present.iter().filter(|(k, _)| !wanted.contains_key(k)) {
+            services4.remove(k).map_err(map_err(MAP_SERVICES4))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Raise `TETHER_SVC_GEN` after the service maps changed: the XDP program stops using
+    /// its per-CPU copies of services (`TETHER_SVCCACHE`) and looks them up again. The new
+    /// value is above the old one and above CLOCK_MONOTONIC now, so it is one no copy has
+    /// been tagged with, even when the generation map was created anew (an older build's
+    /// pins, a changed layout) while the cache map was kept.
+    pub fn raise_services_generation(&mut self) -> Result<u64> {
+        let now = persist_table::monotonic_ns().unwrap_or(0);
+        let mut generation: Array<&mut MapData, u64> = self.typed_mut(MAP_SVC_GEN)?;
+        let old = generation.get(&0, 0).map_err(map_err(MAP_SVC_GEN))?;
+        let new = old.saturating_add(1).max(now).max(1);
+        generation.set(0, new, 0).map_err(map_err(MAP_SVC_GEN))?;
+        Ok(new)
     }
 
     /// Builds before the IPv4 table kept IPv4 clients (as mapped addresses) in
@@ -554,6 +620,16 @@ impl Dataplane {
     /// slot, then the service entry that flips to it; finally stale services and backends
     /// (from an earlier config in the pinned maps) are removed.
     pub fn apply(&mut self, plan: &Plan) -> Result<Removed> {
+        let applied = self.write_plan(plan);
+        // Also after a failure part-way: the XDP program's per-CPU copies of services must
+        // not keep what the service maps no longer hold.
+        let raised = self.raise_services_generation();
+        let removed = applied?;
+        raised?;
+        Ok(removed)
+    }
+
+    fn write_plan(&mut self, plan: &Plan) -> Result<Removed> {
         let mut removed = Removed::default();
         // Backends that take new clients are written before the tables that name them;
         // backends that stop taking them (down, draining, disabled) after the tables that no
@@ -614,11 +690,21 @@ impl Dataplane {
                 maglev_slot: slot,
                 ..sp.value
             };
-            let mut services: HashMap<&mut MapData, ServiceKey, Service> =
-                self.typed_mut(MAP_SERVICES)?;
-            services
-                .insert(sp.key, value, 0)
-                .map_err(map_err(MAP_SERVICES))?;
+            {
+                let mut services: HashMap<&mut MapData, ServiceKey, Service> =
+                    self.typed_mut(MAP_SERVICES)?;
+                services
+                    .insert(sp.key, value, 0)
+                    .map_err(map_err(MAP_SERVICES))?;
+            }
+            // IPv4 packets look the service up here (an 8-byte key).
+            if let Some(k4) = sp.key.to_v4() {
+                let mut services4: HashMap<&mut MapData, ServiceKey4, Service> =
+                    self.typed_mut(MAP_SERVICES4)?;
+                services4
+                    .insert(k4, value, 0)
+                    .map_err(map_err(MAP_SERVICES4))?;
+            }
             self.live_tables
                 .insert(sp.key, (sp.value.index, sp.table.clone()));
             log::debug!(
@@ -635,6 +721,22 @@ impl Dataplane {
         }
         {
             let keep: HashSet<ServiceKey> = plan.services.iter().map(|s| s.key).collect();
+            // The IPv4 map first, where IPv4 packets find a service; then the list the
+            // daemon reads back. Walked on its own, so an entry left by a daemon that died
+            // between the two removals goes too.
+            let keep4: HashSet<ServiceKey4> = keep.iter().filter_map(|k| k.to_v4()).collect();
+            {
+                let mut services4: HashMap<&mut MapData, ServiceKey4, Service> =
+                    self.typed_mut(MAP_SERVICES4)?;
+                let stale4: Vec<ServiceKey4> = services4
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .filter(|k| !keep4.contains(k))
+                    .collect();
+                for k in &stale4 {
+                    services4.remove(k).map_err(map_err(MAP_SERVICES4))?;
+                }
+            }
             let mut services: HashMap<&mut MapData, ServiceKey, Service> =
                 self.typed_mut(MAP_SERVICES)?;
             for (k, v) in current.iter().filter(|(k, _)| !keep.contains(k)) {

@@ -7,7 +7,11 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use futures_util::future::BoxFuture;
 
-use super::{Choice, Decided, Engine, Refusal, input::Input, methods::TableRef};
+use super::{
+    Choice, Decided, Engine, Refusal,
+    input::Input,
+    methods::{Binding, Lookup, Method, TableRef},
+};
 
 /// Another instance's binding: (index of the key asked about, backend identity).
 pub type Found = Option<(usize, u32)>;
@@ -24,12 +28,16 @@ pub trait Remote: Send + Sync {
 pub struct Miss {
     pub(super) lookup: BoxFuture<'static, Found>,
     pub(super) keys: Vec<(String, u128)>,
+    /// What the method found in the input: the decision after the answer reuses it rather
+    /// than run the method (a script) again.
+    pub(super) first: Lookup,
 }
 
-/// The remote's answer to a [`Miss`], to give to [`Engine::take`].
+/// The remote's answer to a [`Miss`], to give to [`Engine::decide_answered`].
 pub struct Answer {
     keys: Vec<(String, u128)>,
     found: Found,
+    first: Lookup,
 }
 
 impl Miss {
@@ -38,6 +46,7 @@ impl Miss {
         Answer {
             found: self.lookup.await,
             keys: self.keys,
+            first: self.first,
         }
     }
 }
@@ -117,6 +126,46 @@ impl Engine {
         false
     }
 
+    /// Decide `input` once the remote answered its [`Miss`]: the binding found is taken
+    /// ([`Engine::take`]), and the method's lookup is not run again (a script runs once per
+    /// input): its first result is used with what its table holds now.
+    pub fn decide_answered(
+        &self,
+        input: &mut Input<'_>,
+        tried: &[SocketAddr],
+        answer: &Answer,
+    ) -> Result<Choice, Refusal> {
+        self.take(answer);
+        match self.decide_with(input, tried, false, Some(answer))? {
+            Decided::Chosen(c) => Ok(c),
+            // Only with `ask`.
+            Decided::Miss(_) => Err(Refusal::NoBackend),
+        }
+    }
+
+    /// The method's lookup of an input that waited for the remote: the first lookup's,
+    /// bound to what the method's table holds now for the keys asked about (the remote's
+    /// binding just taken, or one another input stored meanwhile).
+    pub(super) fn lookup_answered(&self, m: &dyn Method, answer: &Answer, now: Instant) -> Lookup {
+        let mut lookup = answer.first.clone();
+        let id = m.table_id();
+        let tables = m.tables();
+        let bound = answer
+            .keys
+            .iter()
+            .filter(|(table_id, _)| *table_id == id)
+            .find_map(|(_, key)| {
+                tables.iter().find_map(|t| match t {
+                    TableRef::Keys(table) => table.get(key, now).ok(),
+                    TableRef::Clients { table, .. } => table.get(&key.to_be_bytes(), now).ok(),
+                })
+            });
+        if let Some(identity) = bound {
+            lookup.binding = Some(Binding::Identity(identity));
+        }
+        lookup
+    }
+
     /// [`Engine::decide`], first asking the remote about a local miss of a stored table
     /// (on a first attempt; a retry decides locally). For inputs that can wait.
     pub async fn decide_asking(
@@ -127,9 +176,7 @@ impl Engine {
         if tried.is_empty() {
             match self.decide_or_ask(input)? {
                 Decided::Chosen(c) => return Ok(c),
-                Decided::Miss(m) => {
-                    self.take(&m.answer().await);
-                }
+                Decided::Miss(m) => return self.decide_answered(input, tried, &m.answer().await),
             }
         }
         self.decide(input, tried)

@@ -74,7 +74,7 @@ pub enum Refusal {
 pub enum Decided {
     Chosen(Choice),
     /// No local binding of a stored table's key: the remote is being asked (nothing is
-    /// recorded yet). Await [`mirrored::Miss::answer`], [`Engine::take`] it, then decide.
+    /// recorded yet). Await [`mirrored::Miss::answer`], then [`Engine::decide_answered`].
     Miss(mirrored::Miss),
 }
 
@@ -327,7 +327,7 @@ impl Engine {
 
     /// Decide where `input` goes. `tried` lists backends that already failed to accept it.
     pub fn decide(&self, input: &mut Input<'_>, tried: &[SocketAddr]) -> Result<Choice, Refusal> {
-        match self.decide_with(input, tried, false)? {
+        match self.decide_with(input, tried, false, None)? {
             Decided::Chosen(c) => Ok(c),
             // Only with `ask`.
             Decided::Miss(_) => Err(Refusal::NoBackend),
@@ -339,7 +339,7 @@ impl Engine {
     /// here, return the question to ask it. A local hit costs nothing more than
     /// [`Engine::decide`].
     pub fn decide_or_ask(&self, input: &mut Input<'_>) -> Result<Decided, Refusal> {
-        self.decide_with(input, &[], true)
+        self.decide_with(input, &[], true, None)
     }
 
     /// The stored tables' keys `input` was looked up by: the method's, then the fallback's
@@ -369,11 +369,13 @@ impl Engine {
         keys
     }
 
+    /// With `answered`, the input waited for the remote: the method is not run again.
     fn decide_with(
         &self,
         input: &mut Input<'_>,
         tried: &[SocketAddr],
         ask: bool,
+        answered: Option<&mirrored::Answer>,
     ) -> Result<Decided, Refusal> {
         let snap = self.snapshot.load();
         let prep = self.prepared(&snap).ok_or(Refusal::NoService)?;
@@ -394,9 +396,10 @@ impl Engine {
         let stats = &*self.stats;
 
         // What the method says, if anything.
-        let lookup = match &self.method {
-            Some(m) => m.lookup(input, pool, &cx),
-            None => methods::Lookup::default(),
+        let lookup = match (&self.method, answered) {
+            (Some(m), Some(a)) => self.lookup_answered(m.as_ref(), a, cx.now),
+            (Some(m), None) => m.lookup(input, pool, &cx),
+            (None, _) => methods::Lookup::default(),
         };
         let mut bound = lookup.binding.and_then(|b| prep.index(b));
         let by_method = bound.is_some();
@@ -423,9 +426,13 @@ impl Engine {
         {
             let keys = self.stored_keys(input, &lookup, absent);
             if !keys.is_empty()
-                && let Some(lookup) = remote.lookup(&self.service, &keys)
+                && let Some(asked) = remote.lookup(&self.service, &keys)
             {
-                return Ok(Decided::Miss(mirrored::Miss { lookup, keys }));
+                return Ok(Decided::Miss(mirrored::Miss {
+                    lookup: asked,
+                    keys,
+                    first: lookup,
+                }));
             }
         }
 
@@ -642,11 +649,11 @@ impl Router for Engine {
         let Ok(r) = resume.0.downcast::<Resumed>() else {
             return self.route(req, conn, tried);
         };
-        self.take(&r.answer);
         let choice = self
-            .decide(
+            .decide_answered(
                 &mut Input::http(req, conn.client).in_session(conn.session),
                 tried,
+                &r.answer,
             )
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         Ok(http_route(choice, r.site_cookie))

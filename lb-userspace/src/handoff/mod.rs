@@ -9,20 +9,26 @@
 //!
 //! ```text
 //! N: Takeover{pid}                 O: freezes its control loop (no reload, no reprogramming)
-//! O: Sockets{listeners, admin}     + the listening sockets (SCM_RIGHTS)
+//! O: Sockets{listeners, admin, udp} + the listening sockets and the UDP services' sockets
+//!                                    (SCM_RIGHTS)
 //! N: loads and attaches the XDP program, programs the maps, builds its L7 frontends on
-//!    those sockets (nothing accepted yet)
-//! N: Stop                          O: stops accepting, saves its L7 state
+//!    those sockets (nothing accepted or read yet; sockets for its extra workers bound, not
+//!    listening, so the kernel steers no connection to them; no UDP socket bound for a
+//!    handed address, so every datagram waits on the one O reads)
+//! N: Stop                          O: stops accepting and reading datagrams, saves its L7
+//!                                     state (the sockets stay open: datagrams queue)
 //! O: Stopped
 //! N: loads the L7 state
 //! N: Commit
 //! O: Committed                     O: retired: drains its connections, then exits
-//! N: accepts, binds the handoff socket, writes the pid file
+//! N: listens on its extra sockets, accepts, reads the UDP sockets, binds the handoff
+//!    socket, writes the pid file
 //! N: Ready
 //! ```
 //!
-//! If N fails or goes silent before `Commit`, O accepts again and rewrites the kernel state
-//! from its own config (N may have changed it): a failed restart changes nothing.
+//! If N fails or goes silent before `Commit`, O accepts and reads again on the same sockets
+//! and rewrites the kernel state from its own config (N may have changed it): a failed
+//! restart changes nothing.
 //!
 //! `tether restart` asks O (`Restart{config, exe}`) to start `exe run --config config` in its
 //! own namespaces with its own stdout and stderr (the same log stream), and answers once
@@ -329,6 +335,8 @@ pub struct Takeover {
     pub listeners: HashMap<SocketAddr, Vec<std::net::TcpListener>>,
     /// The admin API's listening socket.
     pub admin: Option<(SocketAddr, std::net::TcpListener)>,
+    /// The UDP services' sockets, by address (one each; none from an older daemon).
+    pub udp: HashMap<SocketAddr, std::net::UdpSocket>,
 }
 
 impl Takeover {
@@ -345,8 +353,12 @@ impl Takeover {
         )
         .await?;
         let (msg, fds) = chan.recv_within(PREPARE_TIMEOUT).await?;
-        let (listeners, admin) = match msg {
-            Msg::Sockets { listeners, admin } => (listeners, admin),
+        let (listeners, admin, udp) = match msg {
+            Msg::Sockets {
+                listeners,
+                admin,
+                udp,
+            } => (listeners, admin, udp),
             Msg::Failed { reason } => return Err(HandoffError::Refused(reason)),
             other => {
                 return Err(WireError::Unexpected {
@@ -356,28 +368,42 @@ impl Takeover {
                 .into());
             }
         };
-        if fds.len() != listeners.len() + usize::from(admin.is_some()) {
+        let listed = listeners.len() + usize::from(admin.is_some()) + udp.len();
+        if fds.len() != listed {
             return Err(HandoffError::Protocol(format!(
-                "{} sockets listed, {} received",
-                listeners.len() + usize::from(admin.is_some()),
+                "{listed} sockets listed, {} received",
                 fds.len()
             )));
         }
-        let mut fds = fds.into_iter().map(std::net::TcpListener::from);
+        let mut fds = fds.into_iter();
         let mut by_addr: HashMap<SocketAddr, Vec<std::net::TcpListener>> = HashMap::new();
         for (addr, fd) in listeners.into_iter().zip(fds.by_ref()) {
-            check_bound(addr, &fd)?;
-            by_addr.entry(addr).or_default().push(fd);
+            let s = check_socket(addr, fd, socket2::Type::STREAM)?;
+            by_addr.entry(addr).or_default().push(s.into());
         }
         let listeners = by_addr;
-        let admin = admin.zip(fds.next());
-        if let Some((addr, fd)) = &admin {
-            check_bound(*addr, fd)?;
+        // Taken only when listed: the UDP sockets follow.
+        let admin = match admin.and_then(|a| Some((a, fds.next()?))) {
+            Some((addr, fd)) => Some((addr, check_socket(addr, fd, socket2::Type::STREAM)?.into())),
+            None => None,
+        };
+        let mut by_addr = HashMap::new();
+        for (addr, fd) in udp.into_iter().zip(fds) {
+            let s = check_socket(addr, fd, socket2::Type::DGRAM)?;
+            // Read through the successor's runtime, which wants it non-blocking.
+            s.set_nonblocking(true)
+                .map_err(|e| HandoffError::Protocol(format!("UDP socket for {addr}: {e}")))?;
+            if by_addr.insert(addr, s.into()).is_some() {
+                return Err(HandoffError::Protocol(format!(
+                    "two UDP sockets listed for {addr}"
+                )));
+            }
         }
         Ok(Takeover {
             chan,
             listeners,
             admin,
+            udp: by_addr,
         })
     }
 
@@ -409,20 +435,41 @@ impl Takeover {
     }
 }
 
-/// A received socket must be bound to the address it was listed for (port 0 in the list
-/// stands for whatever port the kernel chose), so a socket is never served under another
-/// address's configuration.
-fn check_bound(listed: SocketAddr, l: &std::net::TcpListener) -> Result<()> {
-    let bound = l
-        .local_addr()
-        .map_err(|e| HandoffError::Protocol(format!("socket listed for {listed}: {e}")))?;
+/// A received socket must be of the type it was listed as (TCP or UDP) and bound to the
+/// address it was listed for (port 0 in the list stands for whatever port the kernel chose),
+/// so a socket is never served under another address's configuration.
+fn check_socket(
+    listed: SocketAddr,
+    fd: std::os::fd::OwnedFd,
+    want: socket2::Type,
+) -> Result<socket2::Socket> {
+    let s = socket2::Socket::from(fd);
+    let err =
+        |e: std::io::Error| HandoffError::Protocol(format!("socket listed for {listed}: {e}"));
+    let ty = s.r#type().map_err(err)?;
+    if ty != want {
+        let name = |t: socket2::Type| {
+            if t == socket2::Type::DGRAM {
+                "UDP"
+            } else {
+                "TCP"
+            }
+        };
+        return Err(HandoffError::Protocol(format!(
+            "socket listed for {listed} as {} is not one",
+            name(want)
+        )));
+    }
+    let bound = s.local_addr().map_err(err)?.as_socket().ok_or_else(|| {
+        HandoffError::Protocol(format!("socket listed for {listed} is not an IP socket"))
+    })?;
     let same = if listed.port() == 0 {
         bound.ip() == listed.ip()
     } else {
         bound == listed
     };
     if same {
-        Ok(())
+        Ok(s)
     } else {
         Err(HandoffError::Protocol(format!(
             "socket listed for {listed} is bound to {bound}"
@@ -436,15 +483,18 @@ pub struct Sockets<'a> {
     pub listeners: Vec<(SocketAddr, BorrowedFd<'a>)>,
     /// The admin API's.
     pub admin: Option<(SocketAddr, BorrowedFd<'a>)>,
+    /// The UDP services' (one each).
+    pub udp: Vec<(SocketAddr, BorrowedFd<'a>)>,
 }
 
 /// What the running daemon does at each step of handing over.
 pub trait Handing {
     fn sockets(&self) -> Sockets<'_>;
-    /// Stop accepting (keep the sockets open) and save the L7 state ([`save_l7_state`]).
+    /// Stop accepting and reading datagrams (keep the sockets open) and save the L7 state
+    /// ([`save_l7_state`]).
     fn stop_accepting(&mut self);
-    /// The handoff failed after [`Handing::sockets`]: accept again, and rewrite the kernel
-    /// state from our own config.
+    /// The handoff failed after [`Handing::sockets`]: accept and read again (on the same
+    /// sockets), and rewrite the kernel state from our own config.
     fn resume(&mut self, stopped: bool);
 }
 
@@ -461,15 +511,21 @@ pub enum Outcome {
 pub async fn hand_over(chan: &Channel, pid: u32, d: &mut impl Handing) -> Outcome {
     log::info!("handoff: process {pid} takes over; sending the listening sockets");
     let sent = {
-        let Sockets { listeners, admin } = d.sockets();
+        let Sockets {
+            listeners,
+            admin,
+            udp,
+        } = d.sockets();
         let msg = Msg::Sockets {
             listeners: listeners.iter().map(|(a, _)| *a).collect(),
             admin: admin.map(|(a, _)| a),
+            udp: udp.iter().map(|(a, _)| *a).collect(),
         };
         let fds: Vec<BorrowedFd<'_>> = listeners
             .iter()
             .map(|(_, f)| *f)
             .chain(admin.map(|(_, f)| f))
+            .chain(udp.iter().map(|(_, f)| *f))
             .collect();
         chan.send(&msg, &fds).await
     };

@@ -23,6 +23,13 @@ fn inode(l: &std::net::TcpListener) -> u64 {
         .ino()
 }
 
+fn fd_inode(fd: BorrowedFd<'_>) -> u64 {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+        .ino()
+}
+
 fn listener() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap()
 }
@@ -57,6 +64,7 @@ async fn listening_sockets_cross_with_their_message() {
     let msg = Msg::Sockets {
         listeners: addrs.to_vec(),
         admin: None,
+        udp: vec![],
     };
     a.send(&msg, &[l1.as_fd(), l2.as_fd()]).await.unwrap();
     a.send(&Msg::Stopped, &[]).await.unwrap();
@@ -92,6 +100,7 @@ async fn more_sockets_than_one_sendmsg_carries_cross_in_order() {
     let msg = Msg::Sockets {
         listeners: ls.iter().map(|l| l.local_addr().unwrap()).collect(),
         admin: None,
+        udp: vec![],
     };
     let fds: Vec<_> = ls.iter().map(|l| l.as_fd()).collect();
     // The frame (a few kilobytes) fits the socket's buffer: send all, then read.
@@ -120,6 +129,7 @@ async fn a_socket_listed_under_another_address_fails_the_takeover() {
         let msg = Msg::Sockets {
             listeners: vec![l1.local_addr().unwrap(), l2.local_addr().unwrap()],
             admin: None,
+            udp: vec![],
         };
         theirs.send(&msg, &[l2.as_fd(), l1.as_fd()]).await.unwrap();
     };
@@ -136,6 +146,7 @@ async fn a_socket_listed_under_another_address_fails_the_takeover() {
 struct Fake {
     l7: Vec<std::net::TcpListener>,
     admin: std::net::TcpListener,
+    sip: std::net::UdpSocket,
     log: Vec<&'static str>,
 }
 
@@ -149,6 +160,7 @@ impl Fake {
         Fake {
             l7,
             admin: listener(),
+            sip: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
             log: Vec::new(),
         }
     }
@@ -163,6 +175,7 @@ impl Handing for Fake {
                 .map(|l| (l.local_addr().unwrap(), l.as_fd()))
                 .collect(),
             admin: Some((self.admin.local_addr().unwrap(), self.admin.as_fd())),
+            udp: vec![(self.sip.local_addr().unwrap(), self.sip.as_fd())],
         }
     }
 
@@ -181,6 +194,7 @@ async fn a_committed_handoff_moves_every_socket() {
     let (old_end, new_end) = pair();
     let mut fake = Fake::new();
     let l7_inodes: Vec<u64> = fake.l7.iter().map(inode).collect();
+    let (sip_addr, sip_inode) = (fake.sip.local_addr().unwrap(), fd_inode(fake.sip.as_fd()));
     let (l7_addr, admin_addr) = (
         fake.l7[0].local_addr().unwrap(),
         fake.admin.local_addr().unwrap(),
@@ -190,6 +204,13 @@ async fn a_committed_handoff_moves_every_socket() {
         let l7 = t.listeners.remove(&l7_addr).expect("the L7 socket");
         let (addr, _admin) = t.admin.take().expect("the admin socket");
         assert_eq!(addr, admin_addr);
+        let sip = t.udp.remove(&sip_addr).expect("the UDP socket");
+        assert_eq!(
+            fd_inode(sip.as_fd()),
+            sip_inode,
+            "the old daemon's UDP socket"
+        );
+        assert!(t.udp.is_empty());
         t.stop_old().await.unwrap();
         t.commit().await.unwrap();
         t.ready().await;
@@ -335,4 +356,80 @@ async fn restart_reports_a_new_process_that_fails() {
     .await
     .expect_err("nothing to restart");
     assert!(e.to_string().contains("tether run"), "{e}");
+}
+
+/// What an older daemon sends (no `udp` list) is still a sockets message: the successor
+/// binds its UDP sockets itself.
+#[test]
+fn a_sockets_message_without_udp_sockets_is_accepted() {
+    let old = r#"{"msg":"sockets","listeners":["127.0.0.1:80"],"admin":"127.0.0.1:9090"}"#;
+    let msg: Msg = serde_json::from_str(old).expect("an older daemon's message parses");
+    assert_eq!(
+        msg,
+        Msg::Sockets {
+            listeners: vec!["127.0.0.1:80".parse().unwrap()],
+            admin: Some("127.0.0.1:9090".parse().unwrap()),
+            udp: vec![],
+        }
+    );
+}
+
+/// The old daemon's side of a takeover that sends `msg` with `fds`; what the new side made
+/// of it.
+async fn takeover_with(msg: Msg, fds: &[BorrowedFd<'_>]) -> Result<Takeover> {
+    let (ours, theirs) = pair();
+    let old = async {
+        let (m, _) = theirs.recv().await.unwrap();
+        assert_eq!(m.name(), "takeover");
+        theirs.send(&msg, fds).await.unwrap();
+    };
+    tokio::join!(old, Takeover::begin(ours)).1
+}
+
+#[tokio::test]
+async fn udp_sockets_arrive_checked_by_type_and_address() {
+    let (u1, u2) = (
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+    );
+    let (a1, a2) = (u1.local_addr().unwrap(), u2.local_addr().unwrap());
+    let sockets = |udp: Vec<SocketAddr>, listeners: Vec<SocketAddr>| Msg::Sockets {
+        listeners,
+        admin: None,
+        udp,
+    };
+    let mut t = takeover_with(sockets(vec![a1, a2], vec![]), &[u1.as_fd(), u2.as_fd()])
+        .await
+        .expect("two UDP sockets handed over");
+    let got = t.udp.remove(&a1).expect("the first UDP socket");
+    assert_eq!(fd_inode(got.as_fd()), fd_inode(u1.as_fd()));
+    assert_eq!(fd_inode(t.udp[&a2].as_fd()), fd_inode(u2.as_fd()));
+
+    let refused = |r: Result<Takeover>, what: &str, expected: &str| match r {
+        Err(HandoffError::Protocol(e)) => assert!(e.contains(expected), "{what}: {e}"),
+        Err(e) => panic!("{what}: expected a protocol error, got {e}"),
+        Ok(_) => panic!("{what}: accepted"),
+    };
+    refused(
+        takeover_with(sockets(vec![a1, a2], vec![]), &[u2.as_fd(), u1.as_fd()]).await,
+        "UDP sockets swapped between addresses",
+        "is bound to",
+    );
+    let l = listener();
+    let la = l.local_addr().unwrap();
+    refused(
+        takeover_with(sockets(vec![la], vec![]), &[l.as_fd()]).await,
+        "a TCP listener listed as a UDP socket",
+        "as UDP is not one",
+    );
+    refused(
+        takeover_with(sockets(vec![], vec![a1]), &[u1.as_fd()]).await,
+        "a UDP socket listed as a TCP listener",
+        "as TCP is not one",
+    );
+    refused(
+        takeover_with(sockets(vec![a1, a1], vec![]), &[u1.as_fd(), u1.as_fd()]).await,
+        "one address listed twice",
+        "two UDP sockets",
+    );
 }

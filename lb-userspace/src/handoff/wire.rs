@@ -47,10 +47,13 @@ pub enum Msg {
     /// N -> O: hand me your sockets. `netns` identifies N's network namespace: sockets only
     /// move within one.
     Takeover { pid: u32, netns: u64 },
-    /// O -> N: the listening sockets, in this order, then the admin API's (if any).
+    /// O -> N: the listening sockets, in this order, then the admin API's (if any), then
+    /// the UDP services' sockets (absent from an older daemon's message: N binds its own).
     Sockets {
         listeners: Vec<SocketAddr>,
         admin: Option<SocketAddr>,
+        #[serde(default)]
+        udp: Vec<SocketAddr>,
     },
     /// N -> O: ready to serve; stop accepting and save your state.
     Stop,

@@ -112,28 +112,31 @@ impl Shared {
     }
 }
 
-/// A UDP socket for `addr` with SO_REUSEPORT, so a restarted listener can be bound before
-/// the old one closes.
-pub fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A UDP socket for `addr` with SO_REUSEPORT, so a successor that was handed no socket for
+/// it (an older daemon's handoff) can bind while the old one still serves. Non-blocking, not
+/// yet registered with a runtime: [`serve`] does that on the runtime it runs on.
+pub fn reuseport_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
-/// Serve `vip` (bound to the VIP and port) until `stop` turns true.
+/// Serve `vip` (bound to the VIP and port, non-blocking) until `stop` turns true; no datagram
+/// is read after that, so the next task on the same socket reads every one still queued. The
+/// socket, its flows and its lookup tasks run on the runtime this future runs on.
 pub async fn serve(
-    vip: UdpSocket,
+    vip: std::net::UdpSocket,
     config: UdpConfig,
     engine: Arc<Engine>,
     mut stop: watch::Receiver<bool>,
     stats: Arc<UdpStats>,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
-        vip: Arc::new(vip),
+        vip: Arc::new(UdpSocket::from_std(vip)?),
         flows: Mutex::new(HashMap::new()),
         stats,
         config,
@@ -143,6 +146,8 @@ pub async fn serve(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, client) = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
             r = shared.vip.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 // An ICMP error queued on the socket: not the socket's failure.
@@ -152,7 +157,6 @@ pub async fn serve(
                 ) => continue,
                 Err(e) => return Err(e),
             },
-            _ = stopped(&mut stop) => break,
         };
         on_datagram(&shared, &engine, &buf[..n], client, &stop).await;
     }
@@ -211,11 +215,11 @@ async fn asked(
     client: SocketAddr,
     stop: &watch::Receiver<bool>,
 ) {
-    engine.take(&miss.answer().await);
+    let answer = miss.answer().await;
     let Some(msg) = SipMessage::parse(datagram) else {
         return;
     };
-    match engine.decide(&mut Input::sip(&msg, client), &[]) {
+    match engine.decide_answered(&mut Input::sip(&msg, client), &[], &answer) {
         Ok(choice) => {
             engine.ended(&choice.decision);
             send(shared, choice.backend, datagram, client, stop).await;

@@ -283,3 +283,113 @@ fn a_mirror_that_ends_unsets_only_its_own_remote() {
     assert_eq!(new.asked().len(), 1, "nobody is asked any more");
     assert!(old.asked().is_empty());
 }
+
+/// The `script` method built from its profile, counting its lookups (each runs the Lua
+/// script once).
+struct CountingScript {
+    inner: Box<dyn Method>,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Method for CountingScript {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn lookup(
+        &self,
+        input: &mut Input<'_>,
+        pool: &crate::config::Pool,
+        cx: &Context<'_>,
+    ) -> methods::Lookup {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.inner.lookup(input, pool, cx)
+    }
+
+    fn record(&self, input: &Input<'_>, lookup: &methods::Lookup, identity: u32, cx: &Context<'_>) {
+        self.inner.record(input, lookup, identity, cx)
+    }
+
+    fn stored_keys(&self, input: &Input<'_>, lookup: &methods::Lookup) -> Vec<u128> {
+        self.inner.stored_keys(input, lookup)
+    }
+
+    fn table_id(&self) -> String {
+        self.inner.table_id()
+    }
+
+    fn tables(&self) -> Vec<methods::TableRef<'_>> {
+        self.inner.tables()
+    }
+}
+
+#[test]
+fn a_script_runs_once_for_a_request_that_waits_for_the_remote() {
+    let file =
+        std::env::temp_dir().join(format!("tether-remote-script-{}.lua", std::process::id()));
+    std::fs::write(
+        &file,
+        "function persist(req) return req.headers['x-user'] end\n",
+    )
+    .expect("writing the script");
+    let cfg = config(&format!(
+        r#"{{"name":"p","type":"script","file":"{}","timeout_s":60}}"#,
+        file.display()
+    ));
+    let _ = std::fs::remove_file(&file);
+    let svc = &cfg.services[0];
+    let inner = methods::build(
+        &svc.name,
+        cfg.profile(svc).expect("a profile"),
+        &cfg.state_dir,
+    )
+    .expect("the script method");
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let method = CountingScript {
+        inner,
+        runs: runs.clone(),
+    };
+    let r = Engine::with_method(&cfg, svc, shared(&cfg, &UP), Some(Box::new(method)));
+    let b3 = backend_identity("web", "b3");
+    let remote = FakeRemote::new(Some(Some((0, b3))));
+    r.set_remote(Some(remote.clone()));
+    let c = conn("192.0.2.10");
+    let alice = || {
+        http::Request::builder()
+            .uri("/")
+            .header("x-user", "alice")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    };
+
+    // A miss: asked, waited for, decided with the remote's binding; the script ran once.
+    let mut req = alice();
+    let Ok(Routed::Wait(w)) = r.route_or_wait(&mut req, &c, &[]) else {
+        panic!("a key bound nowhere here waits for the remote");
+    };
+    let answer = block_on(w.answer);
+    let route = r.resume(&mut req, &c, &[], answer).expect("resumed");
+    assert_eq!(route.backend, addr(3), "the remote's binding");
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        1,
+        "the script ran once for the request"
+    );
+    assert_eq!(
+        remote.asked(),
+        vec![(
+            "web".to_string(),
+            vec![("script".to_string(), digest(b"alice"))]
+        )]
+    );
+    // The binding was taken under the script's key: the next request is a local hit.
+    let mut req = alice();
+    let Ok(Routed::Now(route)) = r.route_or_wait(&mut req, &c, &[]) else {
+        panic!("a local hit asks nothing");
+    };
+    assert_eq!(route.backend, addr(3));
+    assert_eq!(remote.asked().len(), 1);
+    assert_eq!(runs.load(Ordering::Relaxed), 2, "one run per request");
+}
