@@ -16,10 +16,7 @@ use http::{Request, Response, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    net::{TcpStream, tcp::ReadHalf},
     sync::OwnedSemaphorePermit,
 };
 
@@ -100,7 +97,7 @@ impl Conn {
         backend: SocketAddr,
         pool: Weak<dyn Recycle>,
     ) -> Result<Response<ResponseBody>, ExchangeError> {
-        let (parts, mut body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let bodiless = body.is_end_stream();
         let head_request = parts.method == http::Method::HEAD;
         let (framing, add_length) = h1codec::request_framing(
@@ -117,13 +114,17 @@ impl Conn {
             ));
         }
         drop(out);
+        // The body goes through an `Upload` polled beside the response head; when the backend
+        // answers before the body is all sent, the rest keeps going while the response body
+        // streams (a backend may answer at once and read on).
+        let mut upload = (framing != ReqFraming::None).then(|| Upload::new(body, framing));
         let (head, sent_whole) = 'exchange: {
             let (mut rd, mut wr) = self.io.split();
             let read = read_head(&mut rd, &mut self.buf, head_request);
             tokio::pin!(read);
             let mut write_error = None;
-            if framing != ReqFraming::None {
-                let write = send_body(&mut wr, &mut body, framing);
+            if let Some(up) = upload.as_mut() {
+                let write = std::future::poll_fn(|cx| up.poll_send(Pin::new(&mut wr), cx));
                 tokio::pin!(write);
                 tokio::select! {
                     res = &mut write => match res {
@@ -135,11 +136,11 @@ impl Conn {
                         // The backend may have answered and closed: read what it said.
                         Err(SendError::Write(why)) => write_error = Some(why),
                     },
-                    // Answered before the whole body went: the rest of the body is dropped
-                    // and the connection is not reused.
+                    // Answered before the whole body went: the connection is not reused.
                     head = &mut read => break 'exchange (head, false),
                 }
             }
+            upload = None;
             match tokio::time::timeout(response_timeout, read).await {
                 Err(_) => return Err(ExchangeError::Timeout),
                 // A write error is only possible with a body: no replay.
@@ -152,13 +153,13 @@ impl Conn {
                 Ok(head) => (head, write_error.is_none()),
             }
         };
-        drop(body);
         finish(
             head,
             backend,
             pool,
             self,
             sent_whole,
+            upload,
             bodiless.then_some(parts),
         )
     }
@@ -209,38 +210,77 @@ enum HeadError {
     Io(io::Error, bool),
 }
 
-/// The request body on the wire in `framing`.
-async fn send_body(
-    wr: &mut WriteHalf<'_>,
-    body: &mut ProxyBody,
+/// The request body on its way to the backend in `framing`, written by polling, so that
+/// what is left of it can move into the [`ResponseBody`] when the backend answers early.
+struct Upload {
+    body: ProxyBody,
     framing: ReqFraming,
-) -> Result<(), SendError> {
-    loop {
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
-        let data = match frame {
-            None => break,
-            Some(Err(e)) => return Err(SendError::Body(format!("request body: {e}"))),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) if !d.is_empty() => d,
-                // Trailers and empty frames: not forwarded.
-                _ => continue,
-            },
-        };
-        let res = if framing == ReqFraming::Chunked {
-            let mut chunk = h1codec::chunk_size_line(data.len()).chain(data).chain(CRLF);
-            wr.write_all_buf(&mut chunk).await
-        } else {
-            let mut data = data;
-            wr.write_all_buf(&mut data).await
-        };
-        res.map_err(|e| SendError::Write(format!("write: {e}")))?;
+    /// Bytes taken from the body (with their chunk framing) and not yet written, last first.
+    pending: Vec<Bytes>,
+    /// The body ended: nothing more comes after `pending`.
+    ended: bool,
+}
+
+impl Upload {
+    fn new(body: ProxyBody, framing: ReqFraming) -> Upload {
+        Upload {
+            body,
+            framing,
+            pending: Vec::with_capacity(3),
+            ended: false,
+        }
     }
-    if framing == ReqFraming::Chunked {
-        wr.write_all(LAST_CHUNK)
-            .await
-            .map_err(|e| SendError::Write(format!("write: {e}")))?;
+
+    /// Writes the body to `wr` until it is all sent (`Ready(Ok)`), something fails, or
+    /// either side has to wait.
+    fn poll_send<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        mut wr: Pin<&mut W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), SendError>> {
+        loop {
+            while let Some(next) = self.pending.last_mut() {
+                if next.is_empty() {
+                    self.pending.pop();
+                    continue;
+                }
+                match std::task::ready!(wr.as_mut().poll_write(cx, next)) {
+                    Ok(0) => return Poll::Ready(Err(SendError::Write("write: closed".into()))),
+                    Ok(n) => next.advance(n),
+                    Err(e) => return Poll::Ready(Err(SendError::Write(format!("write: {e}")))),
+                }
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            let chunked = self.framing == ReqFraming::Chunked;
+            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    if chunked {
+                        self.pending.push(Bytes::from_static(LAST_CHUNK));
+                    }
+                }
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(SendError::Body(format!("request body: {e}"))));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => {
+                        if chunked {
+                            self.pending.push(Bytes::from_static(CRLF));
+                            let line = h1codec::chunk_size_line(data.len());
+                            self.pending.push(data);
+                            self.pending.push(line);
+                        } else {
+                            self.pending.push(data);
+                        }
+                    }
+                    // Trailers and empty frames: not forwarded.
+                    _ => {}
+                },
+            }
+        }
     }
-    Ok(())
 }
 
 /// The response for `head`, its body reading from `conn`.
@@ -250,6 +290,7 @@ fn finish(
     pool: Weak<dyn Recycle>,
     conn: Conn,
     reusable: bool,
+    upload: Option<Upload>,
     bodiless: Option<request::Parts>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let head = match head {
@@ -278,6 +319,7 @@ fn finish(
         conn: Some(conn),
         framing,
         reusable: reusable && keep_alive,
+        upload: upload.map(Box::new),
         backend,
         pool,
     };
@@ -296,6 +338,9 @@ pub(super) struct ResponseBody {
     /// Keep-alive and the request went whole: the connection may serve another request once
     /// this body is done.
     reusable: bool,
+    /// The rest of a request body the backend answered before it had all: sent while this
+    /// body is read, and abandoned (with the connection) when this body ends first.
+    upload: Option<Box<Upload>>,
     backend: SocketAddr,
     pool: Weak<dyn Recycle>,
 }
@@ -304,6 +349,9 @@ pub(super) struct ResponseBody {
 pub(super) enum BodyError {
     #[error("backend closed the connection before the end of the body")]
     Eof,
+    /// The client's request body failed while the backend's answer was being read.
+    #[error("{0}")]
+    Request(String),
     #[error("reading the response body: {0}")]
     Io(#[from] io::Error),
     #[error(transparent)]
@@ -360,6 +408,19 @@ impl ResponseBody {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            if let Some(up) = self.upload.as_mut() {
+                // Sent, or the backend stopped reading (what it answers still counts).
+                match up.poll_send(Pin::new(&mut conn.io), cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(SendError::Body(why))) => {
+                        // The backend would wait for the rest forever: give up on both.
+                        self.upload = None;
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(BodyError::Request(why))));
+                    }
+                    Poll::Ready(_) => self.upload = None,
+                }
+            }
             match &mut self.framing {
                 RespFraming::Empty | RespFraming::Upgrade => {
                     self.done();

@@ -157,3 +157,63 @@ async fn an_answer_before_the_end_of_the_request_body_is_forwarded() {
     })
     .await;
 }
+
+/// A backend that answers at once and then reads the rest of the upload before it ends its
+/// answer (a progress or streaming endpoint): the proxy keeps sending the request body while
+/// it forwards the response, so the answer completes with every byte counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_body_keeps_going_after_an_early_answer() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _backend = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "backend: closed before the head");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let mut body = got.len() - end;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            while body < 10 {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(
+                    n > 0,
+                    "backend: the rest of the body never came ({body} of 10)"
+                );
+                body += n;
+            }
+            let count = format!("got {body}");
+            let answer = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            let _ = tcp.read(&mut buf).await;
+        });
+        let proxy = Proxy::plain(TestRouter::new(vec![addr])).await;
+        let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        tcp.write_all(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\nfirst",
+        )
+        .await
+        .unwrap();
+        let (head, _) = read_head(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // The rest of the body only after the answer's head came back.
+        tcp.write_all(b"-last").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(IO_TIMEOUT, tcp.read_to_end(&mut rest))
+            .await
+            .expect("the answer ends in time")
+            .unwrap();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.contains("got 10"),
+            "the backend got the whole body: {rest:?}"
+        );
+    })
+    .await;
+}
