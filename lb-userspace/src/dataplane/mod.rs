@@ -713,6 +713,10 @@ impl Dataplane {
                 sp.value.index
             );
         }
+        // Each CPU's copies of the services must show the new tables before a backend they
+        // no longer name is marked out of service, and be gone before a removed service's
+        // backends are cleared: raised at both points (and again in `apply`).
+        self.raise_services_generation()?;
         {
             let mut backends: Array<&mut MapData, Backend> = self.typed_mut(MAP_BACKENDS)?;
             for (id, b) in &leaving {
@@ -746,6 +750,7 @@ impl Dataplane {
             }
             self.live_tables.retain(|k, _| keep.contains(k));
         }
+        self.raise_services_generation()?;
         {
             let mut globals: Array<&mut MapData, Globals> = self.typed_mut(MAP_GLOBALS)?;
             globals
