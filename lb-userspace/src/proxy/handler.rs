@@ -235,12 +235,20 @@ async fn tunnel(
     inc(&shared.stats.upgrades);
     let activity = Arc::new(Activity::new());
     let mut client = Touch::new(TokioIo::new(client), activity.clone());
-    // What the backend sent right after its 101 head, read with it.
-    if !early.is_empty()
-        && let Err(e) = client.write_all(&early).await
-    {
-        log::debug!("proxy: tunnel to {backend}: {e}");
-        return;
+    // What the backend sent right after its 101 head, read with it; bounded like the rest
+    // of the tunnel, so a client that never reads does not hold the backend's slot.
+    if !early.is_empty() {
+        match tokio::time::timeout(idle, client.write_all(&early)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::debug!("proxy: tunnel to {backend}: {e}");
+                return;
+            }
+            Err(_) => {
+                log::debug!("proxy: tunnel to {backend}: client idle for {idle:?}, closed");
+                return;
+            }
+        }
     }
     let mut upstream = Touch::new(upstream, activity.clone());
     tokio::select! {
