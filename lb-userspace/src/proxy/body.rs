@@ -78,7 +78,7 @@ pub(super) enum Source {
     /// A client's request body.
     Client(Incoming),
     /// A backend's response body.
-    Backend(ResponseBody),
+    Backend(ResponseBody<ProxyBody>),
 }
 
 impl From<Incoming> for Source {
@@ -87,8 +87,8 @@ impl From<Incoming> for Source {
     }
 }
 
-impl From<ResponseBody> for Source {
-    fn from(b: ResponseBody) -> Source {
+impl From<ResponseBody<ProxyBody>> for Source {
+    fn from(b: ResponseBody<ProxyBody>) -> Source {
         Source::Backend(b)
     }
 }
@@ -206,6 +206,13 @@ impl MinRate {
             timer.as_mut().reset(deadline);
         }
         timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Default for ProxyBody {
+    /// No body (what a replayed bodiless request carries).
+    fn default() -> ProxyBody {
+        ProxyBody::empty()
     }
 }
 

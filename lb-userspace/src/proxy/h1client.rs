@@ -20,9 +20,8 @@ use tokio::{
     sync::OwnedSemaphorePermit,
 };
 
-use super::{
-    body::ProxyBody,
-    h1codec::{self, CRLF, CodecError, Decoded, Head, LAST_CHUNK, Parsed, ReqFraming, RespFraming},
+use super::h1codec::{
+    self, CRLF, CodecError, Decoded, Head, LAST_CHUNK, Parsed, ReqFraming, RespFraming,
 };
 
 /// Bytes asked of the kernel per read.
@@ -41,10 +40,19 @@ pub(super) trait Recycle: Send + Sync {
     fn put(&self, backend: SocketAddr, conn: Conn);
 }
 
+/// A request body the client can send: the proxy's own (`ProxyBody`), kept generic so this
+/// module does not depend on the body module that wraps its responses.
+pub(super) trait ReqBody:
+    Body<Data = Bytes, Error: std::fmt::Display> + Default + Unpin
+{
+}
+
+impl<B: Body<Data = Bytes, Error: std::fmt::Display> + Default + Unpin> ReqBody for B {}
+
 /// How an exchange failed.
-pub(super) enum ExchangeError {
+pub(super) enum ExchangeError<B> {
     /// Nothing of the request was written: it is handed back.
-    NotSent(Box<Request<ProxyBody>>, String),
+    NotSent(Box<Request<B>>, String),
     /// No response head within the response timeout.
     Timeout,
     /// Failed once the request was (partly) sent. `replay`: the request again, when it had
@@ -52,7 +60,7 @@ pub(super) enum ExchangeError {
     /// as it was written).
     Failed {
         why: String,
-        replay: Option<Box<Request<ProxyBody>>>,
+        replay: Option<Box<Request<B>>>,
     },
 }
 
@@ -90,13 +98,13 @@ impl Conn {
     /// Sends `req` and reads the response head. The request body is written while the
     /// response is watched for (a backend may answer early, e.g. 413); `response_timeout`
     /// runs from the end of the request body.
-    pub(super) async fn exchange(
+    pub(super) async fn exchange<B: ReqBody>(
         mut self,
-        req: Request<ProxyBody>,
+        req: Request<B>,
         response_timeout: Duration,
         backend: SocketAddr,
         pool: Weak<dyn Recycle>,
-    ) -> Result<Response<ResponseBody>, ExchangeError> {
+    ) -> Result<Response<ResponseBody<B>>, ExchangeError<B>> {
         let (parts, body) = req.into_parts();
         let bodiless = body.is_end_stream();
         let head_request = parts.method == http::Method::HEAD;
@@ -212,8 +220,8 @@ enum HeadError {
 
 /// The request body on its way to the backend in `framing`, written by polling, so that
 /// what is left of it can move into the [`ResponseBody`] when the backend answers early.
-struct Upload {
-    body: ProxyBody,
+struct Upload<B> {
+    body: B,
     framing: ReqFraming,
     /// Bytes taken from the body (with their chunk framing) and not yet written, last first.
     pending: Vec<Bytes>,
@@ -221,8 +229,8 @@ struct Upload {
     ended: bool,
 }
 
-impl Upload {
-    fn new(body: ProxyBody, framing: ReqFraming) -> Upload {
+impl<B: ReqBody> Upload<B> {
+    fn new(body: B, framing: ReqFraming) -> Upload<B> {
         Upload {
             body,
             framing,
@@ -284,15 +292,15 @@ impl Upload {
 }
 
 /// The response for `head`, its body reading from `conn`.
-fn finish(
+fn finish<B: ReqBody>(
     head: Result<Box<Head>, HeadError>,
     backend: SocketAddr,
     pool: Weak<dyn Recycle>,
     conn: Conn,
     reusable: bool,
-    upload: Option<Upload>,
+    upload: Option<Upload<B>>,
     bodiless: Option<request::Parts>,
-) -> Result<Response<ResponseBody>, ExchangeError> {
+) -> Result<Response<ResponseBody<B>>, ExchangeError<B>> {
     let head = match head {
         Ok(h) => h,
         Err(HeadError::Codec(e)) => {
@@ -306,7 +314,7 @@ fn finish(
                 why: format!("read: {e}"),
                 replay: bodiless
                     .filter(|_| nothing_read)
-                    .map(|p| Box::new(Request::from_parts(p, ProxyBody::empty()))),
+                    .map(|p| Box::new(Request::from_parts(p, B::default()))),
             });
         }
     };
@@ -332,7 +340,7 @@ fn finish(
 /// A response body read from the backend connection by whichever task polls it; once it
 /// is complete the connection goes back to the pool when it is reusable. Dropped early, it
 /// closes the connection.
-pub(super) struct ResponseBody {
+pub(super) struct ResponseBody<B> {
     conn: Option<Conn>,
     framing: RespFraming,
     /// Keep-alive and the request went whole: the connection may serve another request once
@@ -340,7 +348,7 @@ pub(super) struct ResponseBody {
     reusable: bool,
     /// The rest of a request body the backend answered before it had all: sent while this
     /// body is read, and abandoned (with the connection) when this body ends first.
-    upload: Option<Box<Upload>>,
+    upload: Option<Box<Upload<B>>>,
     backend: SocketAddr,
     pool: Weak<dyn Recycle>,
 }
@@ -358,7 +366,7 @@ pub(super) enum BodyError {
     Codec(#[from] CodecError),
 }
 
-impl ResponseBody {
+impl<B: ReqBody> ResponseBody<B> {
     /// For a 101 response: the connection, for the tunnel.
     pub(super) fn into_upgrade(mut self) -> Option<Upgraded> {
         if self.framing != RespFraming::Upgrade {
@@ -477,7 +485,7 @@ impl ResponseBody {
     }
 }
 
-impl Body for ResponseBody {
+impl<B: ReqBody> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = BodyError;
 

@@ -99,7 +99,7 @@ async fn exchange(
     req: Request<ProxyBody>,
     addr: SocketAddr,
     pool: &Arc<Returned>,
-) -> Result<http::Response<ResponseBody>, ExchangeError> {
+) -> Result<http::Response<ResponseBody<ProxyBody>>, ExchangeError<ProxyBody>> {
     let weak: Weak<dyn Recycle> = Arc::downgrade(pool) as Weak<dyn Recycle>;
     tokio::time::timeout(
         TIMEOUT,
@@ -109,7 +109,9 @@ async fn exchange(
     .expect("exchange within the timeout")
 }
 
-fn failed(res: Result<http::Response<ResponseBody>, ExchangeError>) -> (String, bool) {
+fn failed(
+    res: Result<http::Response<ResponseBody<ProxyBody>>, ExchangeError<ProxyBody>>,
+) -> (String, bool) {
     match res {
         Err(ExchangeError::Failed { why, replay }) => (why, replay.is_some()),
         Err(ExchangeError::Timeout) => panic!("timeout, not a failure"),
@@ -118,7 +120,7 @@ fn failed(res: Result<http::Response<ResponseBody>, ExchangeError>) -> (String, 
     }
 }
 
-async fn collect(body: ResponseBody) -> Result<Bytes, super::BodyError> {
+async fn collect(body: ResponseBody<ProxyBody>) -> Result<Bytes, super::BodyError> {
     tokio::time::timeout(TIMEOUT, body.collect())
         .await
         .expect("body within the timeout")

@@ -176,7 +176,7 @@ impl Pool {
         &self,
         backend: SocketAddr,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<ResponseBody>, UpstreamError> {
+    ) -> Result<Response<ResponseBody<ProxyBody>>, UpstreamError> {
         // Read only when a request has to wait for a slot.
         let mut deadline = None;
         let local = self.inner.local(backend);
@@ -266,7 +266,7 @@ impl Pool {
         backend: SocketAddr,
         conn: Conn,
         req: Request<ProxyBody>,
-    ) -> Result<Response<ResponseBody>, ExchangeError> {
+    ) -> Result<Response<ResponseBody<ProxyBody>>, ExchangeError<ProxyBody>> {
         let pool: Weak<dyn Recycle> = Arc::downgrade(&self.inner) as Weak<dyn Recycle>;
         conn.exchange(req, self.inner.response_timeout, backend, pool)
             .await

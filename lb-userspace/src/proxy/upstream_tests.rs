@@ -68,7 +68,7 @@ fn get() -> Request<ProxyBody> {
         .unwrap()
 }
 
-async fn request(pool: &Pool, addr: SocketAddr) -> Response<ResponseBody> {
+async fn request(pool: &Pool, addr: SocketAddr) -> Response<ResponseBody<ProxyBody>> {
     match tokio::time::timeout(TIMEOUT, pool.request(addr, get())).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(UpstreamError::Saturated)) => panic!("saturated"),
@@ -77,7 +77,7 @@ async fn request(pool: &Pool, addr: SocketAddr) -> Response<ResponseBody> {
     }
 }
 
-async fn finish(resp: Response<ResponseBody>) {
+async fn finish(resp: Response<ResponseBody<ProxyBody>>) {
     assert_eq!(resp.status(), StatusCode::OK);
     let body = tokio::time::timeout(TIMEOUT, resp.into_body().collect())
         .await
