@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "cookie_codec",
     "tls_hello",
     "sip_message",
+    "backend_response",
 ];
 
 #[derive(Args)]

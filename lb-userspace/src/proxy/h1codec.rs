@@ -136,6 +136,49 @@ pub(super) enum Parsed {
     Partial,
 }
 
+/// What the in-task client makes of `data` from a backend: `Ok(None)` while the final head
+/// is incomplete, else its status, the body bytes its framing delimits within `data`, and
+/// whether the body ended there. For the fuzz target (through `proxy::parse_backend_response`).
+pub(super) fn parse_response(
+    data: &[u8],
+    head_request: bool,
+) -> Result<Option<(u16, Vec<u8>, bool)>, CodecError> {
+    let mut buf = BytesMut::from(data);
+    let head = loop {
+        match parse_head(&mut buf, head_request)? {
+            Parsed::Final(head) => break head,
+            Parsed::Interim => {}
+            Parsed::Partial => return Ok(None),
+        }
+    };
+    let mut body = Vec::new();
+    let complete = match head.framing {
+        RespFraming::Empty | RespFraming::Upgrade => true,
+        RespFraming::Length(n) => {
+            let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+            body.extend_from_slice(&buf[..take]);
+            take as u64 == n
+        }
+        RespFraming::Close => {
+            body.extend_from_slice(&buf);
+            false
+        }
+        RespFraming::Chunked(mut dec) => loop {
+            match dec.decode(&mut buf)? {
+                Decoded::Data(d) => {
+                    body.extend_from_slice(&d);
+                    if dec.is_done() {
+                        break true;
+                    }
+                }
+                Decoded::More => break false,
+                Decoded::Done => break true,
+            }
+        },
+    };
+    Ok(Some((head.parts.status.as_u16(), body, complete)))
+}
+
 /// Parses the response head at the start of `buf`. `head_request`: the request was HEAD
 /// (its response has no body whatever its fields say).
 pub(super) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, CodecError> {

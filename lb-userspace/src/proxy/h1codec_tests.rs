@@ -337,3 +337,33 @@ proptest! {
         prop_assert_eq!(left, 0);
     }
 }
+
+/// Status, body, whether it ended.
+type Read<'a> = Option<(u16, &'a [u8], bool)>;
+
+#[test]
+fn parse_response_reads_head_framing_and_body_as_the_client_does() {
+    let cases: &[(&[u8], bool, Read)] = &[
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false, Some((200, b"hello", true))),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", false, Some((200, b"hel", false))),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n0\r\n\r\n",
+            false,
+            Some((200, b"hello", true)),
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, Some((200, b"", true))),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil close", false, Some((200, b"until close", false))),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", false, None),
+    ];
+    for (data, head, want) in cases {
+        let got = super::parse_response(data, *head)
+            .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(data)));
+        let want = want.map(|(s, b, c)| (s, b.to_vec(), c));
+        assert_eq!(got, want, "{:?}", String::from_utf8_lossy(data));
+    }
+    let bad = super::parse_response(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        false,
+    );
+    assert!(bad.is_err(), "a bad chunk size is an error: {bad:?}");
+}

@@ -103,6 +103,17 @@ pub fn is_proxy_header_start(buf: &[u8]) -> Option<bool> {
     proxy_protocol::is_header_start(buf)
 }
 
+/// A backend's response bytes as the in-task client reads them: `Ok(None)` while the final
+/// head is incomplete, else its status, the body bytes its framing delimits within `data`,
+/// and whether the body ended there. Public for the fuzz target.
+#[allow(clippy::type_complexity)]
+pub fn parse_backend_response(
+    data: &[u8],
+    head_request: bool,
+) -> Result<Option<(u16, Vec<u8>, bool)>, String> {
+    h1codec::parse_response(data, head_request).map_err(|e| e.to_string())
+}
+
 /// Decides where a request goes and adjusts the response; implemented by persistence methods.
 pub trait Router: Send + Sync + 'static {
     /// Choose a backend. May edit the request head (e.g. strip a persistence cookie).
