@@ -32,6 +32,8 @@ pub(super) struct Conn {
     io: TcpStream,
     /// Bytes read and not yet used.
     buf: BytesMut,
+    /// The request head being written; kept so a reused connection allocates none.
+    head: Vec<u8>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -77,6 +79,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            head: Vec::with_capacity(512),
             permit,
         }
     }
@@ -113,15 +116,14 @@ impl Conn {
             body.is_end_stream(),
             body.size_hint().exact(),
         );
-        let mut out = Vec::with_capacity(512);
-        h1codec::encode_head(&parts, framing, add_length, &mut out);
-        if let Err(e) = self.io.write_all(&out).await {
+        self.head.clear();
+        h1codec::encode_head(&parts, framing, add_length, &mut self.head);
+        if let Err(e) = self.io.write_all(&self.head).await {
             return Err(ExchangeError::NotSent(
                 Box::new(Request::from_parts(parts, body)),
                 format!("write: {e}"),
             ));
         }
-        drop(out);
         // The body goes through an `Upload` polled beside the response head; when the backend
         // answers before the body is all sent, the rest keeps going while the response body
         // streams (a backend may answer at once and read on).
