@@ -167,3 +167,12 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     s.bind(&addr.into())?;
     Ok(s)
 }
+
+/// `socket` registered with the runtime this runs on: call it inside an accept loop made by
+/// [`Workers::run_accept_loops`], so the listener belongs to that worker.
+pub fn register_listener(
+    socket: std::net::TcpListener,
+) -> std::io::Result<tokio::net::TcpListener> {
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket)
+}

@@ -90,10 +90,7 @@ pub async fn serve_on(
             let (cfg, engine, stats) = (cfg.clone(), engine.clone(), stats.clone());
             let (shutdown, permits) = (shutdown.clone(), permits.clone());
             async move {
-                match socket
-                    .set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(socket))
-                {
+                match crate::workers::register_listener(socket) {
                     Ok(l) => accept_loop(l, cfg, engine, shutdown, stats, permits).await,
                     Err(e) => log::error!("pass-through: {listen}: listening socket: {e}"),
                 }

@@ -625,10 +625,7 @@ pub async fn serve_on(
             let shutdown = shutdown.clone();
             async move {
                 // Registered here, with the worker's own runtime.
-                match socket
-                    .set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(socket))
-                {
+                match crate::workers::register_listener(socket) {
                     Ok(l) => accept_loop(l, w, peers, permits, shutdown, listen).await,
                     Err(e) => log::error!("proxy: {listen}: listening socket: {e}"),
                 }
