@@ -355,23 +355,25 @@ async fn a_successors_extra_socket_takes_no_connection_before_it_commits() {
     let cfg = config(port, "");
     let mut f = Frontends::new(Workers::start(2).unwrap());
     reload(&mut f, &cfg).unwrap();
-    let handed = |f: &Frontends| -> Vec<std::net::TcpListener> {
-        f.sockets()
+    // Prepares `g` on the sockets `f` listens on, as a restart's successor does.
+    let prepare = |g: &mut Frontends, f: &Frontends| {
+        let listeners = f
+            .sockets()
             .iter()
             .map(|(_, fd)| fd.try_clone_to_owned().unwrap().into())
-            .collect()
-    };
-    let mut g = Frontends::new(Workers::start(3).unwrap());
-    let prepared = g
-        .prepare(
+            .collect();
+        g.prepare(
             &cfg,
             &shared(&cfg),
             &mut Inherited {
-                listeners: HashMap::from([(addr, handed(&f))]),
+                listeners: HashMap::from([(addr, listeners)]),
                 ..Inherited::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    };
+    let mut g = Frontends::new(Workers::start(3).unwrap());
+    let prepared = prepare(&mut g, &f);
     // The kernel spreads new connections over every listening socket of the group: with a
     // third one listening, about a third of these would wait on it.
     let mut conns = Vec::new();
@@ -395,16 +397,7 @@ async fn a_successors_extra_socket_takes_no_connection_before_it_commits() {
         );
     }
     // A successor that commits listens on its extra socket too.
-    let prepared = g
-        .prepare(
-            &cfg,
-            &shared(&cfg),
-            &mut Inherited {
-                listeners: HashMap::from([(addr, handed(&f))]),
-                ..Inherited::default()
-            },
-        )
-        .unwrap();
+    let prepared = prepare(&mut g, &f);
     f.stop_accepting("handed over");
     g.commit(prepared);
     assert_eq!(socket_inodes(&g).len(), 3, "three listening sockets");

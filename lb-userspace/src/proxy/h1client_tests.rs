@@ -70,6 +70,24 @@ async fn backend(
     (Conn::new(tcp, permit), task, addr)
 }
 
+/// A connection to a backend that reads once, writes `pieces` and closes: a close-delimited
+/// body, a body cut short, or (no pieces) a connection closed without a response.
+async fn closing_backend(pieces: &'static [&'static [u8]]) -> (Conn, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tcp.read(&mut buf).await;
+        for p in pieces {
+            tcp.write_all(p).await.unwrap();
+        }
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    (Conn::new(tcp, permit), addr)
+}
+
 /// A head, plus a body framed by Content-Length or chunked, fully received.
 fn request_complete(got: &[u8]) -> bool {
     let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -191,23 +209,8 @@ async fn connection_close_and_close_delimited_are_not_reused() {
     assert_eq!(pool.count(), 0, "Connection: close");
 
     // Read to EOF: the backend closes after the body.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = tcp.read(&mut buf).await;
-        tcp.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil the ")
-            .await
-            .unwrap();
-        tcp.write_all(b"end").await.unwrap();
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    let resp = exchange(Conn::new(tcp, permit), get(), addr, &pool)
-        .await
-        .ok()
-        .unwrap();
+    let (conn, addr) = closing_backend(&[b"HTTP/1.0 200 OK\r\n\r\nuntil the ", b"end"]).await;
+    let resp = exchange(conn, get(), addr, &pool).await.ok().unwrap();
     assert_eq!(collect(resp.into_body()).await.unwrap(), "until the end");
     assert_eq!(pool.count(), 0, "close-delimited");
 }
@@ -247,22 +250,9 @@ async fn a_body_dropped_early_or_cut_short_closes_the_connection() {
     assert_eq!(pool.count(), 0, "dropped early");
 
     // The backend closes in the middle of the body: an error, not a short success.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = tcp.read(&mut buf).await;
-        tcp.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
-            .await
-            .unwrap();
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    let resp = exchange(Conn::new(tcp, permit), get(), addr, &pool)
-        .await
-        .ok()
-        .unwrap();
+    let (conn, addr) =
+        closing_backend(&[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"]).await;
+    let resp = exchange(conn, get(), addr, &pool).await.ok().unwrap();
     assert!(collect(resp.into_body()).await.is_err());
     assert_eq!(pool.count(), 0);
 }
@@ -276,33 +266,17 @@ async fn malformed_head_and_silent_close_fail() {
     assert!(!replay, "the backend answered: no replay");
 
     // Closed without a byte: a candidate for a replay.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = tcp.read(&mut buf).await;
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    let (_, replay) = failed(exchange(Conn::new(tcp, permit), get(), addr, &pool).await);
+    let (conn, addr) = closing_backend(&[]).await;
+    let (_, replay) = failed(exchange(conn, get(), addr, &pool).await);
     assert!(replay, "the bodiless request comes back to be replayed");
 
     // The same with a body: it may have been acted on, no replay.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = tcp.read(&mut buf).await;
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+    let (conn, addr) = closing_backend(&[]).await;
     let post = Request::post("/")
         .header(header::HOST, "app")
         .body(ProxyBody::text("x=1"))
         .unwrap();
-    let (_, replay) = failed(exchange(Conn::new(tcp, permit), post, addr, &pool).await);
+    let (_, replay) = failed(exchange(conn, post, addr, &pool).await);
     assert!(!replay, "a request with a body is not handed back");
 }
 
