@@ -261,7 +261,13 @@ fn main() -> Result<()> {
                     .context("TETHER_WORKER_THREADS must be a positive number")?,
                 Err(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
             };
-            let workers = tether::workers::Workers::start(workers).context("worker threads")?;
+            // Worker i on the i-th CPU unless TETHER_WORKER_PIN=0 (see README).
+            let workers = match std::env::var("TETHER_WORKER_PIN").as_deref() {
+                Ok("0") => tether::workers::Workers::start(workers),
+                Ok("1") | Err(_) => tether::workers::Workers::start_pinned(workers),
+                Ok(v) => bail!("TETHER_WORKER_PIN must be 0 or 1, not {v:?}"),
+            }
+            .context("worker threads")?;
             // The control plane (admin API, health checks, mirroring, reloads): one thread is
             // plenty, multi-thread so its blocking steps can use `block_in_place`.
             let rt = tokio::runtime::Builder::new_multi_thread()

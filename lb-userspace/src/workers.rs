@@ -5,6 +5,12 @@
 //! stay on one thread (no work stealing, no cross-thread wake-up per request). Each UDP (SIP)
 //! virtual service runs on one worker too. The control plane (admin API, health checks,
 //! mirroring, reloads) runs on a runtime of its own.
+//!
+//! [`Workers::start_pinned`] (the daemon's default) pins worker `i` to the `i`-th CPU the
+//! process may run on when there are at least as many CPUs as workers. Unpinned, the
+//! scheduler often ran both workers of a 2-CPU machine on one CPU for a while (its wake-up
+//! placement puts a woken thread next to the thread that woke it), and every connection of
+//! the worker left waiting paid for it in tail latency (see README, L7 benchmark).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -16,17 +22,47 @@ use tokio::{runtime::Handle, task::JoinSet};
 pub struct Workers(Arc<[Handle]>);
 
 impl Workers {
-    /// Start `n` worker threads, each driving a current-thread runtime until the process exits.
+    /// Start `n` worker threads, each driving a current-thread runtime until the process
+    /// exits, where the scheduler places them.
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        let mut handles = Vec::with_capacity(n);
-        for i in 0..n.max(1) {
+        Workers::start_on(&vec![None; n.max(1)])
+    }
+
+    /// [`Workers::start`] with worker `i` pinned to the `i`-th CPU this process may run on
+    /// ([`pin_plan`]); unpinned when there are more workers than CPUs or the CPUs cannot be
+    /// read. A worker that cannot be pinned runs unpinned (logged).
+    pub fn start_pinned(n: usize) -> std::io::Result<Workers> {
+        let plan = match allowed_cpus() {
+            Ok(cpus) => pin_plan(n.max(1), &cpus),
+            Err(e) => {
+                log::warn!("L7 workers: reading the CPUs this process may use: {e}; not pinned");
+                vec![None; n.max(1)]
+            }
+        };
+        if let Some(cpus) = plan.iter().copied().collect::<Option<Vec<usize>>>() {
+            log::info!("L7 workers pinned to CPUs {cpus:?} (worker i to the i-th)");
+        }
+        Workers::start_on(&plan)
+    }
+
+    /// One worker per entry of `plan`, pinned to its CPU where it names one.
+    fn start_on(plan: &[Option<usize>]) -> std::io::Result<Workers> {
+        let mut handles = Vec::with_capacity(plan.len());
+        for (i, &cpu) in plan.iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             handles.push(rt.handle().clone());
             std::thread::Builder::new()
                 .name(format!("tether-worker-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    if let Some(cpu) = cpu
+                        && let Err(e) = pin_current_thread(cpu)
+                    {
+                        log::warn!("L7 worker {i}: pinning to CPU {cpu}: {e}; runs unpinned");
+                    }
+                    rt.block_on(std::future::pending::<()>())
+                })?;
         }
         Ok(Workers(handles.into()))
     }
@@ -176,3 +212,51 @@ pub fn register_listener(
     socket.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(socket)
 }
+
+/// The CPUs worker `i` of `n` is pinned to: the `i`-th of `allowed` when every worker can
+/// have a CPU of its own; none when there are more workers than CPUs (pinning two to one CPU
+/// would keep them off an idle one).
+pub fn pin_plan(n: usize, allowed: &[usize]) -> Vec<Option<usize>> {
+    if n <= allowed.len() {
+        allowed[..n].iter().map(|&c| Some(c)).collect()
+    } else {
+        vec![None; n]
+    }
+}
+
+/// The CPUs the calling thread may run on (`sched_getaffinity`), in ascending order.
+pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the kernel writes at most its size.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        set
+    };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads the set within its size (`c` < CPU_SETSIZE).
+    Ok((0..max)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(std::io::Error::other("CPU number out of range"));
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it (checked
+    // above); sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -58,9 +58,14 @@ struct Opts {
     warmup_secs: u64,
     connections: u32,
     workers: Vec<u32>,
+    /// `--rows`: only the tether/HAProxy rows whose path starts with one of these (case-blind:
+    /// `cookie miss`, `cookie hit`, `tls`, `tls http/1.1`, `1000`); empty: all.
+    rows: Vec<String>,
+    /// `--haproxy-cpu-map`: HAProxy's threads pinned one per CPU, as tether pins its workers.
+    haproxy_cpu_map: bool,
 }
 
-const USAGE: &str = "--rounds N --duration SECS --connections N --workers N[,N...] --quick";
+const USAGE: &str = "--rounds N --duration SECS --connections N --workers N[,N...] --rows TEXT[,TEXT...] --haproxy-cpu-map --quick";
 
 fn opts() -> Opts {
     let mut o = Opts {
@@ -69,6 +74,8 @@ fn opts() -> Opts {
         warmup_secs: 1,
         connections: 32,
         workers: vec![1, 2],
+        rows: Vec::new(),
+        haproxy_cpu_map: false,
     };
     let mut args = Args::from_env(USAGE);
     while let Some(a) = args.next_flag() {
@@ -89,6 +96,15 @@ fn opts() -> Opts {
                     })
                     .collect()
             }
+            "--rows" => {
+                o.rows = args
+                    .value::<String>(&a)
+                    .split(',')
+                    .map(|r| r.trim().to_lowercase())
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            }
+            "--haproxy-cpu-map" => o.haproxy_cpu_map = true,
             "--quick" => {
                 o.rounds = 1;
                 o.secs = 2;
@@ -248,6 +264,7 @@ fn run_workers(
         plain: free_port(),
         tls: free_port(),
         workers: w,
+        cpu_map: o.haproxy_cpu_map,
     };
     let haproxy = start_haproxy(scratch, ha_fe, cert, b);
     let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
@@ -259,6 +276,7 @@ fn run_workers(
         plain: free_port(),
         tls: free_port(),
         workers: w,
+        cpu_map: false,
     };
     let tether = start_tether(scratch, t_fe, cert, b);
     let t_cookie = match &tether {
@@ -319,7 +337,11 @@ fn run_workers(
         ("1000 connections, cookie hit", plain, false, MANY, true),
     ];
     let mut rows = Vec::new();
-    for (what, client, tls, conns, hit) in kinds {
+    let wanted = |what: &str| {
+        let what = what.to_lowercase();
+        o.rows.is_empty() || o.rows.iter().any(|r| what.starts_with(r.as_str()))
+    };
+    for (what, client, tls, conns, hit) in kinds.into_iter().filter(|k| wanted(k.0)) {
         for (who, fe, cookie, pid) in [
             ("tether", t_fe, &t_cookie, t_pid),
             ("HAProxy", ha_fe, &ha_cookie, ha_pid),
@@ -413,15 +435,20 @@ fn main() {
     let mut md = format!(
         "wrk (HTTP/1.1) and h2load (HTTP/2) on loopback, -d{}s, {} connections unless the row \
          says otherwise, one load-generator thread per worker thread; median of {} round(s); {} \
-         cores. tether with TETHER_WORKER_THREADS=N, HAProxy `nbthread N`, both `cookie {COOKIE}` \
-         insert.\n\n\
+         cores. tether with TETHER_WORKER_THREADS=N (its workers pinned one per CPU, its \
+         default), HAProxy `nbthread N`{}, both `cookie {COOKIE}` insert.\n\n\
          | path | threads | req/s | p50 | p99 | req/s vs direct | req/s vs HAProxy | p99 vs \
          HAProxy | proxy CPU/req | CPU/req vs HAProxy | errors |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         o.secs,
         o.connections,
         o.rounds,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if o.haproxy_cpu_map {
+            " with `cpu-map` (thread i on the i-th CPU)"
+        } else {
+            " (its threads not pinned, its default)"
+        }
     );
     for (i, r) in rows.iter().enumerate() {
         if let Some(why) = &r.pending {

@@ -32,6 +32,8 @@ pub struct Frontends {
     pub plain: u16,
     pub tls: u16,
     pub workers: u32,
+    /// HAProxy only: `cpu-map` thread `i` to the `i`-th CPU, as tether pins its workers.
+    pub cpu_map: bool,
 }
 
 /// The certificate both proxies serve (self-signed for 127.0.0.1; the load generators do
@@ -100,6 +102,15 @@ backend web
     );
     for (i, b) in backends.iter().enumerate() {
         let _ = writeln!(s, "    server b{n} {b} cookie b{n}", n = i + 1);
+    }
+    if fe.cpu_map {
+        // In the global section, which the text above starts with.
+        let cpus = tether::workers::allowed_cpus().unwrap_or_default();
+        let map: String = (0..fe.workers as usize)
+            .zip(&cpus)
+            .map(|(t, c)| format!("    cpu-map 1/{} {c}\n", t + 1))
+            .collect();
+        s = s.replacen("global\n", &format!("global\n{map}"), 1);
     }
     // tether marks its cookie Secure on TLS connections: HAProxy does the same here.
     let _ = write!(
