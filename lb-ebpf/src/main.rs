@@ -1,6 +1,7 @@
 //! tether's XDP data path: an L4 balancer with source-IP persistence and L2 direct server
 //! return. `tether_xdp` is the balancer; `tether_pass`, `tether_swap_tx` and `tether_drop`
-//! are trivial helpers for veth peers and benchmarks.
+//! are trivial helpers for veth peers and benchmarks, and `floor` holds the benchmark's
+//! floor programs (one persistence-table lookup, and a lookup plus an insert).
 //!
 //! One concern per module: `maps` (definitions), `parse` (headers), `service` (the VIP's
 //! service), `persist` (bindings),
@@ -12,6 +13,7 @@
 
 mod clock;
 mod conntrack;
+mod floor;
 mod forward;
 mod maps;
 mod parse;
