@@ -90,6 +90,9 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let result = forward::forward(ctx, choice.backend);
     stats::account(svc_stat, be_stat, choice.event, bytes, result.is_ok());
+    if flow.kind == Kind::Packet {
+        return result;
+    }
     // Forwarded ICMP errors and fragments are counted apart from the flows' own packets.
     match (result, flow.kind) {
         (Ok((action, _)), Kind::IcmpError) => Ok((action, reason::FWD_ICMP_ERROR)),
