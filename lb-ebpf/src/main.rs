@@ -58,7 +58,27 @@ pub fn tether_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let mut flow = parse::parse(ctx).map_err(verdict::pass)?;
+    let flow = parse::parse(ctx).map_err(verdict::pass)?;
+    if !flow.is_v6 && flow.kind == Kind::Packet {
+        // The common case gets its own copy of `balance`, in which LLVM knows the family,
+        // the kind and the constant words of the IPv4-mapped addresses, instead of carrying
+        // (and spilling) them for IPv6, fragments and ICMP errors.
+        let v4 = parse::Flow {
+            src: parse::v4_mapped(flow.src[3]),
+            dst: parse::v4_mapped(flow.dst[3]),
+            is_v6: false,
+            kind: Kind::Packet,
+            ip_id_be: 0,
+            ..flow
+        };
+        return balance(ctx, v4);
+    }
+    balance(ctx, flow)
+}
+
+/// Balance a parsed packet: its service, its backend, the rewrite, the counters.
+#[inline(always)]
+fn balance(ctx: &XdpContext, mut flow: parse::Flow) -> Result<Verdict, Verdict> {
     if flow.kind == Kind::LaterFragment {
         // Ports come from the first fragment; without it the stack reassembles (or drops).
         // SAFETY: the value is copied out at once; a concurrent replace of this entry

@@ -246,7 +246,13 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 /// IPv4-mapped form of an IPv4 address given as two 16-bit words.
 #[inline(always)]
 fn v4_mapped_words(a: &[u16; 2]) -> Addr {
-    [0, 0, V4_MAPPED_WORD2, word(a[0], a[1])]
+    v4_mapped(word(a[0], a[1]))
+}
+
+/// IPv4-mapped form of an IPv4 address given as its word (the last word of the mapped form).
+#[inline(always)]
+pub fn v4_mapped(w: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD2, w]
 }
 
 /// IPv6 address given as eight 16-bit words.
