@@ -7,10 +7,9 @@
 //! mirroring, reloads) runs on a runtime of its own.
 //!
 //! [`Workers::start_pinned`] (the daemon's default) pins worker `i` to the `i`-th CPU the
-//! process may run on when there are at least as many CPUs as workers. Unpinned, the
-//! scheduler often ran both workers of a 2-CPU machine on one CPU for a while (its wake-up
-//! placement puts a woken thread next to the thread that woke it), and every connection of
-//! the worker left waiting paid for it in tail latency (see README, L7 benchmark).
+//! process may run on when there are at least as many CPUs as workers: a worker's
+//! connections wait whenever it does, and pinned workers had the lower two-worker p99 in the
+//! L7 benchmark (see README).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
