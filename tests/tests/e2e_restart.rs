@@ -185,6 +185,56 @@ fn pid(lab: &L7Lab) -> u32 {
         .unwrap_or_else(|| lab.fail("tether is not running"))
 }
 
+/// `Cpus_allowed_list` of each thread of `pid`, by thread name (names repeat: all kept).
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(cpus) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push((comm.trim().to_string(), cpus.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The daemon's main thread may use the CPUs the test gave it, and every worker thread is
+/// pinned to a CPU of its own: also for a daemon started by `tether restart` (it must not
+/// inherit a pinned worker's single CPU).
+fn assert_workers_pinned(lab: &L7Lab, pid: u32, main_cpus: &str, what: &str) {
+    let threads = thread_cpus(pid);
+    let main = threads
+        .iter()
+        .find(|(name, _)| name == "tether")
+        .unwrap_or_else(|| lab.fail(format!("{what}: no main thread in {threads:?}")));
+    assert_eq!(main.1, main_cpus, "{what}: main thread's CPUs: {threads:?}");
+    let workers: Vec<&String> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("tether-worker"))
+        .map(|(_, cpus)| cpus)
+        .collect();
+    assert!(!workers.is_empty(), "{what}: no worker thread: {threads:?}");
+    let distinct: std::collections::BTreeSet<&String> = workers.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        workers.len(),
+        "{what}: workers share a CPU: {threads:?}"
+    );
+    for cpus in &workers {
+        assert!(
+            cpus.parse::<usize>().is_ok(),
+            "{what}: a worker is not pinned to one CPU: {threads:?}"
+        );
+    }
+}
+
 fn web_lab() -> L7Lab {
     L7Lab::start_as_user(8, 3, |b| {
         b.profile(cookie_profile())
@@ -196,11 +246,19 @@ fn web_lab() -> L7Lab {
 fn restart_refuses_no_connection_and_fails_no_request() {
     let mut lab = web_lab();
     let old = pid(&lab);
+    // The daemon gets one worker per CPU by default: each pinned to its own.
+    let main_cpus = thread_cpus(old)
+        .into_iter()
+        .find(|(name, _)| name == "tether")
+        .map(|(_, cpus)| cpus)
+        .unwrap_or_else(|| lab.fail("the daemon has no main thread named tether"));
+    assert_workers_pinned(&lab, old, &main_cpus, "first daemon");
     let requests = RequestLoop::start(&lab, PORT);
     requests.wait_for_more(&lab, 0, SETTLE_REQUESTS, "requests before the restart");
     let out = lab.restart();
     let new = pid(&lab);
     assert_ne!(new, old, "a new process serves: {out}");
+    assert_workers_pinned(&lab, new, &main_cpus, "daemon started by tether restart");
     let at_restart = requests.count();
     requests.wait_for_more(
         &lab,
