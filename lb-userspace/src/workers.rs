@@ -7,7 +7,7 @@
 //! mirroring, reloads) runs on a runtime of its own.
 //!
 //! [`Workers::start_pinned`] (the daemon's default) pins worker `i` to the `i`-th CPU the
-//! process may run on when there are at least as many CPUs as workers: a worker's
+//! process may run on when there are two or more workers and at least as many CPUs: a worker's
 //! connections wait whenever it does, and pinned workers had the lower two-worker p99 in the
 //! L7 benchmark (see README).
 
@@ -212,11 +212,13 @@ pub fn register_listener(
     tokio::net::TcpListener::from_std(socket)
 }
 
-/// The CPUs worker `i` of `n` is pinned to: the `i`-th of `allowed` when every worker can
-/// have a CPU of its own; none when there are more workers than CPUs (pinning two to one CPU
-/// would keep them off an idle one).
+/// The CPUs worker `i` of `n` is pinned to: the `i`-th of `allowed` when there are several
+/// workers and every one can have a CPU of its own; none when there are more workers than
+/// CPUs (pinning two to one CPU would keep them off an idle one) or one worker (it shares
+/// no CPU with another worker; pinned, it could not use the other CPUs, and it measured no
+/// better in the L7 benchmark).
 pub fn pin_plan(n: usize, allowed: &[usize]) -> Vec<Option<usize>> {
-    if n <= allowed.len() {
+    if n >= 2 && n <= allowed.len() {
         allowed[..n].iter().map(|&c| Some(c)).collect()
     } else {
         vec![None; n]

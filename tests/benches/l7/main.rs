@@ -435,8 +435,8 @@ fn main() {
     let mut md = format!(
         "wrk (HTTP/1.1) and h2load (HTTP/2) on loopback, -d{}s, {} connections unless the row \
          says otherwise, one load-generator thread per worker thread; median of {} round(s); {} \
-         cores. tether with TETHER_WORKER_THREADS=N (its workers pinned one per CPU, its \
-         default), HAProxy `nbthread N`{}, both `cookie {COOKIE}` insert.\n\n\
+         cores. tether with TETHER_WORKER_THREADS=N (two or more workers pinned one per CPU, \
+         its default), HAProxy `nbthread N`{}, both `cookie {COOKIE}` insert.\n\n\
          | path | threads | req/s | p50 | p99 | req/s vs direct | req/s vs HAProxy | p99 vs \
          HAProxy | proxy CPU/req | CPU/req vs HAProxy | errors |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
