@@ -50,6 +50,11 @@ fn pins_of_an_older_layout_are_replaced_and_the_table_size_kept() {
         assert_eq!(entries(MAP_REASONS), reason::SLOTS, "reasons map replaced");
         assert_eq!(entries(MAP_PERSIST), 2048, "the table keeps its size");
         assert_eq!(entries(MAP_PERSIST4), 2048, "the IPv4 table keeps its size");
+        assert_eq!(
+            persist_table::pinned_layout(&dir).map(|l| (l.shards, l.shard_entries)),
+            Some((1, 2048)),
+            "an earlier build's table is one shard"
+        );
     });
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = r {
@@ -111,4 +116,91 @@ fn ipv4_bindings_of_the_one_table_layout_move_to_the_ipv4_table() {
     if let Err(e) = r {
         std::panic::resume_unwind(e);
     }
+}
+
+/// A table of 3 x 4096 entries is split in three shards; userspace writes land in the shard
+/// of their key, and a restart with another configured size keeps the layout and every
+/// binding.
+#[test]
+fn a_split_ipv4_table_keeps_its_layout_and_bindings_across_loads() {
+    use lb_common::{MAP_PERSIST4_SHARDS, Persist4Layout, PersistKey4, PersistValue4};
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/tether-test-shards-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bpffs (root?)");
+    let now = persist_table::monotonic_ns().expect("clock");
+    let keys: Vec<PersistKey> = (0..300u32)
+        .map(|i| PersistKey {
+            service: 1,
+            addr_be: lb_common::v4_mapped((0x0a01_0000 + i).to_be_bytes()),
+        })
+        .collect();
+    let r = std::panic::catch_unwind(|| {
+        let dp = Dataplane::load(&dir, 3 * 4096).expect("first load");
+        let split = Persist4Layout {
+            shards: 3,
+            shard_entries: 4096,
+        };
+        assert_eq!(persist_table::pinned_layout(&dir), Some(split));
+        for (i, k) in keys.iter().enumerate() {
+            let v = PersistValue {
+                backend: i as u32 % 7,
+                backend_identity: 0,
+                last_seen_ns: now,
+            };
+            persist_table::insert(&dir, k, &v).expect("insert");
+        }
+        drop(dp);
+        // Each binding sits in the shard its key names, and all three shards are used.
+        let mut per_shard = [0usize; 3];
+        for (s, n) in per_shard.iter_mut().enumerate() {
+            let m: HashMap<MapData, PersistKey4, PersistValue4> =
+                persist_table::open_pinned(&dir, MAP_PERSIST4_SHARDS[s]).expect("shard pin");
+            for r in m.iter() {
+                let (k, _) = r.expect("entry");
+                assert_eq!(k.shard(3), s as u32, "{k:?} in shard {s}");
+                *n += 1;
+            }
+        }
+        assert_eq!(per_shard.iter().sum::<usize>(), keys.len(), "{per_shard:?}");
+        assert!(per_shard.iter().all(|&n| n > 50), "spread: {per_shard:?}");
+        // A restart asking for another size keeps the pinned layout and the bindings.
+        let dp = Dataplane::load(&dir, 1 << 20).expect("second load");
+        assert_eq!(persist_table::pinned_layout(&dir), Some(split));
+        for (i, k) in keys.iter().enumerate() {
+            let got = persist_table::get(&dir, k).expect("read").expect("kept");
+            assert_eq!(got.backend, i as u32 % 7, "{k:?}");
+        }
+        let listed = persist_table::list(&dir, &Default::default()).expect("list");
+        assert_eq!(listed.len(), keys.len(), "the walk sees every shard");
+        drop(dp);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn the_layout_is_read_back_from_shard_sizes() {
+    use lb_common::Persist4Layout;
+    let l = |shards, shard_entries| {
+        Some(Persist4Layout {
+            shards,
+            shard_entries,
+        })
+    };
+    let s = persist_table::layout_from_sizes;
+    assert_eq!(s(&[None; 8], 2), None, "no pin: the config decides");
+    // An earlier build's single table, with or without unused shard pins.
+    assert_eq!(s(&[Some(10 << 20), None, None], 2), l(1, 10 << 20));
+    assert_eq!(s(&[Some(4096), Some(2), Some(2)], 2), l(1, 4096));
+    assert_eq!(
+        s(&[Some(4096), Some(4096), Some(4096), Some(2), Some(2)], 2),
+        l(3, 4096)
+    );
+    // A one-shard table as small as an unused shard is not mistaken for eight.
+    assert_eq!(s(&[Some(2); 8], 2), l(1, 2));
 }

@@ -1,5 +1,5 @@
-//! The persistence tables (`TETHER_PERSIST4` for IPv4 clients, `TETHER_PERSIST` for IPv6)
-//! seen from userspace: list, filter and flush client bindings, read and write one binding,
+//! The persistence tables (`TETHER_PERSIST4` and its shards for IPv4 clients,
+//! `TETHER_PERSIST` for IPv6) seen from userspace: list, filter and flush client bindings, read and write one binding,
 //! and count live bindings per backend. Callers see one layout (`PersistKey` with IPv4 as a
 //! mapped address, `PersistValue`); the IPv4 table's compact form is converted here.
 //!
@@ -20,8 +20,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError};
 use lb_common::{
-    MAP_PERSIST, MAP_PERSIST4, MAP_SERVICES, PersistKey, PersistKey4, PersistValue, PersistValue4,
-    Service, ServiceKey,
+    MAP_PERSIST, MAP_SERVICES, PersistKey, PersistValue, PersistValue4, Service, ServiceKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -208,14 +207,9 @@ where
 }
 
 type PersistMap = BpfHashMap<MapData, PersistKey, PersistValue>;
-type PersistMap4 = BpfHashMap<MapData, PersistKey4, PersistValue4>;
 
 fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
     open_pinned(pin_dir, MAP_PERSIST)
-}
-
-fn open_persist4(pin_dir: &Path) -> Result<PersistMap4> {
-    open_pinned(pin_dir, MAP_PERSIST4)
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
@@ -225,9 +219,9 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
 /// The binding stored under `key` (IPv4 clients as mapped addresses), if any.
 pub fn get(pin_dir: &Path, key: &PersistKey) -> Result<Option<PersistValue>> {
     let found = match key.to_v4() {
-        Some(k4) => match open_persist4(pin_dir)?.get(&k4, 0) {
+        Some(k4) => match Table4::open(pin_dir)?.get(&k4) {
             Ok(v) => Ok(v.to_value(monotonic_ns()?)),
-            Err(e) => Err((MAP_PERSIST4, e)),
+            Err(e) => Err(e),
         },
         None => open_persist(pin_dir)?
             .get(key, 0)
@@ -247,9 +241,9 @@ pub fn insert(pin_dir: &Path, key: &PersistKey, value: &PersistValue) -> Result<
         Some(k4) => {
             let v4 = PersistValue4::from_value(value, monotonic_ns()?)
                 .ok_or(PersistError::BackendId(value.backend))?;
-            open_persist4(pin_dir)?
-                .insert(k4, v4, 0)
-                .map_err(map_err(MAP_PERSIST4))
+            Table4::open(pin_dir)?
+                .insert(&k4, &v4, 0)
+                .map_err(|(name, source)| PersistError::Map { name, source })
         }
         None => open_persist(pin_dir)?
             .insert(key, value, 0)
@@ -260,9 +254,7 @@ pub fn insert(pin_dir: &Path, key: &PersistKey, value: &PersistValue) -> Result<
 /// Delete the binding under `key`; `false` if there was none.
 pub fn remove(pin_dir: &Path, key: &PersistKey) -> Result<bool> {
     let r = match key.to_v4() {
-        Some(k4) => open_persist4(pin_dir)?
-            .remove(&k4)
-            .map_err(|e| (MAP_PERSIST4, e)),
+        Some(k4) => Table4::open(pin_dir)?.remove(&k4),
         None => open_persist(pin_dir)?
             .remove(key)
             .map_err(|e| (MAP_PERSIST, e)),
@@ -297,20 +289,9 @@ fn walk(
 ) -> Result<()> {
     let params = service_params(pin_dir)?;
     let p = |service: u32| *params.get(&service).unwrap_or(&ServiceParams::STALE);
-    let map = open_persist4(pin_dir)?;
-    let err = map_err(MAP_PERSIST4);
-    let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
     let now = monotonic_ns()?;
-    for key in map.keys().take(capacity.max(1)) {
-        let key = key.map_err(&err)?;
-        let value = match map.get(&key, 0) {
-            Ok(v) => v,
-            // Evicted or flushed since get_next_key returned it.
-            Err(MapError::KeyNotFound) => continue,
-            Err(e) => return Err(err(e)),
-        };
-        visit(&key.to_mapped(), &value.to_value(now), &p(key.service));
-    }
+    Table4::open(pin_dir)?
+        .for_each(|key, value| visit(&key.to_mapped(), &value.to_value(now), &p(key.service)))?;
     let map = open_persist(pin_dir)?;
     let err = map_err(MAP_PERSIST);
     let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
@@ -363,11 +344,11 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
             keys.insert(*k);
         }
     })?;
-    let (mut map, mut map4) = (open_persist(pin_dir)?, open_persist4(pin_dir)?);
+    let (mut map, mut map4) = (open_persist(pin_dir)?, Table4::open(pin_dir)?);
     let mut deleted = 0;
     for k in &keys {
         let r = match k.to_v4() {
-            Some(k4) => map4.remove(&k4).map_err(|e| (MAP_PERSIST4, e)),
+            Some(k4) => map4.remove(&k4),
             None => map.remove(k).map_err(|e| (MAP_PERSIST, e)),
         };
         match r {
@@ -403,6 +384,8 @@ pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
 
 mod bind;
 pub use bind::{Binding, BindingEvents, bind, live_bindings};
+mod shards;
+pub use shards::{PersistMap4, Table4, layout_from_sizes, load_layout, pinned_layout};
 
 #[cfg(test)]
 pub(crate) mod testpins;
