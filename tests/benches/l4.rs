@@ -21,16 +21,20 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::MapData,
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
-    MAP_PERSIST4, PROG_DROP, PROG_SWAP_TX, PROG_XDP, PersistKey4, PersistValue4, mono_seconds,
+    MAP_PERSIST4_SHARDS, PROG_DROP, PROG_SWAP_TX, PROG_XDP, Persist4Layout, PersistKey4,
+    PersistValue4, mono_seconds,
 };
 use tether::{
     balancer::{self, L2},
     config::Config,
-    dataplane::{Dataplane, net},
+    dataplane::{
+        Dataplane, net,
+        persist_table::{self, Table4},
+    },
 };
 use tether_tests::{bench::Args, netns::run_in_netns, packet::PacketBuilder, pinned::Pins};
 
@@ -291,9 +295,8 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
         for cpu in 0..cpus {
             s.spawn(move || {
                 pin_cpu(cpu);
-                let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
-                let mut m: BpfHashMap<MapData, PersistKey4, PersistValue4> =
-                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(md)).expect("lru map");
+                // Each key into its shard, as the daemon writes bindings.
+                let mut m = Table4::open(pin_dir).expect("IPv4 shards");
                 let now = monotonic_ns();
                 for i in (cpu..n).step_by(cpus) {
                     let key = PersistKey4 {
@@ -305,7 +308,7 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
                         identity_tag: 0,
                         last_seen_s: mono_seconds(now),
                     };
-                    m.insert(key, v, 0).expect("insert");
+                    m.insert(&key, &v, 0).expect("insert");
                 }
             });
         }
@@ -313,20 +316,27 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
     t.elapsed()
 }
 
-/// The kernel's memory accounting for the pinned IPv4 persistence table.
-fn persist_memory(pin_dir: &Path) -> (u64, u32) {
-    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
-    let fd = md.fd().as_fd().as_raw_fd();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
-    let get = |k: &str| {
-        info.lines()
-            .find_map(|l| {
-                l.strip_prefix(k)
-                    .map(|v| v.trim().parse::<u64>().expect("number"))
-            })
-            .unwrap_or_else(|| panic!("{k} missing in fdinfo"))
-    };
-    (get("memlock:"), get("max_entries:") as u32)
+/// The kernel's memory accounting for the pinned IPv4 persistence table: memlock and
+/// max_entries summed over the shards in use, and the layout.
+fn persist_memory(pin_dir: &Path) -> (u64, u64, Persist4Layout) {
+    let layout = persist_table::pinned_layout(pin_dir).expect("IPv4 table pinned");
+    let (mut mem, mut max) = (0, 0);
+    for name in &MAP_PERSIST4_SHARDS[..layout.shards as usize] {
+        let md = MapData::from_pin(pin_dir.join(name)).expect("shard pin");
+        let fd = md.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+        let get = |k: &str| {
+            info.lines()
+                .find_map(|l| {
+                    l.strip_prefix(k)
+                        .map(|v| v.trim().parse::<u64>().expect("number"))
+                })
+                .unwrap_or_else(|| panic!("{k} missing in fdinfo"))
+        };
+        mem += get("memlock:");
+        max += get("max_entries:");
+    }
+    (mem, max, layout)
 }
 
 fn main() {
@@ -417,7 +427,7 @@ fn main() {
         for &entries in &o.big_tables {
             let mut l = load(&format!("big{entries}"), entries);
             let fill = prefill(&l.pin_dir.0, entries as usize);
-            let (mem, max) = persist_memory(&l.pin_dir.0);
+            let (mem, max, layout) = persist_memory(&l.pin_dir.0);
             // Hits on clients spread over the whole table: cache-cold lookups.
             let step = (entries as usize / o.clients).max(1);
             let frames: Vec<Vec<u8>> = (0..o.clients)
@@ -454,9 +464,11 @@ fn main() {
             rows.push((
                 format!("IPv4 table of {}M entries: kernel memory", entries >> 20),
                 format!(
-                    "{:.0} MiB, {:.0} bytes/entry",
+                    "{:.0} MiB, {:.1} bytes/entry ({} shard(s) of {}Ki entries)",
                     mem as f64 / (1 << 20) as f64,
-                    mem as f64 / max as f64
+                    mem as f64 / max as f64,
+                    layout.shards,
+                    layout.shard_entries >> 10,
                 ),
             ));
         }

@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use lb_common::{
     maps::{
         BACKEND_UNUSED, Backend, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
-        MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey,
-        PersistKey4, PersistValue, PersistValue4, Service, ServiceKey, maglev_index, v4_mapped,
+        MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue,
+        Service, ServiceKey, maglev_index, v4_mapped,
     },
     stats::{TrafficCounters, reason},
 };
@@ -145,11 +145,9 @@ impl Pins {
     /// the start of its second).
     pub fn persist_entries(&self) -> Result<Vec<(PersistKey, PersistValue)>> {
         let now = monotonic_coarse_ns();
-        let m4: HashMap<MapData, PersistKey4, PersistValue4> = self.open(MAP_PERSIST4)?;
-        let mut out: Vec<(PersistKey, PersistValue)> = m4
-            .iter()
-            .map(|r| r.map(|(k, v)| (k.to_mapped(), v.to_value(now))))
-            .collect::<std::result::Result<_, _>>()?;
+        let mut out: Vec<(PersistKey, PersistValue)> = Vec::new();
+        persist_table::Table4::open(&self.dir)?
+            .for_each(|k, v| out.push((k.to_mapped(), v.to_value(now))))?;
         let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         for r in m.iter() {
             out.push(r?);

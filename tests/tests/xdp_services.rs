@@ -19,9 +19,9 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    MAGLEV_TABLE_SIZE, MAP_PERSIST4, MAP_SERVICES4, PROG_XDP, PROTO_TCP, PersistKey4,
-    PersistValue4, Service, ServiceKey4, backend_identity, hash::client_hash, identity_tag16,
-    mono_seconds, reason, v4_mapped,
+    MAGLEV_TABLE_SIZE, MAP_SERVICES4, PROG_XDP, PROTO_TCP, PersistKey4, PersistValue4, Service,
+    ServiceKey4, backend_identity, hash::client_hash, identity_tag16, mono_seconds, reason,
+    v4_mapped,
 };
 use tether::{
     balancer::{self, L2, Plan},
@@ -135,9 +135,7 @@ fn services4(pin_dir: &Path) -> HashMap<MapData, ServiceKey4, Service> {
 }
 
 fn bind(pin_dir: &Path, client: Ipv4Addr, service: u32, backend: u32, identity: u32) {
-    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("TETHER_PERSIST4 pin");
-    let mut m: HashMap<MapData, PersistKey4, PersistValue4> =
-        HashMap::try_from(Map::LruHashMap(md)).expect("LRU hash map");
+    let mut m = tether::dataplane::persist_table::Table4::open(pin_dir).expect("IPv4 shards");
     let key = PersistKey4 {
         addr_be: client.octets(),
         service,
@@ -147,7 +145,7 @@ fn bind(pin_dir: &Path, client: Ipv4Addr, service: u32, backend: u32, identity: 
         identity_tag: identity_tag16(identity),
         last_seen_s: mono_seconds(coarse_now_ns()),
     };
-    m.insert(key, value, 0).expect("binding");
+    m.insert(&key, &value, 0).expect("binding");
 }
 
 /// Where a packet should go.
