@@ -155,6 +155,20 @@ impl Pins {
         Ok(out)
     }
 
+    /// Entries in each shard of the IPv4 table the pinned layout uses, counted on each
+    /// shard's own map.
+    pub fn persist4_per_shard(&self) -> Result<Vec<usize>> {
+        let layout = persist_table::pinned_layout(&self.dir)
+            .ok_or_else(|| anyhow!("no IPv4 table pinned in {}", self.dir.display()))?;
+        let mut out = Vec::new();
+        for name in &lb_common::MAP_PERSIST4_SHARDS[..layout.shards as usize] {
+            let m: HashMap<MapData, lb_common::PersistKey4, lb_common::PersistValue4> =
+                self.open(name)?;
+            out.push(m.keys().count());
+        }
+        Ok(out)
+    }
+
     /// The entry of an IPv4 client (/32 profile) in service `service`.
     pub fn persist_get(&self, service: u32, client: Ipv4Addr) -> Result<Option<PersistValue>> {
         Ok(persist_table::get(
