@@ -21,18 +21,19 @@ use std::{
 };
 
 use aya::{
+    EbpfLoader,
     maps::MapData,
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
-    MAP_PERSIST4_SHARDS, PROG_DROP, PROG_SWAP_TX, PROG_XDP, Persist4Layout, PersistKey4,
-    PersistValue4, mono_seconds,
+    MAP_PERSIST4, MAP_PERSIST4_SHARDS, PROG_DROP, PROG_SWAP_TX, PROG_XDP, Persist4Layout,
+    PersistKey4, PersistValue4, mono_seconds,
 };
 use tether::{
     balancer::{self, L2},
     config::Config,
     dataplane::{
-        Dataplane, net,
+        Dataplane, EBPF_OBJECT, net,
         persist_table::{self, Table4},
     },
 };
@@ -222,11 +223,19 @@ struct Loaded {
 }
 
 fn load(tag: &str, entries: u32) -> Loaded {
+    load_over(tag, entries, |_| {})
+}
+
+/// As [`load`], after `pin` has pinned maps in the fresh pin directory for the daemon to
+/// reuse.
+fn load_over(tag: &str, entries: u32, pin: impl FnOnce(&Path)) -> Loaded {
     let pin_dir = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/tether-bench-{}-{tag}",
         std::process::id()
     )));
     let _ = std::fs::remove_dir_all(&pin_dir.0);
+    std::fs::create_dir_all(&pin_dir.0).expect("pin dir");
+    pin(&pin_dir.0);
     let cfg = config(&pin_dir.0, entries);
     let ifindex = net::ifindex("tba").expect("tba");
     let mac_src = net::mac_of("tba").expect("mac");
@@ -255,6 +264,16 @@ fn load(tag: &str, entries: u32) -> Loaded {
         pin_dir,
         ifindex,
     }
+}
+
+/// One unsplit IPv4 table of `entries` pinned in `dir`, as builds before the shards left
+/// it: the daemon keeps a pinned table's layout, so this is how such a table runs now.
+fn pin_single_table(dir: &Path, entries: u32) {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(MAP_PERSIST4, entries)
+        .map_pin_path(MAP_PERSIST4, dir.join(MAP_PERSIST4));
+    loader.load(EBPF_OBJECT).expect("pinning one IPv4 table");
 }
 
 fn prog<'a>(l: &'a mut Loaded, name: &str) -> &'a Xdp {
@@ -428,27 +447,42 @@ fn main() {
             let mut l = load(&format!("big{entries}"), entries);
             let fill = prefill(&l.pin_dir.0, entries as usize);
             let (mem, max, layout) = persist_memory(&l.pin_dir.0);
+            // A size the shards split: the same clients in one table, as an earlier build
+            // pinned it, measured in the same rounds.
+            let mut single = (layout.shards > 1).then(|| {
+                let s = load_over(&format!("one{entries}"), entries, |d| {
+                    pin_single_table(d, entries)
+                });
+                prefill(&s.pin_dir.0, entries as usize);
+                s
+            });
             // Hits on clients spread over the whole table: cache-cold lookups.
             let step = (entries as usize / o.clients).max(1);
             let frames: Vec<Vec<u8>> = (0..o.clients)
                 .map(|i| frame(client((i * step) % entries as usize), 2000))
                 .collect();
-            let (mut base, mut hit) = (Vec::new(), Vec::new());
+            let (mut base, mut hit, mut hit1) = (Vec::new(), Vec::new(), Vec::new());
             let ifindex = l.ifindex;
             for _ in 0..o.rounds {
                 base.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
                 hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+                if let Some(s) = single.as_mut() {
+                    hit1.push(per_packet(prog(s, PROG_XDP), &frames, ifindex, 3));
+                }
             }
             let ratio = median_ratio(&hit, &base);
+            let ratio1 = (!hit1.is_empty()).then(|| median_ratio(&hit1, &base));
             let (b, h) = (median(base), median(hit));
-            let stats = Pins::new(&l.pin_dir.0)
-                .service_counters(0)
-                .expect("counters");
-            assert!(
-                stats.new_assignments < (o.clients as u64),
-                "prefilled clients should hit, {} were new",
-                stats.new_assignments
-            );
+            for loaded in std::iter::once(&l).chain(single.as_ref()) {
+                let stats = Pins::new(&loaded.pin_dir.0)
+                    .service_counters(0)
+                    .expect("counters");
+                assert!(
+                    stats.new_assignments < (o.clients as u64),
+                    "prefilled clients should hit, {} were new",
+                    stats.new_assignments
+                );
+            }
             rows.push((
                 format!(
                     "table of {}M entries: hit on {} spread clients",
@@ -471,6 +505,20 @@ fn main() {
                     layout.shard_entries >> 10,
                 ),
             ));
+            if let (Some(s), Some(r1)) = (single, ratio1) {
+                let (mem1, max1, _) = persist_memory(&s.pin_dir.0);
+                rows.push((
+                    format!(
+                        "the same {}M clients in one table (an earlier build's pin): hit",
+                        entries >> 20
+                    ),
+                    format!(
+                        "{:.0} ns ({r1:.2}x baseline); {:.1} bytes/entry",
+                        median(hit1),
+                        mem1 as f64 / max1 as f64
+                    ),
+                ));
+            }
         }
         rows
     })
