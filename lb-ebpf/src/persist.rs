@@ -57,18 +57,19 @@ fn key4(addr: u32, service: u32) -> (PersistKey4, u64) {
     )
 }
 
-/// The shard of the IPv4 table that holds the key `word` (`lb_common::shard_of`, as the
-/// daemon computes it). The shard count is read-only data: with one shard the verifier
-/// keeps only the first branch.
+/// The shard (index and map) of the IPv4 table that holds the key `word`
+/// (`lb_common::shard_of`, as the daemon computes it). The shard count is read-only data:
+/// with one shard the verifier keeps only the first branch.
 #[inline(always)]
-fn shard4(word: u64) -> &'static Persist4Shard {
+fn shard4(word: u64) -> (u32, &'static Persist4Shard) {
     // SAFETY: a plain read of a u32 global; volatile so LLVM does not fold the value the
     // object was built with (the loader replaces it).
     let shards = unsafe { core::ptr::read_volatile(&TETHER_P4_SHARDS) };
     if shards <= 1 {
-        return &TETHER_PERSIST4;
+        return (0, &TETHER_PERSIST4);
     }
-    match shard_of(word, shards) {
+    let i = shard_of(word, shards);
+    let map = match i {
         1 => &TETHER_PERS4_1,
         2 => &TETHER_PERS4_2,
         3 => &TETHER_PERS4_3,
@@ -77,8 +78,46 @@ fn shard4(word: u64) -> &'static Persist4Shard {
         6 => &TETHER_PERS4_6,
         7 => &TETHER_PERS4_7,
         _ => &TETHER_PERSIST4,
+    };
+    (i, map)
+}
+
+/// Look `key` up in shard `i`, each shard at a call site of its own: the verifier inlines a
+/// hash lookup only where a single map reaches the call, and LLVM merges calls that differ
+/// only in the map. Shard 0 (the whole table when it is not split) is inline; the others
+/// are subprograms.
+#[inline(always)]
+fn lookup4(i: u32, key: &PersistKey4) -> Option<*mut PersistValue4> {
+    match i {
+        1 => lookup4_1(key),
+        2 => lookup4_2(key),
+        3 => lookup4_3(key),
+        4 => lookup4_4(key),
+        5 => lookup4_5(key),
+        6 => lookup4_6(key),
+        7 => lookup4_7(key),
+        _ => TETHER_PERSIST4.get_ptr_mut(key),
     }
 }
+
+macro_rules! shard_lookup {
+    ($($name:ident => $map:ident),*) => {$(
+        /// [`lookup4`] of one shard.
+        #[inline(never)]
+        fn $name(key: &PersistKey4) -> Option<*mut PersistValue4> {
+            $map.get_ptr_mut(key)
+        }
+    )*};
+}
+shard_lookup!(
+    lookup4_1 => TETHER_PERS4_1,
+    lookup4_2 => TETHER_PERS4_2,
+    lookup4_3 => TETHER_PERS4_3,
+    lookup4_4 => TETHER_PERS4_4,
+    lookup4_5 => TETHER_PERS4_5,
+    lookup4_6 => TETHER_PERS4_6,
+    lookup4_7 => TETHER_PERS4_7
+);
 
 /// Choose the backend for `flow` on `svc`.
 #[inline(always)]
@@ -107,12 +146,12 @@ fn choose_v4(
 ) -> Result<Choice, Verdict> {
     let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
     let (key, word) = key4(addr, svc.index);
-    let table = shard4(word);
+    let (shard, table) = shard4(word);
     let now_ns = clock::coarse_ns();
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
     let mut previous = (0, 0);
-    if let Some(v) = table.get_ptr_mut(key) {
+    if let Some(v) = lookup4(shard, &key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_s (a u32, written whole) or replace the element.
         let (bound, tag, last_seen) =
