@@ -266,6 +266,19 @@ fn load_over(tag: &str, entries: u32, pin: impl FnOnce(&Path)) -> Loaded {
     }
 }
 
+/// `frames` in a fixed pseudo-random order (xorshift Fisher-Yates).
+fn shuffled(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = frames.to_vec();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..out.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    out
+}
+
 /// One unsplit IPv4 table of `entries` pinned in `dir`, as builds before the shards left
 /// it: the daemon keeps a pinned table's layout, so this is how such a table runs now.
 fn pin_single_table(dir: &Path, entries: u32) {
@@ -461,17 +474,27 @@ fn main() {
             let frames: Vec<Vec<u8>> = (0..o.clients)
                 .map(|i| frame(client((i * step) % entries as usize), 2000))
                 .collect();
+            // The same clients in random order (as traffic comes): in ascending order the
+            // elements of one table, filled in that order, are visited almost sequentially.
+            let shuffled = shuffled(&frames);
             let (mut base, mut hit, mut hit1) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut hit_r, mut hit1_r) = (Vec::new(), Vec::new());
             let ifindex = l.ifindex;
             for _ in 0..o.rounds {
                 base.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
                 hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
                 if let Some(s) = single.as_mut() {
                     hit1.push(per_packet(prog(s, PROG_XDP), &frames, ifindex, 3));
+                    hit_r.push(per_packet(prog(&mut l, PROG_XDP), &shuffled, ifindex, 3));
+                    hit1_r.push(per_packet(prog(s, PROG_XDP), &shuffled, ifindex, 3));
                 }
             }
             let ratio = median_ratio(&hit, &base);
             let ratio1 = (!hit1.is_empty()).then(|| median_ratio(&hit1, &base));
+            let random = (!hit_r.is_empty()).then(|| {
+                let (rr, rr1) = (median_ratio(&hit_r, &base), median_ratio(&hit1_r, &base));
+                (median(hit_r), rr, median(hit1_r), rr1)
+            });
             let (b, h) = (median(base), median(hit));
             for loaded in std::iter::once(&l).chain(single.as_ref()) {
                 let stats = Pins::new(&loaded.pin_dir.0)
@@ -505,7 +528,7 @@ fn main() {
                     layout.shard_entries >> 10,
                 ),
             ));
-            if let (Some(s), Some(r1)) = (single, ratio1) {
+            if let (Some(s), Some(r1), Some(random)) = (single, ratio1, random) {
                 let (mem1, max1, _) = persist_memory(&s.pin_dir.0);
                 rows.push((
                     format!(
@@ -516,6 +539,16 @@ fn main() {
                         "{:.0} ns ({r1:.2}x baseline); {:.1} bytes/entry",
                         median(hit1),
                         mem1 as f64 / max1 as f64
+                    ),
+                ));
+                rows.push((
+                    format!(
+                        "{}M entries, the clients in random order: hit, shards / one table",
+                        entries >> 20
+                    ),
+                    format!(
+                        "{:.0} ns ({:.2}x baseline) / {:.0} ns ({:.2}x)",
+                        random.0, random.1, random.2, random.3
                     ),
                 ));
             }
