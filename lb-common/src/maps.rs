@@ -16,6 +16,10 @@ pub const PROG_XDP: &str = "tether_xdp";
 pub const PROG_PASS: &str = "tether_pass";
 pub const PROG_SWAP_TX: &str = "tether_swap_tx";
 pub const PROG_DROP: &str = "tether_drop";
+/// Benchmark floors, never attached by the daemon: one `MAP_PERSIST4` lookup and a MAC swap
+/// (XDP_TX on a hit), and the same plus an insert on a miss (XDP_TX after the insert).
+pub const PROG_FLOOR_HIT: &str = "floor_hit";
+pub const PROG_FLOOR_NEW: &str = "floor_new";
 
 /// Virtual services: `ServiceKey` -> `Service`. Hash map, created with `BPF_F_NO_PREALLOC` so a
 /// value update replaces the element atomically (a reader never sees half of a new value).

@@ -1,6 +1,7 @@
 //! tether's XDP data path: an L4 balancer with source-IP persistence and L2 direct server
 //! return. `tether_xdp` is the balancer; `tether_pass`, `tether_swap_tx` and `tether_drop`
-//! are trivial helpers for veth peers and benchmarks.
+//! are trivial helpers for veth peers and benchmarks, and `floor` holds the benchmark's
+//! floor programs (one persistence-table lookup, and a lookup plus an insert).
 //!
 //! One concern per module: `maps` (definitions), `parse` (headers), `service` (the VIP's
 //! service), `persist` (bindings),
@@ -12,6 +13,7 @@
 
 mod clock;
 mod conntrack;
+mod floor;
 mod forward;
 mod maps;
 mod parse;
@@ -56,7 +58,27 @@ pub fn tether_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let mut flow = parse::parse(ctx).map_err(verdict::pass)?;
+    let flow = parse::parse(ctx).map_err(verdict::pass)?;
+    if !flow.is_v6 && flow.kind == Kind::Packet {
+        // The common case gets its own copy of `balance`, in which LLVM knows the family,
+        // the kind and the constant words of the IPv4-mapped addresses, instead of carrying
+        // (and spilling) them for IPv6, fragments and ICMP errors.
+        let v4 = parse::Flow {
+            src: parse::v4_mapped(flow.src[3]),
+            dst: parse::v4_mapped(flow.dst[3]),
+            is_v6: false,
+            kind: Kind::Packet,
+            ip_id_be: 0,
+            ..flow
+        };
+        return balance(ctx, v4);
+    }
+    balance(ctx, flow)
+}
+
+/// Balance a parsed packet: its service, its backend, the rewrite, the counters.
+#[inline(always)]
+fn balance(ctx: &XdpContext, mut flow: parse::Flow) -> Result<Verdict, Verdict> {
     if flow.kind == Kind::LaterFragment {
         // Ports come from the first fragment; without it the stack reassembles (or drops).
         // SAFETY: the value is copied out at once; a concurrent replace of this entry
@@ -88,6 +110,9 @@ fn try_tether_xdp(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let result = forward::forward(ctx, choice.backend);
     stats::account(svc_stat, be_stat, choice.event, bytes, result.is_ok());
+    if flow.kind == Kind::Packet {
+        return result;
+    }
     // Forwarded ICMP errors and fragments are counted apart from the flows' own packets.
     match (result, flow.kind) {
         (Ok((action, _)), Kind::IcmpError) => Ok((action, reason::FWD_ICMP_ERROR)),

@@ -246,7 +246,13 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 /// IPv4-mapped form of an IPv4 address given as two 16-bit words.
 #[inline(always)]
 fn v4_mapped_words(a: &[u16; 2]) -> Addr {
-    [0, 0, V4_MAPPED_WORD2, word(a[0], a[1])]
+    v4_mapped(word(a[0], a[1]))
+}
+
+/// IPv4-mapped form of an IPv4 address given as its word (the last word of the mapped form).
+#[inline(always)]
+pub fn v4_mapped(w: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD2, w]
 }
 
 /// IPv6 address given as eight 16-bit words.
@@ -267,22 +273,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Flow, u32> {
     // SAFETY: `ptr_at` checked that the header is inside the frame.
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3 = ETH_LEN;
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(reason::MALFORMED_ETH)?;
-        // SAFETY: checked by `ptr_at`.
-        ether_type = unsafe { (*vlan).ether_type };
+    // Untagged IPv4, the common case, is tested first and goes straight to `parse_v4`.
+    if ether_type != ETH_P_IP {
         if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-            return Err(reason::PASS_VLAN_STACK);
+            let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(reason::MALFORMED_ETH)?;
+            // SAFETY: checked by `ptr_at`.
+            ether_type = unsafe { (*vlan).ether_type };
+            if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+                return Err(reason::PASS_VLAN_STACK);
+            }
+            l3 = ETH_LEN + VLAN_LEN;
         }
-        l3 = ETH_LEN + VLAN_LEN;
+        if ether_type == ETH_P_IPV6 {
+            return parse_v6(ctx, l3);
+        }
+        if ether_type != ETH_P_IP {
+            return Err(reason::PASS_NOT_IP);
+        }
     }
-    if ether_type == ETH_P_IP {
-        parse_v4(ctx, l3)
-    } else if ether_type == ETH_P_IPV6 {
-        parse_v6(ctx, l3)
-    } else {
-        Err(reason::PASS_NOT_IP)
-    }
+    parse_v4(ctx, l3)
 }
 
 #[inline(always)]
@@ -313,7 +322,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
         is_v6: false,
         tcp_flags: 0,
         kind: Kind::Packet,
-        ip_id_be: u16::from_ne_bytes(ip.id),
+        // Read for fragments only (the fragment table's key).
+        ip_id_be: 0,
     };
     if frag & IPV4_FRAG_OFFSET_MASK != 0 {
         // No ports here: the caller looks them up by datagram.
@@ -321,6 +331,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
             return Err(reason::PASS_FRAGMENT);
         }
         flow.kind = Kind::LaterFragment;
+        flow.ip_id_be = u16::from_ne_bytes(ip.id);
         return Ok(flow);
     }
     if proto == PROTO_ICMP {
@@ -332,6 +343,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Flow, u32> {
     flow.tcp_flags = tcp_flags;
     if frag & IPV4_MF != 0 {
         flow.kind = Kind::FirstFragment;
+        flow.ip_id_be = u16::from_ne_bytes(ip.id);
     }
     Ok(flow)
 }

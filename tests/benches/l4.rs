@@ -6,6 +6,9 @@
 //!   baseline, packets per second;
 //! - per-packet runs (repeat = 1, so each run sees a fresh frame) over many distinct clients:
 //!   new-client path (Maglev + LRU insert), hit path, baseline;
+//! - in both, the floor programs (lb-ebpf `floor`): one `TETHER_PERSIST4` lookup and a MAC
+//!   swap, and (per packet) the lookup plus an LRU insert: what any program keeping this
+//!   table pays, so tether's own share is its ratio to them;
 //! - the hit path with the persistence table prefilled to 1M and 10M entries, and the
 //!   table's memory as the kernel accounts it.
 //!
@@ -22,12 +25,12 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::MapData,
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
-    MAP_PERSIST4, MAP_PERSIST4_SHARDS, PROG_DROP, PROG_SWAP_TX, PROG_XDP, Persist4Layout,
-    PersistKey4, PersistValue4, mono_seconds,
+    MAP_PERSIST4, MAP_PERSIST4_SHARDS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_SWAP_TX,
+    PROG_XDP, Persist4Layout, PersistKey4, PersistValue4, mono_seconds,
 };
 use tether::{
     balancer::{self, L2},
@@ -41,6 +44,8 @@ use tether_tests::{bench::Args, netns::run_in_netns, packet::PacketBuilder, pinn
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
 const LB_MAC: [u8; 6] = [0x02, 0x7e, 0, 0, 0, 0x01];
+/// The verdict of every packet the bench times (linux/bpf.h).
+const XDP_TX: u32 = 3;
 
 struct Opts {
     rounds: usize,
@@ -250,7 +255,7 @@ fn load_over(tag: &str, entries: u32, pin: impl FnOnce(&Path)) -> Loaded {
     .expect("plan");
     let mut dp = Dataplane::load(&pin_dir.0, entries).expect("load");
     dp.apply(&plan).expect("apply");
-    for name in [PROG_SWAP_TX, PROG_DROP] {
+    for name in [PROG_SWAP_TX, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW] {
         let p: &mut Xdp = dp
             .ebpf_mut()
             .program_mut(name)
@@ -348,6 +353,27 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
     t.elapsed()
 }
 
+/// Remove the bindings of clients `first..first + n` (service 0) that `floor_new` wrote (its
+/// XDP_TX verdicts showed each insert succeeded; one the LRU has evicted since is gone
+/// already).
+fn remove_bindings(pin_dir: &Path, first: usize, n: usize) {
+    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
+    let mut m: BpfHashMap<MapData, PersistKey4, PersistValue4> =
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(md)).expect("lru map");
+    for i in first..first + n {
+        let key = PersistKey4 {
+            addr_be: client(i).octets(),
+            service: 0,
+        };
+        match m.remove(&key) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => panic!("removing floor_new's binding of {}: {e}", client(i)),
+        }
+    }
+}
+
 /// The kernel's memory accounting for the pinned IPv4 persistence table: memlock and
 /// max_entries summed over the shards in use, and the layout.
 fn persist_memory(pin_dir: &Path) -> (u64, u64, Persist4Layout) {
@@ -390,69 +416,154 @@ fn main() {
                 .expect("attach XDP_DROP to the peer");
         }
         let hit_frame = frame(Ipv4Addr::new(10, 1, 0, 1), 40000);
-        // Create the binding once, so every live frame below is a persistence hit.
+        // Create the binding once, so every live frame below is a persistence hit (for tether,
+        // checked on its counters after the runs; for the floor, by its verdict here).
         per_packet(
             prog(&mut l, PROG_XDP),
             std::slice::from_ref(&hit_frame),
             ifindex,
-            3,
+            XDP_TX,
         );
+        per_packet(
+            prog(&mut l, PROG_FLOOR_HIT),
+            std::slice::from_ref(&hit_frame),
+            ifindex,
+            XDP_TX,
+        );
+        let hits_before = Pins::new(&l.pin_dir.0)
+            .service_counters(0)
+            .expect("service counters")
+            .persist_hits;
 
-        let (mut base_live, mut hit_live) = (Vec::new(), Vec::new());
+        let (mut base_live, mut floor_live, mut hit_live) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..o.rounds {
-            base_live.push(live(
-                prog(&mut l, PROG_SWAP_TX),
-                &hit_frame,
-                ifindex,
-                o.live_packets,
-            ));
-            hit_live.push(live(
-                prog(&mut l, PROG_XDP),
-                &hit_frame,
-                ifindex,
-                o.live_packets,
-            ));
+            for (name, out) in [
+                (PROG_SWAP_TX, &mut base_live),
+                (PROG_FLOOR_HIT, &mut floor_live),
+                (PROG_XDP, &mut hit_live),
+            ] {
+                out.push(live(prog(&mut l, name), &hit_frame, ifindex, o.live_packets));
+            }
         }
+        let hits = Pins::new(&l.pin_dir.0)
+            .service_counters(0)
+            .expect("service counters")
+            .persist_hits
+            - hits_before;
+        assert_eq!(
+            hits,
+            o.rounds as u64 * o.live_packets as u64,
+            "every live frame a persistence hit"
+        );
         let live_ratio = median_ratio(&hit_live, &base_live);
-        let (b, h) = (median(base_live), median(hit_live));
+        let floor_ratio = median_ratio(&floor_live, &base_live);
+        let hit_floor = median_ratio(&hit_live, &floor_live);
+        let (b, f, h) = (median(base_live), median(floor_live), median(hit_live));
         rows.push((
             "live frames: trivial MAC-swap XDP_TX (baseline)".into(),
             format!("{b:.0} ns/pkt, {:.2} Mpps", 1e3 / b),
         ));
         rows.push((
+            "live frames: floor, one LRU lookup + MAC swap".into(),
+            format!("{f:.0} ns/pkt, **{floor_ratio:.2}x baseline**"),
+        ));
+        rows.push((
             "live frames: tether, persistence hit".into(),
             format!(
-                "{h:.0} ns/pkt, {:.2} Mpps, **{live_ratio:.2}x baseline**",
+                "{h:.0} ns/pkt, {:.2} Mpps, **{live_ratio:.2}x baseline**, {hit_floor:.2}x its floor",
                 1e3 / h,
             ),
         ));
 
-        // Per-packet: new clients, then the same clients again (hits), baseline on the same frames.
+        // Per-packet, each round on 100k clients never seen before: the baseline, tether's new
+        // clients, the floor lookup on the clients just bound, tether's hits on them, and the
+        // floor insert on other fresh clients (its bindings would make tether's new clients
+        // hits); those bindings are removed again, so tether's table grows as it did without
+        // the floor rows. The verdicts and tether's counters check every packet's path.
         let (mut base_pp, mut new_pp, mut hit_pp) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut floor_hit_pp, mut floor_new_pp) = (Vec::new(), Vec::new());
+        let pins = Pins::new(&l.pin_dir.0);
+        let counters = || pins.service_counters(0).expect("service counters");
         for r in 0..o.rounds {
-            let frames: Vec<Vec<u8>> = (0..o.clients)
-                .map(|i| frame(client(i + (r + 1) * 1_000_000), 1024 + (i % 60000) as u16))
-                .collect();
-            base_pp.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
-            new_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
-            hit_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+            let round_frames = |first: usize| -> Vec<Vec<u8>> {
+                (0..o.clients)
+                    .map(|i| frame(client(first + i), 1024 + (i % 60000) as u16))
+                    .collect()
+            };
+            let frames = round_frames((r + 1) * 1_000_000);
+            let floor_clients = (r + 1) * 1_000_000 + o.clients;
+            let floor_frames = round_frames(floor_clients);
+            base_pp.push(per_packet(
+                prog(&mut l, PROG_SWAP_TX),
+                &frames,
+                ifindex,
+                XDP_TX,
+            ));
+            let c0 = counters();
+            new_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, XDP_TX));
+            let c1 = counters();
+            // XDP_TX only when the client is in the table.
+            floor_hit_pp.push(per_packet(
+                prog(&mut l, PROG_FLOOR_HIT),
+                &frames,
+                ifindex,
+                XDP_TX,
+            ));
+            hit_pp.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, XDP_TX));
+            let c2 = counters();
+            assert_eq!(
+                (
+                    c1.new_assignments - c0.new_assignments,
+                    c1.persist_hits - c0.persist_hits
+                ),
+                (o.clients as u64, 0),
+                "tether's new-client run: every client new"
+            );
+            assert_eq!(
+                (
+                    c2.persist_hits - c1.persist_hits,
+                    c2.new_assignments - c1.new_assignments
+                ),
+                (o.clients as u64, 0),
+                "tether's hit run: every client a hit"
+            );
+            // XDP_TX only after an insert on a miss.
+            floor_new_pp.push(per_packet(
+                prog(&mut l, PROG_FLOOR_NEW),
+                &floor_frames,
+                ifindex,
+                XDP_TX,
+            ));
+            remove_bindings(&l.pin_dir.0, floor_clients, o.clients);
         }
-        let (new_ratio, hit_ratio) = (
-            median_ratio(&new_pp, &base_pp),
-            median_ratio(&hit_pp, &base_pp),
+        let ratio = |v: &[f64]| median_ratio(v, &base_pp);
+        let (new_ratio, hit_ratio) = (ratio(&new_pp), ratio(&hit_pp));
+        let (floor_hit_ratio, floor_new_ratio) = (ratio(&floor_hit_pp), ratio(&floor_new_pp));
+        let (new_floor, hit_floor) = (
+            median_ratio(&new_pp, &floor_new_pp),
+            median_ratio(&hit_pp, &floor_hit_pp),
         );
-        let (b, n, h) = (median(base_pp), median(new_pp), median(hit_pp));
+        let (b, n, h) = (median(base_pp.clone()), median(new_pp), median(hit_pp));
+        let (fh, fnew) = (median(floor_hit_pp), median(floor_new_pp));
         rows.push((
             format!("per packet, {} distinct clients: baseline", o.clients),
             format!("{b:.0} ns"),
         ));
         rows.push((
+            "per packet: floor, one LRU lookup + MAC swap".into(),
+            format!("{fh:.0} ns, **{floor_hit_ratio:.2}x baseline**"),
+        ));
+        rows.push((
+            "per packet: floor, LRU lookup + insert + MAC swap".into(),
+            format!("{fnew:.0} ns, **{floor_new_ratio:.2}x baseline**"),
+        ));
+        rows.push((
             "per packet: tether, new client (Maglev + LRU insert)".into(),
-            format!("{n:.0} ns, **{new_ratio:.2}x baseline**"),
+            format!("{n:.0} ns, **{new_ratio:.2}x baseline**, {new_floor:.2}x its floor"),
         ));
         rows.push((
             "per packet: tether, persistence hit".into(),
-            format!("{h:.0} ns, **{hit_ratio:.2}x baseline**"),
+            format!("{h:.0} ns, **{hit_ratio:.2}x baseline**, {hit_floor:.2}x its floor"),
         ));
         drop(l);
 
@@ -481,12 +592,17 @@ fn main() {
             let (mut hit_r, mut hit1_r) = (Vec::new(), Vec::new());
             let ifindex = l.ifindex;
             for _ in 0..o.rounds {
-                base.push(per_packet(prog(&mut l, PROG_SWAP_TX), &frames, ifindex, 3));
-                hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, 3));
+                base.push(per_packet(
+                    prog(&mut l, PROG_SWAP_TX),
+                    &frames,
+                    ifindex,
+                    XDP_TX,
+                ));
+                hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, XDP_TX));
                 if let Some(s) = single.as_mut() {
-                    hit1.push(per_packet(prog(s, PROG_XDP), &frames, ifindex, 3));
-                    hit_r.push(per_packet(prog(&mut l, PROG_XDP), &shuffled, ifindex, 3));
-                    hit1_r.push(per_packet(prog(s, PROG_XDP), &shuffled, ifindex, 3));
+                    hit1.push(per_packet(prog(s, PROG_XDP), &frames, ifindex, XDP_TX));
+                    hit_r.push(per_packet(prog(&mut l, PROG_XDP), &shuffled, ifindex, XDP_TX));
+                    hit1_r.push(per_packet(prog(s, PROG_XDP), &shuffled, ifindex, XDP_TX));
                 }
             }
             let ratio = median_ratio(&hit, &base);

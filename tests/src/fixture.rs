@@ -24,9 +24,10 @@ use lb_common::{
     Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
     MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4,
-    MAP_SVC_GEN, MAP_TX_PORTS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PersistKey,
-    PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow, Service, ServiceKey,
-    ServiceKey4, TrafficCounters, maglev_index, prefix_mask, reason, v4_mapped,
+    MAP_SVC_GEN, MAP_TX_PORTS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_PASS, PROG_SWAP_TX,
+    PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow,
+    Service, ServiceKey, ServiceKey4, TrafficCounters, maglev_index, prefix_mask, reason,
+    v4_mapped,
 };
 use tether::dataplane::{EBPF_OBJECT, persist_table::Table4};
 
@@ -158,7 +159,14 @@ impl Fixture {
                 panic!("loading the XDP object: {e:?}");
             }
         };
-        for name in [PROG_XDP, PROG_PASS, PROG_SWAP_TX, PROG_DROP] {
+        for name in [
+            PROG_XDP,
+            PROG_PASS,
+            PROG_SWAP_TX,
+            PROG_DROP,
+            PROG_FLOOR_HIT,
+            PROG_FLOOR_NEW,
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing from the object"))

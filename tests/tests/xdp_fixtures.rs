@@ -20,10 +20,11 @@ use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV,
-    MAP_PERSIST, MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP,
-    PROTO_UDP, PersistKey, PersistValue, SERVICE_F_L7, TrafficCounters, event,
+    MAP_PERSIST, MAP_PERSIST4, MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW,
+    PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistKey4, PersistValue,
+    PersistValue4, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
 };
@@ -1568,6 +1569,68 @@ fn auxiliary_programs() {
         fx.run_prog(PROG_SWAP_TX, &[1, 2, 3], 0),
         (XDP_PASS, vec![1, 2, 3])
     );
+}
+
+/// The benchmark's floor programs: `floor_new` binds a new client in `TETHER_PERSIST4` under
+/// service 0 and sends the frame back (XDP_TX, MACs swapped), and passes a known one;
+/// `floor_hit` sends a known client back and passes an unknown one. The bench relies on
+/// these verdicts to check which path every packet took.
+#[test]
+fn floor_programs() {
+    let fx = Fixture::new();
+    let f = vip_tcp4(SPORT).build();
+    let swapped = f
+        .with_macs(
+            f.bytes[0..6].try_into().unwrap(),
+            f.bytes[6..12].try_into().unwrap(),
+        )
+        .bytes;
+    let key = PersistKey4 {
+        addr_be: CLIENT.octets(),
+        service: 0,
+    };
+    let table = || -> Option<PersistValue4> {
+        let m: aya::maps::HashMap<_, PersistKey4, PersistValue4> =
+            aya::maps::HashMap::try_from(fx.ebpf.map(MAP_PERSIST4).unwrap()).unwrap();
+        m.get(&key, 0).ok()
+    };
+    let unchanged = (XDP_PASS, f.bytes.clone());
+    assert_eq!(
+        fx.run_prog(PROG_FLOOR_HIT, &f.bytes, 0),
+        unchanged,
+        "floor_hit on an unknown client"
+    );
+    assert_eq!(table(), None, "floor_hit wrote the table");
+    assert_eq!(
+        fx.run_prog(PROG_FLOOR_NEW, &f.bytes, 0),
+        (XDP_TX, swapped.clone()),
+        "floor_new on a new client"
+    );
+    assert_eq!(
+        table(),
+        Some(PersistValue4::default()),
+        "floor_new's binding of the client under service 0"
+    );
+    assert_eq!(
+        fx.run_prog(PROG_FLOOR_NEW, &f.bytes, 0),
+        unchanged,
+        "floor_new on a known client"
+    );
+    assert_eq!(
+        fx.run_prog(PROG_FLOOR_HIT, &f.bytes, 0),
+        (XDP_TX, swapped),
+        "floor_hit on a known client"
+    );
+    // Shorter than the Ethernet and IPv4 headers up to the source address: passed.
+    let short = &f.bytes[..29];
+    for prog in [PROG_FLOOR_HIT, PROG_FLOOR_NEW] {
+        assert_eq!(
+            fx.run_prog(prog, short, 0),
+            (XDP_PASS, short.to_vec()),
+            "{prog} on a 29-byte frame"
+        );
+    }
+    assert_eq!(fx.persist_len(), 1, "only the one client was bound");
 }
 
 /// Every map in `ALL_MAPS` exists in the object, is pinned by name, and has the layout the
