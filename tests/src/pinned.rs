@@ -147,7 +147,7 @@ impl Pins {
         let now = monotonic_coarse_ns();
         let mut out: Vec<(PersistKey, PersistValue)> = Vec::new();
         persist_table::Table4::open(&self.dir)?
-            .for_each(|k, v| out.push((k.to_mapped(), v.to_value(now))))?;
+            .for_each(|_, k, v| out.push((k.to_mapped(), v.to_value(now))))?;
         let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         for r in m.iter() {
             out.push(r?);

@@ -55,6 +55,17 @@ impl Persist4Layout {
     pub const fn capacity(&self) -> u64 {
         self.shards as u64 * self.shard_entries as u64
     }
+
+    /// The layout as the kernel creates it with `BPF_F_NO_COMMON_LRU` over `cpus` possible
+    /// CPUs: each shard's size rounded up to a multiple of `cpus` (what the pins report).
+    /// The shard count, which chooses a key's shard, is unchanged.
+    pub const fn as_created(&self, cpus: u32) -> Persist4Layout {
+        let cpus = if cpus == 0 { 1 } else { cpus };
+        Persist4Layout {
+            shards: self.shards,
+            shard_entries: self.shard_entries.div_ceil(cpus).saturating_mul(cpus),
+        }
+    }
 }
 
 /// Odd 64-bit multiplier (2^64 / golden ratio) of the shard hash.

@@ -47,6 +47,28 @@ fn ten_mebi_entries_are_five_shards_of_two_mebi() {
 }
 
 #[test]
+fn as_created_rounds_each_shard_up_to_the_cpus_and_keeps_the_count() {
+    let l = Persist4Layout::for_entries(3 * 4096);
+    assert_eq!(
+        l.as_created(6),
+        Persist4Layout {
+            shards: 3,
+            shard_entries: 4098
+        }
+    );
+    assert_eq!(
+        l.as_created(4),
+        l,
+        "a power of two of CPUs divides the shard"
+    );
+    assert_eq!(l.as_created(1), l);
+    assert_eq!(l.as_created(0), l, "no CPU count: as asked");
+    let small = Persist4Layout::for_entries(3);
+    assert_eq!(small.as_created(3).shard_entries, 6);
+    assert_eq!(small.as_created(3).as_created(3), small.as_created(3));
+}
+
+#[test]
 fn the_key_word_is_its_bytes_little_endian() {
     let k = PersistKey4 {
         addr_be: [10, 1, 2, 3],

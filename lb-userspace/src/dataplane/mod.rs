@@ -81,6 +81,16 @@ pub enum DataplaneError {
     Persist(#[from] persist_table::PersistError),
     #[error("attaching XDP to {iface}: {reason}")]
     Mode { iface: String, reason: String },
+    #[error(
+        "the IPv4 persistence table's pins in {} ({}, TETHER_PERS4_*) describe the layout {found:?} but the XDP program was given {given:?}: remove all of them (or run `tether stop --detach`) and start again",
+        pin_dir.display(),
+        lb_common::MAP_PERSIST4
+    )]
+    ShardLayout {
+        pin_dir: PathBuf,
+        given: Persist4Layout,
+        found: Option<Persist4Layout>,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -234,6 +244,27 @@ fn drop_incompatible_pins(pin_dir: &Path) {
     }
 }
 
+/// Remove the pins of IPv4 shards 1.. when shard 0 (`MAP_PERSIST4`) is not pinned: the
+/// table is then created anew from the config, and the loader would reuse a leftover shard
+/// whatever its size (an operator removed only `MAP_PERSIST4` to resize, or a first load died
+/// after pinning some shards), so userspace would read another layout back than the program
+/// was given. A table without its shard 0 has lost that shard's bindings anyway.
+fn remove_stale_shard_pins(pin_dir: &Path) {
+    for name in &MAP_PERSIST4_SHARDS[1..] {
+        let path = pin_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::warn!(
+                "{MAP_PERSIST4} is not pinned but {name} is: removed {} (its bindings are lost) so the IPv4 table is created whole from the config",
+                path.display()
+            ),
+            Err(e) => log::warn!("removing the stale pin {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Add `n` to the count of bindings the daemon deleted (`event::USER_DELETED`, CPU 0's slot),
 /// from which `tether status` estimates LRU evictions. Best effort: a failure only skews that
 /// estimate.
@@ -286,9 +317,18 @@ pub struct KernelState {
 /// as its pinned shards are, or else as `Persist4Layout::for_entries(persist_entries)` says
 /// (`persist_table::load_layout`), and the program is told the shard count.
 pub fn pinned_loader(pin_dir: &Path, persist_entries: u32) -> EbpfLoader<'static> {
+    let layout = persist_table::load_layout(pin_dir, persist_entries);
+    loader_with_layout(pin_dir, persist_entries, layout)
+}
+
+/// [`pinned_loader`] with the IPv4 table's layout chosen by the caller.
+fn loader_with_layout(
+    pin_dir: &Path,
+    persist_entries: u32,
+    layout: Persist4Layout,
+) -> EbpfLoader<'static> {
     /// `override_global` borrows its value for the loader's lifetime.
     static SHARD_COUNTS: [u32; PERSIST4_MAX_SHARDS as usize + 1] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
-    let layout = persist_table::load_layout(pin_dir, persist_entries);
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(MAP_PERSIST, persist_entries);
     for (i, name) in MAP_PERSIST4_SHARDS.into_iter().enumerate() {
@@ -367,26 +407,41 @@ impl Dataplane {
                 persist_pin.display()
             );
         }
+        let cpus = possible_cpus();
+        if std::fs::symlink_metadata(pin_dir.join(MAP_PERSIST4)).is_err() {
+            remove_stale_shard_pins(pin_dir);
+        }
         let configured = Persist4Layout::for_entries(persist_entries);
         if let Some(pinned) = persist_table::pinned_layout(pin_dir)
-            && pinned != configured
+            && pinned != configured.as_created(cpus)
         {
             log::warn!(
-                "{MAP_PERSIST4} keeps its layout of {} shard(s) of {} entries (config asks {persist_entries}: {} of {}): the pinned shards are reused so no client loses its backend; remove their pins ({MAP_PERSIST4}, TETHER_PERS4_*) to resize",
+                "{MAP_PERSIST4} keeps its layout of {} shard(s) of {} entries (config asks {persist_entries}: {} of {}): the pinned shards are reused so no client loses its backend; to resize, run `tether stop --detach` or remove all the IPv4 table's pins ({MAP_PERSIST4} and every TETHER_PERS4_*) in {}",
                 pinned.shards,
                 pinned.shard_entries,
                 configured.shards,
                 configured.shard_entries,
+                pin_dir.display(),
             );
         }
-        let ebpf = pinned_loader(pin_dir, persist_entries).load(EBPF_OBJECT)?;
+        let given = persist_table::load_layout(pin_dir, persist_entries);
+        let ebpf = loader_with_layout(pin_dir, persist_entries, given).load(EBPF_OBJECT)?;
+        // The program chooses shards by the count it was given, userspace by the one the
+        // pins describe: they must agree or bindings are written where XDP never looks.
+        let found = persist_table::pinned_layout(pin_dir);
+        if found != Some(given.as_created(cpus)) {
+            return Err(DataplaneError::ShardLayout {
+                pin_dir: pin_dir.to_owned(),
+                given: given.as_created(cpus),
+                found,
+            });
+        }
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             live_tables: Default::default(),
         };
-        if let Some(layout) = persist_table::pinned_layout(pin_dir) {
-            let cpus = possible_cpus();
+        if let Some(layout) = found {
             let per_cpu = layout.capacity() / cpus as u64;
             log::info!(
                 "IPv4 persistence table: {} shard(s) of {} entries ({} in all), {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share of each shard); IPv6 table: {persist_entries} entries",
@@ -889,14 +944,15 @@ impl Dataplane {
             }
         }
         let mut table4 = persist_table::Table4::open(&self.pin_dir)?;
-        let mut doomed: Vec<PersistKey4> = Vec::new();
-        table4.for_each(|k, v| {
+        let mut doomed: Vec<(usize, PersistKey4)> = Vec::new();
+        table4.for_each(|shard, k, v| {
             if gone(k.service, v.backend as u32) {
-                doomed.push(*k);
+                doomed.push((shard, *k));
             }
         })?;
-        for k in &doomed {
-            if table4.remove(k).is_ok() {
+        for (shard, k) in &doomed {
+            // From the shard the walk found it in; evicted meanwhile: already gone.
+            if matches!(table4.remove_in(*shard, k), Ok(true)) {
                 n += 1;
             }
         }

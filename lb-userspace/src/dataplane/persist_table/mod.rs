@@ -212,6 +212,16 @@ fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
     open_pinned(pin_dir, MAP_PERSIST)
 }
 
+/// A lookup or delete found no entry: aya reports a lookup's miss as `KeyNotFound` but a
+/// delete's as the syscall's ENOENT.
+pub fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
     move |source| PersistError::Map { name, source }
 }
@@ -261,7 +271,7 @@ pub fn remove(pin_dir: &Path, key: &PersistKey) -> Result<bool> {
     };
     match r {
         Ok(()) => Ok(true),
-        Err((_, MapError::KeyNotFound)) => Ok(false),
+        Err((_, e)) if is_not_found(&e) => Ok(false),
         Err((name, source)) => Err(PersistError::Map { name, source }),
     }
 }
@@ -281,17 +291,26 @@ pub fn service_params(pin_dir: &Path) -> Result<HashMap<u32, ServiceParams>> {
     Ok(out)
 }
 
+/// Where a walk found an entry: the IPv4 table's shard `Some(i)`, or the IPv6 table.
+type Found = Option<usize>;
+
 /// Visit every entry of both tables once (each walk bounded by its table's capacity), with
-/// its service's parameters; IPv4 entries in the one-layout form.
+/// its service's parameters and where it was found; IPv4 entries in the one-layout form.
 fn walk(
     pin_dir: &Path,
-    mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams),
+    mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams, Found),
 ) -> Result<()> {
     let params = service_params(pin_dir)?;
     let p = |service: u32| *params.get(&service).unwrap_or(&ServiceParams::STALE);
     let now = monotonic_ns()?;
-    Table4::open(pin_dir)?
-        .for_each(|key, value| visit(&key.to_mapped(), &value.to_value(now), &p(key.service)))?;
+    Table4::open(pin_dir)?.for_each(|shard, key, value| {
+        visit(
+            &key.to_mapped(),
+            &value.to_value(now),
+            &p(key.service),
+            Some(shard),
+        )
+    })?;
     let map = open_persist(pin_dir)?;
     let err = map_err(MAP_PERSIST);
     let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
@@ -299,10 +318,10 @@ fn walk(
         let key = key.map_err(&err)?;
         let value = match map.get(&key, 0) {
             Ok(v) => v,
-            Err(MapError::KeyNotFound) => continue,
+            Err(e) if is_not_found(&e) => continue,
             Err(e) => return Err(err(e)),
         };
-        visit(&key, &value, &p(key.service));
+        visit(&key, &value, &p(key.service), None);
     }
     Ok(())
 }
@@ -318,7 +337,7 @@ pub fn list_capped(pin_dir: &Path, f: &Filter, max: usize) -> Result<(Vec<Entry>
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut truncated = false;
-    walk(pin_dir, |k, v, p| {
+    walk(pin_dir, |k, v, p, _| {
         if !matches(f, k, v, p) || !seen.insert(*k) {
             return;
         }
@@ -338,22 +357,27 @@ pub fn list_capped(pin_dir: &Path, f: &Filter, max: usize) -> Result<(Vec<Entry>
 /// deleted. The affected clients get a new choice on their next packet.
 pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
     // Collect first: deleting the key a walk stands on would restart the walk.
-    let mut keys = HashSet::new();
-    walk(pin_dir, |k, v, p| {
+    let mut keys = HashMap::new();
+    walk(pin_dir, |k, v, p, found| {
         if matches(f, k, v, p) {
-            keys.insert(*k);
+            keys.insert(*k, found);
         }
     })?;
     let (mut map, mut map4) = (open_persist(pin_dir)?, Table4::open(pin_dir)?);
     let mut deleted = 0;
-    for k in &keys {
-        let r = match k.to_v4() {
-            Some(k4) => map4.remove(&k4),
-            None => map.remove(k).map_err(|e| (MAP_PERSIST, e)),
+    for (k, found) in &keys {
+        // Removed from where the walk found it; evicted or deleted since: not an error.
+        let r = match (k.to_v4(), found) {
+            (Some(k4), Some(shard)) => map4.remove_in(*shard, &k4),
+            _ => match map.remove(k) {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err((MAP_PERSIST, e)),
+            },
         };
         match r {
-            Ok(()) => deleted += 1,
-            Err((_, MapError::KeyNotFound)) => {}
+            Ok(true) => deleted += 1,
+            Ok(false) => {}
             Err((name, source)) => {
                 crate::dataplane::note_deleted(pin_dir, deleted as u64);
                 return Err(PersistError::Map { name, source });
@@ -368,7 +392,7 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
 pub fn census(pin_dir: &Path) -> Result<Census> {
     let now = monotonic_ns()?;
     let mut c = Census::default();
-    walk(pin_dir, |k, v, p| {
+    walk(pin_dir, |k, v, p, _| {
         c.entries += 1;
         if !is_expired(age(now, v.last_seen_ns), p) {
             *c.live.entry((k.service, v.backend)).or_insert(0) += 1;
@@ -383,7 +407,7 @@ pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
 }
 
 mod bind;
-pub use bind::{Binding, BindingEvents, bind, live_bindings};
+pub use bind::{Binder, Binding, BindingEvents, live_bindings};
 mod shards;
 pub use shards::{PersistMap4, Table4, layout_from_sizes, load_layout, pinned_layout};
 

@@ -35,16 +35,25 @@ fn unused_shard_entries() -> u32 {
 }
 
 /// The layout of the shards pinned in `pin_dir`, if `MAP_PERSIST4` is pinned (an earlier
-/// build's single table is one shard of its size).
+/// build's single table is one shard of its size). Sizes are as the kernel created them
+/// (`Persist4Layout::as_created`). Probes stop at the first shard that is not in use.
 pub fn pinned_layout(pin_dir: &Path) -> Option<Persist4Layout> {
-    let sizes: Vec<Option<u32>> = MAP_PERSIST4_SHARDS
-        .iter()
-        .map(|name| {
-            MapInfo::from_pin(pin_dir.join(name))
-                .ok()
-                .map(|i| i.max_entries())
-        })
-        .collect();
+    let size = |i: usize| {
+        MapInfo::from_pin(pin_dir.join(MAP_PERSIST4_SHARDS[i]))
+            .ok()
+            .map(|m| m.max_entries())
+    };
+    let s0 = size(0)?;
+    let mut sizes = vec![Some(s0)];
+    if s0 > unused_shard_entries() {
+        for i in 1..MAP_PERSIST4_SHARDS.len() {
+            let s = size(i);
+            sizes.push(s);
+            if s != Some(s0) {
+                break;
+            }
+        }
+    }
     layout_from_sizes(&sizes, unused_shard_entries())
 }
 
@@ -54,7 +63,8 @@ pub fn load_layout(pin_dir: &Path, entries: u32) -> Persist4Layout {
     pinned_layout(pin_dir).unwrap_or(Persist4Layout::for_entries(entries))
 }
 
-/// The pinned shards in use, opened.
+/// The pinned shards in use, opened. Open it once where bindings are written repeatedly:
+/// opening reads the layout back from the pins (a few syscalls per shard).
 pub struct Table4 {
     shards: Vec<PersistMap4>,
 }
@@ -74,6 +84,23 @@ impl Table4 {
             .map(|name| open_pinned(pin_dir, name))
             .collect::<Result<_>>()?;
         Ok(Table4 { shards })
+    }
+
+    /// Delete `key` from shard `shard` (where a walk found it); `Ok(false)` if it is not
+    /// there (evicted or deleted since).
+    pub fn remove_in(
+        &mut self,
+        shard: usize,
+        key: &PersistKey4,
+    ) -> std::result::Result<bool, (&'static str, MapError)> {
+        let Some(map) = self.shards.get_mut(shard) else {
+            return Ok(false);
+        };
+        match map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(e) if super::is_not_found(&e) => Ok(false),
+            Err(e) => Err((MAP_PERSIST4_SHARDS[shard], e)),
+        }
     }
 
     /// Shards in use.
@@ -121,27 +148,21 @@ impl Table4 {
             .map_err(|e| (MAP_PERSIST4_SHARDS[i], e))
     }
 
-    /// Entries the shards in use hold together.
-    pub fn capacity(&self) -> Result<u64> {
-        let mut total = 0;
-        for (i, m) in self.shards.iter().enumerate() {
-            total += m.map().info().map_err(err(i))?.max_entries() as u64;
-        }
-        Ok(total)
-    }
-
-    /// Visit every entry of every shard, each walk bounded by its shard's capacity (see the
-    /// module note of `persist_table` on walks under churn).
-    pub fn for_each(&self, mut visit: impl FnMut(&PersistKey4, &PersistValue4)) -> Result<()> {
+    /// Visit every entry of every shard with its shard's index, each walk bounded by its
+    /// shard's capacity (see the module note of `persist_table` on walks under churn).
+    pub fn for_each(
+        &self,
+        mut visit: impl FnMut(usize, &PersistKey4, &PersistValue4),
+    ) -> Result<()> {
         for (i, map) in self.shards.iter().enumerate() {
             let err = err(i);
             let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
             for key in map.keys().take(capacity.max(1)) {
                 let key = key.map_err(&err)?;
                 match map.get(&key, 0) {
-                    Ok(v) => visit(&key, &v),
+                    Ok(v) => visit(i, &key, &v),
                     // Evicted or flushed since get_next_key returned it.
-                    Err(MapError::KeyNotFound) => continue,
+                    Err(e) if super::is_not_found(&e) => continue,
                     Err(e) => return Err(err(e)),
                 }
             }
