@@ -397,9 +397,11 @@ impl Dataplane {
     pub fn load(pin_dir: &Path, persist_entries: u32) -> Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
         drop_incompatible_pins(pin_dir);
+        let cpus = possible_cpus();
         let persist_pin = pin_dir.join(MAP_PERSIST);
+        // The kernel rounds a per-CPU LRU's size up to a multiple of the possible CPUs.
         if let Ok(info) = aya::maps::MapInfo::from_pin(&persist_pin)
-            && info.max_entries() != persist_entries
+            && Some(info.max_entries()) != persist_entries.max(1).checked_next_multiple_of(cpus)
         {
             log::warn!(
                 "{MAP_PERSIST} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
@@ -407,7 +409,6 @@ impl Dataplane {
                 persist_pin.display()
             );
         }
-        let cpus = possible_cpus();
         if std::fs::symlink_metadata(pin_dir.join(MAP_PERSIST4)).is_err() {
             remove_stale_shard_pins(pin_dir);
         }
