@@ -367,3 +367,63 @@ fn loading_over_pins_without_the_ipv4_service_map_fills_it() {
         "no service at the stale entry's VIP"
     );
 }
+
+/// An operator removed only `TETHER_PERSIST4` of a split table to resize (as an earlier
+/// warning told them), leaving shards 1 and 2 pinned at the old size: the load creates the
+/// table the config asks for, and a binding userspace writes (as `tether persist` or a
+/// mirror does) is found by the program, for clients in every shard. Had the leftover pins
+/// been reused, userspace would read one shard back while the program uses three.
+#[test]
+fn after_removing_only_shard_0_userspace_bindings_are_found_by_xdp() {
+    use lb_common::{MAP_PERSIST4, Persist4Layout};
+    stay_on_one_cpu();
+    let pins = Pins::new("stale-shard");
+    drop(Dataplane::load(&pins.0, 3 * 8192).expect("the old 3 x 8192 table"));
+    std::fs::remove_file(pins.0.join(MAP_PERSIST4)).expect("removing shard 0's pin");
+    let entries = 3 * 4096;
+    assert_eq!(Persist4Layout::for_entries(entries).shards, 3);
+    let mut dp = Dataplane::load(&pins.0, entries).expect("load over the leftover shards");
+    let cfg = config(&pins.0, "immediate");
+    let plan = plan(&cfg, BackendState::Up, true);
+    dp.apply(&plan).expect("apply");
+    let ids = balancer::assign_ids(&cfg, &balancer::Previous::default()).expect("ids");
+    let sp = plan
+        .services
+        .iter()
+        .find(|sp| sp.key.to_v4().is_some())
+        .expect("the IPv4 service");
+    let mut shards_used = [false; 3];
+    for i in 0..48u8 {
+        let client = Ipv4Addr::new(198, 18, i, 9);
+        // Bound to the backend Maglev would not choose: only a binding found sends there.
+        let h = client_hash(sp.value.index, &v4_mapped(client.octets()));
+        let maglev = sp.table[(h % MAGLEV_TABLE_SIZE) as usize];
+        let b = (0..2)
+            .find(|&b| ids.backends[0][b] != maglev)
+            .expect("the other backend");
+        let id = ids.backends[0][b];
+        let name = ["b1", "b2"][b];
+        bind(
+            &pins.0,
+            client,
+            sp.value.index,
+            id,
+            backend_identity("p", name),
+        );
+        let key = PersistKey4 {
+            addr_be: client.octets(),
+            service: sp.value.index,
+        };
+        shards_used[key.shard(3) as usize] = true;
+        let frame = to_vip(client).tcp_flags(TCP_ACK, 1, 1).build();
+        let (action, out) = run_xdp(xdp(&mut dp), &frame.bytes, 0);
+        assert_eq!(action, XDP_TX, "client {client}");
+        assert_eq!(
+            out,
+            frame.with_macs(LB_MAC, B_MACS[b]).bytes,
+            "client {client}: sent to its bound b{}",
+            b + 1
+        );
+    }
+    assert_eq!(shards_used, [true; 3], "clients in every shard");
+}
