@@ -12,7 +12,9 @@ pub mod hash;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;
+pub mod persist4;
 pub mod stats;
 
 pub use maps::*;
+pub use persist4::*;
 pub use stats::*;

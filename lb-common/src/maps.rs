@@ -49,6 +49,24 @@ pub const MAP_PERSIST: &str = "TETHER_PERSIST";
 /// Source-IP persistence of IPv4 clients: LRU hash `PersistKey4` -> `PersistValue4` (8-byte
 /// key and value: a 64-byte element, one cache line), shared by all CPUs.
 pub const MAP_PERSIST4: &str = "TETHER_PERSIST4";
+/// The shards of the IPv4 table (`persist4::Persist4Layout`): a key lives in shard
+/// `PersistKey4::shard(n)` of the `n` in use. Shard 0 is `MAP_PERSIST4` (the one table of
+/// earlier builds, whose pin a new daemon reuses); shards the layout does not use exist with
+/// the smallest size.
+pub const MAP_PERSIST4_SHARDS: [&str; 8] = [
+    MAP_PERSIST4,
+    "TETHER_PERS4_1",
+    "TETHER_PERS4_2",
+    "TETHER_PERS4_3",
+    "TETHER_PERS4_4",
+    "TETHER_PERS4_5",
+    "TETHER_PERS4_6",
+    "TETHER_PERS4_7",
+];
+const _: () = assert!(MAP_PERSIST4_SHARDS.len() == crate::PERSIST4_MAX_SHARDS as usize);
+/// The XDP program's read-only global (`.rodata`) holding the number of IPv4 shards in use,
+/// set by the loader: with one shard the verifier removes the shard choice.
+pub const GLOBAL_PERSIST4_SHARDS: &str = "TETHER_P4_SHARDS";
 /// Egress ports for backends behind another interface: devmap-hash keyed by ifindex.
 pub const MAP_TX_PORTS: &str = "TETHER_TX_PORTS";
 /// Per-CPU counters per service (array indexed by `Service::index`) -> `TrafficCounters`.
@@ -84,7 +102,7 @@ pub const MAP_BINDINGS: &str = "TETHER_BINDINGS";
 pub const BINDINGS_RING_BYTES: u32 = 512 * 1024;
 
 /// Every map the XDP program owns, for pinning, cleanup and checks.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 26] = [
     MAP_SERVICES,
     MAP_SERVICES4,
     MAP_SVC_CACHE,
@@ -92,7 +110,14 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_PERSIST,
-    MAP_PERSIST4,
+    MAP_PERSIST4_SHARDS[0],
+    MAP_PERSIST4_SHARDS[1],
+    MAP_PERSIST4_SHARDS[2],
+    MAP_PERSIST4_SHARDS[3],
+    MAP_PERSIST4_SHARDS[4],
+    MAP_PERSIST4_SHARDS[5],
+    MAP_PERSIST4_SHARDS[6],
+    MAP_PERSIST4_SHARDS[7],
     MAP_TX_PORTS,
     MAP_SERVICE_STATS,
     MAP_BACKEND_STATS,

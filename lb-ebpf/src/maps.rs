@@ -66,15 +66,44 @@ pub static TETHER_PERSIST: LruHashMap<
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
 
-/// `MAP_PERSIST4`: as `TETHER_PERSIST` for IPv4 clients, with an 8-byte key and value so an
-/// element is one cache line (64 bytes) and the key hashes and compares in one word.
+/// One shard of the IPv4 persistence table: as `TETHER_PERSIST` for IPv4 clients, with an
+/// 8-byte key and value so an element is one cache line (64 bytes) and the key hashes and
+/// compares in one word. Userspace sets each shard's size (`lb_common::Persist4Layout`);
+/// the object's one entry is what a shard the layout does not use keeps.
+pub type Persist4Shard =
+    LruHashMap<PersistKey4, PersistValue4, 1, { BPF_F_NO_COMMON_LRU as usize }>;
+
+/// `MAP_PERSIST4_SHARDS[0]` (`MAP_PERSIST4`): shard 0 of the IPv4 table, the whole table
+/// when it is not split.
 #[btf_map]
-pub static TETHER_PERSIST4: LruHashMap<
-    PersistKey4,
-    PersistValue4,
-    { PERSIST_DEFAULT_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static TETHER_PERSIST4: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[1]`.
+#[btf_map]
+pub static TETHER_PERS4_1: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[2]`.
+#[btf_map]
+pub static TETHER_PERS4_2: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[3]`.
+#[btf_map]
+pub static TETHER_PERS4_3: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[4]`.
+#[btf_map]
+pub static TETHER_PERS4_4: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[5]`.
+#[btf_map]
+pub static TETHER_PERS4_5: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[6]`.
+#[btf_map]
+pub static TETHER_PERS4_6: Persist4Shard = LruHashMap::new();
+/// `MAP_PERSIST4_SHARDS[7]`.
+#[btf_map]
+pub static TETHER_PERS4_7: Persist4Shard = LruHashMap::new();
+
+/// `GLOBAL_PERSIST4_SHARDS`: shards of the IPv4 table in use (1 to 8), set by the loader.
+/// Read-only data (`.rodata`, frozen by the loader): the verifier knows its value, so with
+/// one shard the shard choice is removed from the program.
+#[unsafe(no_mangle)]
+pub static TETHER_P4_SHARDS: u32 = 1;
 
 /// `MAP_TX_PORTS`: egress interfaces other than the ingress one, keyed by ifindex.
 #[btf_map]

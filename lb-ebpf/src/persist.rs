@@ -1,6 +1,6 @@
 //! Source-IP persistence: the client's (masked) address is bound to a backend in the shared
-//! LRU table of its family (IPv4: `TETHER_PERSIST4`, 8-byte key and value; IPv6:
-//! `TETHER_PERSIST`). A hit costs one lookup; last-seen is refreshed by a plain store at most every
+//! LRU table of its family (IPv4: `TETHER_PERSIST4` and its shards, 8-byte key and value;
+//! IPv6: `TETHER_PERSIST`). A hit costs one lookup; last-seen is refreshed by a plain store at most every
 //! `PERSIST_REFRESH_NS`; the table is only updated when a binding is made or changed.
 //!
 //! Only a packet that may start a flow (UDP, a TCP SYN) writes the table, and each CPU makes
@@ -14,14 +14,15 @@ use lb_common::{
     PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, Service, TrafficCounters,
     elapsed_ns, elapsed_s, event as events,
     hash::{FLOW_SEED, client_hash, hash_words},
-    identity_matches, identity_matches16, identity_tag16, mono_seconds,
+    identity_matches, identity_matches16, identity_tag16, mono_seconds, shard_of,
 };
 
 use crate::{
     Verdict, clock, conntrack,
     maps::{
-        TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_PERSIST, TETHER_PERSIST4,
-        TETHER_RATE,
+        Persist4Shard, TETHER_BACKENDS, TETHER_BINDINGS, TETHER_GLOBALS, TETHER_P4_SHARDS,
+        TETHER_PERS4_1, TETHER_PERS4_2, TETHER_PERS4_3, TETHER_PERS4_4, TETHER_PERS4_5,
+        TETHER_PERS4_6, TETHER_PERS4_7, TETHER_PERSIST, TETHER_PERSIST4, TETHER_RATE,
     },
     parse::{Addr, Aligned, Flow, Kind, V4_MAPPED_WORD2, store_addr},
     select::{self, Choice, usable},
@@ -41,15 +42,82 @@ fn masked_v6(svc: &Service, flow: &Flow) -> Addr {
 }
 
 /// The IPv4 table's key for a (masked) client address word and a service, built as one
-/// 64-bit value: field by field, LLVM assembles the address byte by byte.
+/// 64-bit value (field by field, LLVM assembles the address byte by byte), and that value
+/// (`PersistKey4::word`, which chooses the shard).
 #[inline(always)]
-fn key4(addr: u32, service: u32) -> PersistKey4 {
+fn key4(addr: u32, service: u32) -> (PersistKey4, u64) {
     // bpfel: the low word's bytes come first, as `addr_be` comes before `service`.
     const _: () = assert!(cfg!(target_endian = "little"));
     const _: () = assert!(core::mem::offset_of!(PersistKey4, service) == 4);
+    let word = addr as u64 | (service as u64) << 32;
     // SAFETY: PersistKey4 is repr(C), 8 bytes, every bit pattern valid (checked in lb-common).
-    unsafe { core::mem::transmute::<u64, PersistKey4>(addr as u64 | (service as u64) << 32) }
+    (
+        unsafe { core::mem::transmute::<u64, PersistKey4>(word) },
+        word,
+    )
 }
+
+/// The shard (index and map) of the IPv4 table that holds the key `word`
+/// (`lb_common::shard_of`, as the daemon computes it). The shard count is read-only data:
+/// with one shard the verifier keeps only the first branch.
+#[inline(always)]
+fn shard4(word: u64) -> (u32, &'static Persist4Shard) {
+    // SAFETY: a plain read of a u32 global; volatile so LLVM does not fold the value the
+    // object was built with (the loader replaces it).
+    let shards = unsafe { core::ptr::read_volatile(&TETHER_P4_SHARDS) };
+    if shards <= 1 {
+        return (0, &TETHER_PERSIST4);
+    }
+    let i = shard_of(word, shards);
+    let map = match i {
+        1 => &TETHER_PERS4_1,
+        2 => &TETHER_PERS4_2,
+        3 => &TETHER_PERS4_3,
+        4 => &TETHER_PERS4_4,
+        5 => &TETHER_PERS4_5,
+        6 => &TETHER_PERS4_6,
+        7 => &TETHER_PERS4_7,
+        _ => &TETHER_PERSIST4,
+    };
+    (i, map)
+}
+
+/// Look `key` up in shard `i`, each shard at a call site of its own: the verifier inlines a
+/// hash lookup only where a single map reaches the call, and LLVM merges calls that differ
+/// only in the map. Shard 0 (the whole table when it is not split) is inline; the others
+/// are subprograms.
+#[inline(always)]
+fn lookup4(i: u32, key: &PersistKey4) -> Option<*mut PersistValue4> {
+    match i {
+        1 => lookup4_1(key),
+        2 => lookup4_2(key),
+        3 => lookup4_3(key),
+        4 => lookup4_4(key),
+        5 => lookup4_5(key),
+        6 => lookup4_6(key),
+        7 => lookup4_7(key),
+        _ => TETHER_PERSIST4.get_ptr_mut(key),
+    }
+}
+
+macro_rules! shard_lookup {
+    ($($name:ident => $map:ident),*) => {$(
+        /// [`lookup4`] of one shard.
+        #[inline(never)]
+        fn $name(key: &PersistKey4) -> Option<*mut PersistValue4> {
+            $map.get_ptr_mut(key)
+        }
+    )*};
+}
+shard_lookup!(
+    lookup4_1 => TETHER_PERS4_1,
+    lookup4_2 => TETHER_PERS4_2,
+    lookup4_3 => TETHER_PERS4_3,
+    lookup4_4 => TETHER_PERS4_4,
+    lookup4_5 => TETHER_PERS4_5,
+    lookup4_6 => TETHER_PERS4_6,
+    lookup4_7 => TETHER_PERS4_7
+);
 
 /// Choose the backend for `flow` on `svc`.
 #[inline(always)]
@@ -77,12 +145,13 @@ fn choose_v4(
     svc_stat: &mut TrafficCounters,
 ) -> Result<Choice, Verdict> {
     let addr = flow.src[3] & u32::from_ne_bytes(svc.v4_mask_be);
-    let key = key4(addr, svc.index);
+    let (key, word) = key4(addr, svc.index);
+    let (shard, table) = shard4(word);
     let now_ns = clock::coarse_ns();
     let now = mono_seconds(now_ns);
     let mut event = Event::New;
     let mut previous = (0, 0);
-    if let Some(v) = TETHER_PERSIST4.get_ptr_mut(key) {
+    if let Some(v) = lookup4(shard, &key) {
         // SAFETY: the pointer the lookup returned is valid for this program run; concurrent
         // CPUs only store last_seen_s (a u32, written whole) or replace the element.
         let (bound, tag, last_seen) =
@@ -122,7 +191,7 @@ fn choose_v4(
             identity_tag: identity_tag16(be.identity),
             last_seen_s: now,
         };
-        TETHER_PERSIST4.insert(key, value, BPF_ANY as u64).is_ok()
+        table.insert(key, value, BPF_ANY as u64).is_ok()
     })
 }
 

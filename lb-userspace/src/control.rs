@@ -79,13 +79,13 @@ pub enum ControlError {
     },
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
-    #[error(
-        "{field} cannot change while running (it is {old}, the new config says {new}): restart tether to apply it"
-    )]
+    #[error("{field} cannot change while running (it is {old}, the new config says {new}): {how}")]
     NeedsRestart {
         field: &'static str,
         old: String,
         new: String,
+        /// How to apply the change.
+        how: &'static str,
     },
 }
 
@@ -391,7 +391,18 @@ impl Daemon {
             ),
         ];
         if let Some((field, old, new)) = fixed.into_iter().find(|(_, o, n)| o != n) {
-            return Err(ControlError::NeedsRestart { field, old, new });
+            let how = if field == "persist_table_entries" {
+                // The loader reuses pinned tables whatever their size.
+                "a restart keeps the pinned tables' size and layout; to resize, run `tether stop --detach` (or remove the pins TETHER_PERSIST, TETHER_PERSIST4 and every TETHER_PERS4_*) and start tether (the bindings are lost)"
+            } else {
+                "restart tether to apply it"
+            };
+            return Err(ControlError::NeedsRestart {
+                field,
+                old,
+                new,
+                how,
+            });
         }
         let l2 = resolve_l2_async(new.clone()).await?;
         let ks = self.dp.kernel_state()?;

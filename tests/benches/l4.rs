@@ -24,17 +24,21 @@ use std::{
 };
 
 use aya::{
+    EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
-    MAP_PERSIST4, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_SWAP_TX, PROG_XDP, PersistKey4,
-    PersistValue4, mono_seconds,
+    MAP_PERSIST4, MAP_PERSIST4_SHARDS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_SWAP_TX,
+    PROG_XDP, Persist4Layout, PersistKey4, PersistValue4, mono_seconds,
 };
 use tether::{
     balancer::{self, L2},
     config::Config,
-    dataplane::{Dataplane, net},
+    dataplane::{
+        Dataplane, EBPF_OBJECT, net,
+        persist_table::{self, Table4},
+    },
 };
 use tether_tests::{bench::Args, netns::run_in_netns, packet::PacketBuilder, pinned::Pins};
 
@@ -224,11 +228,19 @@ struct Loaded {
 }
 
 fn load(tag: &str, entries: u32) -> Loaded {
+    load_over(tag, entries, |_| {})
+}
+
+/// As [`load`], after `pin` has pinned maps in the fresh pin directory for the daemon to
+/// reuse.
+fn load_over(tag: &str, entries: u32, pin: impl FnOnce(&Path)) -> Loaded {
     let pin_dir = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/tether-bench-{}-{tag}",
         std::process::id()
     )));
     let _ = std::fs::remove_dir_all(&pin_dir.0);
+    std::fs::create_dir_all(&pin_dir.0).expect("pin dir");
+    pin(&pin_dir.0);
     let cfg = config(&pin_dir.0, entries);
     let ifindex = net::ifindex("tba").expect("tba");
     let mac_src = net::mac_of("tba").expect("mac");
@@ -257,6 +269,29 @@ fn load(tag: &str, entries: u32) -> Loaded {
         pin_dir,
         ifindex,
     }
+}
+
+/// `frames` in a fixed pseudo-random order (xorshift Fisher-Yates).
+fn shuffled(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = frames.to_vec();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..out.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    out
+}
+
+/// One unsplit IPv4 table of `entries` pinned in `dir`, as builds before the shards left
+/// it: the daemon keeps a pinned table's layout, so this is how such a table runs now.
+fn pin_single_table(dir: &Path, entries: u32) {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(MAP_PERSIST4, entries)
+        .map_pin_path(MAP_PERSIST4, dir.join(MAP_PERSIST4));
+    loader.load(EBPF_OBJECT).expect("pinning one IPv4 table");
 }
 
 fn prog<'a>(l: &'a mut Loaded, name: &str) -> &'a Xdp {
@@ -297,9 +332,8 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
         for cpu in 0..cpus {
             s.spawn(move || {
                 pin_cpu(cpu);
-                let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
-                let mut m: BpfHashMap<MapData, PersistKey4, PersistValue4> =
-                    BpfHashMap::try_from(aya::maps::Map::LruHashMap(md)).expect("lru map");
+                // Each key into its shard, as the daemon writes bindings.
+                let mut m = Table4::open(pin_dir).expect("IPv4 shards");
                 let now = monotonic_ns();
                 for i in (cpu..n).step_by(cpus) {
                     let key = PersistKey4 {
@@ -311,7 +345,7 @@ fn prefill(pin_dir: &Path, n: usize) -> Duration {
                         identity_tag: 0,
                         last_seen_s: mono_seconds(now),
                     };
-                    m.insert(key, v, 0).expect("insert");
+                    m.insert(&key, &v, 0).expect("insert");
                 }
             });
         }
@@ -340,20 +374,27 @@ fn remove_bindings(pin_dir: &Path, first: usize, n: usize) {
     }
 }
 
-/// The kernel's memory accounting for the pinned IPv4 persistence table.
-fn persist_memory(pin_dir: &Path) -> (u64, u32) {
-    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("persist4 pin");
-    let fd = md.fd().as_fd().as_raw_fd();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
-    let get = |k: &str| {
-        info.lines()
-            .find_map(|l| {
-                l.strip_prefix(k)
-                    .map(|v| v.trim().parse::<u64>().expect("number"))
-            })
-            .unwrap_or_else(|| panic!("{k} missing in fdinfo"))
-    };
-    (get("memlock:"), get("max_entries:") as u32)
+/// The kernel's memory accounting for the pinned IPv4 persistence table: memlock and
+/// max_entries summed over the shards in use, and the layout.
+fn persist_memory(pin_dir: &Path) -> (u64, u64, Persist4Layout) {
+    let layout = persist_table::pinned_layout(pin_dir).expect("IPv4 table pinned");
+    let (mut mem, mut max) = (0, 0);
+    for name in &MAP_PERSIST4_SHARDS[..layout.shards as usize] {
+        let md = MapData::from_pin(pin_dir.join(name)).expect("shard pin");
+        let fd = md.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+        let get = |k: &str| {
+            info.lines()
+                .find_map(|l| {
+                    l.strip_prefix(k)
+                        .map(|v| v.trim().parse::<u64>().expect("number"))
+                })
+                .unwrap_or_else(|| panic!("{k} missing in fdinfo"))
+        };
+        mem += get("memlock:");
+        max += get("max_entries:");
+    }
+    (mem, max, layout)
 }
 
 fn main() {
@@ -529,13 +570,26 @@ fn main() {
         for &entries in &o.big_tables {
             let mut l = load(&format!("big{entries}"), entries);
             let fill = prefill(&l.pin_dir.0, entries as usize);
-            let (mem, max) = persist_memory(&l.pin_dir.0);
+            let (mem, max, layout) = persist_memory(&l.pin_dir.0);
+            // A size the shards split: the same clients in one table, as an earlier build
+            // pinned it, measured in the same rounds.
+            let mut single = (layout.shards > 1).then(|| {
+                let s = load_over(&format!("one{entries}"), entries, |d| {
+                    pin_single_table(d, entries)
+                });
+                prefill(&s.pin_dir.0, entries as usize);
+                s
+            });
             // Hits on clients spread over the whole table: cache-cold lookups.
             let step = (entries as usize / o.clients).max(1);
             let frames: Vec<Vec<u8>> = (0..o.clients)
                 .map(|i| frame(client((i * step) % entries as usize), 2000))
                 .collect();
-            let (mut base, mut hit) = (Vec::new(), Vec::new());
+            // The same clients in random order (as traffic comes): in ascending order the
+            // elements of one table, filled in that order, are visited almost sequentially.
+            let shuffled = shuffled(&frames);
+            let (mut base, mut hit, mut hit1) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut hit_r, mut hit1_r) = (Vec::new(), Vec::new());
             let ifindex = l.ifindex;
             for _ in 0..o.rounds {
                 base.push(per_packet(
@@ -545,17 +599,29 @@ fn main() {
                     XDP_TX,
                 ));
                 hit.push(per_packet(prog(&mut l, PROG_XDP), &frames, ifindex, XDP_TX));
+                if let Some(s) = single.as_mut() {
+                    hit1.push(per_packet(prog(s, PROG_XDP), &frames, ifindex, XDP_TX));
+                    hit_r.push(per_packet(prog(&mut l, PROG_XDP), &shuffled, ifindex, XDP_TX));
+                    hit1_r.push(per_packet(prog(s, PROG_XDP), &shuffled, ifindex, XDP_TX));
+                }
             }
             let ratio = median_ratio(&hit, &base);
+            let ratio1 = (!hit1.is_empty()).then(|| median_ratio(&hit1, &base));
+            let random = (!hit_r.is_empty()).then(|| {
+                let (rr, rr1) = (median_ratio(&hit_r, &base), median_ratio(&hit1_r, &base));
+                (median(hit_r), rr, median(hit1_r), rr1)
+            });
             let (b, h) = (median(base), median(hit));
-            let stats = Pins::new(&l.pin_dir.0)
-                .service_counters(0)
-                .expect("counters");
-            assert!(
-                stats.new_assignments < (o.clients as u64),
-                "prefilled clients should hit, {} were new",
-                stats.new_assignments
-            );
+            for loaded in std::iter::once(&l).chain(single.as_ref()) {
+                let stats = Pins::new(&loaded.pin_dir.0)
+                    .service_counters(0)
+                    .expect("counters");
+                assert!(
+                    stats.new_assignments < (o.clients as u64),
+                    "prefilled clients should hit, {} were new",
+                    stats.new_assignments
+                );
+            }
             rows.push((
                 format!(
                     "table of {}M entries: hit on {} spread clients",
@@ -571,11 +637,37 @@ fn main() {
             rows.push((
                 format!("IPv4 table of {}M entries: kernel memory", entries >> 20),
                 format!(
-                    "{:.0} MiB, {:.0} bytes/entry",
+                    "{:.0} MiB, {:.1} bytes/entry ({} shard(s) of {}Ki entries)",
                     mem as f64 / (1 << 20) as f64,
-                    mem as f64 / max as f64
+                    mem as f64 / max as f64,
+                    layout.shards,
+                    layout.shard_entries >> 10,
                 ),
             ));
+            if let (Some(s), Some(r1), Some(random)) = (single, ratio1, random) {
+                let (mem1, max1, _) = persist_memory(&s.pin_dir.0);
+                rows.push((
+                    format!(
+                        "the same {}M clients in one table (an earlier build's pin): hit",
+                        entries >> 20
+                    ),
+                    format!(
+                        "{:.0} ns ({r1:.2}x baseline); {:.1} bytes/entry",
+                        median(hit1),
+                        mem1 as f64 / max1 as f64
+                    ),
+                ));
+                rows.push((
+                    format!(
+                        "{}M entries, the clients in random order: hit, shards / one table",
+                        entries >> 20
+                    ),
+                    format!(
+                        "{:.0} ns ({:.2}x baseline) / {:.0} ns ({:.2}x)",
+                        random.0, random.1, random.2, random.3
+                    ),
+                ));
+            }
         }
         rows
     })

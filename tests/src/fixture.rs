@@ -23,13 +23,13 @@ use aya::{
 use lb_common::{
     Backend, DOWN_POLICY_IMMEDIATE, FlowKey, FlowValue, Globals, MAGLEV_TABLE_SIZE,
     MAP_BACKEND_STATS, MAP_BACKENDS, MAP_EVENTS, MAP_FLOWS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
-    MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4,
+    MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4,
     MAP_SVC_GEN, MAP_TX_PORTS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_PASS, PROG_SWAP_TX,
     PROG_XDP, PersistKey, PersistKey4, PersistValue, PersistValue4, RATE_WINDOW_NS, RateWindow,
     Service, ServiceKey, ServiceKey4, TrafficCounters, maglev_index, prefix_mask, reason,
     v4_mapped,
 };
-use tether::dataplane::EBPF_OBJECT;
+use tether::dataplane::{EBPF_OBJECT, persist_table::Table4};
 
 use crate::packet::{Frame, Mac, PacketBuilder};
 
@@ -236,9 +236,9 @@ impl Fixture {
     pub fn set_persist(&mut self, key: PersistKey, value: PersistValue) {
         if let Some(k4) = key.to_v4() {
             let v4 = PersistValue4::from_value(&value, coarse_now_ns()).expect("backend id fits");
-            let mut m: HashMap<_, PersistKey4, PersistValue4> =
-                HashMap::try_from(self.ebpf.map_mut(MAP_PERSIST4).unwrap()).unwrap();
-            m.insert(k4, v4, 0).expect("insert persist4 entry");
+            self.table4()
+                .insert(&k4, &v4, 0)
+                .expect("insert persist4 entry");
             return;
         }
         let mut m: HashMap<_, PersistKey, PersistValue> =
@@ -249,9 +249,8 @@ impl Fixture {
     /// A binding in the one-layout form (IPv4: last-seen at the start of its second).
     pub fn persist(&self, key: &PersistKey) -> Option<PersistValue> {
         if let Some(k4) = key.to_v4() {
-            let m: HashMap<_, PersistKey4, PersistValue4> =
-                HashMap::try_from(self.ebpf.map(MAP_PERSIST4).unwrap()).unwrap();
-            return m.get(&k4, 0).ok().map(|v| v.to_value(coarse_now_ns()));
+            let v = self.table4().get(&k4).ok();
+            return v.map(|v| v.to_value(coarse_now_ns()));
         }
         let m: HashMap<_, PersistKey, PersistValue> =
             HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
@@ -262,9 +261,26 @@ impl Fixture {
     pub fn persist_len(&self) -> usize {
         let m: HashMap<_, PersistKey, PersistValue> =
             HashMap::try_from(self.ebpf.map(MAP_PERSIST).unwrap()).unwrap();
-        let m4: HashMap<_, PersistKey4, PersistValue4> =
-            HashMap::try_from(self.ebpf.map(MAP_PERSIST4).unwrap()).unwrap();
-        m.keys().count() + m4.keys().count()
+        m.keys().count() + self.persist4_per_shard().iter().sum::<usize>()
+    }
+
+    /// The IPv4 table's shards in use, opened from their pins as the daemon opens them.
+    pub fn table4(&self) -> Table4 {
+        Table4::open(&self.dir).unwrap_or_else(|e| panic!("IPv4 shards: {e}"))
+    }
+
+    /// Entries in each shard of the IPv4 table the layout uses, counted on the shard's own
+    /// map (not through the shard choice).
+    pub fn persist4_per_shard(&self) -> Vec<usize> {
+        let n = self.table4().shards() as usize;
+        MAP_PERSIST4_SHARDS[..n]
+            .iter()
+            .map(|name| {
+                let m: HashMap<_, PersistKey4, PersistValue4> =
+                    HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
+                m.keys().count()
+            })
+            .collect()
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {

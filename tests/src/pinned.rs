@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use lb_common::{
     maps::{
         BACKEND_UNUSED, Backend, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_MAGLEV,
-        MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey,
-        PersistKey4, PersistValue, PersistValue4, Service, ServiceKey, maglev_index, v4_mapped,
+        MAP_PERSIST, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, PersistKey, PersistValue,
+        Service, ServiceKey, maglev_index, v4_mapped,
     },
     stats::{TrafficCounters, reason},
 };
@@ -145,14 +145,26 @@ impl Pins {
     /// the start of its second).
     pub fn persist_entries(&self) -> Result<Vec<(PersistKey, PersistValue)>> {
         let now = monotonic_coarse_ns();
-        let m4: HashMap<MapData, PersistKey4, PersistValue4> = self.open(MAP_PERSIST4)?;
-        let mut out: Vec<(PersistKey, PersistValue)> = m4
-            .iter()
-            .map(|r| r.map(|(k, v)| (k.to_mapped(), v.to_value(now))))
-            .collect::<std::result::Result<_, _>>()?;
+        let mut out: Vec<(PersistKey, PersistValue)> = Vec::new();
+        persist_table::Table4::open(&self.dir)?
+            .for_each(|_, k, v| out.push((k.to_mapped(), v.to_value(now))))?;
         let m: HashMap<MapData, PersistKey, PersistValue> = self.open(MAP_PERSIST)?;
         for r in m.iter() {
             out.push(r?);
+        }
+        Ok(out)
+    }
+
+    /// Entries in each shard of the IPv4 table the pinned layout uses, counted on each
+    /// shard's own map.
+    pub fn persist4_per_shard(&self) -> Result<Vec<usize>> {
+        let layout = persist_table::pinned_layout(&self.dir)
+            .ok_or_else(|| anyhow!("no IPv4 table pinned in {}", self.dir.display()))?;
+        let mut out = Vec::new();
+        for name in &lb_common::MAP_PERSIST4_SHARDS[..layout.shards as usize] {
+            let m: HashMap<MapData, lb_common::PersistKey4, lb_common::PersistValue4> =
+                self.open(name)?;
+            out.push(m.keys().count());
         }
         Ok(out)
     }

@@ -429,6 +429,115 @@ fn persistence_survives_restart() {
         .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
 }
 
+/// A table of `persist_table_entries` 3 x 4096 is three shards. The clients' bindings, spread
+/// over them, each moved off the hash's choice, are all honoured after every way the daemon
+/// restarts: SIGTERM, SIGKILL (with a config asking another size: the pinned layout stays)
+/// and `tether restart`.
+#[test]
+fn a_sharded_table_keeps_every_binding_across_restarts() {
+    const CLIENTS: usize = 24;
+    let mut lab = Lab(L4Lab::start(CLIENTS, 3, |b| {
+        b.service("web", PORT, Some(1800))
+            .persist_table_entries(3 * 4096)
+    }));
+    let clients = lab.topo.client_addrs.clone();
+    let hashed = lab.fetch_all(&clients);
+    let names = lab.backend_names();
+    // Bind every client to the backend after the one the hash gave it.
+    let want: BTreeMap<Ipv4Addr, String> = clients
+        .iter()
+        .zip(&hashed)
+        .map(|(c, x)| {
+            let i = names.iter().position(|n| n == x).expect("a known backend");
+            (*c, names[(i + 1) % names.len()].clone())
+        })
+        .collect();
+    for (c, b) in &want {
+        let value = PersistValue {
+            backend: lab.backend_id_of_name(b),
+            backend_identity: 0,
+            last_seen_ns: monotonic_coarse_ns(),
+        };
+        lab.ok(
+            lab.pins.persist_set(lab.svc, *c, value),
+            "writing a binding",
+        );
+    }
+    let per_shard = lab.ok(lab.pins.persist4_per_shard(), "counting the shards");
+    if per_shard.len() != 3 || per_shard.iter().filter(|&&n| n > 0).count() < 2 {
+        lab.fail(format!(
+            "bindings of {CLIENTS} clients in a 3 x 4096 table by shard: {per_shard:?}"
+        ));
+    }
+    let check = |lab: &Lab, after: &str| {
+        let got = lab.fetch_all(&clients);
+        let lost: Vec<_> = clients
+            .iter()
+            .zip(&got)
+            .filter(|(c, g)| want[*c] != **g)
+            .collect();
+        if !lost.is_empty() {
+            lab.fail(format!(
+                "after {after}, {} of {CLIENTS} clients lost their binding: {lost:?}",
+                lost.len()
+            ));
+        }
+        let now = lab.ok(lab.pins.persist4_per_shard(), "counting the shards");
+        assert_eq!(
+            now, per_shard,
+            "after {after}: the same shards, the same bindings"
+        );
+    };
+    check(&lab, "writing the bindings");
+
+    lab.daemon
+        .take()
+        .expect("running")
+        .stop_keep_pins()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+    lab.daemon = Some(
+        Daemon::start_with_existing_pins(&lab.bin, &lab.topo.lb.ns, &lab.builder.build(), false)
+            .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
+    );
+    check(&lab, "SIGTERM and a new daemon");
+
+    lab.daemon
+        .take()
+        .expect("running")
+        .kill_keep_pins()
+        .unwrap_or_else(|e| panic!("killing tether: {e:#}"));
+    let bigger = lab.builder.clone().persist_table_entries(1 << 16).build();
+    lab.daemon = Some(
+        Daemon::start_with_existing_pins(&lab.bin, &lab.topo.lb.ns, &bigger, false)
+            .unwrap_or_else(|e| panic!("restarting tether: {e:#}")),
+    );
+    check(
+        &lab,
+        "SIGKILL and a new daemon configured for 65536 entries",
+    );
+    if lab
+        .d()
+        .log_lines("keeps its layout of 3 shard(s)")
+        .is_empty()
+    {
+        lab.fail("the new daemon does not say the pinned layout is kept");
+    }
+
+    let out = lab
+        .daemon
+        .as_mut()
+        .expect("running")
+        .restart()
+        .unwrap_or_else(|e| panic!("tether restart: {e:#}"));
+    eprintln!("{out}");
+    check(&lab, "tether restart");
+    lab.daemon
+        .take()
+        .unwrap()
+        .stop()
+        .unwrap_or_else(|e| panic!("stopping tether: {e:#}"));
+}
+
 /// Without a persistence profile each connection is hashed on its own: one client's
 /// connections spread, and nothing is written to the table.
 #[test]

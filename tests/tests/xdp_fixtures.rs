@@ -20,10 +20,10 @@ use lb_common::{
     ALL_MAPS, BACKEND_DISABLED, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UNUSED, BACKEND_UP,
     DOWN_POLICY_IMMEDIATE, DOWN_POLICY_NEVER, Globals, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV,
-    MAP_PERSIST, MAP_PERSIST4, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW, PROG_PASS,
-    PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistKey4, PersistValue,
+    MAP_PERSIST, MAP_PERSIST4, MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, PERSIST_REFRESH_NS, PROG_DROP, PROG_FLOOR_HIT, PROG_FLOOR_NEW,
+    PROG_PASS, PROG_SWAP_TX, PROG_XDP, PROTO_TCP, PROTO_UDP, PersistKey, PersistKey4, PersistValue,
     PersistValue4, SERVICE_F_L7, TrafficCounters, event,
     hash::{client_hash, flow_hash},
     prefix_mask, reason, v4_mapped,
@@ -1648,7 +1648,14 @@ fn maps_match_the_contract() {
         (MAP_BACKENDS, MapType::Array),
         (MAP_MAGLEV, MapType::Array),
         (MAP_PERSIST, MapType::LruHash),
-        (MAP_PERSIST4, MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[0], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[1], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[2], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[3], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[4], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[5], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[6], MapType::LruHash),
+        (MAP_PERSIST4_SHARDS[7], MapType::LruHash),
         (MAP_TX_PORTS, MapType::DevMapHash),
         (MAP_SERVICE_STATS, MapType::PerCpuArray),
         (MAP_BACKEND_STATS, MapType::PerCpuArray),
@@ -1670,8 +1677,14 @@ fn maps_match_the_contract() {
         ALL_MAPS.to_vec()
     );
     for ((name, ty), (_, k, v, max)) in types.into_iter().zip(MAP_LAYOUTS) {
-        // The persistence table's size is set at load: the fixture's.
-        let max = max.unwrap_or(PERSIST_ENTRIES);
+        // The persistence table's size is set at load: the fixture's (a power of two: one
+        // IPv4 shard; the unused ones are as small as the kernel makes a per-CPU LRU map).
+        let unused_shard = MAP_PERSIST4_SHARDS[1..].contains(&name);
+        let max = max.unwrap_or(if unused_shard {
+            tether::dataplane::possible_cpus()
+        } else {
+            PERSIST_ENTRIES
+        });
         assert!(fx.ebpf.map(name).is_some(), "{name} not in the object");
         let info = MapInfo::from_pin(fx.dir.join(name))
             .unwrap_or_else(|e| panic!("{name} not pinned in {}: {e}", fx.dir.display()));
@@ -1688,6 +1701,8 @@ fn maps_match_the_contract() {
         "IPv4 services: BPF_F_NO_PREALLOC"
     );
     assert_eq!(flags(MAP_PERSIST) & 2, 2, "persist: BPF_F_NO_COMMON_LRU");
-    assert_eq!(flags(MAP_PERSIST4) & 2, 2, "persist4: BPF_F_NO_COMMON_LRU");
+    for name in MAP_PERSIST4_SHARDS {
+        assert_eq!(flags(name) & 2, 2, "{name}: BPF_F_NO_COMMON_LRU");
+    }
     assert_eq!(flags(MAP_FLOWS) & 2, 2, "flows: BPF_F_NO_COMMON_LRU");
 }

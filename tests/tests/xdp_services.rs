@@ -19,9 +19,9 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    MAGLEV_TABLE_SIZE, MAP_PERSIST4, MAP_SERVICES4, PROG_XDP, PROTO_TCP, PersistKey4,
-    PersistValue4, Service, ServiceKey4, backend_identity, hash::client_hash, identity_tag16,
-    mono_seconds, reason, v4_mapped,
+    MAGLEV_TABLE_SIZE, MAP_SERVICES4, PROG_XDP, PROTO_TCP, PersistKey4, PersistValue4, Service,
+    ServiceKey4, backend_identity, hash::client_hash, identity_tag16, mono_seconds, reason,
+    v4_mapped,
 };
 use tether::{
     balancer::{self, L2, Plan},
@@ -135,9 +135,7 @@ fn services4(pin_dir: &Path) -> HashMap<MapData, ServiceKey4, Service> {
 }
 
 fn bind(pin_dir: &Path, client: Ipv4Addr, service: u32, backend: u32, identity: u32) {
-    let md = MapData::from_pin(pin_dir.join(MAP_PERSIST4)).expect("TETHER_PERSIST4 pin");
-    let mut m: HashMap<MapData, PersistKey4, PersistValue4> =
-        HashMap::try_from(Map::LruHashMap(md)).expect("LRU hash map");
+    let mut m = tether::dataplane::persist_table::Table4::open(pin_dir).expect("IPv4 shards");
     let key = PersistKey4 {
         addr_be: client.octets(),
         service,
@@ -147,7 +145,7 @@ fn bind(pin_dir: &Path, client: Ipv4Addr, service: u32, backend: u32, identity: 
         identity_tag: identity_tag16(identity),
         last_seen_s: mono_seconds(coarse_now_ns()),
     };
-    m.insert(key, value, 0).expect("binding");
+    m.insert(&key, &value, 0).expect("binding");
 }
 
 /// Where a packet should go.
@@ -368,4 +366,64 @@ fn loading_over_pins_without_the_ipv4_service_map_fills_it() {
         (XDP_PASS, frame.bytes.clone()),
         "no service at the stale entry's VIP"
     );
+}
+
+/// An operator removed only `TETHER_PERSIST4` of a split table to resize (as an earlier
+/// warning told them), leaving shards 1 and 2 pinned at the old size: the load creates the
+/// table the config asks for, and a binding userspace writes (as `tether persist` or a
+/// mirror does) is found by the program, for clients in every shard. Had the leftover pins
+/// been reused, userspace would read one shard back while the program uses three.
+#[test]
+fn after_removing_only_shard_0_userspace_bindings_are_found_by_xdp() {
+    use lb_common::{MAP_PERSIST4, Persist4Layout};
+    stay_on_one_cpu();
+    let pins = Pins::new("stale-shard");
+    drop(Dataplane::load(&pins.0, 3 * 8192).expect("the old 3 x 8192 table"));
+    std::fs::remove_file(pins.0.join(MAP_PERSIST4)).expect("removing shard 0's pin");
+    let entries = 3 * 4096;
+    assert_eq!(Persist4Layout::for_entries(entries).shards, 3);
+    let mut dp = Dataplane::load(&pins.0, entries).expect("load over the leftover shards");
+    let cfg = config(&pins.0, "immediate");
+    let plan = plan(&cfg, BackendState::Up, true);
+    dp.apply(&plan).expect("apply");
+    let ids = balancer::assign_ids(&cfg, &balancer::Previous::default()).expect("ids");
+    let sp = plan
+        .services
+        .iter()
+        .find(|sp| sp.key.to_v4().is_some())
+        .expect("the IPv4 service");
+    let mut shards_used = [false; 3];
+    for i in 0..48u8 {
+        let client = Ipv4Addr::new(198, 18, i, 9);
+        // Bound to the backend Maglev would not choose: only a binding found sends there.
+        let h = client_hash(sp.value.index, &v4_mapped(client.octets()));
+        let maglev = sp.table[(h % MAGLEV_TABLE_SIZE) as usize];
+        let b = (0..2)
+            .find(|&b| ids.backends[0][b] != maglev)
+            .expect("the other backend");
+        let id = ids.backends[0][b];
+        let name = ["b1", "b2"][b];
+        bind(
+            &pins.0,
+            client,
+            sp.value.index,
+            id,
+            backend_identity("p", name),
+        );
+        let key = PersistKey4 {
+            addr_be: client.octets(),
+            service: sp.value.index,
+        };
+        shards_used[key.shard(3) as usize] = true;
+        let frame = to_vip(client).tcp_flags(TCP_ACK, 1, 1).build();
+        let (action, out) = run_xdp(xdp(&mut dp), &frame.bytes, 0);
+        assert_eq!(action, XDP_TX, "client {client}");
+        assert_eq!(
+            out,
+            frame.with_macs(LB_MAC, B_MACS[b]).bytes,
+            "client {client}: sent to its bound b{}",
+            b + 1
+        );
+    }
+    assert_eq!(shards_used, [true; 3], "clients in every shard");
 }

@@ -154,6 +154,8 @@ pub fn test(args: TestArgs) -> Result<()> {
                 "xdp_hostile",
                 "--test",
                 "xdp_services",
+                "--test",
+                "xdp_shards",
             ],
             &[],
         ))

@@ -132,11 +132,15 @@ pub fn read(pin_dir: &Path, snap: &Snapshot) -> Result<KernelCounters, CountersE
             })?;
         *slot = v.iter().sum();
     }
-    // Both families' tables are created with the same size; the IPv4 one stands for both.
+    // Both families' tables are created for the configured size; the IPv4 one (its shards
+    // together: their capacity may round the configured size up) stands for both.
     let path = pin_dir.join(MAP_PERSIST4);
-    out.table.capacity = MapInfo::from_pin(&path)
+    let shard0 = MapInfo::from_pin(&path)
         .map_err(|source| CountersError::Open { path, source })?
         .max_entries();
+    out.table.capacity = crate::dataplane::persist_table::pinned_layout(pin_dir)
+        .map_or(shard0 as u64, |l| l.capacity())
+        .min(u32::MAX as u64) as u32;
     out.table.possible_cpus = crate::dataplane::possible_cpus();
     let path = pin_dir.join(MAP_GLOBALS);
     let md = MapData::from_pin(&path).map_err(|source| CountersError::Open { path, source })?;

@@ -27,11 +27,12 @@ use aya::{
 };
 use lb_common::{
     ALL_MAPS, BACKEND_UP, BINDINGS_RING_BYTES, Backend, ClockCache, FLOW_DEFAULT_ENTRIES,
-    FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, Globals, MAGLEV_ENTRIES, MAGLEV_SLOTS,
-    MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS, MAP_CLOCK, MAP_EVENTS,
-    MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST, MAP_PERSIST4, MAP_RATE,
-    MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN,
-    MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, PROG_XDP, PersistKey, PersistKey4,
+    FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, GLOBAL_PERSIST4_SHARDS, Globals,
+    MAGLEV_ENTRIES, MAGLEV_SLOTS, MAGLEV_TABLE_SIZE, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BINDINGS,
+    MAP_CLOCK, MAP_EVENTS, MAP_FLOWS, MAP_FRAGS, MAP_GLOBALS, MAP_MAGLEV, MAP_PERSIST,
+    MAP_PERSIST4, MAP_PERSIST4_SHARDS, MAP_RATE, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_SERVICES4, MAP_SVC_CACHE, MAP_SVC_GEN, MAP_TX_PORTS, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TX_PORTS, PERSIST4_MAX_SHARDS, PROG_XDP, Persist4Layout, PersistKey, PersistKey4,
     PersistValue, PersistValue4, RateWindow, SVC_CACHE_SLOTS, Service, ServiceCache4, ServiceKey,
     ServiceKey4, TrafficCounters, event, maglev_index, reason,
 };
@@ -76,8 +77,20 @@ pub enum DataplaneError {
     Net(#[from] net::NetError),
     #[error(transparent)]
     Bpffs(#[from] bpffs::BpffsError),
+    #[error(transparent)]
+    Persist(#[from] persist_table::PersistError),
     #[error("attaching XDP to {iface}: {reason}")]
     Mode { iface: String, reason: String },
+    #[error(
+        "the IPv4 persistence table's pins in {} ({}, TETHER_PERS4_*) describe the layout {found:?} but the XDP program was given {given:?}: remove all of them (or run `tether stop --detach`) and start again",
+        pin_dir.display(),
+        lb_common::MAP_PERSIST4
+    )]
+    ShardLayout {
+        pin_dir: PathBuf,
+        given: Persist4Layout,
+        found: Option<Persist4Layout>,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -90,7 +103,7 @@ pub use crate::balancer::{new_binding_cap, possible_cpus};
 
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence tables).
-pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 19] = {
+pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 26] = {
     use core::mem::size_of;
     [
         (
@@ -121,7 +134,49 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 19] = {
             None,
         ),
         (
-            MAP_PERSIST4,
+            MAP_PERSIST4_SHARDS[0],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[1],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[2],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[3],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[4],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[5],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[6],
+            size_of::<PersistKey4>(),
+            size_of::<PersistValue4>(),
+            None,
+        ),
+        (
+            MAP_PERSIST4_SHARDS[7],
             size_of::<PersistKey4>(),
             size_of::<PersistValue4>(),
             None,
@@ -189,6 +244,27 @@ fn drop_incompatible_pins(pin_dir: &Path) {
     }
 }
 
+/// Remove the pins of IPv4 shards 1.. when shard 0 (`MAP_PERSIST4`) is not pinned: the
+/// table is then created anew from the config, and the loader would reuse a leftover shard
+/// whatever its size (an operator removed only `MAP_PERSIST4` to resize, or a first load died
+/// after pinning some shards), so userspace would read another layout back than the program
+/// was given. A table without its shard 0 has lost that shard's bindings anyway.
+fn remove_stale_shard_pins(pin_dir: &Path) {
+    for name in &MAP_PERSIST4_SHARDS[1..] {
+        let path = pin_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::warn!(
+                "{MAP_PERSIST4} is not pinned but {name} is: removed {} (its bindings are lost) so the IPv4 table is created whole from the config",
+                path.display()
+            ),
+            Err(e) => log::warn!("removing the stale pin {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Add `n` to the count of bindings the daemon deleted (`event::USER_DELETED`, CPU 0's slot),
 /// from which `tether status` estimates LRU evictions. Best effort: a failure only skews that
 /// estimate.
@@ -237,11 +313,33 @@ pub struct KernelState {
 
 /// A loader that pins every map by name under `pin_dir`: an existing pin is opened and
 /// reused (the table and counters survive a restart), a missing one is created and pinned.
-/// Each persistence table (IPv4 and IPv6) gets `persist_entries` entries when it is created.
+/// The IPv6 table gets `persist_entries` entries when it is created; the IPv4 table is split
+/// as its pinned shards are, or else as `Persist4Layout::for_entries(persist_entries)` says
+/// (`persist_table::load_layout`), and the program is told the shard count.
 pub fn pinned_loader(pin_dir: &Path, persist_entries: u32) -> EbpfLoader<'static> {
+    let layout = persist_table::load_layout(pin_dir, persist_entries);
+    loader_with_layout(pin_dir, persist_entries, layout)
+}
+
+/// [`pinned_loader`] with the IPv4 table's layout chosen by the caller.
+fn loader_with_layout(
+    pin_dir: &Path,
+    persist_entries: u32,
+    layout: Persist4Layout,
+) -> EbpfLoader<'static> {
+    /// `override_global` borrows its value for the loader's lifetime.
+    static SHARD_COUNTS: [u32; PERSIST4_MAX_SHARDS as usize + 1] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(MAP_PERSIST, persist_entries);
-    loader.map_max_entries(MAP_PERSIST4, persist_entries);
+    for (i, name) in MAP_PERSIST4_SHARDS.into_iter().enumerate() {
+        let used = (i as u32) < layout.shards;
+        loader.map_max_entries(name, if used { layout.shard_entries } else { 1 });
+    }
+    loader.override_global(
+        GLOBAL_PERSIST4_SHARDS,
+        &SHARD_COUNTS[layout.shards as usize],
+        true,
+    );
     for name in ALL_MAPS {
         loader.map_pin_path(name, pin_dir.join(name));
     }
@@ -298,34 +396,59 @@ impl Dataplane {
     /// restarts) and pinning the ones it creates.
     pub fn load(pin_dir: &Path, persist_entries: u32) -> Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
-        for name in [MAP_PERSIST4, MAP_PERSIST] {
-            let persist_pin = pin_dir.join(name);
-            if persist_pin.exists()
-                && let Ok(existing) = MapData::from_pin(&persist_pin)
-                && let Ok(info) = existing.info()
-                && info.max_entries() != persist_entries
-            {
-                log::warn!(
-                    "{} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
-                    name,
-                    info.max_entries(),
-                    persist_pin.display()
-                );
-            }
-        }
         drop_incompatible_pins(pin_dir);
-        let ebpf = pinned_loader(pin_dir, persist_entries).load(EBPF_OBJECT)?;
+        let cpus = possible_cpus();
+        let persist_pin = pin_dir.join(MAP_PERSIST);
+        // The kernel rounds a per-CPU LRU's size up to a multiple of the possible CPUs.
+        if let Ok(info) = aya::maps::MapInfo::from_pin(&persist_pin)
+            && Some(info.max_entries()) != persist_entries.max(1).checked_next_multiple_of(cpus)
+        {
+            log::warn!(
+                "{MAP_PERSIST} keeps its {} entries (config asks {persist_entries}): the pinned table is reused so no client loses its backend; remove {} to resize",
+                info.max_entries(),
+                persist_pin.display()
+            );
+        }
+        if std::fs::symlink_metadata(pin_dir.join(MAP_PERSIST4)).is_err() {
+            remove_stale_shard_pins(pin_dir);
+        }
+        let configured = Persist4Layout::for_entries(persist_entries);
+        if let Some(pinned) = persist_table::pinned_layout(pin_dir)
+            && pinned != configured.as_created(cpus)
+        {
+            log::warn!(
+                "{MAP_PERSIST4} keeps its layout of {} shard(s) of {} entries (config asks {persist_entries}: {} of {}): the pinned shards are reused so no client loses its backend; to resize, run `tether stop --detach` or remove all the IPv4 table's pins ({MAP_PERSIST4} and every TETHER_PERS4_*) in {}",
+                pinned.shards,
+                pinned.shard_entries,
+                configured.shards,
+                configured.shard_entries,
+                pin_dir.display(),
+            );
+        }
+        let given = persist_table::load_layout(pin_dir, persist_entries);
+        let ebpf = loader_with_layout(pin_dir, persist_entries, given).load(EBPF_OBJECT)?;
+        // The program chooses shards by the count it was given, userspace by the one the
+        // pins describe: they must agree or bindings are written where XDP never looks.
+        let found = persist_table::pinned_layout(pin_dir);
+        if found != Some(given.as_created(cpus)) {
+            return Err(DataplaneError::ShardLayout {
+                pin_dir: pin_dir.to_owned(),
+                given: given.as_created(cpus),
+                found,
+            });
+        }
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             live_tables: Default::default(),
         };
-        if let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_PERSIST4)) {
-            let cpus = possible_cpus();
-            let per_cpu = info.max_entries() / cpus;
+        if let Some(layout) = found {
+            let per_cpu = layout.capacity() / cpus as u64;
             log::info!(
-                "persistence tables (IPv4, IPv6): {} entries each, {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share)",
-                info.max_entries()
+                "IPv4 persistence table: {} shard(s) of {} entries ({} in all), {per_cpu} per CPU over {cpus} possible CPUs (each CPU evicts from its own share of each shard); IPv6 table: {persist_entries} entries",
+                layout.shards,
+                layout.shard_entries,
+                layout.capacity(),
             );
             if per_cpu < 1024 {
                 log::warn!(
@@ -417,15 +540,14 @@ impl Dataplane {
         for (k, _) in &found {
             let _ = old.remove(k);
         }
-        let mut table4: HashMap<&mut MapData, PersistKey4, PersistValue4> =
-            self.typed_mut(MAP_PERSIST4)?;
+        let mut table4 = persist_table::Table4::open(&self.pin_dir)?;
         let mut moved = 0;
         for (k, v) in &found {
             let (Some(k4), Some(v4)) = (k.to_v4(), PersistValue4::from_value(v, now)) else {
                 continue;
             };
             // BPF_NOEXIST: a binding the new layout already holds is newer.
-            if table4.insert(k4, v4, 1).is_ok() {
+            if table4.insert(&k4, &v4, 1).is_ok() {
                 moved += 1;
             }
         }
@@ -822,16 +944,16 @@ impl Dataplane {
                 n += 1;
             }
         }
-        let mut table4: HashMap<&mut MapData, PersistKey4, PersistValue4> =
-            self.typed_mut(MAP_PERSIST4)?;
-        let doomed: Vec<PersistKey4> = table4
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, v)| gone(k.service, v.backend as u32))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            if table4.remove(k).is_ok() {
+        let mut table4 = persist_table::Table4::open(&self.pin_dir)?;
+        let mut doomed: Vec<(usize, PersistKey4)> = Vec::new();
+        table4.for_each(|shard, k, v| {
+            if gone(k.service, v.backend as u32) {
+                doomed.push((shard, *k));
+            }
+        })?;
+        for (shard, k) in &doomed {
+            // From the shard the walk found it in; evicted meanwhile: already gone.
+            if matches!(table4.remove_in(*shard, k), Ok(true)) {
                 n += 1;
             }
         }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::{Event, MirrorStats, XdpBinding, XdpTarget, codec, offer};
 use crate::{
     config::ServiceMode,
-    dataplane::persist_table::{self, BindingEvents},
+    dataplane::persist_table::{self, Binder, BindingEvents},
     state::{SharedSnapshot, Snapshot},
 };
 
@@ -31,17 +31,17 @@ const DRAIN_BATCH: usize = 4096;
 pub struct XdpMirror {
     pin_dir: PathBuf,
     shared: SharedSnapshot,
-    /// Writes to the kernel tables one at a time.
-    writing: Mutex<()>,
+    /// Writes to the kernel tables one at a time, through tables opened once.
+    writing: Mutex<Binder>,
     stop: Arc<AtomicBool>,
 }
 
 impl XdpMirror {
     pub fn new(pin_dir: PathBuf, shared: SharedSnapshot) -> Arc<XdpMirror> {
         Arc::new(XdpMirror {
+            writing: Mutex::new(Binder::new(&pin_dir)),
             pin_dir,
             shared,
-            writing: Mutex::new(()),
             stop: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -174,8 +174,8 @@ impl XdpTarget for XdpMirror {
         ) else {
             return false;
         };
-        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        match persist_table::bind(&self.pin_dir, index, key.to_be_bytes(), id, identity) {
+        let mut binder = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        match binder.bind(index, key.to_be_bytes(), id, identity) {
             Ok(changed) => changed,
             Err(e) => {
                 log::warn!("mirroring: writing an XDP binding: {e}");

@@ -276,7 +276,7 @@ Try, in another terminal (as root):
   ip netns exec {cl} curl -s --interface {last} http://{VIP}/
   {bin} status --config {CONFIG_FILE}        # services, backends, bound clients, counters (Unix socket)
   {bin} persist list --config {CONFIG_FILE}  # client -> backend entries with their age
-  bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_PERSIST4   # the same table (IPv4 clients), raw
+  bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_PERSIST4   # the same table (IPv4 clients; shard 0 of it), raw
   bpftool map dump pinned {DEMO_PIN_DIR}/TETHER_SVC_STAT   # per-service counters, per CPU
   ip -n {lbns} -d link show dev {lbif}   # the attached XDP program
   {s}/curl-all.sh   # one request from every client address, tallied per backend

@@ -1,5 +1,5 @@
-//! The persistence tables (`TETHER_PERSIST4` for IPv4 clients, `TETHER_PERSIST` for IPv6)
-//! seen from userspace: list, filter and flush client bindings, read and write one binding,
+//! The persistence tables (`TETHER_PERSIST4` and its shards for IPv4 clients,
+//! `TETHER_PERSIST` for IPv6) seen from userspace: list, filter and flush client bindings, read and write one binding,
 //! and count live bindings per backend. Callers see one layout (`PersistKey` with IPv4 as a
 //! mapped address, `PersistValue`); the IPv4 table's compact form is converted here.
 //!
@@ -20,8 +20,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, MapError};
 use lb_common::{
-    MAP_PERSIST, MAP_PERSIST4, MAP_SERVICES, PersistKey, PersistKey4, PersistValue, PersistValue4,
-    Service, ServiceKey,
+    MAP_PERSIST, MAP_SERVICES, PersistKey, PersistValue, PersistValue4, Service, ServiceKey,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -208,14 +207,19 @@ where
 }
 
 type PersistMap = BpfHashMap<MapData, PersistKey, PersistValue>;
-type PersistMap4 = BpfHashMap<MapData, PersistKey4, PersistValue4>;
 
 fn open_persist(pin_dir: &Path) -> Result<PersistMap> {
     open_pinned(pin_dir, MAP_PERSIST)
 }
 
-fn open_persist4(pin_dir: &Path) -> Result<PersistMap4> {
-    open_pinned(pin_dir, MAP_PERSIST4)
+/// A lookup or delete found no entry: aya reports a lookup's miss as `KeyNotFound` but a
+/// delete's as the syscall's ENOENT.
+pub fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
@@ -225,9 +229,9 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> PersistError {
 /// The binding stored under `key` (IPv4 clients as mapped addresses), if any.
 pub fn get(pin_dir: &Path, key: &PersistKey) -> Result<Option<PersistValue>> {
     let found = match key.to_v4() {
-        Some(k4) => match open_persist4(pin_dir)?.get(&k4, 0) {
+        Some(k4) => match Table4::open(pin_dir)?.get(&k4) {
             Ok(v) => Ok(v.to_value(monotonic_ns()?)),
-            Err(e) => Err((MAP_PERSIST4, e)),
+            Err(e) => Err(e),
         },
         None => open_persist(pin_dir)?
             .get(key, 0)
@@ -247,9 +251,9 @@ pub fn insert(pin_dir: &Path, key: &PersistKey, value: &PersistValue) -> Result<
         Some(k4) => {
             let v4 = PersistValue4::from_value(value, monotonic_ns()?)
                 .ok_or(PersistError::BackendId(value.backend))?;
-            open_persist4(pin_dir)?
-                .insert(k4, v4, 0)
-                .map_err(map_err(MAP_PERSIST4))
+            Table4::open(pin_dir)?
+                .insert(&k4, &v4, 0)
+                .map_err(|(name, source)| PersistError::Map { name, source })
         }
         None => open_persist(pin_dir)?
             .insert(key, value, 0)
@@ -260,16 +264,14 @@ pub fn insert(pin_dir: &Path, key: &PersistKey, value: &PersistValue) -> Result<
 /// Delete the binding under `key`; `false` if there was none.
 pub fn remove(pin_dir: &Path, key: &PersistKey) -> Result<bool> {
     let r = match key.to_v4() {
-        Some(k4) => open_persist4(pin_dir)?
-            .remove(&k4)
-            .map_err(|e| (MAP_PERSIST4, e)),
+        Some(k4) => Table4::open(pin_dir)?.remove(&k4),
         None => open_persist(pin_dir)?
             .remove(key)
             .map_err(|e| (MAP_PERSIST, e)),
     };
     match r {
         Ok(()) => Ok(true),
-        Err((_, MapError::KeyNotFound)) => Ok(false),
+        Err((_, e)) if is_not_found(&e) => Ok(false),
         Err((name, source)) => Err(PersistError::Map { name, source }),
     }
 }
@@ -289,28 +291,26 @@ pub fn service_params(pin_dir: &Path) -> Result<HashMap<u32, ServiceParams>> {
     Ok(out)
 }
 
+/// Where a walk found an entry: the IPv4 table's shard `Some(i)`, or the IPv6 table.
+type Found = Option<usize>;
+
 /// Visit every entry of both tables once (each walk bounded by its table's capacity), with
-/// its service's parameters; IPv4 entries in the one-layout form.
+/// its service's parameters and where it was found; IPv4 entries in the one-layout form.
 fn walk(
     pin_dir: &Path,
-    mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams),
+    mut visit: impl FnMut(&PersistKey, &PersistValue, &ServiceParams, Found),
 ) -> Result<()> {
     let params = service_params(pin_dir)?;
     let p = |service: u32| *params.get(&service).unwrap_or(&ServiceParams::STALE);
-    let map = open_persist4(pin_dir)?;
-    let err = map_err(MAP_PERSIST4);
-    let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
     let now = monotonic_ns()?;
-    for key in map.keys().take(capacity.max(1)) {
-        let key = key.map_err(&err)?;
-        let value = match map.get(&key, 0) {
-            Ok(v) => v,
-            // Evicted or flushed since get_next_key returned it.
-            Err(MapError::KeyNotFound) => continue,
-            Err(e) => return Err(err(e)),
-        };
-        visit(&key.to_mapped(), &value.to_value(now), &p(key.service));
-    }
+    Table4::open(pin_dir)?.for_each(|shard, key, value| {
+        visit(
+            &key.to_mapped(),
+            &value.to_value(now),
+            &p(key.service),
+            Some(shard),
+        )
+    })?;
     let map = open_persist(pin_dir)?;
     let err = map_err(MAP_PERSIST);
     let capacity = map.map().info().map_err(&err)?.max_entries() as usize;
@@ -318,10 +318,10 @@ fn walk(
         let key = key.map_err(&err)?;
         let value = match map.get(&key, 0) {
             Ok(v) => v,
-            Err(MapError::KeyNotFound) => continue,
+            Err(e) if is_not_found(&e) => continue,
             Err(e) => return Err(err(e)),
         };
-        visit(&key, &value, &p(key.service));
+        visit(&key, &value, &p(key.service), None);
     }
     Ok(())
 }
@@ -337,7 +337,7 @@ pub fn list_capped(pin_dir: &Path, f: &Filter, max: usize) -> Result<(Vec<Entry>
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut truncated = false;
-    walk(pin_dir, |k, v, p| {
+    walk(pin_dir, |k, v, p, _| {
         if !matches(f, k, v, p) || !seen.insert(*k) {
             return;
         }
@@ -357,22 +357,27 @@ pub fn list_capped(pin_dir: &Path, f: &Filter, max: usize) -> Result<(Vec<Entry>
 /// deleted. The affected clients get a new choice on their next packet.
 pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
     // Collect first: deleting the key a walk stands on would restart the walk.
-    let mut keys = HashSet::new();
-    walk(pin_dir, |k, v, p| {
+    let mut keys = HashMap::new();
+    walk(pin_dir, |k, v, p, found| {
         if matches(f, k, v, p) {
-            keys.insert(*k);
+            keys.insert(*k, found);
         }
     })?;
-    let (mut map, mut map4) = (open_persist(pin_dir)?, open_persist4(pin_dir)?);
+    let (mut map, mut map4) = (open_persist(pin_dir)?, Table4::open(pin_dir)?);
     let mut deleted = 0;
-    for k in &keys {
-        let r = match k.to_v4() {
-            Some(k4) => map4.remove(&k4).map_err(|e| (MAP_PERSIST4, e)),
-            None => map.remove(k).map_err(|e| (MAP_PERSIST, e)),
+    for (k, found) in &keys {
+        // Removed from where the walk found it; evicted or deleted since: not an error.
+        let r = match (k.to_v4(), found) {
+            (Some(k4), Some(shard)) => map4.remove_in(*shard, &k4),
+            _ => match map.remove(k) {
+                Ok(()) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err((MAP_PERSIST, e)),
+            },
         };
         match r {
-            Ok(()) => deleted += 1,
-            Err((_, MapError::KeyNotFound)) => {}
+            Ok(true) => deleted += 1,
+            Ok(false) => {}
             Err((name, source)) => {
                 crate::dataplane::note_deleted(pin_dir, deleted as u64);
                 return Err(PersistError::Map { name, source });
@@ -387,7 +392,7 @@ pub fn flush(pin_dir: &Path, f: &Filter) -> Result<usize> {
 pub fn census(pin_dir: &Path) -> Result<Census> {
     let now = monotonic_ns()?;
     let mut c = Census::default();
-    walk(pin_dir, |k, v, p| {
+    walk(pin_dir, |k, v, p, _| {
         c.entries += 1;
         if !is_expired(age(now, v.last_seen_ns), p) {
             *c.live.entry((k.service, v.backend)).or_insert(0) += 1;
@@ -402,7 +407,9 @@ pub fn bound_clients(pin_dir: &Path) -> Result<HashMap<u32, u64>> {
 }
 
 mod bind;
-pub use bind::{Binding, BindingEvents, bind, live_bindings};
+pub use bind::{Binder, Binding, BindingEvents, live_bindings};
+mod shards;
+pub use shards::{PersistMap4, Table4, layout_from_sizes, load_layout, pinned_layout};
 
 #[cfg(test)]
 pub(crate) mod testpins;

@@ -12,8 +12,8 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    MAP_PERSIST, MAP_PERSIST4, MAP_REASONS, MAP_SERVICES, PersistKey, PersistKey4, PersistValue,
-    PersistValue4, Service, ServiceKey, TrafficCounters,
+    MAP_PERSIST, MAP_REASONS, MAP_SERVICES, PersistKey, PersistValue, PersistValue4, Service,
+    ServiceKey, TrafficCounters,
 };
 
 use crate::dataplane::EBPF_OBJECT;
@@ -93,10 +93,9 @@ impl TestPins {
             last_seen_ns: now.wrapping_sub(age_s * 1_000_000_000),
         };
         if let Some(k4) = key.to_v4() {
-            let mut m: HashMap<&mut MapData, PersistKey4, PersistValue4> =
-                HashMap::try_from(self.map_mut(MAP_PERSIST4)).expect("persist4 map type");
+            let mut m = super::Table4::open(&self.dir).expect("IPv4 shards");
             let v4 = PersistValue4::from_value(&value, now).expect("backend id fits");
-            m.insert(k4, v4, 0).expect("insert binding");
+            m.insert(&k4, &v4, 0).expect("insert binding");
         } else {
             let mut m: HashMap<&mut MapData, PersistKey, PersistValue> =
                 HashMap::try_from(self.map_mut(MAP_PERSIST)).expect("persist map type");

@@ -298,3 +298,54 @@ fn open_pinned_reads_a_map_as_its_type_and_names_a_wrong_one() {
         "{e}"
     );
 }
+
+/// A binding the LRU evicted (or a flush deleted) between a walk and the delete is not an
+/// error: aya reports a delete's miss as ENOENT, not `KeyNotFound`.
+#[test]
+fn removing_a_binding_that_is_gone_is_not_an_error() {
+    let mut pins = TestPins::new("gone");
+    pins.add_service(ip("192.0.2.10"), 80, 0, 32, 128, 60);
+    pins.bind(0, ip("10.0.0.1"), 1, 0);
+    pins.bind(0, ip("2001:db8::1"), 1, 0);
+    let dir = pins.dir().to_owned();
+    for addr in ["10.0.0.1", "2001:db8::1"] {
+        let k = key(0, addr);
+        assert!(remove(&dir, &k).expect("remove"), "{addr} was bound");
+        assert!(
+            !remove(&dir, &k).expect("removing a missing key"),
+            "{addr} is gone"
+        );
+    }
+    let k4 = key(0, "10.0.0.2").to_v4().expect("IPv4 key");
+    let mut t = Table4::open(&dir).expect("IPv4 table");
+    let shard = t.shard_of(&k4);
+    assert!(
+        matches!(t.remove_in(shard, &k4), Ok(false)),
+        "a key a walk found but the LRU evicted since"
+    );
+    // A flush that finds nothing left to delete succeeds.
+    assert_eq!(flush(&dir, &Filter::default()).expect("flush"), 0);
+}
+
+/// The mirror's writer keeps the tables open: repeated writes land in both tables, a
+/// binding to the same backend is left alone, another backend replaces it.
+#[test]
+fn a_binder_writes_bindings_through_tables_opened_once() {
+    let pins = TestPins::new("binder");
+    let dir = pins.dir().to_owned();
+    let mut b = Binder::new(&dir);
+    for addr in ["10.0.0.1", "10.0.0.2", "2001:db8::1"] {
+        let k = key(3, addr);
+        assert!(
+            b.bind(3, k.addr_be, 4, 0x1234_5678).expect("bind"),
+            "{addr} new"
+        );
+        assert!(
+            !b.bind(3, k.addr_be, 4, 0x1234_5678).expect("bind"),
+            "{addr} unchanged"
+        );
+        assert!(b.bind(3, k.addr_be, 5, 9).expect("bind"), "{addr} moved");
+        let got = get(&dir, &k).expect("get").expect("bound");
+        assert_eq!(got.backend, 5, "{addr}");
+    }
+}
