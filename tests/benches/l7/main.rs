@@ -265,6 +265,7 @@ fn run_workers(
         tls: free_port(),
         workers: w,
         cpu_map: o.haproxy_cpu_map,
+        tcp_relay: Some(free_port()),
     };
     let haproxy = start_haproxy(scratch, ha_fe, cert, b);
     let local = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
@@ -277,6 +278,7 @@ fn run_workers(
         tls: free_port(),
         workers: w,
         cpu_map: false,
+        tcp_relay: None,
     };
     let tether = start_tether(scratch, t_fe, cert, b);
     let t_cookie = match &tether {
@@ -352,6 +354,8 @@ fn run_workers(
                 ("tether", Err(e), _) | ("HAProxy", _, Err(e)) => Some(e.clone()),
                 _ => None,
             });
+            // tether's row is compared with HAProxy's after it (an index into this set).
+            let vs = (who == "tether").then_some(rows.len() + 1);
             rows.push(Row {
                 label: format!("{who}, {what}"),
                 workers: w,
@@ -360,9 +364,28 @@ fn run_workers(
                 samples: Vec::new(),
                 per_backend: Vec::new(),
                 pid,
-                vs: None,
+                vs,
             });
         }
+    }
+    const FLOOR: &str = "TCP relay (mode tcp, no HTTP): the floor";
+    if let Some(port) = ha_fe.tcp_relay.filter(|_| wanted(FLOOR)) {
+        // Compared with HAProxy's own cookie-miss row: the share of its CPU per request that
+        // is not HTTP work (an HTTP proxy below this floor would need fewer syscalls).
+        let miss = rows
+            .iter()
+            .position(|r: &Row| r.label.starts_with("HAProxy, cookie miss"));
+        let (l, _) = load(plain, port, o.connections, None);
+        rows.push(Row {
+            label: format!("HAProxy, {FLOOR}"),
+            workers: w,
+            load: l,
+            pending: haproxy.as_ref().err().cloned(),
+            samples: Vec::new(),
+            per_backend: Vec::new(),
+            pid: ha_pid,
+            vs: miss,
+        });
     }
     measure(o, scratch, backends, &mut rows, notes);
     drop(tether);
@@ -418,11 +441,8 @@ fn main() {
             rows.extend(d);
         }
         let base = rows.len();
-        for (k, r) in set.iter_mut().enumerate() {
-            // tether rows come first in each pair: compare with the HAProxy row after them.
-            if k % 2 == 0 {
-                r.vs = Some(base + k + 1);
-            }
+        for r in &mut set {
+            r.vs = r.vs.map(|k| base + k);
         }
         rows.extend(set);
     }

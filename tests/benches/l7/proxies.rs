@@ -34,6 +34,9 @@ pub struct Frontends {
     pub workers: u32,
     /// HAProxy only: `cpu-map` thread `i` to the `i`-th CPU, as tether pins its workers.
     pub cpu_map: bool,
+    /// HAProxy only: a `mode tcp` frontend on this port relaying bytes to the backends with
+    /// no HTTP processing, the floor of any proxy with the same four syscalls per request.
+    pub tcp_relay: Option<u16>,
 }
 
 /// The certificate both proxies serve (self-signed for 127.0.0.1; the load generators do
@@ -112,6 +115,26 @@ backend web
             .collect();
         s = s.replacen("global\n", &format!("global\n{map}"), 1);
     }
+    if let Some(port) = fe.tcp_relay {
+        // Each client connection gets its own backend connection for its life: the same
+        // recv and send per request on each side as the HTTP frontends, no parsing.
+        let _ = write!(
+            s,
+            "
+frontend bench_tcp_relay
+    mode tcp
+    bind 127.0.0.1:{port}
+    default_backend relay
+
+backend relay
+    mode tcp
+    balance roundrobin
+"
+        );
+        for (i, b) in backends.iter().enumerate() {
+            let _ = writeln!(s, "    server b{n} {b}", n = i + 1);
+        }
+    }
     // tether marks its cookie Secure on TLS connections: HAProxy does the same here.
     let _ = write!(
         s,
@@ -155,7 +178,7 @@ pub fn start_haproxy(
             .stdout(Stdio::null())
             .stderr(log),
     )?;
-    for port in [fe.plain, fe.tls] {
+    for port in [fe.plain, fe.tls].into_iter().chain(fe.tcp_relay) {
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
         if !wait_listening(addr, Duration::from_secs(10)) {
             let log = std::fs::read_to_string(scratch.0.join("haproxy.log")).unwrap_or_default();
