@@ -101,6 +101,16 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 
 pub use crate::balancer::{new_binding_cap, possible_cpus};
 
+/// The layout of IPv4 persistence shard `i` (every shard has the same key and value).
+const fn persist4_shard(i: usize) -> (&'static str, usize, usize, Option<u32>) {
+    (
+        MAP_PERSIST4_SHARDS[i],
+        size_of::<PersistKey4>(),
+        size_of::<PersistValue4>(),
+        None,
+    )
+}
+
 /// (name, key size, value size, max entries) of every map, as this build's XDP object
 /// defines it; `None` max entries: set at load (the persistence tables).
 pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 26] = {
@@ -133,54 +143,14 @@ pub const MAP_LAYOUTS: [(&str, usize, usize, Option<u32>); 26] = {
             size_of::<PersistValue>(),
             None,
         ),
-        (
-            MAP_PERSIST4_SHARDS[0],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[1],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[2],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[3],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[4],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[5],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[6],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
-        (
-            MAP_PERSIST4_SHARDS[7],
-            size_of::<PersistKey4>(),
-            size_of::<PersistValue4>(),
-            None,
-        ),
+        persist4_shard(0),
+        persist4_shard(1),
+        persist4_shard(2),
+        persist4_shard(3),
+        persist4_shard(4),
+        persist4_shard(5),
+        persist4_shard(6),
+        persist4_shard(7),
         // Devmap values are struct bpf_devmap_val (ifindex + program fd/id).
         (MAP_TX_PORTS, 4, 8, Some(MAX_TX_PORTS)),
         (
