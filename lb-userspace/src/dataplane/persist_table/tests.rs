@@ -330,7 +330,7 @@ fn removing_a_binding_that_is_gone_is_not_an_error() {
 /// The mirror's writer keeps the tables open: repeated writes land in both tables, a
 /// binding to the same backend is left alone, another backend replaces it.
 #[test]
-fn a_binder_writes_bindings_through_tables_opened_once() {
+fn a_binder_reports_new_unchanged_and_moved_bindings_and_writes_them() {
     let pins = TestPins::new("binder");
     let dir = pins.dir().to_owned();
     let mut b = Binder::new(&dir);
